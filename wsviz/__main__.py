@@ -1,0 +1,5 @@
+import sys
+
+from wsviz.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""Rotation-equivariant steerable CNNs from e2cnn — family ``equivariant``.
+
+* ``steerable_rotmnist``: the RE-CNN of RepeatNet's Table 4 comparison (authors' code, after
+  Weiler & Cesa): six R2Conv layers of regular fields ``round(k * (16, 24, 32, 32, 48, 64))``
+  with ``k = 1, sqrt(2)/2, 1/2`` for C4 / C8 / C16, InnerBatchNorm + ELU, point-wise max
+  pooling after layers 2 and 4, adaptive average pooling, group pooling, FC 64->64->10.
+* ``e2cnn_c8_tutorial``: e2cnn's own C8 model from its tutorial (fields 24,48,48,96,96,64,
+  antialiased average pooling, group pooling, FC 64->64->10) on 29x29 inputs.
+
+Both are invariant to rotations of the input by multiples of 360/N degrees (up to the
+interpolation-free 90-degree case: exact for N divisible by 4 on an odd-sized input, or
+on an even-sized one where pooling and padding are symmetric).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e2cnn import gspaces
+from e2cnn import nn as enn
+from torch import nn
+
+from wsviz.models.registry import register_model
+from wsviz.models.sharing import Tap
+
+PAPER_RE = "Chavan et al. (RepeatNet) Table 4 / Weiler & Cesa — General E(2)-Equivariant Steerable CNNs"
+PAPER_E2 = "Weiler & Cesa — General E(2)-Equivariant Steerable CNNs (e2cnn tutorial model)"
+WIDTH_FACTOR = {4: 1.0, 8: 0.5 * math.sqrt(2), 16: 0.5}
+
+
+def _conv_opts(first: bool) -> dict:
+    # Basis settings of the authors' code: rings and cut-offs per kernel size.
+    if first:
+        return dict(sigma=[0.6, 0.6, 0.6, 0.4], rings=[0, 1, 2, 3],
+                    frequencies_cutoff=lambda r: 0 if r == 0 else (3 if r == 2 else 2))
+    return dict(sigma=[0.6, 0.6, 0.4], rings=[0, 1, 2], frequencies_cutoff=lambda r: 0 if r == 0 else 2)
+
+
+class SteerableRotMNIST(nn.Module):
+    """C_N steerable CNN of RepeatNet's Rot-MNIST comparison."""
+
+    def __init__(self, N: int, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        k = WIDTH_FACTOR[N]
+        self.r2_act = gspaces.Rot2dOnR2(N=N)
+        in_type = enn.FieldType(self.r2_act, in_channels * [self.r2_act.trivial_repr])
+        self.input_type = in_type
+        blocks: list[nn.Module] = []
+        fields = (16, 24, 32, 32, 48, 64)
+        for i, f in enumerate(fields, start=1):
+            out_type = enn.FieldType(self.r2_act, round(k * f) * [self.r2_act.regular_repr])
+            ks, pad = (7, 1) if i == 1 else (5, 0 if i == 6 else 2)
+            mods = [enn.R2Conv(in_type, out_type, kernel_size=ks, padding=pad, bias=False, **_conv_opts(i == 1)),
+                    enn.InnerBatchNorm(out_type), enn.ELU(out_type, inplace=True)]
+            if i in (2, 4):
+                mods.append(enn.PointwiseMaxPool(out_type, kernel_size=2, stride=2))
+            blocks.append(enn.SequentialModule(*mods))
+            in_type = out_type
+        self.blocks = nn.ModuleList(blocks)
+        self.taps = nn.ModuleList(Tap("level", f"conv{i}") for i in range(1, 7))
+        self.pool = enn.PointwiseAdaptiveAvgPool(in_type, 1)
+        self.gpool = enn.GroupPooling(in_type)
+        c = self.gpool.out_type.size
+        self.embedding = Tap("embedding", "penultimate features (group-pooled)")
+        self.fully_net = nn.Sequential(nn.Linear(c, 64), nn.BatchNorm1d(64), nn.ELU(inplace=True),
+                                       nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = enn.GeometricTensor(x, self.input_type)
+        for block, tap in zip(self.blocks, self.taps):
+            g = block(g)
+            tap(g.tensor)
+        g = self.gpool(self.pool(g))
+        return self.fully_net(self.embedding(g.tensor.reshape(g.tensor.shape[0], -1)))
+
+
+@register_model(
+    "steerable_rotmnist", family="equivariant", paper=PAPER_RE,
+    description="e2cnn C_N steerable CNN (regular fields) of RepeatNet's Rot-MNIST comparison; N=4, 8 or 16.",
+    num_classes=10, in_channels=1, input_size=28, choices={"N": (4, 8, 16)}, N=8,
+)
+def steerable_rotmnist(N: int, num_classes: int, in_channels: int) -> nn.Module:
+    return SteerableRotMNIST(N, num_classes, in_channels)
+
+
+class C8Tutorial(nn.Module):
+    """e2cnn's tutorial C8 steerable CNN (examples/model.ipynb)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, N: int = 8) -> None:
+        super().__init__()
+        self.r2_act = gspaces.Rot2dOnR2(N=N)
+        in_type = enn.FieldType(self.r2_act, in_channels * [self.r2_act.trivial_repr])
+        self.input_type = in_type
+        self.mask = enn.MaskModule(in_type, 29, margin=1)
+        # e2cnn stores the fixed disc mask as a non-trainable Parameter; it is no weight.
+        fixed = self.mask.mask.detach().clone()
+        del self.mask.mask
+        self.mask.register_buffer("mask", fixed)
+        blocks: list[nn.Module] = []
+        fields = (24, 48, 48, 96, 96, 64)
+        for i, f in enumerate(fields, start=1):
+            out_type = enn.FieldType(self.r2_act, f * [self.r2_act.regular_repr])
+            ks, pad = (7, 1) if i == 1 else (5, 1 if i == 6 else 2)
+            mods = [enn.R2Conv(in_type, out_type, kernel_size=ks, padding=pad, bias=False),
+                    enn.InnerBatchNorm(out_type), enn.ReLU(out_type, inplace=True)]
+            if i in (2, 4):
+                mods.append(enn.PointwiseAvgPoolAntialiased(out_type, sigma=0.66, stride=2))
+            if i == 6:
+                mods.append(enn.PointwiseAvgPoolAntialiased(out_type, sigma=0.66, stride=1, padding=0))
+            blocks.append(enn.SequentialModule(*mods))
+            in_type = out_type
+        self.blocks = nn.ModuleList(blocks)
+        self.taps = nn.ModuleList(Tap("level", f"block{i}") for i in range(1, 7))
+        self.gpool = enn.GroupPooling(in_type)
+        c = self.gpool.out_type.size
+        self.embedding = Tap("embedding", "penultimate features (group-pooled)")
+        self.fully_net = nn.Sequential(nn.Linear(c, 64), nn.BatchNorm1d(64), nn.ELU(inplace=True),
+                                       nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.mask(enn.GeometricTensor(x, self.input_type))
+        for block, tap in zip(self.blocks, self.taps):
+            g = block(g)
+            tap(g.tensor)
+        g = self.gpool(g)
+        t = g.tensor.reshape(g.tensor.shape[0], -1)
+        return self.fully_net(self.embedding(t))
+
+
+@register_model(
+    "e2cnn_c8_tutorial", family="equivariant", paper=PAPER_E2,
+    description="e2cnn's tutorial C8 steerable CNN on 29x29 inputs (2,067,434 params).",
+    num_classes=10, in_channels=1, input_size=29,
+)
+def e2cnn_c8_tutorial(num_classes: int, in_channels: int) -> nn.Module:
+    return C8Tutorial(num_classes, in_channels)
