@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wsviz.models.registry import register_model
-from wsviz.models.resnets import ConvSite, ResNet, ResNetTrunk, BasicBlock
+from wsviz.models.resnets import BasicBlock, ConvSite, ResNet, ResNetTrunk
 from wsviz.models.sharing import REPEAT_MODES, RepeatConv2d, Tap
 
 PAPER = "Chavan et al. — Rescaling CNN through Learnable Repetition of Network Parameters (RepeatNet)"

@@ -65,9 +65,10 @@ def init_resnet(model: nn.Module, zero_init_residual: bool = False) -> None:
             nn.init.zeros_(m.bias)
     if zero_init_residual:
         for m in model.modules():
-            last = getattr(m, "bn_last", None)
-            if isinstance(last, nn.BatchNorm2d):
-                nn.init.zeros_(last.weight)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
 # ------------------------------------------------------------------ post-activation blocks
@@ -81,7 +82,6 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv(ConvSite(stage, index, "conv2", planes, planes, 3, 1, 1))
         self.bn2 = nn.BatchNorm2d(planes)
-        self.bn_last = self.bn2
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,6 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv(ConvSite(stage, index, "conv3", width, planes * 4, 1))
         self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.bn_last = self.bn3
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

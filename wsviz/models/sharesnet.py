@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsviz.models.registry import register_model
-from wsviz.models.resnets import ConvFactory, ConvSite, ResNet, ResNetTrunk, IMAGENET_LAYERS, IMAGENET_WIDTHS, init_resnet, plain_conv
+from wsviz.models.resnets import (
+    IMAGENET_LAYERS,
+    IMAGENET_WIDTHS,
+    ConvFactory,
+    ConvSite,
+    ResNet,
+    ResNetTrunk,
+    init_resnet,
+    plain_conv,
+)
 from wsviz.models.sharing import SharedConv2d, Tap
 
 PAPER = "Boulch — ShaResNet: reducing residual network parameter number by sharing weights"

@@ -302,8 +302,9 @@ class RepeatConv2d(nn.Module):
             self.betas = nn.Parameter(torch.empty(1, self.r0 * self.r1))
             nn.init.xavier_uniform_(self.alphas)
             nn.init.xavier_uniform_(self.betas)
-            self.edge_alphas = nn.Parameter(torch.rand(int(self.e0 > 0) + int(self.e1 > 0)))
-            self.edge_betas = nn.Parameter(torch.rand(int(self.e0 > 0) + int(self.e1 > 0)))
+            edges = int(self.e0 > 0) + int(self.e1 > 0)  # one pair per leftover strip
+            self.edge_alphas = nn.Parameter(torch.rand(edges)) if edges else None
+            self.edge_betas = nn.Parameter(torch.rand(edges)) if edges else None
         if mode == "bireal" and self.repeats:
             self.sign_latent = nn.Parameter(torch.rand(out_channels, in_channels, kernel_size, kernel_size) * 1e-3)
 

@@ -1,0 +1,184 @@
+"""Sharing is real: one parameter, several places, gradients from all of them, stored once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from wsviz.models import create_model, sharing_report, summarize
+from wsviz.models.sharing import MultiRateConv2d, SharedConv2d
+
+# One shared model per family (small configs), with its unshared twin.
+PAIRS = {
+    "msws": (("msws_resnet_digits", {"sharing": "shared"}), ("msws_resnet_digits", {"sharing": "unshared"})),
+    "wsms": (("wsms_resnet_digits", {"shared": True}), ("wsms_resnet_digits", {"shared": False})),
+    "sharesnet": (("sharesnet_wrn_digits", {"shared": True}), ("sharesnet_wrn_digits", {"shared": False})),
+    "shardnet": (("shardnet_vgg", {"kind": "S", "width": 32}), ("shardnet_vgg", {"kind": "E", "width": 32})),
+    "sl_resnet": (("sl_resnet34", {"width": 16}), None),
+    "repeatnet_depth": (("repeatnet_vgg", {"mode": "linear", "base": "VGG4"}), None),
+}
+
+
+def _site_inputs(model: nn.Module, x: torch.Tensor, sites: set[str]) -> dict[str, tuple]:
+    """The input each named module received in one forward pass."""
+    got: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, _n=n: got.setdefault(_n, tuple(t.detach().clone() for t in a)))
+               for n, m in model.named_modules() if n in sites]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("family", sorted(PAIRS))
+def test_changing_a_shared_parameter_changes_every_use(family):
+    (name, cfg), _ = PAIRS[family]
+    torch.manual_seed(0)
+    model = create_model(name, **cfg).eval()
+    uses, _, _ = sharing_report(model)
+    by_param: dict[str, list[str]] = {}
+    for u in uses:
+        by_param.setdefault(u.param, []).append(u.site)
+    shared = {p: set(s) for p, s in by_param.items() if len(s) > 1 and p.endswith("weight")}
+    assert shared, f"{name} reports no weight used at more than one place"
+    x = torch.randn(2, *_shape(model))
+    params = dict(model.named_parameters())
+    for pname, sites in shared.items():
+        inputs = _site_inputs(model, x, sites)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            before = {s: modules[s](*inputs[s]).clone() for s in sites}
+            params[pname].add_(torch.randn_like(params[pname]))
+            after = {s: modules[s](*inputs[s]) for s in sites}
+        for s in sites:
+            # every place: each rate of a multi-rate conv is its own channel group
+            n = len(getattr(modules[s], "rates", (1,)))
+            for b, a in zip(before[s].chunk(n, dim=1), after[s].chunk(n, dim=1)):
+                assert not torch.allclose(b, a), f"{s} did not change when {pname} did"
+
+
+def _shape(model):
+    c = model.wsviz_config
+    return (c["in_channels"], c["input_size"], c["input_size"])
+
+
+def test_gradients_from_all_uses_accumulate_shardnet():
+    """The shared conv's gradient is the sum of the gradients of independent copies."""
+    torch.manual_seed(0)
+    model = create_model("shardnet_vgg", kind="S", width=16, in_channels=1, input_size=28).eval()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    shared_grad = model.shared.weight.grad.clone()
+
+    untied = copy.deepcopy(model)
+    untied.zero_grad()
+    copies = []
+    for m in untied.modules():
+        if isinstance(m, SharedConv2d):
+            own = copy.deepcopy(untied.shared)
+            m.__dict__["source"] = own
+            copies.append(own)
+    assert len(copies) == 13
+    nn.functional.cross_entropy(untied(x), y).backward()
+    summed = sum(c.weight.grad for c in copies)
+    torch.testing.assert_close(shared_grad, summed, rtol=1e-4, atol=1e-6)
+    assert all(c.weight.grad.abs().sum() > 0 for c in copies)
+
+
+def test_gradients_from_all_rates_accumulate_msws():
+    """A shared multi-rate conv's gradient is the sum over rates (Aich et al., Eq. 1, up to the 1/n)."""
+    torch.manual_seed(0)
+    shared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=True)
+    unshared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=False)
+    with torch.no_grad():
+        for w in unshared.weights:
+            w.copy_(shared.weight)
+    x = torch.randn(2, 3, 9, 9)
+    target = torch.randn(2, 9, 9, 9)
+    torch.testing.assert_close(shared(x), unshared(x))
+    ((shared(x) - target) ** 2).sum().backward()
+    ((unshared(x) - target) ** 2).sum().backward()
+    torch.testing.assert_close(shared.weight.grad, sum(w.grad for w in unshared.weights), rtol=1e-4, atol=1e-5)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+@pytest.mark.parametrize("family", [f for f, (_, twin) in PAIRS.items() if twin is not None])
+def test_saved_state_holds_shared_tensors_once(family):
+    (name, cfg), (tname, tcfg) = PAIRS[family]
+    model, twin = create_model(name, **cfg), create_model(tname, **tcfg)
+    # No two state entries alias the same storage: each shared tensor is saved once.
+    ptrs = [v.untyped_storage().data_ptr() for v in model.state_dict().values() if v.numel()]
+    assert len(ptrs) == len(set(ptrs))
+    b_shared, b_twin = _state_bytes(model), _state_bytes(twin)
+    n_shared = sum(v.numel() for v in model.state_dict().values())
+    n_twin = sum(v.numel() for v in twin.state_dict().values())
+    assert b_shared < b_twin
+    # In proportion to the compression: bytes scale with the stored element counts, and the
+    # stored weights differ exactly by the parameters sharing removed.
+    assert b_shared / b_twin == pytest.approx(n_shared / n_twin, rel=0.02)
+    removed = summarize(twin).unique_params - summarize(model).unique_params
+    assert n_twin - n_shared == removed + _buffer_delta(model, twin)
+
+
+def _buffer_delta(model, twin) -> int:
+    return sum(b.numel() for b in twin.buffers()) - sum(b.numel() for b in model.buffers())
+
+
+def test_shared_model_effective_params_equal_its_twin():
+    """Effective ("as if unshared") parameters of a shared model equal its twin's unique ones."""
+    for (name, cfg), twin in [PAIRS["msws"], PAIRS["sharesnet"], PAIRS["wsms"]]:
+        s = summarize(create_model(name, **cfg))
+        t = summarize(create_model(twin[0], **twin[1]))
+        assert s.effective_params == t.unique_params
+        assert s.compression > 1.0
+        assert t.compression == pytest.approx(1.0)
+
+
+def test_sharing_report_counts_uses():
+    s = summarize(create_model("shardnet_vgg", kind="SL", width=16))
+    uses = s.uses_by_param()
+    assert len([u for u in uses["shared.weight"] if u.op == "conv2d"]) == 13
+    assert all(len(v) == 1 for k, v in uses.items() if "features" in k)
+    m = summarize(create_model("msws_resnet_digits", sharing="shared", n_rates=3, base_width=24))
+    some = next(iter(m.shared_params().values()))
+    assert sorted(u.detail for u in some) == ["stride=1 padding=1 dilation=1", "stride=1 padding=2 dilation=2",
+                                              "stride=1 padding=3 dilation=3"]
+
+
+def test_repeatnet_uses_are_derived():
+    """A RepeatNet parent block is applied as a larger realised block, traced to its parameters."""
+    s = summarize(create_model("repeatnet_rotmnist_cnn", mode="swish", match="c4"))
+    parent = s.uses_by_param()["features.0.weight"]
+    assert parent and all(u.derived for u in parent)
+    assert parent[0].applied_shape == (64, 1, 7, 7)
+    assert "features.0.alphas" in s.uses_by_param()
+    assert not s.unused_params
+    # the realised network applies as many weights as its dense counterpart of the same width
+    dense = sum(p.numel() for n, p in create_model("repeatnet_rotmnist_cnn", mode="linear", match="c4").named_parameters())
+    assert s.effective_params > dense
+
+
+def test_bytes_roundtrip_of_shared_model():
+    """Saving and loading restores sharing: the loaded model still uses one tensor everywhere."""
+    from safetensors.torch import load
+
+    model = create_model("sharesnet_wrn_digits")
+    state = load(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    fresh = create_model("sharesnet_wrn_digits")
+    fresh.load_state_dict(state)
+    sites = [m for m in fresh.modules() if isinstance(m, SharedConv2d)]
+    assert sites and all(any(s.weight is p for p in fresh.parameters()) for s in sites)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(model(x), fresh(x))
+
