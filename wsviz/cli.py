@@ -11,18 +11,11 @@ from wsviz.errors import WsvizError
 
 
 def _models(args: argparse.Namespace) -> int:
-    from wsviz.models import create_model, get_spec, list_models, summarize
+    from wsviz.analysis.zoo import zoo_table
+    from wsviz.models import get_spec, list_models
 
-    rows = []
     specs = [get_spec(n) for n in args.name] if args.name else list_models(args.family)
-    for spec in specs:
-        row = {"name": spec.name, "family": spec.family, "input": f"{spec.in_channels}x{spec.input_size}x{spec.input_size}",
-               "classes": spec.num_classes, "paper": spec.paper}
-        if args.summary:
-            s = summarize(create_model(spec.name))
-            row.update(unique_params=s.unique_params, effective_params=s.effective_params,
-                       compression=round(s.compression, 3), gflops=round(s.flops / 1e9, 4))
-        rows.append(row)
+    rows = zoo_table(specs, accounting=args.summary)
     if args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["name"])
         writer.writeheader()

@@ -1,0 +1,1 @@
+"""Analyses as plain data (dataclasses, dicts, arrays); no streamlit, no figures."""

@@ -1,0 +1,44 @@
+"""The model zoo as a table: registry metadata plus parameter and FLOP accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from wsviz.models import ModelSpec, create_model, list_models, summarize
+
+
+def spec_row(spec: ModelSpec) -> dict[str, Any]:
+    """Registry metadata of one model as a flat row."""
+    return {
+        "name": spec.name, "family": spec.family,
+        "input": f"{spec.in_channels}x{spec.input_size}x{spec.input_size}",
+        "classes": spec.num_classes, "paper": spec.paper, "description": spec.description,
+        "defaults": ", ".join(f"{k}={v}" for k, v in spec.defaults.items()),
+    }
+
+
+def accounting_row(name: str, **overrides: Any) -> dict[str, Any]:
+    """Unique/effective parameters, compression and FLOPs of one configured model."""
+    s = summarize(create_model(name, **overrides))
+    return {"unique_params": s.unique_params, "effective_params": s.effective_params,
+            "compression": round(s.compression, 3), "gflops": round(s.flops / 1e9, 4),
+            "sign_mask_params": s.mask_params}
+
+
+def zoo_table(specs: Iterable[ModelSpec] | None = None, accounting: bool = True,
+              progress: Callable[[int, int, str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per registered model (default configuration), optionally with accounting.
+
+    ``progress(i, n, name)`` is called before each model is built (the app shows a bar).
+    """
+    specs = list(specs) if specs is not None else list_models()
+    rows = []
+    for i, spec in enumerate(specs):
+        if progress:
+            progress(i, len(specs), spec.name)
+        row = spec_row(spec)
+        if accounting:
+            row.update(accounting_row(spec.name))
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""Datasets and upload decoding (see the training-engine issue)."""

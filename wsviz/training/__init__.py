@@ -1,0 +1,1 @@
+"""Training loop, run store and background jobs (see the training-engine issue)."""
