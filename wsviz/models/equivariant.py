@@ -37,7 +37,32 @@ def _conv_opts(first: bool) -> dict:
     return dict(sigma=[0.6, 0.6, 0.4], rings=[0, 1, 2], frequencies_cutoff=lambda r: 0 if r == 0 else 2)
 
 
-class SteerableRotMNIST(nn.Module):
+class _SteerableCNN(nn.Module):
+    """Shared tail of both models: six blocks (each with a ``level`` tap), optional spatial
+    pooling, group pooling, an ``embedding`` tap and the FC 64 -> classes head."""
+
+    def _finish(self, blocks: list[nn.Module], out_type, pool: nn.Module, num_classes: int, label: str) -> None:
+        self.blocks = nn.ModuleList(blocks)
+        self.taps = nn.ModuleList(Tap("level", f"{label}{i}") for i in range(1, len(blocks) + 1))
+        self.pool = pool
+        self.gpool = enn.GroupPooling(out_type)
+        self.embedding = Tap("embedding", "penultimate features (group-pooled)")
+        self.fully_net = nn.Sequential(nn.Linear(self.gpool.out_type.size, 64), nn.BatchNorm1d(64),
+                                       nn.ELU(inplace=True), nn.Linear(64, num_classes))
+
+    def prepare(self, g: enn.GeometricTensor) -> enn.GeometricTensor:
+        return g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.prepare(enn.GeometricTensor(x, self.input_type))
+        for block, tap in zip(self.blocks, self.taps):
+            g = block(g)
+            tap(g.tensor)
+        g = self.gpool(self.pool(g))
+        return self.fully_net(self.embedding(g.tensor.reshape(g.tensor.shape[0], -1)))
+
+
+class SteerableRotMNIST(_SteerableCNN):
     """C_N steerable CNN of RepeatNet's Rot-MNIST comparison."""
 
     def __init__(self, N: int, num_classes: int = 10, in_channels: int = 1) -> None:
@@ -57,22 +82,7 @@ class SteerableRotMNIST(nn.Module):
                 mods.append(enn.PointwiseMaxPool(out_type, kernel_size=2, stride=2))
             blocks.append(enn.SequentialModule(*mods))
             in_type = out_type
-        self.blocks = nn.ModuleList(blocks)
-        self.taps = nn.ModuleList(Tap("level", f"conv{i}") for i in range(1, 7))
-        self.pool = enn.PointwiseAdaptiveAvgPool(in_type, 1)
-        self.gpool = enn.GroupPooling(in_type)
-        c = self.gpool.out_type.size
-        self.embedding = Tap("embedding", "penultimate features (group-pooled)")
-        self.fully_net = nn.Sequential(nn.Linear(c, 64), nn.BatchNorm1d(64), nn.ELU(inplace=True),
-                                       nn.Linear(64, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = enn.GeometricTensor(x, self.input_type)
-        for block, tap in zip(self.blocks, self.taps):
-            g = block(g)
-            tap(g.tensor)
-        g = self.gpool(self.pool(g))
-        return self.fully_net(self.embedding(g.tensor.reshape(g.tensor.shape[0], -1)))
+        self._finish(blocks, in_type, enn.PointwiseAdaptiveAvgPool(in_type, 1), num_classes, "conv")
 
 
 @register_model(
@@ -84,7 +94,7 @@ def steerable_rotmnist(N: int, num_classes: int, in_channels: int) -> nn.Module:
     return SteerableRotMNIST(N, num_classes, in_channels)
 
 
-class C8Tutorial(nn.Module):
+class C8Tutorial(_SteerableCNN):
     """e2cnn's tutorial C8 steerable CNN (examples/model.ipynb)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, N: int = 8) -> None:
@@ -110,22 +120,10 @@ class C8Tutorial(nn.Module):
                 mods.append(enn.PointwiseAvgPoolAntialiased(out_type, sigma=0.66, stride=1, padding=0))
             blocks.append(enn.SequentialModule(*mods))
             in_type = out_type
-        self.blocks = nn.ModuleList(blocks)
-        self.taps = nn.ModuleList(Tap("level", f"block{i}") for i in range(1, 7))
-        self.gpool = enn.GroupPooling(in_type)
-        c = self.gpool.out_type.size
-        self.embedding = Tap("embedding", "penultimate features (group-pooled)")
-        self.fully_net = nn.Sequential(nn.Linear(c, 64), nn.BatchNorm1d(64), nn.ELU(inplace=True),
-                                       nn.Linear(64, num_classes))
+        self._finish(blocks, in_type, nn.Identity(), num_classes, "block")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.mask(enn.GeometricTensor(x, self.input_type))
-        for block, tap in zip(self.blocks, self.taps):
-            g = block(g)
-            tap(g.tensor)
-        g = self.gpool(g)
-        t = g.tensor.reshape(g.tensor.shape[0], -1)
-        return self.fully_net(self.embedding(t))
+    def prepare(self, g: enn.GeometricTensor) -> enn.GeometricTensor:
+        return self.mask(g)
 
 
 @register_model(

@@ -191,10 +191,9 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 def reset_all_parameters(module: nn.Module) -> None:
     """Re-initialise every submodule that knows how to (fresh, independent weights)."""
     for m in module.modules():
-        if m is not module or not list(module.children()):
-            fn = getattr(m, "reset_parameters", None)
-            if callable(fn):
-                fn()
+        fn = getattr(m, "reset_parameters", None)
+        if callable(fn):
+            fn()
 
 
 def tied_copy(
