@@ -1,0 +1,220 @@
+"""``python -m wsviz.train``: train a registered model on a dataset and save a checkpoint.
+
+Examples::
+
+    python -m wsviz.train --model msws_resnet_digits --dataset mnist5k-scale --epochs 5 --out checkpoints/x
+    torchrun --nproc_per_node=2 -m wsviz.train --model resnet_digits --dataset mnist5k --epochs 1 --out /tmp/ddp
+
+With ``--run-id`` the process is a background job of the run store in ``--runs-dir``: it waits
+for a free slot (at most ``--max-running`` jobs run at once), reports status and metrics, and
+ends as done, failed (with the reason) or cancelled (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from wsviz.errors import WsvizError
+
+
+class Cancelled(Exception):
+    """Raised in the training process when it receives SIGTERM."""
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value`` model overrides; values are JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise WsvizError(f"--set takes key=value, got {item!r}.")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m wsviz.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--out", required=True, help="checkpoint folder (weights.safetensors + card.json)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", default="cosine", choices=["none", "step", "multistep", "cosine"])
+    p.add_argument("--step-size", type=int, default=30)
+    p.add_argument("--milestones", type=int, nargs="*", default=[])
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="protocol realisation (rot/scale datasets)")
+    p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model option override")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--download", action="store_true", help="download torchvision datasets if missing")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
+    p.add_argument("--max-running", type=int, default=1, help=argparse.SUPPRESS)
+    return p
+
+
+def _config(args: argparse.Namespace):
+    from wsviz.training.loop import TrainConfig
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                      step_size=args.step_size, milestones=tuple(args.milestones), gamma=args.gamma,
+                      seed=args.seed, amp=not args.no_amp, max_batches=args.max_batches)
+    cfg.validate()
+    return cfg
+
+
+def _distributed() -> tuple[int, int, Any]:
+    """(rank, world size, wrap) under torchrun; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+
+    def wrap(model):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[local] if backend == "nccl" else None)
+
+    return dist.get_rank(), world, wrap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    store = None
+    if args.run_id:
+        from wsviz.training.runstore import RunStore
+
+        store = RunStore(args.runs_dir)
+
+    def on_term(signum, frame):
+        raise Cancelled()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        cfg = _config(args)
+        overrides = parse_set(args.set)
+        if store is not None:
+            _wait_for_slot(store, args)
+        rank, world, wrap = _distributed()
+        device = args.device
+        if world > 1 and device is None:
+            import torch
+
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        card = _train(args, cfg, overrides, store, rank, world, wrap, device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if store is not None:
+            store.finish(args.run_id, "done", test_accuracy=card["test_accuracy"])
+        if rank == 0:
+            print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
+        return 0
+    except Cancelled:
+        if store is not None:
+            store.finish(args.run_id, "cancelled", "cancelled by the user")
+        print("cancelled", file=sys.stderr)
+        return 130
+    except WsvizError as exc:
+        if store is not None:
+            store.finish(args.run_id, "failed", str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if store is not None:
+            store.finish(args.run_id, "failed", "out of memory: use a smaller batch size or model")
+        print("error: out of memory", file=sys.stderr)
+        return 3
+    except Exception as exc:  # anything else: record why, keep the traceback in the log
+        traceback.print_exc()
+        reason = f"{type(exc).__name__}: {exc}"
+        if "out of memory" in str(exc).lower():
+            reason = f"out of memory ({exc}); use a smaller batch size or model"
+        if store is not None:
+            store.finish(args.run_id, "failed", reason)
+        return 1
+
+
+def _wait_for_slot(store, args: argparse.Namespace) -> None:
+    from wsviz.device import pick_device
+
+    device = str(pick_device(args.device))
+    while True:
+        status = store.claim_slot(args.run_id, args.max_running, os.getpid(), device)
+        if status == "running":
+            return
+        if status != "queued":
+            raise Cancelled()
+        time.sleep(0.5)
+
+
+def _train(args, cfg, overrides, store, rank, world, wrap, device):
+    from wsviz.training.run import run_training
+
+    bar = None
+    if rank == 0 and not args.quiet and store is None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs, unit="epoch", desc=args.model)
+
+    def on_epoch(m):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m.train_loss:.3f}", test_acc=f"{m.test_acc:.4f}")
+        if store is not None:
+            store.log_metrics(args.run_id, m.epoch, {"train_loss": m.train_loss, "train_acc": m.train_acc,
+                                                      "test_loss": m.test_loss, "test_acc": m.test_acc,
+                                                      "lr": m.lr, "images_per_s": m.images_per_s})
+
+    last = [0.0]
+
+    def on_step(epoch, step, loss):
+        if store is not None and time.monotonic() - last[0] > 1.0:  # live loss, at most once a second
+            last[0] = time.monotonic()
+            store.log_metrics(args.run_id, epoch, {"step_loss": loss}, step=step)
+            if store.get(args.run_id).cancel_requested:
+                raise Cancelled()
+
+    try:
+        return run_training(args.model, args.dataset, args.out, cfg, overrides=overrides, data_root=args.data_root,
+                            data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
+                            on_step=on_step, rank=rank, world_size=world, wrap=wrap)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

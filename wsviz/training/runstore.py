@@ -1,0 +1,244 @@
+"""The run store: status and metrics of training runs in an embedded SQLite database.
+
+Writers are the training processes, readers the app and the CLI; SQLite's WAL mode lets the
+app read while a run writes. A run whose process died without saying so (SIGKILL, out of
+memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsviz.errors import WsvizError
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, model TEXT NOT NULL, dataset TEXT NOT NULL,
+    spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT, pid INTEGER, pid_start TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, device TEXT, out_dir TEXT NOT NULL,
+    created REAL NOT NULL, started REAL, finished REAL, test_accuracy REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, epoch INTEGER NOT NULL, step INTEGER, key TEXT NOT NULL, value REAL NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
+"""
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    model: str
+    dataset: str
+    spec: dict[str, Any]
+    status: str
+    reason: str | None
+    pid: int | None
+    device: str | None
+    out_dir: str
+    created: float
+    started: float | None
+    finished: float | None
+    test_accuracy: float | None
+    cancel_requested: bool
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+def process_start_time(pid: int) -> str | None:
+    """Start time of ``pid`` from /proc (tells a live process from a reused pid), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # zombie: exited, not yet reaped
+            return None
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int | None, start: str | None) -> bool:
+    if not pid:
+        return False
+    now = process_start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def safe_run_name(name: str) -> str:
+    """A run name that is a plain file name (no separators, no '..'), or a WsvizError."""
+    if not _NAME_RE.match(name or "") or ".." in name:
+        raise WsvizError(f"Run name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit.")
+    return name
+
+
+class RunStore:
+    """Runs live in ``root`` (default ``./runs``): ``wsviz.db`` plus one folder per run."""
+
+    def __init__(self, root: str | Path = "runs") -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "wsviz.db"
+        con = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)  # commits by itself
+        finally:
+            con.close()
+
+    @contextmanager
+    def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------ paths
+    def run_dir(self, run_id: str) -> Path:
+        path = (self.root / run_id).resolve()
+        if path.parent != self.root:
+            raise WsvizError(f"Run id {run_id!r} would leave the runs folder.")
+        return path
+
+    # ------------------------------------------------------------------ writes
+    def create(self, model: str, dataset: str, spec: dict[str, Any], name: str | None = None) -> Run:
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        name = safe_run_name(name) if name else f"{model}-{dataset}"[:64]
+        out = self.run_dir(run_id)
+        out.mkdir(parents=True)
+        with self._connect() as con:
+            con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created) "
+                        "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                        (run_id, name, model, dataset, json.dumps(spec), str(out), time.time()))
+        return self.get(run_id)
+
+    def claim_slot(self, run_id: str, max_running: int, pid: int, device: str) -> str:
+        """Atomically move a queued run to running if fewer than ``max_running`` run.
+
+        Returns the run's status afterwards: 'running' (go), 'queued' (wait and retry) or a
+        final status (cancelled while waiting).
+        """
+        self.reconcile()
+        with self._connect(immediate=True) as con:
+            row = con.execute("SELECT status, cancel_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
+            status, cancel = row
+            if status != "queued":
+                return status
+            if cancel:
+                con.execute("UPDATE runs SET status='cancelled', reason='cancelled while queued', finished=? "
+                            "WHERE id=?", (time.time(), run_id))
+                return "cancelled"
+            running = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+            if running >= max_running:
+                return "queued"
+            con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=? WHERE id=?",
+                        (pid, process_start_time(pid), device, time.time(), run_id))
+            return "running"
+
+    def set_pid(self, run_id: str, pid: int) -> None:
+        with self._connect() as con:
+            con.execute("UPDATE runs SET pid=?, pid_start=? WHERE id=?", (pid, process_start_time(pid), run_id))
+
+    def log_metrics(self, run_id: str, epoch: int, values: dict[str, float], step: int | None = None) -> None:
+        now = time.time()
+        with self._connect() as con:
+            con.executemany("INSERT INTO metrics (run_id, epoch, step, key, value, time) VALUES (?, ?, ?, ?, ?, ?)",
+                            [(run_id, epoch, step, k, float(v), now) for k, v in values.items()])
+
+    def finish(self, run_id: str, status: str, reason: str | None = None, test_accuracy: float | None = None) -> None:
+        if status not in STATUSES or status in ACTIVE:
+            raise ValueError(f"not a final status: {status}")
+        with self._connect() as con:
+            con.execute("UPDATE runs SET status=?, reason=?, finished=?, test_accuracy=COALESCE(?, test_accuracy) "
+                        "WHERE id=? AND status IN ('queued', 'running')",
+                        (status, reason, time.time(), test_accuracy, run_id))
+
+    def request_cancel(self, run_id: str) -> Run:
+        with self._connect() as con:
+            con.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+        return self.get(run_id)
+
+    def reconcile(self) -> list[str]:
+        """Mark runs whose process is gone as failed; returns their ids."""
+        dead = []
+        with self._connect(immediate=True) as con:
+            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created FROM runs "
+                               "WHERE status IN ('queued', 'running')").fetchall()
+            for run_id, status, pid, start, cancel, created in rows:
+                if pid_alive(pid, start):
+                    continue
+                if status == "queued" and pid is None and time.time() - created < 60:
+                    continue  # its worker is still starting
+                if cancel:
+                    con.execute("UPDATE runs SET status='cancelled', reason='cancelled', finished=? WHERE id=?",
+                                (time.time(), run_id))
+                else:
+                    con.execute("UPDATE runs SET status='failed', reason=?, finished=? WHERE id=?",
+                                ("the training process died without finishing (killed, out of memory, or "
+                                 "crashed); the last epoch's checkpoint, if any, is kept", time.time(), run_id))
+                dead.append(run_id)
+        return dead
+
+    # ------------------------------------------------------------------ reads
+    def _row(self, row: tuple) -> Run:
+        (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
+         finished, acc) = row
+        return Run(rid, name, model, dataset, json.loads(spec), status, reason, pid, device, out, created, started,
+                   finished, acc, bool(cancel))
+
+    def get(self, run_id: str) -> Run:
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
+        return self._row(row)
+
+    def list(self, status: str | None = None) -> list[Run]:
+        with self._connect() as con:
+            q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
+            rows = con.execute(q, (status,) if status else ()).fetchall()
+        return [self._row(r) for r in rows]
+
+    def metrics(self, run_id: str) -> dict[str, list[tuple[int, int | None, float]]]:
+        """{key: [(epoch, step, value), ...]} in insertion order."""
+        with self._connect() as con:
+            rows = con.execute("SELECT key, epoch, step, value FROM metrics WHERE run_id=? ORDER BY rowid",
+                               (run_id,)).fetchall()
+        out: dict[str, list] = {}
+        for key, epoch, step, value in rows:
+            out.setdefault(key, []).append((epoch, step, value))
+        return out
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("WSVIZ_RUNS", "runs"))
