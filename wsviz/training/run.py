@@ -64,7 +64,7 @@ def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainRes
         "test_accuracy": result.epochs[-1].test_acc if result.epochs else None,
         **accounting, "device": str(device), "duration_s": round(result.seconds, 3),
         "wsviz_version": wsviz.__version__, "torch_version": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "command": command,
     }
 
 
