@@ -1,0 +1,441 @@
+"""Upload decoding over a corpus of real files, bad inputs, and model-input preparation.
+
+Every file is written by PIL in memory (or is one of scikit-learn's shipped photos), then
+decoded from its bytes; each case checks the decoded pixels mean what the source meant.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from wsviz import WsvizError
+from wsviz.data.uploads import (
+    MAX_PIXELS,
+    MAX_UPLOAD_BYTES,
+    decode_image,
+    load_upload,
+    prepare_image,
+)
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+W, H = 48, 32  # the reference image is wider than tall, so a wrong rotation shows in its size
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def halves_rgb(left=RED, right=BLUE, size=(W, H)) -> Image.Image:
+    """Left half one colour, right half another."""
+    img = Image.new("RGB", size, right)
+    img.paste(left, (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def halves_gray(left=40, right=200, size=(W, H), mode="L") -> Image.Image:
+    img = Image.new(mode, size, right)
+    img.paste(left, (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def px(img: Image.Image, side: str) -> tuple[int, ...] | int:
+    """A pixel well inside the left or right half (away from JPEG's edge ringing)."""
+    x = img.width // 4 if side == "left" else 3 * img.width // 4
+    return img.getpixel((x, img.height // 2))
+
+
+def close(a, b, tol: int) -> bool:
+    a, b = np.atleast_1d(a), np.atleast_1d(b)
+    return bool(np.all(np.abs(a.astype(int) - b.astype(int)) <= tol))
+
+
+# ---------------------------------------------------------------------------------------
+# the corpus: id -> (bytes, expected mode, expected size, left pixel, right pixel, tolerance)
+
+
+def _png_rgba() -> bytes:
+    img = halves_rgb().convert("RGBA")
+    img.paste((0, 0, 0, 0), (W // 2, 0, W, H))  # right half fully transparent black
+    return encode(img, "PNG")
+
+
+def _png_palette_transparent() -> bytes:
+    img = Image.new("P", (W, H), 0)
+    img.putpalette([0, 0, 0] + list(RED) + [0] * (256 * 3 - 6))
+    img.paste(1, (0, 0, W // 2, H))  # left: red; right: index 0, transparent black
+    return encode(img, "PNG", transparency=0)
+
+
+def _png_16bit() -> bytes:
+    img = halves_gray(left=0, right=65535, mode="I;16")
+    assert img.mode == "I;16"
+    return encode(img, "PNG")
+
+
+def _png_1bit() -> bytes:
+    return encode(halves_gray(left=0, right=1, mode="1"), "PNG")
+
+
+def _png_rgb_colour_key() -> bytes:
+    return encode(halves_rgb(left=RED, right=(1, 2, 3)), "PNG", transparency=(1, 2, 3))
+
+
+def _jpeg_cmyk() -> bytes:
+    img = Image.new("CMYK", (W, H), (255, 255, 0, 0))  # cyan + magenta = blue
+    img.paste((0, 255, 255, 0), (0, 0, W // 2, H))  # magenta + yellow = red
+    return encode(img, "JPEG", quality=95)
+
+
+def _animated(fmt: str, **kw) -> bytes:
+    first, second = halves_rgb(), halves_rgb(left=(0, 255, 0), right=(0, 255, 0))
+    return encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0, **kw)
+
+
+def _webp_rgba() -> bytes:
+    img = halves_rgb().convert("RGBA")
+    img.paste((0, 0, 0, 0), (W // 2, 0, W, H))
+    return encode(img, "WEBP", lossless=True)
+
+
+def _gif_palette() -> bytes:
+    return encode(halves_rgb().convert("P"), "GIF")
+
+
+def _tiff_16bit_big_endian() -> bytes:
+    arr = np.full((H, W), 65535, dtype=">u2")
+    arr[:, : W // 2] = 128 * 257  # -> 128 exactly
+    img = Image.frombytes("I;16B", (W, H), arr.tobytes())
+    return encode(img, "TIFF")
+
+
+def _tiff_float() -> bytes:
+    arr = np.full((H, W), 1.0, dtype=np.float32)
+    arr[:, : W // 2] = 0.25
+    img = Image.fromarray(arr)
+    assert img.mode == "F"
+    return encode(img, "TIFF")
+
+
+def _tiff_cmyk() -> bytes:
+    img = Image.new("CMYK", (W, H), (255, 255, 0, 0))
+    img.paste((0, 255, 255, 0), (0, 0, W // 2, H))
+    return encode(img, "TIFF")
+
+
+CORPUS: dict[str, Callable[[], tuple[bytes, str, tuple[int, int], object, object, int]]] = {
+    "png-L": lambda: (encode(halves_gray(), "PNG"), "L", (W, H), 40, 200, 0),
+    "png-RGB": lambda: (encode(halves_rgb(), "PNG"), "RGB", (W, H), RED, BLUE, 0),
+    "png-RGBA-over-white": lambda: (_png_rgba(), "RGB", (W, H), RED, WHITE, 0),
+    "png-P-transparency": lambda: (_png_palette_transparent(), "RGB", (W, H), RED, WHITE, 0),
+    "png-RGB-colour-key": lambda: (_png_rgb_colour_key(), "RGB", (W, H), RED, WHITE, 0),
+    "png-16bit-I;16": lambda: (_png_16bit(), "L", (W, H), 0, 255, 0),
+    "png-1bit": lambda: (_png_1bit(), "L", (W, H), 0, 255, 0),
+    "jpeg-RGB": lambda: (encode(halves_rgb(), "JPEG", quality=95), "RGB", (W, H), RED, BLUE, 12),
+    "jpeg-L": lambda: (encode(halves_gray(), "JPEG", quality=95), "L", (W, H), 40, 200, 6),
+    "jpeg-CMYK": lambda: (_jpeg_cmyk(), "RGB", (W, H), RED, BLUE, 12),
+    "webp-RGB": lambda: (encode(halves_rgb(), "WEBP", lossless=True), "RGB", (W, H), RED, BLUE, 0),
+    "webp-RGBA-over-white": lambda: (_webp_rgba(), "RGB", (W, H), RED, WHITE, 0),
+    "webp-animated-first-frame": lambda: (_animated("WEBP", lossless=True), "RGB", (W, H), RED, BLUE, 0),
+    "gif-palette": lambda: (_gif_palette(), "RGB", (W, H), RED, BLUE, 0),
+    "gif-animated-first-frame": lambda: (_animated("GIF"), "RGB", (W, H), RED, BLUE, 0),
+    "bmp-RGB": lambda: (encode(halves_rgb(), "BMP"), "RGB", (W, H), RED, BLUE, 0),
+    "tiff-RGB": lambda: (encode(halves_rgb(), "TIFF"), "RGB", (W, H), RED, BLUE, 0),
+    "tiff-16bit-I;16B": lambda: (_tiff_16bit_big_endian(), "L", (W, H), 128, 255, 0),
+    "tiff-float-F": lambda: (_tiff_float(), "L", (W, H), 64, 255, 0),
+    "tiff-CMYK": lambda: (_tiff_cmyk(), "RGB", (W, H), RED, BLUE, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_decode_corpus(case):
+    data, mode, size, left, right, tol = CORPUS[case]()
+    img = decode_image(data, f"{case}.bin")
+    assert img.mode == mode and img.size == size
+    assert close(px(img, "left"), left, tol), (px(img, "left"), left)
+    assert close(px(img, "right"), right, tol), (px(img, "right"), right)
+
+
+def test_animated_files_really_have_two_frames():
+    """Guard for the first-frame cases: the second frame (all green) must exist to be skipped."""
+    for fmt, kw in (("GIF", {}), ("WEBP", {"lossless": True})):
+        with Image.open(io.BytesIO(_animated(fmt, **kw))) as im:
+            assert im.n_frames == 2
+
+
+def test_16bit_scales_the_full_range_instead_of_clipping():
+    """PIL's own convert('L') clips 16-bit values to 255; decode_image scales 0..65535 to 0..255."""
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)
+    data = encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).convert("L").getpixel((1, 0)) == 255  # the PIL pitfall
+    out = np.asarray(decode_image(data))
+    assert (out.ravel() == np.arange(256)).all()
+
+
+def test_exif_rotated_jpeg_is_decoded_upright():
+    original = halves_rgb()  # 48x32, red on the left
+    # Orientation 6 says "rotate 90 degrees clockwise to display": store the pixels turned the other way.
+    stored = original.transpose(Image.Transpose.ROTATE_90)
+    assert stored.size == (H, W)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    img = decode_image(data, "phone.jpg")
+    assert img.size == (W, H)
+    assert close(px(img, "left"), RED, 12) and close(px(img, "right"), BLUE, 12)
+
+
+def test_one_by_one_pixel_is_valid():
+    img = decode_image(encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"), "dot.png")
+    assert img.size == (1, 1) and img.getpixel((0, 0)) == (10, 200, 30)
+    t = prepare_image(img, 3, 8, invert=False)
+    assert torch.allclose(t[:, 0, 0], torch.tensor([10, 200, 30]) / 255.0, atol=1e-6)
+
+
+def test_very_elongated_image():
+    img = decode_image(encode(Image.new("L", (1000, 3), 255), "PNG"), "line.png")
+    assert img.size == (1000, 3)
+    t = prepare_image(img, 1, 28, invert=False)
+    rows = t[0].amax(dim=1)
+    assert t.shape == (1, 28, 28)
+    assert rows[13] > 0.9 and rows.sum() == rows[13]  # one bright row in the middle, black elsewhere
+
+
+SKLEARN_IMAGES = sorted((Path(__import__("sklearn").__file__).parent / "datasets" / "images").glob("*.jpg"))
+
+
+@pytest.mark.parametrize("path", SKLEARN_IMAGES, ids=[p.name for p in SKLEARN_IMAGES])
+def test_real_photos_from_sklearn(path):
+    from sklearn.datasets import load_sample_images
+
+    reference = dict(zip(load_sample_images().filenames, load_sample_images().images, strict=True))
+    ref = next(arr for name, arr in reference.items() if Path(name).name == path.name)
+    img = decode_image(path.read_bytes(), path.name)
+    assert img.mode == "RGB" and img.size == (ref.shape[1], ref.shape[0])
+    assert np.abs(np.asarray(img).astype(int) - ref.astype(int)).mean() < 1.0
+    t = prepare_image(img, 3, 32)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.float32
+    assert 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+    assert float(t.std()) > 0.05  # a photo, not a blank
+
+
+def test_sklearn_photos_are_present():
+    assert {p.name for p in SKLEARN_IMAGES} >= {"china.jpg", "flower.jpg"}
+
+
+# ---------------------------------------------------------------------------------------
+# bad inputs
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR is patched to claim another size, CRC fixed so PIL believes it."""
+    png = bytearray(encode(Image.new("L", (8, 8), 255), "PNG"))
+    assert png[12:16] == b"IHDR"
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # CRC over type + data
+    return bytes(png)
+
+
+def _zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("digit.png", encode(Image.new("L", (8, 8)), "PNG"))
+    return buf.getvalue()
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+NOISE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+BAD: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "zero-bytes": (lambda: b"", "empty.png", "is empty (0 bytes)"),
+    "text-named-png": (lambda: b"hello, this is not a picture\n", "notes.png", "not an image PIL can read"),
+    "html": (lambda: b"<!DOCTYPE html><html><body><img src='x.png'></body></html>", "x.png", "web page"),
+    "zip": (_zip, "digits.png", "ZIP archive"),
+    "truncated-png": (lambda: _half(encode(Image.fromarray(NOISE), "PNG")), "cut.png", "damaged or incomplete PNG"),
+    "truncated-jpeg": (lambda: _half(encode(Image.fromarray(NOISE), "JPEG")), "cut.jpg", "damaged or incomplete JPEG"),
+    "png-signature-then-garbage": (lambda: b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, "bad.png", "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_raise_wsviz_error_with_advice(case):
+    make, filename, phrase = BAD[case]
+    with pytest.raises(WsvizError) as info:
+        decode_image(make(), filename)
+    msg = str(info.value)
+    assert phrase in msg, msg
+    assert f"'{filename}'" in msg, msg
+
+
+def test_messages_without_a_filename_still_read_well():
+    with pytest.raises(WsvizError, match=r"^The uploaded file is not an image .*Upload one of those\.$"):
+        decode_image(b"plain text")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels", "phrase"),
+    [
+        (40000, 40000, MAX_PIXELS, "40000x40000 = 1.6 billion pixels, more than the 40 million allowed"),  # PIL's error
+        (10000, 10000, 200_000_000, "10000x10000 = 100 million pixels, more than the 89.5 million allowed"),  # PIL warns
+        (8000, 6000, MAX_PIXELS, "8000x6000 = 48 million pixels, more than the 40 million allowed"),  # our check
+    ],
+    ids=["pil-bomb-error", "pil-bomb-warning", "over-max-pixels"],
+)
+def test_huge_header_is_refused_before_decoding(width, height, max_pixels, phrase):
+    data = png_with_header_size(width, height)
+    if width * height < Image.MAX_IMAGE_PIXELS:  # PIL believes the patched header
+        assert Image.open(io.BytesIO(data)).size == (width, height)
+    start = time.perf_counter()
+    with pytest.raises(WsvizError) as info:
+        decode_image(data, "bomb.png", max_pixels=max_pixels)
+    assert time.perf_counter() - start < 2.0
+    assert phrase in str(info.value) and "downscale it first" in str(info.value)
+
+
+def test_file_over_the_byte_limit_is_refused_before_parsing():
+    data = encode(halves_rgb(), "PNG")
+    with pytest.raises(WsvizError, match=r"'big\.png' is .* more than the 100 bytes allowed; compress or downscale"):
+        decode_image(data, "big.png", max_bytes=100)
+    assert decode_image(data, "big.png", max_bytes=len(data)).size == (W, H)  # the limit is inclusive
+    assert MAX_UPLOAD_BYTES == 20 * 1024 * 1024
+
+
+def test_decoding_leaves_pil_and_warnings_state_alone():
+    filters = list(warnings.filters)
+    for data in (_half(encode(Image.fromarray(NOISE), "PNG")), png_with_header_size(10000, 10000)):
+        with pytest.raises(WsvizError):
+            decode_image(data, max_pixels=10**9)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert warnings.filters == filters
+
+
+# ---------------------------------------------------------------------------------------
+# prepare_image
+
+
+def ink_on_paper(size=(56, 56)) -> Image.Image:
+    """A thick black vertical stroke (a '1') on white paper."""
+    img = Image.new("L", size, 255)
+    img.paste(0, (size[0] // 2 - 4, 8, size[0] // 2 + 4, size[1] - 8))
+    return img
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (3, 1)])
+def test_prepare_shape_dtype_range(channels, size):
+    t = prepare_image(halves_rgb(), channels, size)
+    assert t.shape == (channels, size, size) and t.dtype == torch.float32
+    assert 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+
+
+def test_prepare_rgb_keeps_colours_and_repeats_gray():
+    t = prepare_image(halves_rgb(size=(32, 32)), 3, 32, invert=False)
+    assert torch.allclose(t[:, 16, 4], torch.tensor([1.0, 0.0, 0.0])) and torch.allclose(t[:, 16, 28], torch.tensor([0.0, 0.0, 1.0]))
+    g = prepare_image(halves_gray(size=(32, 32)), 3, 32, invert=False)
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    assert abs(float(g[0, 16, 4]) - 40 / 255) < 1e-6
+
+
+def test_prepare_keeps_aspect_ratio_with_black_padding():
+    wide = Image.new("L", (100, 20), 255)  # 5:1 -> 28 x 5.6, rounded to 6 rows
+    t = prepare_image(wide, 1, 28, invert=False)[0]
+    rows = t.mean(dim=1)
+    bright = torch.nonzero(rows > 0.5).ravel().tolist()
+    assert bright == list(range(11, 17))  # a centred band of 6 rows
+    assert float(t[:11].max()) == 0.0 and float(t[17:].max()) == 0.0  # black above and below
+    assert float(t[11:17].min()) > 0.99  # the band spans the full width
+
+    tall = prepare_image(Image.new("RGB", (20, 100), WHITE), 3, 28)  # RGB: "auto" never inverts
+    cols = tall[0].mean(dim=0)
+    assert torch.nonzero(cols > 0.5).ravel().tolist() == list(range(11, 17))
+
+
+def test_auto_inversion_makes_ink_on_paper_white_on_black():
+    t = prepare_image(ink_on_paper(), 1, 28)[0]
+    assert float(t[0].max()) == 0.0 and float(t[:, 0].max()) == 0.0  # paper -> black background
+    assert float(t[14, 14]) > 0.9  # ink -> white stroke
+    assert torch.equal(prepare_image(ink_on_paper(), 1, 28, invert=True), prepare_image(ink_on_paper(), 1, 28))
+
+    plain = prepare_image(ink_on_paper(), 1, 28, invert=False)[0]
+    assert float(plain[0, 0]) == 1.0 and float(plain[14, 14]) < 0.1
+
+
+def test_auto_inversion_leaves_white_on_black_and_rgb_alone():
+    mnist_like = Image.eval(ink_on_paper(), lambda v: 255 - v)
+    t = prepare_image(mnist_like, 1, 28)[0]
+    assert float(t[0, 0]) == 0.0 and float(t[14, 14]) > 0.9
+
+    rgb = prepare_image(ink_on_paper().convert("RGB"), 3, 28)
+    assert float(rgb[:, 0, 0].min()) == 1.0 and float(rgb[:, 14, 14].max()) < 0.1  # untouched
+    inverted = prepare_image(ink_on_paper().convert("RGB"), 3, 28, invert=True)
+    assert float(inverted[:, 0, 0].max()) == 0.0 and float(inverted[:, 14, 14].min()) > 0.9
+
+
+def test_padding_stays_black_after_inversion():
+    # a wide ink-on-paper image: the padding above and below must stay black, not turn white
+    t = prepare_image(ink_on_paper(size=(112, 28)), 1, 28)[0]
+    assert float(t[:7].max()) == 0.0 and float(t[-7:].max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "invert", "phrase"),
+    [
+        (2, 28, "auto", "channels must be 1"),
+        (0, 28, "auto", "channels must be 1"),
+        (True, 28, "auto", "channels must be 1"),
+        (1, 0, "auto", "size must be"),
+        (1, -3, "auto", "size must be"),
+        (1, 2.5, "auto", "size must be"),
+        (1, 28, "yes", "invert must be"),
+    ],
+)
+def test_prepare_validates_arguments(channels, size, invert, phrase):
+    with pytest.raises(WsvizError, match=phrase):
+        prepare_image(Image.new("L", (4, 4)), channels, size, invert=invert)
+
+
+def test_load_upload_end_to_end():
+    data = encode(ink_on_paper().convert("RGBA"), "PNG")
+    t = load_upload(data, "my_digit.png", 1, 28)
+    assert t.shape == (1, 28, 28)
+    assert float(t[0, 0, 0]) == 0.0 and float(t[0, 14, 14]) > 0.9
+    deep = encode(Image.fromarray(np.asarray(ink_on_paper()).astype(np.uint16) * 257), "TIFF")  # 16-bit scan
+    assert torch.allclose(load_upload(deep, "scan.tif", 1, 28), t, atol=1e-6)
+    with pytest.raises(WsvizError, match="'my_digit.png' is empty"):
+        load_upload(b"", "my_digit.png", 1, 28)
+
+
+def test_corrupted_files_only_ever_raise_wsviz_error():
+    """Seeded byte flips of every corpus file: each decode returns an L/RGB image or raises WsvizError."""
+    rng = np.random.default_rng(1)
+    seeds = [CORPUS[case]()[0] for case in CORPUS]
+    outcomes = {"decoded": 0, "refused": 0}
+    for data in seeds:
+        for _ in range(15):
+            buf = bytearray(data)
+            for pos in rng.integers(0, len(buf), size=int(rng.integers(1, 6))):
+                buf[pos] = int(rng.integers(0, 256))
+            try:
+                img = decode_image(bytes(buf), "fuzz.bin")
+            except WsvizError as exc:
+                assert str(exc).startswith("The ")
+                outcomes["refused"] += 1
+            else:
+                assert img.mode in ("L", "RGB") and img.width >= 1 and img.height >= 1
+                outcomes["decoded"] += 1
+    assert outcomes["decoded"] > 0 and outcomes["refused"] > 0

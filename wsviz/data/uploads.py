@@ -1,0 +1,348 @@
+"""Decoding of user-uploaded images into model input.
+
+Uploads are untrusted bytes. ``decode_image`` turns them into an upright 8-bit ``"L"`` or
+``"RGB"`` image or raises ``WsvizError`` with a message that says what to do; it never
+raises anything else for bad data and never decodes more than ``max_pixels`` pixels: the
+header is read first (``Image.open`` is lazy) and the size checked before ``load()``.
+Only PNG, JPEG, WebP, GIF, BMP and TIFF are tried, so PIL's other parsers (EPS runs
+Ghostscript) never see an upload. Decoding works on an in-memory buffer; no temporary
+files, and no change to PIL's global settings (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays
+as it is, so a truncated file is an error, not a half-grey image).
+
+``prepare_image`` makes a tensor the way wsviz's training data looks: the image fit inside
+a ``size`` x ``size`` square keeping its aspect ratio, centred, zero (black) padded, with
+values in [0, 1]. The digit models are trained on white-on-black MNIST digits while people
+photograph dark ink on white paper, so for one channel ``invert="auto"`` inverts an image
+whose border is mostly bright.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wsviz.errors import WsvizError
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+
+# PIL format names tried on an upload ("DIB" is the BMP plugin's headerless variant). The
+# JPEG opener also returns the multi-picture JPEGs ("MPO") many phone cameras write.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
+FORMATS_TEXT = "PNG, JPEG, WebP, GIF, BMP, TIFF"
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_16BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+# ---------------------------------------------------------------------------------------
+# messages
+
+
+def _what(filename: str | None, noun: str = "file") -> str:
+    return f"The {noun} '{filename}'" if filename else "The uploaded " + noun
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{_num(n / 1024)} KB"
+    return f"{_num(n / (1024 * 1024))} MB"
+
+
+def _human_count(n: int) -> str:
+    if n >= 1_000_000_000:
+        return f"{_num(n / 1e9)} billion"
+    if n >= 1_000_000:
+        return f"{_num(n / 1e6)} million"
+    return f"{n:,}"
+
+
+def _num(x: float) -> str:
+    """One decimal, without a trailing '.0' (40.0 -> '40', 1.6 -> '1.6')."""
+    s = f"{x:.1f}"
+    return s[:-2] if s.endswith(".0") else s
+
+
+def _not_an_image(data: bytes, filename: str | None) -> WsvizError:
+    """Say the data is no supported image, with a hint when it is plainly something else."""
+    head = data[:512].lstrip().lower()
+    advice = "Upload one of those."
+    if data.startswith(b"PK\x03\x04"):
+        advice = "It looks like a ZIP archive; unpack it and upload one image from it."
+    elif head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        advice = "It looks like a web page (HTML); save the picture itself (right-click it, 'Save image as') and upload that."
+    elif head.startswith(b"%pdf"):
+        advice = "It looks like a PDF; export the page as PNG and upload that."
+    elif _looks_like_text(data[:512]):
+        advice = "It looks like a text file. Upload one of those."
+    return WsvizError(f"{_what(filename)} is not an image PIL can read ({FORMATS_TEXT}). {advice}")
+
+
+def _looks_like_text(sample: bytes) -> bool:
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
+
+
+def _too_many_pixels(filename: str | None, pixels: int, max_pixels: int, size: tuple[int, int] | None) -> WsvizError:
+    dims = f"{size[0]}x{size[1]} = " if size else ""
+    return WsvizError(
+        f"{_what(filename, 'image')} is {dims}{_human_count(pixels)} pixels, more than the "
+        f"{_human_count(max_pixels)} allowed; downscale it first."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image(
+    data: bytes,
+    filename: str | None = None,
+    *,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Decode uploaded bytes into an upright 8-bit image, mode ``"L"`` or ``"RGB"``.
+
+    Grayscale sources (``"1"``, ``"L"``, ``"LA"``, 16-bit, 32-bit int, float) give ``"L"``,
+    everything else ``"RGB"``. Transparency is composited over white; an animated GIF/WebP
+    gives its first frame; the EXIF orientation is applied. Any problem with the data
+    raises ``WsvizError`` naming ``filename`` (when given) and saying what to do.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"decode_image needs the file's bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise WsvizError(f"{_what(filename)} is empty (0 bytes). Choose the image file again, or upload another one.")
+    if len(data) > max_bytes:
+        raise WsvizError(
+            f"{_what(filename)} is {_human_bytes(len(data))}, more than the {_human_bytes(max_bytes)} allowed; "
+            "compress or downscale it first."
+        )
+
+    # PIL warns (rather than raises) between Image.MAX_IMAGE_PIXELS and twice that; make it an
+    # error here. catch_warnings restores the filters on exit (it is not thread-safe before
+    # Python 3.14, but only ever adds this one filter for the duration of a decode).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = _open_header(data, filename, max_pixels)
+        _load(img, filename)
+
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except Exception as exc:  # a broken EXIF block should not cost the user a good image
+        logger.warning("ignoring unreadable EXIF orientation of %s: %s", filename or "upload", exc)
+        upright = img
+    try:
+        out = _to_8bit(upright, filename)
+    except WsvizError:
+        raise
+    except Exception as exc:  # e.g. MemoryError on a huge image: still the upload's fault
+        raise WsvizError(
+            f"{_what(filename, 'image')} could not be converted to 8-bit RGB/grayscale ({exc}); "
+            "re-save it as an 8-bit PNG or JPEG."
+        ) from None
+    logger.debug("decoded %s: %s %s %s -> %s", filename or "upload", img.format, img.mode, img.size, out.mode)
+    return out
+
+
+def _open_header(data: bytes, filename: str | None, max_pixels: int) -> Image.Image:
+    """Parse the header only and refuse an image too large to decode."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=_available_formats())
+    except UnidentifiedImageError:
+        raise _not_an_image(data, filename) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses inside Image.open, before we see the size; its message has the count. Its
+        # own limit (Image.MAX_IMAGE_PIXELS, read, never changed here) may be below max_pixels.
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(m.group(1)) if m else max_pixels + 1
+        allowed = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise _too_many_pixels(filename, pixels, allowed, _png_size(data)) from None
+    except Exception as exc:  # any parser failure on untrusted data is the data's fault
+        raise WsvizError(
+            f"{_what(filename)} has a damaged header and cannot be read ({exc}). "
+            f"Re-save it with an image editor as {FORMATS_TEXT}, or upload another file."
+        ) from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise WsvizError(
+            f"{_what(filename, 'image')} claims a size of {width}x{height} pixels; an image needs at least 1x1. "
+            "Upload another file."
+        )
+    if width * height > max_pixels:
+        raise _too_many_pixels(filename, width * height, max_pixels, (width, height))
+    return img
+
+
+def _available_formats() -> list[str]:
+    """FORMATS this Pillow can open: Image.open raises KeyError for a name it has no opener for."""
+    Image.init()  # registers the plugins, as Image.open itself would
+    return [f for f in FORMATS if f in Image.OPEN]
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR (for messages only), or None if not a PNG."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def _load(img: Image.Image, filename: str | None) -> None:
+    """Decode the pixels (first frame); truncated or corrupt data becomes a WsvizError."""
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise WsvizError(f"{_what(filename, 'image')} is too large to decode safely ({exc}); downscale it first.") from None
+    except Exception as exc:
+        kind = img.format or "image"
+        raise WsvizError(
+            f"{_what(filename)} is a damaged or incomplete {kind} file ({exc}). "
+            "Upload it again, or open and re-save it with an image editor."
+        ) from None
+
+
+def _to_8bit(img: Image.Image, filename: str | None = None) -> Image.Image:
+    """Any PIL image as 8-bit ``"L"`` (grayscale sources) or ``"RGB"``, alpha over white.
+
+    PIL's own ``convert("L")`` clips 16-bit values above 255 to white and truncates floats
+    to 0, so deep images are scaled here instead (see ``_scale_deep``).
+    """
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        if "transparency" in img.info:  # tRNS colour key: that colour is transparent
+            return _over_white(img.convert("LA" if mode == "L" else "RGBA"))
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode in ("LA", "La"):
+        return _over_white(img.convert("LA"))
+    if mode in _16BIT_MODES or mode in ("I", "F"):
+        return _scale_deep(img)
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        return _over_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
+    if mode in ("RGBA", "RGBa"):
+        return _over_white(img.convert("RGBA"))
+    try:  # CMYK, YCbCr, HSV, RGBX, ...
+        return img.convert("RGB")
+    except (ValueError, OSError):
+        raise WsvizError(
+            f"{_what(filename, 'image')} uses the colour mode {mode!r}, which wsviz cannot convert; "
+            "re-save it as RGB or grayscale."
+        ) from None
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    """Composite an ``"LA"`` / ``"RGBA"`` image over a white background."""
+    base = Image.new(img.mode, img.size, (255,) * len(img.mode))
+    out = Image.alpha_composite(base, img)
+    return out.convert(img.mode[:-1])
+
+
+def _scale_deep(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int or float grayscale as 8-bit ``"L"``.
+
+    16-bit modes map their full range 0..65535 onto 0..255 (65535 -> 255). For ``"I"`` and
+    ``"F"`` the container is inferred from the values: within [0, 1] (normalised floats)
+    -> x 255, within [0, 255] -> as is, within [0, 65535] -> as 16-bit; anything else
+    (negative values, wider ranges) is stretched from its min..max. Non-finite values are 0.
+    """
+    arr = np.asarray(img)
+    transparent = None
+    if "transparency" in img.info and isinstance(img.info["transparency"], int):
+        transparent = arr == img.info["transparency"]
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    if img.mode in _16BIT_MODES:
+        lo, hi = 0.0, 65535.0
+    else:
+        vmin, vmax = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if vmin >= 0.0 and vmax <= 1.0 and img.mode == "F":
+            lo, hi = 0.0, 1.0
+        elif vmin >= 0.0 and vmax <= 255.0:
+            lo, hi = 0.0, 255.0
+        elif vmin >= 0.0 and vmax <= 65535.0:
+            lo, hi = 0.0, 65535.0
+        else:
+            lo, hi = vmin, vmax
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.clip(np.rint((arr - lo) * scale), 0, 255).astype(np.uint8)
+    if transparent is not None:
+        out[transparent] = 255
+    return Image.fromarray(out)  # 2-D uint8 -> "L"
+
+
+# ---------------------------------------------------------------------------------------
+# model input
+
+
+def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | str = "auto") -> torch.Tensor:
+    """A float tensor (channels, size, size) in [0, 1], laid out like wsviz's training data.
+
+    The image is fit inside a ``size`` x ``size`` square keeping its aspect ratio (bilinear,
+    antialiased when shrinking), centred and padded with black. ``channels`` 1 gives
+    luminance, 3 gives RGB (grayscale repeated). ``invert``: True / False, or ``"auto"``,
+    which for one channel inverts an image whose 1-pixel border averages above 0.5 (dark
+    ink on white paper becomes white-on-black like MNIST) and never inverts RGB. Inversion
+    is applied before padding, so the padding stays black.
+    """
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise WsvizError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}; use the model's input channels.")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise WsvizError(f"size must be a whole number of pixels >= 1, got {size!r}; use the model's input size.")
+    if not (isinstance(invert, bool) or invert == "auto"):
+        raise WsvizError(f"invert must be True, False or 'auto', got {invert!r}.")
+    size = int(size)
+
+    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    scale = size / max(w, h)
+    new_w, new_h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        # reducing_gap: shrink big photos by an integer box filter first (fast), then bilinear.
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if invert == "auto":
+        do_invert = channels == 1 and _border_mean(arr) > 0.5
+    else:
+        do_invert = bool(invert)
+    if do_invert:
+        arr = 1.0 - arr
+
+    canvas = np.zeros((size, size) if channels == 1 else (size, size, 3), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = arr
+    t = torch.from_numpy(canvas)
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def _border_mean(arr: np.ndarray) -> float:
+    """Mean of the outermost 1-pixel ring of a 2-D (or H x W x C) array."""
+    h, w = arr.shape[:2]
+    if h <= 2 or w <= 2:
+        return float(arr.mean())
+    ring = np.concatenate([arr[0].ravel(), arr[-1].ravel(), arr[1:-1, 0].ravel(), arr[1:-1, -1].ravel()])
+    return float(ring.mean())
+
+
+def load_upload(
+    data: bytes, filename: str | None, channels: int, size: int, invert: bool | str = "auto"
+) -> torch.Tensor:
+    """Uploaded bytes to a model input tensor (channels, size, size): decode + prepare."""
+    return prepare_image(decode_image(data, filename), channels, size, invert=invert)
