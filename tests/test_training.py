@@ -174,3 +174,34 @@ def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert card["complete"] and card["epochs_done"] == 1
     load_checkpoint(out)
+
+
+def test_image_folder_dataset(tmp_path):
+    """folder:PATH — one sub-folder per class, split 80/20 stratified, images fit to 3x32x32."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for ci, cls in enumerate(["circles", "squares"]):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            arr = (torch.rand(20, 30, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            arr[..., ci] = 255
+            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "circles" / "notes.txt").write_text("not an image")
+    tr = load_split(f"folder:{tmp_path}", "train")
+    te = load_split(f"folder:{tmp_path}", "test")
+    assert tr.images.shape == (16, 3, 32, 32) and te.images.shape == (4, 3, 32, 32)
+    assert tr.labels.bincount().tolist() == [8, 8] and te.labels.bincount().tolist() == [2, 2]
+    with pytest.raises(WsvizError, match="at least two class"):
+        load_split(f"folder:{tmp_path / 'circles'}", "train")
+
+
+def test_train_cli_reports_bad_input_and_exits_2(tmp_path, capsys):
+    from wsviz.train import main
+
+    assert main(["--model", "resnet_digitz", "--dataset", "mnist5k", "--epochs", "1", "--out", str(tmp_path)]) == 2
+    assert "resnet_digits" in capsys.readouterr().err
+    assert main(["--model", "resnet_digits", "--dataset", "mnist5k", "--epochs", "1", "--out", str(tmp_path),
+                 "--lr", "1e9"]) == 2
+    assert "learning rate" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
