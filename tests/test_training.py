@@ -205,3 +205,17 @@ def test_train_cli_reports_bad_input_and_exits_2(tmp_path, capsys):
                  "--lr", "1e9"]) == 2
     assert "learning rate" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_job_outlives_the_process_that_launched_it(tmp_path):
+    """The app may restart: a job launched by a process that then exits still finishes."""
+    code = ("import sys; from wsviz.training.jobs import launch; from wsviz.training.runstore import RunStore; "
+            "from wsviz.training.loop import TrainConfig; "
+            f"r = launch(RunStore({str(tmp_path / 'runs')!r}), 'resnet_digits', 'mnist5k', "
+            "TrainConfig(epochs=1, batch_size=64, max_batches=3), overrides={'base_width': 8, 'depth': 8}); "
+            "print(r.id)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    store = RunStore(tmp_path / "runs")  # a fresh reader, as after an app restart
+    run = _wait(store, proc.stdout.strip(), lambda r: not r.active)
+    assert run.status == "done"
