@@ -65,16 +65,18 @@ class _SteerableCNN(nn.Module):
 class SteerableRotMNIST(_SteerableCNN):
     """C_N steerable CNN of RepeatNet's Rot-MNIST comparison."""
 
-    def __init__(self, N: int, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, N: int, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
         super().__init__()
-        k = WIDTH_FACTOR[N]
+        if not 0 < width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {width!r}")
+        k = WIDTH_FACTOR[N] * width
         self.r2_act = gspaces.Rot2dOnR2(N=N)
         in_type = enn.FieldType(self.r2_act, in_channels * [self.r2_act.trivial_repr])
         self.input_type = in_type
         blocks: list[nn.Module] = []
         fields = (16, 24, 32, 32, 48, 64)
         for i, f in enumerate(fields, start=1):
-            out_type = enn.FieldType(self.r2_act, round(k * f) * [self.r2_act.regular_repr])
+            out_type = enn.FieldType(self.r2_act, max(1, round(k * f)) * [self.r2_act.regular_repr])
             ks, pad = (7, 1) if i == 1 else (5, 0 if i == 6 else 2)
             mods = [enn.R2Conv(in_type, out_type, kernel_size=ks, padding=pad, bias=False, **_conv_opts(i == 1)),
                     enn.InnerBatchNorm(out_type), enn.ELU(out_type, inplace=True)]
@@ -88,10 +90,10 @@ class SteerableRotMNIST(_SteerableCNN):
 @register_model(
     "steerable_rotmnist", family="equivariant", paper=PAPER_RE,
     description="e2cnn C_N steerable CNN (regular fields) of RepeatNet's Rot-MNIST comparison; N=4, 8 or 16.",
-    num_classes=10, in_channels=1, input_size=28, choices={"N": (4, 8, 16)}, N=8,
+    num_classes=10, in_channels=1, input_size=28, choices={"N": (4, 8, 16)}, N=8, width=1.0,
 )
-def steerable_rotmnist(N: int, num_classes: int, in_channels: int) -> nn.Module:
-    return SteerableRotMNIST(N, num_classes, in_channels)
+def steerable_rotmnist(N: int, width: float, num_classes: int, in_channels: int) -> nn.Module:
+    return SteerableRotMNIST(N, num_classes, in_channels, width)
 
 
 class C8Tutorial(_SteerableCNN):

@@ -39,14 +39,18 @@ class RotMNISTCNN(nn.Module):
     BatchNorm) from the plain CNN's filter block.
     """
 
-    def __init__(self, mode: str = "none", rep_fact: float = 1.0, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, mode: str = "none", rep_fact: float = 1.0, num_classes: int = 10, in_channels: int = 1,
+                 width: float = 1.0) -> None:
         super().__init__()
         if mode not in REPEAT_MODES:
             raise ValueError(f"mode must be one of {REPEAT_MODES}, got {mode!r}")
+        if not 0 < width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {width!r}")
         k = 1 / math.sqrt(2)
-        base = [int(w * k) for w in _ROT_BASE]
-        # Same float expression as the authors' code, so the widths (and counts) match exactly.
-        wide = base if mode == "none" else [int(w * k * rep_fact) for w in _ROT_BASE]
+        # Same float expressions as the authors' code, so at width=1 the widths (and counts)
+        # match exactly; `width` scales every layer (zoo models that train on a CPU).
+        base = [max(1, int(w * k * width)) for w in _ROT_BASE]
+        wide = base if mode == "none" else [max(1, int(w * k * rep_fact * width)) for w in _ROT_BASE]
         layers: list[nn.Module] = []
         cin_base, cin = in_channels, in_channels
         for i, ((ks, pad), cb, cw) in enumerate(zip(_ROT_KERNELS, base, wide), start=1):
@@ -74,10 +78,10 @@ class RotMNISTCNN(nn.Module):
     description=("Rot-MNIST CNN (mode='none', 340,309 params) and its RepeatNet versions matched in FLOPs "
                  "to steerable C4/C8/C16 (match=...)."),
     num_classes=10, in_channels=1, input_size=28,
-    choices={"mode": REPEAT_MODES, "match": tuple(MATCHES)}, mode="swish", match="c8",
+    choices={"mode": REPEAT_MODES, "match": tuple(MATCHES)}, mode="swish", match="c8", width=1.0,
 )
-def repeatnet_rotmnist_cnn(mode: str, match: str, num_classes: int, in_channels: int) -> nn.Module:
-    return RotMNISTCNN(mode, MATCHES[match], num_classes, in_channels)
+def repeatnet_rotmnist_cnn(mode: str, match: str, width: float, num_classes: int, in_channels: int) -> nn.Module:
+    return RotMNISTCNN(mode, MATCHES[match], num_classes, in_channels, width)
 
 
 # ------------------------------------------------------------------------- width scaling
