@@ -1,0 +1,371 @@
+"""Honest model comparisons: paired significance tests, bootstrap intervals, Pareto fronts.
+
+Two models evaluated on the same test set make *paired* errors, so they are compared with
+McNemar's test on the discordant samples and a paired bootstrap of the accuracy difference,
+not by eyeballing two accuracies. :func:`fair_comparison` re-evaluates checkpoints on their
+test split (rather than trusting the numbers in their cards) and keeps the predictions, so
+every pair that saw the same test set can be tested with :func:`pairwise_significance`.
+
+Bootstrap note: resampling n Bernoulli outcomes with replacement and counting the successes
+is exactly a Binomial(n, acc) draw, and resampling n *pairs* is exactly a multinomial draw
+over the four (a right?, b right?) cells. The bootstraps here draw those counts directly:
+the same distribution as resampling an index matrix, in O(n_boot) time and memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as _sps
+
+from wsviz.errors import WsvizError
+
+EXACT_BELOW = 25  # discordant pairs below which McNemar uses the exact binomial test
+
+
+# ------------------------------------------------------------------------------ validation
+def _as_correct(x: Any, what: str) -> np.ndarray:
+    """A 1-D boolean array from bools or 0/1 values; anything else is a user error."""
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise WsvizError(f"{what} must be a 1-D sequence of per-sample correctness (True/False), got shape {arr.shape}.")
+    if arr.dtype == bool:
+        return arr
+    if arr.size and not (np.issubdtype(arr.dtype, np.number) and np.isin(arr, (0, 1)).all()):
+        raise WsvizError(f"{what} must hold per-sample correctness (True/False or 0/1); got other values. "
+                         "Pass `predictions == labels`, not the predictions themselves.")
+    return arr.astype(bool)
+
+
+def _as_labels(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise WsvizError(f"{what} must be a 1-D sequence of class indices, got shape {arr.shape}.")
+    return arr
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if len(a) != len(b):
+        raise WsvizError(f"{what} have different lengths ({len(a)} vs {len(b)}): a paired comparison needs "
+                         "both models' results on the same test samples, in the same order.")
+
+
+def _check_boot(n_boot: int, alpha: float) -> None:
+    if not isinstance(n_boot, int | np.integer) or n_boot < 1:
+        raise WsvizError(f"n_boot must be a positive whole number (2000 is usual), got {n_boot!r}.")
+    if not 0.0 < alpha < 1.0:
+        raise WsvizError(f"alpha must lie strictly between 0 and 1 (0.05 for a 95% interval), got {alpha!r}.")
+
+
+# -------------------------------------------------------------------------------- McNemar
+@dataclass(frozen=True)
+class McNemarResult:
+    """McNemar's test on paired correctness: only samples where the two models disagree count."""
+
+    n01: int  # a right, b wrong
+    n10: int  # a wrong, b right
+    statistic: float  # exact: min(n01, n10); chi2: continuity-corrected chi-square
+    p_value: float
+    method: str  # "exact" or "chi2"
+
+
+def mcnemar(correct_a: Any, correct_b: Any) -> McNemarResult:
+    """Two-sided McNemar test that models a and b have the same error rate on paired samples.
+
+    Exact binomial test (p = 0.5) on the discordant pairs when there are fewer than
+    ``EXACT_BELOW``, otherwise chi-square with continuity correction, df = 1. The correction
+    is clipped at zero (``max(|n01 - n10| - 1, 0)``) so equal discordant counts give p = 1.
+    """
+    a = _as_correct(correct_a, "correct_a")
+    b = _as_correct(correct_b, "correct_b")
+    _same_length(a, b, "correct_a and correct_b")
+    n01 = int(np.count_nonzero(a & ~b))
+    n10 = int(np.count_nonzero(~a & b))
+    n = n01 + n10
+    if n == 0:  # identical correctness: no evidence of any difference
+        return McNemarResult(0, 0, 0.0, 1.0, "exact")
+    if n < EXACT_BELOW:
+        k = min(n01, n10)
+        p = float(_sps.binomtest(k, n, 0.5, alternative="two-sided").pvalue)
+        return McNemarResult(n01, n10, float(k), min(p, 1.0), "exact")
+    stat = max(abs(n01 - n10) - 1, 0) ** 2 / n
+    return McNemarResult(n01, n10, float(stat), float(_sps.chi2.sf(stat, df=1)), "chi2")
+
+
+# ------------------------------------------------------------------------------ bootstrap
+def _percentiles(samples: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_accuracy_ci(correct: Any, n_boot: int = 2000, alpha: float = 0.05,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """(accuracy, lo, hi): percentile bootstrap interval at level 1 - alpha, reproducible by seed."""
+    c = _as_correct(correct, "correct")
+    _check_boot(n_boot, alpha)
+    n = len(c)
+    if n == 0:
+        raise WsvizError("Cannot bootstrap an accuracy over zero samples: evaluate on a non-empty test set.")
+    k = int(np.count_nonzero(c))
+    acc = k / n
+    rng = np.random.default_rng(seed)
+    boots = rng.binomial(n, acc, size=n_boot) / n  # == mean of n samples drawn with replacement
+    lo, hi = _percentiles(boots, alpha)
+    return acc, lo, hi
+
+
+@dataclass(frozen=True)
+class DiffCI:
+    """Accuracy difference a - b (fraction, not points) and its paired bootstrap interval."""
+
+    diff: float
+    lo: float
+    hi: float
+    alpha: float = 0.05
+
+
+def bootstrap_diff_ci(correct_a: Any, correct_b: Any, n_boot: int = 2000, alpha: float = 0.05,
+                      seed: int = 0) -> DiffCI:
+    """Paired percentile bootstrap of acc_a - acc_b: both models are resampled on the same samples.
+
+    Only the discordant cells move the difference, so a model against itself gives exactly
+    [0, 0], and shared easy/hard samples do not widen the interval as an unpaired one would.
+    """
+    a = _as_correct(correct_a, "correct_a")
+    b = _as_correct(correct_b, "correct_b")
+    _same_length(a, b, "correct_a and correct_b")
+    _check_boot(n_boot, alpha)
+    n = len(a)
+    if n == 0:
+        raise WsvizError("Cannot bootstrap an accuracy difference over zero samples: evaluate on a non-empty test set.")
+    n01 = int(np.count_nonzero(a & ~b))
+    n10 = int(np.count_nonzero(~a & b))
+    diff = (n01 - n10) / n
+    rng = np.random.default_rng(seed)
+    # cells: a only right, b only right, both agree (right or wrong: they cancel in the difference)
+    counts = rng.multinomial(n, [n01 / n, n10 / n, (n - n01 - n10) / n], size=n_boot)
+    boots = (counts[:, 0] - counts[:, 1]) / n
+    lo, hi = _percentiles(boots, alpha)
+    return DiffCI(diff, lo, hi, alpha)
+
+
+# --------------------------------------------------------------------- comparing two models
+@dataclass(frozen=True)
+class Comparison:
+    """Two models on the same test samples: accuracies, McNemar, paired CI, and one readable line."""
+
+    name_a: str
+    name_b: str
+    n: int
+    acc_a: float
+    acc_b: float
+    mcnemar: McNemarResult
+    diff_ci: DiffCI
+    alpha: float
+    significant: bool  # McNemar p < alpha
+    summary: str
+
+
+def _pct_decimals(n: int) -> int:
+    """1 decimal for up to ~2,000 samples (resolution 0.05 pts and coarser), 2 beyond."""
+    return 1 if n <= 2000 else 2
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def compare_predictions(pred_a: Any, pred_b: Any, labels: Any, names: Sequence[str] = ("A", "B"), *,
+                        alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> Comparison:
+    """Compare two models' predictions on the same labelled samples (paired tests)."""
+    pa, pb, y = _as_labels(pred_a, "pred_a"), _as_labels(pred_b, "pred_b"), _as_labels(labels, "labels")
+    _same_length(pa, y, "pred_a and labels")
+    _same_length(pb, y, "pred_b and labels")
+    if len(y) == 0:
+        raise WsvizError("Cannot compare models on zero samples: evaluate on a non-empty test set.")
+    if len(names) != 2:
+        raise WsvizError(f"names must be two labels, one per model, got {list(names)!r}.")
+    name_a, name_b = (str(s) for s in names)
+    ca, cb = pa == y, pb == y
+    n = len(y)
+    acc_a, acc_b = float(ca.mean()), float(cb.mean())
+    mc = mcnemar(ca, cb)
+    ci = bootstrap_diff_ci(ca, cb, n_boot=n_boot, alpha=alpha, seed=seed)
+    significant = mc.p_value < alpha
+    d = _pct_decimals(n)
+    level = f"{100 * (1 - alpha):g}%"
+    if significant:
+        better, worse = (name_a, name_b) if mc.n01 > mc.n10 else (name_b, name_a)
+        verdict = f"{better} is significantly more accurate than {worse} at {alpha:g}."
+    else:
+        verdict = f"no significant difference at {alpha:g}."
+    summary = (f"{name_a} {100 * acc_a:.{d}f}% vs {name_b} {100 * acc_b:.{d}f}% "
+               f"(diff {100 * ci.diff:+.{d}f} pts, {level} CI [{100 * ci.lo:+.{d}f}, {100 * ci.hi:+.{d}f}]); "
+               f"McNemar p = {_fmt_p(mc.p_value)} ({mc.method}; only {name_a} right on {mc.n01}, "
+               f"only {name_b} right on {mc.n10} of {n}): {verdict}")
+    return Comparison(name_a, name_b, n, acc_a, acc_b, mc, ci, alpha, significant, summary)
+
+
+# ------------------------------------------------------------------------ fair comparison
+@dataclass
+class FairRow:
+    """One checkpoint re-evaluated on a test split; accounting as recorded in its card."""
+
+    name: str  # folder name (parent/name where two folders share a name)
+    path: str
+    model: str
+    dataset: str  # the dataset it was evaluated on
+    data_seed: int
+    accuracy: float  # re-evaluated, not read from the card
+    card_accuracy: float | None  # what the card claims (on the card's own dataset)
+    card_dataset: str
+    complete: bool  # False while training is still running or was cut short
+    unique_params: int | None
+    effective_params: int | None
+    flops: int | None
+    predictions: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PairSignificance:
+    """One pair of :class:`FairRow` (by index) tested on their common test set."""
+
+    i: int
+    j: int
+    dataset: str
+    data_seed: int
+    comparison: Comparison
+    p_holm: float  # McNemar p, Holm-adjusted over every pair returned by the same call
+
+
+def _model_fits(model: Any, dataset: str, folder: Path) -> None:
+    from wsviz.data.datasets import dataset_info
+
+    info = dataset_info(dataset)
+    cfg = getattr(model, "wsviz_config", {})
+    problems = []
+    if cfg.get("in_channels") != info.channels:
+        problems.append(f"it takes {cfg.get('in_channels')}-channel images, {dataset} has {info.channels}")
+    if cfg.get("num_classes") != info.num_classes:
+        problems.append(f"it predicts {cfg.get('num_classes')} classes, {dataset} has {info.num_classes}")
+    if problems:
+        raise WsvizError(f"The checkpoint {folder} ({getattr(model, 'wsviz_name', '?')}) cannot be evaluated on "
+                         f"{dataset}: {'; '.join(problems)}. Compare it on its own dataset (dataset=None) or pick "
+                         "checkpoints trained for that dataset.")
+
+
+def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = None, device: str = "cpu", *,
+                    data_seed: int | None = None) -> list[FairRow]:
+    """Re-evaluate every checkpoint on a test split and collect accuracy, parameters and FLOPs.
+
+    By default each checkpoint is evaluated on its card's dataset with the card's
+    ``data_seed`` (so accuracy should reproduce the card). With ``dataset`` every checkpoint
+    is evaluated on that dataset's test split, realisation ``data_seed`` (default 0) for all,
+    so the results are paired. Parameters and FLOPs are the card's (counted by the same
+    accounting for every model); a card without them is counted afresh.
+    """
+    import torch
+
+    from wsviz.data.datasets import load_split
+    from wsviz.training.checkpoint import load_checkpoint
+    from wsviz.training.loop import evaluate
+
+    folders = [Path(c) for c in checkpoints]
+    if not folders:
+        raise WsvizError("No checkpoints to compare: give at least one checkpoint folder.")
+    for f in folders:
+        if not f.is_dir():
+            raise WsvizError(f"Checkpoint folder {f} does not exist; give folders that hold card.json and "
+                             "weights.safetensors (as written by wsviz.train).")
+    names = [f.name for f in folders]
+    names = [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
+    splits: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+    rows = []
+    for folder, name in zip(folders, names):
+        model, card = load_checkpoint(folder, device=device)
+        ds = dataset or card.get("dataset")
+        if not ds:
+            raise WsvizError(f"The card in {folder} names no dataset; pass dataset=... to say where to evaluate it.")
+        seed = data_seed if data_seed is not None else (0 if dataset else int(card.get("data_seed", 0)))
+        if dataset:
+            _model_fits(model, ds, folder)
+        key = (ds, seed)
+        if key not in splits:
+            te = load_split(ds, "test", seed=seed)
+            splits[key] = (te.images, te.labels, te.labels.numpy().copy())
+        images, labels_t, labels = splits[key]
+        _, acc, preds = evaluate(model, images, labels_t, device=device)
+        counts = {k: card.get(k) for k in ("unique_params", "effective_params", "flops")}
+        if any(v is None for v in counts.values()):
+            from wsviz.models import summarize
+
+            s = summarize(model)
+            counts = {"unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops}
+        rows.append(FairRow(
+            name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed, accuracy=float(acc),
+            card_accuracy=card.get("test_accuracy"), card_dataset=str(card.get("dataset")),
+            complete=bool(card.get("complete", True)), predictions=preds.numpy(), labels=labels, **counts,
+        ))
+        del model
+    return rows
+
+
+def _holm(p: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error over all tests given)."""
+    m = len(p)
+    order = sorted(range(m), key=lambda k: p[k])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, k in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[k]))
+        adjusted[k] = running
+    return adjusted
+
+
+def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05, n_boot: int = 2000,
+                          seed: int = 0) -> list[PairSignificance]:
+    """Paired tests for every pair of rows evaluated on the same test set (dataset and data seed).
+
+    Rows on different test sets are never paired: their errors are not on the same samples.
+    ``p_holm`` corrects for testing many pairs at once.
+    """
+    pairs = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            a, b = rows[i], rows[j]
+            if (a.dataset, a.data_seed) != (b.dataset, b.data_seed) or not np.array_equal(a.labels, b.labels):
+                continue
+            comp = compare_predictions(a.predictions, b.predictions, a.labels, (a.name, b.name),
+                                       alpha=alpha, n_boot=n_boot, seed=seed)
+            pairs.append((i, j, a.dataset, a.data_seed, comp))
+    adjusted = _holm([c.mcnemar.p_value for *_, c in pairs])
+    return [PairSignificance(i, j, ds, s, c, p) for (i, j, ds, s, c), p in zip(pairs, adjusted)]
+
+
+# ---------------------------------------------------------------------------- Pareto front
+def _get(row: Any, key: str) -> Any:
+    return row[key] if isinstance(row, dict) else getattr(row, key)
+
+
+def pareto_front(rows: Sequence[Any], x: str = "unique_params", y: str = "accuracy") -> list[int]:
+    """Indices of rows no other row dominates (x lower-or-equal and y higher-or-equal, one strictly).
+
+    Rows may be dataclasses or dicts. Rows missing x or y (None, NaN) are left out. Indices
+    come in order of increasing x, ready to draw as a line; tied points are all kept.
+    """
+    pts = []
+    for k, r in enumerate(rows):
+        xv, yv = _get(r, x), _get(r, y)
+        if xv is None or yv is None or (isinstance(xv, float) and math.isnan(xv)) or (
+                isinstance(yv, float) and math.isnan(yv)):
+            continue
+        pts.append((k, float(xv), float(yv)))
+    front = [(k, xv, yv) for k, xv, yv in pts
+             if not any(xo <= xv and yo >= yv and (xo < xv or yo > yv) for _, xo, yo in pts)]
+    return [k for k, _, _ in sorted(front, key=lambda t: (t[1], -t[2], t[0]))]
