@@ -117,10 +117,10 @@ def test_blending_weights_and_extremes():
 def test_blending_pruning_curve_restores_weights(digits):
     torch.manual_seed(0)
     m = create_model("shardnet_vgg", kind="SL", width=16, in_channels=1, input_size=28).eval()
-    before = [w.clone() for w in (l.weight for l in m.blending_layers())]
+    before = [layer.weight.clone() for layer in m.blending_layers()]
     x, y = digits
     curve = blending_pruning_curve(m, x, y, (0.0, 0.5, 1.0))
-    after = [l.weight for l in m.blending_layers()]
+    after = [layer.weight for layer in m.blending_layers()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert curve.pruned_weights.tolist() == [0, 2 * 256, 4 * 256]
     _, acc0, _ = __import__("wsviz.training.loop", fromlist=["evaluate"]).evaluate(m, x, y)
@@ -166,9 +166,8 @@ def test_feature_maps_leave_no_hooks_even_on_error(digits):
     assert all(not mod._forward_hooks for mod in m.modules())
     with pytest.raises(WsvizError):
         feature_maps(m, digits[0][0], names=["no.such.tap"])
-    bad = torch.zeros(1, 1, 2, 2)
-    with pytest.raises(Exception):
-        feature_maps(m, bad[0, :, :1, :1].expand(5, 1, 1))  # 5 channels cannot be fitted
+    with pytest.raises(WsvizError, match="5-channel"):
+        feature_maps(m, torch.zeros(5, 28, 28))  # 5 channels cannot be fitted
     assert all(not mod._forward_hooks for mod in m.modules())
 
 
