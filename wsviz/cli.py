@@ -1,11 +1,26 @@
-"""``python -m wsviz ...``: the headless entry point (same tables the app shows)."""
+"""``python -m wsviz ...``: every analysis headless, writing the tables (CSV/JSON) and the
+figures (plotly HTML) the app shows.
+
+    python -m wsviz models --summary
+    python -m wsviz kernels  --checkpoint checkpoints/scale-msws-vanilla checkpoints/scale-msws-shared --out out/
+    python -m wsviz scale    --checkpoint checkpoints/scale-* --dataset mnist5k --out out/
+    python -m wsviz rotation --checkpoint checkpoints/rot-* --dataset mnist5k --out out/
+    python -m wsviz compare  --checkpoint checkpoints/scale-* --out out/
+    python -m wsviz attribution --checkpoint checkpoints/scale-resnet20 --image digit.png --out out/
+    python -m wsviz embed    --checkpoint checkpoints/rot-cnn --dataset mnist5k-rot --method umap --out out/
+    python -m wsviz cka      --checkpoint checkpoints/scale-msws-vanilla checkpoints/scale-msws-shared --out out/
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 from wsviz.errors import WsvizError
 
@@ -30,8 +45,180 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- helpers
+def _load(paths: Sequence[str]) -> dict[str, object]:
+    from wsviz.training.checkpoint import load_checkpoint
+
+    if not paths:
+        raise WsvizError("Give at least one --checkpoint folder (see checkpoints/README.md).")
+    models = {}
+    for p in paths:
+        model, _ = load_checkpoint(p)
+        models[Path(p).name] = model
+    return models
+
+
+def _out(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["empty"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+def _write_fig(path: Path, fig) -> None:
+    fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once beside the pages: works offline
+    print(f"wrote {path}")
+
+
+def _test_data(dataset: str, limit: int | None, seed: int = 0):
+    from wsviz.data.datasets import load_split
+
+    te = load_split(dataset, "test", seed=seed)
+    if limit and limit < len(te.labels):
+        idx = np.linspace(0, len(te.labels) - 1, limit).round().astype(int)  # spread over all classes
+        return te.images[idx], te.labels[idx]
+    return te.images, te.labels
+
+
+# ------------------------------------------------------------------------ analyses
+def _kernels(args: argparse.Namespace) -> int:
+    from wsviz.analysis.kernels import kernel_layers, kernel_set_similarity, layer_weight, top_k_kernels
+    from wsviz.figures import top_kernels_figure
+
+    models = _load(args.checkpoint)
+    out = _out(args)
+    panels, rows = {}, []
+    for name, m in models.items():
+        layers = [k for k in kernel_layers(m) if k.shape[2:] == (3, 3)] or kernel_layers(m)
+        layer = args.layer or layers[-1].name  # default: the last 3x3 layer (Aich et al. Fig. 3)
+        top = top_k_kernels(layer_weight(m, layer), args.k)
+        panels[name] = top.kernels
+        rows += [{"model": name, "layer": layer, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(g)}
+                 for i, (o, c, g) in enumerate(zip(top.out_index, top.in_index, top.magnitude))]
+    _write_csv(out / "top_kernels.csv", rows)
+    names = list(panels)
+    sims = [{"a": a, "b": b, "similarity": kernel_set_similarity(panels[a], panels[b])}
+            for i, a in enumerate(names) for b in names[i + 1:] if panels[a].shape[1:] == panels[b].shape[1:]]
+    if sims:
+        _write_csv(out / "kernel_similarity.csv", sims)
+    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} kernels by magnitude"))
+    return 0
+
+
+def _sweep(args: argparse.Namespace, kind: str) -> int:
+    from wsviz.analysis.sweeps import rotation_sweep, scale_sweep
+    from wsviz.figures import sweep_figure
+
+    models = _load(args.checkpoint)
+    x, y = _test_data(args.dataset, args.limit)
+    fn = scale_sweep if kind == "scale" else rotation_sweep
+    res = fn(models, x, y, args.values) if args.values else fn(models, x, y)
+    out = _out(args)
+    _write_csv(out / f"{kind}_sweep.csv", res.rows())
+    _write_fig(out / f"{kind}_accuracy.html", sweep_figure(res, "accuracy"))
+    _write_fig(out / f"{kind}_agreement.html", sweep_figure(res, "agreement"))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from wsviz.analysis.stats import fair_comparison, pairwise_significance
+    from wsviz.figures import fair_figure
+
+    rows = fair_comparison(args.checkpoint, dataset=args.dataset)
+    out = _out(args)
+    table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "accuracy": r.accuracy,
+              "card_accuracy": r.card_accuracy, "unique_params": r.unique_params,
+              "effective_params": r.effective_params, "flops": r.flops} for r in rows]
+    _write_csv(out / "fair_comparison.csv", table)
+    pairs = pairwise_significance(rows)
+    _write_csv(out / "significance.csv", [{"a": rows[p.i].name, "b": rows[p.j].name, "dataset": p.dataset,
+                                            "p_value": p.comparison.mcnemar.p_value, "p_holm": p.p_holm,
+                                            "diff": p.comparison.diff_ci.diff, "lo": p.comparison.diff_ci.lo,
+                                            "hi": p.comparison.diff_ci.hi, "summary": p.comparison.summary}
+                                           for p in pairs])
+    for p in pairs:
+        print(p.comparison.summary)
+    _write_fig(out / "accuracy_vs_params.html", fair_figure(table, "unique_params"))
+    _write_fig(out / "accuracy_vs_flops.html", fair_figure(table, "flops"))
+    return 0
+
+
+def _attribution(args: argparse.Namespace) -> int:
+    from wsviz.analysis.attribution import attribute
+    from wsviz.data.uploads import load_upload
+    from wsviz.figures import attribution_figure
+    from wsviz.models import input_shape
+
+    models = _load(args.checkpoint)
+    out = _out(args)
+    data = Path(args.image).read_bytes() if args.image else None
+    maps, rows, image = {}, [], None
+    for name, m in models.items():
+        c, s, _ = input_shape(m)
+        x = (load_upload(data, Path(args.image).name, c, s) if data is not None else _test_data("mnist5k", 1)[0][0])
+        image = x.mean(0).numpy() if image is None else image
+        res = attribute(m, x.unsqueeze(0), args.method)
+        maps[f"{name} → {int(res.targets[0])}"] = res.maps[0].numpy()
+        rows.append({"model": name, "method": args.method, "target": int(res.targets[0])})
+        np.save(out / f"attribution_{name}.npy", res.maps[0].numpy())
+    _write_csv(out / "attribution.csv", rows)
+    _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}"))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from wsviz.analysis.embeddings import penultimate_features, project
+    from wsviz.data.datasets import load_split
+    from wsviz.figures import embedding_figure
+
+    models = _load(args.checkpoint)
+    te = load_split(args.dataset, "test")
+    out = _out(args)
+    for name, m in models.items():
+        feats = penultimate_features(m, te.images)
+        proj = project(feats, args.method, max_points=args.limit)
+        color = te.labels.numpy()[proj.index]
+        color_name = "class"
+        if args.color_by == "angle" and te.angles is not None:
+            color, color_name = te.angles.numpy()[proj.index], "angle"
+        elif args.color_by == "scale" and te.scales is not None:
+            color, color_name = te.scales.numpy()[proj.index], "scale"
+        _write_csv(out / f"embedding_{name}.csv", [{"index": int(i), "x": float(a), "y": float(b), color_name: float(c)}
+                                                    for i, (a, b), c in zip(proj.index, proj.coords, color)])
+        _write_fig(out / f"embedding_{name}.html",
+                   embedding_figure(proj.coords, color, color_name, f"{name}: {args.method.upper()} of penultimate features"))
+    return 0
+
+
+def _cka(args: argparse.Namespace) -> int:
+    from wsviz.analysis.similarity import cka_matrix
+    from wsviz.figures import cka_figure
+
+    models = _load(args.checkpoint)
+    if len(models) != 2:
+        raise WsvizError("cka compares exactly two --checkpoint folders.")
+    (na, a), (nb, b) = models.items()
+    x, _ = _test_data(args.dataset, args.limit)
+    res = cka_matrix(a, b, x)
+    out = _out(args)
+    _write_csv(out / "cka.csv", [{"a": ta, "b": tb, "cka": float(res.matrix[i, j])}
+                                 for i, ta in enumerate(res.taps_a) for j, tb in enumerate(res.taps_b)])
+    _write_fig(out / "cka.html", cka_figure(res.matrix, res.taps_a, res.taps_b, na, nb))
+    (out / "cka.json").write_text(json.dumps({"a": na, "b": nb, "taps_a": res.taps_a, "taps_b": res.taps_b,
+                                              "matrix": res.matrix.tolist()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m wsviz", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m wsviz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list registered models (with --summary: params and FLOPs)")
     p.add_argument("--family", help="only this family")
@@ -39,6 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="build each model and count params/FLOPs")
     p.add_argument("--csv", action="store_true", help="write CSV to stdout")
     p.set_defaults(func=_models)
+
+    def analysis(name: str, help: str, func, dataset: str | None = "mnist5k", limit: int | None = 1000):
+        q = sub.add_parser(name, help=help)
+        q.add_argument("--checkpoint", nargs="+", default=[], help="checkpoint folders")
+        q.add_argument("--out", required=True, help="folder for CSV/JSON and HTML figures")
+        if dataset is not None:
+            q.add_argument("--dataset", default=dataset)
+        q.add_argument("--limit", type=int, default=limit, help="images used (spread over the test split)")
+        q.set_defaults(func=func)
+        return q
+
+    q = analysis("kernels", "top-k kernels by magnitude, side by side, with similarity scores", _kernels, None)
+    q.add_argument("--layer", default=None, help="kernel layer name (default: the last 3x3 layer)")
+    q.add_argument("--k", type=int, default=256)
+    q = analysis("scale", "accuracy and agreement vs input scale", lambda a: _sweep(a, "scale"))
+    q.add_argument("--values", type=float, nargs="*", default=None, help="scale factors")
+    q = analysis("rotation", "accuracy and agreement vs rotation angle", lambda a: _sweep(a, "rotation"))
+    q.add_argument("--values", type=float, nargs="*", default=None, help="angles in degrees")
+    q = analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and bootstrap CIs", _compare, None)
+    q.add_argument("--dataset", default=None, help="evaluate all on this dataset (default: each card's)")
+    q = analysis("attribution", "Integrated Gradients / Saliency / Grad-CAM for one image", _attribution, None)
+    q.add_argument("--image", default=None, help="an image file (default: a test digit)")
+    q.add_argument("--method", default="integrated_gradients",
+                   choices=["integrated_gradients", "saliency", "grad_cam"])
+    q = analysis("embed", "PCA / t-SNE / UMAP of penultimate features", _embed, "mnist5k-rot", 2000)
+    q.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
+    q.add_argument("--color-by", default="class", choices=["class", "angle", "scale"])
+    analysis("cka", "linear CKA between the layers of two models", _cka, "mnist5k", 500)
     return parser
 
 

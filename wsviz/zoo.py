@@ -26,7 +26,7 @@ SCALE_RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 
 ROT_RECIPE = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine",
               "batch_size": 128}
 ROT_WIDTH = 0.25
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 12
 
 
 @dataclass(frozen=True)

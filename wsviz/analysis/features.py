@@ -17,7 +17,7 @@ from torch import nn
 from wsviz.data.datasets import fit_to
 from wsviz.errors import WsvizError
 from wsviz.models.registry import input_shape
-from wsviz.models.taps import TapInfo, list_taps
+from wsviz.models.taps import TapInfo, list_taps, tap_modules
 
 
 @dataclass
@@ -36,13 +36,15 @@ class FeatureMap:
 def capture(model: nn.Module, taps: Iterable[TapInfo]):
     """Record the outputs of the given taps during the ``with`` block; hooks always removed."""
     got: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
+    modules = {info.name: m for info, m in tap_modules(model)}
     handles = []
     try:
         for t in taps:
+            mod = modules.get(t.name) or model.get_submodule(t.name)
+
             def hook(mod, args, out, _n=t.name):
                 got[_n] = out.detach()
-            handles.append(modules[t.name].register_forward_hook(hook))
+            handles.append(mod.register_forward_hook(hook))
         yield got
     finally:
         for h in handles:
@@ -76,10 +78,12 @@ def feature_maps(model: nn.Module, image: torch.Tensor, kinds: Iterable[str] | N
     x = fit_to(image.unsqueeze(0) if image.ndim == 3 else image[:1], c, h)
     x = x.to(next(model.parameters()).device)
     was = model.training
-    model.eval()
+    if was:  # switching modes walks every module: only do it when needed
+        model.eval()
     try:
         with capture(model, taps) as got:
             model(x)
     finally:
-        model.train(was)
+        if was:
+            model.train()
     return [FeatureMap(t.name, t.kind, t.label, got[t.name][0].cpu()) for t in taps if t.name in got]

@@ -1,0 +1,228 @@
+"""Penultimate features of any wsviz model and their 2-D (or n-D) projections.
+
+:func:`penultimate_features` reads the model's ``embedding`` :class:`~wsviz.models.sharing.Tap`
+(the vector the classifier sees); :func:`project` maps it to a few dimensions with PCA, t-SNE
+or UMAP on a seeded subsample, returning the row indices used so the caller can colour the
+points by class, rotation angle or scale.
+
+The helpers :func:`eval_mode`, :func:`model_inputs` and :func:`capture_outputs` are shared by
+the other analyses (attribution, similarity): one way to put a model in eval mode and back,
+to fit images to it, and to read named module outputs with hooks that never outlive the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsviz.data.datasets import fit_to
+from wsviz.errors import WsvizError
+from wsviz.models.registry import input_shape
+from wsviz.models.taps import list_taps
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("pca", "tsne", "umap")
+
+
+# ------------------------------------------------------------------------------ shared helpers
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model`` in eval mode, then restore every submodule's own flag.
+
+    Flags are restored per module (a model may hold a frozen, eval-mode part) through
+    ``Module.train`` so modules that act on a mode change (e2cnn's ``R2Conv`` caches its
+    expanded filter in eval mode) stay consistent; this happens even when the body raises.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(flags[0][1])
+        for m, flag in flags:  # pre-order: a parent's train() is corrected by its children after
+            if m.training != flag:
+                m.train(flag)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def model_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, C, H, W), uint8 or float in [0, 1], fitted to the model's input shape."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise WsvizError(f"Expected a batch of images shaped (N, C, H, W), got {shape}; "
+                         "add a batch dimension with images.unsqueeze(0) for a single image.")
+    if len(images) == 0:
+        raise WsvizError("No images given; pass at least one image.")
+    if getattr(model, "wsviz_config", None) is None:
+        raise WsvizError("This model was not made by wsviz.models.create_model, so its input shape is unknown; "
+                         "build it with create_model (or load a wsviz checkpoint).")
+    c, h, _ = input_shape(model)
+    return fit_to(images, c, h).float()  # wsviz models run in float32 (float64 input would not)
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size that is not a positive int (it bounds memory, so it must be sane)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise WsvizError(f"batch_size must be a positive whole number, got {batch_size!r}.")
+
+
+def _tensor_of(output: object, name: str) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    inner = getattr(output, "tensor", None)  # e2cnn GeometricTensor
+    if isinstance(inner, torch.Tensor):
+        return inner
+    raise WsvizError(f"Module {name!r} outputs {type(output).__name__}, not a tensor; pick a Tap "
+                     "(wsviz.models.list_taps) or another module that outputs one tensor.")
+
+
+def capture_outputs(model: nn.Module, images: torch.Tensor, names: Sequence[str],
+                    batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Outputs of the modules at dotted paths ``names``, flattened per image: {name: (N, features)}.
+
+    Eval mode, no gradients, batches of ``batch_size``; the forward hooks are removed in a
+    ``finally`` so an error leaves the model as it was. A module that runs more than once per
+    forward pass (its output would be ambiguous) raises :class:`WsvizError`.
+    """
+    check_batch_size(batch_size)
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise WsvizError("No layers given; pass module paths such as the names from wsviz.models.list_taps(model).")
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            taps = ", ".join(t.name for t in list_taps(model)) or "(this model has no taps)"
+            raise WsvizError(f"Model has no module {name!r}. Its taps are: {taps}.") from None
+    x_all = model_inputs(model, images)
+    device = model_device(model)
+    seen: dict[str, list[torch.Tensor]] = {}
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            seen.setdefault(name, []).append(_tensor_of(output, name).detach())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, len(x_all), batch_size):
+                seen.clear()
+                model(x_all[start:start + batch_size].to(device))
+                for name in names:
+                    outs = seen.get(name, [])
+                    if len(outs) != 1:
+                        raise WsvizError(
+                            f"Module {name!r} ran {len(outs)} times in one forward pass, so its output is "
+                            "ambiguous; pick a module that runs exactly once (a Tap from list_taps).")
+                    out = outs[0]
+                    chunks[name].append(out.reshape(out.shape[0], -1).float().cpu().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+
+
+# ------------------------------------------------------------------------------- embeddings
+def embedding_tap(model: nn.Module) -> str:
+    """Module path of the model's single ``embedding`` tap."""
+    taps = list_taps(model, "embedding")
+    if len(taps) != 1:
+        raise WsvizError(f"Expected exactly one tap of kind 'embedding' in the model, found {len(taps)} "
+                         f"({', '.join(t.name for t in taps) or 'none'}); penultimate features need a "
+                         "model built by wsviz.models.create_model.")
+    return taps[0].name
+
+
+def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The feature vectors the classifier sees, (N, D) float32, read from the ``embedding`` tap."""
+    name = embedding_tap(model)
+    return capture_outputs(model, images, [name], batch_size)[name]
+
+
+@dataclass
+class Projection:
+    """Low-dimensional coordinates of (a subsample of) the feature rows.
+
+    ``index`` holds the feature rows that ``coords`` describe (sorted), so labels, angles or
+    scales of those rows can be looked up as ``labels[index]``.
+    """
+
+    coords: np.ndarray  # (M, n_components)
+    index: np.ndarray  # (M,) int64 row indices into the features
+    method: str
+    explained_variance: np.ndarray | None  # PCA: ratio of variance per component, descending
+
+
+def project(features: np.ndarray, method: str = "pca", n_components: int = 2, max_points: int = 2000,
+            seed: int = 0) -> Projection:
+    """Project ``features`` (N, D) to ``n_components`` dimensions with PCA, t-SNE or UMAP.
+
+    When N exceeds ``max_points`` a seeded random subsample is projected (t-SNE and UMAP are
+    quadratic-ish and a plot of more points is unreadable anyway). Same seed, same result.
+    """
+    if method not in PROJECTIONS:
+        raise WsvizError(f"Unknown projection {method!r}; choose one of {', '.join(PROJECTIONS)}.")
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise WsvizError(f"Features must be a 2-D array (points, features), got shape {x.shape}.")
+    if not isinstance(n_components, int) or n_components < 1:
+        raise WsvizError(f"n_components must be a positive whole number, got {n_components!r}.")
+    if not isinstance(max_points, int) or max_points < 3:
+        raise WsvizError(f"max_points must be a whole number of at least 3, got {max_points!r}.")
+    if not np.isfinite(x).all():
+        raise WsvizError("The features contain NaN or infinite values (a diverged model?); cannot project them.")
+    n = len(x)
+    if n > max_points:
+        index = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False)).astype(np.int64)
+    else:
+        index = np.arange(n, dtype=np.int64)
+    m = len(index)
+    if m < 3:
+        raise WsvizError(f"Need at least 3 points to project, got {m}.")
+    x = x[index].astype(np.float64)
+    if method == "pca":
+        if n_components > min(m, x.shape[1]):
+            raise WsvizError(f"PCA can give at most min(points, features) = {min(m, x.shape[1])} components, "
+                             f"asked for {n_components}.")
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=n_components, random_state=seed)
+        coords = pca.fit_transform(x)
+        return Projection(coords, index, method, pca.explained_variance_ratio_.copy())
+    if n_components >= m:
+        raise WsvizError(f"{method} needs fewer components ({n_components}) than points ({m}).")
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        tsne = TSNE(n_components=n_components, perplexity=min(30.0, (m - 1) / 3), init="pca", random_state=seed,
+                    method="barnes_hut" if n_components < 4 else "exact")
+        coords = tsne.fit_transform(x)
+    else:
+        import umap
+
+        reducer = umap.UMAP(n_components=n_components, n_neighbors=min(15, m - 1), random_state=seed)
+        with warnings.catch_warnings():
+            # "n_jobs value 1 overridden to 1 by setting random_state": expected, seeded runs are serial.
+            warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+            coords = reducer.fit_transform(x)
+    log.debug("projected %d of %d points with %s", m, n, method)
+    return Projection(np.asarray(coords, dtype=np.float64), index, method, None)

@@ -1,0 +1,160 @@
+"""Plotly figures for the analysis results, shared by the app's pages and the CLI.
+
+Every function takes a result from :mod:`wsviz.analysis` and returns a
+``plotly.graph_objects.Figure``; nothing here computes an analysis or imports streamlit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DIVERGING = "RdBu_r"
+
+
+def kernel_mosaic(kernels: np.ndarray, cols: int = 16, gap: int = 1) -> np.ndarray:
+    """Tile (k, h, w) kernels into one image, each kernel scaled to [-1, 1] by its own max |w|,
+    separated by NaN gaps (drawn blank)."""
+    k, h, w = kernels.shape
+    cols = max(1, min(cols, k))
+    rows = math.ceil(k / cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), np.nan)
+    for i, ker in enumerate(kernels):
+        r, c = divmod(i, cols)
+        m = np.abs(ker).max() or 1.0
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = ker / m
+    return out
+
+
+def top_kernels_figure(panels: dict[str, np.ndarray], cols: int = 16, title: str = "") -> go.Figure:
+    """Side-by-side mosaics of top-k kernels, one panel per model (Aich et al. Fig. 3/4)."""
+    names = list(panels)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
+    for j, name in enumerate(names, start=1):
+        mosaic = kernel_mosaic(panels[name], cols)
+        fig.add_trace(go.Heatmap(z=mosaic, colorscale=DIVERGING, zmin=-1, zmax=1, showscale=j == len(names),
+                                 hovertemplate="%{z:.2f}<extra>" + name + "</extra>"), 1, j)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{j if j > 1 else ''}", showticklabels=False, row=1, col=j)
+        fig.update_xaxes(showticklabels=False, row=1, col=j)
+    fig.update_layout(title=title, height=max(320, 40 * math.ceil(len(next(iter(panels.values()))) / cols) + 120),
+                      margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def blending_figure(marks: Sequence[np.ndarray], titles: Sequence[str] | None = None) -> go.Figure:
+    """ShaRDNet Fig. 4: per layer, inputs on x, outputs on y; lowest |w| blue, highest red."""
+    n = len(marks)
+    titles = list(titles or [f"blending layer {i + 1}" for i in range(n)])
+    fig = make_subplots(rows=1, cols=n, subplot_titles=titles, horizontal_spacing=0.03)
+    scale = [[0, "#2166ac"], [0.5, "#f7f7f7"], [1, "#b2182b"]]
+    for j, m in enumerate(marks, start=1):
+        fig.add_trace(go.Heatmap(z=m, colorscale=scale, zmin=-1, zmax=1, showscale=False,
+                                 hovertemplate="in %{x}, out %{y}<extra></extra>"), 1, j)
+        fig.update_yaxes(autorange="reversed", title_text="output channel" if j == 1 else None, row=1, col=j)
+        fig.update_xaxes(title_text="input channel", row=1, col=j)
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def pruning_figure(fractions: np.ndarray, accuracy: np.ndarray) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=100 * np.asarray(fractions), y=100 * np.asarray(accuracy), mode="lines+markers"))
+    fig.update_layout(xaxis_title="blending weights pruned by magnitude (%)", yaxis_title="test accuracy (%)",
+                      title="Accuracy vs pruned blending weights (no retraining)", height=360)
+    return fig
+
+
+def sweep_figure(result, metric: str = "accuracy", title: str | None = None) -> go.Figure:
+    """Accuracy (or agreement) vs scale/angle, one line per model."""
+    data = getattr(result, metric)
+    fig = go.Figure()
+    for name, ys in data.items():
+        fig.add_trace(go.Scatter(x=result.values, y=100 * np.asarray(ys), mode="lines+markers", name=name))
+    unit = " (degrees)" if result.parameter == "angle" else " (factor)"
+    fig.update_layout(xaxis_title=result.parameter + unit, yaxis_title=f"{metric} (%)", height=400,
+                      title=title or f"{metric.capitalize()} vs {result.parameter}", legend_title="model")
+    return fig
+
+
+def invariance_figure(per_model: dict[str, object]) -> go.Figure:
+    """Per-layer scale-invariance error, one bar group per model."""
+    fig = go.Figure()
+    for name, inv in per_model.items():
+        fig.add_trace(go.Bar(x=inv.labels, y=inv.error, name=name))
+    fig.update_layout(barmode="group", yaxis_title="||f(Tx) - T f(x)|| / ||T f(x)||", height=380,
+                      title="How far each layer is from commuting with rescaling (0 = invariant)")
+    return fig
+
+
+def stability_figure(st) -> go.Figure:
+    """One image under rotation/scaling: confidence of the predicted class, coloured by class."""
+    fig = go.Figure(go.Scatter(x=st.values, y=st.confidence, mode="markers+lines+text", text=[str(p) for p in st.predicted],
+                               textposition="top center", marker=dict(color=st.predicted, colorscale="Turbo", size=10)))
+    fig.update_layout(xaxis_title=st.parameter, yaxis_title="confidence of predicted class", yaxis_range=[0, 1.08],
+                      height=340, title="Predicted class (labels) and its probability")
+    return fig
+
+
+def feature_maps_figure(maps, cols: int = 6, title: str = "") -> go.Figure:
+    """Channel-mean activation of each tap, one small heatmap per tap."""
+    n = len(maps)
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols) if n else 1
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f.label for f in maps], horizontal_spacing=0.02,
+                        vertical_spacing=0.08)
+    for i, f in enumerate(maps):
+        r, c = divmod(i, cols)
+        fig.add_trace(go.Heatmap(z=f.mean_activation().numpy(), colorscale="Viridis", showscale=False), r + 1, c + 1)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=r + 1, col=c + 1)
+        fig.update_xaxes(showticklabels=False, row=r + 1, col=c + 1)
+    fig.update_layout(title=title, height=max(260, 200 * rows), margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "") -> go.Figure:
+    """The input and one attribution map per model/method, side by side."""
+    panels = {"input": image, **maps}
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02)
+    for j, (name, z) in enumerate(panels.items(), start=1):
+        fig.add_trace(go.Heatmap(z=z, colorscale="gray" if name == "input" else "Inferno", showscale=False), 1, j)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=j)
+        fig.update_xaxes(showticklabels=False, row=1, col=j)
+    fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def embedding_figure(coords: np.ndarray, color: Sequence, color_name: str = "class", title: str = "") -> go.Figure:
+    color = list(color)
+    discrete = color_name == "class"
+    fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=[str(c) for c in color] if discrete else color,
+                     labels={"x": "dim 1", "y": "dim 2", "color": color_name}, title=title,
+                     color_continuous_scale="Viridis")
+    fig.update_traces(marker=dict(size=5, opacity=0.8))
+    fig.update_layout(height=480)
+    return fig
+
+
+def cka_figure(matrix: np.ndarray, labels_a: Sequence[str], labels_b: Sequence[str], name_a: str = "A",
+               name_b: str = "B") -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=matrix, x=list(labels_b), y=list(labels_a), zmin=0, zmax=1, colorscale="Magma",
+                               hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(xaxis_title=name_b, yaxis_title=name_a, title="Linear CKA between layers", height=420)
+    return fig
+
+
+def fair_figure(rows: Sequence[dict], x: str = "unique_params") -> go.Figure:
+    """Accuracy vs parameters (or FLOPs), marker size ~ FLOPs; the fair-comparison picture."""
+    fig = go.Figure()
+    flops = np.array([r["flops"] for r in rows], dtype=float)
+    size = 10 + 30 * np.sqrt(flops / flops.max()) if len(rows) and flops.max() > 0 else 12
+    fig.add_trace(go.Scatter(
+        x=[r[x] for r in rows], y=[100 * r["accuracy"] for r in rows], mode="markers+text",
+        text=[r["name"] for r in rows], textposition="top center", marker=dict(size=size, opacity=0.7),
+        hovertemplate="%{text}<br>%{x:,}<br>acc %{y:.2f}%<extra></extra>"))
+    fig.update_layout(xaxis_title=x.replace("_", " "), yaxis_title="test accuracy (%)", xaxis_type="log",
+                      title="Accuracy vs " + x.replace("_", " ") + " (marker area ~ FLOPs)", height=460)
+    return fig
