@@ -1,30 +1,152 @@
-"""The app's pages run headless (streamlit.testing AppTest)."""
+"""Every page runs headless (streamlit.testing AppTest) with the shipped checkpoints."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from pathlib import Path
 
-from streamlit.testing.v1 import AppTest
+import pytest
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+RUNS = Path(tempfile.mkdtemp(prefix="wsviz-apptest-runs-"))
+os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+SHIPPED = sorted(p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file())
+pytestmark = pytest.mark.skipif(len(SHIPPED) < 2, reason="needs at least two shipped checkpoints")
 
 
-def test_home_page_lists_the_registered_models():
-    at = AppTest.from_file(APP, default_timeout=240)
+def app(page: str | None = None, variants: list[str] | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    if variants is not None:
+        at.session_state["variants"] = variants
     at.run()
     assert not at.exception, at.exception
-    # restrict to two cheap families to keep the test short
-    at.multiselect[0].set_value(["shardnet", "sharesnet"]).run()
+    if page:
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, at.exception
+    return at
+
+
+def pair() -> list[str]:
+    wanted = [v for v in ("scale-msws-vanilla", "scale-msws-shared") if v in SHIPPED]
+    return wanted if len(wanted) == 2 else SHIPPED[:2]
+
+
+def test_models_page_lists_models_variants_and_sharing_map():
+    at = app(variants=pair())
+    at.multiselect(key="families").set_value(["shardnet"]).run()
     assert not at.exception
-    df = at.dataframe[0].value
-    assert {"shardnet_vgg", "sl_resnet34", "sharesnet50", "sharesnet_wrn40_4"} <= set(df["name"])
-    row = df[df["name"] == "sharesnet50"].iloc[0]
-    assert row["unique_params"] == 20_469_800 and row["effective_params"] == 25_557_032
+    names = set(at.dataframe[0].value["name"])
+    assert {"shardnet_vgg", "sl_resnet34"} <= names
+    assert any(m.label == "unique params" for m in at.metric)
+    at.button[0].click().run()  # evaluate the chosen variants
+    assert not at.exception
+    assert any("McNemar" in md.value for md in at.markdown)
 
 
-def test_home_page_with_no_family_shows_a_hint():
-    at = AppTest.from_file(APP, default_timeout=240)
+def test_kernels_page():
+    at = app("pages/kernels.py", pair())
+    assert not at.error
+    at.slider[0].set_value(32).run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) >= 1
+
+
+def test_compare_page_with_a_sample_and_an_upload():
+    at = app("pages/compare.py", pair())
+    assert not at.exception and not at.error
+    assert len(at.metric) == 2
+    for kind in at.radio[0].options:
+        at.radio[0].set_value(kind).run()
+        assert not at.exception
+    at.selectbox[0].set_value("saliency").run()
+    assert not at.exception
+
+
+def test_compare_page_reports_a_corrupt_upload():
+    at = app("pages/compare.py", pair())
+    at.file_uploader[0].upload("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png").run()
+    assert not at.exception
+    assert any("broken.png" in e.value for e in at.error)
+
+
+def test_compare_page_with_a_real_photo_upload():
+    import sklearn.datasets
+
+    photo = next((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
+    at = app("pages/compare.py", pair())
+    at.file_uploader[0].upload(photo.name, photo.read_bytes(), "image/jpeg").run()
+    assert not at.exception and not at.error
+    assert len(at.metric) == 2
+
+
+def test_scale_page_slider_and_sweep():
+    at = app("pages/scale.py", pair())
+    before = [m.value for m in at.metric]
+    at.slider[0].set_value(0.4).run()
+    assert not at.exception
+    assert len(at.metric) == len(before) == 2
+    at.slider[1].set_value(100).run()
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) >= 3
+
+
+def test_rotation_page():
+    at = app("pages/rotation.py", pair())
+    assert not at.exception
+    rot = [v for v in ("rot-cnn", "rot-repeat-swish-c8", "rot-steerable-c8") if v in SHIPPED]
+    at.multiselect(key="rot-models").set_value(rot or pair()).run()
+    at.slider[0].set_value(100).run()
+    at.button[0].click().run()
+    assert not at.exception
+    at.slider[1].set_value(90).run()
+    assert not at.exception
+
+
+def test_embeddings_page():
+    at = app("pages/embeddings.py", pair())
+    assert not at.exception
+    at.slider[0].set_value(200).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+
+
+def test_train_page_launch_and_cancel():
+    at = app("pages/train.py", pair())
+    at.selectbox[0].set_value("resnet_digits")
+    at.selectbox[1].set_value("mnist5k")
+    at.number_input[0].set_value(50)  # epochs: long enough to cancel
+    at.number_input[1].set_value(32)
+    at.text_input[1].set_value('{"base_width": 8, "depth": 8}')
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception
+    assert any("Launched" in s.value for s in at.success), [e.value for e in at.error]
+    from wsviz.training.runstore import RunStore
+
+    store = RunStore(RUNS)
+    run = store.list()[0]
+    t0 = time.time()
+    while store.get(run.id).status == "queued" and time.time() - t0 < 60:
+        time.sleep(0.2)
     at.run()
-    at.multiselect[0].set_value([]).run()
+    cancel = [b for b in at.button if b.label == "Cancel this run"]
+    assert cancel, "an active run offers a cancel button"
+    cancel[0].click().run()
+    t0 = time.time()
+    while store.get(run.id).active and time.time() - t0 < 60:
+        time.sleep(0.2)
+    assert store.get(run.id).status == "cancelled"
+
+
+def test_train_page_refuses_bad_options():
+    at = app("pages/train.py", pair())
+    at.text_input[1].set_value('{"sharing": "half"}')
+    at.button[0].click().run()
     assert not at.exception
-    assert any("Choose at least one family" in i.value for i in at.info)
+    assert at.error and "sharing" in at.error[0].value

@@ -1,0 +1,142 @@
+"""What every page shares: the chosen variants, cached model loading, errors, downloads.
+
+Pages stay thin: they ask ``wsviz.analysis`` for data and draw it with ``wsviz.figures``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from wsviz.errors import WsvizError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = Path(os.environ.get("WSVIZ_CHECKPOINTS", ROOT / "checkpoints"))
+RUNS = Path(os.environ.get("WSVIZ_RUNS", ROOT / "runs"))
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def available_variants() -> dict[str, str]:
+    """{label: checkpoint folder} for shipped checkpoints and finished runs."""
+    from wsviz.training.checkpoint import read_card
+
+    found: dict[str, str] = {}
+    if CHECKPOINTS.is_dir():
+        for d in sorted(CHECKPOINTS.iterdir()):
+            if (d / "card.json").is_file() and (d / "weights.safetensors").is_file():
+                found[d.name] = str(d)
+    if (RUNS / "wsviz.db").is_file():
+        from wsviz.training.runstore import RunStore
+
+        for run in RunStore(RUNS).list("done"):
+            ck = Path(run.out_dir) / "checkpoint"
+            if (ck / "card.json").is_file():
+                found[f"run:{run.name} ({run.id[-6:]})"] = str(ck)
+    for label, path in list(found.items()):
+        try:
+            read_card(path)
+        except WsvizError:
+            del found[label]
+    return found
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=32)
+def load_variant(path: str, mtime: float):
+    """(model, card) for a checkpoint folder; cached per folder and card modification time."""
+    from wsviz.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def get_variant(label: str):
+    path = available_variants()[label]
+    return load_variant(path, (Path(path) / "card.json").stat().st_mtime)
+
+
+def chosen_variants(default_prefix: str | None = None, key: str = "variants") -> list[str]:
+    """The variants chosen in the sidebar (set in app.py), optionally narrowed by prefix."""
+    chosen = [v for v in st.session_state.get(key, []) if v in available_variants()]
+    if default_prefix and not chosen:
+        chosen = [v for v in available_variants() if v.startswith(default_prefix)]
+    return chosen
+
+
+def show_error(exc: Exception) -> None:
+    st.error(str(exc) if isinstance(exc, WsvizError) else f"Something went wrong: {type(exc).__name__}: {exc}")
+
+
+def download_figure(fig, name: str) -> None:
+    st.download_button("Download figure (HTML)", fig.to_html(include_plotlyjs="cdn").encode(), f"{name}.html",
+                       "text/html", key=f"dl-html-{name}")
+
+
+def download_table(rows, name: str) -> None:
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    st.download_button("Download table (CSV)", buf.getvalue().encode(), f"{name}.csv", "text/csv", key=f"dl-csv-{name}")
+
+
+def figure(fig, name: str) -> None:
+    st.plotly_chart(fig, key=f"fig-{name}")
+    download_figure(fig, name)
+
+
+@st.cache_data(show_spinner=False)
+def sample_images() -> dict[str, bytes]:
+    """Shipped samples as image files: ten test digits (one per class) and scikit-learn's two photos."""
+    import numpy as np
+    from PIL import Image
+
+    from wsviz.data.datasets import load_split
+
+    out: dict[str, bytes] = {}
+    te = load_split("mnist5k", "test")
+    for c in range(10):
+        i = int((te.labels == c).nonzero()[0, 0])
+        buf = io.BytesIO()
+        Image.fromarray((te.images[i, 0].numpy() * 255).astype(np.uint8)).save(buf, "PNG")
+        out[f"digit {c} (mnist5k test #{i})"] = buf.getvalue()
+    try:
+        import sklearn.datasets
+
+        img_dir = Path(sklearn.datasets.__file__).parent / "images"
+        for f in sorted(img_dir.glob("*.jpg")):
+            out[f"photo: {f.stem}"] = f.read_bytes()
+    except Exception:  # noqa: BLE001 - samples are a convenience
+        pass
+    return out
+
+
+def pick_images(key: str, multiple: bool = True) -> list[tuple[str, bytes]]:
+    """Uploaded images, or shipped samples: [(name, file bytes)]."""
+    from wsviz.data.uploads import MAX_UPLOAD_BYTES
+
+    up = st.file_uploader("Upload images (PNG, JPEG, WebP, GIF, BMP, TIFF)", accept_multiple_files=multiple,
+                          type=["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"], key=f"up-{key}",
+                          help=f"Up to {MAX_UPLOAD_BYTES // 2**20} MB each.")
+    files = [up] if (up is not None and not multiple) else list(up or [])
+    if files:
+        return [(f.name, f.getvalue()) for f in files]
+    samples = sample_images()
+    names = list(samples)
+    pick = st.multiselect("…or pick samples", names, default=names[:1], key=f"sample-{key}") if multiple else \
+        [st.selectbox("…or pick a sample", names, key=f"sample-{key}")]
+    return [(n, samples[n]) for n in pick]
+
+
+def prepared(name: str, data: bytes, model):
+    """The image as this model's input, or None after showing why it cannot be used."""
+    from wsviz.data.uploads import load_upload
+    from wsviz.models import input_shape
+
+    c, s, _ = input_shape(model)
+    try:
+        return load_upload(data, name, c, s)
+    except WsvizError as exc:
+        st.error(str(exc))
+        return None

@@ -1,0 +1,83 @@
+"""Compare on images: predictions, feature maps per rate / stage / iteration / level, attributions."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages._shared import chosen_variants, figure, get_variant, pick_images, prepared, show_error
+from wsviz.analysis.attribution import METHODS, attribute
+from wsviz.analysis.features import feature_maps
+from wsviz.analysis.sweeps import predict
+from wsviz.figures import attribution_figure, feature_maps_figure
+from wsviz.models.taps import list_taps
+
+st.title("Compare on images")
+variants = chosen_variants()
+if not variants:
+    st.info("Choose variants in the sidebar.")
+    st.stop()
+
+images = pick_images("compare")
+if not images:
+    st.info("Upload an image or pick a sample.")
+    st.stop()
+
+rows = []
+for name, data in images:
+    st.subheader(name)
+    cols = st.columns(len(variants))
+    for col, label in zip(cols, variants):
+        model, card = get_variant(label)
+        x = prepared(name, data, model)
+        if x is None:
+            break
+        pred, prob = predict(model, x.unsqueeze(0))
+        p = int(pred[0])
+        col.image(x.permute(1, 2, 0).numpy() if x.shape[0] == 3 else x[0].numpy(), caption="model input",
+                  clamp=True, width=120)
+        col.metric(label, f"class {p}", f"{100 * float(prob[0, p]):.1f}% confident", delta_color="off")
+        rows.append({"image": name, "variant": label, "predicted": p, "confidence": float(prob[0, p])})
+if rows:
+    st.dataframe(rows, hide_index=True)
+
+st.header("Feature maps")
+kinds = sorted({t.kind for v in variants for t in list_taps(get_variant(v)[0])} - {"embedding"})
+KIND_LABELS = {"per dilation rate": "rate", "per WSMS stage": "stage", "per shared-conv iteration": "iteration",
+               "per stage of blocks / level": "level"}
+shown = [label for label, k in KIND_LABELS.items() if k in kinds]
+kind = KIND_LABELS[st.radio("Named outputs", shown, horizontal=True)] if shown else "level"
+name, data = images[0]
+for label in variants:
+    model, _ = get_variant(label)
+    x = prepared(name, data, model)
+    if x is None:
+        continue
+    try:
+        maps = feature_maps(model, x, kinds=[kind])
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc)
+        continue
+    if not maps:
+        st.caption(f"{label} has no '{kind}' outputs.")
+        continue
+    figure(feature_maps_figure(maps[:24], title=f"{label}: channel-mean of each {kind} output (first 24)"),
+           f"maps-{label}-{kind}")
+
+st.header("Attributions")
+method = st.selectbox("Method", METHODS)
+maps = {}
+image = None
+for label in variants:
+    model, _ = get_variant(label)
+    x = prepared(name, data, model)
+    if x is None:
+        continue
+    try:
+        res = attribute(model, x.unsqueeze(0), method)
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc)
+        continue
+    image = x.mean(0).numpy() if image is None else image
+    maps[f"{label} → {int(res.targets[0])}"] = res.maps[0].numpy()
+if maps:
+    figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for the predicted class"), f"attr-{method}")

@@ -1,0 +1,72 @@
+"""Scale: rescale an image live and watch every variant's prediction; full sweeps over a test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from pages._shared import (
+    available_variants,
+    chosen_variants,
+    download_table,
+    figure,
+    get_variant,
+    pick_images,
+    prepared,
+)
+from wsviz.analysis.sweeps import layer_scale_invariance, predict, rescale_to, scale_sweep
+from wsviz.figures import invariance_figure, sweep_figure
+
+st.title("Scale")
+variants = chosen_variants()
+if not variants:
+    st.info("Choose variants in the sidebar.")
+    st.stop()
+
+images = pick_images("scale", multiple=False)
+factor = st.slider("Scale factor (resize, then pad or crop back to the input size)", 0.3, 1.6, 1.0, 0.05)
+if images:
+    name, data = images[0]
+    cols = st.columns(len(variants))
+    for col, label in zip(cols, variants):
+        model, _ = get_variant(label)
+        x = prepared(name, data, model)
+        if x is None:
+            break
+        xs = rescale_to(x.unsqueeze(0), factor)
+        pred, prob = predict(model, xs)
+        p = int(pred[0])
+        col.image(xs[0].permute(1, 2, 0).numpy() if xs.shape[1] == 3 else xs[0, 0].numpy(), clamp=True, width=120)
+        col.metric(label, f"class {p}", f"{100 * float(prob[0, p]):.1f}%", delta_color="off")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def run_sweep(labels: tuple[str, ...], dataset: str, n: int, scales: tuple[float, ...]):
+    from wsviz.data.datasets import load_split
+
+    te = load_split(dataset, "test")
+    idx = np.linspace(0, len(te.labels) - 1, n).round().astype(int)
+    models = {label: get_variant(label)[0] for label in labels}
+    bar = st.progress(0.0, text="Sweeping…")
+    res = scale_sweep(models, te.images[idx], te.labels[idx], scales,
+                      progress=lambda i, total, v: bar.progress(i / total, text=f"scale {v:.2f}"))
+    bar.empty()
+    x = te.images[idx[:64]]
+    inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
+    return res, inv
+
+
+st.header("Sweep over a test set")
+c1, c2 = st.columns(2)
+dataset = c1.selectbox("Test data", ["mnist5k", "mnist5k-scale", "mnist5k-rot"])
+n = c2.slider("Images", 100, 1000, 500, 100)
+scales = st.multiselect("Scales", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6],
+                        default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4])
+if st.button("Run the sweep", type="primary") or st.session_state.get("scale-swept"):
+    st.session_state["scale-swept"] = True
+    labels = tuple(v for v in variants if v in available_variants())
+    res, inv = run_sweep(labels, dataset, n, tuple(sorted(scales)) or (1.0,))
+    figure(sweep_figure(res, "accuracy"), "scale-accuracy")
+    figure(sweep_figure(res, "agreement", "Agreement with each model's own prediction at scale 1"), "scale-agreement")
+    download_table(res.rows(), "scale_sweep")
+    figure(invariance_figure(inv), "scale-invariance")

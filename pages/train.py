@@ -1,0 +1,102 @@
+"""Train: launch a training in the background, watch it live, cancel it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+from pages._shared import RUNS, available_variants, show_error
+from wsviz.data.datasets import dataset_names
+from wsviz.errors import WsvizError
+from wsviz.models import list_models
+from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, launch, list_runs
+from wsviz.training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from wsviz.training.runstore import RunStore
+
+st.title("Train")
+gpu = torch.cuda.is_available()
+st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else 'CPU'}** (jobs use CUDA with mixed "
+           f"precision when a GPU is visible). At most {DEFAULT_MAX_RUNNING} job(s) run at once; the rest queue. "
+           "Jobs are separate processes: they keep running if you reload the page or restart the app.")
+store = RunStore(RUNS)
+
+with st.form("launch"):
+    names = [s.name for s in list_models()]
+    c1, c2, c3 = st.columns(3)
+    model = c1.selectbox("Model", names, index=names.index("msws_resnet_digits"))
+    dataset = c2.selectbox("Dataset", dataset_names(), index=dataset_names().index("mnist5k-scale"))
+    run_name = c3.text_input("Run name (optional)", "")
+    c1, c2, c3, c4 = st.columns(4)
+    epochs = c1.number_input("Epochs", 1, 1000, 5)
+    batch = c2.number_input("Batch size", 1, 4096, 128)
+    lr = c3.number_input("Learning rate", 1e-6, 10.0, 0.1, format="%.5f")
+    optimizer = c4.selectbox("Optimizer", OPTIMIZERS)
+    c1, c2, c3 = st.columns(3)
+    schedule = c1.selectbox("Schedule", SCHEDULES, index=SCHEDULES.index("cosine"))
+    wd = c2.number_input("Weight decay", 0.0, 1.0, 1e-4, format="%.5f")
+    max_batches = c3.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
+    overrides = st.text_input("Model options as JSON", "{}", help='e.g. {"sharing": "shared", "n_rates": 2}')
+    go_ = st.form_submit_button("Launch", type="primary")
+if go_:
+    try:
+        opts = json.loads(overrides or "{}")
+        if not isinstance(opts, dict):
+            raise WsvizError('Model options must be a JSON object, e.g. {"sharing": "shared"}.')
+        cfg = TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), optimizer=optimizer,
+                          schedule=schedule, weight_decay=float(wd), max_batches=int(max_batches) or None)
+        from wsviz.training.run import build_for_dataset
+
+        build_for_dataset(model, dataset, opts)  # refuse bad options here, not in the background
+        run = launch(store, model, dataset, cfg, overrides=opts, name=run_name or None)
+        st.success(f"Launched run {run.name} ({run.id}).")
+        st.session_state["watch"] = run.id
+    except json.JSONDecodeError as exc:
+        st.error(f"Model options are not valid JSON ({exc}).")
+    except WsvizError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc)
+
+
+@st.fragment(run_every=2)
+def runs_panel() -> None:
+    runs = list_runs(store)
+    if not runs:
+        st.info("No runs yet.")
+        return
+    df = pd.DataFrame([{"id": r.id, "name": r.name, "model": r.model, "dataset": r.dataset, "status": r.status,
+                        "test acc": r.test_accuracy, "device": r.device, "reason": r.reason or ""} for r in runs])
+    st.dataframe(df, hide_index=True)
+    ids = [r.id for r in runs]
+    watch = st.session_state.get("watch")
+    watch = st.selectbox("Watch run", ids, index=ids.index(watch) if watch in ids else 0, key="watch-select")
+    run = store.get(watch)
+    m = store.metrics(watch)
+    c1, c2 = st.columns(2)
+    if m.get("step_loss") or m.get("train_loss"):
+        fig = go.Figure()
+        if m.get("step_loss"):
+            fig.add_trace(go.Scatter(y=[v for _, _, v in m["step_loss"]], mode="lines", name="loss (live)"))
+        fig.update_layout(height=260, title="Training loss", margin=dict(t=40, b=10))
+        c1.plotly_chart(fig, key=f"loss-{watch}")
+    if m.get("test_acc"):
+        fig = go.Figure()
+        for key in ("train_acc", "test_acc"):
+            fig.add_trace(go.Scatter(x=[e for e, _, _ in m[key]], y=[100 * v for _, _, v in m[key]],
+                                     mode="lines+markers", name=key.replace("_", " ")))
+        fig.update_layout(height=260, title="Accuracy per epoch (%)", xaxis_title="epoch", margin=dict(t=40, b=10))
+        c2.plotly_chart(fig, key=f"acc-{watch}")
+    st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
+    if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):
+        cancel(store, watch)
+        st.toast(f"Cancelling {run.name}…")
+    if run.status == "done":
+        available_variants.clear()
+        st.caption("Finished runs appear in the sidebar's variant list.")
+
+
+runs_panel()
