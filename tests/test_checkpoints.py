@@ -1,0 +1,74 @@
+"""The shipped zoo: complete, small, pickle-free, and every card true to its weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsviz.data.datasets import load_split
+from wsviz.training.checkpoint import load_checkpoint, read_card
+from wsviz.training.loop import evaluate
+from wsviz.zoo import ZOO, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CK = ROOT / "checkpoints"
+SHIPPED = [e.name for e in ZOO if (CK / e.name / "card.json").is_file()]
+
+
+def test_every_zoo_entry_is_shipped():
+    missing = [e.name for e in ZOO if e.name not in SHIPPED]
+    assert not missing, f"not in checkpoints/: {missing} (run `python -m wsviz.zoo retrain`)"
+
+
+def test_checkpoints_are_small_and_pickle_free():
+    files = [p for p in CK.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
+    suffixes = {p.suffix for p in files}
+    assert suffixes <= {".safetensors", ".json", ".md", ""} , suffixes
+    for name in SHIPPED:
+        assert {p.name for p in (CK / name).iterdir()} == {"weights.safetensors", "card.json"}
+
+
+_SPLITS: dict[tuple, object] = {}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_matches_a_reevaluation_of_its_weights(name):
+    model, card = load_checkpoint(CK / name)
+    key = (card["dataset"], card.get("data_seed", 0))
+    if key not in _SPLITS:
+        _SPLITS[key] = load_split(card["dataset"], card["test_split"], seed=key[1])
+    te = _SPLITS[key]
+    _, acc, _ = evaluate(model, te.images, te.labels)
+    assert acc == pytest.approx(card["test_accuracy"], abs=1e-9)
+    assert card["complete"] and card["epochs_done"] == card["epochs"]
+    assert card["unique_params"] == sum(p.numel() for p in model.parameters())
+    assert card["command"].startswith("python -m wsviz.train")
+    entry = next(e for e in ZOO if e.name == name)
+    assert card["model"] == entry.model and card["dataset"] == entry.dataset
+
+
+def test_readme_table_is_generated_from_the_cards(tmp_path):
+    import shutil
+
+    for name in SHIPPED:
+        shutil.copytree(CK / name, tmp_path / name)
+    generated = write_table(tmp_path).read_text()
+    assert (CK / "README.md").read_text() == generated
+    for name in SHIPPED:
+        acc = read_card(CK / name)["test_accuracy"]
+        assert f"| `{name}` |" in generated and f"{100 * acc:.2f}" in generated
+
+
+def test_retrain_command_works_on_two_models(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wsviz.zoo", "retrain", "--only", "scale-msws-shared", "rot-cnn",
+                           "--epochs", "1", "--max-batches", "3", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("scale-msws-shared", "rot-cnn"):
+        model, card = load_checkpoint(tmp_path / name)
+        assert card["epochs_done"] == 1 and card["train_config"]["max_batches"] == 3
+    assert "scale-msws-shared" in (tmp_path / "README.md").read_text()
