@@ -140,3 +140,27 @@ def prepared(name: str, data: bytes, model):
     except WsvizError as exc:
         st.error(str(exc))
         return None
+
+
+def show_predictions(name: str, data: bytes, variants: list[str], transform=None) -> list[dict]:
+    """One column per variant: the (optionally transformed) model input, predicted class, confidence.
+
+    ``transform(batch) -> batch`` is applied to the prepared (1, C, H, W) input (rescale, rotate).
+    Returns the rows shown; stops at the first variant the image cannot be prepared for.
+    """
+    from wsviz.analysis.sweeps import predict
+
+    rows = []
+    for col, label in zip(st.columns(len(variants)), variants):
+        model, _ = get_variant(label)
+        x = prepared(name, data, model)
+        if x is None:
+            break
+        xb = x.unsqueeze(0) if transform is None else transform(x.unsqueeze(0))
+        pred, prob = predict(model, xb)
+        p, conf = int(pred[0]), float(prob[0, int(pred[0])])
+        col.image(xb[0].permute(1, 2, 0).numpy() if xb.shape[1] == 3 else xb[0, 0].numpy(), caption="model input",
+                  clamp=True, width=120)
+        col.metric(label, f"class {p}", f"{100 * conf:.1f}% confident", delta_color="off")
+        rows.append({"image": name, "variant": label, "predicted": p, "confidence": conf})
+    return rows

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import chosen_variants, figure, get_variant, pick_images, prepared, show_error
+from pages._shared import chosen_variants, figure, get_variant, pick_images, prepared, show_error, show_predictions
 from wsviz.analysis.attribution import METHODS, attribute
 from wsviz.analysis.features import feature_maps
-from wsviz.analysis.sweeps import predict
 from wsviz.figures import attribution_figure, feature_maps_figure
 from wsviz.models.taps import list_taps
 
@@ -25,18 +24,7 @@ if not images:
 rows = []
 for name, data in images:
     st.subheader(name)
-    cols = st.columns(len(variants))
-    for col, label in zip(cols, variants):
-        model, card = get_variant(label)
-        x = prepared(name, data, model)
-        if x is None:
-            break
-        pred, prob = predict(model, x.unsqueeze(0))
-        p = int(pred[0])
-        col.image(x.permute(1, 2, 0).numpy() if x.shape[0] == 3 else x[0].numpy(), caption="model input",
-                  clamp=True, width=120)
-        col.metric(label, f"class {p}", f"{100 * float(prob[0, p]):.1f}% confident", delta_color="off")
-        rows.append({"image": name, "variant": label, "predicted": p, "confidence": float(prob[0, p])})
+    rows += show_predictions(name, data, variants)
 if rows:
     st.dataframe(rows, hide_index=True)
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._shared import available_variants, download_table, figure, get_variant, pick_images, prepared
+from pages._shared import (
+    available_variants,
+    download_table,
+    figure,
+    get_variant,
+    pick_images,
+    prepared,
+    show_predictions,
+)
 from wsviz.analysis.sweeps import rotation_sweep, single_image_stability
+from wsviz.data.digits import rotate
 from wsviz.figures import stability_figure, sweep_figure
 
 st.title("Rotation")
@@ -52,15 +61,7 @@ images = pick_images("rotation", multiple=False)
 angle = st.slider("Angle", 0, 359, 0, 1)
 if images:
     name, data = images[0]
-    cols = st.columns(len(chosen))
-    for col, label in zip(cols, chosen):
-        model, _ = get_variant(label)
-        x = prepared(name, data, model)
-        if x is None:
-            break
-        st_one = single_image_stability(model, x, [angle], "angle")
-        col.metric(label, f"class {int(st_one.predicted[0])}", f"{100 * float(st_one.confidence[0]):.1f}%",
-                   delta_color="off")
+    show_predictions(name, data, chosen, transform=lambda xb: rotate(xb, float(angle)))
     label = st.selectbox("Stability over all angles for", chosen)
     model, _ = get_variant(label)
     x = prepared(name, data, model)

@@ -12,9 +12,9 @@ from pages._shared import (
     figure,
     get_variant,
     pick_images,
-    prepared,
+    show_predictions,
 )
-from wsviz.analysis.sweeps import layer_scale_invariance, predict, rescale_to, scale_sweep
+from wsviz.analysis.sweeps import layer_scale_invariance, rescale_to, scale_sweep
 from wsviz.figures import invariance_figure, sweep_figure
 
 st.title("Scale")
@@ -26,18 +26,7 @@ if not variants:
 images = pick_images("scale", multiple=False)
 factor = st.slider("Scale factor (resize, then pad or crop back to the input size)", 0.3, 1.6, 1.0, 0.05)
 if images:
-    name, data = images[0]
-    cols = st.columns(len(variants))
-    for col, label in zip(cols, variants):
-        model, _ = get_variant(label)
-        x = prepared(name, data, model)
-        if x is None:
-            break
-        xs = rescale_to(x.unsqueeze(0), factor)
-        pred, prob = predict(model, xs)
-        p = int(pred[0])
-        col.image(xs[0].permute(1, 2, 0).numpy() if xs.shape[1] == 3 else xs[0, 0].numpy(), clamp=True, width=120)
-        col.metric(label, f"class {p}", f"{100 * float(prob[0, p]):.1f}%", delta_color="off")
+    show_predictions(*images[0], variants, transform=lambda xb: rescale_to(xb, factor))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_term(signum, frame):
         raise Cancelled()
 
+    def finish(status: str, reason: str | None = None, **kw) -> None:
+        if store is not None:
+            store.finish(args.run_id, status, reason, **kw)
+
     signal.signal(signal.SIGTERM, on_term)
     try:
         cfg = _config(args)
@@ -137,24 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-        if store is not None:
-            store.finish(args.run_id, "done", test_accuracy=card["test_accuracy"])
+        finish("done", test_accuracy=card["test_accuracy"])
         if rank == 0:
             print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
         return 0
     except Cancelled:
-        if store is not None:
-            store.finish(args.run_id, "cancelled", "cancelled by the user")
+        finish("cancelled", "cancelled by the user")
         print("cancelled", file=sys.stderr)
         return 130
     except WsvizError as exc:
-        if store is not None:
-            store.finish(args.run_id, "failed", str(exc))
+        finish("failed", str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
-        if store is not None:
-            store.finish(args.run_id, "failed", "out of memory: use a smaller batch size or model")
+        finish("failed", "out of memory: use a smaller batch size or model")
         print("error: out of memory", file=sys.stderr)
         return 3
     except Exception as exc:  # anything else: record why, keep the traceback in the log
@@ -162,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = f"{type(exc).__name__}: {exc}"
         if "out of memory" in str(exc).lower():
             reason = f"out of memory ({exc}); use a smaller batch size or model"
-        if store is not None:
-            store.finish(args.run_id, "failed", reason)
+        finish("failed", reason)
         return 1
 
 
