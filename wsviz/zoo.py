@@ -217,6 +217,8 @@ def report(out: str | Path = "checkpoints") -> Path:
         for g in group:
             acc = sw.accuracy[g]
             lines.append(f"| `{g}` | " + " | ".join(f"{100 * v:.1f}" for v in acc) + f" | {100 * acc.mean():.1f} |")
+        lines += ["", "Pooled tests below treat the 8 rescaled copies of each digit as independent pairs, so their "
+                  "p-values are optimistic; read them together with the per-scale table."]
         y_all = np.tile(te.labels.numpy(), len(SCALES))
         for a, b in (("scale-wsms-1x1", "scale-resnet20"), ("scale-wsms-1x1", "scale-msnet-1x1"),
                      ("scale-msws-shared", "scale-msws-vanilla")):
