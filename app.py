@@ -9,13 +9,13 @@ from pages._shared import available_variants
 st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon="🔁", layout="wide")
 
 PAGES = [
-    st.Page("pages/models.py", title="Models", icon="🧩", default=True),
-    st.Page("pages/kernels.py", title="Kernels", icon="🔳"),
-    st.Page("pages/compare.py", title="Compare on images", icon="🖼️"),
-    st.Page("pages/scale.py", title="Scale", icon="🔍"),
-    st.Page("pages/rotation.py", title="Rotation", icon="🔄"),
-    st.Page("pages/embeddings.py", title="Embeddings", icon="🌌"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
+    st.Page("pages/models.py", title="Models", icon=":material/view_module:", default=True),
+    st.Page("pages/kernels.py", title="Kernels", icon=":material/grid_on:"),
+    st.Page("pages/compare.py", title="Compare on images", icon=":material/image:"),
+    st.Page("pages/scale.py", title="Scale", icon=":material/zoom_in:"),
+    st.Page("pages/rotation.py", title="Rotation", icon=":material/rotate_right:"),
+    st.Page("pages/embeddings.py", title="Embeddings", icon=":material/scatter_plot:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
 ]
 
 nav = st.navigation(PAGES)
@@ -24,7 +24,9 @@ with st.sidebar:
     # Defined in the entry script, so the choice is the same on every page.
     default = [v for v in ("scale-msws-vanilla", "scale-msws-shared", "scale-msws-unshared") if v in variants]
     if "variants" not in st.session_state:
-        st.session_state["variants"] = default
+        # A link can carry the choice: ?variants=scale-msws-vanilla,scale-msws-shared
+        linked = [v for v in st.query_params.get("variants", "").split(",") if v in variants]
+        st.session_state["variants"] = linked or default
     st.multiselect("Variants to compare", list(variants), key="variants",
                    help="Shipped checkpoints (checkpoints/) and finished training runs.")
     if not variants:

@@ -64,21 +64,12 @@ def main() -> None:
             page.wait_for_selector("[data-testid=stDataFrame]", timeout=120_000)
             cold = time.perf_counter() - t0
 
-            page.goto(f"http://localhost:{port}/scale")
-            page.wait_for_selector("[data-testid=stMetric]", timeout=120_000)
-            # choose six variants in the sidebar through the URL-independent session: use the widget
-            box = page.locator("[data-testid=stSidebar] [data-testid=stMultiSelect]")
-            for label in SIX:
-                if page.locator(f"[data-testid=stSidebar] span:text-is('{label}')").count():
-                    continue
-                box.click()
-                page.keyboard.type(label)
-                page.keyboard.press("Enter")
-                page.wait_for_timeout(300)
-            page.keyboard.press("Escape")
+            page2 = browser.new_page(viewport={"width": 1400, "height": 1000})  # a new session
+            page2.goto(f"http://localhost:{port}/scale?variants={','.join(SIX)}")
+            page = page2
             page.wait_for_function(f"document.querySelectorAll('[data-testid=stMetric]').length >= {len(SIX)}",
                                    timeout=120_000)
-            slider = page.locator("[data-testid=stSlider] [role=slider]").first
+            slider = page.locator("[data-testid=stSlider] input[type=range]").first
             times = []
             last_img = "() => { const im = document.querySelectorAll('[data-testid=stImage] img'); " \
                        "return im.length ? im[im.length - 1].src : ''; }"

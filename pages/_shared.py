@@ -14,6 +14,18 @@ import streamlit as st
 
 from wsviz.errors import WsvizError
 
+# Streamlit picks its legacy multipage mode for the first request of a fresh server when a
+# folder called pages/ sits next to the entry script, and then runs a page URL such as /scale
+# without app.py (no sidebar, no st.navigation). Hand control back to app.py's navigation.
+try:
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+except ImportError:  # pragma: no cover - a Streamlit without this internal
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = Path(os.environ.get("WSVIZ_CHECKPOINTS", ROOT / "checkpoints"))
 RUNS = Path(os.environ.get("WSVIZ_RUNS", ROOT / "runs"))
@@ -161,6 +173,6 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
         p, conf = int(pred[0]), float(prob[0, int(pred[0])])
         col.image(xb[0].permute(1, 2, 0).numpy() if xb.shape[1] == 3 else xb[0, 0].numpy(), caption="model input",
                   clamp=True, width=120)
-        col.metric(label, f"class {p}", f"{100 * conf:.1f}% confident", delta_color="off")
+        col.metric(label, f"class {p}", f"{100 * conf:.1f}% confident", delta_color="off", delta_arrow="off")
         rows.append({"image": name, "variant": label, "predicted": p, "confidence": conf})
     return rows

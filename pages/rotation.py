@@ -58,10 +58,19 @@ if st.button("Run the rotation sweep", type="primary") or st.session_state.get("
 
 st.header("One image under rotation")
 images = pick_images("rotation", multiple=False)
-angle = st.slider("Angle", 0, 359, 0, 1)
+
+
+@st.fragment
+def live_rotation(images, chosen) -> None:
+    """Only this part reruns when the slider moves."""
+    angle = st.slider("Angle", 0, 359, 0, 1)
+    if images:
+        show_predictions(*images[0], chosen, transform=lambda xb: rotate(xb, float(angle)))
+
+
+live_rotation(images, chosen)
 if images:
     name, data = images[0]
-    show_predictions(name, data, chosen, transform=lambda xb: rotate(xb, float(angle)))
     label = st.selectbox("Stability over all angles for", chosen)
     model, _ = get_variant(label)
     x = prepared(name, data, model)

@@ -24,9 +24,17 @@ if not variants:
     st.stop()
 
 images = pick_images("scale", multiple=False)
-factor = st.slider("Scale factor (resize, then pad or crop back to the input size)", 0.3, 1.6, 1.0, 0.05)
-if images:
-    show_predictions(*images[0], variants, transform=lambda xb: rescale_to(xb, factor))
+
+
+@st.fragment
+def live_scale(images, variants) -> None:
+    """Only this part reruns when the slider moves: the rest of the page stays as it is."""
+    factor = st.slider("Scale factor (resize, then pad or crop back to the input size)", 0.3, 1.6, 1.0, 0.05)
+    if images:
+        show_predictions(*images[0], variants, transform=lambda xb: rescale_to(xb, factor))
+
+
+live_scale(images, variants)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 
+import importlib
+from types import SimpleNamespace
+
 import torch
-from e2cnn import gspaces
-from e2cnn import nn as enn
 from torch import nn
 
 from wsviz.models.registry import register_model
@@ -27,6 +28,21 @@ from wsviz.models.sharing import Tap
 PAPER_RE = "Chavan et al. (RepeatNet) Table 4 / Weiler & Cesa — General E(2)-Equivariant Steerable CNNs"
 PAPER_E2 = "Weiler & Cesa — General E(2)-Equivariant Steerable CNNs (e2cnn tutorial model)"
 WIDTH_FACTOR = {4: 1.0, 8: 0.5 * math.sqrt(2), 16: 0.5}
+
+
+class _Lazy(SimpleNamespace):
+    """e2cnn takes ~1 s to import: load it when a steerable model is first built."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_module", module)
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module(object.__getattribute__(self, "_module")), name)
+
+
+gspaces = _Lazy("e2cnn.gspaces")
+enn = _Lazy("e2cnn.nn")
 
 
 def _conv_opts(first: bool) -> dict:
