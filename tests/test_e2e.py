@@ -68,7 +68,7 @@ def browser():
 
 def _settle(page, timeout: float = 240.0) -> None:
     """Wait until the script has finished running (no 'Running...' status widget)."""
-    page.wait_for_selector("[data-testid=stMain]", timeout=60_000)
+    page.wait_for_selector("[data-testid=stMain] h1", timeout=180_000)
     t0 = time.time()
     quiet = 0
     while time.time() - t0 < timeout:
