@@ -219,3 +219,15 @@ def test_job_outlives_the_process_that_launched_it(tmp_path):
     store = RunStore(tmp_path / "runs")  # a fresh reader, as after an app restart
     run = _wait(store, proc.stdout.strip(), lambda r: not r.active)
     assert run.status == "done"
+
+
+def test_queue_is_first_come_first_served(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    a = store.create("resnet_digits", "mnist5k", {})
+    b = store.create("resnet_digits", "mnist5k", {})
+    me = os.getpid()
+    assert store.claim_slot(b.id, 1, me, "cpu") == "queued"  # a came first
+    assert store.claim_slot(a.id, 1, me, "cpu") == "running"
+    assert store.claim_slot(b.id, 1, me, "cpu") == "queued"  # the slot is taken
+    store.finish(a.id, "done")
+    assert store.claim_slot(b.id, 1, me, "cpu") == "running"

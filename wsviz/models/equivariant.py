@@ -14,9 +14,8 @@ on an even-sized one where pooling and padding are symmetric).
 
 from __future__ import annotations
 
-import math
-
 import importlib
+import math
 from types import SimpleNamespace
 
 import torch

@@ -159,7 +159,12 @@ class RunStore:
                             "WHERE id=?", (time.time(), run_id))
                 return "cancelled"
             running = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
-            if running >= max_running:
+            # First come, first served: runs queued earlier (and not being cancelled) go first.
+            ahead = con.execute("SELECT COUNT(*) FROM runs WHERE status='queued' AND cancel_requested=0 AND "
+                                "(created < (SELECT created FROM runs WHERE id=?) OR "
+                                "(created = (SELECT created FROM runs WHERE id=?) AND id < ?))",
+                                (run_id, run_id, run_id)).fetchone()[0]
+            if running + ahead >= max_running:
                 return "queued"
             con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=? WHERE id=?",
                         (pid, process_start_time(pid), device, time.time(), run_id))
