@@ -94,6 +94,20 @@ def test_fashion_mnist_from_debian_package():
 
 
 # ----------------------------------------------------------------------------- jobs
+@pytest.fixture(autouse=True)
+def _no_stray_jobs(tmp_path):
+    """Whatever a job test does, no training process outlives it (a failed test included)."""
+    yield
+    db = tmp_path / "runs"
+    if (db / "wsviz.db").exists():
+        for run in RunStore(db).list():
+            if run.pid and run.active:
+                try:
+                    os.kill(run.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def _wait(store: RunStore, run_id: str, pred, timeout: float = 120.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
