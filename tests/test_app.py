@@ -150,3 +150,20 @@ def test_train_page_refuses_bad_options():
     at.button[0].click().run()
     assert not at.exception
     assert at.error and "sharing" in at.error[0].value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_jobs():
+    """No training launched from the Train page outlives this module, even if a test fails."""
+    yield
+    import signal
+
+    from wsviz.training.runstore import RunStore
+
+    if (RUNS / "wsviz.db").exists():
+        for run in RunStore(RUNS).list():
+            if run.pid and run.active:
+                try:
+                    os.kill(run.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
