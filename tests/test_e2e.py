@@ -67,15 +67,17 @@ def browser():
 
 
 def _settle(page, timeout: float = 240.0) -> None:
-    """Wait until the script has finished running (no 'Running...' status widget)."""
+    """Wait until the page has finished rendering: its title is there and the DOM has not
+    changed for 3 s (a script still running keeps adding elements)."""
     page.wait_for_selector("[data-testid=stMain] h1", timeout=180_000)
-    t0 = time.time()
-    quiet = 0
+    probe = "() => document.querySelectorAll('*').length + ':' + document.body.innerText.length"
+    t0, last, stable = time.time(), None, 0
     while time.time() - t0 < timeout:
-        running = page.locator("[data-testid=stStatusWidget]").count()
-        quiet = quiet + 1 if not running else 0
-        if quiet >= 4:
+        now = page.evaluate(probe)
+        stable = stable + 1 if now == last else 0
+        if stable >= 6:
             return
+        last = now
         page.wait_for_timeout(500)
 
 
