@@ -35,11 +35,13 @@ KIND_LABELS = {"per dilation rate": "rate", "per WSMS stage": "stage", "per shar
 shown = [label for label, k in KIND_LABELS.items() if k in kinds]
 kind = KIND_LABELS[st.radio("Named outputs", shown, horizontal=True)] if shown else "level"
 name, data = images[0]
+inputs = {}  # the first image as each variant's input, decoded once for both sections below
 for label in variants:
+    x = prepared(name, data, get_variant(label)[0])
+    if x is not None:
+        inputs[label] = x
+for label, x in inputs.items():
     model, _ = get_variant(label)
-    x = prepared(name, data, model)
-    if x is None:
-        continue
     try:
         maps = feature_maps(model, x, kinds=[kind])
     except Exception as exc:  # noqa: BLE001
@@ -55,11 +57,8 @@ st.header("Attributions")
 method = st.selectbox("Method", METHODS)
 maps = {}
 image = None
-for label in variants:
+for label, x in inputs.items():
     model, _ = get_variant(label)
-    x = prepared(name, data, model)
-    if x is None:
-        continue
     try:
         res = attribute(model, x.unsqueeze(0), method)
     except Exception as exc:  # noqa: BLE001

@@ -36,11 +36,10 @@ if not chosen:
 def run_sweep(labels: tuple[str, ...], n: int, angles: tuple[float, ...]):
     from wsviz.data.datasets import load_split
 
-    te = load_split("mnist5k", "test")
-    idx = np.linspace(0, len(te.labels) - 1, n).round().astype(int)
+    te = load_split("mnist5k", "test").spread(n)
     models = {label: get_variant(label)[0] for label in labels}
     bar = st.progress(0.0, text="Rotating…")
-    res = rotation_sweep(models, te.images[idx], te.labels[idx], angles,
+    res = rotation_sweep(models, te.images, te.labels, angles,
                          progress=lambda i, total, v: bar.progress(i / total, text=f"{v:.0f}°"))
     bar.empty()
     return res

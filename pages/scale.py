@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from pages._shared import (
@@ -41,14 +40,13 @@ live_scale(images, variants)
 def run_sweep(labels: tuple[str, ...], dataset: str, n: int, scales: tuple[float, ...]):
     from wsviz.data.datasets import load_split
 
-    te = load_split(dataset, "test")
-    idx = np.linspace(0, len(te.labels) - 1, n).round().astype(int)
+    te = load_split(dataset, "test").spread(n)
     models = {label: get_variant(label)[0] for label in labels}
     bar = st.progress(0.0, text="Sweeping…")
-    res = scale_sweep(models, te.images[idx], te.labels[idx], scales,
+    res = scale_sweep(models, te.images, te.labels, scales,
                       progress=lambda i, total, v: bar.progress(i / total, text=f"scale {v:.2f}"))
     bar.empty()
-    x = te.images[idx[:64]]
+    x = te.images[:64]
     inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
     return res, inv
 

@@ -63,3 +63,12 @@ def test_transforms_at_identity_and_exact_quarter_turn():
     torch.testing.assert_close(rotate(x, 0.0), x, atol=1e-5, rtol=0)
     torch.testing.assert_close(rescale(x, 1.0), x, atol=1e-5, rtol=0)
     torch.testing.assert_close(rotate(x, 90.0), torch.rot90(x, 1, (2, 3)), atol=1e-4, rtol=0)
+
+
+def test_spread_subset_keeps_every_class_and_the_protocol():
+    rot = rot_protocol(mnist5k("test"), 0)
+    sub = rot.spread(50)
+    assert len(sub.labels) == 50 and sorted(sub.labels.unique().tolist()) == list(range(10))
+    idx = torch.linspace(0, 999, 50).round().long()
+    assert torch.equal(sub.angles, rot.angles[idx]) and torch.equal(sub.images, rot.images[idx])
+    assert rot.spread(None) is rot and rot.spread(5000) is rot

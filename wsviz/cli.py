@@ -80,10 +80,7 @@ def _write_fig(path: Path, fig) -> None:
 def _test_data(dataset: str, limit: int | None, seed: int = 0):
     from wsviz.data.datasets import load_split
 
-    te = load_split(dataset, "test", seed=seed)
-    if limit and limit < len(te.labels):
-        idx = np.linspace(0, len(te.labels) - 1, limit).round().astype(int)  # spread over all classes
-        return te.images[idx], te.labels[idx]
+    te = load_split(dataset, "test", seed=seed).spread(limit)
     return te.images, te.labels
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch import nn
 
 from wsviz.data.datasets import fit_to
 from wsviz.errors import WsvizError
+from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
 from wsviz.models.taps import list_taps
 
@@ -33,25 +33,6 @@ PROJECTIONS = ("pca", "tsne", "umap")
 
 
 # ------------------------------------------------------------------------------ shared helpers
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the body with ``model`` in eval mode, then restore every submodule's own flag.
-
-    Flags are restored per module (a model may hold a frozen, eval-mode part) through
-    ``Module.train`` so modules that act on a mode change (e2cnn's ``R2Conv`` caches its
-    expanded filter in eval mode) stay consistent; this happens even when the body raises.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(flags[0][1])
-        for m, flag in flags:  # pre-order: a parent's train() is corrected by its children after
-            if m.training != flag:
-                m.train(flag)
-
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a stateless model)."""
     for t in model.parameters():

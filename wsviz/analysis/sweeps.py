@@ -23,6 +23,7 @@ from wsviz.analysis.features import capture, select_taps
 from wsviz.data.datasets import fit_to
 from wsviz.data.digits import rotate
 from wsviz.errors import WsvizError
+from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
 
 
@@ -58,17 +59,13 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> tu
     """(predicted classes, softmax probabilities) in eval mode, batched."""
     c, s, _ = input_shape(model)
     device = next(model.parameters()).device
-    was = model.training
-    model.eval()
     preds, probs = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(images), batch_size):
             out = model(fit_to(images[i:i + batch_size].to(device), c, s)).float()
             p = out.softmax(1)
             probs.append(p.cpu())
             preds.append(p.argmax(1).cpu())
-    finally:
-        model.train(was)
     return torch.cat(preds), torch.cat(probs)
 
 
@@ -187,17 +184,13 @@ def layer_scale_invariance(model: nn.Module, images: torch.Tensor, scale: float,
     c, s, _ = input_shape(model)
     x = fit_to(images.float().div(255) if images.dtype == torch.uint8 else images, c, s)
     device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with capture(model, taps) as a:
             model(x.to(device))
         fa = dict(a)
         with capture(model, taps) as b:
             model(rescale_to(x, scale).to(device))
         fb = dict(b)
-    finally:
-        model.train(was)
     errs, names, labels = [], [], []
     for t in taps:
         u, v = fa.get(t.name), fb.get(t.name)

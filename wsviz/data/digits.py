@@ -41,6 +41,17 @@ class DigitSplit:
     angles: torch.Tensor | None = None  # degrees, per image, if rotated
     scales: torch.Tensor | None = None  # factor, per image, if rescaled
 
+    def spread(self, n: int | None) -> DigitSplit:
+        """``n`` images evenly spaced over the split (all of it if ``n`` is None or too large).
+
+        Splits are stored in class order, so evenly spaced indices keep every class.
+        """
+        if not n or n >= len(self.labels):
+            return self
+        idx = torch.from_numpy(np.linspace(0, len(self.labels) - 1, n).round().astype(np.int64))
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return DigitSplit(self.images[idx], self.labels[idx], pick(self.angles), pick(self.scales))
+
 
 def mnist5k_path() -> str:
     try:

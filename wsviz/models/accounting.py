@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from wsviz.models.modes import eval_mode, set_mode
 from wsviz.models.registry import input_shape as _registered_input_shape
 
 # Layer ops and the positions of their weight-like arguments (arg 0 is the input).
@@ -174,15 +175,13 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
         handles.append(mod.register_forward_hook(leave, always_call=True))
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     grad_flags = {n: p.requires_grad for n, p in params.items()}
-    was_training = model.training
     device = next(iter(params.values())).device if params else torch.device("cpu")
     try:
         for p in params.values():
             p.requires_grad_(True)
-        model.train()
         x = torch.randn(2, *shape, device=device)
         tracer = _UseTracer(names, stack)
-        with torch.enable_grad(), tracer:
+        with set_mode(model, True), torch.enable_grad(), tracer:
             model(x)
     finally:
         for h in handles:
@@ -192,7 +191,6 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
-        model.train(was_training)
     used = {u.param for u in tracer.uses}
     unused = [n for n in params if n not in used]
     effective = tracer.applied + sum(params[n].numel() for n in unused)
@@ -202,15 +200,10 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
 def count_flops(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> int:
     """FLOPs of one forward pass on one image (eval mode, no grad)."""
     shape = _resolve_shape(model, input_shape)
-    was_training = model.training
     device = next(model.parameters()).device
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, *shape, device=device))
-    finally:
-        model.train(was_training)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(torch.zeros(1, *shape, device=device))
     return int(counter.get_total_flops())
 
 

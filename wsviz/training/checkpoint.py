@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from wsviz.errors import WsvizError
+from wsviz.models.modes import eval_mode
 
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
@@ -44,12 +45,8 @@ def _atomic_write(path: Path, write) -> None:
 def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
     """Write ``model``'s weights and ``card`` into ``folder`` atomically; returns the folder."""
     folder = Path(folder)
-    was_training = model.training
-    model.eval()  # e2cnn caches its expanded filters in eval mode: store only real state
-    try:
+    with eval_mode(model):  # e2cnn caches its expanded filters in eval mode: store only real state
         _atomic_write(folder / WEIGHTS, lambda p: save_model(model, p))
-    finally:
-        model.train(was_training)
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
     _atomic_write(folder / CARD, lambda p: Path(p).write_text(text))
     return folder
