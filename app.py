@@ -6,7 +6,7 @@ import streamlit as st
 
 from pages._shared import available_variants
 
-st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon="🔁", layout="wide")
+st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
 
 PAGES = [
     st.Page("pages/models.py", title="Models", icon=":material/view_module:", default=True),

@@ -1,11 +1,17 @@
-"""App responsiveness in a real browser (headless Chromium via Playwright).
+"""App responsiveness in a real browser (headless Debian Chromium driven by Playwright).
 
-* cold start: from launching ``streamlit run app.py`` to the first page showing its model table
-  (the list appears before the parameter counts fill in) — target 3 s;
+* cold start: from launching ``streamlit run app.py`` to the Models page showing its model
+  table — target 3 s. Measured ``--starts`` times (median reported) and, in the same run, for
+  a bare Streamlit app that shows one small table: the framework's own floor on this machine
+  (server start, page load, websocket, a dataframe's first render), so the ratio says what
+  wsviz adds on top of Streamlit. Each is taken with a fresh browser profile (nothing cached)
+  and with a browser that has opened the app before (Streamlit's static files in its HTTP
+  cache: what a researcher who restarts the app sees).
 * scale slider: time from moving the Scale page's slider to every variant's prediction being
-  redrawn, with 6 variants chosen, on CPU — target 0.3 s. Reported: median of several moves.
+  redrawn, with 6 variants chosen, on CPU — target 0.3 s. Median of ``--moves`` moves, each
+  after the previous update has settled (so one move's image fetches don't bleed into the next).
 
-    python -m benchmarks.bench_app [--moves 7] [--json out.json]
+    python -m benchmarks.bench_app [--starts 3] [--moves 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +35,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 SIX = ["scale-resnet20", "scale-wsms-1x1", "scale-msnet-1x1", "scale-msws-vanilla", "scale-msws-shared",
        "scale-sharesnet"]
+BARE_APP = """import pandas as pd
+import streamlit as st
+st.title("bare")
+st.dataframe(pd.DataFrame({"name": ["a", "b", "c"], "params": [1, 2, 3]}), hide_index=True)
+"""
 
 
 def free_port() -> int:
@@ -36,57 +48,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def server(script: Path, cwd: Path, env: dict):
+    """Start ``streamlit run script``; yields (port, t0) with t0 taken just before the launch."""
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+                             "--server.headless", "true"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"streamlit exited with {proc.returncode}") from None
+                time.sleep(0.05)
+        yield port, t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def cold_start(browser, script: Path, cwd: Path, env: dict, context=None) -> float:
+    """Seconds from launching the server to the first table on screen; a fresh browser profile
+    unless ``context`` (a browser context that has seen the app before: its HTTP cache holds
+    Streamlit's static files, as a researcher's browser does when they restart the app)."""
+    page = context.new_page() if context else browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        with server(script, cwd, env) as (port, t0):
+            page.goto(f"http://localhost:{port}/")
+            page.wait_for_selector("[data-testid=stDataFrame]", timeout=120_000)
+            return time.perf_counter() - t0
+    finally:
+        page.close()
+
+
+def slider_moves(browser, env: dict, moves: int) -> list[float]:
+    with server(ROOT / "app.py", ROOT, env) as (port, _):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://localhost:{port}/scale?variants={','.join(SIX)}")
+        page.wait_for_function(f"document.querySelectorAll('[data-testid=stMetric]').length >= {len(SIX)}",
+                               timeout=120_000)
+        slider = page.locator("[data-testid=stSlider] input[type=range]").first
+        # The model input is drawn after every prediction: once it changed, all of them are up to date.
+        last_img = "() => { const im = document.querySelectorAll('[data-testid=stImage] img'); " \
+                   "return im.length ? im[im.length - 1].src : ''; }"
+        times = []
+        for i in range(moves):
+            page.wait_for_timeout(500)  # let the previous update finish (image fetches) before timing this one
+            before = page.evaluate(last_img)
+            slider.focus()
+            t1 = time.perf_counter()
+            page.keyboard.press("ArrowLeft" if i % 2 else "ArrowRight")
+            page.wait_for_function(f"({last_img})() !== {json.dumps(before)}", timeout=60_000)
+            times.append(time.perf_counter() - t1)
+            assert page.locator("[data-testid=stMetric]").count() >= len(SIX)
+        return times
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--moves", type=int, default=7)
+    ap.add_argument("--starts", type=int, default=3)
+    ap.add_argument("--moves", type=int, default=15)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    chromium = shutil.which("chromium")
-    port = free_port()
     env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp())
+    bare_dir = Path(tempfile.mkdtemp())
+    (bare_dir / "bare.py").write_text(BARE_APP)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                                 "--server.headless", "true"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
         try:
-            while True:
-                try:
-                    if urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1).read() == b"ok":
-                        break
-                except OSError:
-                    time.sleep(0.05)
-            page.goto(f"http://localhost:{port}/")
-            page.wait_for_selector("[data-testid=stDataFrame]", timeout=120_000)
-            cold = time.perf_counter() - t0
-
-            page2 = browser.new_page(viewport={"width": 1400, "height": 1000})  # a new session
-            page2.goto(f"http://localhost:{port}/scale?variants={','.join(SIX)}")
-            page = page2
-            page.wait_for_function(f"document.querySelectorAll('[data-testid=stMetric]').length >= {len(SIX)}",
-                                   timeout=120_000)
-            slider = page.locator("[data-testid=stSlider] input[type=range]").first
-            times = []
-            last_img = "() => { const im = document.querySelectorAll('[data-testid=stImage] img'); " \
-                       "return im.length ? im[im.length - 1].src : ''; }"
-            for i in range(args.moves):
-                before = page.evaluate(last_img)
-                slider.focus()
-                t1 = time.perf_counter()
-                page.keyboard.press("ArrowLeft" if i % 2 else "ArrowRight")
-                # the last variant's rescaled input is redrawn last: wait until it changed
-                page.wait_for_function(f"({last_img})() !== {json.dumps(before)}", timeout=60_000)
-                times.append(time.perf_counter() - t1)
-                assert page.locator("[data-testid=stMetric]").count() >= len(SIX)
+            cached = browser.new_context(viewport={"width": 1400, "height": 1000})
+            cold_start(browser, bare_dir / "bare.py", bare_dir, env, cached)  # warms the OS file cache and `cached`
+            wsviz, bare, wsviz_cached, bare_cached = [], [], [], []
+            for _ in range(args.starts):  # interleaved, so drift in machine load hits both alike
+                wsviz.append(cold_start(browser, ROOT / "app.py", ROOT, env))
+                bare.append(cold_start(browser, bare_dir / "bare.py", bare_dir, env))
+                wsviz_cached.append(cold_start(browser, ROOT / "app.py", ROOT, env, cached))
+                bare_cached.append(cold_start(browser, bare_dir / "bare.py", bare_dir, env, cached))
+            times = slider_moves(browser, env, args.moves)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
             browser.close()
-    result = {"cold_start_s": round(cold, 2), "slider_update_s_median": round(statistics.median(times), 3),
+    med = statistics.median
+    result = {"cold_start_s": round(med(wsviz), 2), "cold_start_all": [round(t, 2) for t in wsviz],
+              "bare_streamlit_cold_start_s": round(med(bare), 2), "bare_all": [round(t, 2) for t in bare],
+              "cold_start_vs_bare": round(med(wsviz) / med(bare), 2),
+              "cold_start_cached_browser_s": round(med(wsviz_cached), 2),
+              "bare_cached_browser_s": round(med(bare_cached), 2),
+              "cached_vs_bare": round(med(wsviz_cached) / med(bare_cached), 2),
+              "slider_update_s_median": round(statistics.median(times), 3),
               "slider_update_s_all": [round(t, 3) for t in times], "variants": SIX}
     print(json.dumps(result, indent=2))
     if args.json:

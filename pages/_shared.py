@@ -34,7 +34,7 @@ RUNS = Path(os.environ.get("WSVIZ_RUNS", ROOT / "runs"))
 @st.cache_data(ttl=5, show_spinner=False)
 def available_variants() -> dict[str, str]:
     """{label: checkpoint folder} for shipped checkpoints and finished runs."""
-    from wsviz.training.checkpoint import read_card
+    from wsviz.training.cards import read_card
 
     found: dict[str, str] = {}
     if CHECKPOINTS.is_dir():
@@ -155,24 +155,37 @@ def prepared(name: str, data: bytes, model):
 
 
 def show_predictions(name: str, data: bytes, variants: list[str], transform=None) -> list[dict]:
-    """One column per variant: the (optionally transformed) model input, predicted class, confidence.
+    """One column per variant with its predicted class and confidence, then the model input.
 
     ``transform(batch) -> batch`` is applied to the prepared (1, C, H, W) input (rescale, rotate).
-    Returns the rows shown; stops at the first variant the image cannot be prepared for.
+    The image is decoded and transformed once per input shape, and each distinct input is
+    shown once (variants trained on the same data see the same input). Returns the rows shown;
+    stops at the first variant the image cannot be prepared for.
     """
     from wsviz.analysis.sweeps import predict
+    from wsviz.models import input_shape
 
-    rows = []
-    for col, label in zip(st.columns(len(variants)), variants):
+    rows, inputs, users = [], {}, {}
+    for label in variants:
         model, _ = get_variant(label)
-        x = prepared(name, data, model)
-        if x is None:
+        shape = input_shape(model)[:2]
+        if shape not in inputs:
+            x = prepared(name, data, model)
+            inputs[shape] = None if x is None else (x.unsqueeze(0) if transform is None else transform(x.unsqueeze(0)))
+        xb = inputs[shape]
+        if xb is None:
             break
-        xb = x.unsqueeze(0) if transform is None else transform(x.unsqueeze(0))
         pred, prob = predict(model, xb)
-        p, conf = int(pred[0]), float(prob[0, int(pred[0])])
-        col.image(xb[0].permute(1, 2, 0).numpy() if xb.shape[1] == 3 else xb[0, 0].numpy(), caption="model input",
-                  clamp=True, width=120)
-        col.metric(label, f"class {p}", f"{100 * conf:.1f}% confident", delta_color="off", delta_arrow="off")
-        rows.append({"image": name, "variant": label, "predicted": p, "confidence": conf})
+        p = int(pred[0])
+        rows.append({"image": name, "variant": label, "predicted": p, "confidence": float(prob[0, p])})
+        users.setdefault(shape, []).append(label)
+    for col, row in zip(st.columns(max(len(rows), 1)), rows):
+        col.metric(row["variant"], f"class {row['predicted']}", f"{100 * row['confidence']:.1f}% confident",
+                   delta_color="off", delta_arrow="off")
+    # Drawn last, so a redrawn input means every prediction above it is already up to date.
+    for col, (shape, labels) in zip(st.columns(max(len(users), 6)), users.items()):
+        xb = inputs[shape]
+        col.image(xb[0].permute(1, 2, 0).numpy() if xb.shape[1] == 3 else xb[0, 0].numpy(), clamp=True, width=120,
+                  caption=f"model input {shape[0]}×{shape[1]}×{shape[1]}" + ("" if len(users) == 1 else
+                                                                        f" ({', '.join(labels)})"))
     return rows

@@ -6,8 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from pages._shared import available_variants, chosen_variants, download_table, figure, get_variant, show_error
-from wsviz.analysis.zoo import spec_row, zoo_table
-from wsviz.models import create_model, get_spec, list_models, summarize
+from wsviz.catalog import families as catalog_families
+from wsviz.catalog import load_catalog
 
 st.title("Model zoo")
 st.write(
@@ -17,35 +17,17 @@ st.write(
     "one image at the model's input size (a multiply-add is 2 FLOPs)."
 )
 
-families = sorted({s.family for s in list_models()})
+families = catalog_families()
 chosen = st.multiselect("Families", families, default=families, key="families")
-
-
-@st.cache_data(show_spinner=False, persist="disk")
-def _table(family: str) -> list[dict]:
-    return zoo_table(list_models(family))
-
-
-table = st.empty()
-if chosen:
-    # The registry itself is instant; counting builds every model (the first time only:
-    # results are cached on disk), so show the list first and fill in the numbers.
-    table.dataframe(pd.DataFrame([spec_row(s) for s in list_models() if s.family in chosen])
-                    [["name", "family", "input", "classes", "defaults", "paper"]], hide_index=True)
-rows: list[dict] = []
-bar = st.progress(0.0, text="Counting parameters and FLOPs…") if chosen else None
-for i, fam in enumerate(chosen):
-    if bar is not None:
-        bar.progress(i / len(chosen), text=f"Counting parameters and FLOPs: {fam}…")
-    rows += _table(fam)
-if bar is not None:
-    bar.empty()
+# Precomputed from the registry (wsviz/catalog.json, checked against a live count by the tests):
+# the table appears before torch is even imported.
+rows = [r for r in load_catalog() if r["family"] in chosen]
 
 if rows:
     df = pd.DataFrame(rows)
     cols = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression",
             "gflops", "sign_mask_params", "defaults", "paper"]
-    table.dataframe(
+    st.dataframe(
         df[cols], hide_index=True,
         column_config={
             "unique_params": st.column_config.NumberColumn("unique params", format="localized"),
@@ -69,7 +51,7 @@ else:
 st.header("Trained variants")
 variants = available_variants()
 if variants:
-    from wsviz.training.checkpoint import read_card
+    from wsviz.training.cards import read_card
 
     vrows = []
     for label, path in variants.items():
@@ -89,13 +71,25 @@ st.header("Sharing map")
 st.write("For every weight a model applies more than once: where, how often, and at what shape. "
          "Traced from one forward pass, so it shows what the network really does.")
 source = st.radio("Model", ["a trained variant", "a registered architecture"], horizontal=True)
-try:
-    if source == "a trained variant" and variants:
-        label = st.selectbox("Variant", list(variants), key="map-variant")
+# Tracing needs torch (seconds to import): it runs once a model is chosen, so the page opens at once.
+if source == "a trained variant" and variants:
+    label = st.selectbox("Variant", list(variants), key="map-variant", index=None,
+                         placeholder="Choose a trained variant to trace its sharing…")
+    name = None
+else:
+    label = None
+    names = [r["name"] for r in load_catalog()]
+    name = st.selectbox("Architecture", names, key="map-arch", index=None,
+                        placeholder="Choose an architecture to trace its sharing…")
+
+
+def sharing_map(label: str | None, name: str | None) -> None:
+    """Trace one forward of the chosen model and tabulate every weight it applies more than once."""
+    from wsviz.models import create_model, get_spec, summarize
+
+    if label is not None:
         model = get_variant(label)[0]
     else:
-        name = st.selectbox("Architecture", [s.name for s in list_models()], key="map-arch",
-                            index=[s.name for s in list_models()].index("shardnet_vgg"))
         st.caption(get_spec(name).description)
         model = create_model(name)
     s = summarize(model)
@@ -114,8 +108,15 @@ try:
         download_table(map_rows, "sharing_map")
     else:
         st.info("No weight of this model is applied more than once: it shares nothing.")
-except Exception as exc:  # noqa: BLE001
-    show_error(exc)
+
+
+if label is None and name is None:
+    st.caption("The sharing map appears here once a model is chosen.")
+else:
+    try:
+        sharing_map(label, name)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built or loaded is shown, not fatal
+        show_error(exc)
 
 # ------------------------------------------------------------------- fair comparison
 st.header("Fair comparison")

@@ -17,11 +17,13 @@ def set_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     expanded filter in eval mode) stay consistent; this happens even when the body raises.
     """
     flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    if any(flag != training for _, flag in flags):  # a loaded model is usually in eval mode already
+        model.train(training)
     try:
         yield model
     finally:
-        model.train(flags[0][1])
+        if any(m.training != flag for m, flag in flags):
+            model.train(flags[0][1])
         for m, flag in flags:  # pre-order: a parent's train() is corrected by its children after
             if m.training != flag:
                 m.train(flag)

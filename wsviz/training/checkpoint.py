@@ -21,9 +21,7 @@ from torch import nn
 
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
-
-WEIGHTS = "weights.safetensors"
-CARD = "card.json"
+from wsviz.training.cards import CARD, WEIGHTS, read_card
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -50,19 +48,6 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
     _atomic_write(folder / CARD, lambda p: Path(p).write_text(text))
     return folder
-
-
-def read_card(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / CARD
-    if not path.is_file():
-        raise WsvizError(f"No model card at {path}: this is not a wsviz checkpoint folder (it needs {CARD} and {WEIGHTS}).")
-    try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WsvizError(f"The model card {path} is not valid JSON ({exc}); re-create the checkpoint.") from exc
-    if not isinstance(card, dict) or "model" not in card or not isinstance(card.get("config", {}), dict):
-        raise WsvizError(f"The model card {path} does not name a model; re-create the checkpoint.")
-    return card
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -1,0 +1,63 @@
+"""The model zoo as a table, precomputed: registry metadata plus exact accounting per model.
+
+Counting parameters and FLOPs builds every registered model (about 40 s on 2 CPU cores, the
+ImageNet ResNets dominate) and needs torch, which alone takes seconds to import. The app's
+first page shows this table at once from ``catalog.json``, written by
+
+    python -m wsviz.catalog            # regenerate after changing the registry
+
+and ``tests/test_catalog.py`` rebuilds it from the live registry and compares, so the shipped
+file cannot drift from the code. Loading it imports neither torch nor the model package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+PATH = Path(__file__).with_name("catalog.json")
+COLUMNS = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression", "gflops",
+           "sign_mask_params", "defaults", "paper", "description"]
+
+
+@lru_cache(maxsize=1)
+def _load(path: str) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(Path(path).read_text())["models"])
+
+
+def load_catalog(path: str | Path = PATH) -> list[dict[str, Any]]:
+    """One row per registered model (default configuration), from the shipped file."""
+    return [dict(r) for r in _load(str(path))]
+
+
+def families(path: str | Path = PATH) -> list[str]:
+    return sorted({r["family"] for r in _load(str(path))})
+
+
+def build_catalog(progress=None) -> list[dict[str, Any]]:
+    """The same rows computed from the live registry (builds every model)."""
+    from wsviz.analysis.zoo import zoo_table
+
+    return [{k: r[k] for k in COLUMNS} for r in zoo_table(progress=progress)]
+
+
+def write_catalog(path: str | Path = PATH) -> Path:
+    rows = build_catalog(progress=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", flush=True))
+    Path(path).write_text(json.dumps({"generated_by": "python -m wsviz.catalog", "models": rows}, indent=1) + "\n")
+    _load.cache_clear()
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m wsviz.catalog", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(PATH))
+    args = ap.parse_args(argv)
+    print(f"wrote {write_catalog(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
