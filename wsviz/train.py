@@ -13,6 +13,7 @@ ends as done, failed (with the reason) or cancelled (SIGTERM).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -122,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def finish(status: str, reason: str | None = None, **kw) -> None:
         if store is not None:
-            store.finish(args.run_id, status, reason, **kw)
+            try:
+                store.finish(args.run_id, status, reason, **kw)
+            except Exception:  # noqa: BLE001 - e.g. the disk holding the run store is full too:
+                traceback.print_exc()  # the store marks the run failed once this process is gone
 
     signal.signal(signal.SIGTERM, on_term)
     try:
@@ -159,11 +163,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except Exception as exc:  # anything else: record why, keep the traceback in the log
         traceback.print_exc()
-        reason = f"{type(exc).__name__}: {exc}"
-        if "out of memory" in str(exc).lower():
-            reason = f"out of memory ({exc}); use a smaller batch size or model"
+        reason = failure_reason(exc)
+        print(f"error: {reason}", file=sys.stderr)
         finish("failed", reason)
-        return 1
+        return 3 if reason.startswith(("out of memory", "the disk is full")) else 1
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What the run store says about a failed run: plain words and what to do first."""
+    text = str(exc)
+    low = text.lower()
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if full or "no space left on device" in low or "disk quota exceeded" in low:  # safetensors' own error too
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        what = (exc.strerror if isinstance(exc, OSError) else None) or text.splitlines()[0][:200]
+        return (f"the disk is full ({what}{where}) while saving the checkpoint; free some space and start the run "
+                "again — the last complete checkpoint, if any, is kept")
+    if "out of memory" in low or "can't allocate memory" in low or "cannot allocate memory" in low:
+        return f"out of memory ({text.splitlines()[0][:300]}); use a smaller batch size or model"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _wait_for_slot(store, args: argparse.Namespace) -> None:

@@ -212,7 +212,23 @@ class RunStore:
                                 ("the training process died without finishing (killed, out of memory, or "
                                  "crashed); the last epoch's checkpoint, if any, is kept", time.time(), run_id))
                 dead.append(run_id)
+        for run_id in dead:
+            self._remove_partial_files(run_id)
         return dead
+
+    def _remove_partial_files(self, run_id: str) -> None:
+        """A process killed while saving leaves its temporary file (``.NAME.XXXX.tmp``, never a
+        file under its final name): remove those of a run that is known to be dead."""
+        try:
+            folder = self.run_dir(run_id)
+        except WsvizError:
+            return
+        for tmp in folder.rglob(".*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
 
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
