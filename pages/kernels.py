@@ -48,7 +48,7 @@ for col, label in zip(cols, variants):
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 if panels:
-    figure(top_kernels_figure(panels, cols=16, title=f"Top-{k} kernels"), "top_kernels")
+    figure(top_kernels_figure(panels, title=f"Top-{k} kernels"), "top_kernels")
     download_table(rows, "top_kernels")
     labels = list(panels)
     sims = []

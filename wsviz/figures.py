@@ -31,18 +31,29 @@ def kernel_mosaic(kernels: np.ndarray, cols: int = 16, gap: int = 1) -> np.ndarr
     return out
 
 
-def top_kernels_figure(panels: dict[str, np.ndarray], cols: int = 16, title: str = "") -> go.Figure:
-    """Side-by-side mosaics of top-k kernels, one panel per model (Aich et al. Fig. 3/4)."""
+def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, title: str = "",
+                       width: int = 1100) -> go.Figure:
+    """Side-by-side mosaics of top-k kernels, one panel per model (Aich et al. Fig. 3/4).
+
+    Mosaics are near-square (``cols`` defaults to ceil(sqrt(k))) and the figure's height follows
+    their aspect ratio at a page ``width`` in pixels, so the kernels fill their panels.
+    """
     names = list(panels)
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
+    k, h, w = next(iter(panels.values())).shape
+    cols = cols or math.ceil(math.sqrt(k))
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
+    aspect = 1.0
     for j, name in enumerate(names, start=1):
         mosaic = kernel_mosaic(panels[name], cols)
+        aspect = mosaic.shape[0] / mosaic.shape[1]
         fig.add_trace(go.Heatmap(z=mosaic, colorscale=DIVERGING, zmin=-1, zmax=1, showscale=j == len(names),
                                  hovertemplate="%{z:.2f}<extra>" + name + "</extra>"), 1, j)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{j if j > 1 else ''}", showticklabels=False, row=1, col=j)
-        fig.update_xaxes(showticklabels=False, row=1, col=j)
-    fig.update_layout(title=title, height=max(320, 40 * math.ceil(len(next(iter(panels.values()))) / cols) + 120),
-                      margin=dict(l=10, r=10, t=60, b=10))
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{j if j > 1 else ''}", constrain="domain",
+                         showticklabels=False, showgrid=False, zeroline=False, row=1, col=j)
+        fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", row=1, col=j)
+    panel = (width - 120) / len(names)
+    fig.update_layout(title=title, height=int(min(900, max(220, panel * aspect + 90))),
+                      margin=dict(l=10, r=10, t=70, b=10), plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 
