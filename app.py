@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import available_variants
+from pages._shared import available_variants, plain, refused_checkpoints
 
 st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
 
@@ -31,6 +31,12 @@ with st.sidebar:
                    help="Shipped checkpoints (checkpoints/) and finished training runs.")
     if not variants:
         st.warning("No checkpoints found. Train one on the Train page, or run `python -m wsviz.zoo retrain`.")
+    refused = refused_checkpoints()
+    if refused:
+        # Never dropped silently: each checkpoint that cannot be used is listed with the reason.
+        with st.expander(f"{len(refused)} checkpoint(s) cannot be used", icon=":material/warning:"):
+            for label, reason in refused.items():
+                st.markdown(f"**{plain(label)}**: {plain(reason)}")
     st.caption("wsviz: multi-scale atrous sharing, WSMS-Net, RepeatNet, ShaRDNet, ShaResNet and e2cnn "
                "steerable baselines, compared honestly.")
 nav.run()

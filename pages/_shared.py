@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -32,49 +33,131 @@ RUNS = Path(os.environ.get("WSVIZ_RUNS", ROOT / "runs"))
 
 
 @st.cache_data(ttl=5, show_spinner=False)
-def available_variants() -> dict[str, str]:
-    """{label: checkpoint folder} for shipped checkpoints and finished runs."""
-    from wsviz.training.cards import read_card
+def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
+    """({label: checkpoint folder}, {label: why it cannot be used}) for shipped checkpoints and finished runs.
 
-    found: dict[str, str] = {}
+    Reads only cards and the weights' headers (no torch): a folder without its two files, an
+    unreadable card, a pickle under the weights' name or a truncated file is refused here, with
+    the reason, never silently left out.
+    """
+    from wsviz.training.cards import check_weights, read_card
+
+    candidates: dict[str, Path] = {}
+    refused: dict[str, str] = {}
     if CHECKPOINTS.is_dir():
         for d in sorted(CHECKPOINTS.iterdir()):
-            if (d / "card.json").is_file() and (d / "weights.safetensors").is_file():
-                found[d.name] = str(d)
+            if d.is_dir() and not d.name.startswith((".", "_")):
+                candidates[d.name] = d
     if (RUNS / "wsviz.db").is_file():
         from wsviz.training.runstore import RunStore
 
         for run in RunStore(RUNS).list("done"):
-            ck = Path(run.out_dir) / "checkpoint"
-            if (ck / "card.json").is_file():
-                found[f"run:{run.name} ({run.id[-6:]})"] = str(ck)
-    for label, path in list(found.items()):
+            candidates[f"run:{run.name} ({run.id[-6:]})"] = Path(run.out_dir) / "checkpoint"
+    found: dict[str, str] = {}
+    for label, d in candidates.items():
         try:
-            read_card(path)
-        except WsvizError:
-            del found[label]
-    return found
+            read_card(d)
+            check_weights(d)
+        except WsvizError as exc:
+            refused[label] = str(exc)
+        else:
+            found[label] = str(d)
+    return found, refused
+
+
+# Checkpoints that could not be loaded: {folder: (files' stamp, reason)}. Kept for the process
+# (like load_variant's cache), so a bad checkpoint is reported once and then listed as refused;
+# a checkpoint that is fixed (its files change) is tried again.
+_LOAD_FAILURES: dict[str, tuple[tuple, str]] = {}
+
+
+def _stamp(path: str) -> tuple | None:
+    from wsviz.training.cards import CARD, WEIGHTS
+
+    try:
+        c, w = (Path(path) / CARD).stat(), (Path(path) / WEIGHTS).stat()
+    except OSError:
+        return None
+    return c.st_mtime_ns, c.st_size, w.st_mtime_ns, w.st_size
+
+
+def _failed(path: str) -> str | None:
+    record = _LOAD_FAILURES.get(path)
+    return record[1] if record is not None and record[0] == _stamp(path) else None
+
+
+def available_variants() -> dict[str, str]:
+    """{label: checkpoint folder} of the checkpoints that can be used."""
+    return {label: path for label, path in scan_checkpoints()[0].items() if _failed(path) is None}
+
+
+available_variants.clear = scan_checkpoints.clear  # the Train page refreshes the list when a run ends
+
+
+def refused_checkpoints() -> dict[str, str]:
+    """{label: reason} of the checkpoints found that cannot be used."""
+    found, refused = scan_checkpoints()
+    failed = {label: _failed(path) for label, path in found.items()}
+    return {**refused, **{label: why for label, why in failed.items() if why is not None}}
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=32)
-def load_variant(path: str, mtime: float):
-    """(model, card) for a checkpoint folder; cached per folder and card modification time."""
+def load_variant(path: str, stamp: tuple):
+    """(model, card) for a checkpoint folder; cached per folder and its files' modification times and sizes."""
     from wsviz.training.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
 
 def get_variant(label: str):
+    """(model, card) of a listed variant; a checkpoint that cannot be loaded raises a WsvizError and is listed
+    as refused from then on (until its files change)."""
     path = available_variants()[label]
-    return load_variant(path, (Path(path) / "card.json").stat().st_mtime)
+    stamp = _stamp(path)
+    if stamp is None:
+        raise WsvizError(f"The checkpoint {path} of {label!r} has gone (its card or weights were removed).")
+    try:
+        return load_variant(path, stamp)
+    except WsvizError as exc:  # the checkpoint is at fault (other errors may pass: they are not remembered)
+        _LOAD_FAILURES[path] = (stamp, str(exc))
+        raise
 
 
-def chosen_variants(default_prefix: str | None = None, key: str = "variants") -> list[str]:
-    """The variants chosen in the sidebar (set in app.py), optionally narrowed by prefix."""
-    chosen = [v for v in st.session_state.get(key, []) if v in available_variants()]
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, WsvizError) else f"{type(exc).__name__}: {exc}"
+
+
+def chosen_variants(default_prefix: str | None = None, key: str = "variants", load: bool = True) -> list[str]:
+    """The variants chosen in the sidebar (set in app.py), optionally narrowed by prefix.
+
+    Each is loaded here (cached), so a page only ever gets variants it can use: one that cannot be
+    loaded is shown as an error, with the reason, and left out. ``load=False`` only lists them
+    (a page that loads them later, on request, and handles the error itself).
+    """
+    usable = available_variants()
+    chosen = [v for v in st.session_state.get(key, []) if v in usable]
     if default_prefix and not chosen:
-        chosen = [v for v in available_variants() if v.startswith(default_prefix)]
-    return chosen
+        chosen = [v for v in usable if v.startswith(default_prefix)]
+    if not load:
+        return chosen
+    ok = []
+    for label in chosen:
+        try:
+            get_variant(label)
+        except Exception as exc:  # noqa: BLE001 - shown; the page goes on with the others
+            st.error(f"Variant {plain(label)} cannot be used: {plain(_reason(exc))}")
+        else:
+            ok.append(label)
+    return ok
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
+
+
+def plain(text: object) -> str:
+    """``text`` escaped for st.markdown/st.error: names and messages from files on disk show as written
+    (no links, images or HTML made out of them)."""
+    return _MARKDOWN.sub(r"\\\1", str(text))
 
 
 def show_error(exc: Exception) -> None:
@@ -167,7 +250,11 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
 
     rows, inputs, users = [], {}, {}
     for label in variants:
-        model, _ = get_variant(label)
+        try:
+            model, _ = get_variant(label)
+        except Exception as exc:  # noqa: BLE001 - e.g. a variant chosen on the page itself, not in the sidebar
+            st.error(f"Variant {plain(label)} cannot be used: {plain(_reason(exc))}")
+            continue
         shape = input_shape(model)[:2]
         if shape not in inputs:
             x = prepared(name, data, model)

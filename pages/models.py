@@ -122,13 +122,17 @@ else:
 st.header("Fair comparison")
 st.write("Accuracy against unique parameters and FLOPs for the variants chosen in the sidebar, re-evaluated on "
          "each card's test split, with McNemar's test and a paired bootstrap CI for every pair on the same data.")
-chosen = chosen_variants()
+chosen = chosen_variants(load=False)  # loaded only when asked: the first page stays free of torch
 if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
     from wsviz.analysis.stats import fair_comparison, pairwise_significance
     from wsviz.figures import fair_figure
 
-    with st.spinner("Re-evaluating…"):
-        rows = fair_comparison([variants[v] for v in chosen])
+    try:
+        with st.spinner("Re-evaluating…"):
+            rows = fair_comparison([variants[v] for v in chosen])
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
+        show_error(exc)
+        st.stop()
     table = [{"name": v, "model": r.model, "dataset": r.dataset, "accuracy": r.accuracy,
               "unique_params": r.unique_params, "effective_params": r.effective_params, "flops": r.flops}
              for v, r in zip(chosen, rows)]

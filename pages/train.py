@@ -48,9 +48,9 @@ if go_:
             raise WsvizError('Model options must be a JSON object, e.g. {"sharing": "shared"}.')
         cfg = TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), optimizer=optimizer,
                           schedule=schedule, weight_decay=float(wd), max_batches=int(max_batches) or None)
-        from wsviz.training.run import build_for_dataset
+        from wsviz.training.run import check_trainable
 
-        build_for_dataset(model, dataset, opts)  # refuse bad options here, not in the background
+        check_trainable(model, dataset, opts)  # refuse bad options or an absurd size here, not in the background
         run = launch(store, model, dataset, cfg, overrides=opts, name=run_name or None)
         st.success(f"Launched run {run.name} ({run.id}).")
         st.session_state["watch"] = run.id

@@ -144,6 +144,9 @@ def test_ten_trainings_sigkilled_at_random_points(tmp_path):
                 os.kill(run.pid, signal.SIGKILL)
         time.sleep(0.05)
 
+    t0 = time.time()  # a SIGKILL is delivered asynchronously: give the last ones a moment to die
+    while any(r.active for r in list_runs(store)) and time.time() - t0 < 30:  # as the app refreshes its list
+        time.sleep(0.1)
     runs = {r.id: r for r in list_runs(store)}  # what the app does on every refresh: reconcile, then list
     assert len(runs) == 10
     integrity_ok(store)
@@ -290,13 +293,16 @@ def test_missing_dataset_at_run_time_fails_the_run(tmp_path):
     ({"cfg": TrainConfig(lr=1e6)}, "learning rate"), ({"cfg": TrainConfig(batch_size=10**9)}, "batch size"),
     ({"cfg": TrainConfig(epochs=10**7)}, "epochs"), ({"dataset": "imagenet-22k"}, "Unknown dataset"),
     ({"model": "resnet_digitz"}, "resnet_digits"), ({"name": "../../etc/cron.d/x"}, "Run name"),
+    ({"overrides": {"base_width": 100000}}, "parameters"),  # refused on the meta device, no memory spent
+    ({"overrides": {"base_widht": 8}}, "Did you mean 'base_width'"),  # a typo is an error, not ignored
+    ({"overrides": {"base_width": "wide"}}, "base_width"),
 ])
 def test_bad_launches_are_refused_before_anything_is_recorded(tmp_path, kwargs, needle):
     store = RunStore(tmp_path / "runs")
     args = {"model": "resnet_digits", "dataset": "mnist5k", "cfg": TrainConfig(epochs=1), **kwargs}
     name = args.pop("name", None)
     with pytest.raises(WsvizError, match=needle):
-        launch(store, args["model"], args["dataset"], args["cfg"], name=name)
+        launch(store, args["model"], args["dataset"], args["cfg"], name=name, overrides=args.get("overrides"))
     assert store.list() == []
     assert sorted(os.listdir(store.root)) == sorted(p for p in os.listdir(store.root) if p.startswith("wsviz.db"))
 

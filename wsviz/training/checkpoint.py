@@ -1,16 +1,17 @@
 """Checkpoints: safetensors weights + a JSON model card, written atomically, loaded without pickle.
 
-A checkpoint is a folder holding ``weights.safetensors`` and ``card.json``. Each file is
-written to a temporary name in the same folder and renamed into place (weights first, then
-the card), so a crash never leaves a half-written file under its final name, and a card is
-only ever next to the weights it describes.
+A checkpoint is a folder holding ``weights.safetensors`` and ``card.json``. Both are written
+to temporary names in the same folder and then renamed into place (weights, then the card,
+microseconds apart), so a crash never leaves a half-written file under its final name.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
-from wsviz.training.cards import CARD, WEIGHTS, read_card
+from wsviz.training.cards import CARD, WEIGHTS, check_weights, read_card
 
 
-def _atomic_write(path: Path, write) -> None:
+def _write_temp(path: Path, write) -> str:
+    """Write a file next to ``path`` under a temporary name (``.NAME.XXXX.tmp``), synced; returns that name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -33,39 +36,179 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+    return tmp
+
+
+def _discard(tmp: str) -> None:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
-    """Write ``model``'s weights and ``card`` into ``folder`` atomically; returns the folder."""
+    """Write ``model``'s weights and ``card`` into ``folder`` atomically; returns the folder.
+
+    Both files are written and synced under temporary names first and only then renamed into
+    place, weights just before the card: a crash while writing (a kill, a full disk) leaves the
+    previous checkpoint whole, and the two renames are microseconds apart.
+    """
     folder = Path(folder)
-    with eval_mode(model):  # e2cnn caches its expanded filters in eval mode: store only real state
-        _atomic_write(folder / WEIGHTS, lambda p: save_model(model, p))
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
-    _atomic_write(folder / CARD, lambda p: Path(p).write_text(text))
+    with eval_mode(model):  # e2cnn caches its expanded filters in eval mode: store only real state
+        tmp_w = _write_temp(folder / WEIGHTS, lambda p: save_model(model, p))
+    try:
+        tmp_c = _write_temp(folder / CARD, lambda p: Path(p).write_text(text))
+    except BaseException:
+        _discard(tmp_w)
+        raise
+    try:
+        os.replace(tmp_w, folder / WEIGHTS)
+        os.replace(tmp_c, folder / CARD)
+    except BaseException:
+        _discard(tmp_w)
+        _discard(tmp_c)
+        raise
     return folder
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a card names and load its weights (safetensors only: no pickle, no code runs)."""
+    """Rebuild the model a card names and load its weights (safetensors only: no pickle, no code runs).
+
+    Only ``card.json`` and ``weights.safetensors`` are read; any other file in the folder (a
+    ``model.pt``, ``pytorch_model.bin``...) is ignored. Whatever is wrong with either file (not
+    JSON, an unknown model or option, an option of the wrong type, a pickle under the weights'
+    name, a truncated file, weights of another shape than the card's model) raises a
+    :class:`WsvizError` that says so. Weights that do not fit are refused before the model is
+    built for real (it is first built on the meta device, which allocates nothing), so a card
+    cannot make the loader allocate far more than its weights hold; e2cnn's steerable models,
+    which cannot be built on meta, are checked once built.
+    """
     from wsviz.models import create_model
 
     folder = Path(folder)
     card = read_card(folder)
-    model = create_model(card["model"], **card.get("config", {}))
+    name, config = card["model"], _checked_config(folder / CARD, card)
+    check_weights(folder)  # reads the header only: a renamed pickle or a cut file is named as such
     path = folder / WEIGHTS
-    if not path.is_file():
-        raise WsvizError(f"{path} is missing: the checkpoint is incomplete; re-create it.")
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WsvizError(f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-create it.") from exc
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _is_alias(model, k, state)]
+    meta = _meta_model(folder / CARD, name, config)
+    if meta is not None:
+        _check_fit(path, name, meta, state)
+    try:
+        model = create_model(name, **config)
+    except WsvizError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
+        raise WsvizError(f"The model card {folder / CARD} describes a {name} that cannot be built "
+                         f"({type(exc).__name__}: {exc}); re-create the checkpoint.") from exc
+    _check_fit(path, name, model, state)
+    model.load_state_dict(state, strict=False)
+    model.to(device).eval()
+    return model, card
+
+
+def _checked_config(path: Path, card: dict[str, Any], source: str | None = None,
+                    fix: str = "re-create the checkpoint") -> dict[str, Any]:
+    """The card's config, refused with the card's name unless the model exists and takes it as given."""
+    from wsviz.models import get_spec
+
+    source = source or f"The model card {path}"
+    config = card.get("config", {})
+    try:
+        spec = get_spec(card["model"])
+        defaults = spec.config()
+        spec.config(**config)  # unknown options, values outside their choices
+    except WsvizError as exc:
+        if source.startswith("The model card"):
+            raise WsvizError(f"{source} cannot be used: {exc} Re-create the checkpoint (or update wsviz, "
+                             "if a newer version wrote it).") from exc
+        raise
+    for key, value in config.items():
+        want = defaults[key]
+        if isinstance(want, bool):
+            ok, words = isinstance(value, bool) or value in (0, 1), "true or false"  # 0/1: `--set shared=1`
+        elif isinstance(want, int):
+            ok, words = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(want, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            words = "a finite number"
+        else:
+            ok, words = want is None or isinstance(value, type(want)), f"a {type(want).__name__}"
+        if not ok:
+            raise WsvizError(f"{source} gives {spec.name} the option {key}={value!r}, but it must be "
+                             f"{words} (default {want!r}); {fix}.")
+    return config
+
+
+# e2cnn's steerable layers compute their bases from real tensors: they cannot be built on the
+# meta device, so their weights are checked once the model is built for real.
+_NO_META_FAMILIES = ("equivariant",)
+# torch.device("meta") is per thread, but entering it also sets a module global that it restores
+# on exit (torch.utils._device.CURRENT_DEVICE): one meta build at a time (they take milliseconds).
+_META_LOCK = threading.Lock()
+
+
+class _NoRandomFill(TorchFunctionMode):
+    """Skips filling and scaling meta tensors, which hold no data.
+
+    PyTorch implements those operations on meta tensors in Python, and the first one imports
+    torch._dynamo (about a second); without them every model but e2cnn's builds on meta
+    without it. Modes are per thread, like torch.device("meta") itself.
+    """
+
+    FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+                       torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_,
+                       torch.Tensor.geometric_})
+    SCALINGS = frozenset({torch.Tensor.mul, torch.Tensor.__mul__, torch.mul})  # e.g. torch.rand(...) * 1e-3
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        meta = bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_meta
+        if meta and func in self.FILLS:
+            return args[0]
+        if meta and func in self.SCALINGS and len(args) == 2 and isinstance(args[1], (int, float)) and not kwargs:
+            return torch.empty_like(args[0], dtype=torch.result_type(args[0], args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def build_on_meta(name: str, config: dict[str, Any]) -> nn.Module | None:
+    """The registered model ``name`` with options ``config`` (checked: names and types) built on the
+    meta device (shapes only, no memory), or None for e2cnn models, which cannot be built there."""
+    config = _checked_config(Path(), {"model": name, "config": config}, "The model options",
+                             "change that option")
+    return _meta_model(None, name, config)
+
+
+def _meta_model(path: Path | None, name: str, config: dict[str, Any]) -> nn.Module | None:
+    """The card's model built on the meta device (shapes only, no memory), or None for e2cnn models."""
+    from wsviz.models import create_model, get_spec
+
+    if get_spec(name).family in _NO_META_FAMILIES:
+        return None
+    try:
+        with _META_LOCK, torch.device("meta"), _NoRandomFill():
+            return create_model(name, **config)
+    except WsvizError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. sizes too large to even describe
+        what = f"The model card {path} describes a {name}" if path else f"These options make a {name}"
+        raise WsvizError(f"{what} that cannot be built ({type(exc).__name__}: {exc}); "
+                         + ("re-create the checkpoint." if path else "change them.")) from exc
+
+
+def _check_fit(path: Path, name: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise a WsvizError unless ``state`` holds exactly ``model``'s tensors at their shapes."""
+    expected = model.state_dict(keep_vars=True)
+    # safetensors' save_model stores one of several names for the same tensor (e2cnn's shared
+    # basis buffers): a name is missing only if no name of its tensor is in the file.
+    groups: dict[int, list[str]] = {}
+    for k, v in expected.items():
+        groups.setdefault(_identity(v), []).append(k)
+    missing = [k for k, v in expected.items() if not any(a in state for a in groups[_identity(v)])]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
@@ -73,13 +216,10 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
             f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
             f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}" if wrong else "",
         ) if x)
-        raise WsvizError(f"The weights in {path} do not fit the model its card describes ({card['model']}): {detail}.")
-    model.load_state_dict(state, strict=False)
-    model.to(device).eval()
-    return model, card
+        raise WsvizError(f"The weights in {path} do not fit the model its card describes ({name}): {detail}. "
+                         "The card or the weights were changed or mixed up; re-create the checkpoint.")
 
 
-def _is_alias(model: nn.Module, key: str, state: dict) -> bool:
-    """safetensors' save_model drops tensors that alias another (e2cnn's shared basis buffers)."""
-    target = model.state_dict()[key]
-    return any(v.data_ptr() == target.data_ptr() for k, v in model.state_dict().items() if k in state and k != key)
+def _identity(t: torch.Tensor) -> int:
+    """Same number for tensors that are one (the same object, or the same memory once built)."""
+    return id(t) if t.is_meta else t.data_ptr()

@@ -28,10 +28,12 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     """Validate, record and start a run; returns the queued run immediately."""
     from wsviz.data.datasets import dataset_info
     from wsviz.models import get_spec
+    from wsviz.training.run import check_trainable
 
     cfg.validate()
     get_spec(model)
     dataset_info(dataset, data_root)
+    check_trainable(model, dataset, overrides, data_root)
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
     overrides = dict(overrides or {})

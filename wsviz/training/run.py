@@ -17,6 +17,7 @@ from torch import nn
 import wsviz
 from wsviz.data.datasets import dataset_info, load_split
 from wsviz.device import pick_device
+from wsviz.errors import WsvizError
 from wsviz.models import create_model, get_spec, summarize
 from wsviz.training.checkpoint import save_checkpoint
 from wsviz.training.loop import EpochMetrics, TrainConfig, TrainResult, train
@@ -24,15 +25,47 @@ from wsviz.training.loop import EpochMetrics, TrainConfig, TrainResult, train
 log = logging.getLogger(__name__)
 
 
+def _config_for(spec, info, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The dataset's channels and classes where the model takes them, then the user's options as
+    given (an unknown option is an error, not silently dropped)."""
+    known = spec.config()
+    base = {k: v for k, v in (("in_channels", info.channels), ("num_classes", info.num_classes)) if k in known}
+    return {**base, **(overrides or {})}
+
+
 def build_for_dataset(model_name: str, dataset: str, overrides: dict[str, Any] | None = None,
                       data_root: str | None = None) -> nn.Module:
     """The registered model, with channels and classes taken from the dataset unless overridden."""
     info = dataset_info(dataset, data_root)
     spec = get_spec(model_name)
-    cfg = {"in_channels": info.channels, "num_classes": info.num_classes}
-    cfg.update(overrides or {})
-    cfg = {k: v for k, v in cfg.items() if k in spec.config()}
-    return create_model(model_name, **cfg)
+    return create_model(model_name, **_config_for(spec, info, overrides))
+
+
+MAX_TRAIN_PARAMS = 500_000_000  # the largest registered model (ImageNet ResNet-152 family) has ~60M
+
+
+def check_trainable(model_name: str, dataset: str, overrides: dict[str, Any] | None = None,
+                    data_root: str | None = None, max_params: int = MAX_TRAIN_PARAMS) -> int | None:
+    """Refuse, before any memory is spent, options that are wrong or build an absurdly large model.
+
+    The model is built on the meta device (shapes only); returns its parameter count, or None for
+    e2cnn models, which cannot be built there (they are then built for real, once, to check).
+    """
+    from wsviz.training.checkpoint import build_on_meta
+
+    info = dataset_info(dataset, data_root)
+    spec = get_spec(model_name)
+    cfg = _config_for(spec, info, overrides)
+    spec.config(**cfg)  # unknown options, values outside their choices
+    meta = build_on_meta(model_name, cfg)
+    if meta is None:
+        build_for_dataset(model_name, dataset, overrides, data_root)
+        return None
+    n = sum(p.numel() for p in meta.parameters())
+    if n > max_params:
+        raise WsvizError(f"{model_name} with {overrides or {}} would have {n:,} parameters (at most {max_params:,} "
+                         "can be trained here): use smaller widths or depth.")
+    return n
 
 
 def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides: dict[str, Any],

@@ -83,7 +83,7 @@ def pid_alive(pid: int | None, start: str | None) -> bool:
 
 def safe_run_name(name: str) -> str:
     """A run name that is a plain file name (no separators, no '..'), or a WsvizError."""
-    if not _NAME_RE.match(name or "") or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise WsvizError(f"Run name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit.")
     return name
@@ -123,6 +123,8 @@ class RunStore:
 
     # ------------------------------------------------------------------ paths
     def run_dir(self, run_id: str) -> Path:
+        if not isinstance(run_id, str) or not run_id or "\x00" in run_id:
+            raise WsvizError(f"Run id {run_id!r} would leave the runs folder (it is not a run id).")
         path = (self.root / run_id).resolve()
         if path.parent != self.root:
             raise WsvizError(f"Run id {run_id!r} would leave the runs folder.")
