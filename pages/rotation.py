@@ -12,6 +12,7 @@ from pages._shared import (
     get_variant,
     pick_images,
     prepared,
+    show_error,
     show_predictions,
 )
 from wsviz.analysis.sweeps import rotation_sweep, single_image_stability
@@ -49,7 +50,11 @@ n = st.slider("Test digits", 100, 1000, 300, 100)
 step = st.select_slider("Angle step (degrees)", [5, 10, 15, 22.5, 30, 45], value=15)
 if st.button("Run the rotation sweep", type="primary") or st.session_state.get("rot-swept"):
     st.session_state["rot-swept"] = True
-    res = run_sweep(tuple(chosen), n, tuple(np.arange(0, 360 + 1e-9, step)))
+    try:
+        res = run_sweep(tuple(chosen), n, tuple(np.arange(0, 360 + 1e-9, step)))
+    except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint that cannot be loaded: say which, keep the page
+        show_error(exc)
+        st.stop()
     figure(sweep_figure(res, "accuracy", "Accuracy vs rotation of the upright test digits"), "rot-accuracy")
     mean = [{"model": m, "mean accuracy over angles": float(np.mean(a))} for m, a in res.accuracy.items()]
     st.dataframe(sorted(mean, key=lambda r: -r["mean accuracy over angles"]), hide_index=True)
@@ -71,7 +76,11 @@ live_rotation(images, chosen)
 if images:
     name, data = images[0]
     label = st.selectbox("Stability over all angles for", chosen)
-    model, _ = get_variant(label)
-    x = prepared(name, data, model)
-    if x is not None:
-        figure(stability_figure(single_image_stability(model, x, list(range(0, 360, 10)), "angle")), "rot-stability")
+    try:
+        model, _ = get_variant(label)
+        x = prepared(name, data, model)
+        if x is not None:
+            figure(stability_figure(single_image_stability(model, x, list(range(0, 360, 10)), "angle")),
+                   "rot-stability")
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc)
