@@ -123,8 +123,10 @@ def get_variant(label: str):
         raise
 
 
-def _reason(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, WsvizError) else f"{type(exc).__name__}: {exc}"
+def show_variant_error(label: str, exc: Exception) -> None:
+    """A variant that cannot be used, and why (the page goes on with the others)."""
+    reason = str(exc) if isinstance(exc, WsvizError) else f"{type(exc).__name__}: {exc}"
+    st.error(f"Variant {plain(label)} cannot be used: {plain(reason)}")
 
 
 def chosen_variants(default_prefix: str | None = None, key: str = "variants", load: bool = True) -> list[str]:
@@ -145,7 +147,7 @@ def chosen_variants(default_prefix: str | None = None, key: str = "variants", lo
         try:
             get_variant(label)
         except Exception as exc:  # noqa: BLE001 - shown; the page goes on with the others
-            st.error(f"Variant {plain(label)} cannot be used: {plain(_reason(exc))}")
+            show_variant_error(label, exc)
         else:
             ok.append(label)
     return ok
@@ -253,7 +255,7 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
         try:
             model, _ = get_variant(label)
         except Exception as exc:  # noqa: BLE001 - e.g. a variant chosen on the page itself, not in the sidebar
-            st.error(f"Variant {plain(label)} cannot be used: {plain(_reason(exc))}")
+            show_variant_error(label, exc)
             continue
         shape = input_shape(model)[:2]
         if shape not in inputs:

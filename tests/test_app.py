@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_active_runs
 
 RUNS = Path(tempfile.mkdtemp(prefix="wsviz-apptest-runs-"))
 os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
@@ -160,14 +161,4 @@ def test_train_page_refuses_bad_options():
 def _no_stray_jobs():
     """No training launched from the Train page outlives this module, even if a test fails."""
     yield
-    import signal
-
-    from wsviz.training.runstore import RunStore
-
-    if (RUNS / "wsviz.db").exists():
-        for run in RunStore(RUNS).list():
-            if run.pid and run.active:
-                try:
-                    os.kill(run.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    kill_active_runs(RUNS)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_active_runs
 from safetensors.torch import load_file
 
 from wsviz import WsvizError
@@ -38,14 +39,7 @@ SMALL = {"base_width": 8, "depth": 8}
 def _no_orphans(tmp_path):
     """Whatever happens in a test, no training process it started outlives it."""
     yield
-    db = tmp_path / "runs"
-    if (db / "wsviz.db").exists():
-        for run in RunStore(db).list():
-            if run.pid and run.active and run.pid != os.getpid():
-                try:
-                    os.kill(run.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    kill_active_runs(tmp_path / "runs")
 
 
 def check_checkpoint(folder: Path) -> dict | None:

@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_active_runs
 from safetensors.torch import load_file, save_file
 
 from wsviz import WsvizError
@@ -566,13 +566,7 @@ def app_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     repo_after = repo_files()
-    if runs.exists() and (runs / "wsviz.db").exists():  # belt and braces: nothing launched outlives the test
-        for r in RunStore(runs).list():
-            if r.pid and r.active:
-                try:
-                    os.kill(r.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    kill_active_runs(runs)  # belt and braces: nothing launched outlives the test
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_active_runs
 
 from wsviz import WsvizError
 from wsviz.data.datasets import load_split
@@ -98,14 +99,7 @@ def test_fashion_mnist_from_debian_package():
 def _no_stray_jobs(tmp_path):
     """Whatever a job test does, no training process outlives it (a failed test included)."""
     yield
-    db = tmp_path / "runs"
-    if (db / "wsviz.db").exists():
-        for run in RunStore(db).list():
-            if run.pid and run.active and run.pid != os.getpid():
-                try:
-                    os.kill(run.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    kill_active_runs(tmp_path / "runs")
 
 
 def _wait(store: RunStore, run_id: str, pred, timeout: float = 120.0):

@@ -89,15 +89,15 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
 
     folder = Path(folder)
     card = read_card(folder)
-    name, config = card["model"], _checked_config(folder / CARD, card)
+    name, config = card["model"], _checked_config(card["model"], card.get("config", {}), folder / CARD)
     check_weights(folder)  # reads the header only: a renamed pickle or a cut file is named as such
     path = folder / WEIGHTS
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WsvizError(f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-create it.") from exc
-    meta = _meta_model(folder / CARD, name, config)
-    if meta is not None:
+    meta = _meta_model(name, config, folder / CARD)
+    if meta is not None:  # shapes checked before any memory is spent on the model
         _check_fit(path, name, meta, state)
     try:
         model = create_model(name, **config)
@@ -106,28 +106,29 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     except (TypeError, ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
         raise WsvizError(f"The model card {folder / CARD} describes a {name} that cannot be built "
                          f"({type(exc).__name__}: {exc}); re-create the checkpoint.") from exc
-    _check_fit(path, name, model, state)
+    if meta is None:  # e2cnn: only the built model can be checked
+        _check_fit(path, name, model, state)
     model.load_state_dict(state, strict=False)
     model.to(device).eval()
     return model, card
 
 
-def _checked_config(path: Path, card: dict[str, Any], source: str | None = None,
-                    fix: str = "re-create the checkpoint") -> dict[str, Any]:
-    """The card's config, refused with the card's name unless the model exists and takes it as given."""
+def _checked_config(name: str, config: dict[str, Any], card: Path | None = None) -> dict[str, Any]:
+    """``config`` if model ``name`` exists and takes every option at its default's type; else a
+    WsvizError worded for the model card ``card`` it came from, or for options a user typed."""
     from wsviz.models import get_spec
 
-    source = source or f"The model card {path}"
-    config = card.get("config", {})
+    source = f"The model card {card}" if card else "The model options"
+    fix = "re-create the checkpoint" if card else "change that option"
     try:
-        spec = get_spec(card["model"])
+        spec = get_spec(name)
         defaults = spec.config()
         spec.config(**config)  # unknown options, values outside their choices
     except WsvizError as exc:
-        if source.startswith("The model card"):
-            raise WsvizError(f"{source} cannot be used: {exc} Re-create the checkpoint (or update wsviz, "
-                             "if a newer version wrote it).") from exc
-        raise
+        if card is None:
+            raise
+        raise WsvizError(f"{source} cannot be used: {exc} Re-create the checkpoint (or update wsviz, "
+                         "if a newer version wrote it).") from exc
     for key, value in config.items():
         want = defaults[key]
         if isinstance(want, bool):
@@ -178,13 +179,12 @@ class _NoRandomFill(TorchFunctionMode):
 def build_on_meta(name: str, config: dict[str, Any]) -> nn.Module | None:
     """The registered model ``name`` with options ``config`` (checked: names and types) built on the
     meta device (shapes only, no memory), or None for e2cnn models, which cannot be built there."""
-    config = _checked_config(Path(), {"model": name, "config": config}, "The model options",
-                             "change that option")
-    return _meta_model(None, name, config)
+    return _meta_model(name, _checked_config(name, config))
 
 
-def _meta_model(path: Path | None, name: str, config: dict[str, Any]) -> nn.Module | None:
-    """The card's model built on the meta device (shapes only, no memory), or None for e2cnn models."""
+def _meta_model(name: str, config: dict[str, Any], card: Path | None = None) -> nn.Module | None:
+    """The model built on the meta device (shapes only, no memory), or None for e2cnn models; errors
+    are worded for the model card ``card`` it came from, or for options a user typed."""
     from wsviz.models import create_model, get_spec
 
     if get_spec(name).family in _NO_META_FAMILIES:
@@ -195,9 +195,9 @@ def _meta_model(path: Path | None, name: str, config: dict[str, Any]) -> nn.Modu
     except WsvizError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. sizes too large to even describe
-        what = f"The model card {path} describes a {name}" if path else f"These options make a {name}"
+        what = f"The model card {card} describes a {name}" if card else f"These options make a {name}"
         raise WsvizError(f"{what} that cannot be built ({type(exc).__name__}: {exc}); "
-                         + ("re-create the checkpoint." if path else "change them.")) from exc
+                         + ("re-create the checkpoint." if card else "change them.")) from exc
 
 
 def _check_fit(path: Path, name: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:

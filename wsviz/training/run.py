@@ -55,9 +55,7 @@ def check_trainable(model_name: str, dataset: str, overrides: dict[str, Any] | N
 
     info = dataset_info(dataset, data_root)
     spec = get_spec(model_name)
-    cfg = _config_for(spec, info, overrides)
-    spec.config(**cfg)  # unknown options, values outside their choices
-    meta = build_on_meta(model_name, cfg)
+    meta = build_on_meta(model_name, _config_for(spec, info, overrides))  # checks the options too
     if meta is None:
         build_for_dataset(model_name, dataset, overrides, data_root)
         return None
