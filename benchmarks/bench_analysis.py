@@ -18,8 +18,9 @@ import time
 import torch
 
 from wsviz.analysis.features import feature_maps
-from wsviz.analysis.sweeps import rescale_to, scale_sweep
+from wsviz.analysis.sweeps import scale_sweep
 from wsviz.data.datasets import load_split
+from wsviz.data.resample import rescale
 from wsviz.models import create_model
 
 SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4)
@@ -45,7 +46,7 @@ def main() -> None:
     models = {"resnet20": create_model("resnet_digits").eval(),
               "wsms": create_model("wsms_resnet_digits").eval(),
               "msws": create_model("msws_resnet_digits").eval()}
-    batches = [rescale_to(x, s) for s in SCALES]
+    batches = [rescale(x, s) for s in SCALES]
 
     @torch.no_grad()
     def bare_forwards():

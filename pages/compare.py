@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages._shared import chosen_variants, figure, get_variant, pick_images, prepared, show_error, show_predictions
-from wsviz.analysis.attribution import METHODS, attribute
+from wsviz.analysis.attribution import METHODS, attribute, cam_candidates, default_cam_layer
 from wsviz.analysis.features import feature_maps
 from wsviz.figures import attribution_figure, feature_maps_figure
 from wsviz.models.taps import list_taps
@@ -55,16 +55,29 @@ for label, x in inputs.items():
 
 st.header("Attributions")
 method = st.selectbox("Method", METHODS)
+if method == "grad_cam":
+    st.caption("Grad-CAM explains through one layer. The default is the deepest spatial map the classifier reads "
+               "(WSMS: the integrated features of all stages; ShaRDNet: the last shared-conv iteration; e2cnn: the "
+               "last block's map), so the map explains the whole model; choose another layer per variant below.")
 maps = {}
 image = None
-for label, x in inputs.items():
+layer_cols = st.columns(max(1, len(inputs))) if method == "grad_cam" else []
+for i, (label, x) in enumerate(inputs.items()):
     model, _ = get_variant(label)
     try:
-        res = attribute(model, x.unsqueeze(0), method)
+        layer = None
+        if method == "grad_cam":
+            cands = cam_candidates(model)
+            names = [n for n, _, _ in cands]
+            labels = {n: f"{n} · {lab}" + (f" · {'x'.join(map(str, shp))}" if shp else "") for n, lab, shp in cands}
+            layer = layer_cols[i].selectbox(f"Grad-CAM layer of {label}", names,
+                                            index=names.index(default_cam_layer(model)), key=f"cam-layer-{label}",
+                                            format_func=labels.__getitem__)
+        res = attribute(model, x.unsqueeze(0), method, layer=layer)
     except Exception as exc:  # noqa: BLE001
         show_error(exc)
         continue
     image = x.mean(0).numpy() if image is None else image
-    maps[f"{label} → {int(res.targets[0])}"] = res.maps[0].numpy()
+    maps[f"{label} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
 if maps:
     figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for the predicted class"), f"attr-{method}")

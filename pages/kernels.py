@@ -9,6 +9,7 @@ from wsviz.analysis.kernels import (
     blending_extremes,
     blending_pruning_curve,
     blending_weights,
+    default_layers,
     kernel_layers,
     kernel_set_similarity,
     layer_weight,
@@ -18,10 +19,11 @@ from wsviz.analysis.kernels import (
 from wsviz.figures import blending_figure, pruning_figure, top_kernels_figure
 
 st.title("Kernels")
-st.write("The 2-D kernels with the largest aggregate magnitude (sum of |w|) of a chosen conv layer, as in "
-         "Aich et al. Fig. 3/4, for each chosen variant side by side. The similarity score matches the two "
-         "sets one-to-one (Hungarian) and averages |cosine|, so sign and order do not matter; it is shown next "
-         "to the score of two random kernel sets of the same size.")
+st.write("The 2-D kernels with the largest aggregate magnitude (sum of |w|) of a chosen layer, as in "
+         "Aich et al. Fig. 3/4, for each chosen variant side by side. By default every variant shows the same "
+         "place in the network, preferring a shared layer. The similarity score matches the two sets one-to-one "
+         "(Hungarian) and averages |cosine|, so sign and order do not matter; it is shown next to the score of "
+         "two random kernel sets of the same size.")
 
 variants = chosen_variants()
 if not variants:
@@ -29,39 +31,64 @@ if not variants:
     st.stop()
 
 k = st.slider("k (kernels per model)", 16, 256, 64, step=16)
-panels, rows = {}, []
-cols = st.columns(len(variants))
-for col, label in zip(cols, variants):
+scale = st.radio("Colour scale", ["one scale for all panels (weight values)", "each kernel to its own max (patterns)"],
+                 horizontal=True, key="kernel-scale",
+                 help="One scale keeps magnitudes comparable across kernels and variants (the ranking is by "
+                      "magnitude); the second stretches every kernel to ±1 to show its pattern only.")
+layers, loaded = {}, {}
+for label in variants:
     try:
         model, card = get_variant(label)
-        layers = kernel_layers(model)
-        names = [layer.name for layer in layers]
-        three = [layer.name for layer in layers if layer.shape[2:] == (3, 3)]
-        default = names.index(three[-1]) if three else len(names) - 1
-        name = col.selectbox(f"Layer of {label}", names, index=default, key=f"layer-{label}")
+        layers[label] = kernel_layers(model)
+        loaded[label] = (model, card)
+    except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
+        show_error(exc)
+defaults = default_layers(layers)
+panels, rows, chosen = {}, [], {}
+cols = st.columns(max(1, len(loaded)))
+for col, (label, (model, card)) in zip(cols, loaded.items()):
+    try:
+        by_name = {layer.name: layer for layer in layers[label]}
+        names = list(by_name)
+        name = col.selectbox(f"Layer of {label}", names, index=names.index(defaults.get(label, names[-1])),
+                             key=f"layer-{label}", format_func=lambda n, b=by_name: b[n].menu_label(),
+                             help="Places in forward order. 'shared ×n': its kernels are applied n times per "
+                                  "forward pass; 'tiled'/'basis': realised from fewer stored weights.")
+        layer = by_name[name]
         top = top_k_kernels(layer_weight(model, name), k)
         panels[label] = top.kernels
+        chosen[label] = name
         rows += [{"variant": label, "layer": name, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(m)}
                  for i, (o, c, m) in enumerate(zip(top.out_index, top.in_index, top.magnitude))]
-        uses = next(layer.uses for layer in layers if layer.name == name)
-        col.caption(f"{card['model']} · applied {uses}× per forward pass")
+        col.caption(f"{card['model']} · {layer.describe()}")
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 if panels:
-    figure(top_kernels_figure(panels, title=f"Top-{k} kernels"), "top_kernels")
+    if len(set(chosen.values())) > 1:
+        st.warning("The panels show different places in the network: "
+                   + "; ".join(f"{v}: `{n}`" for v, n in chosen.items())
+                   + ". Matching defaults pick the same place where the variants share a skeleton.")
+    figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} kernels",
+                              scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
     download_table(rows, "top_kernels")
     labels = list(panels)
     sims = []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
             if panels[a].shape[1:] == panels[b].shape[1:] and len(panels[a]) == len(panels[b]):
-                sims.append({"A": a, "B": b, "similarity": round(kernel_set_similarity(panels[a], panels[b]), 4)})
+                kk, kh, kw = panels[a].shape
+                base = random_kernel_similarity(kk, kh, kw)
+                score = kernel_set_similarity(panels[a], panels[b])
+                sims.append({"A": a, "B": b, "similarity": round(score, 4), "two random sets": round(base, 4),
+                             "reading": "more alike than chance" if score > base else
+                             "no more alike than two random sets"})
     if sims:
-        kk, kh, kw = next(iter(panels.values())).shape
         st.subheader("How alike are the kernel sets?")
         st.dataframe(sims, hide_index=True)
-        st.caption(f"Two random Gaussian sets of {kk} {kh}x{kw} kernels score "
-                   f"{random_kernel_similarity(kk, kh, kw):.3f} on the same measure.")
+        st.caption("Similarity: mean |cosine| of the best one-to-one matching (1 = the same set up to sign and "
+                   "order). 'Two random sets' is the score of two independent Gaussian sets of the same size and "
+                   "kernel shape: the level that means *unrelated*, not 0. A score at or below it says the two "
+                   "sets share no more structure than chance would give.")
 
 st.header("ShaRDNet blending layers")
 sl = [v for v in variants if hasattr(get_variant(v)[0], "blending_layers") and get_variant(v)[0].blending_layers()]

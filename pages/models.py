@@ -26,7 +26,7 @@ rows = [r for r in load_catalog() if r["family"] in chosen]
 if rows:
     df = pd.DataFrame(rows)
     cols = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression",
-            "gflops", "sign_mask_params", "defaults", "paper"]
+            "reuse", "reused_weights", "gflops", "sign_mask_params", "defaults", "paper"]
     st.dataframe(
         df[cols], hide_index=True,
         column_config={
@@ -34,6 +34,12 @@ if rows:
             "effective_params": st.column_config.NumberColumn("effective params", format="localized"),
             "compression": st.column_config.NumberColumn("effective / unique", format="%.2f×"),
             "gflops": st.column_config.NumberColumn("GFLOPs", format="%.3f"),
+            "reuse": st.column_config.TextColumn(
+                "reuse", help="direct: the same weight applied at several places or rates; tiled: a parent block "
+                              "tiled into a larger weight (RepeatNet); expanded: basis coefficients expanded into "
+                              "filters (e2cnn). The sharing map below shows where."),
+            "reused_weights": st.column_config.NumberColumn("reused weights", format="localized",
+                                                            help="stored tensors applied more than once"),
             "sign_mask_params": st.column_config.NumberColumn(
                 "of which 1-bit sign masks", format="localized",
                 help="f-RepeatNet trains its sign masks through real latent tensors; only their signs are kept."),
@@ -68,8 +74,10 @@ else:
 
 # ------------------------------------------------------------------------ sharing map
 st.header("Sharing map")
-st.write("For every weight a model applies more than once: where, how often, and at what shape. "
-         "Traced from one forward pass, so it shows what the network really does.")
+st.write("For every stored weight a model applies more than once: where, how often, and how — the same "
+         "weight at several layers or rates (msws, WSMS, ShaRDNet, ShaResNet), a parent block tiled into a larger "
+         "weight (RepeatNet), or a few basis coefficients expanded into many filter taps (e2cnn). Traced from one "
+         "forward pass, so it shows what the network really does, and it adds up to the compression above.")
 source = st.radio("Model", ["a trained variant", "a registered architecture"], horizontal=True)
 # Tracing needs torch (seconds to import): it runs once a model is chosen, so the page opens at once.
 if source == "a trained variant" and variants:
@@ -84,7 +92,8 @@ else:
 
 
 def sharing_map(label: str | None, name: str | None) -> None:
-    """Trace one forward of the chosen model and tabulate every weight it applies more than once."""
+    """Trace one forward of the chosen model; show every weight it applies more than once."""
+    from wsviz.figures import sharing_map_figure
     from wsviz.models import create_model, get_spec, summarize
 
     if label is not None:
@@ -98,16 +107,25 @@ def sharing_map(label: str | None, name: str | None) -> None:
     c2.metric("effective params", f"{s.effective_params:,}")
     c3.metric("compression", f"{s.compression:.2f}×")
     c4.metric("GFLOPs / image", f"{s.flops / 1e9:.3f}")
-    shared = s.shared_params()
-    map_rows = [{"parameter": p, "shape": "x".join(map(str, dict(model.named_parameters())[p].shape)),
-                 "uses": len(us), "sites": ", ".join(sorted({u.site for u in us}))[:300],
-                 "how": "; ".join(sorted({u.detail for u in us if u.detail}))[:200],
-                 "derived": any(u.derived for u in us)} for p, us in shared.items()]
-    if map_rows:
-        st.dataframe(pd.DataFrame(map_rows).sort_values("uses", ascending=False), hide_index=True)
-        download_table(map_rows, "sharing_map")
-    else:
-        st.info("No weight of this model is applied more than once: it shares nothing.")
+    reused = [r for r in s.reuse().values() if r.reused]
+    if not reused:
+        st.info("No weight of this model is applied more than once: it shares nothing "
+                f"(effective = unique = {s.unique_params:,} parameters).")
+        return
+    stored = sum(r.numel for r in reused)
+    applied = sum(r.applied for r in reused)
+    rest = sum(r.applied - r.numel for r in s.reuse().values() if not r.reused)  # modulators: applied 0x
+    st.write(f"**{len(reused)}** stored weights ({stored:,} parameters) are reused: the network applies "
+             f"**{applied:,}** weights through them, {applied - stored:,} more than it stores"
+             + (f"; {-rest:,} parameters only modulate weights carried by others (swish pairs, sign-mask latents) "
+                "and are applied 0×" if rest else "")
+             + f". Together: effective − unique = {s.effective_params - s.unique_params:,}.")
+    figure(sharing_map_figure(s), "sharing_map_picture")
+    map_rows = [{"parameter": r.param, "stored shape": "x".join(map(str, r.shape)), "reuse": ", ".join(r.kinds),
+                 "applications": sum(1 for u in r.uses if u.applied), "applied per stored": round(r.factor, 3),
+                 "places": ", ".join(r.sites)[:300], "how": r.describe()} for r in reused]
+    st.dataframe(pd.DataFrame(map_rows).sort_values("applied per stored", ascending=False), hide_index=True)
+    download_table(map_rows, "sharing_map")
 
 
 if label is None and name is None:
@@ -124,7 +142,7 @@ st.write("Accuracy against unique parameters and FLOPs for the variants chosen i
          "each card's test split, with McNemar's test and a paired bootstrap CI for every pair on the same data.")
 chosen = chosen_variants(load=False)  # loaded only when asked: the first page stays free of torch
 if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
-    from wsviz.analysis.stats import fair_comparison, pairwise_significance
+    from wsviz.analysis.stats import fair_comparison, group_by_test_set, pairwise_significance
     from wsviz.figures import fair_figure
 
     try:
@@ -133,12 +151,30 @@ if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
     except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
         show_error(exc)
         st.stop()
-    table = [{"name": v, "model": r.model, "dataset": r.dataset, "accuracy": r.accuracy,
+    groups, skipped = group_by_test_set(rows)
+    test_set = {k: g.label for g in groups for k in g.rows}
+    table = [{"name": v, "model": r.model, "test set": test_set[k], "test_set": test_set[k], "accuracy": r.accuracy,
               "unique_params": r.unique_params, "effective_params": r.effective_params, "flops": r.flops}
-             for v, r in zip(chosen, rows)]
-    st.dataframe(table, hide_index=True)
+             for k, (v, r) in enumerate(zip(chosen, rows))]
+    if len(groups) > 1:
+        st.warning(f"These variants were evaluated on {len(groups)} different test sets: "
+                   + "; ".join(f"**{g.label}**: {', '.join(chosen[k] for k in g.rows)}" for g in groups)
+                   + ". Accuracies are compared only within a test set (one panel each below); "
+                   f"{len(skipped)} cross-set pair{'s are' if len(skipped) != 1 else ' is'} not tested.")
+    st.dataframe([{k: v for k, v in r.items() if k != "test_set"} for r in table], hide_index=True)
     figure(fair_figure(table, "unique_params"), "fair-params")
     figure(fair_figure(table, "flops"), "fair-flops")
-    for p in pairwise_significance(rows):
-        st.write(("✅ " if p.comparison.significant else "➖ ") + p.comparison.summary.replace(rows[p.i].name, chosen[p.i])
-                 .replace(rows[p.j].name, chosen[p.j]) + f" (Holm-adjusted p = {p.p_holm:.2g})")
+    pairs = pairwise_significance(rows)
+    for g in groups:
+        in_group = [p for p in pairs if p.i in g.rows]
+        if len(groups) > 1:
+            st.markdown(f"**{g.label}**" + ("" if in_group else ": a single variant, nothing to compare"))
+        for p in in_group:
+            st.write(("✅ " if p.comparison.significant else "➖ ")
+                     + p.comparison.summary.replace(rows[p.i].name, chosen[p.i]).replace(rows[p.j].name, chosen[p.j])
+                     + f" (Holm-adjusted over the {len(pairs)} tests shown: p = {p.p_holm:.2g})")
+    if skipped:
+        with st.expander(f"{len(skipped)} pair{'s' if len(skipped) != 1 else ''} not compared, and why"):
+            for sp in skipped:
+                st.write(f"- {chosen[sp.i]} vs {chosen[sp.j]}: "
+                         + sp.reason.replace(rows[sp.i].name, chosen[sp.i]).replace(rows[sp.j].name, chosen[sp.j]))

@@ -13,7 +13,8 @@ from pages._shared import (
     pick_images,
     show_predictions,
 )
-from wsviz.analysis.sweeps import layer_scale_invariance, rescale_to, scale_sweep
+from wsviz.analysis.sweeps import layer_scale_invariance, scale_sweep
+from wsviz.data.resample import rescale
 from wsviz.figures import invariance_figure, sweep_figure
 
 st.title("Scale")
@@ -28,9 +29,9 @@ images = pick_images("scale", multiple=False)
 @st.fragment
 def live_scale(images, variants) -> None:
     """Only this part reruns when the slider moves: the rest of the page stays as it is."""
-    factor = st.slider("Scale factor (resize, then pad or crop back to the input size)", 0.3, 1.6, 1.0, 0.05)
+    factor = st.slider("Scale factor (about the centre, keeping the input size: the operator the MNIST-scale data is made with)", 0.3, 1.6, 1.0, 0.05)
     if images:
-        show_predictions(*images[0], variants, transform=lambda xb: rescale_to(xb, factor))
+        show_predictions(*images[0], variants, transform=lambda xb: rescale(xb, factor))
 
 
 live_scale(images, variants)

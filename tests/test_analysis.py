@@ -21,12 +21,12 @@ from wsviz.analysis.kernels import (
 from wsviz.analysis.sweeps import (
     layer_scale_invariance,
     predict,
-    rescale_to,
     rotation_sweep,
     scale_sweep,
     single_image_stability,
 )
 from wsviz.data.datasets import load_split
+from wsviz.data.resample import rescale
 from wsviz.models import create_model
 from wsviz.training.loop import TrainConfig, train
 
@@ -61,11 +61,24 @@ def test_top_k_kernels_are_the_k_largest():
     assert top_k_kernels(w, 10_000).kernels.shape == (128, 3, 3)
 
 
-def test_kernel_layers_list_shared_weights_once_with_their_uses():
-    layers = {k.name: k for k in kernel_layers(create_model("shardnet_vgg", kind="S", width=16))}
-    assert layers["shared.weight"].uses == 13
-    msws = {k.name: k for k in kernel_layers(create_model("msws_resnet_digits", sharing="shared"))}
-    assert msws["trunk.stages.0.0.conv2.weight"].uses == 2  # two rates
+def test_kernel_layers_are_places_with_their_reuse():
+    s_vgg = kernel_layers(create_model("shardnet_vgg", kind="S", width=16))
+    assert len(s_vgg) == 13  # ShaRDNet S: one conv applied at 13 places, each listed with that count
+    assert all(k.params == ("shared.weight",) and k.uses == 13 and k.shared for k in s_vgg)
+    assert len({k.name for k in s_vgg}) == 13
+    e_vgg = kernel_layers(create_model("shardnet_vgg", kind="E", width=16))
+    assert [k.name for k in e_vgg] == [k.name for k in s_vgg] and not any(k.shared for k in e_vgg)
+    shared = create_model("msws_resnet_digits", sharing="shared")
+    msws = {k.name: k for k in kernel_layers(shared)}
+    assert msws["trunk.stages.0.0.conv2"].uses == 2 and msws["trunk.stages.0.0.conv2"].shape == (8, 16, 3, 3)
+    assert msws["trunk.stages.0.0.conv2"].variations == ("padding=1 dilation=1", "padding=2 dilation=2")
+    assert torch.equal(layer_weight(shared, "trunk.stages.0.0.conv2"), shared.trunk.stages[0][0].conv2.weight.detach())
+    # unshared rates: the place shows both rates' kernels (as many as vanilla), not one half
+    unshared = create_model("msws_resnet_digits", sharing="unshared")
+    layer = {k.name: k for k in kernel_layers(unshared)}["trunk.stages.0.0.conv2"]
+    assert layer.shape == (16, 16, 3, 3) and not layer.shared
+    ws = unshared.trunk.stages[0][0].conv2.weights
+    assert torch.equal(layer_weight(unshared, layer.name), torch.cat([ws[0], ws[1]]).detach())
     rep = kernel_layers(create_model("repeatnet_rotmnist_cnn", mode="swish", match="c4", width=0.25))
     assert rep[0].derived and rep[0].shape[:2] == (16, 1)
     w = layer_weight(create_model("repeatnet_rotmnist_cnn", mode="swish", match="c4", width=0.25), rep[0].name)
@@ -75,7 +88,7 @@ def test_kernel_layers_list_shared_weights_once_with_their_uses():
 def test_kernel_layers_of_steerable_model_are_expanded_filters():
     m = create_model("steerable_rotmnist", N=4, width=0.25)
     layers = kernel_layers(m)
-    assert len(layers) == 6 and all(k.derived for k in layers)
+    assert len(layers) == 6 and all(k.derived and k.kind == "expanded" and k.factor > 1 for k in layers)
     w = layer_weight(m, layers[1].name)
     assert tuple(w.shape) == layers[1].shape
     # C4-steerable: rotating a filter by 90 degrees permutes the filter bank, so the bank of
@@ -172,12 +185,12 @@ def test_feature_maps_leave_no_hooks_even_on_error(digits):
 
 
 # ------------------------------------------------------------------------------- sweeps
-def test_rescale_to_keeps_size_and_identity():
+def test_rescale_keeps_size_and_identity():
     x = torch.rand(3, 1, 28, 28)
-    assert torch.equal(rescale_to(x, 1.0), x)
+    assert torch.equal(rescale(x, 1.0), x)
     for f in (0.3, 0.5, 1.5, 2.0):
-        assert rescale_to(x, f).shape == x.shape
-    small = rescale_to(torch.ones(1, 1, 28, 28), 0.5)
+        assert rescale(x, f).shape == x.shape
+    small = rescale(torch.ones(1, 1, 28, 28), 0.5)
     assert small[0, 0, 14, 14] == 1 and small[0, 0, 0, 0] == 0 and small.sum() == pytest.approx(14 * 14, abs=1)
 
 

@@ -19,9 +19,36 @@ def test_catalog_lists_every_registered_model():
 
 
 @pytest.mark.slow
-def test_shipped_catalog_equals_a_live_count():
-    """Builds every model (about 40 s): if this fails, run `python -m wsviz.catalog`."""
+def test_shipped_catalog_equals_a_live_count_and_reuse_accounts_for_every_model(monkeypatch):
+    """Builds every registered model once (about 40 s) and checks two things on it:
+
+    * the shipped catalog is the live count (if not, run `python -m wsviz.catalog`);
+    * for every model the reuse report accounts for its effective parameters exactly, is
+      non-empty whenever compression > 1, and names the family's mechanism (RepeatNet tiles,
+      e2cnn expands a basis, the others apply one weight at several places).
+    """
+    from test_truthful_views import check_reuse_accounting
+
+    import wsviz.analysis.zoo as zoo
+
+    seen = []
+
+    def recording(model, *a, **k):
+        s = real(model, *a, **k)
+        seen.append((model.wsviz_name, s))
+        return s
+
+    real = zoo.summarize
+    monkeypatch.setattr(zoo, "summarize", recording)
     assert build_catalog() == load_catalog()
+    assert [n for n, _ in seen] == [s.name for s in list_models()]
+    mechanism = {"repeatnet": "tiled", "equivariant": "expanded"}
+    for name, s in seen:
+        check_reuse_accounting(s)
+        family = next(m.family for m in list_models() if m.name == name)
+        reused = {k for r in s.reuse().values() if r.reused for k in r.kinds}
+        if s.compression > 1 or reused:
+            assert mechanism.get(family, "direct") in reused, (name, reused)
 
 
 def test_first_page_needs_no_torch():

@@ -20,7 +20,7 @@ from typing import Any
 
 PATH = Path(__file__).with_name("catalog.json")
 COLUMNS = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression", "gflops",
-           "sign_mask_params", "defaults", "paper", "description"]
+           "sign_mask_params", "reused_weights", "reuse", "defaults", "paper", "description"]
 
 
 @lru_cache(maxsize=1)

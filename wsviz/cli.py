@@ -86,26 +86,37 @@ def _test_data(dataset: str, limit: int | None, seed: int = 0):
 
 # ------------------------------------------------------------------------ analyses
 def _kernels(args: argparse.Namespace) -> int:
-    from wsviz.analysis.kernels import kernel_layers, kernel_set_similarity, layer_weight, top_k_kernels
+    from wsviz.analysis.kernels import (
+        default_layers,
+        kernel_layers,
+        kernel_set_similarity,
+        layer_weight,
+        random_kernel_similarity,
+        top_k_kernels,
+    )
     from wsviz.figures import top_kernels_figure
 
     models = _load(args.checkpoint)
     out = _out(args)
+    layers = {name: kernel_layers(m) for name, m in models.items()}
+    defaults = default_layers(layers)  # the same place in every model, preferring a shared layer
     panels, rows = {}, []
     for name, m in models.items():
-        layers = [k for k in kernel_layers(m) if k.shape[2:] == (3, 3)] or kernel_layers(m)
-        layer = args.layer or layers[-1].name  # default: the last 3x3 layer (Aich et al. Fig. 3)
+        layer = args.layer or defaults[name]
         top = top_k_kernels(layer_weight(m, layer), args.k)
-        panels[name] = top.kernels
+        panels[f"{name} · {layer}"] = top.kernels
         rows += [{"model": name, "layer": layer, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(g)}
                  for i, (o, c, g) in enumerate(zip(top.out_index, top.in_index, top.magnitude))]
     _write_csv(out / "top_kernels.csv", rows)
     names = list(panels)
-    sims = [{"a": a, "b": b, "similarity": kernel_set_similarity(panels[a], panels[b])}
-            for i, a in enumerate(names) for b in names[i + 1:] if panels[a].shape[1:] == panels[b].shape[1:]]
+    sims = [{"a": a, "b": b, "similarity": kernel_set_similarity(panels[a], panels[b]),
+             "two_random_sets": random_kernel_similarity(*panels[a].shape)}
+            for i, a in enumerate(names) for b in names[i + 1:]
+            if panels[a].shape[1:] == panels[b].shape[1:] and len(panels[a]) == len(panels[b])]
     if sims:
         _write_csv(out / "kernel_similarity.csv", sims)
-    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} kernels by magnitude"))
+    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} kernels by magnitude",
+                                                            scale=args.scale))
     return 0
 
 
@@ -125,15 +136,22 @@ def _sweep(args: argparse.Namespace, kind: str) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from wsviz.analysis.stats import fair_comparison, pairwise_significance
+    from wsviz.analysis.stats import fair_comparison, group_by_test_set, pairwise_significance
     from wsviz.figures import fair_figure
 
     rows = fair_comparison(args.checkpoint, dataset=args.dataset)
     out = _out(args)
-    table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "accuracy": r.accuracy,
+    groups, skipped = group_by_test_set(rows)
+    test_set = {k: g.label for g in groups for k in g.rows}
+    table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "test_set": test_set[k], "accuracy": r.accuracy,
               "card_accuracy": r.card_accuracy, "unique_params": r.unique_params,
-              "effective_params": r.effective_params, "flops": r.flops} for r in rows]
+              "effective_params": r.effective_params, "flops": r.flops} for k, r in enumerate(rows)]
     _write_csv(out / "fair_comparison.csv", table)
+    if skipped:
+        _write_csv(out / "skipped_pairs.csv", [{"a": rows[s.i].name, "b": rows[s.j].name, "reason": s.reason}
+                                               for s in skipped])
+        for s in skipped:
+            print(f"not compared: {rows[s.i].name} vs {rows[s.j].name}: {s.reason}")
     pairs = pairwise_significance(rows)
     _write_csv(out / "significance.csv", [{"a": rows[p.i].name, "b": rows[p.j].name, "dataset": p.dataset,
                                             "p_value": p.comparison.mcnemar.p_value, "p_holm": p.p_holm,
@@ -161,9 +179,9 @@ def _attribution(args: argparse.Namespace) -> int:
         c, s, _ = input_shape(m)
         x = (load_upload(data, Path(args.image).name, c, s) if data is not None else _test_data("mnist5k", 1)[0][0])
         image = x.mean(0).numpy() if image is None else image
-        res = attribute(m, x.unsqueeze(0), args.method)
-        maps[f"{name} → {int(res.targets[0])}"] = res.maps[0].numpy()
-        rows.append({"model": name, "method": args.method, "target": int(res.targets[0])})
+        res = attribute(m, x.unsqueeze(0), args.method, layer=args.layer)
+        maps[f"{name} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
+        rows.append({"model": name, "method": args.method, "target": int(res.targets[0]), "layer": res.layer or ""})
         np.save(out / f"attribution_{name}.npy", res.maps[0].numpy())
     _write_csv(out / "attribution.csv", rows)
     _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}"))
@@ -235,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         return q
 
     q = analysis("kernels", "top-k kernels by magnitude, side by side, with similarity scores", _kernels, None)
-    q.add_argument("--layer", default=None, help="kernel layer name (default: the last 3x3 layer)")
+    q.add_argument("--layer", default=None,
+                   help="kernel layer, a module path (default: the same place in every model, preferring the "
+                        "deepest shared 3x3 layer)")
     q.add_argument("--k", type=int, default=256)
+    q.add_argument("--scale", default="shared", choices=["shared", "per_kernel"],
+                   help="one colour scale in weight units for all panels, or each kernel to its own max")
     q = analysis("scale", "accuracy and agreement vs input scale", lambda a: _sweep(a, "scale"))
     q.add_argument("--values", type=float, nargs="*", default=None, help="scale factors")
     q = analysis("rotation", "accuracy and agreement vs rotation angle", lambda a: _sweep(a, "rotation"))
@@ -247,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", default=None, help="an image file (default: a test digit)")
     q.add_argument("--method", default="integrated_gradients",
                    choices=["integrated_gradients", "saliency", "grad_cam"])
+    q.add_argument("--layer", default=None,
+                   help="Grad-CAM layer, a module path (default: the deepest spatial map the classifier reads; "
+                        "an unknown path lists the choices)")
     q = analysis("embed", "PCA / t-SNE / UMAP of penultimate features", _embed, "mnist5k-rot", 2000)
     q.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
     q.add_argument("--color-by", default="class", choices=["class", "angle", "scale"])

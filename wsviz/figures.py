@@ -17,43 +17,99 @@ from plotly.subplots import make_subplots
 DIVERGING = "RdBu_r"
 
 
-def kernel_mosaic(kernels: np.ndarray, cols: int = 16, gap: int = 1) -> np.ndarray:
-    """Tile (k, h, w) kernels into one image, each kernel scaled to [-1, 1] by its own max |w|,
-    separated by NaN gaps (drawn blank)."""
+KERNEL_SCALES = ("shared", "per_kernel")
+
+
+def kernel_mosaic(kernels: np.ndarray, cols: int = 16, gap: int = 1, per_kernel: bool = True) -> np.ndarray:
+    """Tile (k, h, w) kernels into one image separated by NaN gaps (drawn blank).
+
+    ``per_kernel``: each kernel scaled to [-1, 1] by its own max |w| (its pattern only);
+    otherwise the weights are kept as they are, so magnitudes compare across kernels.
+    """
     k, h, w = kernels.shape
     cols = max(1, min(cols, k))
     rows = math.ceil(k / cols)
     out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), np.nan)
     for i, ker in enumerate(kernels):
         r, c = divmod(i, cols)
-        m = np.abs(ker).max() or 1.0
+        m = (np.abs(ker).max() or 1.0) if per_kernel else 1.0
         out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = ker / m
     return out
 
 
 def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, title: str = "",
-                       width: int = 1100) -> go.Figure:
+                       width: int = 1100, scale: str = "shared") -> go.Figure:
     """Side-by-side mosaics of top-k kernels, one panel per model (Aich et al. Fig. 3/4).
 
+    ``scale="shared"``: one diverging colour scale, centred at 0 and spanning the largest |w| of
+    all panels, with a colour bar in weight units — magnitudes compare across kernels and
+    models. ``scale="per_kernel"``: each kernel stretched to its own max |w| (patterns only).
     Mosaics are near-square (``cols`` defaults to ceil(sqrt(k))) and the figure's height follows
     their aspect ratio at a page ``width`` in pixels, so the kernels fill their panels.
     """
+    if scale not in KERNEL_SCALES:
+        raise ValueError(f"scale must be one of {KERNEL_SCALES}, got {scale!r}")
+    per_kernel = scale == "per_kernel"
     names = list(panels)
     k, h, w = next(iter(panels.values())).shape
     cols = cols or math.ceil(math.sqrt(k))
+    vmax = 1.0 if per_kernel else float(max(np.abs(p).max() for p in panels.values()) or 1.0)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
     aspect = 1.0
+    bar = dict(title="w / max|w| of its kernel" if per_kernel else "weight", thickness=12)
     for j, name in enumerate(names, start=1):
-        mosaic = kernel_mosaic(panels[name], cols)
+        mosaic = kernel_mosaic(panels[name], cols, per_kernel=per_kernel)
         aspect = mosaic.shape[0] / mosaic.shape[1]
-        fig.add_trace(go.Heatmap(z=mosaic, colorscale=DIVERGING, zmin=-1, zmax=1, showscale=j == len(names),
-                                 hovertemplate="%{z:.2f}<extra>" + name + "</extra>"), 1, j)
+        fig.add_trace(go.Heatmap(z=mosaic, colorscale=DIVERGING, zmin=-vmax, zmax=vmax, zmid=0,
+                                 showscale=j == len(names), colorbar=bar,
+                                 hovertemplate="%{z:.3g}<extra>" + name + "</extra>"), 1, j)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{j if j > 1 else ''}", constrain="domain",
                          showticklabels=False, showgrid=False, zeroline=False, row=1, col=j)
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", row=1, col=j)
     panel = (width - 120) / len(names)
     fig.update_layout(title=title, height=int(min(900, max(220, panel * aspect + 90))),
                       margin=dict(l=10, r=10, t=70, b=10), plot_bgcolor="rgba(0,0,0,0)")
+    return fig
+
+
+REUSE_COLOURS = {"direct": "#0072B2", "tiled": "#E69F00", "expanded": "#009E73", "derived": "#CC79A7"}
+
+
+def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
+    """Which layers apply which stored weight: one row per reused parameter, one column per
+    place in forward order, a marker at every use (colour = kind of reuse, label = how many
+    times each stored element is applied there). A row with several markers is a weight
+    shared between layers; one marker labelled ×k is a weight tiled or expanded k-fold."""
+    reuse = [r for r in summary.reuse().values() if r.reused][:max_params]
+    sites = list(dict.fromkeys(u.site or "(model)" for r in reuse for u in r.uses if u.applied))
+    fig = go.Figure()
+    for kind, colour in REUSE_COLOURS.items():
+        xs, ys, texts, hover = [], [], [], []
+        for r in reuse:
+            for u in r.uses:
+                if u.kind != kind or not u.applied:
+                    continue
+                xs.append(u.site or "(model)")
+                ys.append(r.param)
+                f = u.applied / max(r.numel, 1)
+                texts.append(f"×{f:.3g}" if abs(f - 1) > 1e-9 else "")
+                hover.append(f"{r.param} ({'x'.join(map(str, r.shape))})<br>at {u.site or '(model)'}"
+                             f"<br>{u.op} {u.detail}<br>applied as {'x'.join(map(str, u.applied_shape))}"
+                             f"<br>{kind}")
+        if xs:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name=kind, text=texts,
+                                     textposition="middle right", textfont=dict(size=10),
+                                     marker=dict(size=11, color=colour, symbol="square"),
+                                     hovertext=hover, hoverinfo="text"))
+    rows = max(1, len(reuse))
+    fig.update_layout(
+        title="Sharing map: stored weights (rows) applied at layers (columns)",
+        height=int(min(1400, 160 + 22 * rows)), margin=dict(l=10, r=10, t=60, b=10), showlegend=True,
+        legend=dict(title="reuse", orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+    fig.update_xaxes(categoryorder="array", categoryarray=sites, tickangle=-60, tickfont=dict(size=9),
+                     title="layer (forward order)")
+    fig.update_yaxes(categoryorder="array", categoryarray=[r.param for r in reuse][::-1], tickfont=dict(size=9),
+                     title="stored weight")
     return fig
 
 
@@ -158,14 +214,29 @@ def cka_figure(matrix: np.ndarray, labels_a: Sequence[str], labels_b: Sequence[s
 
 
 def fair_figure(rows: Sequence[dict], x: str = "unique_params") -> go.Figure:
-    """Accuracy vs parameters (or FLOPs), marker size ~ FLOPs; the fair-comparison picture."""
-    fig = go.Figure()
-    flops = np.array([r["flops"] for r in rows], dtype=float)
-    size = 10 + 30 * np.sqrt(flops / flops.max()) if len(rows) and flops.max() > 0 else 12
-    fig.add_trace(go.Scatter(
-        x=[r[x] for r in rows], y=[100 * r["accuracy"] for r in rows], mode="markers+text",
-        text=[r["name"] for r in rows], textposition="top center", marker=dict(size=size, opacity=0.7),
-        hovertemplate="%{text}<br>%{x:,}<br>acc %{y:.2f}%<extra></extra>"))
-    fig.update_layout(xaxis_title=x.replace("_", " "), yaxis_title="test accuracy (%)", xaxis_type="log",
-                      title="Accuracy vs " + x.replace("_", " ") + " (marker area ~ FLOPs)", height=460)
+    """Accuracy vs parameters (or FLOPs), marker size ~ FLOPs; the fair-comparison picture.
+
+    Rows evaluated on different test sets (their ``test_set`` key, else ``dataset``) go into
+    separate panels, each with its own accuracy axis: accuracies on different test sets are
+    not comparable and are never drawn on one axis.
+    """
+    groups = list(dict.fromkeys(r.get("test_set", r.get("dataset", "")) for r in rows)) or [""]
+    fig = make_subplots(rows=1, cols=len(groups), subplot_titles=[f"test set: {g}" for g in groups] if len(groups) > 1
+                        else None, horizontal_spacing=0.08)
+    flops_all = np.array([r["flops"] or 0 for r in rows], dtype=float)
+    fmax = flops_all.max() if len(rows) else 0
+    for c, g in enumerate(groups, start=1):
+        sub = [r for r in rows if r.get("test_set", r.get("dataset", "")) == g]
+        flops = np.array([r["flops"] or 0 for r in sub], dtype=float)
+        size = 10 + 30 * np.sqrt(flops / fmax) if len(sub) and fmax > 0 else 12
+        fig.add_trace(go.Scatter(
+            x=[r[x] for r in sub], y=[100 * r["accuracy"] for r in sub], mode="markers+text", name=str(g),
+            text=[r["name"] for r in sub], textposition="top center", marker=dict(size=size, opacity=0.7),
+            hovertemplate="%{text}<br>%{x:,}<br>acc %{y:.2f}%<extra>" + str(g) + "</extra>"), 1, c)
+        fig.update_xaxes(title=x.replace("_", " "), type="log", row=1, col=c)
+        fig.update_yaxes(title="test accuracy (%)" if c == 1 else None, row=1, col=c)
+    title = "Accuracy vs " + x.replace("_", " ") + " (marker area ~ FLOPs)"
+    if len(groups) > 1:
+        title += ": one panel per test set"
+    fig.update_layout(title=title, height=460, showlegend=False)
     return fig

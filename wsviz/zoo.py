@@ -212,6 +212,8 @@ def report(out: str | Path = "checkpoints") -> Path:
         with torch.no_grad():
             sw = scale_sweep(models, te.images, te.labels, SCALES)
         lines += ["", "## Scale robustness (upright test digits shrunk by 0.3 ... 1.0)", "",
+                  "Shrunk about the centre with `wsviz.data.resample.rescale`, the operator that makes the "
+                  "MNIST-scale training data, so each column is exactly the protocol's images at that factor.", "",
                   "| model | " + " | ".join(f"{s:g}" for s in SCALES) + " | mean |",
                   "|---|" + "---|" * (len(SCALES) + 1)]
         for g in group:

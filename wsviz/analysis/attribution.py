@@ -7,8 +7,11 @@ Three methods, chosen because they answer different questions and work on any ar
   black image; the attributions add up to ``f(x) - f(black)`` for the explained logit;
 * ``saliency`` (Simonyan et al. 2014): absolute gradient of the logit w.r.t. the input;
 * ``grad_cam`` (Selvaraju et al. 2017): a layer's activations weighted by their mean gradient,
-  upsampled to the input; coarse but class-discriminative. The layer defaults to the model's
-  last ``level`` tap (the deepest feature map that still has a spatial layout).
+  upsampled to the input; coarse but class-discriminative. The layer defaults to
+  :func:`default_cam_layer`: the deepest named output that the classifier reads and that still
+  has a spatial layout, found by running the model (WSMS: the integrated features of all
+  stages; ShaRDNet S/SL-VGG: the last iteration of the shared conv; e2cnn: the last block's
+  regular-field map, whose map rotates with the input).
 
 Images are processed in chunks of ``batch_size`` (Integrated Gradients also batches its path
 steps) so memory stays bounded however many images are explained.
@@ -70,20 +73,59 @@ def _no_new_hooks(model: nn.Module) -> Iterator[None]:
                         log.warning("removed a leftover %s entry from %s", d, type(m).__name__)
 
 
+def cam_candidates(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(module path, label, output shape) of every spatial named output (level / iteration /
+    stage / rate tap) in the order one forward pass runs them; a model may also name its own
+    Grad-CAM layer with a ``cam_layer`` attribute (a module path), listed last."""
+    from wsviz.models import input_shape
+    from wsviz.models.taps import tap_modules
+
+    c, s, _ = input_shape(model)
+    seen: list[tuple[str, str, tuple[int, ...]]] = []
+    handles = []
+    for info, mod in tap_modules(model):
+        if info.kind == "embedding":
+            continue
+
+        def hook(m, args, out, info=info) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
+                seen.append((info.name, info.label, tuple(out.shape[1:])))
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, c, s, s, device=model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    order = list(dict.fromkeys(n for n, _, _ in seen))
+    last = {n: (n, lab, shp) for n, lab, shp in seen}
+    out = [last[n] for n in order]
+    own = getattr(model, "cam_layer", None)
+    if isinstance(own, str):
+        out = [o for o in out if o[0] != own] + [(own, "declared by the model", ())]
+    return out
+
+
+def default_cam_layer(model: nn.Module) -> str:
+    """Grad-CAM's default layer: the model's declared ``cam_layer``, else the spatial named
+    output that runs last in the forward pass — the deepest map the classifier reads, so the
+    explanation covers the whole model (not, say, one WSMS stage)."""
+    cands = cam_candidates(model)
+    if not cands:
+        taps = ", ".join(t.name for t in list_taps(model)) or "none"
+        raise WsvizError(f"This model has no spatial named output for Grad-CAM to default to; pass layer= a module "
+                         f"path with a (N, C, H, W) output (its taps: {taps}).")
+    return cands[-1][0]
+
+
 def _resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
-    levels = list_taps(model, "level")
     if layer is None:
-        if not levels:
-            taps = ", ".join(t.name for t in list_taps(model)) or "none"
-            raise WsvizError(f"This model has no 'level' tap for Grad-CAM to default to; pass layer= a module "
-                             f"path with a spatial output (its taps: {taps}).")
-        layer = levels[-1].name
+        layer = default_cam_layer(model)
     try:
         return layer, model.get_submodule(layer)
     except AttributeError:
-        options = ", ".join(t.name for t in levels) or ", ".join(t.name for t in list_taps(model)) or "none"
-        raise WsvizError(f"Model has no layer {layer!r}. Grad-CAM layers to choose from (level taps): {options}.") \
-            from None
+        options = ", ".join(n for n, _, _ in cam_candidates(model)) or "none"
+        raise WsvizError(f"Model has no layer {layer!r}. Grad-CAM layers to choose from: {options}.") from None
 
 
 def _targets(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, batch_size: int,
@@ -118,7 +160,7 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str, target: int |
 
     ``images`` (N, C, H, W) are fitted to the model's input; ``target`` None explains the
     predicted class. ``layer`` (Grad-CAM only, ignored otherwise) is a module path, default
-    the last ``level`` tap. ``absolute`` (saliency only) takes |gradient| as captum does by
+    :func:`default_cam_layer`. ``absolute`` (saliency only) takes |gradient| as captum does by
     default. The model runs in eval mode and every submodule's mode is restored afterwards,
     also on errors.
     """
@@ -159,7 +201,7 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str, target: int |
                     raise WsvizError(
                         f"Layer {layer_name!r} outputs shape {tuple(cam.shape)}, not a (N, C, H, W) feature map; "
                         "Grad-CAM needs a spatial layer, e.g. one of: "
-                        f"{', '.join(t.name for t in list_taps(model, 'level')) or 'a conv layer'}.")
+                        f"{', '.join(n for n, _, _ in cam_candidates(model)) or 'a conv layer'}.")
                 cam = LayerAttribution.interpolate(cam.detach(), (h, w), interpolate_mode="bilinear")
                 maps.append(cam.clamp_min(0)[:, 0].cpu())
     return AttributionResult(

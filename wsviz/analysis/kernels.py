@@ -1,9 +1,10 @@
 """Kernels: top-k 2-D kernels by magnitude (Aich et al. Fig. 3/4), how alike two kernel sets
 are, and ShaRDNet's blending layers (Fig. 4) with their pruning curve (Fig. 5).
 
-A "kernel layer" is every convolution weight a model applies, named by its parameter when
-it is one (a shared weight is listed once, however often it is applied) or by the module
-that builds it otherwise (RepeatNet's realised block, e2cnn's expanded filter).
+A "kernel layer" is a place in the network (a module path) where 2-D kernels are applied,
+with what it stores and how often its stored weights are applied in one forward pass (the
+model package's reuse accounting): twins built from one skeleton share their module paths,
+so :func:`default_layers` can put the same place side by side.
 """
 
 from __future__ import annotations
@@ -20,50 +21,163 @@ from wsviz.errors import WsvizError
 
 @dataclass(frozen=True)
 class KernelLayer:
-    name: str  # parameter name, or module path for a derived weight
-    shape: tuple[int, ...]  # (out, in, kh, kw)
-    derived: bool
-    uses: int  # how many times one forward pass applies it
+    """One place in the network where 2-D kernels are applied, with what it stores and reuses.
+
+    ``shape`` is that of the distinct kernels applied there, concatenated along the output
+    axis: an msws layer with its own kernels per rate shows both halves (as many kernels as
+    vanilla), a shared one its single set (applied at every rate).
+    """
+
+    name: str  # module path of the place (same path = same place in twin architectures)
+    shape: tuple[int, ...]  # (out, in, kh, kw) of the distinct kernels applied here
+    derived: bool  # realised from parameters (RepeatNet tiles, e2cnn basis), not stored as such
+    uses: int  # applications of this layer's stored weights in one forward pass, whole network
+    params: tuple[str, ...] = ()  # the parameters carrying its kernels
+    kind: str = "direct"  # direct / tiled / expanded / derived (see wsviz.models.REUSE_KINDS)
+    factor: float = 1.0  # weights applied per weight stored, over the whole forward pass
+    sites: tuple[str, ...] = ()  # every place its stored weights are applied
+    variations: tuple[str, ...] = ()  # how its applications here differ, e.g. ("dilation=1", "dilation=2")
+
+    @property
+    def shared(self) -> bool:
+        """Its stored weights are applied more than once (at several places, rates, or tiled/expanded)."""
+        return self.factor > 1 + 1e-9
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    def describe(self) -> str:
+        """How this layer reuses its weights, in words the Kernels page shows."""
+        stored = "x".join(map(str, self.shape))
+        if self.kind == "tiled":
+            return f"{stored} realised by tiling parameter(s) {', '.join(self.params)}: each stored weight " \
+                   f"applied {self.factor:.3g}x"
+        if self.kind == "expanded":
+            return f"{stored} filters expanded from a basis ({', '.join(self.params)}): each learned coefficient " \
+                   f"applied {self.factor:.3g}x"
+        if self.uses > 1:
+            other = [s for s in self.sites if s != self.name]
+            here = f" here ({', '.join(self.variations)})" if self.variations else " here"
+            named = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            where = here + (f" and at {named}" if other else "")
+            return f"{stored}, shared: applied {self.uses}x per forward pass{where}"
+        if self.variations:
+            return f"{stored}, not shared: its own kernels at each of {', '.join(self.variations)}"
+        return f"{stored}, applied once per forward pass (not shared)"
+
+    def menu_label(self) -> str:
+        """The layer menu's entry: the place, its kernel count and, when shared, its use count."""
+        tag = {"tiled": f"tiled ×{self.factor:.3g}", "expanded": f"basis ×{self.factor:.3g}"}.get(
+            self.kind, f"shared ×{self.uses}" if self.uses > 1 else "")
+        return f"{self.name} · {self.shape[0]}x{self.shape[1]} {self.shape[2]}x{self.shape[3]}" + (f" · {tag}" if tag
+                                                                                                   else "")
 
 
 def kernel_layers(model: nn.Module, min_size: int = 2) -> list[KernelLayer]:
-    """Every conv weight with kernels of at least ``min_size`` x ``min_size``, in forward order."""
-    from wsviz.models import sharing_report
+    """Every place that applies conv kernels of at least ``min_size`` x ``min_size``, in forward order."""
+    from wsviz.models import reuse_report
 
-    uses, _, _ = sharing_report(model)
-    out: dict[str, KernelLayer] = {}
-    for u in uses:
-        if u.op != "conv2d" or len(u.applied_shape) != 4 or min(u.applied_shape[2:]) < min_size:
-            continue
-        name = u.site if u.derived else u.param
-        if u.derived and not (u.param.endswith("weight") or u.param.endswith("weights")):
-            continue  # transform parameters (swish betas, sign latents) are not the layer's name
-        prev = out.get(name)
-        out[name] = KernelLayer(name, u.applied_shape, u.derived, 1 if prev is None else prev.uses + 1)
-    return list(out.values())
+    reuse = reuse_report(model)
+    by_site: dict[str, list] = {}
+    for r in reuse.values():
+        for u in r.uses:
+            if (u.op == "conv2d" and u.applied and len(u.applied_shape) == 4
+                    and min(u.applied_shape[2:]) >= min_size):
+                by_site.setdefault(u.site, []).append(u)
+    order = {u.site: i for i, u in reversed(list(enumerate(u for r in reuse.values() for u in r.uses)))}
+    out = []
+    for site in sorted(by_site, key=order.__getitem__):
+        uses = by_site[site]
+        params = tuple(dict.fromkeys(u.param for u in uses))
+        first = {p: next(u for u in uses if u.param == p) for p in params}
+        rows = sum(first[p].applied_shape[0] for p in params)
+        o, i, kh, kw = first[params[0]].applied_shape
+        stored = sum(reuse[p].numel for p in params)
+        applied = sum(reuse[p].applied for p in params)
+        kinds = [first[p].kind for p in params]
+        kind = next((k for k in ("tiled", "expanded", "derived") if k in kinds), "direct")
+        n_uses = max(sum(1 for u in reuse[p].uses if u.applied) for p in params)
+        sites = tuple(dict.fromkeys(s for p in params for s in reuse[p].sites))
+        out.append(KernelLayer(site, (rows, i, kh, kw), kind != "direct", n_uses, params, kind,
+                               applied / max(stored, 1), sites, _variations([u.detail for u in uses])))
+    return out
+
+
+def _variations(details: list[str]) -> tuple[str, ...]:
+    """The settings that differ between a layer's applications ("stride=1 dilation=2" strings)."""
+    parsed = [dict(kv.split("=", 1) for kv in d.split()) for d in dict.fromkeys(details) if d]
+    if len(parsed) < 2:
+        return ()
+    keys = [k for k in parsed[0] if len({p.get(k) for p in parsed}) > 1]
+    return tuple(" ".join(f"{k}={p.get(k)}" for k in keys) for p in parsed)
 
 
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The (out, in, kh, kw) weight of a kernel layer, detached, on the CPU."""
+    """The (out, in, kh, kw) kernels of a kernel layer (a place, see :func:`kernel_layers`), or of a
+    4-D parameter named directly; detached, on the CPU. Kernels applied several times at one
+    place (msws rates) appear once; distinct ones (unshared rates) are concatenated."""
     params = dict(model.named_parameters())
     if name in params and params[name].ndim == 4:
         return params[name].detach().cpu()
-    modules = dict(model.named_modules())
-    mod = modules.get(name)
-    if mod is not None:
-        if hasattr(mod, "realised_weight"):  # RepeatConv2d
-            with torch.no_grad():
-                return mod.realised_weight().detach().cpu()
-        if hasattr(mod, "expand_parameters"):  # e2cnn R2Conv
-            with torch.no_grad():
-                w, _ = mod.expand_parameters()
-            return w.detach().cpu()
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor) and w.ndim == 4:
-            return w.detach().cpu()
+    if name in dict(model.named_modules()):
+        from wsviz.models import applied_weights
+
+        seen, parts = set(), []
+        for w, carrier in applied_weights(model, name):
+            key = carrier or id(w)
+            if key not in seen and w.ndim == 4:
+                seen.add(key)
+                parts.append(w.cpu())
+        if parts and len({p.shape[1:] for p in parts}) == 1:
+            return torch.cat(parts)
     names = [k.name for k in kernel_layers(model)]
     raise WsvizError(f"{name!r} is not a conv layer of this model; choose one of: {', '.join(names[:12])}"
                      + (" ..." if len(names) > 12 else ""))
+
+
+def _rank_from_end(layers: list[KernelLayer], name: str) -> tuple[tuple[int, ...], int]:
+    me = next(k for k in layers if k.name == name)
+    same = [k.name for k in layers if k.kernel == me.kernel]
+    return me.kernel, len(same) - 1 - same.index(name)
+
+
+def default_layers(models: dict[str, nn.Module] | dict[str, list[KernelLayer]]) -> dict[str, str]:
+    """Like-for-like default layers for side-by-side kernel views.
+
+    The anchor is the deepest *shared* layer with kernels of 3x3 or more of the first model that
+    has one (else the deepest such layer of the first model). Every model then shows the same
+    place: the layer with the same module path when it has one (twins built from one skeleton),
+    else the layer at the same depth among layers of the same kernel size, counted from the
+    output (e.g. ShaRDNet SL's blending layers shift the paths, not the depth).
+    """
+    layers = {k: (v if isinstance(v, list) else kernel_layers(v)) for k, v in models.items()}
+
+    def preferred(ls: list[KernelLayer]) -> KernelLayer | None:
+        big = [k for k in ls if min(k.kernel) >= 3] or ls
+        shared = [k for k in big if k.shared]
+        return (shared or big)[-1] if big else None
+
+    anchor_model = next((m for m, ls in layers.items() if any(k.shared and min(k.kernel) >= 3 for k in ls)),
+                        next(iter(layers), None))
+    if anchor_model is None:
+        return {}
+    anchor = preferred(layers[anchor_model])
+    if anchor is None:
+        return {}
+    kernel, rank = _rank_from_end(layers[anchor_model], anchor.name)
+    out = {}
+    for m, ls in layers.items():
+        names = [k.name for k in ls]
+        if anchor.name in names:
+            out[m] = anchor.name
+            continue
+        same = [k.name for k in ls if k.kernel == kernel]
+        if same:
+            out[m] = same[max(0, len(same) - 1 - rank)]
+        elif ls:
+            out[m] = preferred(ls).name
+    return out
 
 
 @dataclass

@@ -316,6 +316,60 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
     return rows
 
 
+@dataclass(frozen=True)
+class TestSetGroup:
+    """Rows (by index) evaluated on one test set: only these can be compared with each other."""
+
+    dataset: str
+    data_seed: int
+    rows: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} (realisation {self.data_seed})"
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    """A pair that is not compared, and why."""
+
+    i: int
+    j: int
+    reason: str
+
+
+def _same_test_set(a: FairRow, b: FairRow) -> bool:
+    return (a.dataset, a.data_seed) == (b.dataset, b.data_seed) and np.array_equal(a.labels, b.labels)
+
+
+def group_by_test_set(rows: Sequence[FairRow]) -> tuple[list[TestSetGroup], list[SkippedPair]]:
+    """Groups of rows evaluated on the same test set, and every pair across groups with the reason
+    it is not compared: accuracies on different test sets are not comparable on one axis, and
+    their errors are not on the same images, so no paired test applies."""
+    groups: list[TestSetGroup] = []
+    for k, r in enumerate(rows):
+        for g_i, g in enumerate(groups):
+            if _same_test_set(rows[g.rows[0]], r):
+                groups[g_i] = TestSetGroup(g.dataset, g.data_seed, g.rows + (k,))
+                break
+        else:
+            groups.append(TestSetGroup(r.dataset, r.data_seed, (k,)))
+    where = {k: g for g in groups for k in g.rows}
+    skipped = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            gi, gj = where[i], where[j]
+            if gi is gj:
+                continue
+            if (gi.dataset, gi.data_seed) == (gj.dataset, gj.data_seed):
+                why = f"both name {gi.label} but their test labels differ (different data on disk?)"
+            else:
+                why = (f"different test sets: {rows[i].name} on {gi.label}, {rows[j].name} on {gj.label}; "
+                       "evaluate both on one dataset (fair_comparison(dataset=...)) to compare them")
+            skipped.append(SkippedPair(i, j, why))
+    return groups, skipped
+
+
 def _holm(p: Sequence[float]) -> list[float]:
     """Holm step-down adjusted p-values (family-wise error over all tests given)."""
     m = len(p)
@@ -332,14 +386,15 @@ def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05, n_boo
                           seed: int = 0) -> list[PairSignificance]:
     """Paired tests for every pair of rows evaluated on the same test set (dataset and data seed).
 
-    Rows on different test sets are never paired: their errors are not on the same samples.
-    ``p_holm`` corrects for testing many pairs at once.
+    Rows on different test sets are never paired: their errors are not on the same samples
+    (:func:`group_by_test_set` lists those pairs with the reason). ``p_holm`` corrects for
+    testing many pairs at once.
     """
     pairs = []
     for i in range(len(rows)):
         for j in range(i + 1, len(rows)):
             a, b = rows[i], rows[j]
-            if (a.dataset, a.data_seed) != (b.dataset, b.data_seed) or not np.array_equal(a.labels, b.labels):
+            if not _same_test_set(a, b):
                 continue
             comp = compare_predictions(a.predictions, b.predictions, a.labels, (a.name, b.name),
                                        alpha=alpha, n_boot=n_boot, seed=seed)

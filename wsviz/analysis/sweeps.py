@@ -1,12 +1,15 @@
 """Scale and rotation sweeps: accuracy, agreement and stability as the input is transformed.
 
-Scale: every image is resized by a factor (bilinear, antialiased when shrinking) and then
-zero-padded or centre-cropped back to the model's input size. Agreement at a scale is the
+Scale: every image is rescaled about its centre by a factor, keeping its size, with the one
+resampling operator of :mod:`wsviz.data.resample` — the one that makes the MNIST-scale
+training and test data, so a sweep at factor f feeds exactly the protocol's images at f.
+Agreement at a scale is the
 fraction of images whose prediction equals the model's own prediction at scale 1 (so it is
 1 at scale 1 by definition). The transformed batch is made once per scale and shared by all
 models; every forward pass is batched.
 
-Rotation: every image is rotated about its centre (bilinear, zero fill), as in Rot-MNIST.
+Rotation: every image is rotated about its centre (bilinear, zero fill) by the same operator,
+as the Rot-MNIST protocol does.
 """
 
 from __future__ import annotations
@@ -16,42 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wsviz.analysis.features import capture, select_taps
 from wsviz.data.datasets import fit_to
-from wsviz.data.digits import rotate
+from wsviz.data.resample import rescale, rotate
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
-
-
-def rescale_to(images: torch.Tensor, factor: float, size: int | None = None) -> torch.Tensor:
-    """Resize by ``factor``, then centre pad (zeros) or crop back to ``size`` (default: the input size)."""
-    if not factor > 0:
-        raise WsvizError(f"scale factor must be positive, got {factor}")
-    h, w = images.shape[-2:]
-    size_h, size_w = (size, size) if size else (h, w)
-    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
-    x = images if (nh, nw) == (h, w) else F.interpolate(images, size=(nh, nw), mode="bilinear",
-                                                        antialias=factor < 1, align_corners=False)
-    return _pad_or_crop(x, size_h, size_w)
-
-
-def _pad_or_crop(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    if h > th:
-        top = (h - th) // 2
-        x = x[..., top:top + th, :]
-    if w > tw:
-        left = (w - tw) // 2
-        x = x[..., left:left + tw]
-    h, w = x.shape[-2:]
-    if (h, w) != (th, tw):
-        top, left = (th - h) // 2, (tw - w) // 2
-        x = F.pad(x, (left, tw - w - left, top, th - h - top))
-    return x
 
 
 @torch.no_grad()
@@ -119,7 +94,7 @@ def scale_sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels: t
                 batch_size: int = 512, progress=None) -> SweepResult:
     """Accuracy and agreement (with the scale-1 prediction) of each model at each scale."""
     x = images.float().div(255) if images.dtype == torch.uint8 else images
-    return _sweep(models, x, labels, scales, lambda im, s: rescale_to(im, s), "scale", 1.0, batch_size, progress)
+    return _sweep(models, x, labels, scales, rescale, "scale", 1.0, batch_size, progress)
 
 
 def rotation_sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
@@ -127,7 +102,7 @@ def rotation_sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels
                    progress=None) -> SweepResult:
     """Accuracy and agreement (with the 0-degree prediction) of each model at each angle."""
     x = images.float().div(255) if images.dtype == torch.uint8 else images
-    return _sweep(models, x, labels, angles, lambda im, a: rotate(im, a) if a % 360 else im, "angle", 0.0,
+    return _sweep(models, x, labels, angles, rotate, "angle", 0.0,
                   batch_size, progress)
 
 
@@ -152,7 +127,7 @@ def single_image_stability(model: nn.Module, image: torch.Tensor, values: Sequen
     if parameter == "angle":
         batch = torch.cat([rotate(x, float(a)) for a in values])
     elif parameter == "scale":
-        batch = torch.cat([rescale_to(x, float(f)) for f in values])
+        batch = torch.cat([rescale(x, float(f)) for f in values])
     else:
         raise WsvizError(f"parameter must be 'angle' or 'scale', got {parameter!r}")
     pred, prob = predict(model, batch)
@@ -175,8 +150,9 @@ def layer_scale_invariance(model: nn.Module, images: torch.Tensor, scale: float,
                            kinds: Iterable[str] = ("level", "stage")) -> LayerInvariance:
     """How far each layer's features for the rescaled input are from its rescaled features.
 
-    error = ||f(T_s x) - T_s f(x)|| / ||T_s f(x)||, with T_s the same resize-then-pad/crop as
-    the sweep applied to the feature map. 0 means the layer commutes with rescaling.
+    error = ||f(T_s x) - T_s f(x)|| / ||T_s f(x)||, with T_s the sweep's operator applied to the
+    feature map at the exact factor (it keeps the map's size and centre, so a 7x7 map is scaled
+    by 0.5, not resized to 4x4). 0 means the layer commutes with rescaling.
     """
     taps = [t for t in select_taps(model, kinds)]
     if not taps:
@@ -189,14 +165,14 @@ def layer_scale_invariance(model: nn.Module, images: torch.Tensor, scale: float,
             model(x.to(device))
         fa = dict(a)
         with capture(model, taps) as b:
-            model(rescale_to(x, scale).to(device))
+            model(rescale(x, scale).to(device))
         fb = dict(b)
     errs, names, labels = [], [], []
     for t in taps:
         u, v = fa.get(t.name), fb.get(t.name)
         if u is None or v is None or u.ndim != 4:
             continue
-        tu = rescale_to(u.float(), scale)
+        tu = rescale(u.float(), scale)
         err = (v.float() - tu).flatten(1).norm(dim=1) / tu.flatten(1).norm(dim=1).clamp_min(1e-12)
         errs.append(float(err.mean()))
         names.append(t.name)

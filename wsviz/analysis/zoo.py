@@ -19,11 +19,14 @@ def spec_row(spec: ModelSpec) -> dict[str, Any]:
 
 
 def accounting_row(name: str, **overrides: Any) -> dict[str, Any]:
-    """Unique/effective parameters, compression and FLOPs of one configured model."""
+    """Unique/effective parameters, compression, FLOPs and how it reuses weights (how many stored
+    weights are applied more than once, and by which mechanism: direct / tiled / expanded)."""
     s = summarize(create_model(name, **overrides))
+    reused = [r for r in s.reuse().values() if r.reused]
     return {"unique_params": s.unique_params, "effective_params": s.effective_params,
             "compression": round(s.compression, 3), "gflops": round(s.flops / 1e9, 4),
-            "sign_mask_params": s.mask_params}
+            "sign_mask_params": s.mask_params, "reused_weights": len(reused),
+            "reuse": ", ".join(sorted({k for r in reused for k in r.kinds if k != "modulates"})) or "none"}
 
 
 def zoo_table(specs: Iterable[ModelSpec] | None = None, accounting: bool = True,

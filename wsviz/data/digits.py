@@ -11,20 +11,23 @@ Protocols (reference.md section 6), over any digit tensor, seeded and reproducib
   about the image centre, zero fill);
 * scale: every digit rescaled by a factor drawn uniformly from [0.3, 1.0] and kept at
   28x28, centred (zero padding).
+
+Both use :mod:`wsviz.data.resample`, the one operator the sweeps and sliders use too.
 """
 
 from __future__ import annotations
 
 import gzip
-import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from wsviz.data.resample import rescale, rotate
 from wsviz.errors import WsvizError
+
+__all__ = ["DigitSplit", "mnist5k", "rescale", "rot_protocol", "rotate", "scale_protocol", "split_indices"]
 
 SPLIT_SEED = 0
 TRAIN_PER_CLASS = 400
@@ -98,28 +101,6 @@ def mnist5k(split: str) -> DigitSplit:
     idx = split_indices(labels)[split]
     x = torch.from_numpy(images[idx]).float().div_(255.0).unsqueeze(1)
     return DigitSplit(x, torch.from_numpy(labels[idx]))
-
-
-def rotate(images: torch.Tensor, degrees: torch.Tensor | float) -> torch.Tensor:
-    """Rotate each image (N, C, H, W) counter-clockwise by ``degrees`` about its centre."""
-    n = images.shape[0]
-    theta = torch.as_tensor(degrees, dtype=images.dtype).expand(n) * (math.pi / 180)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    zero = torch.zeros_like(cos)
-    mat = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(mat, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def rescale(images: torch.Tensor, factors: torch.Tensor | float) -> torch.Tensor:
-    """Shrink (factor < 1) or enlarge each image about its centre, keeping its size."""
-    n = images.shape[0]
-    f = torch.as_tensor(factors, dtype=images.dtype).expand(n)
-    inv = 1.0 / f
-    zero = torch.zeros_like(f)
-    mat = torch.stack([torch.stack([inv, zero, zero], 1), torch.stack([zero, inv, zero], 1)], 1)
-    grid = F.affine_grid(mat, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def rot_protocol(base: DigitSplit, seed: int) -> DigitSplit:

@@ -10,12 +10,23 @@
 * effective parameters ("as if unshared"): the number of weights the network actually
   applies — each use of a weight counted at the size it is applied at — plus parameters
   no layer op uses directly or indirectly (counted once);
+* one notion of reuse for every family: each use of a parameter has a *kind* —
+  ``direct`` (the parameter itself is applied; several direct uses = the same weight
+  applied at several places: msws rates, WSMS stages, ShaRDNet iterations, ShaResNet
+  blocks), ``tiled`` (a larger weight assembled from copies of it: RepeatNet, each parent
+  element applied k times), ``expanded`` (a basis expansion: e2cnn's few learnable
+  coefficients combined into many filter taps), ``derived`` (a same-size or smaller
+  transform) or ``modulates`` (a parameter that only shapes a weight carried by another:
+  s-RepeatNet's per-tile (alpha, beta), f-RepeatNet's sign latents). Each use carries the
+  number of applied weights it accounts for, so the uses of all parameters add up to the
+  effective parameter count (``ModelSummary.reuse()``);
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one image in eval mode (a
   multiply-add is 2 FLOPs, as torch counts).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -47,6 +58,62 @@ class ParamUse:
     applied_shape: tuple[int, ...]  # shape of the weight as applied at this site
     derived: bool  # False: the parameter itself; True: a tensor computed from it
     detail: str = ""  # e.g. "stride=1 dilation=2" for a convolution
+    kind: str = "direct"  # one of REUSE_KINDS
+    applied: int = 0  # applied weights this use accounts for (0 for a modulator)
+
+
+REUSE_KINDS = ("direct", "tiled", "expanded", "derived", "modulates")
+
+
+@dataclass(frozen=True)
+class ParamReuse:
+    """How one unique parameter is reused in one forward pass."""
+
+    param: str
+    shape: tuple[int, ...]  # as stored
+    uses: tuple[ParamUse, ...]
+    applied: int  # weights applied through it, summed over its uses
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def factor(self) -> float:
+        """Applied / stored: how many times each stored element is applied (0 for a modulator)."""
+        return self.applied / max(self.numel, 1)
+
+    @property
+    def sites(self) -> list[str]:
+        """Where it is applied, in forward order, each once."""
+        return list(dict.fromkeys(u.site for u in self.uses))
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(u.kind for u in self.uses))
+
+    @property
+    def reused(self) -> bool:
+        """Applied more than once: at several places, or tiled / expanded into a larger weight."""
+        return self.applied > self.numel or sum(u.applied > 0 for u in self.uses) > 1
+
+    def describe(self) -> str:
+        """One line a reader can check against the picture, e.g. 'applied at 2 places (dilation 1, 2)'."""
+        direct = [u for u in self.uses if u.kind == "direct"]
+        parts = []
+        if len(direct) > 1:
+            how = sorted({u.detail for u in direct if u.detail})
+            parts.append(f"the same weight applied at {len(direct)} places" + (f" ({'; '.join(how)})" if len(how) > 1
+                                                                                else ""))
+        for kind, verb in (("tiled", "tiled"), ("expanded", "basis-expanded"), ("derived", "transformed")):
+            ks = [u for u in self.uses if u.kind == kind]
+            if ks:
+                f = sum(u.applied for u in ks) / max(self.numel, 1)
+                parts.append(f"{verb} into {len(ks)} applied weight{'s' if len(ks) > 1 else ''} "
+                             f"({'x'.join(map(str, ks[0].applied_shape))}), each stored element applied {f:.3g}x")
+        if not parts and any(u.kind == "modulates" for u in self.uses):
+            parts.append("shapes a weight carried by another parameter (a transform, not a reuse)")
+        return "; ".join(parts) or "applied once"
 
 
 @dataclass
@@ -60,6 +127,7 @@ class ModelSummary:
     uses: list[ParamUse] = field(default_factory=list)
     unused_params: list[str] = field(default_factory=list)
     mask_params: int = 0  # f-RepeatNet sign latents: trained as reals, stored as 1 bit each
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter's stored shape
 
     @property
     def compression(self) -> float:
@@ -76,32 +144,82 @@ class ModelSummary:
             out[u.param].append(u)
         return dict(out)
 
+    def reuse(self) -> dict[str, ParamReuse]:
+        """Every used parameter's reuse, in forward order of first use."""
+        return _reuse(self.uses, self.param_shapes)
+
     def shared_params(self) -> dict[str, list[ParamUse]]:
-        """Parameters applied at more than one place."""
-        return {k: v for k, v in self.uses_by_param().items() if len(v) > 1}
+        """Parameters applied more than once: at several places (msws, WSMS, ShaRDNet,
+        ShaResNet) or tiled / basis-expanded into a larger applied weight (RepeatNet, e2cnn)."""
+        return {p: list(r.uses) for p, r in self.reuse().items() if r.reused}
 
 
-def _leaf_params(t: torch.Tensor, cache: dict) -> set[int]:
-    """ids of the leaf tensors (parameters) ``t`` was computed from."""
+_MATMUL_NODES = ("MmBackward", "BmmBackward", "AddmmBackward", "MvBackward", "MatmulBackward", "EinsumBackward",
+                 "TensordotBackward")
+
+
+def _reuse(uses: list[ParamUse], shapes: dict[str, tuple[int, ...]]) -> dict[str, ParamReuse]:
+    by: dict[str, list[ParamUse]] = defaultdict(list)
+    for u in uses:
+        by[u.param].append(u)
+    return {p: ParamReuse(p, shapes.get(p, (0,)), tuple(us), sum(u.applied for u in us)) for p, us in by.items()}
+
+
+def reuse_report(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict[str, ParamReuse]:
+    """Every used parameter's reuse in one forward pass (the sharing map without FLOPs)."""
+    uses, _, _ = sharing_report(model, input_shape)
+    return _reuse(uses, {n: tuple(p.shape) for n, p in model.named_parameters()})
+
+
+def _leaf_params(t: torch.Tensor, cache: dict) -> tuple[set[int], bool]:
+    """(ids of the leaf tensors (parameters) ``t`` was computed from, whether a matrix product
+    combined them on the way — the mark of a basis expansion rather than a tiling)."""
     fn = t.grad_fn
     if fn is None:
-        return set()
+        return set(), False
     if fn in cache:
         return cache[fn]
     found: set[int] = set()
+    matmul = False
     stack, seen = [fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        matmul = matmul or type(node).__name__.startswith(_MATMUL_NODES)
         var = getattr(node, "variable", None)
         if var is not None:
             found.add(id(var))
         for nxt, _ in getattr(node, "next_functions", ()):
             stack.append(nxt)
-    cache[fn] = found
-    return found
+    cache[fn] = (found, matmul)
+    return found, matmul
+
+
+def _is_mask(name: str) -> bool:
+    """f-RepeatNet's sign latents: they choose a sign per applied weight, they carry no weight."""
+    return name.endswith("sign_latent")
+
+
+def _derived_uses(t: torch.Tensor, sources: list[str], numel: dict[str, int], matmul: bool, site: str, op: str,
+                  detail: str) -> list[ParamUse]:
+    """The uses one derived weight makes of its source parameters.
+
+    The *carrier* is the largest source that is not a sign mask: the applied weight's values
+    are copies (tiling) or linear combinations (basis expansion) of its elements, so it is
+    credited with all ``t.numel()`` applied weights. Every other source only modulates.
+    """
+    carriers = [n for n in sources if not _is_mask(n)] or sources
+    carrier = max(carriers, key=lambda n: (numel[n], n))
+    size = t.numel()
+    if size > numel[carrier]:
+        kind = "expanded" if matmul else "tiled"
+    else:
+        kind = "derived"
+    shape = tuple(t.shape)
+    return [ParamUse(n, site, op, shape, True, detail, kind if n == carrier else "modulates",
+                     size if n == carrier else 0) for n in sources]
 
 
 def _conv_detail(op: str, args: tuple, kwargs: dict) -> str:
@@ -119,9 +237,9 @@ def _conv_detail(op: str, args: tuple, kwargs: dict) -> str:
 
 
 class _UseTracer(TorchFunctionMode):
-    def __init__(self, names: dict[int, str], stack: list[str]) -> None:
+    def __init__(self, names: dict[int, str], stack: list[str], numel: dict[str, int]) -> None:
         super().__init__()
-        self.names, self.stack = names, stack
+        self.names, self.stack, self.numel = names, stack, numel
         self.uses: list[ParamUse] = []
         self.applied = 0  # weights applied, each use counted at its applied size
         self._cache: dict = {}
@@ -136,12 +254,15 @@ class _UseTracer(TorchFunctionMode):
                 if not isinstance(t, torch.Tensor):
                     continue
                 if id(t) in self.names:
-                    self.uses.append(ParamUse(self.names[id(t)], site, op, tuple(t.shape), False, detail))
+                    self.uses.append(ParamUse(self.names[id(t)], site, op, tuple(t.shape), False, detail, "direct",
+                                              t.numel()))
                     self.applied += t.numel()
                 elif t.requires_grad:
-                    sources = sorted(self.names[i] for i in _leaf_params(t, self._cache) if i in self.names)
-                    self.uses.extend(ParamUse(n, site, op, tuple(t.shape), True, detail) for n in sources)
-                    self.applied += t.numel() if sources else 0
+                    leaves, matmul = _leaf_params(t, self._cache)
+                    sources = sorted(self.names[i] for i in leaves if i in self.names)
+                    if sources:
+                        self.uses.extend(_derived_uses(t, sources, self.numel, matmul, site, op, detail))
+                        self.applied += t.numel()
         return func(*args, **kwargs)
 
 
@@ -149,14 +270,13 @@ def _resolve_shape(model: nn.Module, shape: tuple[int, int, int] | None) -> tupl
     return tuple(shape) if shape is not None else _registered_input_shape(model)  # type: ignore[return-value]
 
 
-def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> tuple[list[ParamUse], int, list[str]]:
-    """Trace one forward pass: (uses, effective parameter count, parameters no op used).
+def _traced_forward(model: nn.Module, shape: tuple[int, int, int], make_tracer) -> TorchFunctionMode:
+    """Run one forward of two random images under the tracer ``make_tracer(names, stack, numel)``.
 
-    Runs in training mode (so e2cnn expands its filters from the basis coefficients on the
-    fly) on a batch of two random images; BatchNorm running statistics and the model's
-    mode are restored afterwards.
+    Training mode (so e2cnn expands its filters from the basis coefficients on the fly),
+    gradients on for every parameter (so derived weights can be followed back to them);
+    BatchNorm running statistics, ``requires_grad`` flags and the model's modes are restored.
     """
-    shape = _resolve_shape(model, input_shape)
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     stack: list[str] = []
@@ -180,7 +300,7 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
         for p in params.values():
             p.requires_grad_(True)
         x = torch.randn(2, *shape, device=device)
-        tracer = _UseTracer(names, stack)
+        tracer = make_tracer(names, stack, {n: p.numel() for n, p in params.items()})
         with set_mode(model, True), torch.enable_grad(), tracer:
             model(x)
     finally:
@@ -191,10 +311,53 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
+    return tracer
+
+
+def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> tuple[list[ParamUse], int, list[str]]:
+    """Trace one forward pass: (uses, effective parameter count, parameters no op used).
+
+    Runs in training mode on a batch of two random images; BatchNorm running statistics and
+    the model's mode are restored afterwards.
+    """
+    shape = _resolve_shape(model, input_shape)
+    tracer = _traced_forward(model, shape, _UseTracer)
+    params = dict(model.named_parameters())
     used = {u.param for u in tracer.uses}
     unused = [n for n in params if n not in used]
     effective = tracer.applied + sum(params[n].numel() for n in unused)
     return tracer.uses, effective, unused
+
+
+class _WeightCapture(_UseTracer):
+    """A use tracer that also keeps the conv weights applied at one site."""
+
+    def __init__(self, names, stack, numel, site: str) -> None:
+        super().__init__(names, stack, numel)
+        self.site = site
+        self.weights: list[tuple[torch.Tensor, str]] = []  # (applied weight, carrier parameter)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv1d, F.conv2d, F.conv3d) and self.stack and self.stack[-1] == self.site:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(w, torch.Tensor):
+                n_before = len(self.uses)
+                out = super().__torch_function__(func, types, args, kwargs)
+                carriers = [u.param for u in self.uses[n_before:] if u.applied and u.applied_shape == tuple(w.shape)]
+                self.weights.append((w.detach().clone(), carriers[0] if carriers else ""))
+                return out
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def applied_weights(model: nn.Module, site: str, input_shape: tuple[int, int, int] | None = None
+                    ) -> list[tuple[torch.Tensor, str]]:
+    """The convolution weights one forward pass applies at module ``site``, in order, each with
+    the parameter that carries it: a weight applied several times there (msws rates) appears
+    once per application; a derived weight (RepeatNet tile, e2cnn filter) as realised."""
+    shape = _resolve_shape(model, input_shape)
+    tracer = _traced_forward(model, shape, lambda n, s, k: _WeightCapture(n, s, k, site))
+    return tracer.weights
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> int:
@@ -216,4 +379,5 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] | None = None)
     shape = _resolve_shape(model, input_shape)
     uses, effective, unused = sharing_report(model, shape)
     masks = sum(p.numel() for n, p in model.named_parameters() if n.endswith("sign_latent"))
-    return ModelSummary(count_unique(model), effective, count_flops(model, shape), shape, uses, unused, masks)
+    return ModelSummary(count_unique(model), effective, count_flops(model, shape), shape, uses, unused, masks,
+                        {n: tuple(p.shape) for n, p in model.named_parameters()})

@@ -66,6 +66,9 @@ class MultiStageNet(nn.Module):
                 nn.Conv2d(total, integration_channels, k, padding=k // 2, bias=False),
                 nn.BatchNorm2d(integration_channels), nn.ReLU(inplace=True))
             out = integration_channels
+        # The integrated features: every stage's output, after the integration layer. Grad-CAM
+        # explains the whole model here (a stage tap would explain one scale only).
+        self.integrated = Tap("level", "integrated features (all stages)")
         self.head = ClassifierHead(out, num_classes)
         if not shared:
             init_resnet(self)
@@ -75,7 +78,7 @@ class MultiStageNet(nn.Module):
         for s, (branch, tap) in enumerate(zip(self.branches, self.stage_taps)):
             xs = x if s == 0 else F.avg_pool2d(x, 2**s)
             feats.append(tap(branch(xs)))
-        return self.head(self.integration(torch.cat(feats, dim=1)))
+        return self.head(self.integrated(self.integration(torch.cat(feats, dim=1))))
 
 
 def _wsms(trunk: ResNetTrunk, num_stages: int, shared: bool, integration: str, c: int,
