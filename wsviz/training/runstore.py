@@ -217,6 +217,11 @@ class RunStore:
             self._init_db()
         except sqlite3.DatabaseError as exc:
             if not _is_damage(exc):
+                damaged = self._probe_damage() if not fresh else None
+                if damaged is not None:  # damaged, in a folder where it cannot be moved aside
+                    raise RunStoreDamaged(self._damaged_message(
+                        damaged, f", and it cannot be moved aside because {self.root} cannot be written ({exc}): make "
+                                 "that folder writable or set WSVIZ_RUNS to another folder")) from exc
                 raise self._unavailable(exc) from exc
             if not recover:
                 raise RunStoreDamaged(self._damaged_message(exc)) from exc
@@ -236,6 +241,18 @@ class RunStore:
             con.executescript(_SCHEMA)  # commits by itself
         finally:
             con.close()
+
+    def _probe_damage(self) -> BaseException | None:
+        """Whether the database is damaged, read without writing anything (for a folder that cannot be written)."""
+        try:
+            con = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+            try:
+                problem = con.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as exc:
+            return exc if _is_damage(exc) else None
+        return None if problem == "ok" else sqlite3.DatabaseError(f"database disk image is malformed ({problem})")
 
     def _damaged_message(self, exc: BaseException, extra: str = "") -> str:
         return (f"The run store {self.db_path} is damaged ({exc}){extra}. Run `python -m wsviz runs rebuild` (or "
