@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import available_variants, plain, refused_checkpoints
+from pages._shared import available_variants, plain, refused_checkpoints, run_store_notice
 
 st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
 
@@ -37,6 +37,7 @@ with st.sidebar:
         with st.expander(f"{len(refused)} checkpoint(s) cannot be used", icon=":material/warning:"):
             for label, reason in refused.items():
                 st.markdown(f"**{plain(label)}**: {plain(reason)}")
+    run_store_notice()  # a damaged or read-only run store: what happened and what to do
     st.caption("wsviz: multi-scale atrous sharing, WSMS-Net, RepeatNet, ShaRDNet, ShaResNet and e2cnn "
                "steerable baselines, compared honestly.")
 nav.run()

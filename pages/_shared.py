@@ -33,14 +33,17 @@ RUNS = Path(os.environ.get("WSVIZ_RUNS", ROOT / "runs"))
 
 
 @st.cache_data(ttl=5, show_spinner=False)
-def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
-    """({label: checkpoint folder}, {label: why it cannot be used}) for shipped checkpoints and finished runs.
+def scan_checkpoints() -> tuple[dict[str, str], dict[str, str], str | None]:
+    """({label: checkpoint folder}, {label: why it cannot be used}, what is wrong with the run store or None)
+    for shipped checkpoints and finished runs.
 
     Reads only cards and the weights' headers (no torch): a folder without its two files, an
     unreadable card, a pickle under the weights' name or a truncated file is refused here, with
-    the reason, never silently left out.
+    the reason, never silently left out. A damaged run store is moved aside and rebuilt; one that
+    cannot be opened leaves the finished runs listed from their folders.
     """
     from wsviz.training.cards import check_weights, read_card
+    from wsviz.training.runstore import finished_runs
 
     candidates: dict[str, Path] = {}
     refused: dict[str, str] = {}
@@ -48,11 +51,9 @@ def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
         for d in sorted(CHECKPOINTS.iterdir()):
             if d.is_dir() and not d.name.startswith((".", "_")):
                 candidates[d.name] = d
-    if (RUNS / "wsviz.db").is_file():
-        from wsviz.training.runstore import RunStore
-
-        for run in RunStore(RUNS).list("done"):
-            candidates[f"run:{run.name} ({run.id[-6:]})"] = Path(run.out_dir) / "checkpoint"
+    view = finished_runs(RUNS)
+    for name, run_id, folder in view.done:
+        candidates[f"run:{name} ({run_id[-6:]})"] = folder
     found: dict[str, str] = {}
     for label, d in candidates.items():
         try:
@@ -62,7 +63,7 @@ def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
             refused[label] = str(exc)
         else:
             found[label] = str(d)
-    return found, refused
+    return found, refused, view.problem
 
 
 # Checkpoints that could not be loaded: {folder: (files' stamp, reason)}. Kept for the process
@@ -96,9 +97,39 @@ available_variants.clear = scan_checkpoints.clear  # the Train page refreshes th
 
 def refused_checkpoints() -> dict[str, str]:
     """{label: reason} of the checkpoints found that cannot be used."""
-    found, refused = scan_checkpoints()
+    found, refused, _ = scan_checkpoints()
     failed = {label: _failed(path) for label, path in found.items()}
     return {**refused, **{label: why for label, why in failed.items() if why is not None}}
+
+
+def run_store_notice() -> None:
+    """One message in the sidebar when the run store is damaged or cannot be written, with what to do,
+    and a button that rebuilds the run list from the run folders."""
+    problem = scan_checkpoints()[2]
+    if problem is None:
+        return
+    st.warning(plain(problem), icon=":material/database:")
+    if st.button("Rebuild the run list from the run folders", key="rebuild-runs"):
+        from wsviz.training.runstore import RunStore
+
+        try:
+            report = RunStore(RUNS).rebuild()
+        except WsvizError as exc:
+            st.error(plain(exc))
+        else:
+            scan_checkpoints.clear()
+            st.success(plain(report.summary()))
+
+
+def open_run_store():
+    """The run store for the Train page, or stop the page (the sidebar says why; checkpoints still work)."""
+    from wsviz.training.runstore import RunStore
+
+    try:
+        return RunStore(RUNS)
+    except WsvizError:
+        st.error("Training is unavailable until the run store can be used: see the message in the sidebar.")
+        st.stop()
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=32)

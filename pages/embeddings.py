@@ -6,6 +6,7 @@ import streamlit as st
 
 from pages._shared import available_variants, chosen_variants, download_table, figure, get_variant
 from wsviz.analysis.embeddings import penultimate_features, project
+from wsviz.concurrency import heavy_slot
 from wsviz.figures import embedding_figure
 
 st.title("Embeddings")
@@ -27,8 +28,10 @@ def embed(label: str, dataset: str, method: str, n: int):
     from wsviz.data.datasets import load_split
 
     te = load_split(dataset, "test")
-    feats = penultimate_features(get_variant(label)[0], te.images)
-    proj = project(feats, method, max_points=n)
+    model = get_variant(label)[0]
+    with heavy_slot():  # long analyses take turns across sessions
+        feats = penultimate_features(model, te.images)
+        proj = project(feats, method, max_points=n)
     return proj, te.labels.numpy(), None if te.angles is None else te.angles.numpy(), \
         None if te.scales is None else te.scales.numpy()
 

@@ -146,7 +146,9 @@ if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
     from wsviz.figures import fair_figure
 
     try:
-        with st.spinner("Re-evaluating…"):
+        from wsviz.concurrency import heavy_slot
+
+        with st.spinner("Re-evaluating…"), heavy_slot():  # long analyses take turns across sessions
             rows = fair_comparison([variants[v] for v in chosen])
     except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
         show_error(exc)

@@ -16,6 +16,7 @@ from pages._shared import (
     show_predictions,
 )
 from wsviz.analysis.sweeps import rotation_sweep, single_image_stability
+from wsviz.concurrency import heavy_slot
 from wsviz.data.digits import rotate
 from wsviz.figures import stability_figure, sweep_figure
 
@@ -40,8 +41,9 @@ def run_sweep(labels: tuple[str, ...], n: int, angles: tuple[float, ...]):
     te = load_split("mnist5k", "test").spread(n)
     models = {label: get_variant(label)[0] for label in labels}
     bar = st.progress(0.0, text="Rotating…")
-    res = rotation_sweep(models, te.images, te.labels, angles,
-                         progress=lambda i, total, v: bar.progress(i / total, text=f"{v:.0f}°"))
+    with heavy_slot(lambda s: bar.progress(0.0, text=f"Waiting for another session's analysis to finish ({s:.0f} s)…")):  # sweeps take turns across sessions
+        res = rotation_sweep(models, te.images, te.labels, angles,
+                             progress=lambda i, total, v: bar.progress(i / total, text=f"{v:.0f}°"))
     bar.empty()
     return res
 

@@ -14,6 +14,7 @@ from pages._shared import (
     show_predictions,
 )
 from wsviz.analysis.sweeps import layer_scale_invariance, scale_sweep
+from wsviz.concurrency import heavy_slot
 from wsviz.data.resample import rescale
 from wsviz.figures import invariance_figure, sweep_figure
 
@@ -44,11 +45,12 @@ def run_sweep(labels: tuple[str, ...], dataset: str, n: int, scales: tuple[float
     te = load_split(dataset, "test").spread(n)
     models = {label: get_variant(label)[0] for label in labels}
     bar = st.progress(0.0, text="Sweeping…")
-    res = scale_sweep(models, te.images, te.labels, scales,
-                      progress=lambda i, total, v: bar.progress(i / total, text=f"scale {v:.2f}"))
+    with heavy_slot(lambda s: bar.progress(0.0, text=f"Waiting for another session's analysis to finish ({s:.0f} s)…")):  # sweeps take turns across sessions
+        res = scale_sweep(models, te.images, te.labels, scales,
+                          progress=lambda i, total, v: bar.progress(i / total, text=f"scale {v:.2f}"))
+        x = te.images[:64]
+        inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
     bar.empty()
-    x = te.images[:64]
-    inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
     return res, inv
 
 

@@ -9,20 +9,19 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from pages._shared import RUNS, available_variants, show_error
+from pages._shared import available_variants, open_run_store, show_error
 from wsviz.data.datasets import dataset_names
 from wsviz.errors import WsvizError
 from wsviz.models import list_models
 from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, launch, list_runs
 from wsviz.training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
-from wsviz.training.runstore import RunStore
 
 st.title("Train")
 gpu = torch.cuda.is_available()
 st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else 'CPU'}** (jobs use CUDA with mixed "
            f"precision when a GPU is visible). At most {DEFAULT_MAX_RUNNING} job(s) run at once; the rest queue. "
            "Jobs are separate processes: they keep running if you reload the page or restart the app.")
-store = RunStore(RUNS)
+store = open_run_store()
 
 with st.form("launch"):
     names = [s.name for s in list_models()]
@@ -64,7 +63,11 @@ if go_:
 
 @st.fragment(run_every=2)
 def runs_panel() -> None:
-    runs = list_runs(store)
+    try:
+        runs = list_runs(store)
+    except WsvizError as exc:  # damaged while the page is open: reloading moves it aside and rebuilds it
+        st.error(str(exc))
+        return
     if not runs:
         st.info("No runs yet.")
         return

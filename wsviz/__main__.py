@@ -1,5 +1,6 @@
 import sys
 
 from wsviz.cli import main
+from wsviz.cli_errors import run_cli
 
-sys.exit(main())
+sys.exit(run_cli(main))

@@ -12,7 +12,6 @@ file cannot drift from the code. Loading it imports neither torch nor the model 
 
 from __future__ import annotations
 
-import argparse
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -52,7 +51,9 @@ def write_catalog(path: str | Path = PATH) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wsviz.catalog", description=__doc__.split("\n\n")[0])
+    from wsviz.cli_errors import CliParser
+
+    ap = CliParser(prog="python -m wsviz.catalog", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(PATH))
     args = ap.parse_args(argv)
     print(f"wrote {write_catalog(args.out)}")
@@ -60,4 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from wsviz.cli_errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsviz.cli_errors import CliParser
 from wsviz.errors import WsvizError
 
 
@@ -30,6 +31,9 @@ def _models(args: argparse.Namespace) -> int:
     from wsviz.models import get_spec, list_models
 
     specs = [get_spec(n) for n in args.name] if args.name else list_models(args.family)
+    if args.family and not specs:
+        families = sorted({s.family for s in list_models()})
+        raise WsvizError(f"No family {args.family!r}: use one of {', '.join(families)}.")
     rows = zoo_table(specs, accounting=args.summary)
     if args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["name"])
@@ -42,6 +46,17 @@ def _models(args: argparse.Namespace) -> int:
             extra = (f"  unique {row['unique_params']:>12,}  effective {row['effective_params']:>12,}"
                      f"  x{row['compression']:<6}  {row['gflops']:>9} GFLOPs")
         print(f"{row['name']:24s} {row['family']:12s} {row['input']:10s}{extra}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from wsviz.training.runstore import RunStore, default_root
+
+    store = RunStore(args.runs_dir or default_root())  # a damaged database is moved aside and rebuilt here
+    if store.recovery is not None:
+        print(store.recovery.message())
+    else:
+        print(f"{store.db_path}: {store.rebuild().summary()}")
     return 0
 
 
@@ -232,7 +247,7 @@ def _cka(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m wsviz", description=__doc__,
+    parser = CliParser(prog="python -m wsviz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list registered models (with --summary: params and FLOPs)")
@@ -241,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="build each model and count params/FLOPs")
     p.add_argument("--csv", action="store_true", help="write CSV to stdout")
     p.set_defaults(func=_models)
+    p = sub.add_parser("runs", help="the run store: `runs rebuild` brings back runs from their folders")
+    p.add_argument("action", choices=["rebuild"],
+                   help="rebuild: move a damaged store aside and restore every run from its folder")
+    p.add_argument("--runs-dir", default=None, help="runs folder (default: $WSVIZ_RUNS or ./runs)")
+    p.set_defaults(func=_runs)
 
     def analysis(name: str, help: str, func, dataset: str | None = "mnist5k", limit: int | None = 1000):
         q = sub.add_parser(name, help=help)
@@ -285,8 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except WsvizError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from wsviz.cli_errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from wsviz.cli_errors import CliParser, debug_requested, run_cli
 from wsviz.errors import WsvizError
 
 
@@ -46,7 +47,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wsviz.train", description=__doc__,
+    p = CliParser(prog="python -m wsviz.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = RunStore(args.runs_dir)
 
     def on_term(signum, frame):
-        raise Cancelled()
+        raise Cancelled(128 + signum)  # 143: terminated, as the convention says
 
     def finish(status: str, reason: str | None = None, **kw) -> None:
         if store is not None:
@@ -149,10 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
         return 0
-    except Cancelled:
+    except Cancelled as exc:
         finish("cancelled", "cancelled by the user")
         print("cancelled", file=sys.stderr)
-        return 130
+        return exc.args[0] if exc.args else 130
     except WsvizError as exc:
         finish("failed", str(exc))
         print(f"error: {exc}", file=sys.stderr)
@@ -161,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         finish("failed", "out of memory: use a smaller batch size or model")
         print("error: out of memory", file=sys.stderr)
         return 3
-    except Exception as exc:  # anything else: record why, keep the traceback in the log
-        traceback.print_exc()
+    except Exception as exc:  # anything else: record why, keep the traceback in a job's log
+        if store is not None or debug_requested(argv):
+            traceback.print_exc()
         reason = failure_reason(exc)
         print(f"error: {reason}", file=sys.stderr)
         finish("failed", reason)
@@ -201,12 +203,14 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
     from wsviz.training.run import run_training
 
     bar = None
-    if rank == 0 and not args.quiet and store is None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.epochs, unit="epoch", desc=args.model)
+    show = rank == 0 and not args.quiet and store is None
 
     def on_epoch(m):
+        nonlocal bar
+        if show and bar is None:  # made once training runs: an error before that stays one line on stderr
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.epochs, unit="epoch", desc=args.model)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{m.train_loss:.3f}", test_acc=f"{m.test_acc:.4f}")
@@ -234,4 +238,4 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -234,7 +234,9 @@ def report(out: str | Path = "checkpoints") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wsviz.zoo", description=__doc__,
+    from wsviz.cli_errors import CliParser
+
+    ap = CliParser(prog="python -m wsviz.zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("retrain", help="train the zoo into --out")
@@ -264,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{e.name:28s} {e.model:24s} {e.dataset:14s} {json.dumps(e.overrides)}")
     except WsvizError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from wsviz.cli_errors import run_cli
+
+    sys.exit(run_cli(main))

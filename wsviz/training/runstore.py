@@ -3,11 +3,19 @@
 Writers are the training processes, readers the app and the CLI; SQLite's WAL mode lets the
 app read while a run writes. A run whose process died without saying so (SIGKILL, out of
 memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed.
+
+The database is an index, not the only record: every run folder holds ``run.json`` (its id,
+name and launch spec) and, once an epoch has finished, its checkpoint's ``card.json`` (config,
+per-epoch metrics, test accuracy). So a damaged database (not a database at all, cut short by
+a full disk or a bad copy) is moved aside -- never deleted -- and the store is rebuilt from the
+folders (:meth:`RunStore.rebuild`, ``python -m wsviz runs rebuild``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -15,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,51 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
 """
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")  # what RunStore.create makes
+DB_NAME = "wsviz.db"
+RUN_FILE = "run.json"
+DAMAGED_INFIX = ".damaged-"  # wsviz.db.damaged-YYYYmmdd-HHMMSS: a damaged store moved aside
+RESTORED = "restored from its folder when the run store was rebuilt"
+_DAMAGE_CODES = (11, 26)  # SQLITE_CORRUPT ("disk image is malformed"), SQLITE_NOTADB ("file is not a database")
+_UNWRITABLE_CODES = (3, 8, 14)  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
+
+log = logging.getLogger(__name__)
+
+
+class RunStoreError(WsvizError):
+    """The run store cannot be used as it is; the message says why and what to do.
+
+    Not the command line's fault: the CLI exits with status 1 (a failure at run time).
+    """
+
+    exit_code = 1
+
+
+class RunStoreDamaged(RunStoreError):
+    """The database file is damaged (not a database, truncated, malformed)."""
+
+
+class RunStoreUnavailable(RunStoreError):
+    """The database cannot be opened or written (a read-only or missing folder, permissions)."""
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # primary code (extended codes carry more bits)
+
+
+def _is_damage(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in _DAMAGE_CODES
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text
+
+
+def _is_unwritable(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and _sqlite_code(exc) in _UNWRITABLE_CODES
 
 
 @dataclass
@@ -60,6 +113,56 @@ class Run:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+
+@dataclass
+class FolderRun:
+    """A run as its folder on disk describes it (``run.json`` and the checkpoint's card)."""
+
+    id: str
+    name: str
+    model: str
+    dataset: str
+    spec: dict[str, Any]
+    status: str  # done (a complete card) or failed (unfinished, or no checkpoint)
+    reason: str | None
+    out_dir: str
+    created: float
+    finished: float | None
+    test_accuracy: float | None
+    device: str | None
+    metrics: list[tuple[int, str, float]] = field(default_factory=list)  # (epoch, key, value)
+
+
+@dataclass
+class RebuildReport:
+    """What :meth:`RunStore.rebuild` did: run ids added, run ids updated, and folders skipped with the reason."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"{len(self.added)} run(s) restored from their folders, {len(self.updated)} updated"
+        if self.skipped:
+            text += f", {len(self.skipped)} folder(s) skipped (" + "; ".join(
+                f"{k}: {v}" for k, v in list(self.skipped.items())[:3]) + (" ..." if len(self.skipped) > 3 else "") + ")"
+        return text
+
+
+@dataclass
+class Recovery:
+    """A damaged database that opening the store moved aside, and the rebuild that followed."""
+
+    db_path: Path
+    moved_to: Path
+    reason: str
+    rebuilt: RebuildReport
+
+    def message(self) -> str:
+        return (f"The run store {self.db_path} was damaged ({self.reason}). It was moved aside to {self.moved_to} "
+                f"(nothing was deleted) and rebuilt from the run folders: {self.rebuilt.summary()}. "
+                "Delete the damaged copy once you no longer need it.")
 
 
 def process_start_time(pid: int) -> str | None:
@@ -92,31 +195,137 @@ def safe_run_name(name: str) -> str:
 class RunStore:
     """Runs live in ``root`` (default ``./runs``): ``wsviz.db`` plus one folder per run."""
 
-    def __init__(self, root: str | Path = "runs") -> None:
+    def __init__(self, root: str | Path = "runs", *, recover: bool = True) -> None:
+        """Open (or create) the store in ``root``.
+
+        A damaged database is moved aside to ``wsviz.db.damaged-<time>`` and the store rebuilt from
+        the run folders (``self.recovery`` says so), unless ``recover=False``: then it raises
+        :class:`RunStoreDamaged`. A folder that cannot be written raises :class:`RunStoreUnavailable`.
+        A new database in a folder that already holds runs is filled from them.
+        """
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "wsviz.db"
+        self.db_path = self.root / DB_NAME
+        self.recovery: Recovery | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStoreUnavailable(
+                f"The runs folder {self.root} cannot be created ({exc.strerror or exc}): set WSVIZ_RUNS to a folder "
+                "you can write, or fix the permissions of its parent.") from exc
+        fresh = not self.db_path.exists()
+        try:
+            self._init_db()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                damaged = self._probe_damage() if not fresh else None
+                if damaged is not None:  # damaged, in a folder where it cannot be moved aside
+                    raise RunStoreDamaged(self._damaged_message(
+                        damaged, f", and it cannot be moved aside because {self.root} cannot be written ({exc}): make "
+                                 "that folder writable or set WSVIZ_RUNS to another folder")) from exc
+                raise self._unavailable(exc) from exc
+            if not recover:
+                raise RunStoreDamaged(self._damaged_message(exc)) from exc
+            self.recovery = self._recover(exc)
+            return
+        if fresh and any(True for _ in _run_folders(self.root)):
+            self.rebuild()
+
+    def _init_db(self) -> None:
+        """Open the database, check it page by page (cheap at run-store sizes) and create the tables."""
         con = sqlite3.connect(self.db_path, timeout=30)
         try:
             con.execute("PRAGMA journal_mode=WAL")
+            problem = con.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":  # raised as SQLite does for a damaged page
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({problem})")
             con.executescript(_SCHEMA)  # commits by itself
         finally:
             con.close()
 
+    def _probe_damage(self) -> BaseException | None:
+        """Whether the database is damaged, read without writing anything (for a folder that cannot be written)."""
+        try:
+            con = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+            try:
+                problem = con.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as exc:
+            return exc if _is_damage(exc) else None
+        return None if problem == "ok" else sqlite3.DatabaseError(f"database disk image is malformed ({problem})")
+
+    def _damaged_message(self, exc: BaseException, extra: str = "") -> str:
+        return (f"The run store {self.db_path} is damaged ({exc}){extra}. Run `python -m wsviz runs rebuild` (or "
+                "reload the app) to move it aside and rebuild it from the run folders; shipped checkpoints work "
+                "meanwhile.")
+
+    def _unavailable(self, exc: BaseException) -> RunStoreUnavailable:
+        return RunStoreUnavailable(
+            f"The run store {self.db_path} cannot be opened for writing ({exc}): make {self.root} writable, or set "
+            "WSVIZ_RUNS to a folder you can write. Training needs it; shipped checkpoints and finished runs work "
+            "without it.")
+
+    def _recover(self, exc: BaseException) -> Recovery | None:
+        """Move the damaged database (and its -wal/-shm files) aside, start a new one, rebuild it from the folders.
+
+        Serialised between processes by a lock file; a process that finds the work done by another
+        (the database opens cleanly once it holds the lock) moves nothing.
+        """
+        try:
+            lock = open(self.root / f".{DB_NAME}.lock", "a")
+        except OSError as err:
+            raise RunStoreDamaged(self._damaged_message(
+                exc, f", and it cannot be moved aside because {self.root} cannot be written "
+                     f"({err.strerror or err}): make that folder writable or set WSVIZ_RUNS to another folder")) from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._init_db()
+                return None  # another process recovered it meanwhile
+            except sqlite3.DatabaseError as again:
+                if not _is_damage(again):
+                    raise self._unavailable(again) from again
+                exc = again
+            base, n = f"{DB_NAME}{DAMAGED_INFIX}{time.strftime('%Y%m%d-%H%M%S')}", 1
+            target = self.root / base
+            while any(Path(f"{target}{s}").exists() for s in ("", "-wal", "-shm")):
+                n += 1
+                target = self.root / f"{base}-{n}"
+            try:
+                os.rename(self.db_path, target)
+                for suffix in ("-wal", "-shm"):  # a stale log must not be replayed into the new database
+                    side = Path(f"{self.db_path}{suffix}")
+                    if side.exists():
+                        os.rename(side, f"{target}{suffix}")
+            except OSError as err:
+                raise RunStoreDamaged(self._damaged_message(
+                    exc, f", and it cannot be moved aside ({err.strerror or err}): make {self.root} writable")) from exc
+            log.warning("run store %s is damaged (%s): moved to %s", self.db_path, exc, target)
+            self._init_db()
+            report = self.rebuild()
+        return Recovery(self.db_path, target, str(exc), report)
+
     @contextmanager
     def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise self._unavailable(exc) from exc
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA busy_timeout=30000")
             con.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             yield con
             con.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             try:
                 con.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if _is_damage(exc):
+                raise RunStoreDamaged(self._damaged_message(exc)) from exc
+            if _is_unwritable(exc):
+                raise self._unavailable(exc) from exc
             raise
         finally:
             con.close()
@@ -136,10 +345,14 @@ class RunStore:
         name = safe_run_name(name) if name else f"{model}-{dataset}"[:64]
         out = self.run_dir(run_id)
         out.mkdir(parents=True)
+        created = time.time()
         with self._connect() as con:
             con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created) "
                         "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                        (run_id, name, model, dataset, json.dumps(spec), str(out), time.time()))
+                        (run_id, name, model, dataset, json.dumps(spec), str(out), created))
+        # Written after the row, so a rebuild never restores a run that is being created.
+        _write_json(out / RUN_FILE, {"id": run_id, "name": name, "model": model, "dataset": dataset, "spec": spec,
+                                     "created": created})
         return self.get(run_id)
 
     def claim_slot(self, run_id: str, max_running: int, pid: int, device: str) -> str:
@@ -232,6 +445,46 @@ class RunStore:
                 except OSError:
                     pass
 
+    def rebuild(self) -> RebuildReport:
+        """Bring back every run whose folder is on disk and missing from the database.
+
+        A folder with a complete checkpoint card comes back ``done`` with its test accuracy and
+        per-epoch metrics; one with an unfinished card or none comes back ``failed`` saying so.
+        Runs already in the database are left as they are, except one restored unfinished whose
+        card has since become complete (its process was still running), which becomes ``done``.
+        Safe to run again, and while the app is open.
+        """
+        found, skipped = scan_run_folders(self.root)
+        report = RebuildReport(skipped=skipped)
+        with self._connect(immediate=True) as con:
+            known = {rid: (status, reason) for rid, status, reason in
+                     con.execute("SELECT id, status, reason FROM runs").fetchall()}
+            for fr in found:
+                if fr.id in known:
+                    status, reason = known[fr.id]
+                    if status == "failed" and (reason or "").startswith(RESTORED) and fr.status == "done":
+                        con.execute("UPDATE runs SET status='done', reason=NULL, finished=?, test_accuracy=?, device=? "
+                                    "WHERE id=?", (fr.finished, fr.test_accuracy, fr.device, fr.id))
+                        con.execute("DELETE FROM metrics WHERE run_id=?", (fr.id,))
+                        self._insert_metrics(con, fr)
+                        report.updated.append(fr.id)
+                    continue
+                con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, reason, device, out_dir, created, "
+                            "started, finished, test_accuracy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (fr.id, fr.name, fr.model, fr.dataset, json.dumps(fr.spec), fr.status, fr.reason, fr.device,
+                             fr.out_dir, fr.created, None, fr.finished, fr.test_accuracy))
+                self._insert_metrics(con, fr)
+                report.added.append(fr.id)
+        if report.added or report.updated:
+            log.info("run store %s rebuilt: %s", self.db_path, report.summary())
+        return report
+
+    @staticmethod
+    def _insert_metrics(con: sqlite3.Connection, fr: FolderRun) -> None:
+        t = fr.finished or fr.created
+        con.executemany("INSERT INTO metrics (run_id, epoch, step, key, value, time) VALUES (?, ?, NULL, ?, ?, ?)",
+                        [(fr.id, epoch, key, value, t) for epoch, key, value in fr.metrics])
+
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
         (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
@@ -265,3 +518,146 @@ class RunStore:
 
 def default_root() -> Path:
     return Path(os.environ.get("WSVIZ_RUNS", "runs"))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _run_folders(root: Path) -> Iterator[Path]:
+    """Folders of ``root`` named like a run id that hold a run's record or a checkpoint (no symlinks)."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        if (_RUN_ID_RE.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+                and ((d / RUN_FILE).is_file() or (d / "checkpoint" / "card.json").is_file())):
+            yield d
+
+
+def _id_time(run_id: str) -> float:
+    try:
+        return time.mktime(time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return 0.0
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def read_run_folder(folder: str | Path) -> FolderRun:
+    """What one run folder says about its run, from ``run.json`` and the checkpoint card (JSON only);
+    a WsvizError if it says too little to be listed."""
+    from wsviz.training.cards import read_card
+
+    d = Path(folder)
+    meta: dict[str, Any] = {}
+    if (d / RUN_FILE).is_file():
+        try:
+            meta = json.loads((d / RUN_FILE).read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            meta = {}
+            if not (d / "checkpoint" / "card.json").is_file():
+                raise WsvizError(f"{d / RUN_FILE} cannot be read ({exc}) and there is no checkpoint") from exc
+        if not isinstance(meta, dict):
+            meta = {}
+    card, card_problem = None, None
+    if (d / "checkpoint" / "card.json").is_file():
+        try:
+            card = read_card(d / "checkpoint")
+        except WsvizError as exc:
+            card_problem = str(exc)
+    model = (card or {}).get("model") or meta.get("model")
+    dataset = (card or {}).get("dataset") or meta.get("dataset")
+    if not isinstance(model, str) or not isinstance(dataset, str):
+        raise WsvizError(card_problem or f"{d} names no model and dataset (its {RUN_FILE} and card are missing or empty)")
+    try:
+        name = safe_run_name(meta.get("name"))
+    except WsvizError:
+        name = f"{model}-{dataset}"[:64]
+    spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {
+        "model": model, "dataset": dataset, "train_config": (card or {}).get("train_config", {}),
+        "config": (card or {}).get("config", {}), "data_seed": (card or {}).get("data_seed", 0),
+        "restored_from_card": True}
+    created = _number(meta.get("created")) or _id_time(d.name)
+    finished, status, reason, acc, metrics = None, "failed", None, None, []
+    if card is not None:
+        finished = (d / "checkpoint" / "card.json").stat().st_mtime
+        acc = _number(card.get("test_accuracy"))
+        for row in card.get("metrics") or []:
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                metrics += [(row["epoch"], k, float(v)) for k, v in row.items()
+                            if k not in ("epoch", "seconds") and _number(v) is not None]
+        if card.get("complete") is True:
+            status = "done"
+        else:
+            reason = (f"{RESTORED}; its checkpoint holds {card.get('epochs_done')} of {card.get('epochs')} epochs "
+                      "(it was stopped, or its training was still running and is no longer tracked)")
+    elif card_problem is not None:
+        reason = f"{RESTORED}; its checkpoint cannot be used: {card_problem}"
+    else:
+        reason = f"{RESTORED}; it has no checkpoint (it ended before its first epoch finished)"
+        log_file = d / "log.txt"
+        finished = log_file.stat().st_mtime if log_file.is_file() else None
+    return FolderRun(d.name, name, model, dataset, spec, status, reason, str(d.resolve()), created, finished, acc,
+                     (card or {}).get("device") if isinstance((card or {}).get("device"), str) else None, metrics)
+
+
+def scan_run_folders(root: str | Path) -> tuple[list[FolderRun], dict[str, str]]:
+    """Every run folder under ``root`` as its files describe it (no database needed), oldest first,
+    and {folder name: why it was skipped}."""
+    found, skipped = [], {}
+    for d in _run_folders(Path(root)):
+        try:
+            found.append(read_run_folder(d))
+        except (WsvizError, OSError) as exc:
+            skipped[d.name] = str(exc)
+    found.sort(key=lambda r: (r.created, r.id))
+    return found, skipped
+
+
+def damaged_copies(root: str | Path) -> list[Path]:
+    """Damaged databases moved aside in ``root``, oldest first (kept until the user deletes them)."""
+    try:
+        return sorted(p for p in Path(root).glob(f"{DB_NAME}{DAMAGED_INFIX}*")
+                      if p.is_file() and not p.name.endswith(("-wal", "-shm")))
+    except OSError:
+        return []
+
+
+@dataclass
+class StoreView:
+    """Finished runs for the app's variant list, and what is wrong with the store (None when nothing is)."""
+
+    done: list[tuple[str, str, Path]]  # (name, run id, checkpoint folder), newest first
+    problem: str | None
+    usable: bool  # whether the store itself could be opened (training needs it)
+
+
+def finished_runs(root: str | Path) -> StoreView:
+    """The finished runs under ``root``, whatever state the database is in.
+
+    A damaged database is moved aside and rebuilt (the message says so); one that cannot be opened
+    leaves the finished runs listed from their folders, with the reason. A missing ``root`` is no
+    problem: there are no runs yet.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return StoreView([], None, True)
+    try:
+        store = RunStore(root)
+        runs = store.list("done")
+    except RunStoreError as exc:
+        done = [r for r in scan_run_folders(root)[0] if r.status == "done"]
+        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False)
+    problem = store.recovery.message() if store.recovery else None
+    copies = damaged_copies(root)
+    if problem is None and copies:
+        problem = (f"A damaged run store was moved aside to {copies[-1]} and the run list rebuilt from the run folders"
+                   f" ({len(copies)} damaged cop{'y' if len(copies) == 1 else 'ies'} in {store.root}). Nothing is "
+                   "missing that a folder holds; delete the damaged copies once you no longer need them.")
+    return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in runs], problem, True)
