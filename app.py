@@ -28,7 +28,15 @@ with st.sidebar:
         linked = [v for v in st.query_params.get("variants", "").split(",") if v in variants]
         st.session_state["variants"] = linked or default
     st.multiselect("Variants to compare", list(variants), key="variants",
-                   help="Shipped checkpoints (checkpoints/) and finished training runs.")
+                   help="Shipped checkpoints (checkpoints/) and finished training runs. The choice is kept in "
+                        "the page's address (?variants=...), so a reload or a shared link shows the same.")
+    # Write the choice to the URL: a reload starts a new session, which reads it back above.
+    chosen = ",".join(st.session_state["variants"])
+    if st.query_params.get("variants", "") != chosen:
+        if chosen:
+            st.query_params["variants"] = chosen
+        else:
+            del st.query_params["variants"]
     if not variants:
         st.warning("No checkpoints found. Train one on the Train page, or run `python -m wsviz.zoo retrain`.")
     refused = refused_checkpoints()

@@ -197,16 +197,24 @@ def show_error(exc: Exception) -> None:
     st.error(str(exc) if isinstance(exc, WsvizError) else f"Something went wrong: {type(exc).__name__}: {exc}")
 
 
+def figure_html(fig) -> bytes:
+    """A figure as a self-contained HTML file: plotly.js embedded, so it opens offline."""
+    return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+
+
 def download_figure(fig, name: str) -> None:
-    st.download_button("Download figure (HTML)", fig.to_html(include_plotlyjs="cdn").encode(), f"{name}.html",
-                       "text/html", key=f"dl-html-{name}")
+    # The file (with plotly.js, ~4 MB) is made only when clicked, and the click does not rerun the
+    # page, so nothing on it is lost or recomputed.
+    st.download_button("Download figure (HTML)", lambda: figure_html(fig), f"{name}.html", "text/html",
+                       key=f"dl-html-{name}", on_click="ignore", icon=":material/download:")
 
 
 def download_table(rows, name: str) -> None:
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     buf = io.StringIO()
     df.to_csv(buf, index=False)
-    st.download_button("Download table (CSV)", buf.getvalue().encode(), f"{name}.csv", "text/csv", key=f"dl-csv-{name}")
+    st.download_button("Download table (CSV)", buf.getvalue().encode(), f"{name}.csv", "text/csv",
+                       key=f"dl-csv-{name}", on_click="ignore", icon=":material/download:")
 
 
 def figure(fig, name: str) -> None:
@@ -270,42 +278,161 @@ def prepared(name: str, data: bytes, model):
         return None
 
 
-def show_predictions(name: str, data: bytes, variants: list[str], transform=None) -> list[dict]:
-    """One column per variant with its predicted class and confidence, then the model input.
-
-    ``transform(batch) -> batch`` is applied to the prepared (1, C, H, W) input (rescale, rotate).
-    The image is decoded and transformed once per input shape, and each distinct input is
-    shown once (variants trained on the same data see the same input). Returns the rows shown;
-    stops at the first variant the image cannot be prepared for.
-    """
-    from wsviz.analysis.sweeps import predict
+def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None) -> dict[str, object]:
+    """{variant: its (1, C, H, W) input or None}: the image decoded and transformed once per input
+    shape, and an error about it (or a note that it is far from the training data) said once."""
+    from wsviz.data.inputs import input_note
     from wsviz.models import input_shape
 
-    rows, inputs, users = [], {}, {}
+    inputs, by_shape, noted = {}, {}, set()
     for label in variants:
         try:
-            model, _ = get_variant(label)
+            model, card = get_variant(label)
         except Exception as exc:  # noqa: BLE001 - e.g. a variant chosen on the page itself, not in the sidebar
             show_variant_error(label, exc)
             continue
-        shape = input_shape(model)[:2]
-        if shape not in inputs:
+        c, size, _ = input_shape(model)
+        if (c, size) not in by_shape:
             x = prepared(name, data, model)
-            inputs[shape] = None if x is None else (x.unsqueeze(0) if transform is None else transform(x.unsqueeze(0)))
-        xb = inputs[shape]
+            by_shape[(c, size)] = None if x is None else (x.unsqueeze(0) if transform is None
+                                                          else transform(x.unsqueeze(0)))
+        note = input_note(data, c, size, card.get("dataset")) if by_shape[(c, size)] is not None else None
+        if note and note not in noted:
+            noted.add(note)
+            st.warning(note, icon=":material/info:")
+        inputs[label] = by_shape[(c, size)]
+    return inputs
+
+
+def show_predictions(name: str, data: bytes, variants: list[str], transform=None, top: int = 3) -> list[dict]:
+    """One column per variant with its predicted class (by name) and the next ``top - 1`` classes with
+    their probabilities, then the model input(s).
+
+    ``transform(batch) -> batch`` is applied to the prepared (1, C, H, W) input (rescale, rotate).
+    Each distinct input is shown once (variants trained on the same data see the same input).
+    Returns the rows shown.
+    """
+    from wsviz.analysis.sweeps import predict
+    from wsviz.data.classes import class_names
+
+    inputs = model_inputs_for(name, data, variants, transform)
+    rows, users = [], {}
+    for label, xb in inputs.items():
         if xb is None:
-            break
+            continue
+        model, card = get_variant(label)
         pred, prob = predict(model, xb)
+        names = class_names(card.get("dataset"), prob.shape[1])
+        order = prob[0].argsort(descending=True)[:top].tolist()
         p = int(pred[0])
-        rows.append({"image": name, "variant": label, "predicted": p, "confidence": float(prob[0, p])})
-        users.setdefault(shape, []).append(label)
-    for col, row in zip(st.columns(max(len(rows), 1)), rows):
-        col.metric(row["variant"], f"class {row['predicted']}", f"{100 * row['confidence']:.1f}% confident",
-                   delta_color="off", delta_arrow="off")
+        rows.append({"image": name, "variant": label, "predicted": p, "class": names[p],
+                     "confidence": float(prob[0, p]),
+                     "next": ", ".join(f"{names[k]} {100 * float(prob[0, k]):.1f}%" for k in order[1:])})
+        users.setdefault(tuple(xb.shape[1:3]), (xb, []))[1].append(label)
+    per_row = 4 if len(rows) > 4 else max(len(rows), 1)  # wraps instead of truncating on narrow pages
+    for start in range(0, len(rows), per_row):
+        for col, row in zip(st.columns(per_row), rows[start:start + per_row]):
+            col.metric(row["variant"], row["class"], f"{100 * row['confidence']:.1f}%", delta_color="off",
+                       delta_arrow="off", help=f"class index {row['predicted']}")
+            if row["next"]:
+                col.caption("then " + row["next"])
     # Drawn last, so a redrawn input means every prediction above it is already up to date.
-    for col, (shape, labels) in zip(st.columns(max(len(users), 6)), users.items()):
-        xb = inputs[shape]
+    for col, (shape, (xb, labels)) in zip(st.columns(max(len(users), 6)), users.items()):
         col.image(xb[0].permute(1, 2, 0).numpy() if xb.shape[1] == 3 else xb[0, 0].numpy(), clamp=True, width=120,
-                  caption=f"model input {shape[0]}×{shape[1]}×{shape[1]}" + ("" if len(users) == 1 else
-                                                                        f" ({', '.join(labels)})"))
+                  caption=f"model input {shape[0]}×{xb.shape[-1]}×{xb.shape[-1]}" + ("" if len(users) == 1 else
+                                                                                  f" ({', '.join(labels)})"))
     return rows
+
+
+# ------------------------------------------------------------------ long work off the script thread
+class Cancelled(Exception):
+    """Raised inside background work when its Cancel button was pressed."""
+
+
+class Work:
+    """One long analysis running in a worker thread for one session: its inputs (``key``), its
+    progress and its result. Nothing here calls Streamlit: a fragment reads it and draws."""
+
+    def __init__(self, key: tuple, fn, args: tuple) -> None:
+        import threading
+        import time
+
+        self.key, self.started = key, time.monotonic()
+        self.fraction, self.text = 0.0, "Starting…"
+        self.cancel = threading.Event()
+        self.future = _executor().submit(self._run, fn, args)
+
+    def progress(self, fraction: float, text: str) -> None:
+        """Called by the work itself; stops it if Cancel was pressed."""
+        if self.cancel.is_set():
+            raise Cancelled()
+        self.fraction, self.text = max(0.0, min(1.0, fraction)), text
+
+    def _run(self, fn, args):
+        return fn(self.progress, *args)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@st.cache_resource
+def _executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="wsviz-work")
+
+
+def run_in_background(slot: str, key: tuple, fn, *args) -> Work:
+    """Start ``fn(progress, *args)`` in a worker thread for this session (replacing any earlier work in
+    ``slot``, which is cancelled). The page stays live meanwhile: sliders and fragments answer."""
+    old = st.session_state.get(slot)
+    if isinstance(old, Work) and not old.done:
+        old.cancel.set()
+    work = Work(key, fn, args)
+    st.session_state[slot] = work
+    return work
+
+
+def background_result(slot: str, key: tuple, what: str):
+    """The finished result of the work in ``slot`` for these inputs, or None.
+
+    While it runs, a fragment shows its progress with a Cancel button and reruns the page when it
+    ends; a result for other inputs is not shown (the page says the settings changed); an error
+    or a cancellation is said once, plainly.
+    """
+    work = st.session_state.get(slot)
+    if not isinstance(work, Work):
+        return None
+    if work.key != key:
+        st.caption(f"The settings changed since the last {what}: press the button to run it for these.")
+        return None
+    if not work.done:
+        _progress_panel(slot, what)
+        return None
+    exc = work.future.exception()
+    if isinstance(exc, Cancelled):
+        st.info(f"The {what} was cancelled.")
+        return None
+    if exc is not None:
+        show_error(exc)
+        return None
+    return work.future.result()
+
+
+@st.fragment(run_every=0.5)
+def _progress_panel(slot: str, what: str) -> None:
+    import time
+
+    work = st.session_state.get(slot)
+    if not isinstance(work, Work):
+        return
+    if work.done:
+        st.rerun()  # the whole page: it draws the result
+    elapsed = time.monotonic() - work.started
+    eta = ""
+    if 0.02 < work.fraction < 1:
+        eta = f", about {elapsed * (1 - work.fraction) / work.fraction:.0f} s left"
+    st.progress(work.fraction, text=f"{what.capitalize()}: {work.text} ({elapsed:.0f} s{eta})")
+    if st.button("Cancel", key=f"cancel-{slot}", icon=":material/stop_circle:"):
+        work.cancel.set()

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import chosen_variants, figure, get_variant, pick_images, prepared, show_error, show_predictions
+from pages._shared import (
+    chosen_variants,
+    figure,
+    get_variant,
+    model_inputs_for,
+    pick_images,
+    show_error,
+    show_predictions,
+)
 from wsviz.analysis.attribution import METHODS, attribute, cam_candidates, default_cam_layer
 from wsviz.analysis.features import feature_maps
-from wsviz.figures import attribution_figure, feature_maps_figure
+from wsviz.data.classes import class_names
+from wsviz.figures import SIGNED_METHODS, attribution_figure, feature_maps_figure
 from wsviz.models.taps import list_taps
 
 st.title("Compare on images")
@@ -26,7 +35,15 @@ for name, data in images:
     st.subheader(name)
     rows += show_predictions(name, data, variants)
 if rows:
-    st.dataframe(rows, hide_index=True)
+    st.dataframe(rows, hide_index=True, column_config={
+        "confidence": st.column_config.NumberColumn(format="percent"),
+        "next": st.column_config.TextColumn("next most likely")})
+
+names = [n for n, _ in images]
+pick = st.selectbox("Image for feature maps and attributions", names, key="compare-image") if len(names) > 1 \
+    else names[0]
+name, data = images[names.index(pick)]
+inputs = {label: x[0] for label, x in model_inputs_for(name, data, variants).items() if x is not None}
 
 st.header("Feature maps")
 kinds = sorted({t.kind for v in variants for t in list_taps(get_variant(v)[0])} - {"embedding"})
@@ -34,12 +51,6 @@ KIND_LABELS = {"per dilation rate": "rate", "per WSMS stage": "stage", "per shar
                "per stage of blocks / level": "level"}
 shown = [label for label, k in KIND_LABELS.items() if k in kinds]
 kind = KIND_LABELS[st.radio("Named outputs", shown, horizontal=True)] if shown else "level"
-name, data = images[0]
-inputs = {}  # the first image as each variant's input, decoded once for both sections below
-for label in variants:
-    x = prepared(name, data, get_variant(label)[0])
-    if x is not None:
-        inputs[label] = x
 for label, x in inputs.items():
     model, _ = get_variant(label)
     try:
@@ -50,17 +61,29 @@ for label, x in inputs.items():
     if not maps:
         st.caption(f"{label} has no '{kind}' outputs.")
         continue
-    figure(feature_maps_figure(maps[:24], title=f"{label}: channel-mean of each {kind} output (first 24)"),
+    figure(feature_maps_figure(maps[:24], title=f"{label}: channel-mean of each {kind} output"
+                                                 + (" (first 24)" if len(maps) > 24 else "")),
            f"maps-{label}-{kind}")
 
 st.header("Attributions")
-method = st.selectbox("Method", METHODS)
+c1, c2, c3 = st.columns(3)
+method = c1.selectbox("Method", METHODS)
+_, first_card = get_variant(variants[0])
+n_classes = min(get_variant(v)[0].wsviz_config.get("num_classes", 10) for v in variants)
+class_labels = class_names(first_card.get("dataset"), n_classes)
+target_choice = c2.selectbox("Class to explain", ["the predicted class"] + [f"{i}: {n}" if n != str(i) else n
+                                                                          for i, n in enumerate(class_labels)],
+                             key="compare-target",
+                             help="Explain the predicted class of each variant, or the same class for all.")
+opacity = c3.slider("Overlay on the input (opacity)", 0.0, 1.0, 0.0, 0.1,
+                    help="0 draws the maps alone; above 0 each map is drawn over the input with that opacity.")
 if method == "grad_cam":
     st.caption("Grad-CAM explains through one layer. The default is the deepest spatial map the classifier reads "
                "(WSMS: the integrated features of all stages; ShaRDNet: the last shared-conv iteration; e2cnn: the "
                "last block's map), so the map explains the whole model; choose another layer per variant below.")
 maps = {}
 image = None
+target = None if target_choice == "the predicted class" else int(target_choice.split(":")[0])
 layer_cols = st.columns(max(1, len(inputs))) if method == "grad_cam" else []
 for i, (label, x) in enumerate(inputs.items()):
     model, _ = get_variant(label)
@@ -68,16 +91,18 @@ for i, (label, x) in enumerate(inputs.items()):
         layer = None
         if method == "grad_cam":
             cands = cam_candidates(model)
-            names = [n for n, _, _ in cands]
+            layer_names = [n for n, _, _ in cands]
             labels = {n: f"{n} · {lab}" + (f" · {'x'.join(map(str, shp))}" if shp else "") for n, lab, shp in cands}
-            layer = layer_cols[i].selectbox(f"Grad-CAM layer of {label}", names,
-                                            index=names.index(default_cam_layer(model)), key=f"cam-layer-{label}",
-                                            format_func=labels.__getitem__)
-        res = attribute(model, x.unsqueeze(0), method, layer=layer)
+            layer = layer_cols[i].selectbox(f"Grad-CAM layer of {label}", layer_names,
+                                            index=layer_names.index(default_cam_layer(model)),
+                                            key=f"cam-layer-{label}", format_func=labels.__getitem__)
+        res = attribute(model, x.unsqueeze(0), method, target=target, layer=layer)
     except Exception as exc:  # noqa: BLE001
         show_error(exc)
         continue
     image = x.mean(0).numpy() if image is None else image
     maps[f"{label} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
 if maps:
-    figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for the predicted class"), f"attr-{method}")
+    what = "the predicted class" if target is None else f"class {class_labels[target]}"
+    figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for {what}", signed=method in SIGNED_METHODS,
+                              opacity=opacity), f"attr-{method}")

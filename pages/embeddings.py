@@ -1,21 +1,23 @@
-"""Embeddings: penultimate features projected with PCA, t-SNE or UMAP, coloured by class, angle or scale."""
+"""Embeddings: penultimate features projected with PCA, t-SNE or UMAP, coloured by class, angle or scale;
+two variants side by side, aligned (Procrustes) so their layouts compare."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import available_variants, chosen_variants, download_table, figure, get_variant
-from wsviz.analysis.embeddings import penultimate_features, project
+from pages._shared import chosen_variants, download_table, figure, get_variant, show_error
+from wsviz.analysis.embeddings import align, penultimate_features, project
 from wsviz.concurrency import heavy_slot
 from wsviz.figures import embedding_figure
 
 st.title("Embeddings")
-options = list(available_variants())
-if not options:
-    st.info("No checkpoints yet.")
+chosen = chosen_variants()  # the sidebar's choice, as on every page
+if not chosen:
+    st.info("Choose variants in the sidebar.")
     st.stop()
-default = chosen_variants()[:1] or options[:1]
-label = st.selectbox("Model", options, index=options.index(default[0]))
+shown = chosen[:2]
+if len(chosen) > 2:
+    st.caption(f"Showing the first two of the {len(chosen)} variants chosen in the sidebar: {', '.join(shown)}.")
 c1, c2, c3 = st.columns(3)
 dataset = c1.selectbox("Data", ["mnist5k-rot", "mnist5k-scale", "mnist5k"])
 method = c2.selectbox("Projection", ["pca", "tsne", "umap"], format_func=str.upper)
@@ -37,16 +39,31 @@ def embed(label: str, dataset: str, method: str, n: int):
 
 
 try:
-    proj, labels, angles, scales = embed(label, dataset, method, n)
-    color = {"class": labels, "angle": angles, "scale": scales}[color_by]
-    if color is None:
-        st.warning(f"{dataset} has no {color_by}; colouring by class.")
-        color, color_by = labels, "class"
-    color = color[proj.index]
-    figure(embedding_figure(proj.coords, color, color_by, f"{label}: {method.upper()} of penultimate features"),
-           "embedding")
-    if proj.explained_variance is not None:
-        st.caption("PCA explained variance: " + ", ".join(f"{100 * v:.1f}%" for v in proj.explained_variance))
-    download_table({"index": proj.index, "x": proj.coords[:, 0], "y": proj.coords[:, 1], color_by: color}, "embedding")
-except Exception as exc:  # noqa: BLE001
-    st.error(str(exc))
+    results = {label: embed(label, dataset, method, n) for label in shown}
+except Exception as exc:  # noqa: BLE001 - a variant that cannot be embedded: say why, keep the page
+    show_error(exc)
+    st.stop()
+first = next(iter(results.values()))
+proj0, labels, angles, scales = first
+color = {"class": labels, "angle": angles, "scale": scales}[color_by]
+if color is None:
+    st.warning(f"{dataset} has no {color_by}; colouring by class.")
+    color, color_by = labels, "class"
+color = color[proj0.index]
+cols = st.columns(len(results))
+rows = {"index": proj0.index, color_by: color}
+for col, (label, (proj, *_)) in zip(cols, results.items()):
+    coords, note = proj.coords, ""
+    if proj is not proj0:
+        al = align(proj0, proj)
+        coords = al.coords
+        note = (f"Rotated, reflected and scaled onto {shown[0]}'s layout (orthogonal Procrustes); disparity "
+                f"{al.disparity:.3f} (0 = the same shape, 1 = unrelated).")
+    with col:
+        figure(embedding_figure(coords, color, color_by, f"{label}: {method.upper()}"), f"embedding-{label}")
+        if proj.explained_variance is not None:
+            st.caption("PCA explained variance: " + ", ".join(f"{100 * v:.1f}%" for v in proj.explained_variance))
+        if note:
+            st.caption(note)
+    rows[f"{label} x"], rows[f"{label} y"] = coords[:, 0], coords[:, 1]
+download_table(rows, "embedding")

@@ -98,8 +98,9 @@ else:
     label = st.selectbox("SL variant", sl)
     model, card = get_variant(label)
     n = st.slider("highlight per row (lowest in blue, highest in red)", 1, 32, 8)
-    marks = [blending_extremes(w, n) for w in blending_weights(model)]
-    figure(blending_figure(marks), "blending")
+    weights = blending_weights(model)
+    marks = [blending_extremes(w, n) for w in weights]
+    figure(blending_figure(marks, weights=weights, n=n), "blending")
     if st.button("Compute the pruning curve (accuracy vs pruned blending weights)"):
         from wsviz.data.datasets import load_split
 

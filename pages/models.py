@@ -141,19 +141,24 @@ st.header("Fair comparison")
 st.write("Accuracy against unique parameters and FLOPs for the variants chosen in the sidebar, re-evaluated on "
          "each card's test split, with McNemar's test and a paired bootstrap CI for every pair on the same data.")
 chosen = chosen_variants(load=False)  # loaded only when asked: the first page stays free of torch
-if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
+
+def evaluate_fair(chosen: list[str]) -> dict:
+    """Re-evaluate the chosen variants: rows, test-set groups, skipped pairs and paired tests."""
     from wsviz.analysis.stats import fair_comparison, group_by_test_set, pairwise_significance
+    from wsviz.concurrency import heavy_slot
+
+    with st.spinner("Re-evaluating…"), heavy_slot():  # long analyses take turns across sessions
+        rows = fair_comparison([variants[v] for v in chosen])
+    groups, skipped = group_by_test_set(rows)
+    return {"chosen": tuple(chosen), "rows": rows, "groups": groups, "skipped": skipped,
+            "pairs": pairwise_significance(rows)}
+
+
+def show_fair(result: dict) -> None:
     from wsviz.figures import fair_figure
 
-    try:
-        from wsviz.concurrency import heavy_slot
-
-        with st.spinner("Re-evaluating…"), heavy_slot():  # long analyses take turns across sessions
-            rows = fair_comparison([variants[v] for v in chosen])
-    except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
-        show_error(exc)
-        st.stop()
-    groups, skipped = group_by_test_set(rows)
+    chosen, rows, groups, skipped, pairs = (list(result["chosen"]), result["rows"], result["groups"],
+                                            result["skipped"], result["pairs"])
     test_set = {k: g.label for g in groups for k in g.rows}
     table = [{"name": v, "model": r.model, "test set": test_set[k], "test_set": test_set[k], "accuracy": r.accuracy,
               "unique_params": r.unique_params, "effective_params": r.effective_params, "flops": r.flops}
@@ -163,16 +168,21 @@ if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
                    + "; ".join(f"**{g.label}**: {', '.join(chosen[k] for k in g.rows)}" for g in groups)
                    + ". Accuracies are compared only within a test set (one panel each below); "
                    f"{len(skipped)} cross-set pair{'s are' if len(skipped) != 1 else ' is'} not tested.")
-    st.dataframe([{k: v for k, v in r.items() if k != "test_set"} for r in table], hide_index=True)
+    st.dataframe([{k: v for k, v in r.items() if k != "test_set"} for r in table], hide_index=True,
+                 column_config={"accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
+                                "unique_params": st.column_config.NumberColumn("unique params", format="localized"),
+                                "effective_params": st.column_config.NumberColumn("effective params",
+                                                                                  format="localized"),
+                                "flops": st.column_config.NumberColumn("FLOPs", format="localized")})
+    download_table([{k: v for k, v in r.items() if k != "test set"} for r in table], "fair_comparison")
     figure(fair_figure(table, "unique_params"), "fair-params")
     figure(fair_figure(table, "flops"), "fair-flops")
-    pairs = pairwise_significance(rows)
     for g in groups:
         in_group = [p for p in pairs if p.i in g.rows]
         if len(groups) > 1:
             st.markdown(f"**{g.label}**" + ("" if in_group else ": a single variant, nothing to compare"))
         for p in in_group:
-            st.write(("✅ " if p.comparison.significant else "➖ ")
+            st.write((":material/check_circle: " if p.comparison.significant else ":material/remove: ")
                      + p.comparison.summary.replace(rows[p.i].name, chosen[p.i]).replace(rows[p.j].name, chosen[p.j])
                      + f" (Holm-adjusted over the {len(pairs)} tests shown: p = {p.p_holm:.2g})")
     if skipped:
@@ -180,3 +190,17 @@ if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
             for sp in skipped:
                 st.write(f"- {chosen[sp.i]} vs {chosen[sp.j]}: "
                          + sp.reason.replace(rows[sp.i].name, chosen[sp.i]).replace(rows[sp.j].name, chosen[sp.j]))
+
+
+# The result stays on the page (session state) until the chosen variants change: other widgets,
+# downloads and page switches do not clear it.
+if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
+    try:
+        st.session_state["fair-result"] = evaluate_fair(chosen)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
+        show_error(exc)
+kept = st.session_state.get("fair-result")
+if kept is not None and list(kept["chosen"]) == chosen:
+    show_fair(kept)
+elif kept is not None:
+    st.caption("The variants changed since the last evaluation: evaluate again to compare these.")

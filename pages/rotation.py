@@ -7,11 +7,14 @@ import streamlit as st
 
 from pages._shared import (
     available_variants,
+    background_result,
+    chosen_variants,
     download_table,
     figure,
     get_variant,
     pick_images,
     prepared,
+    run_in_background,
     show_error,
     show_predictions,
 )
@@ -25,41 +28,45 @@ st.write("RepeatNet's Table 4 asks how much of a rotation-equivariant model's ga
          "repetition alone. The rotation zoo holds a plain CNN, RepeatNet variants matched in inference FLOPs "
          "to e2cnn's steerable C4 / C8 / C16 models, and those models (all at a quarter of the paper's width).")
 
-all_variants = list(available_variants())
-rot = [v for v in all_variants if v.startswith("rot-")]
-default = [v for v in ("rot-cnn", "rot-repeat-swish-c8", "rot-steerable-c8") if v in all_variants]
-chosen = st.multiselect("Models", all_variants, default=default or rot[:3], key="rot-models")
+ROT_ZOO = ("rot-cnn", "rot-repeat-swish-c8", "rot-steerable-c8")
+
+
+def use_rotation_zoo() -> None:
+    st.session_state["variants"] = [v for v in ROT_ZOO if v in available_variants()]
+
+
+chosen = chosen_variants()  # the sidebar's choice, as on every page
+if not any(v.startswith("rot-") for v in chosen):
+    st.info("None of the variants chosen in the sidebar was trained on rotated digits (the rot-* zoo); they are "
+            "compared all the same, but the Table 4 question needs the rotation zoo.")
+    st.button("Compare the rotation zoo instead: " + ", ".join(ROT_ZOO), on_click=use_rotation_zoo)
 if not chosen:
-    st.info("Choose at least one model.")
+    st.info("Choose variants in the sidebar.")
     st.stop()
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def run_sweep(labels: tuple[str, ...], n: int, angles: tuple[float, ...]):
+def run_sweep(progress, models: dict, n: int, angles: tuple[float, ...]):
+    """The rotation sweep, in a worker thread (``progress(fraction, text)``)."""
     from wsviz.data.datasets import load_split
 
     te = load_split("mnist5k", "test").spread(n)
-    models = {label: get_variant(label)[0] for label in labels}
-    bar = st.progress(0.0, text="Rotating…")
-    with heavy_slot(lambda s: bar.progress(0.0, text=f"Waiting for another session's analysis to finish ({s:.0f} s)…")):  # sweeps take turns across sessions
-        res = rotation_sweep(models, te.images, te.labels, angles,
-                             progress=lambda i, total, v: bar.progress(i / total, text=f"{v:.0f}°"))
-    bar.empty()
-    return res
+    with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
+        return rotation_sweep(models, te.images, te.labels, angles,
+                              progress=lambda i, total, v: progress(i / total, f"{v:.0f}°"))
 
 
+st.caption("The sweep runs in the background: the rest of the page keeps answering, and it can be cancelled.")
 n = st.slider("Test digits", 100, 1000, 300, 100)
 step = st.select_slider("Angle step (degrees)", [5, 10, 15, 22.5, 30, 45], value=15)
-if st.button("Run the rotation sweep", type="primary") or st.session_state.get("rot-swept"):
-    st.session_state["rot-swept"] = True
-    try:
-        res = run_sweep(tuple(chosen), n, tuple(np.arange(0, 360 + 1e-9, step)))
-    except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint that cannot be loaded: say which, keep the page
-        show_error(exc)
-        st.stop()
+key = (tuple(chosen), n, tuple(float(a) for a in np.arange(0, 360 + 1e-9, step)))
+if st.button("Run the rotation sweep", type="primary"):  # only the button starts one
+    run_in_background("rot-work", key, run_sweep, {v: get_variant(v)[0] for v in chosen}, *key[1:])
+res = background_result("rot-work", key, "rotation sweep")
+if res is not None:
     figure(sweep_figure(res, "accuracy", "Accuracy vs rotation of the upright test digits"), "rot-accuracy")
     mean = [{"model": m, "mean accuracy over angles": float(np.mean(a))} for m, a in res.accuracy.items()]
-    st.dataframe(sorted(mean, key=lambda r: -r["mean accuracy over angles"]), hide_index=True)
+    st.dataframe(sorted(mean, key=lambda r: -r["mean accuracy over angles"]), hide_index=True,
+                 column_config={"mean accuracy over angles": st.column_config.NumberColumn(format="percent")})
     download_table(res.rows(), "rotation_sweep")
 
 st.header("One image under rotation")

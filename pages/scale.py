@@ -6,11 +6,13 @@ import streamlit as st
 
 from pages._shared import (
     available_variants,
+    background_result,
     chosen_variants,
     download_table,
     figure,
     get_variant,
     pick_images,
+    run_in_background,
     show_predictions,
 )
 from wsviz.analysis.sweeps import layer_scale_invariance, scale_sweep
@@ -30,7 +32,9 @@ images = pick_images("scale", multiple=False)
 @st.fragment
 def live_scale(images, variants) -> None:
     """Only this part reruns when the slider moves: the rest of the page stays as it is."""
-    factor = st.slider("Scale factor (about the centre, keeping the input size: the operator the MNIST-scale data is made with)", 0.3, 1.6, 1.0, 0.05)
+    factor = st.slider("Scale factor", 0.3, 1.6, 1.0, 0.05,
+                       help="About the image centre, keeping the input size: the operator the MNIST-scale data is "
+                            "made with (wsviz.data.resample).")
     if images:
         show_predictions(*images[0], variants, transform=lambda xb: rescale(xb, factor))
 
@@ -38,32 +42,34 @@ def live_scale(images, variants) -> None:
 live_scale(images, variants)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def run_sweep(labels: tuple[str, ...], dataset: str, n: int, scales: tuple[float, ...]):
+def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...]):
+    """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``)."""
     from wsviz.data.datasets import load_split
 
     te = load_split(dataset, "test").spread(n)
-    models = {label: get_variant(label)[0] for label in labels}
-    bar = st.progress(0.0, text="Sweeping…")
-    with heavy_slot(lambda s: bar.progress(0.0, text=f"Waiting for another session's analysis to finish ({s:.0f} s)…")):  # sweeps take turns across sessions
+    with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         res = scale_sweep(models, te.images, te.labels, scales,
-                          progress=lambda i, total, v: bar.progress(i / total, text=f"scale {v:.2f}"))
+                          progress=lambda i, total, v: progress(i / (total + 1), f"scale {v:.2f}"))
+        progress(len(scales) / (len(scales) + 1), "per-layer invariance at 0.5")
         x = te.images[:64]
         inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
-    bar.empty()
     return res, inv
 
 
 st.header("Sweep over a test set")
+st.caption("The sweep runs in the background: the slider above keeps answering, and it can be cancelled.")
 c1, c2 = st.columns(2)
 dataset = c1.selectbox("Test data", ["mnist5k", "mnist5k-scale", "mnist5k-rot"])
 n = c2.slider("Images", 100, 1000, 500, 100)
 scales = st.multiselect("Scales", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6],
                         default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4])
-if st.button("Run the sweep", type="primary") or st.session_state.get("scale-swept"):
-    st.session_state["scale-swept"] = True
-    labels = tuple(v for v in variants if v in available_variants())
-    res, inv = run_sweep(labels, dataset, n, tuple(sorted(scales)) or (1.0,))
+labels = tuple(v for v in variants if v in available_variants())
+key = (labels, dataset, n, tuple(sorted(scales)) or (1.0,))
+if st.button("Run the sweep", type="primary"):  # only the button starts one
+    run_in_background("scale-work", key, run_sweep, {v: get_variant(v)[0] for v in labels}, *key[1:])
+result = background_result("scale-work", key, "scale sweep")
+if result is not None:
+    res, inv = result
     figure(sweep_figure(res, "accuracy"), "scale-accuracy")
     figure(sweep_figure(res, "agreement", "Agreement with each model's own prediction at scale 1"), "scale-agreement")
     download_table(res.rows(), "scale_sweep")

@@ -98,20 +98,30 @@ def test_scale_page_slider_and_sweep():
     assert not at.exception
     assert len(at.metric) == len(before) == 2
     at.slider[1].set_value(100).run()
-    at.button[0].click().run()
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
     assert not at.exception
-    assert len(at.get("plotly_chart")) >= 3
+    wait_for_charts(at, 3)
+
+
+def wait_for_charts(at: AppTest, n: int, timeout: float = 240) -> None:
+    """Background work ends while the page shows its progress: rerun until its figures are drawn."""
+    t0 = time.time()
+    while len(at.get("plotly_chart")) < n and time.time() - t0 < timeout:
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= n, "the background work did not finish in time"
 
 
 def test_rotation_page():
-    at = app("pages/rotation.py", pair())
-    assert not at.exception
     rot = [v for v in ("rot-cnn", "rot-repeat-swish-c8", "rot-steerable-c8") if v in SHIPPED]
-    at.multiselect(key="rot-models").set_value(rot or pair()).run()
-    at.slider[0].set_value(100).run()
-    at.button[0].click().run()
+    at = app("pages/rotation.py", rot or pair())
     assert not at.exception
-    at.slider[1].set_value(90).run()
+    at.slider[0].set_value(100).run()
+    next(b for b in at.button if b.label == "Run the rotation sweep").click().run()
+    assert not at.exception
+    wait_for_charts(at, 1)
+    next(s for s in at.slider if s.label == "Angle").set_value(90).run()  # the live angle slider
     assert not at.exception
 
 
@@ -119,7 +129,7 @@ def test_embeddings_page():
     at = app("pages/embeddings.py", pair())
     assert not at.exception
     at.slider[0].set_value(200).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 1
+    assert not at.exception and len(at.get("plotly_chart")) == 2  # the two chosen variants, side by side
 
 
 def test_train_page_launch_and_cancel():

@@ -199,7 +199,8 @@ def _attribution(args: argparse.Namespace) -> int:
         rows.append({"model": name, "method": args.method, "target": int(res.targets[0]), "layer": res.layer or ""})
         np.save(out / f"attribution_{name}.npy", res.maps[0].numpy())
     _write_csv(out / "attribution.csv", rows)
-    _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}"))
+    _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}",
+                                                           signed=args.method == "integrated_gradients"))
     return 0
 
 

@@ -113,18 +113,28 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
     return fig
 
 
-def blending_figure(marks: Sequence[np.ndarray], titles: Sequence[str] | None = None) -> go.Figure:
-    """ShaRDNet Fig. 4: per layer, inputs on x, outputs on y; lowest |w| blue, highest red."""
-    n = len(marks)
-    titles = list(titles or [f"blending layer {i + 1}" for i in range(n)])
-    fig = make_subplots(rows=1, cols=n, subplot_titles=titles, horizontal_spacing=0.03)
-    scale = [[0, "#2166ac"], [0.5, "#f7f7f7"], [1, "#b2182b"]]
+def blending_figure(marks: Sequence[np.ndarray], titles: Sequence[str] | None = None,
+                    weights: Sequence[np.ndarray] | None = None, n: int | None = None) -> go.Figure:
+    """ShaRDNet Fig. 4: per layer, inputs on x, outputs on y; the ``n`` lowest |w| of each row blue,
+    the ``n`` highest red. A legend (colour bar) says which is which; hovering shows the weight."""
+    count = len(marks)
+    titles = list(titles or [f"blending layer {i + 1}" for i in range(count)])
+    fig = make_subplots(rows=1, cols=count, subplot_titles=titles, horizontal_spacing=0.05)
+    scale = [[0, "#2166ac"], [0.33, "#2166ac"], [0.33, "#f7f7f7"], [0.67, "#f7f7f7"], [0.67, "#b2182b"],
+             [1, "#b2182b"]]
+    k = f"{n} " if n else ""
+    bar = dict(tickvals=[-0.67, 0, 0.67], ticktext=[f"lowest {k}|w|", "other", f"highest {k}|w|"], thickness=12,
+               title="per output row")
     for j, m in enumerate(marks, start=1):
-        fig.add_trace(go.Heatmap(z=m, colorscale=scale, zmin=-1, zmax=1, showscale=False,
-                                 hovertemplate="in %{x}, out %{y}<extra></extra>"), 1, j)
-        fig.update_yaxes(autorange="reversed", title_text="output channel" if j == 1 else None, row=1, col=j)
-        fig.update_xaxes(title_text="input channel", row=1, col=j)
-    fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+        w = None if weights is None else weights[j - 1]
+        fig.add_trace(go.Heatmap(z=m, customdata=w, colorscale=scale, zmin=-1, zmax=1, showscale=j == count,
+                                 colorbar=bar,
+                                 hovertemplate="in %{x}, out %{y}" + (": w = %{customdata:.3g}" if w is not None
+                                                                      else "") + "<extra></extra>"), 1, j)
+        fig.update_yaxes(autorange="reversed", title_text="output channel" if j == 1 else None, nticks=5,
+                         row=1, col=j)
+        fig.update_xaxes(title_text="input channel", nticks=5, tickangle=0, row=1, col=j)
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 
@@ -166,40 +176,86 @@ def stability_figure(st) -> go.Figure:
     return fig
 
 
-def feature_maps_figure(maps, cols: int = 6, title: str = "") -> go.Figure:
-    """Channel-mean activation of each tap, one small heatmap per tap."""
+def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool = True) -> go.Figure:
+    """Channel-mean activation of each tap, one small heatmap per tap, titled by its layer (module
+    path) and label, on one colour scale for all panels with a colour bar, so panels compare."""
     n = len(maps)
     cols = max(1, min(cols, n))
     rows = math.ceil(n / cols) if n else 1
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f.label for f in maps], horizontal_spacing=0.02,
-                        vertical_spacing=0.08)
-    for i, f in enumerate(maps):
+    means = [f.mean_activation().numpy() for f in maps]
+    lo = float(min((m.min() for m in means), default=0.0))
+    hi = float(max((m.max() for m in means), default=1.0))
+    titles = [f"{f.label}<br><sup>{f.name}</sup>" if layer_names else f.label for f in maps]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
+                        vertical_spacing=0.12)
+    for i, (f, z) in enumerate(zip(maps, means)):
         r, c = divmod(i, cols)
-        fig.add_trace(go.Heatmap(z=f.mean_activation().numpy(), colorscale="Viridis", showscale=False), r + 1, c + 1)
-        fig.update_yaxes(autorange="reversed", showticklabels=False, row=r + 1, col=c + 1)
+        fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", zmin=lo, zmax=hi, showscale=i == 0,
+                                 colorbar=dict(title="mean activation", thickness=12),
+                                 hovertemplate="%{z:.3g}<extra>" + f.name + "</extra>"), r + 1, c + 1)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{i + 1 if i else ''}",
+                         row=r + 1, col=c + 1)
         fig.update_xaxes(showticklabels=False, row=r + 1, col=c + 1)
-    fig.update_layout(title=title, height=max(260, 200 * rows), margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_annotations(font_size=11)
+    fig.update_layout(title=title, height=max(280, 230 * rows), margin=dict(l=10, r=10, t=80, b=10))
     return fig
 
 
-def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "") -> go.Figure:
-    """The input and one attribution map per model/method, side by side."""
+SIGNED_METHODS = ("integrated_gradients",)
+
+
+def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "", signed: bool = False,
+                       opacity: float = 0.0) -> go.Figure:
+    """The input and one attribution map per model, side by side, on one colour scale with a colour bar.
+
+    ``signed`` (Integrated Gradients): a diverging scale centred at zero, so zero is the same
+    neutral colour in every panel. Otherwise (Saliency, Grad-CAM, never negative) a sequential
+    scale from white at zero. ``opacity`` > 0 draws each map over the input (in grey) with that
+    opacity, so it can be read against the digit or photo.
+    """
     panels = {"input": image, **maps}
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02)
+    values = [np.abs(z) if signed else z for z in maps.values()]
+    vmax = float(max((np.nanmax(v) for v in values), default=1.0)) or 1.0
+    scale = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
+                                      [1, "#7a0403"]]
+    alpha = 1.0 if opacity <= 0 else float(opacity)
     for j, (name, z) in enumerate(panels.items(), start=1):
-        fig.add_trace(go.Heatmap(z=z, colorscale="gray" if name == "input" else "Inferno", showscale=False), 1, j)
-        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=j)
+        if name == "input" or opacity > 0:
+            fig.add_trace(go.Heatmap(z=image, colorscale="gray", showscale=False, hoverinfo="skip"), 1, j)
+        if name != "input":
+            fig.add_trace(go.Heatmap(z=z, colorscale=scale, zmin=-vmax if signed else 0, zmax=vmax,
+                                     zmid=0 if signed else None, opacity=alpha, showscale=j == len(panels),
+                                     colorbar=dict(title="attribution", thickness=12),
+                                     hovertemplate="%{z:.3g}<extra>" + name + "</extra>"), 1, j)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{j if j > 1 else ''}",
+                         row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
-    fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_layout(title=title, height=340, margin=dict(l=10, r=10, t=70, b=10))
     return fig
+
+
+CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
+                 "#999999", "#882255")  # Okabe-Ito's eight, then grey and wine: colour-blind safe for 10 classes
+CYCLIC = ("angle",)
 
 
 def embedding_figure(coords: np.ndarray, color: Sequence, color_name: str = "class", title: str = "") -> go.Figure:
+    """A 2-D embedding coloured by class (colour-blind-safe palette), angle (a cyclic scale: 0° and
+    360° look the same) or scale (a sequential one)."""
     color = list(color)
     discrete = color_name == "class"
-    fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=[str(c) for c in color] if discrete else color,
-                     labels={"x": "dim 1", "y": "dim 2", "color": color_name}, title=title,
-                     color_continuous_scale="Viridis")
+    if discrete:
+        order = sorted({str(c) for c in color}, key=lambda v: (len(v), v))
+        fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=[str(c) for c in color],
+                         category_orders={"color": order}, color_discrete_sequence=list(CLASS_COLOURS),
+                         labels={"x": "dim 1", "y": "dim 2", "color": color_name}, title=title)
+    else:
+        cyclic = color_name in CYCLIC
+        fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=color,
+                         labels={"x": "dim 1", "y": "dim 2", "color": color_name + (" (°)" if cyclic else "")},
+                         title=title, range_color=(0, 360) if cyclic else None,
+                         color_continuous_scale=px.colors.cyclical.Twilight if cyclic else "Viridis")
     fig.update_traces(marker=dict(size=5, opacity=0.8))
     fig.update_layout(height=480)
     return fig

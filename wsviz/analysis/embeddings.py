@@ -207,3 +207,29 @@ def project(features: np.ndarray, method: str = "pca", n_components: int = 2, ma
             coords = reducer.fit_transform(x)
     log.debug("projected %d of %d points with %s", m, n, method)
     return Projection(np.asarray(coords, dtype=np.float64), index, method, None)
+
+
+@dataclass
+class Alignment:
+    """``other`` mapped onto ``reference`` by the best rotation/reflection and uniform scale."""
+
+    coords: np.ndarray  # the aligned coordinates of ``other``
+    disparity: float  # sum of squared differences after alignment, both sets standardised (0 = same shape)
+
+
+def align(reference: Projection, other: Projection) -> Alignment:
+    """Orthogonal Procrustes alignment of two projections of the same points, so two variants'
+    embeddings can be drawn side by side in one orientation (PCA axes and t-SNE/UMAP layouts are
+    only defined up to rotation, reflection and scale). Both must describe the same rows."""
+    from scipy.linalg import orthogonal_procrustes
+
+    if not np.array_equal(reference.index, other.index):
+        raise WsvizError("The two projections describe different points; project both with the same max_points "
+                         "and seed so they can be aligned.")
+    a = reference.coords - reference.coords.mean(0)
+    b = other.coords - other.coords.mean(0)
+    na, nb = np.linalg.norm(a) or 1.0, np.linalg.norm(b) or 1.0
+    r, s = orthogonal_procrustes(b / nb, a / na)
+    aligned = (b / nb) @ r * s
+    disparity = float(((a / na - aligned) ** 2).sum())
+    return Alignment(aligned * na + reference.coords.mean(0), disparity)
