@@ -11,7 +11,11 @@
   redrawn, with 6 variants chosen, on CPU — target 0.3 s. Median of ``--moves`` moves, each
   after the previous update has settled (so one move's image fetches don't bleed into the next).
 
-    python -m benchmarks.bench_app [--starts 3] [--moves 15] [--json out.json]
+* sharing map of the largest registered architecture: from choosing it to its map on screen —
+  target about 3 s — against building and tracing it live in the same run; and page switches:
+  from a click in the navigation to the new page's title (median and worst).
+
+    python -m benchmarks.bench_app [--starts 3] [--moves 15] [--json out.json] [--only navigation]
 """
 
 from __future__ import annotations
@@ -108,6 +112,56 @@ def slider_moves(browser, env: dict, moves: int) -> list[float]:
         return times
 
 
+def largest_architecture() -> str:
+    from wsviz.catalog import load_catalog
+
+    return max(load_catalog(), key=lambda r: r["unique_params"])["name"]
+
+
+def sharing_map_and_page_switch(browser, env: dict, repeats: int) -> dict:
+    """Seconds from choosing the largest registered architecture in the Models page's sharing map to
+    its map on screen; and from clicking a page in the navigation to that page's title and first
+    content. Baseline in the same run: building and tracing that architecture live (what the page
+    did before the map was precomputed)."""
+    name = largest_architecture()
+    pages = ["Kernels", "Compare on images", "Scale", "Rotation", "Embeddings", "Train", "Models"]
+    with server(ROOT / "app.py", ROOT, env) as (port, _):
+        maps, switches = [], []
+        for _ in range(repeats):
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://localhost:{port}/?variants={','.join(SIX[:2])}")
+            page.wait_for_selector("[data-testid=stDataFrame]", timeout=120_000)
+            page.get_by_text("a registered architecture").click()
+            box = page.locator("[data-testid=stSelectbox]").filter(has_text="Architecture").first
+            box.wait_for(timeout=60_000)
+            box.locator("input").first.click()
+            page.keyboard.type(name)
+            t1 = time.perf_counter()
+            page.keyboard.press("Enter")
+            page.wait_for_selector("text=effective − unique", timeout=120_000)
+            maps.append(time.perf_counter() - t1)
+            for title in pages:
+                page.wait_for_timeout(300)
+                t1 = time.perf_counter()
+                page.locator("[data-testid=stSidebarNav] a").filter(has_text=title).first.click()
+                page.wait_for_function(
+                    "t => { const h = document.querySelector('[data-testid=stMain] h1'); "
+                    "return h && h.innerText.trim().startsWith(t); }", arg=title.split(' ')[0], timeout=120_000)
+                switches.append(time.perf_counter() - t1)
+            page.close()
+    from wsviz.models import create_model, summarize
+
+    live = []
+    for _ in range(max(1, repeats)):
+        t1 = time.perf_counter()
+        summarize(create_model(name))
+        live.append(time.perf_counter() - t1)
+    med = statistics.median
+    return {"sharing_map_architecture": name, "sharing_map_s_median": round(med(maps), 2),
+            "sharing_map_s_all": [round(t, 2) for t in maps], "live_trace_baseline_s": round(med(live), 2),
+            "page_switch_s_median": round(med(switches), 2), "page_switch_s_max": round(max(switches), 2)}
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
@@ -115,6 +169,8 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=3)
     ap.add_argument("--moves", type=int, default=15)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["all", "navigation"], default="all",
+                    help="navigation: only the sharing-map latency and page-switch times")
     args = ap.parse_args()
     env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp())
     bare_dir = Path(tempfile.mkdtemp())
@@ -122,6 +178,10 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
         try:
+            if args.only == "navigation":
+                result = sharing_map_and_page_switch(browser, env, max(1, args.starts))
+                print(json.dumps(result, indent=2))
+                return
             cached = browser.new_context(viewport={"width": 1400, "height": 1000})
             cold_start(browser, bare_dir / "bare.py", bare_dir, env, cached)  # warms the OS file cache and `cached`
             wsviz, bare, wsviz_cached, bare_cached = [], [], [], []
@@ -131,6 +191,7 @@ def main() -> None:
                 wsviz_cached.append(cold_start(browser, ROOT / "app.py", ROOT, env, cached))
                 bare_cached.append(cold_start(browser, bare_dir / "bare.py", bare_dir, env, cached))
             times = slider_moves(browser, env, args.moves)
+            navigation = sharing_map_and_page_switch(browser, env, args.starts)
         finally:
             browser.close()
     med = statistics.median
@@ -141,7 +202,7 @@ def main() -> None:
               "bare_cached_browser_s": round(med(bare_cached), 2),
               "cached_vs_bare": round(med(wsviz_cached) / med(bare_cached), 2),
               "slider_update_s_median": round(statistics.median(times), 3),
-              "slider_update_s_all": [round(t, 3) for t in times], "variants": SIX}
+              "slider_update_s_all": [round(t, 3) for t in times], "variants": SIX, **navigation}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

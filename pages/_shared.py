@@ -329,7 +329,7 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
                      "confidence": float(prob[0, p]),
                      "next": ", ".join(f"{names[k]} {100 * float(prob[0, k]):.1f}%" for k in order[1:])})
         users.setdefault(tuple(xb.shape[1:3]), (xb, []))[1].append(label)
-    per_row = 4 if len(rows) > 4 else max(len(rows), 1)  # wraps instead of truncating on narrow pages
+    per_row = 3 if len(rows) > 3 else max(len(rows), 1)  # wraps instead of truncating on narrow pages
     for start in range(0, len(rows), per_row):
         for col, row in zip(st.columns(per_row), rows[start:start + per_row]):
             col.metric(row["variant"], row["class"], f"{100 * row['confidence']:.1f}%", delta_color="off",

@@ -63,11 +63,16 @@ if variants:
     for label, path in variants.items():
         c = read_card(path)
         vrows.append({"variant": label, "model": c["model"], "family": c.get("family"), "dataset": c.get("dataset"),
-                      "test acc %": round(100 * (c.get("test_accuracy") or float("nan")), 2),
+                      "test accuracy": c.get("test_accuracy"),
                       "unique params": c.get("unique_params"), "effective params": c.get("effective_params"),
                       "compression": round(c.get("effective_params", 0) / max(c.get("unique_params", 1), 1), 2),
                       "MFLOPs": round(c.get("flops", 0) / 1e6, 1), "epochs": c.get("epochs_done")})
-    st.dataframe(pd.DataFrame(vrows), hide_index=True)
+    st.dataframe(pd.DataFrame(vrows), hide_index=True, column_config={
+        "test accuracy": st.column_config.NumberColumn(format="percent"),
+        "unique params": st.column_config.NumberColumn(format="localized"),
+        "effective params": st.column_config.NumberColumn(format="localized"),
+        "compression": st.column_config.NumberColumn(format="%.2f×"),
+        "MFLOPs": st.column_config.NumberColumn(format="%.1f")})
     download_table(vrows, "variants")
 else:
     st.info("No trained variants found in checkpoints/ (run `python -m wsviz.zoo retrain`) or in finished runs.")
@@ -92,29 +97,40 @@ else:
 
 
 def sharing_map(label: str | None, name: str | None) -> None:
-    """Trace one forward of the chosen model; show every weight it applies more than once."""
+    """Show every weight the chosen model applies more than once: a trained variant is traced now
+    (small models, fast); a registered architecture's map is read from the precomputed catalog
+    (ImageNet-size models take seconds to build; the catalog is checked against a live trace by
+    the tests)."""
+    from wsviz.catalog import load_sharing_map
     from wsviz.figures import sharing_map_figure
-    from wsviz.models import create_model, get_spec, summarize
 
     if label is not None:
-        model = get_variant(label)[0]
+        from wsviz.models import summarize
+        from wsviz.sharingmap import SharingMap
+
+        s = SharingMap.from_summary(summarize(get_variant(label)[0]))
     else:
-        st.caption(get_spec(name).description)
-        model = create_model(name)
-    s = summarize(model)
+        row = next(r for r in load_catalog() if r["name"] == name)
+        st.caption(row["description"])
+        s = load_sharing_map(name)
+        if s is None:  # not in the file (a model registered since it was written): trace it now
+            from wsviz.models import create_model, summarize
+            from wsviz.sharingmap import SharingMap
+
+            s = SharingMap.from_summary(summarize(create_model(name)))
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("unique params", f"{s.unique_params:,}")
     c2.metric("effective params", f"{s.effective_params:,}")
     c3.metric("compression", f"{s.compression:.2f}×")
     c4.metric("GFLOPs / image", f"{s.flops / 1e9:.3f}")
-    reused = [r for r in s.reuse().values() if r.reused]
+    reused = s.reused
     if not reused:
         st.info("No weight of this model is applied more than once: it shares nothing "
                 f"(effective = unique = {s.unique_params:,} parameters).")
         return
     stored = sum(r.numel for r in reused)
     applied = sum(r.applied for r in reused)
-    rest = sum(r.applied - r.numel for r in s.reuse().values() if not r.reused)  # modulators: applied 0x
+    rest = s.others  # modulators: applied 0x
     st.write(f"**{len(reused)}** stored weights ({stored:,} parameters) are reused: the network applies "
              f"**{applied:,}** weights through them, {applied - stored:,} more than it stores"
              + (f"; {-rest:,} parameters only modulate weights carried by others (swish pairs, sign-mask latents) "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wsviz.catalog import build_catalog, load_catalog
+from wsviz.catalog import build_catalog, load_catalog, load_sharing_map
 from wsviz.models import list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,10 @@ def test_shipped_catalog_equals_a_live_count_and_reuse_accounts_for_every_model(
 
     real = zoo.summarize
     monkeypatch.setattr(zoo, "summarize", recording)
-    assert build_catalog() == load_catalog()
+    maps: dict = {}
+    assert build_catalog(maps=maps) == load_catalog()
+    for name, _ in seen:  # the app draws each architecture's sharing map from the file
+        assert load_sharing_map(name).to_dict() == maps[name], f"sharing_maps.json is stale for {name}"
     assert [n for n, _ in seen] == [s.name for s in list_models()]
     mechanism = {"repeatnet": "tiled", "equivariant": "expanded"}
     for name, s in seen:
@@ -60,3 +63,14 @@ def test_first_page_needs_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_sharing_map_of_an_architecture_needs_no_torch():
+    """The Models page draws a registered architecture's sharing map from the precomputed file, at
+    once: reading and drawing it must not import torch (seconds) or build the model."""
+    code = ("import sys; sys.path.insert(0, '.'); import wsviz.catalog, wsviz.figures; "
+            "s = wsviz.catalog.load_sharing_map('wsms_resnet152'); wsviz.figures.sharing_map_figure(s); "
+            "print(len(s.reused) > 0, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True []"

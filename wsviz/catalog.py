@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PATH = Path(__file__).with_name("catalog.json")
+MAPS = Path(__file__).with_name("sharing_maps.json")  # each registered architecture's sharing map
 COLUMNS = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression", "gflops",
            "sign_mask_params", "reused_weights", "reuse", "defaults", "paper", "description"]
 
@@ -36,17 +37,36 @@ def families(path: str | Path = PATH) -> list[str]:
     return sorted({r["family"] for r in _load(str(path))})
 
 
-def build_catalog(progress=None) -> list[dict[str, Any]]:
-    """The same rows computed from the live registry (builds every model)."""
+def build_catalog(progress=None, maps: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+    """The same rows computed from the live registry (builds every model); with ``maps``, each
+    model's sharing map is stored there too, from the same trace."""
     from wsviz.analysis.zoo import zoo_table
 
-    return [{k: r[k] for k in COLUMNS} for r in zoo_table(progress=progress)]
+    return [{k: r[k] for k in COLUMNS} for r in zoo_table(progress=progress, maps=maps)]
 
 
-def write_catalog(path: str | Path = PATH) -> Path:
-    rows = build_catalog(progress=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", flush=True))
+@lru_cache(maxsize=1)
+def _load_maps(path: str) -> dict[str, dict]:
+    return json.loads(Path(path).read_text())["maps"]
+
+
+def load_sharing_map(name: str, path: str | Path = MAPS):
+    """The precomputed sharing map (:class:`wsviz.sharingmap.SharingMap`) of a registered architecture at
+    its default configuration, or None if it is not in the file. Needs no torch."""
+    from wsviz.sharingmap import SharingMap
+
+    d = _load_maps(str(path)).get(name)
+    return None if d is None else SharingMap.from_dict(d)
+
+
+def write_catalog(path: str | Path = PATH, maps_path: str | Path = MAPS) -> Path:
+    maps: dict[str, dict] = {}
+    rows = build_catalog(progress=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", flush=True), maps=maps)
     Path(path).write_text(json.dumps({"generated_by": "python -m wsviz.catalog", "models": rows}, indent=1) + "\n")
+    Path(maps_path).write_text(json.dumps({"generated_by": "python -m wsviz.catalog", "maps": maps},
+                                          separators=(",", ":")) + "\n")
     _load.cache_clear()
+    _load_maps.cache_clear()
     return Path(path)
 
 

@@ -18,10 +18,14 @@ def spec_row(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def accounting_row(name: str, **overrides: Any) -> dict[str, Any]:
+def accounting_row(name: str, maps: dict[str, dict] | None = None, **overrides: Any) -> dict[str, Any]:
     """Unique/effective parameters, compression, FLOPs and how it reuses weights (how many stored
     weights are applied more than once, and by which mechanism: direct / tiled / expanded)."""
     s = summarize(create_model(name, **overrides))
+    if maps is not None:  # the sharing map too, from the same trace (the app draws it from the catalog)
+        from wsviz.sharingmap import SharingMap
+
+        maps[name] = SharingMap.from_summary(s).to_dict()
     reused = [r for r in s.reuse().values() if r.reused]
     return {"unique_params": s.unique_params, "effective_params": s.effective_params,
             "compression": round(s.compression, 3), "gflops": round(s.flops / 1e9, 4),
@@ -30,10 +34,12 @@ def accounting_row(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def zoo_table(specs: Iterable[ModelSpec] | None = None, accounting: bool = True,
-              progress: Callable[[int, int, str], None] | None = None) -> list[dict[str, Any]]:
+              progress: Callable[[int, int, str], None] | None = None,
+              maps: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """One row per registered model (default configuration), optionally with accounting.
 
-    ``progress(i, n, name)`` is called before each model is built (the app shows a bar).
+    ``progress(i, n, name)`` is called before each model is built (the app shows a bar). With
+    ``maps`` (a dict), each model's sharing map is stored there by name.
     """
     specs = list(specs) if specs is not None else list_models()
     rows = []
@@ -42,6 +48,6 @@ def zoo_table(specs: Iterable[ModelSpec] | None = None, accounting: bool = True,
             progress(i, len(specs), spec.name)
         row = spec_row(spec)
         if accounting:
-            row.update(accounting_row(spec.name))
+            row.update(accounting_row(spec.name, maps))
         rows.append(row)
     return rows

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,6 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from wsviz.models.modes import eval_mode, set_mode
 from wsviz.models.registry import input_shape as _registered_input_shape
+from wsviz.sharingmap import REUSE_KINDS, ParamReuse, ParamUse, SharingMap
+
+__all__ = ["REUSE_KINDS", "ModelSummary", "ParamReuse", "ParamUse", "SharingMap", "applied_weights", "count_flops",
+           "reuse_report", "sharing_report", "summarize"]
 
 # Layer ops and the positions of their weight-like arguments (arg 0 is the input).
 _LAYER_OPS = {
@@ -46,74 +49,6 @@ _LAYER_OPS = {
     F.linear: "linear", F.batch_norm: "batch_norm", F.layer_norm: "layer_norm",
     F.group_norm: "group_norm", F.instance_norm: "instance_norm", F.embedding: "embedding",
 }
-
-
-@dataclass(frozen=True)
-class ParamUse:
-    """One use of a unique parameter in one forward pass."""
-
-    param: str  # the parameter's name in ``model.named_parameters()``
-    site: str  # module path where the layer op ran ('' = the model itself)
-    op: str  # conv2d, linear, batch_norm, ...
-    applied_shape: tuple[int, ...]  # shape of the weight as applied at this site
-    derived: bool  # False: the parameter itself; True: a tensor computed from it
-    detail: str = ""  # e.g. "stride=1 dilation=2" for a convolution
-    kind: str = "direct"  # one of REUSE_KINDS
-    applied: int = 0  # applied weights this use accounts for (0 for a modulator)
-
-
-REUSE_KINDS = ("direct", "tiled", "expanded", "derived", "modulates")
-
-
-@dataclass(frozen=True)
-class ParamReuse:
-    """How one unique parameter is reused in one forward pass."""
-
-    param: str
-    shape: tuple[int, ...]  # as stored
-    uses: tuple[ParamUse, ...]
-    applied: int  # weights applied through it, summed over its uses
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def factor(self) -> float:
-        """Applied / stored: how many times each stored element is applied (0 for a modulator)."""
-        return self.applied / max(self.numel, 1)
-
-    @property
-    def sites(self) -> list[str]:
-        """Where it is applied, in forward order, each once."""
-        return list(dict.fromkeys(u.site for u in self.uses))
-
-    @property
-    def kinds(self) -> list[str]:
-        return list(dict.fromkeys(u.kind for u in self.uses))
-
-    @property
-    def reused(self) -> bool:
-        """Applied more than once: at several places, or tiled / expanded into a larger weight."""
-        return self.applied > self.numel or sum(u.applied > 0 for u in self.uses) > 1
-
-    def describe(self) -> str:
-        """One line a reader can check against the picture, e.g. 'applied at 2 places (dilation 1, 2)'."""
-        direct = [u for u in self.uses if u.kind == "direct"]
-        parts = []
-        if len(direct) > 1:
-            how = sorted({u.detail for u in direct if u.detail})
-            parts.append(f"the same weight applied at {len(direct)} places" + (f" ({'; '.join(how)})" if len(how) > 1
-                                                                                else ""))
-        for kind, verb in (("tiled", "tiled"), ("expanded", "basis-expanded"), ("derived", "transformed")):
-            ks = [u for u in self.uses if u.kind == kind]
-            if ks:
-                f = sum(u.applied for u in ks) / max(self.numel, 1)
-                parts.append(f"{verb} into {len(ks)} applied weight{'s' if len(ks) > 1 else ''} "
-                             f"({'x'.join(map(str, ks[0].applied_shape))}), each stored element applied {f:.3g}x")
-        if not parts and any(u.kind == "modulates" for u in self.uses):
-            parts.append("shapes a weight carried by another parameter (a transform, not a reuse)")
-        return "; ".join(parts) or "applied once"
 
 
 @dataclass

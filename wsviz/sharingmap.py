@@ -1,0 +1,119 @@
+"""What a model reuses, as plain data that needs no torch: the records the accounting
+(:mod:`wsviz.models.accounting`) produces, and a sharing map that can be stored as JSON —
+the app draws a registered architecture's map from the precomputed file at once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """One use of a unique parameter in one forward pass."""
+
+    param: str  # the parameter's name in ``model.named_parameters()``
+    site: str  # module path where the layer op ran ('' = the model itself)
+    op: str  # conv2d, linear, batch_norm, ...
+    applied_shape: tuple[int, ...]  # shape of the weight as applied at this site
+    derived: bool  # False: the parameter itself; True: a tensor computed from it
+    detail: str = ""  # e.g. "stride=1 dilation=2" for a convolution
+    kind: str = "direct"  # one of REUSE_KINDS
+    applied: int = 0  # applied weights this use accounts for (0 for a modulator)
+
+
+REUSE_KINDS = ("direct", "tiled", "expanded", "derived", "modulates")
+
+
+@dataclass(frozen=True)
+class ParamReuse:
+    """How one unique parameter is reused in one forward pass."""
+
+    param: str
+    shape: tuple[int, ...]  # as stored
+    uses: tuple[ParamUse, ...]
+    applied: int  # weights applied through it, summed over its uses
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def factor(self) -> float:
+        """Applied / stored: how many times each stored element is applied (0 for a modulator)."""
+        return self.applied / max(self.numel, 1)
+
+    @property
+    def sites(self) -> list[str]:
+        """Where it is applied, in forward order, each once."""
+        return list(dict.fromkeys(u.site for u in self.uses))
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(u.kind for u in self.uses))
+
+    @property
+    def reused(self) -> bool:
+        """Applied more than once: at several places, or tiled / expanded into a larger weight."""
+        return self.applied > self.numel or sum(u.applied > 0 for u in self.uses) > 1
+
+    def describe(self) -> str:
+        """One line a reader can check against the picture, e.g. 'applied at 2 places (dilation 1, 2)'."""
+        direct = [u for u in self.uses if u.kind == "direct"]
+        parts = []
+        if len(direct) > 1:
+            how = sorted({u.detail for u in direct if u.detail})
+            parts.append(f"the same weight applied at {len(direct)} places" + (f" ({'; '.join(how)})" if len(how) > 1
+                                                                                else ""))
+        for kind, verb in (("tiled", "tiled"), ("expanded", "basis-expanded"), ("derived", "transformed")):
+            ks = [u for u in self.uses if u.kind == kind]
+            if ks:
+                f = sum(u.applied for u in ks) / max(self.numel, 1)
+                parts.append(f"{verb} into {len(ks)} applied weight{'s' if len(ks) > 1 else ''} "
+                             f"({'x'.join(map(str, ks[0].applied_shape))}), each stored element applied {f:.3g}x")
+        if not parts and any(u.kind == "modulates" for u in self.uses):
+            parts.append("shapes a weight carried by another parameter (a transform, not a reuse)")
+        return "; ".join(parts) or "applied once"
+
+
+@dataclass
+class SharingMap:
+    """Everything the sharing map view shows: the counts, and every reused parameter with its uses."""
+
+    unique_params: int
+    effective_params: int
+    flops: int
+    mask_params: int
+    reused: list[ParamReuse]
+    others: int  # sum of (applied - stored) over the parameters that are not reused (modulators: negative)
+
+    @property
+    def compression(self) -> float:
+        return self.effective_params / max(self.unique_params, 1)
+
+    def reuse(self) -> dict[str, ParamReuse]:
+        return {r.param: r for r in self.reused}
+
+    @classmethod
+    def from_summary(cls, s: Any) -> SharingMap:
+        """From a :class:`wsviz.models.accounting.ModelSummary`."""
+        reuse = s.reuse()
+        return cls(s.unique_params, s.effective_params, s.flops, s.mask_params,
+                   [r for r in reuse.values() if r.reused],
+                   sum(r.applied - r.numel for r in reuse.values() if not r.reused))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for r in d["reused"]:
+            r["shape"] = list(r["shape"])
+            for u in r["uses"]:
+                u["applied_shape"] = list(u["applied_shape"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SharingMap:
+        reused = [ParamReuse(r["param"], tuple(r["shape"]),
+                             tuple(ParamUse(**{**u, "applied_shape": tuple(u["applied_shape"])}) for u in r["uses"]),
+                             r["applied"]) for r in d["reused"]]
+        return cls(d["unique_params"], d["effective_params"], d["flops"], d["mask_params"], reused, d["others"])
