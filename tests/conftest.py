@@ -11,6 +11,67 @@ import torch
 warnings.filterwarnings("ignore", category=UserWarning, module="e2cnn")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# ------------------------------------------------------------------ the suite proves it ran
+# On a developer's laptop a test whose system dependency is missing (Debian's chromium, the
+# Fashion-MNIST package) skips with its reason. In CI (CI=true, as .ci/run runs) a skip is a
+# failure: a green CI must mean every test ran. A test may opt out with
+# @pytest.mark.may_skip_in_ci("why"), for what a CI machine may legitimately lack. Every skip is
+# listed at the end of the run, and so is every browser (e2e) test that ran, by name.
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+_SKIPPED: list[tuple[str, str]] = []
+_E2E_RAN: list[tuple[str, str]] = []
+
+
+def _skip_reason(rep) -> str:
+    lr = rep.longrepr
+    return str(lr[2] if isinstance(lr, tuple) and len(lr) == 3 else lr).removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    skipped = rep.skipped
+    if skipped and not hasattr(rep, "wasxfail"):
+        reason = _skip_reason(rep)
+        _SKIPPED.append((item.nodeid, reason))
+        if in_ci() and item.get_closest_marker("may_skip_in_ci") is None:
+            rep.outcome = "failed"
+            rep.longrepr = (f"skipped in CI (CI=true): {reason}\nCI must run every test: install what it needs "
+                            "(see .ci/run), or mark it @pytest.mark.may_skip_in_ci(reason) if a CI machine "
+                            "may legitimately lack it.")
+    if item.get_closest_marker("e2e") is not None and (rep.when == "call" or rep.outcome != "passed"):
+        if rep.when == "call" or not any(n == item.nodeid for n, _ in _E2E_RAN):
+            _E2E_RAN.append((item.nodeid, "skipped" if skipped else rep.outcome))
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _SKIPPED.append((report.nodeid, _skip_reason(report)))
+        if in_ci():
+            report.outcome = "failed"
+            report.longrepr = f"module skipped in CI (CI=true): {_skip_reason(report)}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    ran = [(n, o) for n, o in _E2E_RAN if o != "skipped"]
+    if _E2E_RAN:
+        tr.write_sep("=", f"browser (e2e) tests that ran: {len(ran)} of {len(_E2E_RAN)}", bold=True)
+        for nodeid, out in _E2E_RAN:
+            tr.write_line(f"e2e {out.upper():8} {nodeid}")
+    if _SKIPPED:
+        tr.write_sep("!", f"{len(_SKIPPED)} SKIPPED TEST(S): these did NOT run", red=True, bold=True)
+        for nodeid, reason in _SKIPPED:
+            tr.write_line(f"SKIPPED {nodeid}: {reason}", red=True)
+        if in_ci():
+            tr.write_line("In CI (CI=true) each of these counts as a failure unless marked may_skip_in_ci.", red=True)
+
 
 @pytest.fixture(scope="session")
 def c8_tutorial():
