@@ -94,3 +94,37 @@ def kill_active_runs(runs_dir: str | Path) -> None:
                 os.kill(run.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ------------------------------------------------------------------ uploads the tests make
+def digit_png(label: int, nth: int = 1) -> tuple[str, bytes]:
+    """(file name, PNG bytes) of the ``nth`` mnist5k test image of class ``label``; the app's
+    built-in samples are the 0th of each class, so an upload of nth >= 1 is never a sample."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from wsviz.data.datasets import load_split
+
+    te = load_split("mnist5k", "test")
+    i = int((te.labels == label).nonzero()[nth, 0])
+    buf = io.BytesIO()
+    Image.fromarray((te.images[i, 0].numpy() * 255).astype(np.uint8)).save(buf, "PNG")
+    return f"my-digit-{label}.png", buf.getvalue()
+
+
+def expected_predictions(checkpoints: Path, variants: list[str], name: str, data: bytes) -> dict[str, tuple[int, float]]:
+    """{variant: (predicted class, confidence)} for these uploaded bytes, computed without the app."""
+    from wsviz.analysis.sweeps import predict
+    from wsviz.data.uploads import load_upload
+    from wsviz.models import input_shape
+    from wsviz.training.checkpoint import load_checkpoint
+
+    out = {}
+    for v in variants:
+        model, _ = load_checkpoint(Path(checkpoints) / v)
+        c, size, _ = input_shape(model)
+        pred, prob = predict(model, load_upload(data, name, c, size).unsqueeze(0))
+        out[v] = (int(pred[0]), float(prob[0, int(pred[0])]))
+    return out

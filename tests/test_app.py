@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_active_runs
+from conftest import digit_png, expected_predictions, kill_active_runs
 
 RUNS = Path(tempfile.mkdtemp(prefix="wsviz-apptest-runs-"))
 os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
@@ -63,38 +63,6 @@ def test_kernels_page():
     assert len(at.get("plotly_chart")) >= 1
 
 
-def digit_png(label: int, nth: int = 1) -> tuple[str, bytes]:
-    """The ``nth`` mnist5k test image of class ``label`` (not the page's built-in sample, which is the 0th) as PNG."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from wsviz.data.datasets import load_split
-
-    te = load_split("mnist5k", "test")
-    i = int((te.labels == label).nonzero()[nth, 0])
-    buf = io.BytesIO()
-    Image.fromarray((te.images[i, 0].numpy() * 255).astype(np.uint8)).save(buf, "PNG")
-    return f"my-digit-{label}.png", buf.getvalue()
-
-
-def expected_predictions(variants: list[str], name: str, data: bytes) -> dict[str, tuple[int, float]]:
-    """What each variant predicts for these uploaded bytes, computed without the app."""
-    from wsviz.analysis.sweeps import predict
-    from wsviz.data.uploads import load_upload
-    from wsviz.models import input_shape
-    from wsviz.training.checkpoint import load_checkpoint
-
-    out = {}
-    for v in variants:
-        model, _ = load_checkpoint(ROOT / "checkpoints" / v)
-        c, size, _ = input_shape(model)
-        pred, prob = predict(model, load_upload(data, name, c, size).unsqueeze(0))
-        out[v] = (int(pred[0]), float(prob[0, int(pred[0])]))
-    return out
-
-
 def shown_predictions(at: AppTest) -> dict[str, tuple[int, float]]:
     """Per image shown on the Compare page: {(image, variant): (predicted class, confidence)} from its table."""
     df = at.dataframe[0].value
@@ -126,7 +94,7 @@ def test_compare_page_with_a_sample_then_two_uploads():
     both = shown_predictions(at)
     assert {k: v for k, v in both.items() if k[0] == uploads[0][0]} == first
     for name, data in uploads:
-        for variant, (pred, conf) in expected_predictions(pair(), name, data).items():
+        for variant, (pred, conf) in expected_predictions(ROOT / "checkpoints", pair(), name, data).items():
             assert both[name, variant][0] == pred and both[name, variant][1] == pytest.approx(conf, abs=1e-6)
     for variant in pair():  # the two digits are told apart (here: both read correctly)
         assert (both[uploads[0][0], variant][0], both[uploads[1][0], variant][0]) == (3, 7), both
@@ -152,7 +120,7 @@ def test_compare_page_with_real_photo_uploads():
     assert len(at.metric) == 2 * len(photos)
     shown = shown_predictions(at)
     for name, data in files:
-        for variant, (pred, conf) in expected_predictions(pair(), name, data).items():
+        for variant, (pred, conf) in expected_predictions(ROOT / "checkpoints", pair(), name, data).items():
             assert shown[name, variant] == (pred, pytest.approx(conf, abs=1e-6))
     # two photos, two different inputs: the model's confidence tells them apart
     for variant in pair():
