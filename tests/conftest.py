@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,101 @@ def expected_predictions(checkpoints: Path, variants: list[str], name: str, data
         pred, prob = predict(model, load_upload(data, name, c, size).unsqueeze(0))
         out[v] = (int(pred[0]), float(prob[0, int(pred[0])]))
     return out
+
+
+# ------------------------------------------------------------------------ leak measurements
+# What could leak from a repeated analysis, each measured directly: Python-level memory
+# (tracemalloc, which also sees numpy's buffers), torch tensors still alive (their count and the
+# bytes of their distinct storages), nn.Module instances, and hooks left on modules. RSS is not
+# used: the allocator keeps freed pages, so it neither shows a leak reliably nor proves there is none.
+
+
+def live_tensors() -> tuple[int, int]:
+    """(count, bytes of distinct storages) of the torch tensors alive now, after a full collection."""
+    count, nbytes, seen = 0, 0, set()
+    for obj in _live(torch.Tensor):
+        count += 1
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (meta, sparse...)
+            continue
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            nbytes += storage.nbytes()
+    return count, nbytes
+
+
+def live_modules() -> int:
+    return len(_live(torch.nn.Module))
+
+
+def _live(kind: type) -> list:
+    """Every object of ``kind`` the garbage collector knows, after a full collection."""
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
+
+
+def hook_count(model: torch.nn.Module | None = None) -> int:
+    """Hooks registered globally on nn.Module, plus those on ``model``'s modules."""
+    from torch.nn.modules import module as m
+
+    total = sum(len(getattr(m, name)) for name in dir(m) if name.startswith("_global_") and name.endswith("hooks"))
+    for mod in model.modules() if model is not None else ():
+        total += sum(len(v) for k, v in vars(mod).items() if k.endswith("hooks") and isinstance(v, dict))
+    return total
+
+
+@dataclass
+class Growth:
+    """What ``calls`` more calls of a function left behind, against one call's working set."""
+
+    calls: int
+    python_growth: int  # bytes still allocated (tracemalloc) after the calls, beyond before
+    one_call_peak: int  # bytes one call allocated at its peak (its Python working set)
+    tensors: tuple[int, int]  # live tensors before, after
+    tensor_bytes: tuple[int, int]
+    modules: tuple[int, int]
+    hooks: tuple[int, int]
+
+    def check(self, tensor_slack_bytes: int = 0) -> None:
+        """No per-call growth: together, the calls keep less than one call's Python working set,
+        not one more tensor, module or hook, and at most ``tensor_slack_bytes`` more tensor memory."""
+        assert self.python_growth < self.one_call_peak, self
+        assert self.tensors[1] <= self.tensors[0], self
+        assert self.tensor_bytes[1] <= self.tensor_bytes[0] + tensor_slack_bytes, self
+        assert self.modules[1] <= self.modules[0], self
+        assert self.hooks[1] <= self.hooks[0], self
+
+
+def measure_growth(fn, *, warmup: int = 2, calls: int = 8, model: torch.nn.Module | None = None) -> Growth:
+    """Call ``fn`` ``warmup`` times (caches, lazy imports), then ``calls`` times under measurement."""
+    import tracemalloc
+
+    for _ in range(warmup):
+        fn()
+    tensors0, bytes0 = live_tensors()
+    modules0, hooks0 = live_modules(), hook_count(model)
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        gc.collect()
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        fn()
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+        one_call_peak = peak - before
+        base = current
+        for _ in range(calls):
+            fn()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        if started:
+            tracemalloc.stop()
+    tensors1, bytes1 = live_tensors()
+    return Growth(calls, after - base, one_call_peak, (tensors0, tensors1), (bytes0, bytes1),
+                  (modules0, live_modules()), (hooks0, hook_count(model)))
