@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import kill_active_runs
 from safetensors.torch import load_file, save_file
+from test_uploads import upload_corpus
 
 from wsviz import WsvizError
 from wsviz.data.uploads import MAX_UPLOAD_BYTES
@@ -492,22 +493,11 @@ DRIVER = textwrap.dedent("""
     # 5. Uploads leave no temporary file: the whole upload corpus through the Compare page
     # (AppTest hands files to st.file_uploader in memory, as the server does once received),
     # then through wsviz.data.uploads.load_upload, which the page calls via prepared().
-    import numpy as np
     import test_uploads as tu
     from wsviz import WsvizError
     from wsviz.data.uploads import load_upload
 
-    ext = {"jpeg": "jpg", "tiff": "tif"}
-    files = [(f"{case}.{ext.get(case.split('-')[0], case.split('-')[0])}", make()[0]) for case, make in tu.CORPUS.items()]
-    files += [(f"bad-{case}-{filename}", make()) for case, (make, filename, _) in tu.BAD.items()]
-    files += [(f"bomb-{w}x{h}.png", tu.png_with_header_size(w, h)) for w, h in ((40000, 40000), (10000, 10000), (8000, 6000))]
-    files += [(p.name, p.read_bytes()) for p in tu.SKLEARN_IMAGES]
-    rng = np.random.default_rng(7)
-    for i, (_, data) in enumerate(list(files[:len(tu.CORPUS)])):
-        buf = bytearray(data)
-        for pos in rng.integers(0, len(buf), size=4):
-            buf[pos] = int(rng.integers(0, 256))
-        files.append((f"fuzz-{i}.png", bytes(buf)))
+    files = tu.upload_corpus()
 
     def listing():
         return sorted(str(p) for p in Path(tempfile.gettempdir()).rglob("*"))
@@ -642,7 +632,7 @@ def test_uploads_leave_no_temporary_files(app_run):
     up = app_run["uploads"]
     assert app_run["tempdir"] == app_run["tmpdir"]  # the app process used the temp folder watched here
     assert up["control_seen"]  # and a temporary file made there would have been seen
-    assert up["n"] >= 50
+    assert up["n"] == len(upload_corpus())
     page = up["page"]
     assert page["exception"] == []
     refused_names = [n for n, r in up["direct"].items() if r != "ok"]
