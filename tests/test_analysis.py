@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsviz import WsvizError
 from wsviz.analysis.features import feature_maps
@@ -202,6 +204,14 @@ def test_rescale_to_keeps_size_and_identity():
         assert rescale_to(x, f).shape == x.shape
     small = rescale_to(torch.ones(1, 1, 28, 28), 0.5)
     assert small[0, 0, 14, 14] == 1 and small[0, 0, 0, 0] == 0 and small.sum() == pytest.approx(14 * 14, abs=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 3]), h=st.integers(1, 40), w=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_rescale_to_factor_one_is_the_identity(n, c, h, w, seed):
+    x = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(rescale_to(x, 1.0), x)
 
 
 def test_scale_sweep_meaning(trained_resnet, digits):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
@@ -327,6 +329,35 @@ def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling_only():
     assert linear_cka(x + 5.0, 0.01 * y) == pytest.approx(base, rel=1e-10)  # centring, scaling
     stretched = x * np.linspace(0.1, 10, 30)  # an anisotropic scaling is not an invariance
     assert abs(linear_cka(stretched, y) - base) > 0.01
+
+
+def _brute_force_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """HSIC by its definition, with explicit loops over pairs of examples: tr(K H L H) / sqrt(...)."""
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+    k = np.array([[float(np.dot(x[i], x[j])) for j in range(n)] for i in range(n)])
+    m = np.array([[float(np.dot(y[i], y[j])) for j in range(n)] for i in range(n)])
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, m) / np.sqrt(hsic(k, k) * hsic(m, m))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(3, 24), p=st.integers(1, 30), q=st.integers(1, 30), seed=st.integers(0, 2**32 - 1),
+       scale=st.floats(1e-3, 1e3))
+def test_cka_laws(n, p, q, seed, scale):
+    """On random features of any shape (both the feature and the Gram form): CKA is 1 on itself,
+    lies in [0, 1], is symmetric, invariant to orthogonal transforms and isotropic scaling, and
+    equals HSIC computed by brute force."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, p))
+    y = np.tanh(x @ rng.normal(size=(p, q))) + rng.normal(size=(n, q))
+    qx, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    base = linear_cka(x, y)
+    assert linear_cka(x, x) == pytest.approx(1.0, rel=1e-9)
+    assert -1e-12 <= base <= 1 + 1e-12
+    assert linear_cka(y, x) == pytest.approx(base, rel=1e-9, abs=1e-12)
+    assert linear_cka(scale * x @ qx, y) == pytest.approx(base, rel=1e-7, abs=1e-12)
+    assert base == pytest.approx(_brute_force_cka(x, y), rel=1e-7, abs=1e-12)
 
 
 def test_cka_of_unrelated_features_is_small():

@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save
 from torch import nn
 
@@ -252,3 +254,37 @@ def test_bytes_roundtrip_of_shared_model():
     model.eval(), fresh.eval()
     torch.testing.assert_close(model(x), fresh(x))
 
+
+
+# ----------------------------------------------------------------------- accounting laws
+_SMALL = create_model("resnet_digits", base_width=8, depth=8)
+_CONVS = [n for n, m in _SMALL.named_modules() if isinstance(m, nn.Conv2d)]
+_TIEABLE = [(a, b) for i, a in enumerate(_CONVS) for b in _CONVS[i + 1:]
+            if _SMALL.get_submodule(a).weight.shape == _SMALL.get_submodule(b).weight.shape
+            and (_SMALL.get_submodule(a).bias is None) == (_SMALL.get_submodule(b).bias is None)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sets(st.sampled_from(_TIEABLE), min_size=1, max_size=3))
+def test_tying_layers_removes_exactly_their_parameters_and_keeps_effective_ones(pairs):
+    """Tie layer b to layer a (b's use site applies a's weight): unique parameters drop by exactly b's,
+    the applied (effective) parameters stay the same, and unique <= effective throughout."""
+    from wsviz.models.sharing import set_submodule
+
+    model = create_model("resnet_digits", base_width=8, depth=8)
+    before = summarize(model)
+    assert before.unique_params <= before.effective_params
+    tied, removed = set(), 0
+    for a, b in sorted(pairs):
+        if a in tied or b in tied:  # a layer is tied once, to a layer that keeps its own weight
+            continue
+        src, old = model.get_submodule(a), model.get_submodule(b)
+        removed += sum(p.numel() for p in old.parameters())
+        set_submodule(model, b, SharedConv2d(src, stride=old.stride[0], padding=old.padding[0], dilation=old.dilation[0]))
+        tied.add(b)
+        if isinstance(src, nn.Conv2d):
+            tied.add(a)
+    after = summarize(model)
+    assert after.unique_params == before.unique_params - removed == sum(p.numel() for p in model.parameters())
+    assert after.effective_params == before.effective_params
+    assert after.unique_params <= after.effective_params
