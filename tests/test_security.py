@@ -150,7 +150,7 @@ def test_truncated_or_damaged_weights_are_refused(tmp_path, case):
     folder = make_checkpoint(tmp_path, "ck", weights=cut(_safetensors_bytes()))
     msg = refused(folder)
     assert phrase in msg and str(folder / "weights.safetensors") in msg, msg
-    assert "Copy it again" in msg or "re-create" in msg, msg
+    assert "Copy it again" in msg and "re-create" in msg, msg  # both remedies are offered
 
 
 def test_a_safetensors_file_whose_header_length_looks_like_a_pickle_is_accepted(tmp_path):
