@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_active_runs
+from conftest import digit_png, expected_predictions, kill_active_runs
 
 RUNS = Path(tempfile.mkdtemp(prefix="wsviz-apptest-runs-"))
 os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
@@ -63,15 +63,42 @@ def test_kernels_page():
     assert len(at.get("plotly_chart")) >= 1
 
 
-def test_compare_page_with_a_sample_and_an_upload():
+def shown_predictions(at: AppTest) -> dict[str, tuple[int, float]]:
+    """Per image shown on the Compare page: {(image, variant): (predicted class, confidence)} from its table."""
+    df = at.dataframe[0].value
+    return {(r.image, r.variant): (int(r.predicted), float(r.confidence)) for r in df.itertuples()}
+
+
+def test_compare_page_with_a_sample_then_two_uploads():
+    """The page's predictions come from the uploaded pixels: each upload is named, its prediction is what the
+    model computes on that file, and two uploads of different digits get different predictions."""
     at = app("pages/compare.py", pair())
     assert not at.exception and not at.error
     assert len(at.metric) == 2
+    sample = at.subheader[0].value
+    assert sample.startswith("digit 0")
     for kind in at.radio[0].options:
         at.radio[0].set_value(kind).run()
         assert not at.exception
     at.selectbox[0].set_value("saliency").run()
     assert not at.exception
+
+    uploads = [digit_png(3), digit_png(7)]
+    at.file_uploader[0].upload(*uploads[0], "image/png").run()
+    assert not at.exception and not at.error
+    assert [h.value for h in at.subheader] == [uploads[0][0]]  # the upload replaces the sample
+    first = shown_predictions(at)
+    at.file_uploader[0].set_value([(n, d, "image/png") for n, d in uploads]).run()
+    assert not at.exception and not at.error
+    assert [h.value for h in at.subheader] == [n for n, _ in uploads]
+    both = shown_predictions(at)
+    assert {k: v for k, v in both.items() if k[0] == uploads[0][0]} == first
+    for name, data in uploads:
+        for variant, (pred, conf) in expected_predictions(ROOT / "checkpoints", pair(), name, data).items():
+            assert both[name, variant][0] == pred and both[name, variant][1] == pytest.approx(conf, abs=1e-6)
+    for variant in pair():  # the two digits are told apart (here: both read correctly)
+        assert (both[uploads[0][0], variant][0], both[uploads[1][0], variant][0]) == (3, 7), both
+    assert not any(sample == h.value for h in at.subheader)
 
 
 def test_compare_page_reports_a_corrupt_upload():
@@ -81,14 +108,23 @@ def test_compare_page_reports_a_corrupt_upload():
     assert any("broken.png" in e.value for e in at.error)
 
 
-def test_compare_page_with_a_real_photo_upload():
+def test_compare_page_with_real_photo_uploads():
     import sklearn.datasets
 
-    photo = next((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
+    photos = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))[:2]
     at = app("pages/compare.py", pair())
-    at.file_uploader[0].upload(photo.name, photo.read_bytes(), "image/jpeg").run()
+    files = [(p.name, p.read_bytes()) for p in photos]
+    at.file_uploader[0].set_value([(n, d, "image/jpeg") for n, d in files]).run()
     assert not at.exception and not at.error
-    assert len(at.metric) == 2
+    assert [h.value for h in at.subheader] == [p.name for p in photos]
+    assert len(at.metric) == 2 * len(photos)
+    shown = shown_predictions(at)
+    for name, data in files:
+        for variant, (pred, conf) in expected_predictions(ROOT / "checkpoints", pair(), name, data).items():
+            assert shown[name, variant] == (pred, pytest.approx(conf, abs=1e-6))
+    # two photos, two different inputs: the model's confidence tells them apart
+    for variant in pair():
+        assert shown[photos[0].name, variant] != shown[photos[1].name, variant]
 
 
 def test_scale_page_slider_and_sweep():

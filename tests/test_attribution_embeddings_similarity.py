@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
@@ -327,6 +329,75 @@ def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling_only():
     assert linear_cka(x + 5.0, 0.01 * y) == pytest.approx(base, rel=1e-10)  # centring, scaling
     stretched = x * np.linspace(0.1, 10, 30)  # an anisotropic scaling is not an invariance
     assert abs(linear_cka(stretched, y) - base) > 0.01
+
+
+def _brute_force_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """HSIC by its definition, with explicit loops over pairs of examples: tr(K H L H) / sqrt(...)."""
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+    k = np.array([[float(np.dot(x[i], x[j])) for j in range(n)] for i in range(n)])
+    m = np.array([[float(np.dot(y[i], y[j])) for j in range(n)] for i in range(n)])
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, m) / np.sqrt(hsic(k, k) * hsic(m, m))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(3, 24), p=st.integers(1, 30), q=st.integers(1, 30), seed=st.integers(0, 2**32 - 1),
+       scale=st.floats(1e-3, 1e3))
+def test_cka_laws(n, p, q, seed, scale):
+    """On random features of any shape (both the feature and the Gram form): CKA is 1 on itself,
+    lies in [0, 1], is symmetric, invariant to orthogonal transforms and isotropic scaling, and
+    equals HSIC computed by brute force."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, p))
+    y = np.tanh(x @ rng.normal(size=(p, q))) + rng.normal(size=(n, q))
+    qx, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    base = linear_cka(x, y)
+    assert linear_cka(x, x) == pytest.approx(1.0, rel=1e-9)
+    assert -1e-12 <= base <= 1 + 1e-12
+    assert linear_cka(y, x) == pytest.approx(base, rel=1e-9, abs=1e-12)
+    assert linear_cka(scale * x @ qx, y) == pytest.approx(base, rel=1e-7, abs=1e-12)
+    assert base == pytest.approx(_brute_force_cka(x, y), rel=1e-7, abs=1e-12)
+
+
+def test_cka_edge_cases_and_messages():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
+    v = rng.normal(size=6)
+    assert linear_cka(v, 2 * v - 1) == pytest.approx(1.0)  # 1-D input is one feature
+    assert linear_cka(v, v ** 2) == pytest.approx(_reference_cka(v[:, None], v[:, None] ** 2), rel=1e-9)
+    assert linear_cka(x[:2], y[:2]) == pytest.approx(1.0)  # two examples are enough (and always aligned)
+    assert np.isnan(linear_cka(np.ones((6, 4)), y)) and np.isnan(linear_cka(x, np.full((6, 3), 2.0)))
+    assert linear_cka(1e150 * x, y) == pytest.approx(linear_cka(x, y), rel=1e-9)  # no overflow in the Gram products
+    grad = torch.from_numpy(x).requires_grad_()  # a tensor still in an autograd graph
+    assert linear_cka(grad, y) == pytest.approx(linear_cka(x, y), rel=1e-12)
+    for args, message in (((x, y[:5]), "x and y must describe the same examples; got 6 and 5 rows."),
+                          ((x[:1], y[:1]), "CKA needs at least 2 examples, got 1."),
+                          ((np.float64(3.0), y), "x must have one row per example, got a scalar."),
+                          ((x, np.float64(3.0)), "y must have one row per example, got a scalar."),
+                          ((x, np.full((6, 3), np.nan)), "y contains NaN or infinite values (a diverged model?); "
+                                                         "CKA is undefined."),
+                          ((np.full((6, 3), np.inf), y), "x contains NaN or infinite values")):
+        with pytest.raises(WsvizError) as info:
+            linear_cka(*args)
+        assert str(info.value).startswith(message), str(info.value)
+
+
+def test_cka_matrix_taps_constant_layers_and_image_count():
+    model = create_model("resnet_digits", base_width=8, depth=8).eval()
+    zeroed = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.endswith("conv2"))
+    with torch.no_grad():  # its output is 0 on every image; the block's shortcut carries the signal on
+        model.get_submodule(zeroed).weight.zero_()
+    x = load_split("mnist5k", "test").images[:6]
+    res = cka_matrix(model, model, x, taps_a=[zeroed, "head.embedding"], taps_b=["head.embedding"])
+    assert res.taps_a == [zeroed, "head.embedding"] and res.taps_b == ["head.embedding"]
+    assert np.isnan(res.matrix[0, 0]) and res.matrix[1, 0] == pytest.approx(1.0)
+    assert cka_matrix(model, model, x[:2], taps_a=["head.embedding"], taps_b=["head.embedding"]).matrix.shape == (1, 1)
+    with pytest.raises(WsvizError, match=r"^CKA needs at least 2 images, got 1\.$"):
+        cka_matrix(model, model, x[:1])
+    with pytest.raises(WsvizError, match=r"^This model has no 'level' or 'embedding' taps; pass taps= module paths "
+                                         r"to compare\.$"):
+        cka_matrix(nn.Sequential(nn.Conv2d(1, 2, 3)), model, x)
 
 
 def test_cka_of_unrelated_features_is_small():

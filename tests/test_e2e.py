@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import digit_png, expected_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "e2e"
@@ -67,18 +68,27 @@ def browser():
 
 
 def _settle(page, timeout: float = 240.0) -> None:
-    """Wait until the page has finished rendering: its title is there and the DOM has not
-    changed for 3 s (a script still running keeps adding elements)."""
+    """Wait until the page has finished rendering: its title is there, the script has stopped
+    (``stApp``'s ``data-test-script-state`` is ``notRunning``) and the DOM has not changed for 3 s
+    (charts draw after the script ends). A page that does not settle within ``timeout`` fails
+    the test, saying what was still changing."""
     page.wait_for_selector("[data-testid=stMain] h1", timeout=180_000)
-    probe = "() => document.querySelectorAll('*').length + ':' + document.body.innerText.length"
-    t0, last, stable = time.time(), None, 0
+    probe = ("() => [document.querySelectorAll('*').length, document.body.innerText.length, "
+             "(document.querySelector('[data-testid=stApp]') || {getAttribute: () => 'no stApp'})"
+             ".getAttribute('data-test-script-state')]")
+    t0, last, stable, history = time.time(), None, 0, []
     while time.time() - t0 < timeout:
         now = page.evaluate(probe)
-        stable = stable + 1 if now == last else 0
+        history.append((round(time.time() - t0, 1), *now))
+        stable = stable + 1 if now == last and now[2] == "notRunning" else 0
         if stable >= 6:
             return
         last = now
         page.wait_for_timeout(500)
+    changes = [h for a, h in zip(history, history[1:]) if a[1:] != h[1:]][-8:]
+    pytest.fail(f"{page.url} did not settle within {timeout:.0f} s. Last changes as (seconds, elements, text "
+                f"length, script state): {changes or history[-3:]}; text at the end: "
+                f"{page.evaluate('() => document.body.innerText')[-600:]!r}")
 
 
 def _check(page, name: str) -> None:
@@ -98,19 +108,38 @@ def test_every_page_renders_without_exception(server, browser, path):
     page.close()
 
 
-def test_upload_on_compare_page(server, browser, tmp_path):
-    from PIL import Image, ImageDraw
+def _shown_metrics(page) -> list[tuple[str, str]]:
+    """(label, value) of every metric on the page, in page order."""
+    return [(m.locator("[data-testid=stMetricLabel]").inner_text().strip(),
+             m.locator("[data-testid=stMetricValue]").inner_text().strip())
+            for m in page.locator("[data-testid=stMetric]").all()]
 
-    img = Image.new("RGB", (120, 90), "white")
-    ImageDraw.Draw(img).ellipse((35, 15, 85, 75), outline="black", width=8)  # a hand-drawn-looking zero
-    path = tmp_path / "zero.jpg"
-    img.save(path)
+
+def test_uploads_on_compare_page_drive_the_predictions(server, browser, tmp_path):
+    """Two digit files uploaded through the browser: the page names each one and shows, for each,
+    the class every variant predicts on that file's pixels (computed here without the app)."""
+    files = [digit_png(3), digit_png(7)]
+    paths = []
+    for name, data in files:
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{server}/compare")
     _settle(page)
-    page.set_input_files("input[type=file]", str(path))
-    page.wait_for_selector("text=zero.jpg", timeout=60_000)
+    sample = _shown_metrics(page)
+    assert sample, "the Compare page shows predictions for its built-in sample"
+    variants = [label for label, _ in sample]
+    page.set_input_files("input[type=file]", paths)
+    for name, _ in files:
+        page.wait_for_selector(f"text={name}", timeout=60_000)
     _settle(page)
     _check(page, "compare-upload")
-    assert page.locator("[data-testid=stMetric]").count() >= 1
+    shown = _shown_metrics(page)
+    expected = []
+    for name, data in files:
+        pred = expected_predictions(ROOT / "checkpoints", variants, name, data)
+        expected += [(v, f"class {pred[v][0]}") for v in variants]
+    assert shown == expected
+    assert {value for _, value in shown[: len(variants)]} == {"class 3"}  # both digits read correctly,
+    assert {value for _, value in shown[len(variants):]} == {"class 7"}  # so the two uploads differ
     page.close()

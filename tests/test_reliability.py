@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_active_runs
+from conftest import Growth, kill_active_runs
 from safetensors.torch import load_file
 
 from wsviz import WsvizError
@@ -245,6 +245,8 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, monkeypatch)
     integrity_ok(store)
 
 
+@pytest.mark.may_skip_in_ci("mounting a tmpfs needs mount privileges, which a CI container may lack; "
+                             "test_full_disk_while_saving_keeps_the_last_checkpoint covers the same path")
 def test_full_disk_on_a_real_tiny_filesystem(tmp_path):
     """The same on a real full filesystem: a tmpfs just large enough for one checkpoint."""
     mnt = tmp_path / "tiny"
@@ -342,7 +344,6 @@ def test_three_sessions_launching_at_once_respect_the_job_limit_and_lose_none(tm
     store = RunStore(runs_dir)
     created = sorted(r.created for r in store.list())
     assert len(created) == 3  # none lost
-    assert created[-1] - created[0] < 5, created  # launched together, not one after another
     deadline = time.time() + 300
     peak = 0
     while any(r.active for r in list_runs(store)):
@@ -351,6 +352,7 @@ def test_three_sessions_launching_at_once_respect_the_job_limit_and_lose_none(tm
         time.sleep(0.05)
     runs = store.list()
     assert [r.status for r in runs] == ["done"] * 3, [(r.status, r.reason) for r in runs]
+    assert created[-1] < min(r.finished for r in runs)  # launched together: all three queued before one ended
     assert peak <= 1
     spans = sorted((r.started, r.finished) for r in runs)  # the store's own record: never two at once
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
@@ -408,38 +410,34 @@ def test_run_store_is_read_while_being_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ memory
-def test_hundred_repeated_analyses_on_one_page_keep_rss_within_ten_percent():
-    """The Compare page (predictions, feature maps and attributions of two variants) rerun 100
-    times in one session, alternating two sample images so nothing is served from a cache."""
+def test_repeated_analyses_on_one_page_leave_nothing_behind():
+    """The Compare page (predictions, feature maps and attributions of two variants) rerun in one
+    session, alternating two sample images so nothing is served from a cache: the reruns together
+    keep less Python memory than one rerun uses, and not one more tensor, module or hook."""
     code = textwrap.dedent(f"""
-        import gc, json
+        import json, sys
+        from dataclasses import asdict
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from conftest import measure_growth
         from streamlit.testing.v1 import AppTest
-
-        def rss():
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * 4096
 
         at = AppTest.from_file({str(ROOT / "app.py")!r}, default_timeout=300)
         at.session_state["variants"] = ["scale-msws-vanilla", "scale-msws-shared"]
         at.run()
         at.switch_page("pages/compare.py")
         at.run()
-        sel = at.multiselect(key="sample-compare")
-        names = sel.options[:2]
-        def once(i):
-            at.multiselect(key="sample-compare").set_value([names[i % 2]]).run()
+        names = at.multiselect(key="sample-compare").options[:2]
+        count = [0]
+        def once():
+            count[0] += 1
+            at.multiselect(key="sample-compare").set_value([names[count[0] % 2]]).run()
             assert not at.exception, at.exception
             assert len(at.get("plotly_chart")) >= 2
-        for i in range(10):  # warm-up: allocator pools, lazy imports, first-use caches
-            once(i)
-        gc.collect()
-        start = rss()
-        for i in range(100):
-            once(i)
-        gc.collect()
-        print(json.dumps({{"start": start, "end": rss()}}))
+        growth = measure_growth(once, warmup=4, calls=8)
+        print(json.dumps(asdict(growth)))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["end"] <= 1.1 * r["start"], f"RSS grew from {r['start'] / 2**20:.0f} to {r['end'] / 2**20:.0f} MiB"
+    growth = Growth(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+    growth.check()

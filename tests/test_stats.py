@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wsviz.analysis.stats import (
+    DiffCI,
     FairRow,
     bootstrap_accuracy_ci,
     bootstrap_diff_ci,
@@ -259,3 +260,288 @@ def test_fair_comparison_says_what_is_wrong_with_its_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WsvizError, match="not a wsviz checkpoint"):
         fair_comparison([tmp_path / "empty"])
+
+
+# ================================================================ reference values and laws
+# Each statistic against an independent implementation on the same inputs (statsmodels, scipy,
+# brute force), and the laws the math must obey as hypothesis properties.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from scipy import stats as sps  # noqa: E402
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar  # noqa: E402
+from statsmodels.stats.multitest import multipletests  # noqa: E402
+
+from wsviz.analysis.stats import _fmt_p, _holm, _model_fits  # noqa: E402
+
+cells = st.integers(0, 45)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n01=cells, n10=cells, n11=st.integers(0, 15), n00=st.integers(0, 15))
+def test_mcnemar_matches_statsmodels(n01, n10, n11, n00):
+    r = mcnemar(*paired(n01, n10, n11, n00))
+    n = n01 + n10
+    assert (r.n01, r.n10) == (n01, n10)
+    if n == 0:
+        assert (r.statistic, r.p_value, r.method) == (0.0, 1.0, "exact")
+        return
+    exact = n < 25
+    assert r.method == ("exact" if exact else "chi2")
+    if not exact and n01 == n10:
+        # statsmodels' corrected statistic is (|0| - 1)^2 / n here; wsviz clips the correction at
+        # zero (documented), so equal discordant counts give no evidence at all: p = 1
+        assert (r.statistic, r.p_value) == (0.0, 1.0)
+        return
+    ref = sm_mcnemar([[n11, n01], [n10, n00]], exact=exact, correction=True)
+    assert r.statistic == pytest.approx(ref.statistic, rel=1e-12, abs=1e-12)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=80), st.randoms(use_true_random=False))
+def test_mcnemar_is_symmetric_in_its_two_models(a, rnd):
+    b = [rnd.random() < 0.5 for _ in a]
+    ab, ba = mcnemar(a, b), mcnemar(b, a)
+    assert (ab.n01, ab.n10) == (ba.n10, ba.n01)
+    assert (ab.statistic, ab.p_value, ab.method) == (ba.statistic, ba.p_value, ba.method)
+
+
+p_values = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=12)
+
+
+def test_holm_matches_statsmodels():
+    rng = np.random.default_rng(5)
+    cases = [rng.random(m) ** 3 for m in (1, 2, 3, 5, 8, 12)] + [
+        [0.01, 0.01, 0.02], [0.0, 0.5, 1.0], [0.2, 0.2, 0.2, 0.2], [1e-12, 0.04, 0.03, 0.5]]
+    for p in cases:  # (statsmodels is slow per call: a fixed set of vectors, ties and ends included)
+        np.testing.assert_allclose(_holm(list(p)), multipletests(p, method="holm")[1], rtol=1e-12, atol=1e-300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(p_values)
+def test_holm_obeys_its_laws(p):
+    adj = np.array(_holm(p))
+    raw, m = np.array(p), len(p)
+    assert (adj >= raw).all()  # never below the raw p-value
+    assert (adj <= np.minimum(1.0, m * raw) * (1 + 1e-12)).all()  # never above Bonferroni's
+    order = np.argsort(raw, kind="stable")
+    assert (np.diff(adj[order]) >= 0).all()  # monotone in the raw p-values
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.02, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.02), max(0.04, 1 * 0.04); original order kept
+    assert _holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert _holm([0.5, 0.6]) == [1.0, 1.0] and _holm([]) == []
+
+
+def test_bootstrap_accuracy_ci_endpoints_are_the_binomial_quantiles():
+    """Resampling n outcomes with replacement is exactly Binomial(n, acc): the percentile interval's
+    endpoints are that distribution's quantiles (scipy), up to Monte Carlo error."""
+    n, k, alpha = 400, 200, 0.4
+    acc, lo, hi = bootstrap_accuracy_ci(np.arange(n) < k, n_boot=40_000, alpha=alpha, seed=1)
+    assert acc == 0.5
+    ref_lo, ref_hi = (sps.binom.ppf(q, n, 0.5) / n for q in (alpha / 2, 1 - alpha / 2))
+    assert lo == pytest.approx(ref_lo, abs=1.01 / n) and hi == pytest.approx(ref_hi, abs=1.01 / n)
+
+
+def test_bootstrap_diff_ci_matches_brute_force_index_resampling():
+    a, b = paired(40, 20, n11=400, n00=40)
+    n, alpha, reps = len(a), 0.4, 20_000
+    rng = np.random.default_rng(123)
+    diffs = np.empty(reps)
+    for r in range(reps):  # the textbook paired bootstrap: resample sample indices, both models together
+        idx = rng.integers(0, n, n)
+        diffs[r] = a[idx].mean() - b[idx].mean()
+    ref_lo, ref_hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    d = bootstrap_diff_ci(a, b, n_boot=reps, alpha=alpha, seed=7)
+    assert d.diff == pytest.approx(20 / n) and d.alpha == alpha
+    assert d.lo == pytest.approx(ref_lo, abs=0.0015) and d.hi == pytest.approx(ref_hi, abs=0.0015)
+
+
+def test_paired_bootstrap_covers_the_true_difference_at_its_nominal_rate():
+    """Simulated pairs with a known difference of accuracies: the 90% interval covers it ~90% of the time."""
+    rng = np.random.default_rng(11)
+    p01, p10, reps, hits = 0.08, 0.04, 300, 0  # true acc_a - acc_b = 0.04
+    for r in range(reps):
+        u = rng.random(400)
+        a = (u < p01) | (u >= p01 + p10) & (u < 0.8)
+        b = (u >= p01) & (u < p01 + p10) | (u >= p01 + p10) & (u < 0.8)
+        d = bootstrap_diff_ci(a, b, n_boot=800, alpha=0.1, seed=r)
+        assert d.lo <= d.diff <= d.hi
+        hits += d.lo <= p01 - p10 <= d.hi
+    assert 0.84 <= hits / reps <= 0.96
+
+
+def test_bootstrap_arguments_at_their_limits():
+    c = np.arange(100) < 70
+    assert bootstrap_accuracy_ci(c, n_boot=1)[0] == 0.7  # one resample is allowed
+    assert bootstrap_accuracy_ci(c) == bootstrap_accuracy_ci(c, n_boot=2000, alpha=0.05, seed=0)  # the defaults
+    a, b = paired(30, 10, n11=60)
+    assert bootstrap_diff_ci(a, b) == bootstrap_diff_ci(a, b, n_boot=2000, alpha=0.05, seed=0)
+    for alpha in (0.0, 1.0):
+        with pytest.raises(WsvizError, match=r"alpha must lie strictly between 0 and 1 \(0.05 for a 95% interval\)"):
+            bootstrap_accuracy_ci(c, alpha=alpha)
+    with pytest.raises(WsvizError, match=r"^n_boot must be a positive whole number \(2000 is usual\), got 2.5\.$"):
+        bootstrap_diff_ci(a, b, n_boot=2.5)
+    with pytest.raises(WsvizError, match="^Cannot bootstrap an accuracy difference over zero samples: evaluate on a "
+                                         "non-empty test set.$"):
+        bootstrap_diff_ci([], [])
+    assert bootstrap_diff_ci([True], [False]) == DiffCI(1.0, 1.0, 1.0, 0.05)  # one sample is enough
+
+
+def test_correctness_inputs_and_the_messages_for_wrong_ones():
+    as_bool = mcnemar(*paired(7, 3, n11=20))
+    ints = [np.asarray(v, dtype=int) for v in paired(7, 3, n11=20)]
+    floats = [np.asarray(v, dtype=float) for v in paired(7, 3, n11=20)]
+    assert mcnemar(*ints) == as_bool and mcnemar(*floats) == as_bool  # 0/1 values are correctness too
+    assert bootstrap_accuracy_ci([1, 0, 1, 1]) == bootstrap_accuracy_ci([True, False, True, True])
+    with pytest.raises(WsvizError, match=r"^correct_b must hold per-sample correctness \(True/False or 0/1\); got "
+                                         r"other values\. Pass `predictions == labels`, not the predictions themselves\.$"):
+        mcnemar([1, 0, 1], [1, 2, 0])
+    with pytest.raises(WsvizError, match=r"^correct_a must hold per-sample correctness"):
+        mcnemar(["yes", "no"], [True, False])
+    with pytest.raises(WsvizError, match=r"^correct must hold per-sample correctness"):
+        bootstrap_accuracy_ci([0.5, 1.0])
+    with pytest.raises(WsvizError, match=r"^correct_a must be a 1-D sequence of per-sample correctness \(True/False\), "
+                                         r"got shape \(2, 2\)\.$"):
+        bootstrap_diff_ci([[True, False], [True, True]], [True, False])
+    with pytest.raises(WsvizError, match=r"^correct_b must be a 1-D"):
+        mcnemar([True, False], [[True, False]])
+    with pytest.raises(WsvizError, match=r"^correct_a and correct_b have different lengths \(2 vs 1\): a paired "
+                                         r"comparison needs both models' results on the same test samples, in the same "
+                                         r"order\.$"):
+        mcnemar([True, False], [True])
+    with pytest.raises(WsvizError, match=r"^correct_a and correct_b have different lengths \(1 vs 2\)"):
+        bootstrap_diff_ci([True], [True, False])
+    with pytest.raises(WsvizError, match=r"^Cannot bootstrap an accuracy over zero samples: evaluate on a non-empty "
+                                         r"test set\.$"):
+        bootstrap_accuracy_ci(np.array([], dtype=bool))
+
+
+def test_mcnemar_exact_statistic_and_p_value_stay_in_range():
+    r = mcnemar(*paired(3, 3))
+    assert (r.statistic, r.p_value, r.method) == (3.0, 1.0, "exact")  # p is clipped at 1, never above
+    r = mcnemar(*paired(13, 12))  # 25 discordant: chi2, |13 - 12| - 1 = 0 -> statistic 0, p 1
+    assert (r.statistic, r.p_value, r.method) == (0.0, 1.0, "chi2")
+
+
+def test_compare_predictions_summary_in_full():
+    labels = np.arange(1000) % 10
+    a, b = labels.copy(), labels.copy()
+    a[:20] = (a[:20] + 1) % 10
+    b[20:100] = (b[20:100] + 1) % 10
+    c = compare_predictions(a, b, labels, names=("shared", "unshared"), alpha=0.1, n_boot=500, seed=3)
+    assert (c.n, c.alpha) == (1000, 0.1)
+    assert c.diff_ci == bootstrap_diff_ci(a == labels, b == labels, n_boot=500, alpha=0.1, seed=3)
+    assert c.summary == (
+        f"shared 98.0% vs unshared 92.0% (diff +6.0 pts, 90% CI [{100 * c.diff_ci.lo:+.1f}, {100 * c.diff_ci.hi:+.1f}]); "
+        f"McNemar p = {c.mcnemar.p_value:.1e} (chi2; only shared right on 80, only unshared right on 20 of 1000): "
+        "shared is significantly more accurate than unshared at 0.1.")
+    assert 4.0 < 100 * c.diff_ci.lo < 6.0 < 100 * c.diff_ci.hi < 8.0
+    # the other way round: the better model is named first in the verdict
+    r = compare_predictions(b, a, labels, names=("unshared", "shared"))
+    assert r.summary.endswith("shared is significantly more accurate than unshared at 0.05.")
+    # significance is p < alpha, strictly
+    assert not compare_predictions(a, b, labels, alpha=c.mcnemar.p_value).significant
+    # more than 2,000 samples: two decimals; up to 2,000: one
+    big = np.arange(2001) % 10
+    assert "A 100.00% vs B 100.00% (diff +0.00 pts, 95% CI [+0.00, +0.00])" in compare_predictions(big, big, big).summary
+    two_k = np.arange(2000) % 10
+    assert "A 100.0% vs B 100.0% (diff +0.0 pts, 95% CI [+0.0, +0.0])" in compare_predictions(two_k, two_k, two_k).summary
+    assert _fmt_p(1e-3) == "0.001" and _fmt_p(0.05) == "0.05" and _fmt_p(9.9e-4) == "9.9e-04"
+
+
+def test_compare_predictions_says_what_is_wrong_with_its_input():
+    y = np.arange(10) % 3
+    with pytest.raises(WsvizError, match=r"^pred_b and labels have different lengths \(9 vs 10\)"):
+        compare_predictions(y, y[:9], y)
+    with pytest.raises(WsvizError, match=r"^pred_a and labels have different lengths \(9 vs 10\)"):
+        compare_predictions(y[:9], y, y)
+    with pytest.raises(WsvizError, match=r"^Cannot compare models on zero samples: evaluate on a non-empty test set\.$"):
+        compare_predictions([], [], [])
+    with pytest.raises(WsvizError, match=r"^names must be two labels, one per model, got \['only'\]\.$"):
+        compare_predictions(y, y, y, names=("only",))
+    for args, what in (((y[None], y, y), "pred_a"), ((y, y[None], y), "pred_b"), ((y, y, y[None]), "labels")):
+        with pytest.raises(WsvizError, match=rf"^{what} must be a 1-D sequence of class indices, got shape \(1, 10\)\.$"):
+            compare_predictions(*args)
+
+
+def test_pairwise_significance_passes_its_options_and_skips_other_test_sets():
+    labels = np.arange(300) % 10
+    good, bad = labels.copy(), labels.copy()
+    bad[:50] = (bad[:50] + 1) % 10
+    rows = [_row("good", good, labels), _row("elsewhere", good, labels, dataset="mnist5k-rot"),
+            _row("bad", bad, labels), _row("also-bad", bad, labels)]
+    pairs = pairwise_significance(rows, alpha=0.1, n_boot=300, seed=4)
+    assert [(p.i, p.j) for p in pairs] == [(0, 2), (0, 3), (2, 3)]  # the row on another test set is skipped, not the rest
+    assert all((p.dataset, p.data_seed) == ("mnist5k", 0) for p in pairs)
+    ref = compare_predictions(good, bad, labels, ("good", "bad"), alpha=0.1, n_boot=300, seed=4)
+    assert pairs[0].comparison == ref
+
+
+def test_pareto_front_skips_missing_values_wherever_they_are():
+    nan = float("nan")
+    rows = [{"unique_params": None, "accuracy": 1.0}, {"unique_params": nan, "accuracy": 1.0},
+            {"unique_params": 10, "accuracy": nan}, {"unique_params": 5, "accuracy": None},
+            {"unique_params": 100, "accuracy": 0.9}, {"unique_params": 200, "accuracy": 0.95},
+            {"unique_params": 150, "accuracy": 0.8}]
+    assert pareto_front(rows) == [4, 5]
+
+
+def test_model_fits_names_every_mismatch():
+    from torch import nn
+
+    with pytest.raises(WsvizError) as info:
+        _model_fits(nn.Linear(2, 2), "cifar100", "ck")  # a module without wsviz's config
+    assert str(info.value) == ("The checkpoint ck (?) cannot be evaluated on cifar100: it takes None-channel images, "
+                               "cifar100 has 3; it predicts None classes, cifar100 has 100. Compare it on its own "
+                               "dataset (dataset=None) or pick checkpoints trained for that dataset.")
+
+
+def test_fair_comparison_reads_the_cards_counts_seed_and_state(two_checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from wsviz.data.datasets import load_split
+    from wsviz.training.checkpoint import load_checkpoint
+    from wsviz.training.loop import evaluate
+
+    root, cards = two_checkpoints
+    for sub in ("x", "y"):
+        shutil.copytree(root / "a", tmp_path / sub / "a")
+    edited = tmp_path / "x" / "a" / "card.json"
+    card = json.loads(edited.read_text())
+    card.update(unique_params=123, effective_params=456, flops=789, complete=False, data_seed=1)
+    edited.write_text(json.dumps(card))
+    bare = tmp_path / "y" / "a" / "card.json"
+    card = json.loads(bare.read_text())
+    for key in ("unique_params", "effective_params", "flops", "complete"):
+        card.pop(key, None)
+    bare.write_text(json.dumps(card))
+    rows = fair_comparison([tmp_path / "x" / "a", tmp_path / "y" / "a"])
+    assert [r.name for r in rows] == ["x/a", "y/a"]  # same folder name: the parent tells them apart
+    assert [r.path for r in rows] == [str(tmp_path / "x" / "a"), str(tmp_path / "y" / "a")]
+    x, y = rows
+    assert (x.unique_params, x.effective_params, x.flops, x.complete, x.data_seed) == (123, 456, 789, False, 1)
+    assert (y.unique_params, y.effective_params, y.flops) == (  # counted afresh, as the training counted them
+        cards[0]["unique_params"], cards[0]["effective_params"], cards[0]["flops"])
+    assert (y.complete, y.data_seed) == (True, 0)
+    # an explicit realisation: every checkpoint is evaluated on that one test set
+    model, _ = load_checkpoint(root / "a")
+    te = load_split("mnist5k-rot", "test", seed=1)
+    _, acc, _ = evaluate(model, te.images, te.labels)
+    row = fair_comparison([root / "a"], dataset="mnist5k-rot", data_seed=1)[0]
+    assert (row.data_seed, row.accuracy) == (1, pytest.approx(acc))
+    card = json.loads(bare.read_text())
+    card.pop("dataset")
+    bare.write_text(json.dumps(card))
+    with pytest.raises(WsvizError, match=r"names no dataset; pass dataset=\.\.\. to say where to evaluate it\.$"):
+        fair_comparison([tmp_path / "y" / "a"])
+
+
+def test_fair_comparison_messages_in_full(tmp_path):
+    with pytest.raises(WsvizError, match=r"^No checkpoints to compare: give at least one checkpoint folder\.$"):
+        fair_comparison([])
+    with pytest.raises(WsvizError, match=r"does not exist; give folders that hold card\.json and "
+                                         r"weights\.safetensors \(as written by wsviz\.train\)\.$"):
+        fair_comparison([tmp_path / "missing"])

@@ -116,11 +116,10 @@ def _wait(store: RunStore, run_id: str, pred, timeout: float = 120.0):
 
 def test_launch_runs_to_done_in_the_background(tmp_path):
     store = RunStore(tmp_path / "runs")
-    t0 = time.time()
     run = launch(store, "resnet_digits", "mnist5k", TrainConfig(epochs=2, batch_size=64, max_batches=3),
                  overrides=SMALL, name="smoke")
-    assert time.time() - t0 < 5, "launch must return at once"
-    assert run.status in ("queued", "running")
+    assert run.status in ("queued", "running")  # launch returns without waiting for the training
+    assert not store.metrics(run.id).get("test_acc")  # (how fast: benchmarks/bench_guards.py)
     seen = {run.status}
     t0 = time.time()
     while time.time() - t0 < 120:
@@ -169,9 +168,18 @@ def test_sigkilled_job_is_marked_failed_and_its_checkpoint_is_intact(tmp_path):
     assert any(x.id == run.id and x.status == "failed" for x in list_runs(store))
 
 
+def _free_port() -> int:
+    """A port no one listens on now, so two suites on one machine do not collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_cpu_processes_train_and_save_once(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "wsviz.train", "--model", "resnet_digits", "--dataset", "mnist5k", "--epochs", "1",
            "--out", str(out), "--batch-size", "64", "--max-batches", "4", "--device", "cpu", "--quiet",
            "--set", "base_width=8", "--set", "depth=8"]
