@@ -30,7 +30,7 @@ from wsviz.analysis.sweeps import (
     single_image_stability,
 )
 from wsviz.data.datasets import load_split
-from wsviz.data.resample import rescale
+from wsviz.data.resample import rescale, rotate
 from wsviz.models import create_model
 from wsviz.training.loop import TrainConfig, train
 
@@ -222,9 +222,9 @@ def test_rescale_keeps_size_and_identity():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3), c=st.sampled_from([1, 3]), h=st.integers(1, 40), w=st.integers(1, 40),
        seed=st.integers(0, 2**31 - 1))
-def test_rescale_to_factor_one_is_the_identity(n, c, h, w, seed):
+def test_rescale_at_factor_one_and_rotate_at_zero_are_the_identity(n, c, h, w, seed):
     x = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(rescale_to(x, 1.0), x)
+    assert torch.equal(rescale(x, 1.0), x) and torch.equal(rotate(x, 0.0), x) and torch.equal(rotate(x, 360.0), x)
 
 
 def test_scale_sweep_meaning(trained_resnet, digits):
