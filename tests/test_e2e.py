@@ -6,6 +6,7 @@ Screenshots of each page are kept in artifacts/e2e/. Needs Debian's `chromium` a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -138,8 +139,45 @@ def test_uploads_on_compare_page_drive_the_predictions(server, browser, tmp_path
     expected = []
     for name, data in files:
         pred = expected_predictions(ROOT / "checkpoints", variants, name, data)
-        expected += [(v, f"class {pred[v][0]}") for v in variants]
+        expected += [(v, str(pred[v][0])) for v in variants]  # digit models: the class name is the digit
     assert shown == expected
-    assert {value for _, value in shown[: len(variants)]} == {"class 3"}  # both digits read correctly,
-    assert {value for _, value in shown[len(variants):]} == {"class 7"}  # so the two uploads differ
+    assert {value for _, value in shown[: len(variants)]} == {"3"}  # both digits read correctly,
+    assert {value for _, value in shown[len(variants):]} == {"7"}  # so the two uploads differ
+    page.close()
+
+
+SIX = ["scale-resnet20", "scale-wsms-1x1", "scale-msnet-1x1", "scale-msws-vanilla", "scale-msws-shared",
+       "scale-sharesnet"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_holds_at_800_px(server, browser, path):
+    """A narrow window: no prediction label or value is cut off, and the page renders."""
+    page = browser.new_page(viewport={"width": 800, "height": 1000})
+    page.goto(f"{server}/{path}?variants={','.join(SIX)}")
+    _settle(page)
+    _check(page, f"800px-{path or 'models'}")
+    cut = page.evaluate("() => [...document.querySelectorAll('[data-testid=stMetricValue] div, "
+                        "[data-testid=stMetricLabel] p')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+                        ".map(e => e.innerText)")
+    assert cut == [], f"cut off at 800 px: {cut}"
+    page.close()
+
+
+def test_a_sweep_runs_while_the_live_slider_answers(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/scale?variants={','.join(SIX)}")
+    _settle(page)
+    page.get_by_role("button", name="Run the sweep").click()
+    page.wait_for_selector("text=Scale sweep:", timeout=60_000)  # its progress bar: the sweep is running
+    last_img = ("() => { const im = document.querySelectorAll('[data-testid=stImage] img'); "
+                "return im.length ? im[im.length - 1].src : ''; }")
+    before = page.evaluate(last_img)
+    slider = page.locator("[data-testid=stSlider] input[type=range]").first
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function(f"({last_img})() !== {json.dumps(before)}", timeout=60_000)
+    assert page.get_by_text("Scale sweep:").count() >= 1, "the slider only answered once the sweep had ended"
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector("text=The scale sweep was cancelled", timeout=60_000)
     page.close()
