@@ -2,7 +2,9 @@
 
 Writers are the training processes, readers the app and the CLI; SQLite's WAL mode lets the
 app read while a run writes. A run whose process died without saying so (SIGKILL, out of
-memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed.
+memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed. Liveness
+is asked of psutil (any OS), and only of runs on this host: a run that a cluster runs
+elsewhere (SLURM through submitit) reports its own end.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sqlite3
 import time
 import uuid
@@ -18,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from wsviz.errors import WsvizError
 
@@ -36,6 +41,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
 """
+# Columns added after the first release: added to an older database when it is opened.
+_ADDED_COLUMNS = {"slot": "TEXT", "host": "TEXT"}
+_COLUMNS = ("id", "name", "model", "dataset", "spec", "status", "reason", "pid", "pid_start", "cancel_requested",
+            "device", "out_dir", "created", "started", "finished", "test_accuracy", "slot", "host")
+_SELECT = ", ".join(_COLUMNS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -56,6 +66,8 @@ class Run:
     finished: float | None
     test_accuracy: float | None
     cancel_requested: bool
+    slot: str | None = None  # the GPU (CUDA_VISIBLE_DEVICES) a running job holds; None on CPU
+    host: str | None = None  # the machine its process runs on
 
     @property
     def active(self) -> bool:
@@ -63,14 +75,13 @@ class Run:
 
 
 def process_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` from /proc (tells a live process from a reused pid), or None if gone."""
+    """When process ``pid`` started (tells a live process from a reused pid), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":  # zombie: exited, not yet reaped
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped
             return None
-        return fields[19]
-    except (OSError, IndexError):
+        return repr(proc.create_time())
+    except (psutil.Error, ValueError):
         return None
 
 
@@ -79,6 +90,9 @@ def pid_alive(pid: int | None, start: str | None) -> bool:
         return False
     now = process_start_time(pid)
     return now is not None and (start is None or now == start)
+
+
+HOST = socket.gethostname()
 
 
 def safe_run_name(name: str) -> str:
@@ -100,6 +114,11 @@ class RunStore:
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)  # commits by itself
+            have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            con.commit()
         finally:
             con.close()
 
@@ -142,11 +161,15 @@ class RunStore:
                         (run_id, name, model, dataset, json.dumps(spec), str(out), time.time()))
         return self.get(run_id)
 
-    def claim_slot(self, run_id: str, max_running: int, pid: int, device: str) -> str:
-        """Atomically move a queued run to running if fewer than ``max_running`` run.
+    def claim_slot(self, run_id: str, max_running: int, pid: int, device: str,
+                   slots: list[str] | None = None) -> str:
+        """Atomically move a queued run to running if a slot is free.
 
-        Returns the run's status afterwards: 'running' (go), 'queued' (wait and retry) or a
-        final status (cancelled while waiting).
+        Without ``slots`` at most ``max_running`` runs run at once (CPU). With ``slots`` (GPU ids,
+        as CUDA_VISIBLE_DEVICES names them) each running run holds one GPU: the run takes the
+        first one no running run holds, recorded in :attr:`Run.slot`. Returns the run's status
+        afterwards: 'running' (go), 'queued' (wait and retry) or a final status (cancelled while
+        waiting).
         """
         self.reconcile()
         with self._connect(immediate=True) as con:
@@ -160,21 +183,44 @@ class RunStore:
                 con.execute("UPDATE runs SET status='cancelled', reason='cancelled while queued', finished=? "
                             "WHERE id=?", (time.time(), run_id))
                 return "cancelled"
-            running = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+            held = [r[0] for r in con.execute("SELECT slot FROM runs WHERE status='running'")]
             # First come, first served: runs queued earlier (and not being cancelled) go first.
             ahead = con.execute("SELECT COUNT(*) FROM runs WHERE status='queued' AND cancel_requested=0 AND "
                                 "(created < (SELECT created FROM runs WHERE id=?) OR "
                                 "(created = (SELECT created FROM runs WHERE id=?) AND id < ?))",
                                 (run_id, run_id, run_id)).fetchone()[0]
-            if running + ahead >= max_running:
-                return "queued"
-            con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=? WHERE id=?",
-                        (pid, process_start_time(pid), device, time.time(), run_id))
+            if slots:
+                free = [s for s in slots if s not in held]
+                if ahead >= len(free):
+                    return "queued"
+                slot, device = free[ahead], f"{device} (GPU {free[ahead]})"
+            else:
+                if len(held) + ahead >= max_running:
+                    return "queued"
+                slot = None
+            con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=?, slot=?, host=? "
+                        "WHERE id=?", (pid, process_start_time(pid), device, time.time(), slot, HOST, run_id))
             return "running"
 
-    def set_pid(self, run_id: str, pid: int) -> None:
+    def set_pid(self, run_id: str, pid: int | None, host: str | None = HOST) -> None:
+        """Record the process that runs ``run_id`` (None while a cluster queues it, on ``host``)."""
         with self._connect() as con:
-            con.execute("UPDATE runs SET pid=?, pid_start=? WHERE id=?", (pid, process_start_time(pid), run_id))
+            con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
+                        (pid, process_start_time(pid) if pid else None, host, run_id))
+
+    def requeue(self, run_id: str, keep_epochs: int) -> Run:
+        """Make a failed or cancelled run queued again, to be resumed after epoch ``keep_epochs``: its
+        metrics of later epochs (the epoch it was killed in) are dropped, the earlier ones kept."""
+        with self._connect(immediate=True) as con:
+            row = con.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
+            if row[0] not in ("failed", "cancelled"):
+                raise WsvizError(f"Run {run_id} is {row[0]}: only a failed or cancelled run can be resumed.")
+            con.execute("UPDATE runs SET status='queued', reason=NULL, pid=NULL, pid_start=NULL, cancel_requested=0, "
+                        "finished=NULL, slot=NULL, host=NULL, created=? WHERE id=?", (time.time(), run_id))
+            con.execute("DELETE FROM metrics WHERE run_id=? AND epoch>?", (run_id, keep_epochs))
+        return self.get(run_id)
 
     def log_metrics(self, run_id: str, epoch: int, values: dict[str, float], step: int | None = None) -> None:
         now = time.time()
@@ -199,11 +245,11 @@ class RunStore:
         """Mark runs whose process is gone as failed; returns their ids."""
         dead = []
         with self._connect(immediate=True) as con:
-            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created FROM runs "
+            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created, host FROM runs "
                                "WHERE status IN ('queued', 'running')").fetchall()
-            for run_id, status, pid, start, cancel, created in rows:
-                if pid_alive(pid, start):
-                    continue
+            for run_id, status, pid, start, cancel, created, host in rows:
+                if (host is not None and host != HOST) or pid_alive(pid, start):
+                    continue  # elsewhere (a cluster node): that process reports its own end
                 if status == "queued" and pid is None and time.time() - created < 60:
                     continue  # its worker is still starting
                 if cancel:
@@ -235,20 +281,20 @@ class RunStore:
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
         (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
-         finished, acc) = row
+         finished, acc, slot, host) = row
         return Run(rid, name, model, dataset, json.loads(spec), status, reason, pid, device, out, created, started,
-                   finished, acc, bool(cancel))
+                   finished, acc, bool(cancel), slot, host)
 
     def get(self, run_id: str) -> Run:
         with self._connect() as con:
-            row = con.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = con.execute(f"SELECT {_SELECT} FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
         return self._row(row)
 
     def list(self, status: str | None = None) -> list[Run]:
         with self._connect() as con:
-            q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
+            q = f"SELECT {_SELECT} FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
             rows = con.execute(q, (status,) if status else ()).fetchall()
         return [self._row(r) for r in rows]
 
