@@ -275,6 +275,8 @@ def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "wsviz.train", *argv],
                   {**os.environ, "CUDA_VISIBLE_DEVICES": slot})
+    if slots:
+        print(f"pinned to GPU slot {slot}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 
 
 def _train(args, cfg, overrides, store, rank, world, wrap, device):
