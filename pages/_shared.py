@@ -51,8 +51,12 @@ def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
     if (RUNS / "wsviz.db").is_file():
         from wsviz.training.runstore import RunStore
 
-        for run in RunStore(RUNS).list("done"):
-            candidates[f"run:{run.name} ({run.id[-6:]})"] = Path(run.out_dir) / "checkpoint"
+        for run in RunStore(RUNS).list():
+            ck = Path(run.out_dir) / "checkpoint"
+            # A cancelled run's finished epochs are a usable variant (its card says how many).
+            if run.status == "done" or (run.status == "cancelled" and (ck / "card.json").is_file()):
+                suffix = "" if run.status == "done" else ", cancelled"
+                candidates[f"run:{run.name} ({run.id[-6:]}{suffix})"] = ck
     found: dict[str, str] = {}
     for label, d in candidates.items():
         try:
