@@ -19,11 +19,11 @@ from wsviz.training.loop import TrainConfig
 from wsviz.training.state import load_state, save_state, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Streamed data with augmentation (global RNG), a multistep schedule and momentum: every piece of
+# Streamed data with augmentation (in a worker process), a multistep schedule and momentum: every piece of
 # state a resumed run must restore is in play.
 ARGS = ["--model", "resnet_digits", "--dataset", "mnist5k", "--epochs", "3", "--batch-size", "32",
         "--max-batches", "6", "--lr", "0.05", "--schedule", "multistep", "--milestones", "1", "--augment", "cifar",
-        "--device", "cpu", "--quiet", "--set", "base_width=8", "--set", "depth=8"]
+        "--workers", "1", "--device", "cpu", "--quiet", "--set", "base_width=8", "--set", "depth=8"]
 # Runs wsviz.train, but SIGKILLs the process right after the training state of epoch 1 is on disk.
 KILL_AFTER_EPOCH_1 = """
 import os, signal, sys

@@ -117,8 +117,10 @@ def train_loader(ds: Dataset, batch_size: int, *, rank: int = 0, world_size: int
     """
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
     share = math.ceil(len(ds) / world_size)
+    # Workers start afresh each epoch, seeded from ``generator``: a resumed run's workers then draw
+    # the same augmentation as the uninterrupted run's (persistent workers would carry their state).
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=share >= batch_size, persistent_workers=workers > 0, generator=generator,
+                      drop_last=share >= batch_size, persistent_workers=False, generator=generator,
                       prefetch_factor=4 if workers > 0 else None)
 
 
