@@ -46,7 +46,7 @@ def scan_checkpoints() -> tuple[dict[str, str], dict[str, str]]:
     refused: dict[str, str] = {}
     if CHECKPOINTS.is_dir():
         for d in sorted(CHECKPOINTS.iterdir()):
-            if d.is_dir() and not d.name.startswith((".", "_")):
+            if d.is_dir() and not d.name.startswith((".", "_")) and not d.name.endswith(".tensorboard"):
                 candidates[d.name] = d
     if (RUNS / "wsviz.db").is_file():
         from wsviz.training.runstore import RunStore

@@ -28,8 +28,8 @@ def _env() -> dict[str, str]:
 
 def _saved_once(out: Path, stdout: str) -> dict:
     assert stdout.count("test accuracy") == 1  # only global rank 0 reports and saves
-    assert sorted(os.listdir(out)) == ["card.json", "tensorboard", "weights.safetensors"]
-    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: one writer
+    assert sorted(os.listdir(out)) == ["card.json", "weights.safetensors"]
+    assert len(list(Path(f"{out}.tensorboard").iterdir())) == 1  # beside it, one event file: one writer
     card = json.loads((out / "card.json").read_text())
     assert card["complete"] and card["epochs_done"] == 1
     load_checkpoint(out)

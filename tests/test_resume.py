@@ -77,9 +77,9 @@ def test_killed_after_epoch_1_and_resumed_ends_with_the_weights_of_an_uninterrup
     assert not state_path(cut).exists()  # a complete run leaves no training state behind
 
     # TensorBoard: the killed run's events after epoch 1 are purged; each step is logged once.
-    steps = _scalars(cut / "tensorboard", "train/loss_step")
+    steps = _scalars(Path(f"{cut}.tensorboard"), "train/loss_step")
     assert [s for s, _ in steps] == list(range(1, 19))
-    assert steps == _scalars(whole / "tensorboard", "train/loss_step")
+    assert steps == _scalars(Path(f"{whole}.tensorboard"), "train/loss_step")
 
 
 def test_resume_refuses_a_state_of_another_run(tmp_path):

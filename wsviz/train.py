@@ -10,7 +10,7 @@ Examples::
 
 Explicit options override the recipe's. The training state is saved beside --out after every
 epoch (OUT.state.safetensors) so --resume continues a killed run; TensorBoard event files go
-to OUT/tensorboard (--tensorboard DIR).
+beside it too (OUT.tensorboard, or --tensorboard DIR).
 
 With ``--run-id`` the process is a background job of the run store in ``--runs-dir``: it waits
 for a free slot (at most ``--max-running`` jobs run at once), reports status and metrics, and
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="TensorBoard event folder (default: OUT/tensorboard; 'none' for none)")
+                   help="TensorBoard event folder (default: OUT.tensorboard beside OUT; 'none' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
@@ -279,6 +279,12 @@ def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
         print(f"pinned to GPU slot {slot}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 
 
+def tensorboard_dir(out: str) -> str:
+    """The default TensorBoard folder of checkpoint folder ``out``: beside it (``OUT.tensorboard``),
+    like its training state, so the checkpoint folder holds exactly its weights and card."""
+    return os.path.normpath(out) + ".tensorboard"
+
+
 def _train(args, cfg, overrides, store, rank, world, wrap, device):
     from wsviz.training.run import run_training
 
@@ -306,7 +312,7 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
             if store.get(args.run_id).cancel_requested:
                 raise Cancelled()
 
-    tensorboard = args.tensorboard or os.path.join(args.out, "tensorboard")
+    tensorboard = args.tensorboard or tensorboard_dir(args.out)
     try:
         return run_training(args.model, args.dataset, args.out, cfg, overrides=overrides, data_root=args.data_root,
                             data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
