@@ -49,11 +49,13 @@ def scan_checkpoints() -> tuple[dict[str, str], dict[str, str], str | None]:
     refused: dict[str, str] = {}
     if CHECKPOINTS.is_dir():
         for d in sorted(CHECKPOINTS.iterdir()):
-            if d.is_dir() and not d.name.startswith((".", "_")):
+            if d.is_dir() and not d.name.startswith((".", "_")) and not d.name.endswith(".tensorboard"):
                 candidates[d.name] = d
     view = finished_runs(RUNS)
     for name, run_id, folder in view.done:
-        candidates[f"run:{name} ({run_id[-6:]})"] = folder
+        # A cancelled run's finished epochs are a usable variant (its card says how many).
+        suffix = ", cancelled" if run_id in view.cancelled else ""
+        candidates[f"run:{name} ({run_id[-6:]}{suffix})"] = folder
     found: dict[str, str] = {}
     for label, d in candidates.items():
         try:

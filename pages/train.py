@@ -1,4 +1,4 @@
-"""Train: launch a training in the background, watch it live, cancel it."""
+"""Train: launch a training in the background, watch it live, cancel it, resume it."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ import torch
 
 from pages._shared import available_variants, open_run_store, show_error
 from wsviz.data.datasets import dataset_names
+from wsviz.data.loaders import AUGMENTS
 from wsviz.errors import WsvizError
 from wsviz.models import list_models
-from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, launch, list_runs
+from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, gpu_slots, launch, list_runs, resumable, resume
 from wsviz.training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
 
 st.title("Train")
 gpu = torch.cuda.is_available()
+slots = gpu_slots() if gpu else []
+limit = f"one job per GPU ({len(slots)} visible, each pinned to its own)" if slots else \
+    f"at most {DEFAULT_MAX_RUNNING} job(s) at once"
 st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else 'CPU'}** (jobs use CUDA with mixed "
-           f"precision when a GPU is visible). At most {DEFAULT_MAX_RUNNING} job(s) run at once; the rest queue. "
-           "Jobs are separate processes: they keep running if you reload the page or restart the app.")
+           f"precision when a GPU is visible): {limit}; the rest queue. Jobs are separate processes: they keep "
+           "running if you reload the page or restart the app. A failed or cancelled run can be resumed from its "
+           "last finished epoch. TensorBoard: `tensorboard --logdir runs`.")
 store = open_run_store()
 
 with st.form("launch"):
@@ -34,10 +39,11 @@ with st.form("launch"):
     batch = c2.number_input("Batch size", 1, 4096, 128)
     lr = c3.number_input("Learning rate", 1e-6, 10.0, 0.1, format="%.5f")
     optimizer = c4.selectbox("Optimizer", OPTIMIZERS)
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     schedule = c1.selectbox("Schedule", SCHEDULES, index=SCHEDULES.index("cosine"))
     wd = c2.number_input("Weight decay", 0.0, 1.0, 1e-4, format="%.5f")
     max_batches = c3.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
+    augment = c4.selectbox("Augmentation", AUGMENTS, help="cifar: crop-4 + flip; imagenet: random-resized crop + flip")
     overrides = st.text_input("Model options as JSON", "{}", help='e.g. {"sharing": "shared", "n_rates": 2}')
     go_ = st.form_submit_button("Launch", type="primary")
 if go_:
@@ -46,7 +52,8 @@ if go_:
         if not isinstance(opts, dict):
             raise WsvizError('Model options must be a JSON object, e.g. {"sharing": "shared"}.')
         cfg = TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), optimizer=optimizer,
-                          schedule=schedule, weight_decay=float(wd), max_batches=int(max_batches) or None)
+                          schedule=schedule, weight_decay=float(wd), max_batches=int(max_batches) or None,
+                          augment=augment)
         from wsviz.training.run import check_trainable
 
         check_trainable(model, dataset, opts)  # refuse bad options or an absurd size here, not in the background
@@ -97,9 +104,16 @@ def runs_panel() -> None:
     if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):
         cancel(store, watch)
         st.toast(f"Cancelling {run.name}…")
-    if run.status == "done":
+    if resumable(run) and st.button("Resume this run", key=f"resume-{watch}",
+                                    help="continue from the last finished epoch, with the same options"):
+        try:
+            resume(store, watch)
+            st.toast(f"Resuming {run.name}…")
+        except WsvizError as exc:
+            st.error(str(exc))
+    if run.status in ("done", "cancelled"):
         available_variants.clear()
-        st.caption("Finished runs appear in the sidebar's variant list.")
+        st.caption("Finished runs, and cancelled runs with a finished epoch, appear in the sidebar's variant list.")
 
 
 runs_panel()

@@ -3,7 +3,14 @@
 Examples::
 
     python -m wsviz.train --model msws_resnet_digits --dataset mnist5k-scale --epochs 5 --out checkpoints/x
-    torchrun --nproc_per_node=2 -m wsviz.train --model resnet_digits --dataset mnist5k --epochs 1 --out /tmp/ddp
+    python -m wsviz.train --recipe wsms-cifar --data-root ~/data --out runs/wsms110   # a paper's protocol
+    python -m wsviz.train --recipe wsms-cifar --data-root ~/data --out runs/wsms110 --resume
+    torchrun --nproc_per_node=4 -m wsviz.train --recipe aich-imagenet --dataset folder:/data/imagenet --workers 8 --out runs/msws50
+    python -m wsviz.train --list-recipes
+
+Explicit options override the recipe's. The training state is saved beside --out after every
+epoch (OUT.state.safetensors) so --resume continues a killed run; TensorBoard event files go
+beside it too (OUT.tensorboard, or --tensorboard DIR).
 
 With ``--run-id`` the process is a background job of the run store in ``--runs-dir``: it waits
 for a free slot (at most ``--max-running`` jobs run at once), reports status and metrics, and
@@ -46,22 +53,42 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+# Options a recipe sets; given explicitly, they override it. Without either, these defaults hold.
+DEFAULTS: dict[str, Any] = {
+    "epochs": None, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+    "schedule": "cosine", "step_size": 30, "milestones": [], "gamma": 0.1, "augment": "none", "warmup_epochs": 0,
+    "plateau_patience": 10,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from wsviz.training.loop import LOADERS, OPTIMIZERS, SCHEDULES
+
     p = CliParser(prog="python -m wsviz.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--out", required=True, help="checkpoint folder (weights.safetensors + card.json)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", default="cosine", choices=["none", "step", "multistep", "cosine"])
-    p.add_argument("--step-size", type=int, default=30)
-    p.add_argument("--milestones", type=int, nargs="*", default=[])
-    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--recipe", default=None, help="a paper's training protocol (--list-recipes); explicit options "
+                   "override it")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    p.add_argument("--model", default=None, help="registered model (default: the recipe's)")
+    p.add_argument("--dataset", default=None, help="dataset name or folder:PATH (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", default=None, help="checkpoint folder (weights.safetensors + card.json)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (default 128)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=None, help="default 0.1")
+    p.add_argument("--momentum", type=float, default=None, help="default 0.9")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="default cosine")
+    p.add_argument("--step-size", type=int, default=None)
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="multistep: lr *= gamma after these epochs")
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="first epochs at lr / 10")
+    p.add_argument("--plateau-patience", type=int, default=None)
+    p.add_argument("--augment", default=None, choices=["none", "cifar", "imagenet"],
+                   help="training augmentation preset (default: the recipe's, else none)")
+    p.add_argument("--loader", default="auto", choices=LOADERS,
+                   help="data path: in-memory tensors or a streamed DataLoader (auto: stream folders and augmented sets)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (streamed data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="protocol realisation (rot/scale datasets)")
     p.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke runs)")
@@ -70,11 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download torchvision datasets if missing")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="TensorBoard event folder (default: OUT.tensorboard beside OUT; 'none' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.add_argument("--max-running", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--gpu-slots", default=None, help=argparse.SUPPRESS)  # "0,1,2": one job per GPU
     return p
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left out from ``--recipe`` (if any), then from :data:`DEFAULTS`; refuse a run
+    without a model, dataset, epochs or output folder."""
+    recipe = None
+    if args.recipe:
+        from wsviz.training.recipes import get_recipe
+
+        recipe = get_recipe(args.recipe)
+        if args.model is None:
+            args.model = recipe.model
+            args.set = [f"{k}={json.dumps(v)}" for k, v in recipe.overrides.items()] + list(args.set)
+        if args.dataset is None:
+            args.dataset = recipe.dataset
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            value = recipe.train.get(key, default) if recipe is not None else default
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset", "epochs", "out") if getattr(args, k) is None]
+    if missing:
+        raise WsvizError(f"Give {', '.join(missing)} (or a --recipe that sets the model, dataset and epochs).")
+    return args
+
+
+def list_recipes_text() -> str:
+    from wsviz.training.recipes import list_recipes
+
+    return "\n".join(f"{r.name}\n    {r.source}\n    {r.describe()}" + (f"\n    note: {r.notes}" if r.notes else "")
+                     for r in list_recipes())
 
 
 def _config(args: argparse.Namespace):
@@ -83,7 +144,9 @@ def _config(args: argparse.Namespace):
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       step_size=args.step_size, milestones=tuple(args.milestones), gamma=args.gamma,
-                      seed=args.seed, amp=not args.no_amp, max_batches=args.max_batches)
+                      seed=args.seed, amp=not args.no_amp, max_batches=args.max_batches, augment=args.augment,
+                      warmup_epochs=args.warmup_epochs, plateau_patience=args.plateau_patience, loader=args.loader,
+                      workers=args.workers)
     cfg.validate()
     return cfg
 
@@ -112,6 +175,9 @@ def _distributed() -> tuple[int, int, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_recipes:
+        print(list_recipes_text())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     store = None
     if args.run_id:
@@ -131,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        cfg = _config(args)
+        cfg = _config(apply_recipe(args))
         overrides = parse_set(args.set)
         if store is not None:
-            _wait_for_slot(store, args)
+            _wait_for_slot(store, args, sys.argv[1:] if argv is None else list(argv))
         rank, world, wrap = _distributed()
         device = args.device
         if world > 1 and device is None:
@@ -186,17 +252,39 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _wait_for_slot(store, args: argparse.Namespace) -> None:
-    from wsviz.device import pick_device
+def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
+    """Wait in the queue until the run store gives this run a slot.
 
-    device = str(pick_device(args.device))
+    With ``--gpu-slots`` a slot is one GPU: once it is claimed, the process starts itself again
+    (same pid, so the run store still knows it) with ``CUDA_VISIBLE_DEVICES`` set to that GPU
+    alone, before CUDA is ever initialised.
+    """
+    slots = [s for s in args.gpu_slots.split(",") if s] if args.gpu_slots else None
+    if slots is None:
+        from wsviz.device import pick_device
+
+        device = str(pick_device(args.device))
     while True:
-        status = store.claim_slot(args.run_id, args.max_running, os.getpid(), device)
+        status = store.claim_slot(args.run_id, args.max_running, os.getpid(), "cuda" if slots else device, slots=slots)
         if status == "running":
-            return
+            break
         if status != "queued":
             raise Cancelled()
         time.sleep(0.5)
+    slot = store.get(args.run_id).slot
+    if slots and slot is not None and os.environ.get("CUDA_VISIBLE_DEVICES") != slot:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "wsviz.train", *argv],
+                  {**os.environ, "CUDA_VISIBLE_DEVICES": slot})
+    if slots:
+        print(f"pinned to GPU slot {slot}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+
+
+def tensorboard_dir(out: str) -> str:
+    """The default TensorBoard folder of checkpoint folder ``out``: beside it (``OUT.tensorboard``),
+    like its training state, so the checkpoint folder holds exactly its weights and card."""
+    return os.path.normpath(out) + ".tensorboard"
 
 
 def _train(args, cfg, overrides, store, rank, world, wrap, device):
@@ -228,10 +316,12 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
             if store.get(args.run_id).cancel_requested:
                 raise Cancelled()
 
+    tensorboard = args.tensorboard or tensorboard_dir(args.out)
     try:
         return run_training(args.model, args.dataset, args.out, cfg, overrides=overrides, data_root=args.data_root,
                             data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
-                            on_step=on_step, rank=rank, world_size=world, wrap=wrap)
+                            on_step=on_step, rank=rank, world_size=world, wrap=wrap, resume=args.resume,
+                            tensorboard=None if tensorboard.lower() == "none" else tensorboard)
     finally:
         if bar is not None:
             bar.close()

@@ -8,7 +8,9 @@ Names (see :func:`dataset_names`):
   torchvision's sets, found under ``data_root`` (or, for Fashion-MNIST, Debian's
   ``/usr/share/datasets/fashion-mnist``), downloaded only when ``download=True``;
 * ``folder:PATH``: an image folder, ``PATH/<class>/*.png`` (split 80/20, stratified and
-  seeded) or ``PATH/train/<class>/...`` and ``PATH/test/<class>/...``.
+  seeded) or ``PATH/train/<class>/...`` and ``PATH/test/<class>/...`` (or ``PATH/val/...``,
+  ImageNet's layout). :func:`load_split` decodes a folder to 32x32 tensors for the app's
+  analyses; training streams it at the model's resolution (:mod:`wsviz.data.loaders`).
 
 Protocol realisations are seeded: realisation ``seed`` transforms the training split with
 generator seed ``2*seed`` and the test split with ``2*seed + 1``.
@@ -140,6 +142,7 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Digi
 
 # ---------------------------------------------------------------------------- image folders
 _EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_EXTS = frozenset(_EXTS)
 
 
 def _folder_classes(root: Path) -> list[str]:
@@ -152,12 +155,24 @@ def _folder_classes(root: Path) -> list[str]:
     return classes
 
 
+def folder_split_dir(root: Path, split: str) -> tuple[Path, bool]:
+    """(folder holding the class sub-folders of ``split``, whether the folder is split on disk).
+
+    ``PATH/train`` with ``PATH/test`` or ``PATH/val`` is a split on disk; otherwise the classes
+    are directly under ``PATH`` and split 80/20 by :func:`split_indices`.
+    """
+    _folder_classes(root)
+    test = next((root / t for t in ("test", "val") if (root / t).is_dir()), None)
+    if (root / "train").is_dir() and test is not None:
+        return (root / "train" if split == "train" else test), True
+    return root, False
+
+
 def _load_folder(root: Path, split: str, seed: int) -> DigitSplit:
     from wsviz.data.uploads import decode_image, prepare_image
 
     classes = _folder_classes(root)
-    presplit = (root / "train").is_dir() and (root / "test").is_dir()
-    base = root / split if presplit else root
+    base, presplit = folder_split_dir(root, split)
     files, labels = [], []
     for ci, c in enumerate(classes):
         for f in sorted((base / c).iterdir()):

@@ -2,12 +2,21 @@
 
 :func:`launch` records a queued run and starts ``python -m wsviz.train --run-id ...`` in a
 new session (so a page reload or an app restart does not end it) and returns at once. The
-process itself waits for a free slot in the run store (at most ``max_running`` at once), so
-there is no scheduler daemon to keep alive.
+process itself waits for a free slot in the run store, so there is no scheduler daemon to
+keep alive: one slot per visible GPU (each job pinned to its GPU with
+``CUDA_VISIBLE_DEVICES``), or ``max_running`` slots on a machine without one.
+
+:func:`resume` continues a failed or cancelled run from its last finished epoch.
+
+Backends (``backend=`` or ``WSVIZ_BACKEND``): ``process`` (default, a local process),
+``slurm`` (a SLURM job through submitit; ``WSVIZ_SLURM`` holds submitit's parameters as JSON,
+e.g. ``{"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 1440}``) and
+``submitit-local`` (submitit's local executor: the same code path as SLURM, on this machine).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,11 +29,23 @@ from wsviz.training.loop import TrainConfig
 from wsviz.training.runstore import Run, RunStore
 
 DEFAULT_MAX_RUNNING = int(os.environ.get("WSVIZ_MAX_RUNNING", "1"))
+BACKENDS = ("process", "slurm", "submitit-local")
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_SLOTS = 1_000_000  # on a cluster the scheduler (SLURM) decides how many jobs run at once
+
+
+def gpu_slots() -> list[str]:
+    """The GPUs jobs can be pinned to, as CUDA_VISIBLE_DEVICES names them (empty: CPU only)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:n] if visible else [str(i) for i in range(n)]
 
 
 def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overrides: dict[str, Any] | None = None,
            name: str | None = None, max_running: int = DEFAULT_MAX_RUNNING, data_root: str | None = None,
-           device: str | None = None, data_seed: int = 0) -> Run:
+           device: str | None = None, data_seed: int = 0, backend: str | None = None) -> Run:
     """Validate, record and start a run; returns the queued run immediately."""
     from wsviz.data.datasets import dataset_info
     from wsviz.models import get_spec
@@ -36,45 +57,122 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     check_trainable(model, dataset, overrides, data_root)
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
+    backend = _backend(backend)
     overrides = dict(overrides or {})
     spec = {"model": model, "dataset": dataset, "train_config": cfg.to_dict(), "overrides": overrides,
             "data_root": data_root, "device": device, "data_seed": data_seed}
     run = store.create(model, dataset, spec, name)
+    return _start(store, run, max_running, backend, resume=False)
+
+
+def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNING, backend: str | None = None) -> Run:
+    """Continue a failed or cancelled run from the training state of its last finished epoch.
+
+    The run keeps its id, folder and the metrics of its finished epochs; it queues again like a
+    new run. A run that never finished an epoch has nothing to resume (launch it again).
+    """
+    from wsviz.training.state import load_state, state_path
+
+    run = store.get(run_id)
+    if run.status not in ("failed", "cancelled"):
+        raise WsvizError(f"Run {run.name} is {run.status}: only a failed or cancelled run can be resumed.")
+    path = state_path(Path(run.out_dir) / "checkpoint")
+    if not path.is_file():
+        raise WsvizError(f"Run {run.name} finished no epoch, so there is nothing to resume: launch it again.")
+    epoch = int(load_state(path)["epoch"])
+    store.requeue(run_id, keep_epochs=epoch)
+    return _start(store, store.get(run_id), max_running, _backend(backend), resume=True)
+
+
+def resumable(run: Run) -> bool:
+    """Whether :func:`resume` can continue ``run`` (failed or cancelled, with a finished epoch)."""
+    from wsviz.training.state import state_path
+
+    return run.status in ("failed", "cancelled") and state_path(Path(run.out_dir) / "checkpoint").is_file()
+
+
+def _backend(backend: str | None) -> str:
+    backend = backend or os.environ.get("WSVIZ_BACKEND", "process")
+    if backend not in BACKENDS:
+        raise WsvizError(f"backend must be one of {BACKENDS}, got {backend!r} (WSVIZ_BACKEND).")
+    return backend
+
+
+def train_command(store: RunStore, run: Run, max_running: int, *, resume: bool, gpus: list[str]) -> list[str]:
+    """The ``python -m wsviz.train`` command line of a recorded run."""
+    spec = run.spec
+    cfg = TrainConfig(**{**spec["train_config"], "milestones": tuple(spec["train_config"]["milestones"])})
     out = Path(run.out_dir)
-    cmd = [sys.executable, "-m", "wsviz.train", "--model", model, "--dataset", dataset, "--epochs", str(cfg.epochs),
-           "--out", str(out / "checkpoint"), "--batch-size", str(cfg.batch_size), "--optimizer", cfg.optimizer,
-           "--lr", repr(cfg.lr), "--momentum", repr(cfg.momentum), "--weight-decay", repr(cfg.weight_decay),
-           "--schedule", cfg.schedule, "--step-size", str(cfg.step_size), "--gamma", repr(cfg.gamma),
-           "--seed", str(cfg.seed), "--data-seed", str(data_seed), "--run-id", run.id,
-           "--runs-dir", str(store.root), "--max-running", str(max_running), "--quiet"]
+    cmd = [sys.executable, "-m", "wsviz.train", "--model", spec["model"], "--dataset", spec["dataset"],
+           "--epochs", str(cfg.epochs), "--out", str(out / "checkpoint"), "--batch-size", str(cfg.batch_size),
+           "--optimizer", cfg.optimizer, "--lr", repr(cfg.lr), "--momentum", repr(cfg.momentum),
+           "--weight-decay", repr(cfg.weight_decay), "--schedule", cfg.schedule, "--step-size", str(cfg.step_size),
+           "--gamma", repr(cfg.gamma), "--seed", str(cfg.seed), "--data-seed", str(spec["data_seed"]),
+           "--augment", cfg.augment, "--warmup-epochs", str(cfg.warmup_epochs),
+           "--plateau-patience", str(cfg.plateau_patience), "--loader", cfg.loader, "--workers", str(cfg.workers),
+           "--tensorboard", str(out / "tensorboard"), "--run-id", run.id, "--runs-dir", str(store.root),
+           "--max-running", str(max_running), "--quiet"]
     if cfg.milestones:
         cmd += ["--milestones", *map(str, cfg.milestones)]
     if cfg.max_batches:
         cmd += ["--max-batches", str(cfg.max_batches)]
     if not cfg.amp:
         cmd.append("--no-amp")
-    if data_root:
-        cmd += ["--data-root", data_root]
+    if spec.get("data_root"):
+        cmd += ["--data-root", spec["data_root"]]
+    device = spec.get("device")
     if device:
         cmd += ["--device", device]
-    import json
-
-    for k, v in overrides.items():
+    if gpus and (device is None or device.startswith("cuda")):
+        cmd += ["--gpu-slots", ",".join(gpus)]
+    if resume:
+        cmd.append("--resume")
+    for k, v in spec["overrides"].items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    return cmd
+
+
+def _start(store: RunStore, run: Run, max_running: int, backend: str, *, resume: bool) -> Run:
+    out = Path(run.out_dir)
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if backend != "process":  # the cluster's nodes have their own GPUs: SLURM gives each job its own
+        cmd = train_command(store, run, CLUSTER_SLOTS, resume=resume, gpus=[])
+        job = _submit(backend, out, cmd, env)
+        store.set_pid(run.id, None, host=f"{backend}:{job.job_id}")
+        return store.get(run.id)
+    cmd = train_command(store, run, max_running, resume=resume, gpus=gpu_slots())
     with open(out / "log.txt", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=root)
+                                start_new_session=True, env=env, cwd=ROOT)
     store.set_pid(run.id, proc.pid)
     return store.get(run.id)
 
 
+def _submit(backend: str, out: Path, cmd: list[str], env: dict[str, str]):
+    """Submit ``cmd`` as one submitit job (SLURM, or submitit's local executor)."""
+    import submitit
+
+    folder = out / "submitit"
+    if backend == "slurm":
+        try:
+            params = json.loads(os.environ.get("WSVIZ_SLURM", "{}"))
+        except json.JSONDecodeError as exc:
+            raise WsvizError(f"WSVIZ_SLURM must be JSON with submitit's SLURM parameters ({exc}).") from exc
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    else:
+        params = {}
+        executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(**{"timeout_min": 60 * 24, **params})
+    return executor.submit(submitit.helpers.CommandFunction(cmd, cwd=str(ROOT), env=env, verbose=False))
+
+
 def cancel(store: RunStore, run_id: str) -> Run:
     """Ask a run to stop: a queued run ends before it starts, a running one gets SIGTERM."""
-    run = store.request_cancel(run_id)
-    if run.active and run.pid:
+    from wsviz.training.runstore import HOST
+
+    run = store.request_cancel(run_id)  # a job on another machine sees the request within a second
+    if run.active and run.pid and run.host in (None, HOST):
         try:
             os.kill(run.pid, signal.SIGTERM)
         except ProcessLookupError:

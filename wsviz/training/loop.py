@@ -1,16 +1,23 @@
 """The training loop: one readable function for every registered model.
 
 Around it (not inside it): configuration and its validation, evaluation, checkpointing
-through a callback, devices. Data are in-memory tensors (every wsviz dataset fits), batched
-by index permutation, so the loop costs no more than a plain PyTorch loop.
+through callbacks, devices. Data come two ways: in-memory tensors batched by index
+permutation (the fast path: the loop costs no more than a plain PyTorch loop), or a
+``torch.utils.data.Dataset`` streamed through a ``DataLoader`` with workers and a
+``DistributedSampler`` (image folders, and sets a recipe augments image by image). Under
+torchrun every rank runs the same number of steps in both.
+
+The full training state is captured after every epoch (``on_state``) and can be handed back
+(``resume``): a resumed run ends with the same weights as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,12 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from wsviz.data.datasets import fit_to
+from wsviz.data.loaders import AUGMENTS, eval_loader, train_loader
 from wsviz.errors import WsvizError
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("none", "step", "multistep", "cosine")
+SCHEDULES = ("none", "step", "multistep", "cosine", "plateau")
+LOADERS = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -38,11 +48,16 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     step_size: int = 30  # "step": multiply lr by gamma every step_size epochs
-    milestones: tuple[int, ...] = ()  # "multistep": epochs at which lr is multiplied by gamma
+    milestones: tuple[int, ...] = ()  # "multistep": lr multiplied by gamma after each of these epochs
     gamma: float = 0.1
     seed: int = 0
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     max_batches: int | None = None  # cap per epoch, for smoke runs
+    augment: str = "none"  # augmentation preset of the training images (wsviz.data.loaders)
+    warmup_epochs: int = 0  # first epochs at lr / 10 (WSMS-Net's CIFAR ResNet-110)
+    plateau_patience: int = 10  # "plateau": epochs without a better test accuracy before lr *= gamma
+    loader: str = "auto"  # "memory", "stream" (DataLoader), or "auto": stream folders and augmented sets
+    workers: int = 0  # DataLoader worker processes (streamed path)
 
     def validate(self) -> None:
         """Refuse absurd values with a message saying what range is sensible."""
@@ -67,6 +82,18 @@ class TrainConfig:
             bad(f"gamma must be in (0, 1], got {self.gamma!r}.")
         if self.max_batches is not None and self.max_batches < 1:
             bad(f"max_batches must be at least 1, got {self.max_batches!r}.")
+        if self.augment not in AUGMENTS:
+            bad(f"augmentation must be one of {AUGMENTS}, got {self.augment!r}.")
+        if self.loader not in LOADERS:
+            bad(f"loader must be one of {LOADERS}, got {self.loader!r}.")
+        if not isinstance(self.workers, int) or not 0 <= self.workers <= 256:
+            bad(f"workers must be a whole number from 0 to 256, got {self.workers!r}.")
+        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
+            bad(f"warmup epochs must be a whole number from 0 to epochs - 1, got {self.warmup_epochs!r}.")
+        if self.warmup_epochs and self.schedule not in ("none", "step", "multistep"):
+            bad(f"warmup works with the none, step and multistep schedules, not {self.schedule!r}.")
+        if not isinstance(self.plateau_patience, int) or self.plateau_patience < 0:
+            bad(f"plateau patience must be a whole number of epochs >= 0, got {self.plateau_patience!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,32 +140,47 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma)
-    if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
-    return None
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """torch's scheduler for ``cfg.schedule`` (stepped once per epoch), chained after a constant
+    lr / 10 for the warm-up epochs; None for a constant rate."""
+    sched = torch.optim.lr_scheduler
+    if cfg.schedule == "plateau":
+        return sched.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience)
+    main = {"step": lambda: sched.StepLR(opt, cfg.step_size, cfg.gamma),
+            "multistep": lambda: sched.MultiStepLR(opt, list(cfg.milestones), cfg.gamma),
+            "cosine": lambda: sched.CosineAnnealingLR(opt, cfg.epochs)}.get(cfg.schedule, lambda: None)()
+    if not cfg.warmup_epochs:
+        return main
+    warm = sched.ConstantLR(opt, factor=0.1, total_iters=cfg.warmup_epochs)
+    return warm if main is None else sched.ChainedScheduler([warm, main], optimizer=opt)
+
+
+def streams(cfg: TrainConfig, train_data) -> bool:
+    """Whether the training data go through a DataLoader (see :data:`TrainConfig.loader`)."""
+    return isinstance(train_data, Dataset) or cfg.loader == "stream" or (cfg.loader == "auto" and cfg.augment != "none")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512,
-             device: torch.device | str = "cpu") -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, predictions) of ``model`` in eval mode."""
+def evaluate(model: nn.Module, images: torch.Tensor | DataLoader, labels: torch.Tensor | None = None,
+             batch_size: int = 512, device: torch.device | str = "cpu") -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, predictions) of ``model`` in eval mode, on tensors or a DataLoader's batches."""
     model.eval()
     c, h = _in_shape(model)
-    total, correct, preds = 0.0, 0, []
-    for i in range(0, len(labels), batch_size):
-        x = fit_to(images[i:i + batch_size].to(device), c, h)
-        y = labels[i:i + batch_size].to(device)
+    if isinstance(images, DataLoader):
+        batches: Iterator = iter(images)
+    else:
+        batches = ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+    total, correct, n, preds = 0.0, 0, 0, []
+    for xb, yb in batches:
+        x = fit_to(xb.to(device, non_blocking=True), c, h)
+        y = yb.to(device, non_blocking=True)
         out = model(x)
         total += float(F.cross_entropy(out, y, reduction="sum"))
         p = out.argmax(1)
         correct += int((p == y).sum())
+        n += len(y)
         preds.append(p.cpu())
-    n = max(len(labels), 1)
+    n = max(n, 1)
     return total / n, correct / n, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
@@ -148,10 +190,113 @@ def _in_shape(model: nn.Module) -> tuple[int, int]:
     return cfg["in_channels"], cfg["input_size"]
 
 
+class _Batches:
+    """One rank's training batches, epoch by epoch, from tensors or through a DataLoader."""
+
+    def __init__(self, data, cfg: TrainConfig, rank: int, world: int, gen: torch.Generator, device: torch.device,
+                 size: int) -> None:
+        self.cfg, self.rank, self.world, self.gen = cfg, rank, world, gen
+        self.loader: DataLoader | None = None
+        if streams(cfg, data):
+            if not isinstance(data, Dataset):
+                from wsviz.data.loaders import TensorImages, transforms_for
+
+                images, labels = data
+                tf = transforms_for(cfg.augment, size, train=True, from_pil=False, side=images.shape[-1])
+                data = TensorImages(images, labels, tf)
+            self.loader = train_loader(data, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed,
+                                       workers=cfg.workers, pin_memory=device.type == "cuda", generator=gen)
+            steps = len(self.loader)
+        else:
+            self.images, self.labels = data
+            share = len(self.labels) if world == 1 else math.ceil(len(self.labels) / world)
+            steps = share // cfg.batch_size if share >= cfg.batch_size else 1
+        self.steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.loader is not None:
+            self.loader.sampler.set_epoch(epoch)
+            yield from itertools.islice(self.loader, self.steps)
+            return
+        n = len(self.labels)
+        if self.world == 1:
+            perm = torch.randperm(n, generator=self.gen)
+        else:  # DistributedSampler's order and padding: every rank gets ceil(n / world) indices
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(range(n), self.world, self.rank, shuffle=True, seed=self.cfg.seed)
+            sampler.set_epoch(epoch)
+            perm = torch.tensor(list(sampler))
+        bs = self.cfg.batch_size
+        for step in range(self.steps):
+            idx = perm[step * bs:(step + 1) * bs]
+            yield self.images[idx], self.labels[idx]
+
+
+def _eval_batches(data, cfg: TrainConfig, size: int, device: torch.device):
+    """Test data as evaluate() takes them: tensors as they are, or a DataLoader when they are a
+    Dataset or the augmentation preset has an evaluation transform (resize and centre crop)."""
+    if not isinstance(data, Dataset):
+        from wsviz.data.loaders import TensorImages, transforms_for
+
+        images, labels = data
+        tf = transforms_for(cfg.augment, size, train=False, from_pil=False, side=images.shape[-1])
+        if tf is None:
+            return data
+        data = TensorImages(images, labels, tf)
+    return (eval_loader(data, max(cfg.batch_size, 256), workers=cfg.workers, pin_memory=device.type == "cuda"),
+            None)
+
+
+def _snapshot(model, opt, sched, scaler, gen, epoch: int, result: TrainResult, seconds: float) -> dict[str, Any]:
+    from wsviz.models.modes import set_mode
+    from wsviz.training.state import rng_states
+
+    net = getattr(model, "module", model)
+    with set_mode(net, True):  # the state of a training model (e2cnn keeps caches in eval mode)
+        weights = net.state_dict()
+    return {"epoch": epoch, "model": weights, "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None, "scaler": scaler.state_dict(),
+            "rng": rng_states(), "data_generator": gen.get_state(),
+            "metrics": [asdict(m) for m in result.epochs], "seconds": seconds}
+
+
+def _restore(state: dict[str, Any], model, opt, sched, scaler, gen, result: TrainResult) -> int:
+    """Put a snapshot back; returns the first epoch still to train."""
+    from wsviz.training.state import set_rng_states
+
+    net = getattr(model, "module", model)
+    try:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state["scheduler"] is not None:
+            sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise WsvizError(f"The training state does not fit this run's model or optimiser ({exc}); resume with the "
+                         "options the run started with, or start again without --resume.") from exc
+    set_rng_states(state["rng"])
+    gen.set_state(state["data_generator"])
+    result.epochs = [EpochMetrics(**m) for m in state["metrics"]]
+    result.seconds = float(state["seconds"])
+    return int(state["epoch"]) + 1
+
+
+def _broadcast(value: float, world_size: int) -> float:
+    """Rank 0's ``value`` on every rank (the plateau schedule needs rank 0's test accuracy everywhere)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def train(
     model: nn.Module,
-    train_data: tuple[torch.Tensor, torch.Tensor],
-    test_data: tuple[torch.Tensor, torch.Tensor],
+    train_data: tuple[torch.Tensor, torch.Tensor] | Dataset,
+    test_data: tuple[torch.Tensor, torch.Tensor] | Dataset,
     cfg: TrainConfig,
     *,
     device: torch.device | str = "cpu",
@@ -159,18 +304,21 @@ def train(
     on_step: Callable[[int, int, float], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    resume: dict[str, Any] | None = None,
+    on_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and evaluate on ``test_data`` after every epoch.
 
     ``on_epoch(metrics)`` runs after each evaluation (checkpointing, run store);
-    ``on_step(epoch, step, loss)`` after each optimiser step (progress bars). With
-    ``world_size > 1`` each rank trains on its own shard of every epoch's permutation
+    ``on_step(epoch, step, loss)`` after each optimiser step (progress bars, live loss);
+    ``on_state(state)`` after ``on_epoch`` with the full training state (model, optimiser,
+    scheduler, scaler, random generators, epoch, metrics), which ``resume=state`` continues
+    from. With ``world_size > 1`` each rank trains on its own equal share of every epoch
     (``model`` is already wrapped in DistributedDataParallel) and only rank 0 evaluates.
     """
     cfg.validate()
     seed_everything(cfg.seed)
     device = torch.device(device)
-    images, labels = train_data
     c, h = _in_shape(model)
     model.to(device)
     opt = make_optimizer(model, cfg)
@@ -178,20 +326,18 @@ def train(
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _Batches(train_data, cfg, rank, world_size, gen, device, h)
+    test = _eval_batches(test_data, cfg, h, device) if rank == 0 else None
     result = TrainResult()
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first = _restore(resume, model, opt, sched, scaler, gen, result) if resume is not None else 1
+    start = time.perf_counter() - result.seconds
+    for epoch in range(first, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(labels), generator=gen)[rank::world_size]
-        steps = len(perm) // cfg.batch_size if len(perm) >= cfg.batch_size else 1
-        if cfg.max_batches:
-            steps = min(steps, cfg.max_batches)
         loss_sum, correct, seen = 0.0, 0, 0
-        for step in range(steps):
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = fit_to(images[idx].to(device, non_blocking=True), c, h)
-            y = labels[idx].to(device, non_blocking=True)
+        for step, (xb, yb) in enumerate(batches.epoch(epoch)):
+            x = fit_to(xb.to(device, non_blocking=True), c, h)
+            y = yb.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(x)
                 loss = F.cross_entropy(out, y)
@@ -210,15 +356,22 @@ def train(
                 on_step(epoch, step + 1, float(loss.detach()))
         train_seconds = time.perf_counter() - t0
         lr = opt.param_groups[0]["lr"]
-        if sched is not None:
-            sched.step()
+        test_acc = float("nan")
         if rank == 0:
             eval_model = getattr(model, "module", model)
-            test_loss, test_acc, _ = evaluate(eval_model, *test_data, device=device)
+            test_loss, test_acc, _ = evaluate(eval_model, *test, device=device)
             m = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), test_loss, test_acc, lr,
                              time.perf_counter() - t0, seen * world_size / max(train_seconds, 1e-9))
             result.epochs.append(m)
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(_broadcast(test_acc, world_size))
+        elif sched is not None:
+            sched.step()
+        result.seconds = time.perf_counter() - start
+        if rank == 0:
             if on_epoch:
                 on_epoch(m)
+            if on_state:
+                on_state(_snapshot(model, opt, sched, scaler, gen, epoch, result, result.seconds))
     result.seconds = time.perf_counter() - start
     return result

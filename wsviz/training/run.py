@@ -79,6 +79,16 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
         parts += ["--milestones", *map(str, cfg.milestones), "--gamma", repr(cfg.gamma)]
     if cfg.max_batches:
         parts += ["--max-batches", str(cfg.max_batches)]
+    if cfg.augment != "none":
+        parts += ["--augment", cfg.augment]
+    if cfg.warmup_epochs:
+        parts += ["--warmup-epochs", str(cfg.warmup_epochs)]
+    if cfg.schedule == "plateau":
+        parts += ["--gamma", repr(cfg.gamma), "--plateau-patience", str(cfg.plateau_patience)]
+    if cfg.loader != "auto":
+        parts += ["--loader", cfg.loader]
+    if cfg.workers:
+        parts += ["--workers", str(cfg.workers)]
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else v}"]
     return " ".join(shlex.quote(p) for p in parts)
@@ -99,47 +109,142 @@ def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainRes
     }
 
 
+def _data(dataset: str, cfg: TrainConfig, model: nn.Module, data_root: str | None, data_seed: int,
+          download: bool) -> tuple[Any, Any]:
+    """(train, test) data: image folders as streamed datasets at the model's input size (never
+    decoded whole), every other set as in-memory tensors."""
+    if dataset.startswith("folder:"):
+        from wsviz.data.loaders import folder_dataset, transforms_for
+
+        root, size = dataset[len("folder:"):], model.wsviz_config["input_size"]
+        return tuple(folder_dataset(root, split, data_seed,
+                                    transforms_for(cfg.augment, size, train=split == "train", from_pil=True))
+                     for split in ("train", "test"))
+    tr = load_split(dataset, "train", data_root=data_root, seed=data_seed, download=download)
+    te = load_split(dataset, "test", data_root=data_root, seed=data_seed, download=download)
+    return (tr.images, tr.labels), (te.images, te.labels)
+
+
+def _check_resumable(state: dict[str, Any], model_name: str, config: dict[str, Any], dataset: str,
+                     cfg: TrainConfig, data_seed: int, path: Path) -> None:
+    """Refuse to continue a state saved by another run (other model, data or hyperparameters)."""
+    run = state.get("run", {})
+    now = {"model": model_name, "config": config, "dataset": dataset, "data_seed": data_seed,
+           "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}}
+    diff = [k for k in now if _plain(run.get(k)) != _plain(now[k])]
+    if diff:
+        raise WsvizError(f"The training state {path} belongs to another run (its {', '.join(diff)} differ: "
+                         f"{ {k: run.get(k) for k in diff} } vs { {k: now[k] for k in diff} }). Resume with the "
+                         "same options, or start again without --resume.")
+    if int(state["epoch"]) > cfg.epochs:
+        raise WsvizError(f"The training state {path} is at epoch {state['epoch']}, beyond --epochs {cfg.epochs}.")
+
+
+_FREE_ON_RESUME = ("epochs", "max_batches", "workers", "loader", "amp")  # may change when a run is continued
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples are lists), to compare a stored run with this one."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
 def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfig, *,
                  overrides: dict[str, Any] | None = None, data_root: str | None = None, data_seed: int = 0,
                  download: bool = False, device: str | None = None,
                  on_epoch: Callable[[EpochMetrics], None] | None = None,
                  on_step: Callable[[int, int, float], None] | None = None,
-                 rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
+                 rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 resume: bool = False, tensorboard: str | Path | None = None,
+                 save_state: bool = True) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
 
-    Returns the final card. Only rank 0 writes.
+    After every epoch the full training state is also written beside the checkpoint
+    (:func:`wsviz.training.state.state_path`); it is removed once the run is complete.
+    ``resume=True`` continues from it (from scratch, with a log message, if there is none yet).
+    ``tensorboard``: a folder for TensorBoard event files (loss per step; losses, accuracies,
+    learning rate and images/s per epoch). Returns the final card. Only rank 0 writes.
     """
+    from wsviz.training.state import load_state, state_path
+    from wsviz.training.state import save_state as write_state
+
     cfg.validate()
     overrides = dict(overrides or {})
     dev = pick_device(device)
+    out = Path(out)
     torch.manual_seed(cfg.seed)
     model = build_for_dataset(model_name, dataset, overrides, data_root)
     s = summarize(model)
     accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
                   "flops": s.flops, "sign_mask_params": s.mask_params}
-    tr = load_split(dataset, "train", data_root=data_root, seed=data_seed, download=download)
-    te = load_split(dataset, "test", data_root=data_root, seed=data_seed, download=download)
+    train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
     command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed)
+    spath = state_path(out)
+    identity = {"model": model_name, "config": model.wsviz_config, "dataset": dataset, "data_seed": data_seed,
+                "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}}
+    state = None
+    if resume and spath.is_file():
+        state = load_state(spath)
+        _check_resumable(state, model_name, model.wsviz_config, dataset, cfg, data_seed, spath)
+        log.info("resuming %s from epoch %d (%s)", model_name, state["epoch"], spath)
+    elif resume:
+        log.warning("no training state at %s: training %s from the first epoch", spath, model_name)
     result = TrainResult()
-    t0 = time.perf_counter()
     net = model.to(dev)
     if wrap is not None:
         net = wrap(net)
+    writer = _tensorboard(tensorboard, state) if rank == 0 and tensorboard else None
+    global_step = [int(state["global_step"]) if state is not None else 0]  # TensorBoard's x axis: optimiser steps
+
+    def step_done(epoch: int, step: int, loss: float) -> None:
+        global_step[0] += 1
+        if writer is not None:
+            writer.add_scalar("train/loss_step", loss, global_step[0])
+        if on_step:
+            on_step(epoch, step, loss)
 
     def epoch_done(m: EpochMetrics) -> None:
         result.epochs.append(m)
-        result.seconds = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - t0 + resumed_seconds
         if rank == 0:
             save_checkpoint(out, model, make_card(model, dataset, cfg, result, dev, data_seed, command,
                                                   m.epoch == cfg.epochs, accounting))
+        if writer is not None:
+            for tag, value in (("train/loss", m.train_loss), ("train/accuracy", m.train_acc),
+                               ("test/loss", m.test_loss), ("test/accuracy", m.test_acc), ("lr", m.lr),
+                               ("images_per_s", m.images_per_s)):
+                writer.add_scalar(tag, value, global_step[0])
+            writer.flush()
         if on_epoch:
             on_epoch(m)
 
-    train(net, (tr.images, tr.labels), (te.images, te.labels), cfg, device=dev, on_epoch=epoch_done,
-          on_step=on_step, rank=rank, world_size=world_size)
-    result.seconds = time.perf_counter() - t0
+    def state_done(snapshot: dict[str, Any]) -> None:
+        if save_state and snapshot["epoch"] < cfg.epochs:
+            write_state(spath, {**snapshot, "run": identity, "global_step": global_step[0]})
+
+    resumed_seconds = float(state["seconds"]) if state is not None else 0.0
+    if state is not None:
+        result.epochs = [EpochMetrics(**m) for m in state["metrics"]]
+    t0 = time.perf_counter()
+    try:
+        res = train(net, train_data, test_data, cfg, device=dev, on_epoch=epoch_done, on_step=step_done, rank=rank,
+                    world_size=world_size, resume=state, on_state=state_done if rank == 0 else None)
+    finally:
+        if writer is not None:
+            writer.close()
+    result.epochs, result.seconds = res.epochs, res.seconds
     card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting)
     if rank == 0:
         save_checkpoint(out, model, card)
+        spath.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
         log.info("trained %s on %s: test accuracy %.4f", model_name, dataset, card["test_accuracy"])
     return card
+
+
+def _tensorboard(folder: str | Path, state: dict[str, Any] | None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Events after the saved epoch were written by the run that was killed: TensorBoard drops them.
+    purge = int(state["global_step"]) + 1 if state is not None else None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge)

@@ -2,7 +2,9 @@
 
 Writers are the training processes, readers the app and the CLI; SQLite's WAL mode lets the
 app read while a run writes. A run whose process died without saying so (SIGKILL, out of
-memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed.
+memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed. Liveness
+is asked of psutil (any OS), and only of runs on this host: a run that a cluster runs
+elsewhere (SLURM through submitit) reports its own end.
 
 The database is an index, not the only record: every run folder holds ``run.json`` (its id,
 name and launch spec) and, once an epoch has finished, its checkpoint's ``card.json`` (config,
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import time
 import uuid
@@ -26,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from wsviz.errors import WsvizError
 
@@ -44,6 +49,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
 """
+# Columns added after the first release: added to an older database when it is opened.
+_ADDED_COLUMNS = {"slot": "TEXT", "host": "TEXT"}
+_COLUMNS = ("id", "name", "model", "dataset", "spec", "status", "reason", "pid", "pid_start", "cancel_requested",
+            "device", "out_dir", "created", "started", "finished", "test_accuracy", "slot", "host")
+_SELECT = ", ".join(_COLUMNS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")  # what RunStore.create makes
 DB_NAME = "wsviz.db"
@@ -109,6 +119,8 @@ class Run:
     finished: float | None
     test_accuracy: float | None
     cancel_requested: bool
+    slot: str | None = None  # the GPU (CUDA_VISIBLE_DEVICES) a running job holds; None on CPU
+    host: str | None = None  # the machine its process runs on
 
     @property
     def active(self) -> bool:
@@ -166,14 +178,13 @@ class Recovery:
 
 
 def process_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` from /proc (tells a live process from a reused pid), or None if gone."""
+    """When process ``pid`` started (tells a live process from a reused pid), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":  # zombie: exited, not yet reaped
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped
             return None
-        return fields[19]
-    except (OSError, IndexError):
+        return repr(proc.create_time())
+    except (psutil.Error, ValueError):
         return None
 
 
@@ -182,6 +193,9 @@ def pid_alive(pid: int | None, start: str | None) -> bool:
         return False
     now = process_start_time(pid)
     return now is not None and (start is None or now == start)
+
+
+HOST = socket.gethostname()
 
 
 def safe_run_name(name: str) -> str:
@@ -239,6 +253,11 @@ class RunStore:
             if problem != "ok":  # raised as SQLite does for a damaged page
                 raise sqlite3.DatabaseError(f"database disk image is malformed ({problem})")
             con.executescript(_SCHEMA)  # commits by itself
+            have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            con.commit()
         finally:
             con.close()
 
@@ -355,11 +374,15 @@ class RunStore:
                                      "created": created})
         return self.get(run_id)
 
-    def claim_slot(self, run_id: str, max_running: int, pid: int, device: str) -> str:
-        """Atomically move a queued run to running if fewer than ``max_running`` run.
+    def claim_slot(self, run_id: str, max_running: int, pid: int, device: str,
+                   slots: list[str] | None = None) -> str:
+        """Atomically move a queued run to running if a slot is free.
 
-        Returns the run's status afterwards: 'running' (go), 'queued' (wait and retry) or a
-        final status (cancelled while waiting).
+        Without ``slots`` at most ``max_running`` runs run at once (CPU). With ``slots`` (GPU ids,
+        as CUDA_VISIBLE_DEVICES names them) each running run holds one GPU: the run takes the
+        first one no running run holds, recorded in :attr:`Run.slot`. Returns the run's status
+        afterwards: 'running' (go), 'queued' (wait and retry) or a final status (cancelled while
+        waiting).
         """
         self.reconcile()
         with self._connect(immediate=True) as con:
@@ -373,21 +396,44 @@ class RunStore:
                 con.execute("UPDATE runs SET status='cancelled', reason='cancelled while queued', finished=? "
                             "WHERE id=?", (time.time(), run_id))
                 return "cancelled"
-            running = con.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+            held = [r[0] for r in con.execute("SELECT slot FROM runs WHERE status='running'")]
             # First come, first served: runs queued earlier (and not being cancelled) go first.
             ahead = con.execute("SELECT COUNT(*) FROM runs WHERE status='queued' AND cancel_requested=0 AND "
                                 "(created < (SELECT created FROM runs WHERE id=?) OR "
                                 "(created = (SELECT created FROM runs WHERE id=?) AND id < ?))",
                                 (run_id, run_id, run_id)).fetchone()[0]
-            if running + ahead >= max_running:
-                return "queued"
-            con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=? WHERE id=?",
-                        (pid, process_start_time(pid), device, time.time(), run_id))
+            if slots:
+                free = [s for s in slots if s not in held]
+                if ahead >= len(free):
+                    return "queued"
+                slot, device = free[ahead], f"{device} (GPU {free[ahead]})"
+            else:
+                if len(held) + ahead >= max_running:
+                    return "queued"
+                slot = None
+            con.execute("UPDATE runs SET status='running', pid=?, pid_start=?, device=?, started=?, slot=?, host=? "
+                        "WHERE id=?", (pid, process_start_time(pid), device, time.time(), slot, HOST, run_id))
             return "running"
 
-    def set_pid(self, run_id: str, pid: int) -> None:
+    def set_pid(self, run_id: str, pid: int | None, host: str | None = HOST) -> None:
+        """Record the process that runs ``run_id`` (None while a cluster queues it, on ``host``)."""
         with self._connect() as con:
-            con.execute("UPDATE runs SET pid=?, pid_start=? WHERE id=?", (pid, process_start_time(pid), run_id))
+            con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
+                        (pid, process_start_time(pid) if pid else None, host, run_id))
+
+    def requeue(self, run_id: str, keep_epochs: int) -> Run:
+        """Make a failed or cancelled run queued again, to be resumed after epoch ``keep_epochs``: its
+        metrics of later epochs (the epoch it was killed in) are dropped, the earlier ones kept."""
+        with self._connect(immediate=True) as con:
+            row = con.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
+            if row[0] not in ("failed", "cancelled"):
+                raise WsvizError(f"Run {run_id} is {row[0]}: only a failed or cancelled run can be resumed.")
+            con.execute("UPDATE runs SET status='queued', reason=NULL, pid=NULL, pid_start=NULL, cancel_requested=0, "
+                        "finished=NULL, slot=NULL, host=NULL, created=? WHERE id=?", (time.time(), run_id))
+            con.execute("DELETE FROM metrics WHERE run_id=? AND epoch>?", (run_id, keep_epochs))
+        return self.get(run_id)
 
     def log_metrics(self, run_id: str, epoch: int, values: dict[str, float], step: int | None = None) -> None:
         now = time.time()
@@ -412,11 +458,11 @@ class RunStore:
         """Mark runs whose process is gone as failed; returns their ids."""
         dead = []
         with self._connect(immediate=True) as con:
-            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created FROM runs "
+            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created, host FROM runs "
                                "WHERE status IN ('queued', 'running')").fetchall()
-            for run_id, status, pid, start, cancel, created in rows:
-                if pid_alive(pid, start):
-                    continue
+            for run_id, status, pid, start, cancel, created, host in rows:
+                if (host is not None and host != HOST) or pid_alive(pid, start):
+                    continue  # elsewhere (a cluster node): that process reports its own end
                 if status == "queued" and pid is None and time.time() - created < 60:
                     continue  # its worker is still starting
                 if cancel:
@@ -488,20 +534,20 @@ class RunStore:
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
         (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
-         finished, acc) = row
+         finished, acc, slot, host) = row
         return Run(rid, name, model, dataset, json.loads(spec), status, reason, pid, device, out, created, started,
-                   finished, acc, bool(cancel))
+                   finished, acc, bool(cancel), slot, host)
 
     def get(self, run_id: str) -> Run:
         with self._connect() as con:
-            row = con.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+            row = con.execute(f"SELECT {_SELECT} FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
         return self._row(row)
 
     def list(self, status: str | None = None) -> list[Run]:
         with self._connect() as con:
-            q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
+            q = f"SELECT {_SELECT} FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
             rows = con.execute(q, (status,) if status else ()).fetchall()
         return [self._row(r) for r in rows]
 
@@ -636,6 +682,13 @@ class StoreView:
     done: list[tuple[str, str, Path]]  # (name, run id, checkpoint folder), newest first
     problem: str | None
     usable: bool  # whether the store itself could be opened (training needs it)
+    cancelled: frozenset[str] = frozenset()  # ids among ``done`` of cancelled runs with a finished epoch
+
+
+def _usable(run) -> bool:
+    """Done, or cancelled after at least one finished epoch (its checkpoint holds that epoch)."""
+    return run.status == "done" or (run.status == "cancelled"
+                                    and (Path(run.out_dir) / "checkpoint" / "card.json").is_file())
 
 
 def finished_runs(root: str | Path) -> StoreView:
@@ -650,14 +703,16 @@ def finished_runs(root: str | Path) -> StoreView:
         return StoreView([], None, True)
     try:
         store = RunStore(root)
-        runs = store.list("done")
+        runs = [r for r in store.list() if _usable(r)]
     except RunStoreError as exc:
-        done = [r for r in scan_run_folders(root)[0] if r.status == "done"]
-        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False)
+        done = [r for r in scan_run_folders(root)[0] if _usable(r)]
+        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False,
+                         frozenset(r.id for r in done if r.status == "cancelled"))
     problem = store.recovery.message() if store.recovery else None
     copies = damaged_copies(root)
     if problem is None and copies:
         problem = (f"A damaged run store was moved aside to {copies[-1]} and the run list rebuilt from the run folders"
                    f" ({len(copies)} damaged cop{'y' if len(copies) == 1 else 'ies'} in {store.root}). Nothing is "
                    "missing that a folder holds; delete the damaged copies once you no longer need them.")
-    return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in runs], problem, True)
+    return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in runs], problem, True,
+                     frozenset(r.id for r in runs if r.status == "cancelled"))
