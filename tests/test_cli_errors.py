@@ -50,7 +50,7 @@ BAD = [
     ("wsviz", ["cka", "--checkpoint", "{ck}", "--out", "{tmp}/o"], 2, "exactly two"),
     ("wsviz", ["runs", "rebuild", "--runs-dir", "{file}/runs"], 1, "cannot be created"),
     ("wsviz", ["runs", "delete"], 2, "invalid choice: 'delete'"),
-    ("wsviz.train", [], 2, "required"),
+    ("wsviz.train", [], 2, "Give --model, --dataset, --epochs, --out"),
     ("wsviz.train", _with(TRAIN, model="nope"), 2, "Unknown model 'nope'"),
     ("wsviz.train", _with(TRAIN, dataset="nope"), 2, "nope"),
     ("wsviz.train", _with(TRAIN, epochs="0"), 2, "epochs"),
