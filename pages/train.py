@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
+from plotly.subplots import make_subplots
 
 from pages._shared import available_variants, open_run_store, show_error
 from wsviz.data.datasets import dataset_names
@@ -60,6 +62,7 @@ if go_:
         run = launch(store, model, dataset, cfg, overrides=opts, name=run_name or None)
         st.success(f"Launched run {run.name} ({run.id}).")
         st.session_state["watch"] = run.id
+        st.session_state["watch-select"] = run.id  # the newest launch is the one watched
     except json.JSONDecodeError as exc:
         st.error(f"Model options are not valid JSON ({exc}).")
     except WsvizError as exc:
@@ -78,28 +81,63 @@ def runs_panel() -> None:
     if not runs:
         st.info("No runs yet.")
         return
-    df = pd.DataFrame([{"id": r.id, "name": r.name, "model": r.model, "dataset": r.dataset, "status": r.status,
-                        "test acc": r.test_accuracy, "device": r.device, "reason": r.reason or ""} for r in runs])
-    st.dataframe(df, hide_index=True)
-    ids = [r.id for r in runs]
-    watch = st.session_state.get("watch")
-    watch = st.selectbox("Watch run", ids, index=ids.index(watch) if watch in ids else 0, key="watch-select")
+    df = pd.DataFrame([{"name": r.name, "status": r.status, "model": r.model, "dataset": r.dataset,
+                        "test accuracy": r.test_accuracy, "device": r.device, "id": r.id, "reason": r.reason or ""}
+                       for r in runs])
+    st.dataframe(df, hide_index=True,
+                 column_config={"test accuracy": st.column_config.NumberColumn(format="percent")})
+    by_id = {r.id: r for r in runs}
+    ids = [r.id for r in runs]  # newest first: the newest run is watched unless another is chosen
+    if st.session_state.get("watch-select") not in by_id:
+        st.session_state.pop("watch-select", None)
+    watch = st.selectbox("Watch run", ids, key="watch-select",
+                         format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {i[-6:]}")
     run = store.get(watch)
     m = store.metrics(watch)
-    c1, c2 = st.columns(2)
-    if m.get("step_loss") or m.get("train_loss"):
-        fig = go.Figure()
-        if m.get("step_loss"):
-            fig.add_trace(go.Scatter(y=[v for _, _, v in m["step_loss"]], mode="lines", name="loss (live)"))
-        fig.update_layout(height=260, title="Training loss", margin=dict(t=40, b=10))
+    epochs = int((run.spec.get("train_config") or {}).get("epochs") or 0)
+    done = len(m.get("test_acc", []))
+    if run.status == "running" and run.started and done:
+        elapsed = time.time() - run.started
+        left = elapsed / done * max(epochs - done, 0)
+        st.caption(f"Epoch {done} of {epochs} done after {elapsed:.0f} s; about {left:.0f} s left.")
+    c1, c2, c3 = st.columns(3)
+    if m.get("step_loss"):
+        fig = go.Figure(go.Scatter(x=[s for _, s, _ in m["step_loss"]], y=[v for _, _, v in m["step_loss"]],
+                                   mode="lines", name="loss (live)"))
+        fig.update_layout(height=280, title="Training loss", xaxis_title="step", yaxis_title="loss",
+                          margin=dict(t=40, b=10))
         c1.plotly_chart(fig, key=f"loss-{watch}")
     if m.get("test_acc"):
         fig = go.Figure()
         for key in ("train_acc", "test_acc"):
-            fig.add_trace(go.Scatter(x=[e for e, _, _ in m[key]], y=[100 * v for _, _, v in m[key]],
-                                     mode="lines+markers", name=key.replace("_", " ")))
-        fig.update_layout(height=260, title="Accuracy per epoch (%)", xaxis_title="epoch", margin=dict(t=40, b=10))
+            fig.add_trace(go.Scatter(x=[e for e, _, _ in m.get(key, [])], y=[100 * v for _, _, v in m.get(key, [])],
+                                     mode="lines+markers", name=key.replace("_acc", "")))
+        fig.update_layout(height=280, title="Accuracy per epoch", xaxis_title="epoch", yaxis_title="accuracy (%)",
+                          margin=dict(t=40, b=10))
         c2.plotly_chart(fig, key=f"acc-{watch}")
+    if m.get("lr") or m.get("images_per_s"):
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        fig.add_trace(go.Scatter(x=[e for e, _, _ in m.get("lr", [])], y=[v for _, _, v in m.get("lr", [])],
+                                 mode="lines+markers", name="learning rate"), secondary_y=False)
+        fig.add_trace(go.Scatter(x=[e for e, _, _ in m.get("images_per_s", [])],
+                                 y=[v for _, _, v in m.get("images_per_s", [])], mode="lines+markers",
+                                 name="images/s"), secondary_y=True)
+        fig.update_layout(height=280, title="Learning rate and throughput", xaxis_title="epoch",
+                          margin=dict(t=40, b=10))
+        fig.update_yaxes(title_text="learning rate", secondary_y=False)
+        fig.update_yaxes(title_text="images/s", secondary_y=True)
+        c3.plotly_chart(fig, key=f"lr-{watch}")
+    overlay = st.multiselect("Overlay the test accuracy of several runs", ids, default=[],
+                             format_func=lambda i: f"{by_id[i].name} · {i[-6:]}", key="overlay-runs")
+    if overlay:
+        fig = go.Figure()
+        for rid in overlay:
+            acc = store.metrics(rid).get("test_acc", [])
+            fig.add_trace(go.Scatter(x=[e for e, _, _ in acc], y=[100 * v for _, _, v in acc], mode="lines+markers",
+                                     name=by_id[rid].name))
+        fig.update_layout(height=320, title="Test accuracy per epoch", xaxis_title="epoch",
+                          yaxis_title="accuracy (%)", margin=dict(t=40, b=10))
+        st.plotly_chart(fig, key="overlay")
     st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
     if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):
         cancel(store, watch)

@@ -106,3 +106,27 @@ def test_every_heatmap_on_the_kernels_and_scale_pages_has_a_colour_scale():
         assert check_readable(sl) >= 2  # kernels and blending layers
     sc = app("pages/scale.py", PAIR)
     check_readable(sc)  # the Scale page draws line charts; any heatmap it draws must be readable too
+
+
+def test_train_page_watches_each_new_launch():
+    """After a second launch the page watches the second run, not the first one still chosen."""
+    from conftest import kill_active_runs
+
+    at = app("pages/train.py", PAIR)
+    launched = []
+    try:
+        for name in ("first-launch", "second-launch"):
+            at.selectbox[0].set_value("resnet_digits")
+            at.selectbox[1].set_value("mnist5k")
+            at.number_input[0].set_value(1)
+            at.number_input[1].set_value(16)
+            at.text_input[0].set_value(name)
+            at.text_input[1].set_value('{"base_width": 4, "depth": 8}')
+            at.button[0].click().run()
+            assert not at.exception and any(name in s.value for s in at.success), [e.value for e in at.error]
+            launched.append(at.session_state["watch-select"])
+            watched = at.selectbox(key="watch-select")
+            assert watched.value == launched[-1] and name in watched.format_func(watched.value)
+        assert launched[0] != launched[1]
+    finally:
+        kill_active_runs(os.environ["WSVIZ_RUNS"])

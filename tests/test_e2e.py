@@ -34,10 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_RUNS: dict[str, Path] = {}  # the run store folder of the module's server
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = dict(os.environ, WSVIZ_RUNS=str(tmp_path_factory.mktemp("runs")))
+    SERVER_RUNS["dir"] = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, WSVIZ_RUNS=str(SERVER_RUNS["dir"]))
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -180,4 +184,22 @@ def test_a_sweep_runs_while_the_live_slider_answers(server, browser):
     assert page.get_by_text("Scale sweep:").count() >= 1, "the slider only answered once the sweep had ended"
     page.get_by_role("button", name="Cancel").click()
     page.wait_for_selector("text=The scale sweep was cancelled", timeout=60_000)
+    page.close()
+
+
+def test_train_page_watches_the_newest_run(server, browser):
+    from wsviz.training.runstore import RunStore
+
+    store = RunStore(SERVER_RUNS["dir"])
+    spec = {"model": "resnet_digits", "dataset": "mnist5k", "train_config": {"epochs": 1}, "overrides": {}}
+    for name in ("older-run", "newer-run"):
+        run = store.create("resnet_digits", "mnist5k", spec, name)
+        store.finish(run.id, "cancelled", "made by the test")
+        time.sleep(0.05)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/train")
+    _settle(page)
+    box = page.locator("[data-testid=stSelectbox]").filter(has_text="Watch run").first
+    assert "newer-run" in box.inner_text(), box.inner_text()
+    _check(page, "train-runs")
     page.close()
