@@ -200,6 +200,8 @@ def test_train_page_watches_the_newest_run(server, browser):
     page.goto(f"{server}/train")
     _settle(page)
     box = page.locator("[data-testid=stSelectbox]").filter(has_text="Watch run").first
-    assert "newer-run" in box.inner_text(), box.inner_text()
+    shown = box.evaluate("e => e.innerText + ' | ' + [...e.querySelectorAll('input')].map(i => i.value + ' ' + "
+                         "(i.getAttribute('aria-label') || '') + ' ' + (i.placeholder || '')).join(' ')")
+    assert "newer-run" in shown and "older-run" not in shown, shown
     _check(page, "train-runs")
     page.close()
