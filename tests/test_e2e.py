@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -204,4 +205,29 @@ def test_train_page_watches_the_newest_run(server, browser):
                          "(i.getAttribute('aria-label') || '') + ' ' + (i.placeholder || '')).join(' ')")
     assert "newer-run" in shown and "older-run" not in shown, shown
     _check(page, "train-runs")
+    page.close()
+
+
+def test_both_fair_comparison_figures_download_and_open_offline(server, browser):
+    """Downloading the first figure neither reruns the page nor loses the result, so the second can be
+    downloaded too; each file carries plotly.js itself (no CDN), so it opens offline."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.goto(f"{server}/?variants=scale-msws-vanilla,scale-msws-shared")
+    _settle(page)
+    page.get_by_role("button", name="Evaluate the chosen variants").click()
+    page.wait_for_selector("text=McNemar p", timeout=180_000)
+    _settle(page)
+    charts = page.locator("[data-testid=stPlotlyChart]").count()
+    buttons = page.get_by_role("button", name="Download figure (HTML)")
+    files = []
+    for i in range(buttons.count())[-2:]:  # the fair comparison's two figures are the last two
+        with page.expect_download(timeout=120_000) as dl:
+            buttons.nth(i).click()
+        files.append(Path(dl.value.path()).read_text())
+        page.wait_for_timeout(1000)
+        assert page.locator("[data-testid=stPlotlyChart]").count() == charts, "the download cleared the result"
+    assert len(files) == 2 and files[0] != files[1]
+    for html in files:
+        assert not re.search(r"<script[^>]*\bsrc=[\"']https?://", html)  # nothing loaded from the network
+        assert len(html) > 1_000_000 and "Plotly.newPlot" in html  # plotly.js is inside the file
     page.close()
