@@ -81,8 +81,15 @@ def runs_panel() -> None:
     if not runs:
         st.info("No runs yet.")
         return
+    def accuracy(r) -> float | None:
+        """The card's test accuracy, else (a cancelled or running run) its last finished epoch's."""
+        if r.test_accuracy is not None:
+            return r.test_accuracy
+        last = store.metrics(r.id).get("test_acc")
+        return last[-1][2] if last else None
+
     df = pd.DataFrame([{"name": r.name, "status": r.status, "model": r.model, "dataset": r.dataset,
-                        "test accuracy": r.test_accuracy, "device": r.device, "id": r.id, "reason": r.reason or ""}
+                        "test accuracy": accuracy(r), "device": r.device, "id": r.id, "reason": r.reason or ""}
                        for r in runs])
     st.dataframe(df, hide_index=True,
                  column_config={"test accuracy": st.column_config.NumberColumn(format="percent")})
