@@ -228,3 +228,23 @@ def measure_growth(fn, *, warmup: int = 2, calls: int = 8, model: torch.nn.Modul
     tensors1, bytes1 = live_tensors()
     return Growth(calls, after - base, one_call_peak, (tensors0, tensors1), (bytes0, bytes1),
                   (modules0, live_modules()), (hooks0, hook_count(model)))
+
+
+def open_app(page: str | None = None, variants: list[str] | None = None, url_variants: str | None = None):
+    """An AppTest of ``app.py`` after its first run (and, with ``page``, switched to that page),
+    with the sidebar's ``variants`` set in session state or carried by the URL (``?variants=``).
+    No exception on either run. Set ``WSVIZ_RUNS`` before the pages are first imported."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300)
+    if variants is not None:
+        at.session_state["variants"] = variants
+    if url_variants is not None:
+        at.query_params["variants"] = url_variants
+    at.run()
+    assert not at.exception, at.exception
+    if page:
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, at.exception
+    return at

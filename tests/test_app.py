@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import digit_png, expected_predictions, kill_active_runs
+from conftest import digit_png, expected_predictions, kill_active_runs, open_app
 
 RUNS = Path(tempfile.mkdtemp(prefix="wsviz-apptest-runs-"))
 os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
@@ -16,22 +16,12 @@ os.environ["WSVIZ_RUNS"] = str(RUNS)  # before the pages import their settings
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "app.py")
 SHIPPED = sorted(p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file())
 pytestmark = pytest.mark.skipif(len(SHIPPED) < 2, reason="needs at least two shipped checkpoints")
 
 
 def app(page: str | None = None, variants: list[str] | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    if variants is not None:
-        at.session_state["variants"] = variants
-    at.run()
-    assert not at.exception, at.exception
-    if page:
-        at.switch_page(page)
-        at.run()
-        assert not at.exception, at.exception
-    return at
+    return open_app(page, variants)
 
 
 def pair() -> list[str]:

@@ -11,28 +11,17 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-state-runs-"))
 
+from conftest import open_app  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "app.py")
 SHIPPED = {p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file()}
 PAIR = ["scale-msws-vanilla", "scale-msws-shared"]
 pytestmark = pytest.mark.skipif(not set(PAIR) <= SHIPPED, reason="needs the shipped msws checkpoints")
 
 
 def app(page: str | None = None, variants: list[str] | None = None, url_variants: str | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    if variants is not None:
-        at.session_state["variants"] = variants
-    if url_variants is not None:
-        at.query_params["variants"] = url_variants
-    at.run()
-    assert not at.exception, at.exception
-    if page:
-        at.switch_page(page)
-        at.run()
-        assert not at.exception, at.exception
-    return at
+    return open_app(page, variants, url_variants)
 
 
 def test_sidebar_choice_is_written_to_the_url_and_read_back_by_a_new_session():

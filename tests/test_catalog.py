@@ -54,23 +54,26 @@ def test_shipped_catalog_equals_a_live_count_and_reuse_accounts_for_every_model(
             assert mechanism.get(family, "direct") in reused, (name, reused)
 
 
+def torch_modules_after(code: str) -> str:
+    """Run ``code`` in a fresh interpreter in the checkout; its printed line, which ends with the
+    torch modules it imported (``[]`` when none)."""
+    probe = ("import sys; sys.path.insert(0, '.'); " + code + "; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_first_page_needs_no_torch():
     """What app.py and the Models page import before the table is drawn must not pull in torch
     (seconds to import): the cold start depends on it."""
-    code = ("import sys; sys.path.insert(0, '.'); import pages._shared, wsviz.catalog, wsviz.training.cards, "
-            "wsviz.training.runstore; wsviz.catalog.load_catalog(); "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert torch_modules_after("import pages._shared, wsviz.catalog, wsviz.training.cards, wsviz.training.runstore; "
+                               "wsviz.catalog.load_catalog()") == "[]"
 
 
 def test_sharing_map_of_an_architecture_needs_no_torch():
     """The Models page draws a registered architecture's sharing map from the precomputed file, at
     once: reading and drawing it must not import torch (seconds) or build the model."""
-    code = ("import sys; sys.path.insert(0, '.'); import wsviz.catalog, wsviz.figures; "
-            "s = wsviz.catalog.load_sharing_map('wsms_resnet152'); wsviz.figures.sharing_map_figure(s); "
-            "print(len(s.reused) > 0, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True []"
+    assert torch_modules_after("import wsviz.catalog, wsviz.figures; "
+                               "s = wsviz.catalog.load_sharing_map('wsms_resnet152'); "
+                               "wsviz.figures.sharing_map_figure(s); print(len(s.reused) > 0, end=' ')") == "True []"

@@ -10,13 +10,13 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-truthful-runs-"))
 
+from conftest import open_app  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from wsviz.models import summarize  # noqa: E402
 from wsviz.training.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "app.py")
 SHIPPED = {p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file()}
 
 
@@ -27,16 +27,8 @@ def needs(*names: str) -> list[str]:
     return list(names)
 
 
-def app(page: str | None, variants: list[str]) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.session_state["variants"] = variants
-    at.run()
-    assert not at.exception, at.exception
-    if page:
-        at.switch_page(page)
-        at.run()
-        assert not at.exception, at.exception
-    return at
+def app(page: str | None = None, variants: list[str] | None = None) -> AppTest:
+    return open_app(page, variants)
 
 
 def texts(at: AppTest) -> str:
