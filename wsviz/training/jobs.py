@@ -61,14 +61,39 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
 
     for k, v in overrides.items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env, cwd = child_environment()
     with open(out / "log.txt", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=root)
+                                start_new_session=True, env=env, cwd=cwd)
     store.set_pid(run.id, proc.pid)
     return store.get(run.id)
+
+
+def child_environment() -> tuple[dict[str, str], str | None]:
+    """(environment, working folder) in which ``python -m wsviz.train`` imports this same wsviz.
+
+    Installed (the package's folder is one of the interpreter's site folders, or already on
+    ``PYTHONPATH``), the child needs nothing and inherits the working folder. Run from a source
+    checkout that is not installed, it runs in the checkout's root (``python -m`` puts the
+    working folder first on the import path) with the root also put on ``PYTHONPATH``.
+    """
+    import site
+
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]  # the folder that holds the wsviz package
+    on_path = [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(),
+                                 *env.get("PYTHONPATH", "").split(os.pathsep)) if p]
+    if any(_same(root, p) for p in on_path):
+        return env, None
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env, str(root)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a == b.resolve()
+    except OSError:
+        return False
 
 
 def cancel(store: RunStore, run_id: str) -> Run:
