@@ -172,3 +172,28 @@ def test_adopt_refuses_what_it_cannot_use():
         wsviz.adopt(wsviz.create_model("resnet_digits"), (1, 28, 28))
     with pytest.raises(WsvizError, match="Adopt it first"):  # nothing was recorded by the refused calls
         wsviz.input_shape(m)
+
+
+class _TimmLikeResNet(nn.Module):
+    """timm's ResNet layout: stages layer1..layer4, pooling (with flatten) in ``global_pool``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        tv = torchvision.models.resnet18(num_classes=4)
+        self.conv1, self.bn1, self.act1, self.maxpool = tv.conv1, tv.bn1, tv.relu, tv.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = tv.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.global_pool(x))
+
+
+def test_timm_style_resnet_taps_are_found():
+    m = wsviz.adopt(_TimmLikeResNet().eval(), (3, 32, 32))
+    assert [(t.name, t.kind) for t in list_taps(m)] == [("layer1", "level"), ("layer2", "level"), ("layer3", "level"),
+                                                        ("layer4", "level"), ("global_pool", "embedding")]
+    assert wsviz.num_classes(m) == 4
+    assert penultimate_features(m, torch.rand(3, 3, 32, 32)).shape == (3, 512)
