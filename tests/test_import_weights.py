@@ -212,3 +212,31 @@ def test_the_app_lists_an_imported_checkpoint(tmp_path):
     assert p.returncode == 0, p.stderr
     listed, refused, model, cls = json.loads(p.stdout.strip().splitlines()[-1])
     assert listed == ["imported-r18"] and refused == {} and model == "msws_resnet18" and cls == "ResNet"
+
+
+# ------------------------------------------------------------------ timm's registry conventions
+def test_list_models_returns_names_filtered_by_wildcards():
+    names = wsviz.list_models()
+    assert all(isinstance(n, str) for n in names) and len(names) == len(set(names)) >= 30
+    assert wsviz.list_models("sharesnet*") == wsviz.list_models(family="sharesnet")
+    assert wsviz.list_models(["msws_resnet1*", "*wrn40_4"]) == ["msws_resnet101", "msws_resnet152", "msws_resnet18",
+                                                                "sharesnet_wrn40_4"]
+    assert wsviz.list_models("nothing*") == []
+    assert wsviz.get_spec("msws_resnet18").family == "msws"  # the metadata has its own function
+
+
+def test_pretrained_picks_the_trained_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSVIZ_CHECKPOINTS", str(ROOT / "checkpoints"))
+    have = wsviz.list_models(pretrained=True)
+    assert "msws_resnet_digits" in have and "msws_resnet18" not in have
+    m = wsviz.create_model("msws_resnet_digits", pretrained=True, sharing="vanilla")
+    ref, _ = load_checkpoint(ROOT / "checkpoints" / "scale-msws-vanilla")
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+    # no options: the checkpoint with the model's default options (sharing='shared')
+    assert wsviz.create_model("msws_resnet_digits", pretrained=True).wsviz_config["sharing"] == "shared"
+    with pytest.raises(WsvizError, match="4 trained checkpoints of 'repeatnet_resnet18'.*mode='bireal'"):
+        wsviz.create_model("repeatnet_resnet18", pretrained=True)
+    with pytest.raises(WsvizError, match="No trained checkpoint of 'msws_resnet18'"):
+        wsviz.create_model("msws_resnet18", pretrained=True)
+    monkeypatch.setenv("WSVIZ_CHECKPOINTS", str(tmp_path))
+    assert wsviz.list_models(pretrained=True) == []
