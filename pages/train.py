@@ -31,7 +31,7 @@ st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else '
 store = open_run_store()
 
 with st.form("launch"):
-    names = [s.name for s in list_models()]
+    names = list_models()
     c1, c2, c3 = st.columns(3)
     model = c1.selectbox("Model", names, index=names.index("msws_resnet_digits"))
     dataset = c2.selectbox("Dataset", dataset_names(), index=dataset_names().index("mnist5k-scale"))

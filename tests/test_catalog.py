@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from wsviz.catalog import build_catalog, load_catalog, load_sharing_map
-from wsviz.models import list_models
+from wsviz.models import get_spec, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_catalog_lists_every_registered_model():
-    assert [r["name"] for r in load_catalog()] == [s.name for s in list_models()]
+    assert [r["name"] for r in load_catalog()] == list_models()
 
 
 @pytest.mark.slow
@@ -44,11 +44,11 @@ def test_shipped_catalog_equals_a_live_count_and_reuse_accounts_for_every_model(
     assert build_catalog(maps=maps) == load_catalog()
     for name, _ in seen:  # the app draws each architecture's sharing map from the file
         assert load_sharing_map(name).to_dict() == maps[name], f"sharing_maps.json is stale for {name}"
-    assert [n for n, _ in seen] == [s.name for s in list_models()]
+    assert [n for n, _ in seen] == list_models()
     mechanism = {"repeatnet": "tiled", "equivariant": "expanded"}
     for name, s in seen:
         check_reuse_accounting(s)
-        family = next(m.family for m in list_models() if m.name == name)
+        family = get_spec(name).family
         reused = {k for r in s.reuse().values() if r.reused for k in r.kinds}
         if s.compression > 1 or reused:
             assert mechanism.get(family, "direct") in reused, (name, reused)

@@ -9,6 +9,9 @@ figures (plotly HTML) the app shows.
     python -m wsviz attribution --checkpoint checkpoints/scale-resnet20 --image digit.png --out out/
     python -m wsviz embed    --checkpoint checkpoints/rot-cnn --dataset mnist5k-rot --method umap --out out/
     python -m wsviz cka      --checkpoint checkpoints/scale-msws-vanilla checkpoints/scale-msws-shared --out out/
+    python -m wsviz import   --model msws_resnet18 --set sharing=vanilla --weights resnet18.pth --out checkpoints/r18
+
+Installed as a package, ``wsviz ...`` is the same command.
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ from wsviz.errors import WsvizError
 
 def _models(args: argparse.Namespace) -> int:
     from wsviz.analysis.zoo import zoo_table
-    from wsviz.models import get_spec, list_models
+    from wsviz.models import families, get_spec, list_models
 
-    specs = [get_spec(n) for n in args.name] if args.name else list_models(args.family)
-    if args.family and not specs:
-        families = sorted({s.family for s in list_models()})
-        raise WsvizError(f"No family {args.family!r}: use one of {', '.join(families)}.")
+    specs = [get_spec(n) for n in (args.name or list_models(args.pattern, family=args.family))]
+    if args.family and args.family not in families():
+        raise WsvizError(f"No family {args.family!r}: use one of {', '.join(families())}.")
     rows = zoo_table(specs, accounting=args.summary)
     if args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["name"])
@@ -57,6 +59,16 @@ def _runs(args: argparse.Namespace) -> int:
         print(store.recovery.message())
     else:
         print(f"{store.db_path}: {store.rebuild().summary()}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from wsviz.models.convert import import_weights
+    from wsviz.train import parse_set
+
+    card = import_weights(args.model, args.weights, args.out, parse_set(args.set), dataset=args.dataset)
+    print(f"wrote {Path(args.out)}: {card['model']} ({card['imported_from']['layout']} layout, "
+          f"{card['imported_from']['tensors']} tensors, {card['unique_params']:,} parameters)")
     return 0
 
 
@@ -252,11 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list registered models (with --summary: params and FLOPs)")
+    p.add_argument("pattern", nargs="?", default=None, help="only names matching this wildcard, e.g. 'msws_*'")
     p.add_argument("--family", help="only this family")
     p.add_argument("--name", nargs="*", help="only these model names")
     p.add_argument("--summary", action="store_true", help="build each model and count params/FLOPs")
     p.add_argument("--csv", action="store_true", help="write CSV to stdout")
     p.set_defaults(func=_models)
+    p = sub.add_parser("import", help="turn a PyTorch state dict (.pt/.pth/.safetensors) into a wsviz checkpoint",
+                       description="Read a state dict with torch.load(weights_only=True) (.pt/.pth; no code runs) or "
+                                   "safetensors, map torchvision's ResNet keys onto wsviz's, and write a checkpoint "
+                                   "folder (weights.safetensors + card.json) the app lists.")
+    p.add_argument("--model", required=True, help="a registered model (python -m wsviz models)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. sharing=vanilla or shared=false (repeatable)")
+    p.add_argument("--weights", required=True, help="the state dict: a .pt / .pth or .safetensors file")
+    p.add_argument("--out", required=True, help="the checkpoint folder to write (e.g. checkpoints/NAME)")
+    p.add_argument("--dataset", default=None, help="what the weights were trained on (a wsviz dataset name), so "
+                                                   "the app can evaluate them")
+    p.set_defaults(func=_import)
     p = sub.add_parser("runs", help="the run store: `runs rebuild` brings back runs from their folders")
     p.add_argument("action", choices=["rebuild"],
                    help="rebuild: move a damaged store aside and restore every run from its folder")
@@ -309,7 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_code", 2)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``wsviz`` console command (installed with the package): ``python -m wsviz`` by another name."""
     from wsviz.cli_errors import run_cli
 
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -132,7 +132,9 @@ def _targets(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
              device: torch.device) -> torch.Tensor:
     """The class explained for each image: given, or the model's prediction."""
     n = len(x)
-    num_classes = getattr(model, "wsviz_config", {}).get("num_classes")
+    from wsviz.models.registry import num_classes as classes_of
+
+    num_classes = classes_of(model)
     if target is None:
         preds = []
         with torch.no_grad():

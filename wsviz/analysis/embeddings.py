@@ -50,10 +50,7 @@ def model_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
                          "add a batch dimension with images.unsqueeze(0) for a single image.")
     if len(images) == 0:
         raise WsvizError("No images given; pass at least one image.")
-    if getattr(model, "wsviz_config", None) is None:
-        raise WsvizError("This model was not made by wsviz.models.create_model, so its input shape is unknown; "
-                         "build it with create_model (or load a wsviz checkpoint).")
-    c, h, _ = input_shape(model)
+    c, h, _ = input_shape(model)  # a wsviz model's config, or what wsviz.adopt recorded
     return fit_to(images, c, h).float()  # wsviz models run in float32 (float64 input would not)
 
 
@@ -128,8 +125,8 @@ def embedding_tap(model: nn.Module) -> str:
     taps = list_taps(model, "embedding")
     if len(taps) != 1:
         raise WsvizError(f"Expected exactly one tap of kind 'embedding' in the model, found {len(taps)} "
-                         f"({', '.join(t.name for t in taps) or 'none'}); penultimate features need a "
-                         "model built by wsviz.models.create_model.")
+                         f"({', '.join(t.name for t in taps) or 'none'}); for a model of your own, name the module whose "
+                         "output the classifier reads: wsviz.adopt(model, input_shape, taps={PATH: 'embedding'}).")
     return taps[0].name
 
 
@@ -198,7 +195,11 @@ def project(features: np.ndarray, method: str = "pca", n_components: int = 2, ma
                     method="barnes_hut" if n_components < 4 else "exact")
         coords = tsne.fit_transform(x)
     else:
-        import umap
+        try:
+            import umap
+        except ImportError as exc:
+            raise WsvizError("UMAP needs the package umap-learn: pip install 'wsviz[umap]' (or use method='pca' or "
+                             "'tsne').") from exc
 
         reducer = umap.UMAP(n_components=n_components, n_neighbors=min(15, m - 1), random_state=seed)
         with warnings.catch_warnings():

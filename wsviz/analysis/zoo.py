@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from wsviz.models import ModelSpec, create_model, list_models, summarize
+from wsviz.models import ModelSpec, create_model, get_spec, list_models, summarize
 
 
 def spec_row(spec: ModelSpec) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def zoo_table(specs: Iterable[ModelSpec] | None = None, accounting: bool = True,
     ``progress(i, n, name)`` is called before each model is built (the app shows a bar). With
     ``maps`` (a dict), each model's sharing map is stored there by name.
     """
-    specs = list(specs) if specs is not None else list_models()
+    specs = list(specs) if specs is not None else [get_spec(n) for n in list_models()]
     rows = []
     for i, spec in enumerate(specs):
         if progress:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -56,8 +56,9 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
     """
     folder = Path(folder)
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
+    meta = weights_metadata(card)
     with eval_mode(model):  # e2cnn caches its expanded filters in eval mode: store only real state
-        tmp_w = _write_temp(folder / WEIGHTS, lambda p: save_model(model, p))
+        tmp_w = _write_temp(folder / WEIGHTS, lambda p: save_model(model, p, metadata=meta))
     try:
         tmp_c = _write_temp(folder / CARD, lambda p: Path(p).write_text(text))
     except BaseException:
@@ -71,6 +72,17 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
         _discard(tmp_c)
         raise
     return folder
+
+
+def weights_metadata(card: dict[str, Any]) -> dict[str, str]:
+    """The safetensors header metadata of a checkpoint's weights: ``format: pt`` (what
+    safetensors and the Hugging Face tools expect of PyTorch weights), and the model and its
+    options, so the weights file alone says what to build (the card says it in full)."""
+    meta = {"format": "pt"}
+    if isinstance(card.get("model"), str):
+        meta["wsviz_model"] = card["model"]
+        meta["wsviz_config"] = json.dumps(card.get("config", {}), sort_keys=True, default=str)
+    return meta
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -92,13 +104,10 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     name, config = card["model"], _checked_config(card["model"], card.get("config", {}), folder / CARD)
     check_weights(folder)  # reads the header only: a renamed pickle or a cut file is named as such
     path = folder / WEIGHTS
-    try:
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WsvizError(f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-create it.") from exc
+    shapes = _file_shapes(path)
     meta = _meta_model(name, config, folder / CARD)
     if meta is not None:  # shapes checked before any memory is spent on the model
-        _check_fit(path, name, meta, state)
+        _check_fit(path, name, meta, shapes)
     try:
         model = create_model(name, **config)
     except WsvizError:
@@ -107,10 +116,49 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
         raise WsvizError(f"The model card {folder / CARD} describes a {name} that cannot be built "
                          f"({type(exc).__name__}: {exc}); re-create the checkpoint.") from exc
     if meta is None:  # e2cnn: only the built model can be checked
-        _check_fit(path, name, model, state)
-    model.load_state_dict(state, strict=False)
+        _check_fit(path, name, model, shapes)
+    _load_into(model, path, device)
     model.to(device).eval()
     return model, card
+
+
+def load_weights(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
+    """Load a bare ``.safetensors`` state of ``model`` (no card), refusing weights that do not fit
+    with the keys named. Safetensors only: nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsvizError(f"{path} does not exist; give a .safetensors file.")
+    shapes = _file_shapes(path)
+    _check_fit(path, name or type(model).__name__, model, shapes, card=False)
+    _load_into(model, path, "cpu")
+    return model
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a safetensors header (no tensor data read)."""
+    from wsviz.training.cards import _foreign_format
+
+    with open(path, "rb") as fh:
+        foreign = _foreign_format(fh.read(8))
+    if foreign:
+        raise WsvizError(f"{path} is {foreign}, not a safetensors file; wsviz never unpickles weights (loading a "
+                         "pickle can run any code it contains). Convert a state dict you trust with "
+                         "`python -m wsviz import`.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WsvizError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or not a "
+                         "safetensors file at all. Re-create it.") from exc
+
+
+def _load_into(model: nn.Module, path: Path, device: str | torch.device) -> None:
+    """safetensors' own ``load_model`` (it knows which names of one shared tensor it stored: e2cnn's
+    aliased basis buffers), strict, after the shapes were checked."""
+    try:
+        load_model(model, str(path), strict=True, device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WsvizError(f"The weights in {path} could not be loaded ({exc}); re-create the checkpoint.") from exc
 
 
 def _checked_config(name: str, config: dict[str, Any], card: Path | None = None) -> dict[str, Any]:
@@ -200,24 +248,27 @@ def _meta_model(name: str, config: dict[str, Any], card: Path | None = None) -> 
                          + ("re-create the checkpoint." if card else "change them.")) from exc
 
 
-def _check_fit(path: Path, name: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Raise a WsvizError unless ``state`` holds exactly ``model``'s tensors at their shapes."""
+def _check_fit(path: Path, name: str, model: nn.Module, shapes: dict[str, tuple[int, ...]], card: bool = True) -> None:
+    """Raise a WsvizError unless the file's tensors (``shapes``) are exactly ``model``'s, at their shapes."""
     expected = model.state_dict(keep_vars=True)
     # safetensors' save_model stores one of several names for the same tensor (e2cnn's shared
     # basis buffers): a name is missing only if no name of its tensor is in the file.
     groups: dict[int, list[str]] = {}
     for k, v in expected.items():
         groups.setdefault(_identity(v), []).append(k)
-    missing = [k for k, v in expected.items() if not any(a in state for a in groups[_identity(v)])]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k, v in expected.items() if not any(a in shapes for a in groups[_identity(v)])]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [k for k in shapes if k in expected and tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         detail = "; ".join(x for x in (
             f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}" if wrong else "",
+            f"wrong shape {[(k, tuple(shapes[k]), tuple(expected[k].shape)) for k in wrong[:3]]}" if wrong else "",
         ) if x)
-        raise WsvizError(f"The weights in {path} do not fit the model its card describes ({name}): {detail}. "
-                         "The card or the weights were changed or mixed up; re-create the checkpoint.")
+        if card:
+            raise WsvizError(f"The weights in {path} do not fit the model its card describes ({name}): {detail}. "
+                             "The card or the weights were changed or mixed up; re-create the checkpoint.")
+        raise WsvizError(f"The weights in {path} do not fit {name} with these options: {detail}. Pass the options "
+                         "the weights were saved with, or the weights of this model.")
 
 
 def _identity(t: torch.Tensor) -> int:

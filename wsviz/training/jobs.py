@@ -134,22 +134,21 @@ def train_command(store: RunStore, run: Run, max_running: int, *, resume: bool, 
 
 def _start(store: RunStore, run: Run, max_running: int, backend: str, *, resume: bool) -> Run:
     out = Path(run.out_dir)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env, cwd = child_environment()
     if backend != "process":  # the cluster's nodes have their own GPUs: SLURM gives each job its own
         cmd = train_command(store, run, CLUSTER_SLOTS, resume=resume, gpus=[])
-        job = _submit(backend, out, cmd, env)
+        job = _submit(backend, out, cmd, env, cwd)
         store.set_pid(run.id, None, host=f"{backend}:{job.job_id}")
         return store.get(run.id)
     cmd = train_command(store, run, max_running, resume=resume, gpus=gpu_slots())
     with open(out / "log.txt", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=ROOT)
+                                start_new_session=True, env=env, cwd=cwd)
     store.set_pid(run.id, proc.pid)
     return store.get(run.id)
 
 
-def _submit(backend: str, out: Path, cmd: list[str], env: dict[str, str]):
+def _submit(backend: str, out: Path, cmd: list[str], env: dict[str, str], cwd: str | None):
     """Submit ``cmd`` as one submitit job (SLURM, or submitit's local executor)."""
     import submitit
 
@@ -164,7 +163,34 @@ def _submit(backend: str, out: Path, cmd: list[str], env: dict[str, str]):
         params = {}
         executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(**{"timeout_min": 60 * 24, **params})
-    return executor.submit(submitit.helpers.CommandFunction(cmd, cwd=str(ROOT), env=env, verbose=False))
+    return executor.submit(submitit.helpers.CommandFunction(cmd, cwd=cwd, env=env, verbose=False))
+
+
+def child_environment() -> tuple[dict[str, str], str | None]:
+    """(environment, working folder) in which ``python -m wsviz.train`` imports this same wsviz.
+
+    Installed (the package's folder is one of the interpreter's site folders, or already on
+    ``PYTHONPATH``), the child needs nothing and inherits the working folder. Run from a source
+    checkout that is not installed, it runs in the checkout's root (``python -m`` puts the
+    working folder first on the import path) with the root also put on ``PYTHONPATH``.
+    """
+    import site
+
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]  # the folder that holds the wsviz package
+    on_path = [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(),
+                                 *env.get("PYTHONPATH", "").split(os.pathsep)) if p]
+    if any(_same(root, p) for p in on_path):
+        return env, None
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env, str(root)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a == b.resolve()
+    except OSError:
+        return False
 
 
 def cancel(store: RunStore, run_id: str) -> Run:
