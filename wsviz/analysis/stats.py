@@ -211,6 +211,116 @@ def compare_predictions(pred_a: Any, pred_b: Any, labels: Any, names: Sequence[s
     return Comparison(name_a, name_b, n, acc_a, acc_b, mc, ci, alpha, significant, summary)
 
 
+# ------------------------------------------- intervals at the extremes, equivalence, clusters
+def wilson_ci(correct: Any, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(accuracy, lo, hi): Wilson score interval (scipy's ``binomtest(...).proportion_ci``).
+
+    Unlike a percentile bootstrap it does not collapse at 0% or 100% (1000/1000 correct gives
+    [0.9962, 1], not [1, 1]).
+    """
+    c = _as_correct(correct, "correct")
+    if not 0.0 < alpha < 1.0:
+        raise WsvizError(f"alpha must lie strictly between 0 and 1 (0.05 for a 95% interval), got {alpha!r}.")
+    if len(c) == 0:
+        raise WsvizError("An accuracy over zero samples has no interval: evaluate on a non-empty test set.")
+    k, n = int(np.count_nonzero(c)), len(c)
+    ci = _sps.binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Two one-sided tests (TOST) that two models' accuracies differ by less than ``margin``."""
+
+    diff: float  # accuracy of a minus accuracy of b (fraction)
+    margin: float  # stated in advance, as a fraction (0.01 = 1 point)
+    p_value: float  # the larger of the two one-sided p-values
+    lo: float  # the (1 - 2 alpha) interval of the difference: equivalence iff it lies inside ±margin
+    hi: float
+    alpha: float
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p_value < self.alpha
+
+    def verdict(self, different: bool) -> str:
+        """'equivalent within ±m pt', 'different' (given a significant difference test) or 'inconclusive'."""
+        if self.equivalent:
+            return f"equivalent within ±{100 * self.margin:g} pt"
+        return "different" if different else "inconclusive"
+
+
+def equivalence_test(correct_a: Any, correct_b: Any, margin: float = 0.01, alpha: float = 0.05) -> Equivalence:
+    """Paired TOST on per-sample correctness: H0 |acc_a - acc_b| >= margin, rejected (equivalent) when
+    both one-sided paired t-tests reject at ``alpha`` (the same as statsmodels' ``ttost_paired``).
+
+    "No significant difference" is not "the same": only this test can say two models are equivalent,
+    and only within a margin stated before looking.
+    """
+    a = _as_correct(correct_a, "correct_a").astype(float)
+    b = _as_correct(correct_b, "correct_b").astype(float)
+    _same_length(a, b, "correct_a and correct_b")
+    if not 0.0 < margin < 1.0:
+        raise WsvizError(f"margin must be a fraction between 0 and 1 (0.01 = one point), got {margin!r}.")
+    if not 0.0 < alpha < 0.5:
+        raise WsvizError(f"alpha must lie strictly between 0 and 0.5, got {alpha!r}.")
+    d = a - b
+    n = len(d)
+    if n < 2:
+        raise WsvizError("An equivalence test needs at least two paired samples.")
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0:  # every pair agrees exactly: the difference is known, not estimated
+        p = 0.0 if abs(mean) < margin else 1.0
+        return Equivalence(mean, margin, p, mean, mean, alpha)
+    se = sd / math.sqrt(n)
+    p_low = float(_sps.t.sf((mean + margin) / se, n - 1))  # H0: diff <= -margin
+    p_high = float(_sps.t.cdf((mean - margin) / se, n - 1))  # H0: diff >= +margin
+    half = float(_sps.t.ppf(1 - alpha, n - 1)) * se
+    return Equivalence(mean, margin, max(p_low, p_high), mean - half, mean + half, alpha)
+
+
+@dataclass(frozen=True)
+class ClusteredTest:
+    """A paired comparison whose samples come in clusters (rescaled copies of one image)."""
+
+    diff: float  # mean over clusters of the within-cluster accuracy difference a - b
+    p_value: float  # two-sided sign-flip permutation test over clusters
+    clusters: int
+    method: str  # "exact" (every sign pattern) or "monte carlo"
+
+
+def clustered_sign_flip_test(correct_a: Any, correct_b: Any, clusters: Any, n_resamples: int = 9999,
+                             seed: int = 0) -> ClusteredTest:
+    """Two-sided test that a and b are equally accurate when samples are dependent within clusters.
+
+    The unit of independence is the cluster (e.g. one test digit seen at 8 scales): each cluster's
+    accuracy difference is one observation, and under H0 its sign is arbitrary, so the test flips
+    the signs of the cluster differences (scipy's ``permutation_test``, exact for few clusters).
+    Pooling the copies as independent pairs would overstate the evidence.
+    """
+    a = _as_correct(correct_a, "correct_a").astype(float)
+    b = _as_correct(correct_b, "correct_b").astype(float)
+    _same_length(a, b, "correct_a and correct_b")
+    g = np.asarray(clusters)
+    if g.shape != a.shape:
+        raise WsvizError(f"clusters must give one cluster id per sample ({len(a)}), got shape {g.shape}.")
+    ids, inverse = np.unique(g, return_inverse=True)
+    if len(ids) < 2:
+        raise WsvizError("A clustered test needs at least two clusters.")
+    d = np.bincount(inverse, weights=a - b) / np.bincount(inverse)
+    if not d.any():
+        return ClusteredTest(0.0, 1.0, len(ids), "exact")
+    exact = len(ids) <= 16
+    res = _sps.permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
+                                n_resamples=np.inf if exact else n_resamples, rng=np.random.default_rng(seed))
+    return ClusteredTest(float(d.mean()), float(min(1.0, res.pvalue)), len(ids), "exact" if exact else "monte carlo")
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values: family-wise error over every test given, in their order."""
+    return _holm(list(p_values))
+
+
 # ------------------------------------------------------------------------ fair comparison
 @dataclass
 class FairRow:
