@@ -1,0 +1,117 @@
+"""Tying a trained network's convolutions (issue 19's mechanism): the tied model is a shared model
+like the papers', its initial weights are what they claim, and bad groups are refused clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from wsviz.data.datasets import load_split
+from wsviz.errors import WsvizError
+from wsviz.models import summarize
+from wsviz.models.sharing import SharedConv2d
+from wsviz.models.tie import _input_covariances, initial_weight, reestimate_batchnorm, tie
+from wsviz.training.checkpoint import load_checkpoint
+from wsviz.training.loop import evaluate
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+GROUPS = [[f"stages.{s}.1.conv2", f"stages.{s}.2.conv2"] for s in range(3)]  # ShaResNet's rule on this WRN
+
+
+@pytest.fixture(scope="module")
+def twin():
+    if not (CKPT / "scale-sharesnet-unshared" / "card.json").is_file():
+        pytest.skip("needs the shipped ShaResNet twin")
+    return load_checkpoint(CKPT / "scale-sharesnet-unshared")[0]
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return load_split("mnist5k-scale", "train").spread(512).images  # every class (the split is sorted by class)
+
+
+def test_tied_twin_is_the_shared_architecture(twin):
+    tied = tie(twin, GROUPS, init="mean")
+    shared = load_checkpoint(CKPT / "scale-sharesnet")[0]
+    s_tied, s_shared = summarize(tied), summarize(shared)
+    assert s_tied.unique_params == s_shared.unique_params == 223_610
+    assert s_tied.effective_params == summarize(twin).unique_params
+    assert {p: r.sites for p, r in s_tied.reuse().items() if r.reused} == \
+        {p: r.sites for p, r in s_shared.reuse().items() if r.reused}
+    assert isinstance(tied.get_submodule("stages.2.2.conv2"), SharedConv2d)
+    assert not isinstance(twin.get_submodule("stages.2.2.conv2"), SharedConv2d)  # the original is untouched
+
+
+def test_each_use_site_trains_the_one_stored_weight(twin):
+    tied = tie(twin, GROUPS, init="mean")
+    owner = tied.get_submodule("stages.1.1.conv2").weight
+    for site in ("stages.1.1.conv2", "stages.1.2.conv2"):
+        owner.grad = None
+        x = torch.randn(1, 32, 14, 14)
+        tied.get_submodule(site)(x).sum().backward()
+        assert owner.grad is not None and owner.grad.abs().sum() > 0, site
+
+
+def test_initial_weights_are_what_they_claim(twin, calib):
+    convs = [twin.get_submodule(p) for p in GROUPS[2]]
+    ws = torch.stack([c.weight.detach() for c in convs])
+    mean, _ = initial_weight(convs, "mean")
+    assert torch.allclose(mean, ws.mean(0))
+    medoid, _ = initial_weight(convs, "medoid")
+    assert any(torch.equal(medoid, w) for w in ws)
+    lstsq, _ = initial_weight(convs, "lstsq", twin, calib)
+    covs = _input_covariances(twin, convs, calib)
+
+    def error(w):  # sum over members of ||X_m w - X_m w_m||^2, every output channel
+        return sum(float(torch.einsum("od,de,oe->", (w - wm).flatten(1).double(), c, (w - wm).flatten(1).double()))
+                   for c, wm in zip(covs, ws))
+
+    assert error(lstsq) < error(mean) and error(lstsq) < error(medoid)  # the least-squares optimum
+    assert error(lstsq) <= error(lstsq + 1e-3 * torch.randn_like(lstsq))
+
+
+def test_lstsq_with_fresh_batchnorm_keeps_most_of_the_accuracy(twin, calib):
+    te = load_split("mnist5k-scale", "test").spread(400)
+    _, base, _ = evaluate(twin, te.images, te.labels)
+    acc = {}
+    for init in ("medoid", "mean", "lstsq"):
+        tied = reestimate_batchnorm(tie(twin, GROUPS, init=init, images=calib), calib)
+        _, acc[init], _ = evaluate(tied, te.images, te.labels)
+    # measured on the full test split: untied 96.4%; medoid 38.4%, mean 89.0%, lstsq 92.3% (no fine-tuning)
+    assert acc["lstsq"] > acc["mean"] > acc["medoid"] and acc["lstsq"] > base - 0.1, (base, acc)
+
+
+def test_batchnorm_reestimation_changes_statistics_only(twin, calib):
+    tied = tie(twin, GROUPS, init="mean")
+    before = {n: p.detach().clone() for n, p in tied.named_parameters()}
+    bn = next(m for m in tied.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    reestimate_batchnorm(tied, calib)
+    assert not torch.equal(bn.running_mean, stats) and bn.momentum == 0.1 and not tied.training
+    assert all(torch.equal(p, before[n]) for n, p in tied.named_parameters())
+
+
+@pytest.mark.parametrize("groups, words", [
+    ([["stages.0.1.conv2", "stages.1.1.conv2"]], "differ in shape"),
+    ([["stages.0.1.conv2", "stages.0.9.conv2"]], "no layer 'stages.0.9.conv2'"),
+    ([["stages.0.1.conv2", "stages.0.1.bn2"]], "not a convolution"),
+    ([["stages.0.1.conv2"]], "two or more"),
+    ([["stages.0.1.conv2", "stages.0.2.conv2"], ["stages.0.2.conv2", "stages.0.1.conv1"]], "already in group 1"),
+    ([], "No groups"),
+])
+def test_bad_groups_are_refused_with_the_group_named(twin, groups, words):
+    with pytest.raises(WsvizError, match=words):
+        tie(twin, groups, init="mean")
+
+
+def test_an_already_shared_layer_and_a_missing_calibration_are_refused(twin):
+    shared = tie(twin, GROUPS, init="mean")
+    with pytest.raises(WsvizError, match="already shares"):
+        tie(shared, [["stages.0.2.conv2", "stages.0.0.conv2"]], init="mean")
+    with pytest.raises(WsvizError, match="calibration images"):
+        tie(twin, GROUPS, init="lstsq")
+    with pytest.raises(WsvizError, match="Unknown init"):
+        tie(twin, GROUPS, init="first")
