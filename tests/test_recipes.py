@@ -123,7 +123,9 @@ RSS_SCRIPT = textwrap.dedent("""
         run_training("resnet_digits", "folder:" + folder, out, TrainConfig(epochs=1, batch_size=8, lr=0.01, max_batches=2),
                      overrides={"base_width": 4, "depth": 8, "in_channels": 3, "input_size": 32})
     go(sys.argv[3], sys.argv[2] + "-warm")  # everything imported and built once, on a small folder
-    before = psutil.Process().memory_info().rss
+    # ru_maxrss is the process's lifetime peak: the baseline is the larger of the warm run's peak and the
+    # memory held now, so only what the big folder adds on top of a warm process counts.
+    before = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     go(sys.argv[1], sys.argv[2])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(before, peak)
