@@ -267,8 +267,9 @@ def pick_images(key: str, multiple: bool = True) -> list[tuple[str, bytes]]:
     return [(n, samples[n]) for n in pick]
 
 
-def prepared(name: str, data: bytes, model):
-    """The image as this model's input, or None after showing why it cannot be used."""
+def prepared(name: str, data: bytes, model, quiet: bool = False):
+    """The image as this model's input, or None after showing why it cannot be used (unless ``quiet``:
+    the page has said so already)."""
     from wsviz.data.uploads import load_upload
     from wsviz.models import input_shape
 
@@ -276,13 +277,16 @@ def prepared(name: str, data: bytes, model):
     try:
         return load_upload(data, name, c, s)
     except WsvizError as exc:
-        st.error(str(exc))
+        if not quiet:
+            st.error(str(exc))
         return None
 
 
-def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None) -> dict[str, object]:
+def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None,
+                     quiet: bool = False) -> dict[str, object]:
     """{variant: its (1, C, H, W) input or None}: the image decoded and transformed once per input
-    shape, and an error about it (or a note that it is far from the training data) said once."""
+    shape, and an error about it (or a note that it is far from the training data) said once —
+    not at all with ``quiet``, for a page that has shown the same image's predictions already."""
     from wsviz.data.inputs import input_note
     from wsviz.models import input_shape
 
@@ -291,15 +295,16 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
         try:
             model, card = get_variant(label)
         except Exception as exc:  # noqa: BLE001 - e.g. a variant chosen on the page itself, not in the sidebar
-            show_variant_error(label, exc)
+            if not quiet:
+                show_variant_error(label, exc)
             continue
         c, size, _ = input_shape(model)
         if (c, size) not in by_shape:
-            x = prepared(name, data, model)
+            x = prepared(name, data, model, quiet)
             by_shape[(c, size)] = None if x is None else (x.unsqueeze(0) if transform is None
                                                           else transform(x.unsqueeze(0)))
         note = input_note(data, c, size, card.get("dataset")) if by_shape[(c, size)] is not None else None
-        if note and note not in noted:
+        if note and note not in noted and not quiet:
             noted.add(note)
             st.warning(note, icon=":material/info:")
         inputs[label] = by_shape[(c, size)]

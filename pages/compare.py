@@ -43,7 +43,8 @@ names = [n for n, _ in images]
 pick = st.selectbox("Image for feature maps and attributions", names, key="compare-image") if len(names) > 1 \
     else names[0]
 name, data = images[names.index(pick)]
-inputs = {label: x[0] for label, x in model_inputs_for(name, data, variants).items() if x is not None}
+# the predictions above have said what is wrong with this image, if anything: not again here
+inputs = {label: x[0] for label, x in model_inputs_for(name, data, variants, quiet=True).items() if x is not None}
 
 st.header("Feature maps")
 kinds = sorted({t.kind for v in variants for t in list_taps(get_variant(v)[0])} - {"embedding"})
