@@ -60,3 +60,23 @@ def test_scores_mean_what_they_say(twin):
     untouched = score_groups(twin, cal.images, cal.labels, groups=SHARESNET_RULE)
     assert untouched[0].measured_drop is None and by[SHARESNET_RULE[1]].weight_similarity > \
         next(r for r in untouched if r.group == SHARESNET_RULE[1]).weight_similarity
+
+
+def test_cli_ranks_the_groups(tmp_path, capsys):
+    import csv
+
+    from wsviz.cli import main
+
+    if not (CKPT / "scale-sharesnet-unshared" / "card.json").is_file():
+        pytest.skip("needs the shipped ShaResNet twin")
+    args = ["opportunities", "--checkpoint", str(CKPT / "scale-sharesnet-unshared"), "--out", str(tmp_path),
+            "--calibration", "128", "--limit", "200"]
+    for g in SHARESNET_RULE:
+        args += ["--group", ",".join(g)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "opportunities.csv")))
+    assert {r["group"] for r in rows} == {" + ".join(g) for g in SHARESNET_RULE}
+    drops = [float(r["measured_drop_pts"]) for r in rows]
+    assert drops == sorted(drops) and "pts" in capsys.readouterr().out
+    assert main(["opportunities", "--checkpoint", str(CKPT / "scale-sharesnet-unshared"), "--out", str(tmp_path),
+                 "--group", "stages.0.1.conv2,stages.1.1.conv2"]) == 2

@@ -259,6 +259,39 @@ def _cka(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opportunities(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from wsviz.analysis.opportunities import score_groups
+    from wsviz.data.datasets import load_split
+
+    models = _load(args.checkpoint)
+    if len(models) != 1:
+        raise WsvizError("opportunities scores one --checkpoint folder at a time.")
+    (name, model), = models.items()
+    calibration = load_split(args.dataset, "train").spread(args.calibration)
+    held = _test_data(args.dataset, args.limit)
+    groups = [g.split(",") for g in args.group] if args.group else None
+    bar = tqdm(unit="group", desc=name)
+
+    def progress(i: int, n: int, group: str) -> None:
+        bar.total, bar.n = n, i
+        bar.set_postfix_str(group[:60])
+
+    rows = score_groups(model, calibration.images, calibration.labels, groups=groups, held_out=held,
+                        progress=progress)
+    bar.n = bar.total or 0
+    bar.close()
+    out = _out(args)
+    _write_csv(out / "opportunities.csv", [{"group": " + ".join(r.group), "params_saved": r.params_saved,
+                                            "weight_similarity": r.weight_similarity, "output_cka": r.output_cka,
+                                            "gradient_conflict": r.gradient_conflict,
+                                            "measured_drop_pts": r.measured_drop} for r in rows])
+    for r in rows[:10]:
+        print(f"{r.measured_drop:+6.2f} pts  saves {r.params_saved:>9,}  {' + '.join(r.group)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m wsviz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
     q.add_argument("--color-by", default="class", choices=["class", "angle", "scale"])
     analysis("cka", "linear CKA between the layers of two models", _cka, "mnist5k", 500)
+    q = analysis("opportunities", "where sharing costs least: candidate conv groups scored by weight similarity, "
+                 "output CKA, gradient conflict and the accuracy lost by tying them now", _opportunities,
+                 "mnist5k-scale", 500)
+    q.add_argument("--calibration", type=int, default=512, help="training images for calibration and BatchNorm")
+    q.add_argument("--group", action="append", default=[],
+                   help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
     return parser
 
 
