@@ -27,13 +27,18 @@ def _secrets() -> dict:
         raise WsvizError(f"The secrets file cannot be read ({exc}): fix .streamlit/secrets.toml.") from exc
 
 
+def halt_server() -> None:
+    """Stop the Streamlit server (all sessions); the process then exits."""
+    from streamlit.runtime import Runtime
+
+    Runtime.instance().stop()
+
+
 def _stop_server(message: str) -> None:
     """Refuse to serve: the message on the console and in the browser, and the server stops."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     st.error(message, icon=":material/lock:")
-    from streamlit.runtime import Runtime
-
-    Runtime.instance().stop()
+    halt_server()
     st.stop()
 
 
