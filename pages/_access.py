@@ -77,22 +77,32 @@ def require_access() -> auth.Actor:
         except WsvizError as exc:
             error = str(exc)
     if actor is None:
-        st.title("wsviz: sign in")
-        where = (f" It is printed where wsviz was started, and `python -m wsviz.auth url` prints it again "
-                 f"(it is kept in {cfg.token_file})." if cfg.mode == "generated" else "")
-        st.caption("This server is protected. Open the address with the token (…/?token=…), or enter the token, "
-                   f"or a user name and password, below.{where}")
-        with st.form("sign-in"):
-            user = st.text_input("User (leave empty for a token)", key="_signin_user")
-            secret = st.text_input("Token or password", type="password", key="_signin_secret")
-            if st.form_submit_button("Sign in", type="primary"):
-                try:
-                    actor = auth.attempt(cfg, secret, client, user=user.strip())
-                except WsvizError as exc:
-                    error = str(exc)
-        if actor is None:
-            if error:
-                st.error(error, icon=":material/lock:")
-            st.stop()
+        # The only page while signed out: replaces every page and the sidebar's list of them.
+        st.navigation([st.Page(lambda: _sign_in(cfg, client, error), title="Sign in", url_path="sign-in")],
+                      position="hidden").run()
+        st.stop()
+    st.session_state[_KEY] = actor
+    st.rerun()  # draw the app without the form
+
+
+def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:
+    actor = None
+    st.title("wsviz: sign in")
+    where = (f" It is printed where wsviz was started, and `python -m wsviz.auth url` prints it again "
+             f"(it is kept in {cfg.token_file})." if cfg.mode == "generated" else "")
+    st.caption("This server is protected. Open the address with the token (…/?token=…), or enter the token, "
+               f"or a user name and password, below.{where}")
+    with st.form("sign-in"):
+        user = st.text_input("User (leave empty for a token)", key="_signin_user")
+        secret = st.text_input("Token or password", type="password", key="_signin_secret")
+        if st.form_submit_button("Sign in", type="primary"):
+            try:
+                actor = auth.attempt(cfg, secret, client, user=user.strip())
+            except WsvizError as exc:
+                error = str(exc)
+    if actor is None:
+        if error:
+            st.error(error, icon=":material/lock:")
+        return
     st.session_state[_KEY] = actor
     st.rerun()  # draw the app without the form
