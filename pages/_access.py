@@ -75,13 +75,14 @@ def require_access() -> auth.Actor:
         try:
             actor = auth.attempt(cfg, token, client)
         except WsvizError as exc:
-            error = str(exc)
+            error = st.session_state["_signin_error"] = str(exc)  # kept: removing the token may rerun the page
     if actor is None:
         # The only page while signed out: replaces every page and the sidebar's list of them.
         st.navigation([st.Page(lambda: _sign_in(cfg, client, error), title="Sign in", url_path="sign-in")],
                       position="hidden").run()
         st.stop()
     st.session_state[_KEY] = actor
+    st.session_state.pop("_signin_error", None)
     st.rerun()  # draw the app without the form
 
 
@@ -99,8 +100,9 @@ def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:
             try:
                 actor = auth.attempt(cfg, secret, client, user=user.strip())
             except WsvizError as exc:
-                error = str(exc)
+                error = st.session_state["_signin_error"] = str(exc)
     if actor is None:
+        error = error or st.session_state.get("_signin_error")
         if error:
             st.error(error, icon=":material/lock:")
         return

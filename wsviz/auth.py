@@ -297,7 +297,20 @@ class Throttle:
             self._fails.pop(client, None)
 
 
-THROTTLE = Throttle()
+def _delay() -> float:
+    raw = os.environ.get("WSVIZ_SIGNIN_DELAY", "1").strip() or "1"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be a number of seconds, got {raw!r}.") from None
+    if value <= 0:
+        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be above 0, got {raw!r}.")
+    return value
+
+
+# The first delay after the free wrong tries (WSVIZ_SIGNIN_DELAY seconds, default 1), doubling, up to 30 s
+# (or the first delay, if longer).
+THROTTLE = Throttle(base=_delay(), cap=max(30.0, _delay()))
 
 
 def attempt(cfg: AuthConfig, secret: str, client: str, user: str = "", throttle: Throttle = THROTTLE) -> Actor:
