@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from pages._access import require_access
 from pages._shared import available_variants, plain, refused_checkpoints, run_store_notice
 
 st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
+# Before anything else is drawn: a session that has not signed in sees the sign-in prompt only
+# (no page, no sidebar); a non-loopback address without configured access control stops the server.
+actor = require_access()
 
 PAGES = [
     st.Page("pages/models.py", title="Models", icon=":material/view_module:", default=True),
@@ -46,6 +50,7 @@ with st.sidebar:
             for label, reason in refused.items():
                 st.markdown(f"**{plain(label)}**: {plain(reason)}")
     run_store_notice()  # a damaged or read-only run store: what happened and what to do
+    st.caption(f"Signed in as **{plain(actor.name)}** ({actor.role}).")
     st.caption("wsviz: multi-scale atrous sharing, WSMS-Net, RepeatNet, ShaRDNet, ShaResNet and e2cnn "
                "steerable baselines, compared honestly.")
 nav.run()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -74,6 +75,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "imgs", args.images, args.side)
+        os.environ["WSVIZ_DATA_ROOTS"] = tmp  # folder: datasets are read only under a data root
         name, opts = f"folder:{root}", {"in_channels": 3, "input_size": 32}
         t0 = time.perf_counter()
         ftr = load_split(name, "train")

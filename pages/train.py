@@ -11,7 +11,9 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
+from pages._access import current_actor
 from pages._shared import available_variants, open_run_store, show_error
+from pages._usage import usage_panel
 from wsviz.data.datasets import dataset_names
 from wsviz.data.loaders import AUGMENTS
 from wsviz.errors import WsvizError
@@ -29,6 +31,8 @@ st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else '
            "running if you reload the page or restart the app. A failed or cancelled run can be resumed from its "
            "last finished epoch. TensorBoard: `tensorboard --logdir runs`.")
 store = open_run_store()
+actor = current_actor()  # launch, cancel and resume refuse a viewer, and check this user's quotas
+usage_panel(store, actor)
 
 with st.form("launch"):
     names = list_models()
@@ -59,7 +63,7 @@ if go_:
         from wsviz.training.run import check_trainable
 
         check_trainable(model, dataset, opts)  # refuse bad options or an absurd size here, not in the background
-        run = launch(store, model, dataset, cfg, overrides=opts, name=run_name or None)
+        run = launch(store, model, dataset, cfg, overrides=opts, name=run_name or None, actor=actor)
         st.success(f"Launched run {run.name} ({run.id}).")
         st.session_state["watch"] = run.id
         st.session_state["watch-select"] = run.id  # the newest launch is the one watched
@@ -147,12 +151,16 @@ def runs_panel() -> None:
         st.plotly_chart(fig, key="overlay")
     st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
     if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):
-        cancel(store, watch)
-        st.toast(f"Cancelling {run.name}…")
+        try:
+            cancel(store, watch, actor=actor)
+        except WsvizError as exc:
+            st.error(str(exc))
+        else:
+            st.toast(f"Cancelling {run.name}…")
     if resumable(run) and st.button("Resume this run", key=f"resume-{watch}",
                                     help="continue from the last finished epoch, with the same options"):
         try:
-            resume(store, watch)
+            resume(store, watch, actor=actor)
             st.toast(f"Resuming {run.name}…")
         except WsvizError as exc:
             st.error(str(exc))

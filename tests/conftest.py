@@ -3,12 +3,19 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+# Made explicit for every test process (and the app servers and trainings they start): the app's
+# access control is off (WSVIZ_AUTH=off) except in the tests of it (tests/test_auth*.py set their
+# own), and folder: datasets may be read from the temporary folder the tests make them in.
+os.environ.setdefault("WSVIZ_AUTH", "off")
+os.environ.setdefault("WSVIZ_DATA_ROOTS", str(Path(tempfile.gettempdir()).resolve()))
 
 warnings.filterwarnings("ignore", category=UserWarning, module="e2cnn")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -39,6 +39,10 @@ class Cancelled(Exception):
     """Raised in the training process when it receives SIGTERM."""
 
 
+class OverWallTime(Exception):
+    """Raised in a recorded run that has run longer than its wall-time quota (WSVIZ_QUOTA_HOURS)."""
+
+
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``--set key=value`` model overrides; values are JSON when they parse, else strings."""
     out: dict[str, Any] = {}
@@ -216,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
         return 0
+    except OverWallTime as exc:
+        finish("cancelled", f"stopped at the wall-time limit of {exc.args[0] / 3600:g} h per run (WSVIZ_QUOTA_HOURS); "
+                            "its finished epochs are kept")
+        print("stopped: wall-time limit", file=sys.stderr)
+        return 1
     except Cancelled as exc:
         finish("cancelled", "cancelled by the user")
         print("cancelled", file=sys.stderr)
@@ -313,8 +322,12 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
         if store is not None and time.monotonic() - last[0] > 1.0:  # live loss, at most once a second
             last[0] = time.monotonic()
             store.log_metrics(args.run_id, epoch, {"step_loss": loss}, step=step)
-            if store.get(args.run_id).cancel_requested:
+            run = store.get(args.run_id)
+            if run.cancel_requested:
                 raise Cancelled()
+            limit = run.spec.get("max_seconds")
+            if limit and run.started and time.time() - run.started > limit:
+                raise OverWallTime(limit)
 
     tensorboard = args.tensorboard or tensorboard_dir(args.out)
     try:

@@ -11,6 +11,9 @@ Names (see :func:`dataset_names`):
   seeded) or ``PATH/train/<class>/...`` and ``PATH/test/<class>/...`` (or ``PATH/val/...``,
   ImageNet's layout). :func:`load_split` decodes a folder to 32x32 tensors for the app's
   analyses; training streams it at the model's resolution (:mod:`wsviz.data.loaders`).
+  Only folders under the data roots are read (``WSVIZ_DATA_ROOTS``, folders separated by
+  ``:``; none by default): a path, a ``..`` or a symlink (the folder's, a class folder's or an
+  image's) that leads out of every root is refused (:func:`folder_path`).
 
 Protocol realisations are seeded: realisation ``seed`` transforms the training split with
 generator seed ``2*seed`` and the test split with ``2*seed + 1``.
@@ -145,7 +148,47 @@ _EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGE_EXTS = frozenset(_EXTS)
 
 
+def data_roots() -> list[Path]:
+    """The folders ``folder:`` datasets may be read from (``WSVIZ_DATA_ROOTS``), resolved."""
+    return [Path(p).expanduser().resolve() for p in os.environ.get("WSVIZ_DATA_ROOTS", "").split(os.pathsep)
+            if p.strip()]
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def folder_path(root: str | Path) -> Path:
+    """``root`` resolved (symlinks and ``..`` followed), if that lies under a data root; else a WsvizError."""
+    roots = data_roots()
+    raw = Path(root).expanduser()
+    if not raw.is_absolute():
+        raise WsvizError(f"folder:{root} is a relative path: give the image folder's full path, under one of the "
+                         "data roots (WSVIZ_DATA_ROOTS).")
+    resolved = raw.resolve()
+    if not roots:
+        raise WsvizError(f"folder:{root} is refused: no data roots are configured, so no image folder may be read. "
+                         "Set WSVIZ_DATA_ROOTS to the folder(s) that hold your datasets (separated by ':'), e.g. "
+                         "WSVIZ_DATA_ROOTS=/data.")
+    if not _under(resolved, roots):
+        via = f" (it leads to {resolved})" if resolved != raw else ""
+        raise WsvizError(f"folder:{root} is refused: it is not under a data root{via}. Data roots "
+                         f"(WSVIZ_DATA_ROOTS): {', '.join(map(str, roots))}. Move the dataset under one, or add its "
+                         "folder to WSVIZ_DATA_ROOTS.")
+    return resolved
+
+
+def check_in_roots(file: str | Path) -> Path:
+    """A file of an image folder, resolved, if it stays under a data root (a symlinked image out of it is refused)."""
+    resolved = Path(file).resolve()
+    if not _under(resolved, data_roots()):
+        raise WsvizError(f"{file} leads out of the data roots (to {resolved}): remove that link, or add its target's "
+                         "folder to WSVIZ_DATA_ROOTS.")
+    return resolved
+
+
 def _folder_classes(root: Path) -> list[str]:
+    root = folder_path(root)
     if not root.is_dir():
         raise WsvizError(f"Image folder {root} does not exist. Give folder:PATH with one sub-folder per class.")
     base = root / "train" if (root / "train").is_dir() else root
@@ -162,6 +205,7 @@ def folder_split_dir(root: Path, split: str) -> tuple[Path, bool]:
     are directly under ``PATH`` and split 80/20 by :func:`split_indices`.
     """
     _folder_classes(root)
+    root = folder_path(root)
     test = next((root / t for t in ("test", "val") if (root / t).is_dir()), None)
     if (root / "train").is_dir() and test is not None:
         return (root / "train" if split == "train" else test), True
@@ -175,9 +219,9 @@ def _load_folder(root: Path, split: str, seed: int) -> DigitSplit:
     base, presplit = folder_split_dir(root, split)
     files, labels = [], []
     for ci, c in enumerate(classes):
-        for f in sorted((base / c).iterdir()):
+        for f in sorted(check_in_roots(base / c).iterdir()):
             if f.suffix.lower() in _EXTS:
-                files.append(f)
+                files.append(check_in_roots(f))
                 labels.append(ci)
     if not files:
         raise WsvizError(f"No images ({', '.join(sorted(_EXTS))}) under {base}.")

@@ -89,13 +89,16 @@ def folder_dataset(root: str | Path, split: str, seed: int, transform=None) -> D
     """
     from torchvision.datasets import ImageFolder
 
-    from wsviz.data.datasets import IMAGE_EXTS, folder_split_dir
+    from wsviz.data.datasets import IMAGE_EXTS, check_in_roots, folder_split_dir
     from wsviz.data.digits import split_indices
 
-    base, presplit = folder_split_dir(Path(root), split)
+    base, presplit = folder_split_dir(Path(root), split)  # refused unless under a data root (WSVIZ_DATA_ROOTS)
+
+    def valid(p: str) -> bool:  # an image that a symlink leads out of the data roots is refused
+        return Path(p).suffix.lower() in IMAGE_EXTS and not Path(p).name.startswith(".") and bool(check_in_roots(p))
+
     try:
-        ds = ImageFolder(str(base), transform=transform,
-                         is_valid_file=lambda p: Path(p).suffix.lower() in IMAGE_EXTS and not Path(p).name.startswith("."))
+        ds = ImageFolder(str(base), transform=transform, is_valid_file=valid)
     except (FileNotFoundError, OSError) as exc:
         raise WsvizError(f"Image folder {base} cannot be read as one sub-folder per class ({exc}).") from exc
     if presplit:

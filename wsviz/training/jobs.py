@@ -12,6 +12,12 @@ Backends (``backend=`` or ``WSVIZ_BACKEND``): ``process`` (default, a local proc
 ``slurm`` (a SLURM job through submitit; ``WSVIZ_SLURM`` holds submitit's parameters as JSON,
 e.g. ``{"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 1440}``) and
 ``submitit-local`` (submitit's local executor: the same code path as SLURM, on this machine).
+
+Who acts: :func:`launch`, :func:`cancel` and :func:`resume` take the acting user (``actor``, an
+:class:`wsviz.auth.Actor`; the account running this process when None). A viewer is refused,
+a trainer may cancel or resume only the runs it launched, per-user quotas
+(:mod:`wsviz.training.quotas`) are checked, and the run store's audit trail records who did
+what and when.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsviz.auth import Actor, require_trainer
 from wsviz.errors import WsvizError
 from wsviz.training.loop import TrainConfig
+from wsviz.training.quotas import Quotas, check_launch
 from wsviz.training.runstore import Run, RunStore
 
 DEFAULT_MAX_RUNNING = int(os.environ.get("WSVIZ_MAX_RUNNING", "1"))
@@ -45,12 +53,19 @@ def gpu_slots() -> list[str]:
 
 def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overrides: dict[str, Any] | None = None,
            name: str | None = None, max_running: int = DEFAULT_MAX_RUNNING, data_root: str | None = None,
-           device: str | None = None, data_seed: int = 0, backend: str | None = None) -> Run:
-    """Validate, record and start a run; returns the queued run immediately."""
+           device: str | None = None, data_seed: int = 0, backend: str | None = None, actor: Actor | None = None,
+           quotas: Quotas | None = None) -> Run:
+    """Validate, record and start a run as ``actor``; returns the queued run immediately.
+
+    A viewer, a launch past one of the user's quotas (``quotas``, default from the environment)
+    or a dataset outside the data roots is refused with a WsvizError.
+    """
     from wsviz.data.datasets import dataset_info
     from wsviz.models import get_spec
     from wsviz.training.run import check_trainable
 
+    actor = require_trainer(actor, "launch a training")
+    quotas = Quotas.from_env() if quotas is None else quotas
     cfg.validate()
     get_spec(model)
     dataset_info(dataset, data_root)
@@ -58,14 +73,16 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
     backend = _backend(backend)
+    check_launch(store, actor.name, cfg.epochs, quotas)
     overrides = dict(overrides or {})
     spec = {"model": model, "dataset": dataset, "train_config": cfg.to_dict(), "overrides": overrides,
-            "data_root": data_root, "device": device, "data_seed": data_seed}
-    run = store.create(model, dataset, spec, name)
+            "data_root": data_root, "device": device, "data_seed": data_seed, "max_seconds": quotas.max_seconds}
+    run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role)
     return _start(store, run, max_running, backend, resume=False)
 
 
-def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNING, backend: str | None = None) -> Run:
+def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNING, backend: str | None = None,
+           actor: Actor | None = None, quotas: Quotas | None = None) -> Run:
     """Continue a failed or cancelled run from the training state of its last finished epoch.
 
     The run keeps its id, folder and the metrics of its finished epochs; it queues again like a
@@ -73,14 +90,19 @@ def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNI
     """
     from wsviz.training.state import load_state, state_path
 
+    actor = require_trainer(actor, "resume a run")
     run = store.get(run_id)
+    _check_owner(run, actor, "resume")
     if run.status not in ("failed", "cancelled"):
         raise WsvizError(f"Run {run.name} is {run.status}: only a failed or cancelled run can be resumed.")
     path = state_path(Path(run.out_dir) / "checkpoint")
     if not path.is_file():
         raise WsvizError(f"Run {run.name} finished no epoch, so there is nothing to resume: launch it again.")
     epoch = int(load_state(path)["epoch"])
+    check_launch(store, actor.name, int(run.spec.get("train_config", {}).get("epochs", 0)),
+                 Quotas.from_env() if quotas is None else quotas)
     store.requeue(run_id, keep_epochs=epoch)
+    store.audit(run_id, "resumed", actor.name, actor.role)
     return _start(store, store.get(run_id), max_running, _backend(backend), resume=True)
 
 
@@ -89,6 +111,12 @@ def resumable(run: Run) -> bool:
     from wsviz.training.state import state_path
 
     return run.status in ("failed", "cancelled") and state_path(Path(run.out_dir) / "checkpoint").is_file()
+
+
+def _check_owner(run: Run, actor: Actor, what: str) -> None:
+    """A trainer acts on its own runs (and on runs recorded before launchers were, which have no user)."""
+    if run.user is not None and run.user != actor.name:
+        raise WsvizError(f"Run {run.name} was launched by {run.user!r}: only they can {what} it.")
 
 
 def _backend(backend: str | None) -> str:
@@ -193,11 +221,14 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def cancel(store: RunStore, run_id: str) -> Run:
+def cancel(store: RunStore, run_id: str, *, actor: Actor | None = None) -> Run:
     """Ask a run to stop: a queued run ends before it starts, a running one gets SIGTERM."""
     from wsviz.training.runstore import HOST
 
-    run = store.request_cancel(run_id)  # a job on another machine sees the request within a second
+    actor = require_trainer(actor, "cancel a run")
+    _check_owner(store.get(run_id), actor, "cancel")
+    run = store.request_cancel(run_id)
+    store.audit(run_id, "cancelled", actor.name, actor.role)  # a job on another machine sees the request within a second
     if run.active and run.pid and run.host in (None, HOST):
         try:
             os.kill(run.pid, signal.SIGTERM)

@@ -48,11 +48,15 @@ CREATE TABLE IF NOT EXISTS metrics (
     time REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
+CREATE TABLE IF NOT EXISTS audit (
+    run_id TEXT NOT NULL, action TEXT NOT NULL, user TEXT NOT NULL, role TEXT, time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_run ON audit(run_id);
 """
 # Columns added after the first release: added to an older database when it is opened.
-_ADDED_COLUMNS = {"slot": "TEXT", "host": "TEXT"}
+_ADDED_COLUMNS = {"slot": "TEXT", "host": "TEXT", "user": "TEXT"}
 _COLUMNS = ("id", "name", "model", "dataset", "spec", "status", "reason", "pid", "pid_start", "cancel_requested",
-            "device", "out_dir", "created", "started", "finished", "test_accuracy", "slot", "host")
+            "device", "out_dir", "created", "started", "finished", "test_accuracy", "slot", "host", "user")
 _SELECT = ", ".join(_COLUMNS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")  # what RunStore.create makes
@@ -121,6 +125,7 @@ class Run:
     cancel_requested: bool
     slot: str | None = None  # the GPU (CUDA_VISIBLE_DEVICES) a running job holds; None on CPU
     host: str | None = None  # the machine its process runs on
+    user: str | None = None  # who launched it (None: a run recorded before the audit trail existed)
 
     @property
     def active(self) -> bool:
@@ -144,6 +149,7 @@ class FolderRun:
     test_accuracy: float | None
     device: str | None
     metrics: list[tuple[int, str, float]] = field(default_factory=list)  # (epoch, key, value)
+    user: str | None = None  # who launched it, as run.json says
 
 
 @dataclass
@@ -359,19 +365,24 @@ class RunStore:
         return path
 
     # ------------------------------------------------------------------ writes
-    def create(self, model: str, dataset: str, spec: dict[str, Any], name: str | None = None) -> Run:
+    def create(self, model: str, dataset: str, spec: dict[str, Any], name: str | None = None,
+               user: str | None = None, role: str | None = None) -> Run:
+        """Record a queued run (and, with ``user``, who launched it in the audit trail)."""
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = safe_run_name(name) if name else f"{model}-{dataset}"[:64]
         out = self.run_dir(run_id)
         out.mkdir(parents=True)
         created = time.time()
         with self._connect() as con:
-            con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created) "
-                        "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                        (run_id, name, model, dataset, json.dumps(spec), str(out), created))
+            con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created, user) "
+                        "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                        (run_id, name, model, dataset, json.dumps(spec), str(out), created, user))
+            if user is not None:
+                con.execute("INSERT INTO audit (run_id, action, user, role, time) VALUES (?, 'launched', ?, ?, ?)",
+                            (run_id, user, role, created))
         # Written after the row, so a rebuild never restores a run that is being created.
         _write_json(out / RUN_FILE, {"id": run_id, "name": name, "model": model, "dataset": dataset, "spec": spec,
-                                     "created": created})
+                                     "created": created, "user": user})
         return self.get(run_id)
 
     def claim_slot(self, run_id: str, max_running: int, pid: int, device: str,
@@ -434,6 +445,20 @@ class RunStore:
                         "finished=NULL, slot=NULL, host=NULL, created=? WHERE id=?", (time.time(), run_id))
             con.execute("DELETE FROM metrics WHERE run_id=? AND epoch>?", (run_id, keep_epochs))
         return self.get(run_id)
+
+    def audit(self, run_id: str, action: str, user: str, role: str | None = None) -> None:
+        """Record that ``user`` did ``action`` (launched, cancelled, resumed) to a run, now."""
+        with self._connect() as con:
+            con.execute("INSERT INTO audit (run_id, action, user, role, time) VALUES (?, ?, ?, ?, ?)",
+                        (run_id, action, user, role, time.time()))
+
+    def audit_trail(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Who did what to which run and when, oldest first (of one run, or of all)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT run_id, action, user, role, time FROM audit" +
+                               (" WHERE run_id=?" if run_id else "") + " ORDER BY time, rowid",
+                               (run_id,) if run_id else ()).fetchall()
+        return [dict(zip(("run_id", "action", "user", "role", "time"), r)) for r in rows]
 
     def log_metrics(self, run_id: str, epoch: int, values: dict[str, float], step: int | None = None) -> None:
         now = time.time()
@@ -516,9 +541,9 @@ class RunStore:
                         report.updated.append(fr.id)
                     continue
                 con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, reason, device, out_dir, created, "
-                            "started, finished, test_accuracy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "started, finished, test_accuracy, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (fr.id, fr.name, fr.model, fr.dataset, json.dumps(fr.spec), fr.status, fr.reason, fr.device,
-                             fr.out_dir, fr.created, None, fr.finished, fr.test_accuracy))
+                             fr.out_dir, fr.created, None, fr.finished, fr.test_accuracy, fr.user))
                 self._insert_metrics(con, fr)
                 report.added.append(fr.id)
         if report.added or report.updated:
@@ -534,9 +559,9 @@ class RunStore:
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
         (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
-         finished, acc, slot, host) = row
+         finished, acc, slot, host, user) = row
         return Run(rid, name, model, dataset, json.loads(spec), status, reason, pid, device, out, created, started,
-                   finished, acc, bool(cancel), slot, host)
+                   finished, acc, bool(cancel), slot, host, user)
 
     def get(self, run_id: str) -> Run:
         with self._connect() as con:
@@ -650,7 +675,8 @@ def read_run_folder(folder: str | Path) -> FolderRun:
         log_file = d / "log.txt"
         finished = log_file.stat().st_mtime if log_file.is_file() else None
     return FolderRun(d.name, name, model, dataset, spec, status, reason, str(d.resolve()), created, finished, acc,
-                     (card or {}).get("device") if isinstance((card or {}).get("device"), str) else None, metrics)
+                     (card or {}).get("device") if isinstance((card or {}).get("device"), str) else None, metrics,
+                     meta.get("user") if isinstance(meta.get("user"), str) else None)
 
 
 def scan_run_folders(root: str | Path) -> tuple[list[FolderRun], dict[str, str]]:

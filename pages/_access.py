@@ -1,0 +1,110 @@
+"""The app's gate: nothing of wsviz is drawn (no page, no sidebar) before the session has signed in.
+
+Called by app.py before ``st.navigation``. The rules live in :mod:`wsviz.auth` (no Streamlit);
+here they meet the browser: the token from the address (``?token=...``, removed from it once
+used so shared links never carry it) or from the sign-in form, and the session's user, kept in
+``st.session_state`` so it survives moving between pages.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import streamlit as st
+
+from wsviz import auth
+from wsviz.errors import WsvizError
+
+_KEY = "_wsviz_actor"
+
+
+def _secrets() -> dict:
+    try:
+        return {"wsviz": st.secrets["wsviz"].to_dict()} if "wsviz" in st.secrets else {}
+    except (FileNotFoundError, KeyError, AttributeError):  # no secrets file
+        return {}
+    except Exception as exc:  # noqa: BLE001 - a secrets file that does not parse
+        raise WsvizError(f"The secrets file cannot be read ({exc}): fix .streamlit/secrets.toml.") from exc
+
+
+def halt_server() -> None:
+    """Stop the Streamlit server (all sessions); the process then exits."""
+    from streamlit.runtime import Runtime
+
+    Runtime.instance().stop()
+
+
+def _stop_server(message: str) -> None:
+    """Refuse to serve: the message on the console and in the browser, and the server stops."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    st.error(message, icon=":material/lock:")
+    halt_server()
+    st.stop()
+
+
+def current_actor() -> auth.Actor:
+    """The signed-in user of this session (the local account when access control is off)."""
+    actor = st.session_state.get(_KEY)
+    if isinstance(actor, auth.Actor):
+        return actor
+    # Not signed in (the gate did not run for this session): the local account only without access
+    # control, else a viewer, who cannot start anything.
+    return auth.local_actor() if auth.load_config(secrets=_secrets()).off else auth.Actor("anonymous", "viewer")
+
+
+def require_access() -> auth.Actor:
+    """The session's user, or stop the script after drawing the sign-in prompt (and nothing else)."""
+    address = st.get_option("server.address")
+    try:
+        cfg = auth.load_config(secrets=_secrets())
+        auth.check_bind(address, cfg)
+    except WsvizError as exc:
+        _stop_server(str(exc))
+    auth.announce(cfg, f"http://{address or 'localhost'}:{st.get_option('server.port')}")
+    if cfg.off:
+        st.session_state[_KEY] = auth.local_actor()
+        return st.session_state[_KEY]
+    actor = st.session_state.get(_KEY)
+    if isinstance(actor, auth.Actor):
+        return actor
+    client = str(st.context.ip_address or "unknown")
+    error = None
+    token = st.query_params.get("token")
+    if token is not None:
+        del st.query_params["token"]  # used once; the address can then be shared without it
+        try:
+            actor = auth.attempt(cfg, token, client)
+        except WsvizError as exc:
+            error = st.session_state["_signin_error"] = str(exc)  # kept: removing the token may rerun the page
+    if actor is None:
+        # The only page while signed out: replaces every page and the sidebar's list of them.
+        st.navigation([st.Page(lambda: _sign_in(cfg, client, error), title="Sign in", url_path="sign-in")],
+                      position="hidden").run()
+        st.stop()
+    st.session_state[_KEY] = actor
+    st.session_state.pop("_signin_error", None)
+    st.rerun()  # draw the app without the form
+
+
+def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:
+    actor = None
+    st.title("wsviz: sign in")
+    where = (f" It is printed where wsviz was started, and `python -m wsviz.auth url` prints it again "
+             f"(it is kept in {cfg.token_file})." if cfg.mode == "generated" else "")
+    st.caption("This server is protected. Open the address with the token (…/?token=…), or enter the token, "
+               f"or a user name and password, below.{where}")
+    with st.form("sign-in"):
+        user = st.text_input("User (leave empty for a token)", key="_signin_user")
+        secret = st.text_input("Token or password", type="password", key="_signin_secret")
+        if st.form_submit_button("Sign in", type="primary"):
+            try:
+                actor = auth.attempt(cfg, secret, client, user=user.strip())
+            except WsvizError as exc:
+                error = st.session_state["_signin_error"] = str(exc)
+    if actor is None:
+        error = error or st.session_state.get("_signin_error")
+        if error:
+            st.error(error, icon=":material/lock:")
+        return
+    st.session_state[_KEY] = actor
+    st.rerun()  # draw the app without the form

@@ -1,0 +1,191 @@
+"""Access control: tokens and users, roles enforced where runs start, slowed wrong tries, where it may listen.
+
+The browser side (a server on 127.0.0.2) is in test_auth_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import kill_active_runs
+from streamlit.testing.v1 import AppTest
+
+from wsviz import auth
+from wsviz.errors import WsvizError
+from wsviz.training.jobs import cancel, launch, resume
+from wsviz.training.loop import TrainConfig
+from wsviz.training.quotas import Quotas
+from wsviz.training.runstore import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER, VIEWER = "t" * 8 + "-trainer-token-0123", "v" * 8 + "-viewer-token-0123"
+ENV = {"WSVIZ_TOKEN": TRAINER, "WSVIZ_VIEWER_TOKEN": VIEWER}
+CFG = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_batches=2)
+SMALL = {"base_width": 4, "depth": 8}
+
+
+def test_tokens_and_users_sign_in_with_their_role():
+    secrets = {"wsviz": {"users": {"alice": {"password_hash": auth.hash_password("s3cret", iterations=1000),
+                                             "role": "trainer"},
+                                   "bob": {"password_hash": auth.hash_password("hunter2", iterations=1000)}}}}
+    cfg = auth.load_config(ENV, secrets)
+    assert cfg.mode == "configured"
+    assert auth.verify(cfg, TRAINER).role == "trainer"
+    assert auth.verify(cfg, VIEWER) == auth.Actor("viewer", "viewer")
+    assert auth.verify(cfg, TRAINER[:-1]) is None and auth.verify(cfg, "") is None
+    assert auth.verify(cfg, "s3cret", "alice") == auth.Actor("alice", "trainer")
+    assert auth.verify(cfg, "hunter2", "bob") == auth.Actor("bob", "viewer")  # role defaults to viewer
+    assert auth.verify(cfg, "s3cret", "bob") is None and auth.verify(cfg, "s3cret", "mallory") is None
+    assert auth.verify(cfg, "s3cret") is None  # a password is not a token
+    with pytest.raises(WsvizError, match="shorter than 16"):
+        auth.load_config({"WSVIZ_TOKEN": "short"})
+
+
+def test_generated_token_is_private_and_kept(tmp_path):
+    env = {"WSVIZ_TOKEN_FILE": str(tmp_path / "home" / "token")}
+    cfg = auth.load_config(env)
+    assert cfg.mode == "generated"
+    path = Path(env["WSVIZ_TOKEN_FILE"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    (token,) = cfg.tokens
+    assert len(token) >= 32 and auth.load_config(env).tokens.keys() == {token}  # the same on the next start
+    assert auth.sign_in_url(cfg) == f"http://localhost:8501/?token={token}"
+    os.chmod(path, 0o644)  # readable by other users: refused, not used
+    with pytest.raises(WsvizError, match="chmod 600"):
+        auth.load_config(env)
+
+
+def test_wrong_tries_are_slowed_and_a_lockout_refuses_even_the_right_token():
+    now = [0.0]
+    throttle = auth.Throttle(free=3, base=1.0, cap=30.0, clock=lambda: now[0])
+    cfg = auth.load_config(ENV)
+    waits = []
+    for _ in range(6):
+        try:
+            auth.attempt(cfg, "wrong-token-0123456789", "10.0.0.9", throttle=throttle)
+        except WsvizError:
+            waits.append(throttle.wait_left("10.0.0.9"))
+            now[0] += throttle.wait_left("10.0.0.9")  # the attacker waits exactly as long as told
+    assert waits == [0, 0, 0, 1, 2, 4]  # three free tries, then a delay that doubles
+    for _ in range(10):
+        throttle.failed("10.0.0.9")
+    assert throttle.wait_left("10.0.0.9") == 30  # capped
+    with pytest.raises(WsvizError, match="wait 30 s"):
+        auth.attempt(cfg, TRAINER, "10.0.0.9", throttle=throttle)  # refused without being checked
+    assert throttle.wait_left("10.0.0.8") == 0  # another client is not slowed by it (below the total's limit)
+    assert auth.attempt(cfg, TRAINER, "10.0.0.8", throttle=throttle).role == "trainer"
+    now[0] += 30
+    assert auth.attempt(cfg, TRAINER, "10.0.0.9", throttle=throttle).role == "trainer"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.168.1.20", "::", "lab-server.example.org", ""])
+def test_non_loopback_bind_without_configured_access_control_refuses(address, tmp_path):
+    for cfg in (auth.AuthConfig("off"), auth.load_config({"WSVIZ_TOKEN_FILE": str(tmp_path / "t")})):
+        with pytest.raises(WsvizError, match="WSVIZ_TOKEN.*secrets.toml.*SSH tunnel"):
+            auth.check_bind(address, cfg)
+    auth.check_bind(address, auth.load_config(ENV))  # tokens the owner set: allowed
+    for loopback in ("localhost", "127.0.0.1", "127.0.0.2", "::1"):
+        auth.check_bind(loopback, auth.AuthConfig("off"))
+
+
+def test_app_bound_off_loopback_without_access_control_stops_the_server(monkeypatch):
+    """app.py on 0.0.0.0 with WSVIZ_AUTH=off: the refusal only, nothing of the app, and the server stops
+    (recorded here rather than done: AppTest has no server to stop; the browser test stops a real one)."""
+    from streamlit import config
+
+    import pages._access as access
+
+    halted = []
+    monkeypatch.setattr(access, "halt_server", lambda: halted.append(True))
+    monkeypatch.setenv("WSVIZ_AUTH", "off")
+    old = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        at.run()
+        assert [e.value for e in at.error] and "refuses to serve on '0.0.0.0'" in at.error[0].value
+        assert len(at.sidebar.multiselect) == 0 and not at.title  # no page, no sidebar
+        assert halted == [True]
+    finally:
+        config.set_option("server.address", old)
+
+
+def _train_page(tmp_path, monkeypatch, actor: auth.Actor) -> tuple[AppTest, RunStore]:
+    import pages._shared as shared
+
+    monkeypatch.setattr(shared, "RUNS", tmp_path / "runs")
+    at = AppTest.from_file(str(ROOT / "pages" / "train.py"), default_timeout=300)
+    at.session_state["_wsviz_actor"] = actor
+    return at, RunStore(tmp_path / "runs")
+
+
+def _press_launch(at: AppTest) -> AppTest:
+    at.run()
+    at.selectbox[0].set_value("resnet_digits")
+    at.selectbox[1].set_value("mnist5k")
+    at.number_input[0].set_value(1)
+    at.number_input[3].set_value(2)  # max batches per epoch
+    at.text_input[1].set_value('{"base_width": 4, "depth": 8}')
+    return at.button[0].click().run()
+
+
+def test_a_viewer_pressing_launch_on_the_train_page_is_refused(tmp_path, monkeypatch):
+    """A forged launch: a viewer's session submits the Train page's form; launch() refuses it."""
+    at, store = _train_page(tmp_path, monkeypatch, auth.Actor("viewer", "viewer"))
+    _press_launch(at)
+    assert not at.exception, at.exception
+    assert any("is a viewer: only a trainer may launch" in e.value for e in at.error), [e.value for e in at.error]
+    assert store.list() == []
+    assert any("viewer (viewer): usage and limits" in x.label for x in at.expander)
+
+
+def test_a_trainer_over_quota_is_refused_with_usage_on_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSVIZ_QUOTA_RUNS", "1")
+    at, store = _train_page(tmp_path, monkeypatch, auth.Actor("alice", "trainer"))
+    spec = {"model": "resnet_digits", "dataset": "mnist5k", "train_config": CFG.to_dict(), "overrides": SMALL,
+            "data_root": None, "device": None, "data_seed": 0}
+    store.create("resnet_digits", "mnist5k", spec, "queued-one", user="alice", role="trainer")  # queued, not started
+    try:
+        _press_launch(at)
+        assert not at.exception, at.exception
+        assert any("'alice' has 1 queued or running run(s), the limit is 1" in e.value for e in at.error), \
+            [e.value for e in at.error]
+        assert len(store.list()) == 1
+        shown = at.dataframe[0].value
+        assert shown.iloc[0].tolist() == ["queued + running runs", "1", "1"]
+    finally:
+        kill_active_runs(tmp_path / "runs")
+
+
+def test_viewer_calls_and_other_users_runs_are_refused_and_the_audit_names_everyone(tmp_path, monkeypatch):
+    """launch/cancel/resume as called by the page: a viewer is refused each; a trainer acts on its own runs;
+    the audit trail names the user of every launch, cancel and resume."""
+    store = RunStore(tmp_path / "runs")
+    viewer, alice, bob = auth.Actor("viewer", "viewer"), auth.Actor("alice", "trainer"), auth.Actor("bob", "trainer")
+    try:
+        with pytest.raises(WsvizError, match="viewer: only a trainer may launch"):
+            launch(store, "resnet_digits", "mnist5k", CFG, overrides=SMALL, actor=viewer, quotas=Quotas())
+        assert store.list() == []
+        run_a = launch(store, "resnet_digits", "mnist5k", CFG, overrides=SMALL, actor=alice, quotas=Quotas())
+        run_b = launch(store, "resnet_digits", "mnist5k", CFG, overrides=SMALL, actor=bob, quotas=Quotas())
+        with pytest.raises(WsvizError, match="viewer: only a trainer may cancel"):
+            cancel(store, run_a.id, actor=viewer)
+        with pytest.raises(WsvizError, match="launched by 'alice': only they can cancel"):
+            cancel(store, run_a.id, actor=bob)
+        cancel(store, run_a.id, actor=alice)
+        cancel(store, run_b.id, actor=bob)
+        with pytest.raises(WsvizError, match="viewer: only a trainer may resume"):
+            resume(store, run_a.id, actor=viewer)
+        with pytest.raises(WsvizError, match="launched by 'bob': only they can resume"):
+            resume(store, run_b.id, actor=alice)
+        trail = store.audit_trail()
+        assert [(t["run_id"], t["action"], t["user"], t["role"]) for t in trail] == [
+            (run_a.id, "launched", "alice", "trainer"), (run_b.id, "launched", "bob", "trainer"),
+            (run_a.id, "cancelled", "alice", "trainer"), (run_b.id, "cancelled", "bob", "trainer")]
+        assert all(t["time"] > 0 for t in trail)
+        assert {r.id: r.user for r in store.list()} == {run_a.id: "alice", run_b.id: "bob"}
+    finally:
+        kill_active_runs(tmp_path / "runs")

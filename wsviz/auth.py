@@ -1,0 +1,359 @@
+"""Access control for the app, Jupyter's model: a token by default, roles, slowed wrong tries.
+
+Where the credentials come from, first match wins:
+
+* ``WSVIZ_AUTH=off``: no access control (a single-user laptop); a warning is printed on start,
+  and the app refuses to serve on a non-loopback address.
+* ``WSVIZ_TOKEN`` (trainer) and ``WSVIZ_VIEWER_TOKEN`` (viewer) from the environment, and/or
+  users with a password hash and a role in the secrets file (``.streamlit/secrets.toml``)::
+
+      [wsviz.users.alice]
+      password_hash = "pbkdf2_sha256$600000$..."   # python -m wsviz.auth hash
+      role = "trainer"                            # or "viewer"
+
+* otherwise a random token, generated on first start and kept in ``WSVIZ_TOKEN_FILE``
+  (default ``~/.wsviz/token``, mode 0600); the app prints the address that carries it
+  (``?token=...``) and ``python -m wsviz.auth url`` prints it again.
+
+Comparisons are constant-time (:func:`hmac.compare_digest`); after a few wrong tries from one
+address every further try is refused for a delay that doubles, up to 30 s (:class:`Throttle`).
+Viewers use every analysis page; only trainers launch, cancel or resume runs, and that is
+enforced where the action happens (:func:`require_trainer` in :mod:`wsviz.training.jobs`).
+
+Nothing here imports Streamlit: the app's gate (``pages/_access.py``) hands in the secrets
+and the server address.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets as _secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsviz.errors import WsvizError
+
+ROLES = ("viewer", "trainer")
+HASH_SCHEME = "pbkdf2_sha256"
+HASH_ITERATIONS = 600_000  # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+TOKEN_BYTES = 24
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts: a user name and a role (``viewer`` or ``trainer``)."""
+
+    name: str
+    role: str
+
+    @property
+    def can_train(self) -> bool:
+        return self.role == "trainer"
+
+
+def local_actor() -> Actor:
+    """The account running this process: the CLI's and the library's user (a trainer)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = f"uid{os.getuid()}"
+    return Actor(name, "trainer")
+
+
+def require_trainer(actor: Actor | None, what: str) -> Actor:
+    """``actor`` (or the local account when None) if it may ``what``; a WsvizError for a viewer."""
+    actor = actor or local_actor()
+    if actor.role not in ROLES:
+        raise WsvizError(f"Unknown role {actor.role!r} for user {actor.name!r}: use one of {ROLES}.")
+    if not actor.can_train:
+        raise WsvizError(f"User {actor.name!r} is a viewer: only a trainer may {what}. Ask the server's owner for "
+                         "a trainer token or account.")
+    return actor
+
+
+# ------------------------------------------------------------------------ password hashes
+def hash_password(password: str, *, iterations: int = HASH_ITERATIONS, salt: bytes | None = None) -> str:
+    """``pbkdf2_sha256$ITERATIONS$SALT$HASH`` (base64) for the secrets file."""
+    if not password:
+        raise WsvizError("The password is empty: choose one.")
+    salt = salt or _secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"{HASH_SCHEME}${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Whether ``password`` matches a hash made by :func:`hash_password` (constant-time comparison)."""
+    try:
+        scheme, iterations, salt, digest = stored.split("$")
+        if scheme != HASH_SCHEME:
+            return False
+        want = base64.b64decode(digest)
+        got = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+# ------------------------------------------------------------------------ configuration
+@dataclass
+class AuthConfig:
+    """The access control in force: ``mode`` is ``off``, ``configured`` (tokens or users set by
+    the owner) or ``generated`` (the token made on first start)."""
+
+    mode: str
+    tokens: dict[str, Actor] = field(default_factory=dict)  # token -> who it signs in
+    users: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (password hash, role)
+    token_file: Path | None = None
+
+    @property
+    def off(self) -> bool:
+        return self.mode == "off"
+
+
+def token_file_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("WSVIZ_TOKEN_FILE") or Path.home() / ".wsviz" / "token")
+
+
+def generated_token(path: Path) -> str:
+    """The token in ``path``, made (random, mode 0600, its folder 0700) if there is none yet.
+
+    A file that others can read or write is refused: anyone who can read it can sign in.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise WsvizError(f"The access token file {path} cannot be created ({exc.strerror or exc}): set WSVIZ_TOKEN, "
+                         "or WSVIZ_TOKEN_FILE to a file in a folder you can write.") from exc
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_secrets.token_urlsafe(TOKEN_BYTES) + "\n")
+    st = path.lstat()
+    if path.is_symlink() or not path.is_file():
+        raise WsvizError(f"The access token file {path} is not a plain file: remove it (a new token is made).")
+    if st.st_mode & 0o077:
+        raise WsvizError(f"The access token file {path} can be read or written by other users (mode "
+                         f"{st.st_mode & 0o777:o}): run `chmod 600 {path}` or remove it (a new token is made).")
+    if st.st_uid != os.getuid():
+        raise WsvizError(f"The access token file {path} belongs to another user: remove it or set WSVIZ_TOKEN_FILE.")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise WsvizError(f"The access token in {path} is shorter than 16 characters: remove the file (a new token "
+                         "is made) or write a longer one.")
+    return token
+
+
+def load_config(env: Mapping[str, str] | None = None, secrets: Mapping[str, Any] | None = None) -> AuthConfig:
+    """The access control configured by the environment and the secrets file's ``[wsviz]`` table."""
+    env = os.environ if env is None else env
+    switch = env.get("WSVIZ_AUTH", "on").strip().lower()
+    if switch in ("off", "0", "false", "no"):
+        return AuthConfig("off")
+    if switch not in ("on", "1", "true", "yes", ""):
+        raise WsvizError(f"WSVIZ_AUTH must be 'on' or 'off', got {switch!r}.")
+    owner = local_actor().name
+    tokens: dict[str, Actor] = {}
+    for var, actor in (("WSVIZ_TOKEN", Actor(owner, "trainer")), ("WSVIZ_VIEWER_TOKEN", Actor("viewer", "viewer"))):
+        value = env.get(var, "").strip()
+        if value:
+            if len(value) < 16:
+                raise WsvizError(f"{var} is shorter than 16 characters: use a random one, e.g. "
+                                 "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`.")
+            tokens[value] = actor
+    users: dict[str, tuple[str, str]] = {}
+    table = (secrets or {}).get("wsviz") or {}
+    for name, entry in dict(table.get("users") or {}).items():
+        entry = dict(entry)
+        role = entry.get("role", "viewer")
+        if role not in ROLES:
+            raise WsvizError(f"User {name!r} in the secrets file has role {role!r}: use one of {ROLES}.")
+        if not str(entry.get("password_hash", "")).startswith(HASH_SCHEME + "$"):
+            raise WsvizError(f"User {name!r} in the secrets file needs a password_hash made by "
+                             "`python -m wsviz.auth hash`.")
+        users[str(name)] = (str(entry["password_hash"]), role)
+    if tokens or users:
+        return AuthConfig("configured", tokens, users)
+    path = token_file_path(env)
+    return AuthConfig("generated", {generated_token(path): Actor(owner, "trainer")}, token_file=path)
+
+
+def verify(cfg: AuthConfig, secret: str, user: str = "") -> Actor | None:
+    """Who ``secret`` signs in (a token, or ``user``'s password), or None. Every token is compared,
+    constant-time, whatever matched first."""
+    if cfg.off:
+        return local_actor()
+    if not secret:
+        return None
+    if user:
+        stored = cfg.users.get(user)
+        if stored is None:
+            check_password(secret, hash_password("x", iterations=1000))  # similar work for an unknown user
+            return None
+        return Actor(user, stored[1]) if check_password(secret, stored[0]) else None
+    found = None
+    for token, actor in cfg.tokens.items():
+        if hmac.compare_digest(secret.encode(), token.encode()):
+            found = actor
+    return found
+
+
+# ------------------------------------------------------------------------ where the server listens
+def is_loopback(address: str | None) -> bool:
+    """Whether a server bound to ``address`` is reachable from this machine only."""
+    if address is None or address.strip() == "":
+        return False  # Streamlit's default when unset: every interface
+    address = address.strip().strip("[]")
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a public interface
+
+
+def check_bind(address: str | None, cfg: AuthConfig) -> None:
+    """Refuse (WsvizError) to serve on a non-loopback address without access control the owner set."""
+    if is_loopback(address) or cfg.mode == "configured":
+        return
+    what = "WSVIZ_AUTH=off turns access control off" if cfg.off else "only a generated token protects it"
+    raise WsvizError(
+        f"wsviz refuses to serve on {address or 'every interface'!r}: other machines can reach that address and "
+        f"{what}. Set WSVIZ_TOKEN (trainer) and WSVIZ_VIEWER_TOKEN (viewer) to random strings, or add users with "
+        "password hashes to .streamlit/secrets.toml (`python -m wsviz.auth hash`), or bind to localhost and reach "
+        "the server through an SSH tunnel (`ssh -L 8501:localhost:8501 server`).")
+
+
+def sign_in_url(cfg: AuthConfig, base: str = "http://localhost:8501") -> str | None:
+    """The address that signs in with the generated or trainer token (None without one)."""
+    token = next((t for t, a in cfg.tokens.items() if a.can_train), None)
+    return f"{base.rstrip('/')}/?token={token}" if token else None
+
+
+_ANNOUNCED = threading.Event()
+
+
+def announce(cfg: AuthConfig, base: str, out: Callable[[str], None] | None = None) -> None:
+    """Once per process: the sign-in address, or the warning that access control is off."""
+    if _ANNOUNCED.is_set():
+        return
+    _ANNOUNCED.set()
+    out = out or (lambda s: print(s, file=sys.stderr, flush=True))
+    if cfg.off:
+        out("WARNING: wsviz runs WITHOUT access control (WSVIZ_AUTH=off): anyone who can open this address can "
+            "launch trainings as this account and read its files. Only do this on a single-user machine.")
+    elif cfg.mode == "generated":
+        out(f"wsviz: open {sign_in_url(cfg, base)} to sign in (the token is kept in {cfg.token_file}, mode 0600).")
+    else:
+        out("wsviz: access control from WSVIZ_TOKEN / WSVIZ_VIEWER_TOKEN / the secrets file; "
+            f"{len(cfg.tokens)} token(s), {len(cfg.users)} user(s).")
+
+
+# ------------------------------------------------------------------------ slowed wrong tries
+class Throttle:
+    """Wrong sign-in tries per client (its address) and in all: after ``free`` wrong tries, every
+    try is refused for a delay that doubles with each further wrong try, up to ``cap`` seconds.
+
+    Clients behind one address (an SSH tunnel: every tunnelled user is 127.0.0.1) share it; the
+    cap keeps that from locking the owner out for long.
+    """
+
+    def __init__(self, free: int = 3, base: float = 1.0, cap: float = 30.0, total_free: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base, self.cap, self.total_free, self.clock = free, base, cap, total_free, clock
+        self._fails: dict[str, tuple[int, float]] = {}  # client -> (wrong tries, refused until)
+        self._lock = threading.Lock()
+
+    def wait_left(self, client: str) -> float:
+        """Seconds before ``client`` may try again (0: now)."""
+        now = self.clock()
+        with self._lock:
+            return max(0.0, max(self._fails.get(k, (0, 0.0))[1] for k in (client, "*")) - now)
+
+    def failed(self, client: str) -> float:
+        """Record a wrong try; returns the seconds the client must now wait."""
+        now = self.clock()
+        with self._lock:
+            for key, free in ((client, self.free), ("*", self.total_free)):
+                n = self._fails.get(key, (0, 0.0))[0] + 1
+                until = now + min(self.cap, self.base * 2 ** (n - free - 1)) if n > free else 0.0
+                self._fails[key] = (n, until)
+        return self.wait_left(client)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._fails.pop(client, None)
+
+
+def _delay() -> float:
+    raw = os.environ.get("WSVIZ_SIGNIN_DELAY", "1").strip() or "1"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be a number of seconds, got {raw!r}.") from None
+    if value <= 0:
+        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be above 0, got {raw!r}.")
+    return value
+
+
+# The first delay after the free wrong tries (WSVIZ_SIGNIN_DELAY seconds, default 1), doubling, up to 30 s
+# (or the first delay, if longer).
+THROTTLE = Throttle(base=_delay(), cap=max(30.0, _delay()))
+
+
+def attempt(cfg: AuthConfig, secret: str, client: str, user: str = "", throttle: Throttle = THROTTLE) -> Actor:
+    """Sign in with ``secret`` (and ``user`` for a password) from ``client``: the Actor, or a WsvizError
+    (wrong, or too many wrong tries: the message says how long to wait)."""
+    left = throttle.wait_left(client)
+    if left > 0:
+        raise WsvizError(f"Too many wrong tries: wait {left:.0f} s before trying again.")
+    actor = verify(cfg, secret, user)
+    if actor is None:
+        left = throttle.failed(client)
+        raise WsvizError("Wrong token or password." + (f" Too many wrong tries: wait {left:.0f} s before trying again."
+                                                        if left > 0 else ""))
+    throttle.succeeded(client)
+    return actor
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wsviz.auth hash`` (a password hash for the secrets file) or ``url`` (the sign-in address)."""
+    from wsviz.cli_errors import CliParser
+
+    p = CliParser(prog="python -m wsviz.auth", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("hash", help="read a password (twice) and print its hash for .streamlit/secrets.toml")
+    u = sub.add_parser("url", help="print the sign-in address carrying the token")
+    u.add_argument("--base", default="http://localhost:8501")
+    args = p.parse_args(argv)
+    if args.cmd == "hash":
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            raise WsvizError("The two passwords differ: run it again.")
+        print(hash_password(first))
+        return 0
+    cfg = load_config()
+    url = sign_in_url(cfg, args.base)
+    if url is None:
+        raise WsvizError("No trainer token is in force (access control is off, or only users with passwords are "
+                         "configured): nothing to print.")
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    from wsviz.cli_errors import run_cli
+
+    sys.exit(run_cli(main))
