@@ -173,7 +173,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["all", "navigation"], default="all",
                     help="navigation: only the sharing-map latency and page-switch times")
     args = ap.parse_args()
-    env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp())
+    # a single-user benchmark on this machine: no sign-in page in the way (WSVIZ_AUTH=off, as on a laptop)
+    env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp(), WSVIZ_AUTH="off")
     bare_dir = Path(tempfile.mkdtemp())
     (bare_dir / "bare.py").write_text(BARE_APP)
     with sync_playwright() as p:

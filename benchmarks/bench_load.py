@@ -179,7 +179,7 @@ async def phase(browser, port: int, n: int, moves: int, watch: MemoryWatch, swee
 async def run(args) -> dict:
     from playwright.async_api import async_playwright
 
-    env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp(prefix="wsviz-bench-runs-"))
+    env = dict(os.environ, WSVIZ_RUNS=tempfile.mkdtemp(prefix="wsviz-bench-runs-"), WSVIZ_AUTH="off")  # single user
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
         try:
