@@ -7,17 +7,14 @@ token: every page works, moving between pages keeps the session signed in, and X
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from test_e2e import ARGS, CHROMIUM, PAGES, _check, _free_port, _settle
+from conftest import CHROMIUM
+from test_e2e import PAGES, _check, _settle, streamlit_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-trainer-token-" + "x" * 16
@@ -26,39 +23,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="Debi
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ, WSVIZ_RUNS=str(tmp_path_factory.mktemp("runs")), WSVIZ_AUTH="on", WSVIZ_TOKEN=TOKEN,
-               WSVIZ_SIGNIN_DELAY="60")  # a lockout that outlasts the test's next try
-    env.pop("WSVIZ_VIEWER_TOKEN", None)
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.2", "--server.headless", "true"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.2:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 90:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + Path(log.name).read_text()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+    with streamlit_server(tmp_path_factory, address="127.0.0.2", unset=("WSVIZ_VIEWER_TOKEN",), WSVIZ_AUTH="on",
+                          WSVIZ_TOKEN=TOKEN, WSVIZ_SIGNIN_DELAY="60") as (url, _):  # a lockout that outlasts the next try
+        yield url
 
 
 def _signed_out(page) -> None:

@@ -9,24 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import digit_png, expected_predictions
+from conftest import CHROMIUM, digit_png, expected_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "e2e"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
 PAGES = ["", "kernels", "compare", "scale", "rotation", "embeddings", "train"]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
 def _free_port() -> int:
@@ -38,39 +35,44 @@ def _free_port() -> int:
 SERVER_RUNS: dict[str, Path] = {}  # the run store folder of the module's server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextmanager
+def streamlit_server(tmp_path_factory, address: str = "localhost", unset: tuple[str, ...] = (), **env_extra: str):
+    """``streamlit run app.py`` on a free port of ``address`` with a fresh run store; yields (url, runs folder)."""
     port = _free_port()
-    SERVER_RUNS["dir"] = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, WSVIZ_RUNS=str(SERVER_RUNS["dir"]))
+    runs = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, WSVIZ_RUNS=str(runs), **env_extra)
+    for name in unset:
+        env.pop(name, None)
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 90:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + Path(log.name).read_text()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+                             "--server.address", address, "--server.headless", "true"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://{address}:{port}"
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 90:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            proc.kill()
+            pytest.fail("streamlit did not start: " + Path(log.name).read_text()[-2000:])
+        yield url, runs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
+def server(tmp_path_factory):
+    with streamlit_server(tmp_path_factory) as (url, runs):
+        SERVER_RUNS["dir"] = runs
+        yield url
 
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+
 
 
 def _settle(page, timeout: float = 240.0) -> None:

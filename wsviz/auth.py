@@ -298,14 +298,9 @@ class Throttle:
 
 
 def _delay() -> float:
-    raw = os.environ.get("WSVIZ_SIGNIN_DELAY", "1").strip() or "1"
-    try:
-        value = float(raw)
-    except ValueError:
-        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be a number of seconds, got {raw!r}.") from None
-    if value <= 0:
-        raise WsvizError(f"WSVIZ_SIGNIN_DELAY must be above 0, got {raw!r}.")
-    return value
+    from wsviz.envsettings import positive_number
+
+    return positive_number(os.environ, "WSVIZ_SIGNIN_DELAY", float, default=1.0)
 
 
 # The first delay after the free wrong tries (WSVIZ_SIGNIN_DELAY seconds, default 1), doubling, up to 30 s

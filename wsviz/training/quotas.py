@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsviz.envsettings import positive_number
 from wsviz.errors import WsvizError
 from wsviz.training.runstore import RunStore
 
@@ -38,16 +39,7 @@ class Quotas:
         env = os.environ if env is None else env
 
         def read(var: str, kind):
-            raw = env.get(var, "").strip()
-            if not raw:
-                return None
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise WsvizError(f"{var} must be a number, got {raw!r}.") from None
-            if value <= 0:
-                raise WsvizError(f"{var} must be above 0, got {raw!r} (leave it unset for no limit).")
-            return value
+            return positive_number(env, var, kind, unset_hint=" (leave it unset for no limit)")
 
         return cls(read("WSVIZ_QUOTA_RUNS", int), read("WSVIZ_QUOTA_EPOCHS", int), read("WSVIZ_QUOTA_HOURS", float),
                    read("WSVIZ_QUOTA_DISK_GB", float))
