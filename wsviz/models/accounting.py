@@ -188,6 +188,7 @@ class _UseTracer(TorchFunctionMode):
             for t in list(args[1:]) + list(kwargs.values()):
                 if not isinstance(t, torch.Tensor):
                     continue
+                t = getattr(t, "_wsviz_source", t)  # a parameter passed through a gradient scaling is itself
                 if id(t) in self.names:
                     self.uses.append(ParamUse(self.names[id(t)], site, op, tuple(t.shape), False, detail, "direct",
                                               t.numel()))

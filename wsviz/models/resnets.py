@@ -9,6 +9,7 @@ a :class:`ConvSite` (stage, block, role, shape) and returns a module: a plain
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -58,8 +59,11 @@ def init_resnet(model: nn.Module, zero_init_residual: bool = False) -> None:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, MultiRateConv2d):
+            # The fan-out of the whole layer (all rates' outputs), as vanilla's conv: computed on one
+            # rate's kernel set it would be n times smaller, and the kernels sqrt(n) times larger.
+            std = math.sqrt(2.0 / (m.out_channels * m.kernel_size**2))
             for w in m._weight_list():
-                nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+                nn.init.normal_(w, 0.0, std)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -102,6 +102,30 @@ def _dilated_padding(kernel_size: int, padding: int, rate: int) -> int:
     return padding + (rate - 1) * (kernel_size - 1) // 2
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` itself in the forward pass (bit for bit), its gradient scaled by ``scale``. The result
+    remembers ``x`` (``_wsviz_source``), so the accounting still sees the parameter applied as is."""
+    out = _ScaleGrad.apply(x, scale)
+    out._wsviz_source = x
+    return out
+
+
+RATE_GRADS = ("mean", "sum")
+
+
 class MultiRateConv2d(nn.Module):
     """One conv layer split over dilation rates (Aich et al., Eq. 1).
 
@@ -109,6 +133,10 @@ class MultiRateConv2d(nn.Module):
     ``shared=True`` a single set of ``out/n`` kernels (and biases) is applied at every rate;
     with ``shared=False`` each rate has its own set. Outputs are concatenated along
     channels, rate 1 first.
+
+    A shared kernel's gradient is the *mean* of its per-rate gradients, as Aich et al. define
+    it (Eq. 1); ``rate_grad="sum"`` keeps autograd's sum (n times larger steps for the shared
+    kernels than for any unshared layer). The forward pass is the same either way.
     """
 
     def __init__(
@@ -121,8 +149,12 @@ class MultiRateConv2d(nn.Module):
         rates: Sequence[int] = (1, 2),
         shared: bool = True,
         bias: bool = False,
+        rate_grad: str = "mean",
     ) -> None:
         super().__init__()
+        if rate_grad not in RATE_GRADS:
+            raise ValueError(f"rate_grad must be one of {RATE_GRADS}, got {rate_grad!r}")
+        self.rate_grad = rate_grad
         rates = tuple(int(r) for r in rates)
         n = len(rates)
         if n < 1 or any(r < 1 for r in rates):
@@ -149,6 +181,7 @@ class MultiRateConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         # Same init as nn.Conv2d (fan-in of one kernel set is unchanged by the split).
+        # (ResNets re-initialise with the fan-out of the whole layer: see init_resnet.)
         fan_in = self.in_channels * self.kernel_size**2
         bound = 1 / math.sqrt(fan_in)
         for w in self._weight_list():
@@ -166,9 +199,14 @@ class MultiRateConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
+        n = len(self.rates)
+        average = self.shared and n > 1 and self.rate_grad == "mean" and torch.is_grad_enabled()
         for i, rate in enumerate(self.rates):
             w = self.weight if self.shared else self.weights[i]
             b = (self.bias if self.shared else (self.biases[i] if self.biases is not None else None))
+            if average:  # each rate's use contributes 1/n of its gradient: the mean over the rates
+                w = scale_grad(w, 1.0 / n)
+                b = None if b is None else scale_grad(b, 1.0 / n)
             pad = _dilated_padding(self.kernel_size, self.padding, rate)
             y = F.conv2d(x, w, b, self.stride, pad, rate)
             outs.append(self.taps[i](y))
