@@ -137,7 +137,9 @@ def test_interrupted_and_terminated(sig, code, word, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == code, err
+    # The shell reports 128 + N either way: an exit with 130/143, or death by the signal itself, which
+    # Python re-raises when a signal lands again while it shuts its threads down (seen once in CI).
+    assert proc.returncode in (code, -sig), err
     assert one_line(err) == word
 
 
