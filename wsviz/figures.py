@@ -80,7 +80,8 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
     place in forward order, a marker at every use (colour = kind of reuse, label = how many
     times each stored element is applied there). A row with several markers is a weight
     shared between layers; one marker labelled ×k is a weight tiled or expanded k-fold."""
-    reuse = [r for r in summary.reuse().values() if r.reused][:max_params]
+    everything = [r for r in summary.reuse().values() if r.reused]
+    reuse = everything[:max_params]
     sites = list(dict.fromkeys(u.site or "(model)" for r in reuse for u in r.uses if u.applied))
     fig = go.Figure()
     for kind, colour in REUSE_COLOURS.items():
@@ -103,7 +104,9 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
                                      hovertext=hover, hoverinfo="text"))
     rows = max(1, len(reuse))
     fig.update_layout(
-        title="Sharing map: stored weights (rows) applied at layers (columns)",
+        title="Sharing map: stored weights (rows) applied at layers (columns)"
+              + (f" — the first {len(reuse)} of {len(everything)}, all in the table" if len(everything) > len(reuse)
+                 else ""),
         height=int(min(1400, 160 + 22 * rows)), margin=dict(l=10, r=10, t=60, b=10), showlegend=True,
         legend=dict(title="reuse", orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
     fig.update_xaxes(categoryorder="array", categoryarray=sites, tickangle=-60, tickfont=dict(size=9),
