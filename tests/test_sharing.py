@@ -166,19 +166,22 @@ def test_gradients_from_all_uses_accumulate_shardnet():
 
 
 def test_gradients_from_all_rates_accumulate_msws():
-    """A shared multi-rate conv's gradient is the sum over rates (Aich et al., Eq. 1, up to the 1/n)."""
+    """A shared multi-rate conv's gradient is the mean over its rates (Aich et al., Eq. 1); with
+    ``rate_grad="sum"``, autograd's sum. Each rate's gradient is that of an unshared copy."""
     torch.manual_seed(0)
-    shared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=True)
-    unshared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=False)
-    with torch.no_grad():
-        for w in unshared.weights:
-            w.copy_(shared.weight)
-    x = torch.randn(2, 3, 9, 9)
-    target = torch.randn(2, 9, 9, 9)
-    torch.testing.assert_close(shared(x), unshared(x))
-    ((shared(x) - target) ** 2).sum().backward()
-    ((unshared(x) - target) ** 2).sum().backward()
-    torch.testing.assert_close(shared.weight.grad, sum(w.grad for w in unshared.weights), rtol=1e-4, atol=1e-5)
+    for rate_grad, reduce in (("mean", lambda gs: sum(gs) / len(gs)), ("sum", sum)):
+        shared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=True, rate_grad=rate_grad)
+        unshared = MultiRateConv2d(3, 9, 3, padding=1, rates=(1, 2, 3), shared=False)
+        with torch.no_grad():
+            for w in unshared.weights:
+                w.copy_(shared.weight)
+        x = torch.randn(2, 3, 9, 9)
+        target = torch.randn(2, 9, 9, 9)
+        torch.testing.assert_close(shared(x), unshared(x))
+        ((shared(x) - target) ** 2).sum().backward()
+        ((unshared(x) - target) ** 2).sum().backward()
+        torch.testing.assert_close(shared.weight.grad, reduce([w.grad for w in unshared.weights]), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def _state_bytes(model: nn.Module) -> int:
