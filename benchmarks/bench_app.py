@@ -54,22 +54,24 @@ def free_port() -> int:
 
 @contextmanager
 def server(script: Path, cwd: Path, env: dict):
-    """Start ``streamlit run script``; yields (port, t0) with t0 taken just before the launch."""
+    """Start ``streamlit run script``; yields (port, t0, process) with t0 taken just before the launch.
+    A server that exits, or does not answer within 120 s, is an error."""
     port = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
                              "--server.headless", "true"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1).read() == b"ok":
                     break
             except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"streamlit exited with {proc.returncode}") from None
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start ({proc.returncode})") from None
                 time.sleep(0.05)
-        yield port, t0
+        yield port, t0, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -81,7 +83,7 @@ def cold_start(browser, script: Path, cwd: Path, env: dict, context=None) -> flo
     Streamlit's static files, as a researcher's browser does when they restart the app)."""
     page = context.new_page() if context else browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        with server(script, cwd, env) as (port, t0):
+        with server(script, cwd, env) as (port, t0, _):
             page.goto(f"http://localhost:{port}/")
             page.wait_for_selector("[data-testid=stDataFrame]", timeout=120_000)
             return time.perf_counter() - t0
@@ -90,7 +92,7 @@ def cold_start(browser, script: Path, cwd: Path, env: dict, context=None) -> flo
 
 
 def slider_moves(browser, env: dict, moves: int) -> list[float]:
-    with server(ROOT / "app.py", ROOT, env) as (port, _):
+    with server(ROOT / "app.py", ROOT, env) as (port, _, _):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"http://localhost:{port}/scale?variants={','.join(SIX)}")
         page.wait_for_function(f"document.querySelectorAll('[data-testid=stMetric]').length >= {len(SIX)}",
@@ -126,7 +128,7 @@ def sharing_map_and_page_switch(browser, env: dict, repeats: int) -> dict:
     name = largest_architecture()
     pages = {"Kernels": "Kernels", "Compare on images": "Compare on images", "Scale": "Scale", "Rotation": "Rotation",
              "Embeddings": "Embeddings", "Train": "Train", "Models": "Model zoo"}  # navigation label: page title
-    with server(ROOT / "app.py", ROOT, env) as (port, _):
+    with server(ROOT / "app.py", ROOT, env) as (port, _, _):
         maps, switches = [], []
         for _ in range(repeats):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

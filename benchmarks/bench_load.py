@@ -25,16 +25,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.bench_app import ARGS, free_port
+from benchmarks.bench_app import ARGS, server
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUR = ["scale-resnet20", "scale-msws-vanilla", "scale-msws-shared", "scale-sharesnet"]
@@ -81,28 +77,6 @@ class MemoryWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-@contextmanager
-def server(env: dict):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-                             "--server.headless", "true"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"streamlit did not start ({proc.returncode})") from None
-                time.sleep(0.1)
-        yield port, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 async def open_scale(browser, port: int):
@@ -183,7 +157,7 @@ async def run(args) -> dict:
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
         try:
-            with server(env) as (port, proc):
+            with server(ROOT / "app.py", ROOT, env) as (port, _, proc):
                 watch = MemoryWatch(proc.pid)
                 try:
                     warm = await phase(browser, port, 1, 3, watch)  # loads the models and the page's code once
