@@ -9,6 +9,9 @@ figures (plotly HTML) the app shows.
     python -m wsviz attribution --checkpoint checkpoints/scale-resnet20 --image digit.png --out out/
     python -m wsviz embed    --checkpoint checkpoints/rot-cnn --dataset mnist5k-rot --method umap --out out/
     python -m wsviz cka      --checkpoint checkpoints/scale-msws-vanilla checkpoints/scale-msws-shared --out out/
+    python -m wsviz opportunities --checkpoint checkpoints/scale-sharesnet-unshared --out out/
+    python -m wsviz tie      --checkpoint checkpoints/scale-sharesnet-unshared --group stages.2.1.conv2,stages.2.2.conv2 \
+                             --init lstsq --finetune-epochs 1 --out runs/tied
     python -m wsviz import   --model msws_resnet18 --set sharing=vanilla --weights resnet18.pth --out checkpoints/r18
 
 Installed as a package, ``wsviz ...`` is the same command.
@@ -292,6 +295,45 @@ def _opportunities(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tie(args: argparse.Namespace) -> int:
+    import shlex
+
+    from wsviz.training.checkpoint import save_checkpoint
+    from wsviz.training.loop import TrainConfig, evaluate
+    from wsviz.training.tying import TieSpec, parse_groups, tie_checkpoint, tied_card
+
+    if len(args.checkpoint) != 1:
+        raise WsvizError("tie takes one --checkpoint folder (the trained model to tie).")
+    source = args.checkpoint[0]
+    spec = TieSpec(parse_groups(args.group), args.init, args.calibration)
+    if args.finetune_epochs:
+        from wsviz.train import tensorboard_dir
+        from wsviz.training.cards import read_card
+        from wsviz.training.run import run_training
+
+        card0 = read_card(source)
+        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                          max_batches=args.max_batches, seed=args.seed)
+        card = run_training(card0["model"], args.dataset or card0.get("dataset"), args.out, cfg, init_from=source,
+                            tie=spec, data_seed=card0.get("data_seed", 0), tensorboard=tensorboard_dir(args.out))
+        print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {card['unique_params']:,} parameters;"
+              f" test accuracy {card['tied']['source_test_accuracy']} untied, "
+              f"{card['tied']['accuracy_after_tying']:.4f} right after tying, {card['test_accuracy']:.4f} after "
+              f"{args.finetune_epochs} fine-tuning epoch(s)")
+        return 0
+    tied, card0 = tie_checkpoint(source, spec, dataset=args.dataset)
+    dataset = args.dataset or card0["dataset"]
+    x, y = _test_data(dataset, args.limit, seed=card0.get("data_seed", 0))
+    acc = evaluate(tied, x, y)[1]
+    command = "python -m wsviz " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tie"] else ""
+    card = tied_card(tied, card0, acc, command)
+    save_checkpoint(args.out, tied, card)
+    print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {card['unique_params']:,} parameters "
+          f"(was {card0.get('unique_params', 0):,}); test accuracy {card0.get('test_accuracy')} untied, {acc:.4f} tied "
+          "(BatchNorm re-estimated, no fine-tuning)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m wsviz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", type=int, default=512, help="training images for calibration and BatchNorm")
     q.add_argument("--group", action="append", default=[],
                    help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
+    q = analysis("tie", "make groups of a trained model's convolutions share one weight; optionally fine-tune",
+                 _tie, None, None)
+    q.add_argument("--dataset", default=None, help="calibration and test data (default: the checkpoint's)")
+    q.add_argument("--group", action="append", default=[], required=True,
+                   help="conv layers that will share one weight, comma-separated (repeatable)")
+    q.add_argument("--init", default="lstsq", choices=["mean", "medoid", "lstsq"],
+                   help="the shared weight's start: the members' mean, medoid, or the least-squares kernel that best "
+                        "reproduces their outputs on calibration images (default)")
+    q.add_argument("--calibration", type=int, default=512, help="training images for lstsq and BatchNorm")
+    q.add_argument("--finetune-epochs", type=int, default=0,
+                   help="then fine-tune for this many epochs, an ordinary training run writing --out (card, "
+                        "TensorBoard beside it); 0: save the tied model as it is")
+    q.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (cosine schedule)")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--max-batches", type=int, default=None, help="cap the fine-tuning steps per epoch")
+    q.add_argument("--seed", type=int, default=0)
     return parser
 
 

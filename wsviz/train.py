@@ -7,6 +7,8 @@ Examples::
     python -m wsviz.train --recipe wsms-cifar --data-root ~/data --out runs/wsms110 --resume
     torchrun --nproc_per_node=4 -m wsviz.train --recipe aich-imagenet --dataset folder:/data/imagenet --workers 8 --out runs/msws50
     python -m wsviz.train --list-recipes
+    python -m wsviz.train --init-from checkpoints/scale-sharesnet-unshared --tie stages.2.1.conv2,stages.2.2.conv2 \
+        --epochs 1 --lr 0.01 --out runs/tied   # tie two convolutions of a trained model, then fine-tune
 
 Explicit options override the recipe's. The training state is saved beside --out after every
 epoch (OUT.state.safetensors) so --resume continues a killed run; TensorBoard event files go
@@ -102,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (a fine-tune); the model, its options and the dataset "
+                        "default to its card's")
+    p.add_argument("--tie", action="append", default=[], metavar="LAYER,LAYER[,...]",
+                   help="with --init-from: make these same-shape convolutions share one weight first (repeatable; "
+                        "`python -m wsviz opportunities` ranks the candidates)")
+    p.add_argument("--tie-init", default="lstsq", choices=["mean", "medoid", "lstsq"],
+                   help="the shared weight's start: the members' mean, medoid, or the least-squares kernel that best "
+                        "reproduces their outputs (default)")
+    p.add_argument("--calibration", type=int, default=512,
+                   help="training images for the least-squares kernel and the BatchNorm statistics (default 512)")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="TensorBoard event folder (default: OUT.tensorboard beside OUT; 'none' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -116,6 +129,14 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options left out from ``--recipe`` (if any), then from :data:`DEFAULTS`; refuse a run
     without a model, dataset, epochs or output folder."""
     recipe = None
+    if getattr(args, "init_from", None):
+        from wsviz.training.cards import read_card
+
+        card = read_card(args.init_from)
+        args.model = args.model or card["model"]
+        args.dataset = args.dataset or card.get("dataset")
+    if getattr(args, "tie", None) and not getattr(args, "init_from", None):
+        raise WsvizError("--tie ties the convolutions of a trained model: give the checkpoint with --init-from.")
     if args.recipe:
         from wsviz.training.recipes import get_recipe
 
@@ -330,11 +351,17 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                 raise OverWallTime(limit)
 
     tensorboard = args.tensorboard or tensorboard_dir(args.out)
+    tie = None
+    if args.tie:
+        from wsviz.training.tying import TieSpec, parse_groups
+
+        tie = TieSpec(parse_groups(args.tie), args.tie_init, args.calibration)
     try:
         return run_training(args.model, args.dataset, args.out, cfg, overrides=overrides, data_root=args.data_root,
                             data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
                             on_step=on_step, rank=rank, world_size=world, wrap=wrap, resume=args.resume,
-                            tensorboard=None if tensorboard.lower() == "none" else tensorboard)
+                            tensorboard=None if tensorboard.lower() == "none" else tensorboard,
+                            init_from=args.init_from, tie=tie)
     finally:
         if bar is not None:
             bar.close()

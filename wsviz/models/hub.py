@@ -42,6 +42,8 @@ def pretrained_checkpoints(root: str | Path | None = None) -> list[tuple[str, di
                 card = read_card(d)
             except WsvizError:
                 continue
+            if card.get("tied"):  # a tied model is not the registered model with these options
+                continue
             out.append((card["model"], dict(card.get("config", {})), d))
     return out
 

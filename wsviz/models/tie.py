@@ -71,24 +71,26 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
 
 
 @torch.no_grad()
-def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images: torch.Tensor,
-                       batch_size: int = 64) -> list[torch.Tensor]:
-    """C_m = X_m^T X_m for each conv (X_m: its unfolded inputs on ``images``), in float64."""
-    d = convs[0].weight[0].numel()
-    covs = [torch.zeros(d, d, dtype=torch.float64) for _ in convs]
+def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images, batch_size: int = 64) -> list[torch.Tensor]:
+    """C_m = X_m^T X_m for each conv (X_m: its unfolded inputs on ``images``), accumulated in float64.
+
+    One pass over ``images`` serves every conv (hooks on all of them). ``images``: a tensor (run in
+    chunks of ``batch_size``) or an iterable of batches (tensors, or (images, labels) pairs).
+    """
+    covs = [torch.zeros(c.weight[0].numel(), c.weight[0].numel(), dtype=torch.float64) for c in convs]
     handles = []
     for i, conv in enumerate(convs):
         def hook(mod, args, i=i):
             x = args[0]
             cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, d, L)
-            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double().cpu()
-            covs[i] += cols.T @ cols
+            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float().cpu()
+            covs[i] += (cols.T @ cols).double()  # float32 within a batch (fast), float64 across batches
         handles.append(conv.register_forward_pre_hook(hook))
     was = model.training
     model.eval()
     try:
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
+        for batch in calibration_batches(images, batch_size):
+            model(batch)
     finally:
         for h in handles:
             h.remove()
@@ -96,9 +98,30 @@ def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images: torch.T
     return covs
 
 
-def initial_weight(convs: list[nn.Conv2d], init: str, model: nn.Module | None = None,
-                   images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) one group starts from; see the module docstring for the three inits."""
+def calibration_batches(images, batch_size: int = 64):
+    """Batches of calibration inputs: ``images`` is a tensor (cut into ``batch_size`` chunks) or an
+    iterable of batches (tensors, or (images, labels) pairs as a DataLoader yields them)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            yield images[start:start + batch_size]
+        return
+    for batch in images:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _has_images(images) -> bool:
+    return images is not None and not (isinstance(images, torch.Tensor) and len(images) == 0)
+
+
+def _need_images(images) -> None:
+    if not _has_images(images):
+        raise WsvizError("init='lstsq' needs calibration images (a batch of inputs the model was trained on).")
+
+
+def initial_weight(convs: list[nn.Conv2d], init: str, model: nn.Module | None = None, images=None,
+                   covs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) one group starts from; see the module docstring for the three inits.
+    ``covs``: the members' input covariances, when already computed (lstsq)."""
     ws = torch.stack([c.weight.detach() for c in convs])
     bs = None if convs[0].bias is None else torch.stack([c.bias.detach() for c in convs])
     if init == "mean":
@@ -108,9 +131,11 @@ def initial_weight(convs: list[nn.Conv2d], init: str, model: nn.Module | None = 
         k = int(torch.cdist(flat, flat).sum(1).argmin())
         return ws[k].clone(), None if bs is None else bs[k].clone()
     if init == "lstsq":
-        if model is None or images is None or len(images) == 0:
-            raise WsvizError("init='lstsq' needs calibration images (a batch of inputs the model was trained on).")
-        covs = _input_covariances(model, convs, images)
+        if covs is None:
+            _need_images(images)
+            if model is None:
+                raise WsvizError("init='lstsq' needs the model, to run the calibration images through it.")
+            covs = _input_covariances(model, convs, images)
         total = sum(covs)
         total += torch.eye(len(total), dtype=total.dtype) * (1e-6 * total.diagonal().mean().clamp_min(1e-12))
         rhs = sum(c @ w.flatten(1).double().T for c, w in zip(covs, ws))  # (d, out)
@@ -119,38 +144,58 @@ def initial_weight(convs: list[nn.Conv2d], init: str, model: nn.Module | None = 
     raise WsvizError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
 
 
-def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq",
-        images: torch.Tensor | None = None) -> nn.Module:
+def apply_ties(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
+    """Make every group of ``model`` (in place) apply its first member's stored weight: the other
+    members become :class:`SharedConv2d` use sites of it. No weight changes: this is the structure
+    only, what :func:`tie` builds and what a tied checkpoint is rebuilt with before its weights are
+    loaded. ``model.wsviz_tie["groups"]`` lists every group tied so far. Returns ``model``."""
+    member_groups = check_groups(model, groups)
+    for group, convs in zip(groups, member_groups):
+        owner = convs[0]
+        for path, conv in zip(list(group)[1:], convs[1:]):
+            set_submodule(model, path, SharedConv2d(owner, stride=conv.stride[0], padding=conv.padding[0],
+                                                    dilation=conv.dilation[0]))
+    record = dict(getattr(model, "wsviz_tie", None) or {})
+    record["groups"] = [list(g) for g in record.get("groups", [])] + [list(g) for g in groups]
+    model.wsviz_tie = record
+    return model
+
+
+def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", images=None) -> nn.Module:
     """A copy of ``model`` in which every group of same-shape convolutions applies one stored weight.
 
-    ``groups``: lists of module paths. ``images``: calibration inputs (needed by ``lstsq``; also
-    what :func:`reestimate_batchnorm` should then be given). The original model is untouched.
+    ``groups``: lists of module paths. ``images``: calibration inputs, a tensor or an iterable of
+    batches (needed by ``lstsq``; also what :func:`reestimate_batchnorm` should then be given). The
+    original model is untouched. The copy records the ties in ``wsviz_tie`` (every tied group and
+    the init), which a checkpoint card keeps so that loading it rebuilds the ties.
     """
     if init not in INITS:
         raise WsvizError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
+    member_groups = check_groups(model, groups)
+    covs: list = [None] * len(member_groups)
+    if init == "lstsq":
+        _need_images(images)
+        flat = _input_covariances(model, [c for convs in member_groups for c in convs], images)  # one pass, all groups
+        it = iter(flat)
+        covs = [[next(it) for _ in convs] for convs in member_groups]
+    starts = [initial_weight(convs, init, model, images, cov) for convs, cov in zip(member_groups, covs)]
     tied = copy.deepcopy(model)
-    member_groups = check_groups(tied, groups)
-    starts = [initial_weight(convs, init, model, images) for convs in check_groups(model, groups)]
-    for group, convs, (w, b) in zip(groups, member_groups, starts):
-        owner = convs[0]
+    for group, (w, b) in zip(groups, starts):
+        owner = tied.get_submodule(group[0])
         with torch.no_grad():
             owner.weight.copy_(w)
             if b is not None:
                 owner.bias.copy_(b)
-        for path, conv in zip(list(group)[1:], convs[1:]):
-            set_submodule(tied, path, SharedConv2d(owner, stride=conv.stride[0], padding=conv.padding[0],
-                                                   dilation=conv.dilation[0]))
-    for attr in ("wsviz_name", "wsviz_config"):
-        if hasattr(model, attr):
-            setattr(tied, attr, copy.deepcopy(getattr(model, attr)))
-    tied.wsviz_tied = [list(g) for g in groups]
+    apply_ties(tied, groups)
+    tied.wsviz_tie["init"] = init
     return tied
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on ``images`` (a cumulative average over the
-    batches, as if the model had been trained with these weights); weights are not touched."""
+def reestimate_batchnorm(model: nn.Module, images, batch_size: int = 128) -> nn.Module:
+    """Recompute every BatchNorm's running statistics on ``images`` (a tensor or an iterable of
+    batches; a cumulative average over the batches, as if the model had been trained with these
+    weights); weights are not touched."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
@@ -162,8 +207,8 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
         m.momentum = None  # cumulative moving average: every batch counts the same
         m.train()
     try:
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
+        for batch in calibration_batches(images, batch_size):
+            model(batch)
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum

@@ -61,7 +61,23 @@ def read_card(folder: str | Path) -> dict[str, Any]:
         if value is not ... and (bad_bool or not isinstance(value, types)):
             raise WsvizError(f"The model card {path} gives {key}={value!r}, but it must be {words}; "
                              "re-create the checkpoint.")
+    tied = card.get("tied")
+    if tied is not None and not _tied_ok(tied):
+        raise WsvizError(f"The model card {path} has a \"tied\" entry that is not an object whose \"groups\" is a "
+                         "list of lists of layer paths; re-create the checkpoint.")
     return card
+
+
+def tied_groups(card: dict[str, Any]) -> list[list[str]]:
+    """The conv groups a tied model's card records (empty for a model that was not tied)."""
+    tied = card.get("tied")
+    return [list(g) for g in tied["groups"]] if isinstance(tied, dict) else []
+
+
+def _tied_ok(tied: Any) -> bool:
+    groups = tied.get("groups") if isinstance(tied, dict) else None
+    return isinstance(groups, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+                                            for g in groups)
 
 
 def _json_type(value: Any) -> str:

@@ -52,9 +52,14 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
 
     Both files are written and synced under temporary names first and only then renamed into
     place, weights just before the card: a crash while writing (a kill, a full disk) leaves the
-    previous checkpoint whole, and the two renames are microseconds apart.
+    previous checkpoint whole, and the two renames are microseconds apart. A tied model's groups
+    (``model.wsviz_tie``, see :func:`wsviz.models.tie.tie`) go into the card's ``tied`` entry, so
+    :func:`load_checkpoint` ties them again.
     """
     folder = Path(folder)
+    tie = getattr(model, "wsviz_tie", None)
+    if tie:
+        card = {**card, "tied": {**(card.get("tied") or {}), **tie}}
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
     meta = weights_metadata(card)
     with eval_mode(model):  # e2cnn caches its expanded filters in eval mode: store only real state
@@ -95,7 +100,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     :class:`WsvizError` that says so. Weights that do not fit are refused before the model is
     built for real (it is first built on the meta device, which allocates nothing), so a card
     cannot make the loader allocate far more than its weights hold; e2cnn's steerable models,
-    which cannot be built on meta, are checked once built.
+    which cannot be built on meta, are checked once built. A tied model (its card's ``tied``
+    entry) gets the same groups tied before its weights are loaded.
     """
     from wsviz.models import create_model
 
@@ -105,7 +111,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     check_weights(folder)  # reads the header only: a renamed pickle or a cut file is named as such
     path = folder / WEIGHTS
     shapes = _file_shapes(path)
-    meta = _meta_model(name, config, folder / CARD)
+    meta = _tied(_meta_model(name, config, folder / CARD), card, folder)
     if meta is not None:  # shapes checked before any memory is spent on the model
         _check_fit(path, name, meta, shapes)
     try:
@@ -115,11 +121,30 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     except (TypeError, ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
         raise WsvizError(f"The model card {folder / CARD} describes a {name} that cannot be built "
                          f"({type(exc).__name__}: {exc}); re-create the checkpoint.") from exc
+    _tied(model, card, folder)
     if meta is None:  # e2cnn: only the built model can be checked
         _check_fit(path, name, model, shapes)
     _load_into(model, path, device)
     model.to(device).eval()
     return model, card
+
+
+def _tied(model: nn.Module | None, card: dict[str, Any], folder: Path) -> nn.Module | None:
+    """``model`` with the conv groups its card records as tied made to share one weight (a model
+    tied by :func:`wsviz.models.tie.tie`; its weights hold each tied kernel once)."""
+    from wsviz.models.tie import apply_ties
+    from wsviz.training.cards import tied_groups
+
+    groups = tied_groups(card)
+    if model is None or not groups:
+        return model
+    try:
+        apply_ties(model, groups)
+    except WsvizError as exc:
+        raise WsvizError(f"The model card {folder / CARD} ties groups its model does not have: {exc} "
+                         "Re-create the checkpoint.") from exc
+    model.wsviz_tie = {**card["tied"], "groups": groups}
+    return model
 
 
 def load_weights(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:

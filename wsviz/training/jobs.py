@@ -54,11 +54,13 @@ def gpu_slots() -> list[str]:
 def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overrides: dict[str, Any] | None = None,
            name: str | None = None, max_running: int = DEFAULT_MAX_RUNNING, data_root: str | None = None,
            device: str | None = None, data_seed: int = 0, backend: str | None = None, actor: Actor | None = None,
-           quotas: Quotas | None = None) -> Run:
+           quotas: Quotas | None = None, init_from: str | Path | None = None, tie=None) -> Run:
     """Validate, record and start a run as ``actor``; returns the queued run immediately.
 
     A viewer, a launch past one of the user's quotas (``quotas``, default from the environment)
-    or a dataset outside the data roots is refused with a WsvizError.
+    or a dataset outside the data roots is refused with a WsvizError. ``init_from`` (a checkpoint
+    folder) and ``tie`` (a :class:`wsviz.training.tying.TieSpec`) make it a fine-tune of that
+    checkpoint, tied first: the same run as any other (queue, live curves, card, TensorBoard).
     """
     from wsviz.data.datasets import dataset_info
     from wsviz.models import get_spec
@@ -70,6 +72,15 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     get_spec(model)
     dataset_info(dataset, data_root)
     check_trainable(model, dataset, overrides, data_root)
+    if tie is not None and init_from is None:
+        raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (init_from).")
+    if init_from is not None:
+        from wsviz.training.cards import check_weights, read_card
+
+        card = read_card(init_from)
+        check_weights(init_from)
+        if card["model"] != model:
+            raise WsvizError(f"The checkpoint {init_from} holds a {card['model']!r}, not a {model!r}.")
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
     backend = _backend(backend)
@@ -77,6 +88,10 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     overrides = dict(overrides or {})
     spec = {"model": model, "dataset": dataset, "train_config": cfg.to_dict(), "overrides": overrides,
             "data_root": data_root, "device": device, "data_seed": data_seed, "max_seconds": quotas.max_seconds}
+    if init_from is not None:
+        spec["init_from"] = str(Path(init_from).resolve())
+    if tie is not None:
+        spec["tie"] = tie.to_dict()
     run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role)
     return _start(store, run, max_running, backend, resume=False)
 
@@ -157,6 +172,12 @@ def train_command(store: RunStore, run: Run, max_running: int, *, resume: bool, 
         cmd.append("--resume")
     for k, v in spec["overrides"].items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    if spec.get("init_from"):
+        cmd += ["--init-from", spec["init_from"]]
+    if spec.get("tie"):
+        for g in spec["tie"]["groups"]:
+            cmd += ["--tie", ",".join(g)]
+        cmd += ["--tie-init", spec["tie"]["init"], "--calibration", str(spec["tie"]["calibration"])]
     return cmd
 
 

@@ -21,6 +21,7 @@ from wsviz.errors import WsvizError
 from wsviz.models import create_model, get_spec, summarize
 from wsviz.training.checkpoint import save_checkpoint
 from wsviz.training.loop import EpochMetrics, TrainConfig, TrainResult, train
+from wsviz.training.tying import TieSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def check_trainable(model_name: str, dataset: str, overrides: dict[str, Any] | N
 
 
 def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides: dict[str, Any],
-                      out: str, data_seed: int) -> str:
+                      out: str, data_seed: int, init_from: str | Path | None = None, tie: TieSpec | None = None) -> str:
     parts = ["python", "-m", "wsviz.train", "--model", model_name, "--dataset", dataset,
              "--epochs", str(cfg.epochs), "--out", out, "--batch-size", str(cfg.batch_size),
              "--optimizer", cfg.optimizer, "--lr", repr(cfg.lr), "--momentum", repr(cfg.momentum),
@@ -91,13 +92,22 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
         parts += ["--workers", str(cfg.workers)]
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else v}"]
+    if init_from is not None:
+        parts += ["--init-from", str(init_from)]
+    if tie is not None:
+        for g in tie.groups:
+            parts += ["--tie", ",".join(g)]
+        parts += ["--tie-init", tie.init, "--calibration", str(tie.calibration)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainResult, device: torch.device,
-              data_seed: int, command: str, complete: bool, accounting: dict[str, int]) -> dict[str, Any]:
+              data_seed: int, command: str, complete: bool, accounting: dict[str, int],
+              init_from: str | Path | None = None) -> dict[str, Any]:
     spec = get_spec(model.wsviz_name)
-    return {
+    started = {"init_from": str(init_from)} if init_from is not None else {}
+    tied = {"tied": dict(model.wsviz_tie)} if getattr(model, "wsviz_tie", None) else {}
+    return {**started, **tied,
         "model": model.wsviz_name, "config": model.wsviz_config, "family": spec.family, "paper": spec.paper,
         "dataset": dataset, "train_split": "train", "test_split": "test", "data_seed": data_seed,
         "epochs": cfg.epochs, "epochs_done": len(result.epochs), "complete": complete,
@@ -107,6 +117,28 @@ def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainRes
         "wsviz_version": wsviz.__version__, "torch_version": torch.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "command": command,
     }
+
+
+def starting_model(model_name: str, dataset: str, init_from: str | Path, tie: TieSpec | None,
+                   overrides: dict[str, Any], data_root: str | None, data_seed: int) -> nn.Module:
+    """The trained checkpoint ``init_from`` (its ties rebuilt), tied further by ``tie`` when given
+    (BatchNorm re-estimated), to start a run from: a fine-tune is an ordinary run from here."""
+    from wsviz.training.cards import read_card
+    from wsviz.training.checkpoint import load_checkpoint
+    from wsviz.training.tying import tie_checkpoint
+
+    card = read_card(init_from)
+    if card["model"] != model_name:
+        raise WsvizError(f"The checkpoint {init_from} holds a {card['model']!r}, not a {model_name!r}: leave the model "
+                         "out (it is taken from the checkpoint) or name the same one.")
+    differ = {k: v for k, v in overrides.items() if card.get("config", {}).get(k, v) != v}
+    if differ:
+        raise WsvizError(f"The checkpoint {init_from} holds {model_name} with "
+                         f"{ {k: card['config'][k] for k in differ} }, not {differ}: a run that starts from its weights "
+                         "keeps its options; leave them out.")
+    if tie is not None:
+        return tie_checkpoint(init_from, tie, dataset=dataset, data_root=data_root, data_seed=data_seed)[0].train()
+    return load_checkpoint(init_from)[0].train()
 
 
 def _data(dataset: str, cfg: TrainConfig, model: nn.Module, data_root: str | None, data_seed: int,
@@ -126,11 +158,12 @@ def _data(dataset: str, cfg: TrainConfig, model: nn.Module, data_root: str | Non
 
 
 def _check_resumable(state: dict[str, Any], model_name: str, config: dict[str, Any], dataset: str,
-                     cfg: TrainConfig, data_seed: int, path: Path) -> None:
-    """Refuse to continue a state saved by another run (other model, data or hyperparameters)."""
+                     cfg: TrainConfig, data_seed: int, path: Path, start: dict[str, Any] | None = None) -> None:
+    """Refuse to continue a state saved by another run (other model, data or hyperparameters, or
+    another starting checkpoint or ties: ``start``)."""
     run = state.get("run", {})
     now = {"model": model_name, "config": config, "dataset": dataset, "data_seed": data_seed,
-           "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}}
+           "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}, **(start or {})}
     diff = [k for k in now if _plain(run.get(k)) != _plain(now[k])]
     if diff:
         raise WsvizError(f"The training state {path} belongs to another run (its {', '.join(diff)} differ: "
@@ -157,7 +190,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                  on_step: Callable[[int, int, float], None] | None = None,
                  rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  resume: bool = False, tensorboard: str | Path | None = None,
-                 save_state: bool = True) -> dict[str, Any]:
+                 save_state: bool = True, init_from: str | Path | None = None,
+                 tie: TieSpec | None = None) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
 
     After every epoch the full training state is also written beside the checkpoint
@@ -165,6 +199,9 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     ``resume=True`` continues from it (from scratch, with a log message, if there is none yet).
     ``tensorboard``: a folder for TensorBoard event files (loss per step; losses, accuracies,
     learning rate and images/s per epoch). Returns the final card. Only rank 0 writes.
+    ``init_from``: a checkpoint folder to start from instead of fresh weights (a fine-tune; its
+    card names the same model); ``tie``: conv groups of it to tie first (see
+    :mod:`wsviz.training.tying`); the card then records the ties and the accuracy right after tying.
     """
     from wsviz.training.state import load_state, state_path
     from wsviz.training.state import save_state as write_state
@@ -174,19 +211,34 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     dev = pick_device(device)
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    model = build_for_dataset(model_name, dataset, overrides, data_root)
+    if tie is not None and init_from is None:
+        raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (--init-from).")
+    if init_from is not None:
+        model = starting_model(model_name, dataset, init_from, tie, overrides, data_root, data_seed)
+    else:
+        model = build_for_dataset(model_name, dataset, overrides, data_root)
     s = summarize(model)
     accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
                   "flops": s.flops, "sign_mask_params": s.mask_params}
     train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
-    command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed)
+    command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie)
+    if tie is not None:  # what tying alone cost, before any fine-tuning
+        from wsviz.training.loop import _eval_batches, evaluate
+
+        model.wsviz_tie["accuracy_after_tying"] = evaluate(
+            model, *_eval_batches(test_data, cfg, model.wsviz_config["input_size"], torch.device("cpu")))[1]
     spath = state_path(out)
     identity = {"model": model_name, "config": model.wsviz_config, "dataset": dataset, "data_seed": data_seed,
                 "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}}
+    if init_from is not None:
+        identity["init_from"] = str(init_from)
+    if tie is not None:
+        identity["tie"] = tie.to_dict()
     state = None
     if resume and spath.is_file():
         state = load_state(spath)
-        _check_resumable(state, model_name, model.wsviz_config, dataset, cfg, data_seed, spath)
+        _check_resumable(state, model_name, model.wsviz_config, dataset, cfg, data_seed, spath,
+                         {k: identity[k] for k in ("init_from", "tie") if k in identity})
         log.info("resuming %s from epoch %d (%s)", model_name, state["epoch"], spath)
     elif resume:
         log.warning("no training state at %s: training %s from the first epoch", spath, model_name)
@@ -209,7 +261,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         result.seconds = time.perf_counter() - t0 + resumed_seconds
         if rank == 0:
             save_checkpoint(out, model, make_card(model, dataset, cfg, result, dev, data_seed, command,
-                                                  m.epoch == cfg.epochs, accounting))
+                                                  m.epoch == cfg.epochs, accounting, init_from))
         if writer is not None:
             for tag, value in (("train/loss", m.train_loss), ("train/accuracy", m.train_acc),
                                ("test/loss", m.test_loss), ("test/accuracy", m.test_acc), ("lr", m.lr),
@@ -234,7 +286,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         if writer is not None:
             writer.close()
     result.epochs, result.seconds = res.epochs, res.seconds
-    card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting)
+    card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting, init_from)
     if rank == 0:
         save_checkpoint(out, model, card)
         spath.unlink(missing_ok=True)  # the run is complete: nothing is left to resume

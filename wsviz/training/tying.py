@@ -1,0 +1,109 @@
+"""A trained checkpoint tied into a shared model, ready to evaluate, save or fine-tune.
+
+:func:`wsviz.models.tie.tie` is the mechanism; this is the step a run or the CLI takes with it:
+load the source checkpoint, take calibration images from its training split, tie the groups,
+re-estimate BatchNorm, and record in the model (``wsviz_tie``, written into every card it is
+saved with) what was tied, how and from what. Fine-tuning is then an ordinary training run
+started from this model (:func:`wsviz.training.run.run_training` with ``init_from`` and ``tie``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsviz.errors import WsvizError
+
+DEFAULT_CALIBRATION = 512
+
+
+@dataclass(frozen=True)
+class TieSpec:
+    """Which conv groups to tie and how: ``init`` (mean / medoid / lstsq) and the number of training
+    images used for the least-squares kernel and the BatchNorm statistics."""
+
+    groups: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    init: str = "lstsq"
+    calibration: int = DEFAULT_CALIBRATION
+
+    def __post_init__(self) -> None:
+        from wsviz.models.tie import INITS
+
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
+        if self.init not in INITS:
+            raise WsvizError(f"Unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
+        if not isinstance(self.calibration, int) or not 1 <= self.calibration <= 100_000:
+            raise WsvizError(f"calibration must be a whole number of images from 1 to 100000, got {self.calibration!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [list(g) for g in self.groups], "init": self.init, "calibration": self.calibration}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TieSpec:
+        return cls(tuple(tuple(g) for g in d["groups"]), d.get("init", "lstsq"),
+                   int(d.get("calibration", DEFAULT_CALIBRATION)))
+
+
+def parse_groups(items: list[str]) -> tuple[tuple[str, ...], ...]:
+    """``--tie a,b --tie c,d`` (or the app's lines) as groups of layer paths."""
+    groups = tuple(tuple(p.strip() for p in item.split(",") if p.strip()) for item in items if item.strip())
+    return groups
+
+
+def calibration_images(dataset: str, n: int, model: nn.Module, *, data_root: str | None = None,
+                       data_seed: int = 0) -> torch.Tensor:
+    """``n`` training images of ``dataset`` spread over its classes, at the model's input shape."""
+    from wsviz.data.datasets import fit_to, load_split
+    from wsviz.models import input_shape
+
+    c, size, _ = input_shape(model)
+    tr = load_split(dataset, "train", data_root=data_root, seed=data_seed).spread(n)
+    return fit_to(tr.images, c, size)
+
+
+def tie_checkpoint(source: str | Path, spec: TieSpec, *, dataset: str | None = None, data_root: str | None = None,
+                   data_seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(tied model with fresh BatchNorm statistics, the source's card). The model's ``wsviz_tie``
+    records every tied group, the init, the source folder and accuracy, and the calibration."""
+    from wsviz.models.tie import reestimate_batchnorm, tie
+    from wsviz.training.checkpoint import load_checkpoint
+
+    if not spec.groups:
+        raise WsvizError("No groups to tie: give lists of two or more conv layer paths with the same weight shape "
+                         "(`python -m wsviz opportunities` ranks the candidates).")
+    model, card = load_checkpoint(source)
+    dataset = dataset or card.get("dataset")
+    if not dataset:
+        raise WsvizError(f"The checkpoint {source} does not say what it was trained on; give the dataset its "
+                         "calibration images come from (--dataset).")
+    seed = card.get("data_seed", 0) if data_seed is None else data_seed
+    images = calibration_images(dataset, spec.calibration, model, data_root=data_root, data_seed=seed)
+    tied = reestimate_batchnorm(tie(model, spec.groups, spec.init, images), images)
+    tied.wsviz_tie.update(source=str(source), source_model=card["model"],
+                          source_test_accuracy=card.get("test_accuracy"), calibration_images=len(images),
+                          calibration_split=f"{dataset} train")
+    return tied, card
+
+
+def tied_card(tied: nn.Module, source_card: dict[str, Any], test_accuracy: float | None, command: str) -> dict[str, Any]:
+    """The card of a tied model saved without fine-tuning: the source's model, options and data, the
+    tied model's own counts, and its test accuracy right after tying."""
+    import datetime as _dt
+
+    import wsviz
+    from wsviz.models import summarize
+
+    s = summarize(tied)
+    keep = ("model", "config", "family", "paper", "dataset", "train_split", "test_split", "data_seed")
+    card = {k: source_card[k] for k in keep if k in source_card}
+    tie_record = dict(tied.wsviz_tie)
+    tie_record["accuracy_after_tying"] = test_accuracy
+    return {**card, "epochs": 0, "epochs_done": 0, "complete": True, "metrics": [], "test_accuracy": test_accuracy,
+            "unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops,
+            "sign_mask_params": s.mask_params, "tied": tie_record, "wsviz_version": wsviz.__version__,
+            "torch_version": torch.__version__, "command": command,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
