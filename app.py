@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/rotation.py", title="Rotation", icon=":material/rotate_right:"),
     st.Page("pages/embeddings.py", title="Embeddings", icon=":material/scatter_plot:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/share.py", title="Share weights", icon=":material/join_inner:"),
 ]
 
 nav = st.navigation(PAGES)

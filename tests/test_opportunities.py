@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def test_scores_mean_what_they_say(twin):
     for r in rows:
         assert -1 <= r.weight_similarity <= 1 and 0 <= r.output_cka <= 1 and 0 <= r.gradient_conflict <= 2
         assert r.params_saved == model.get_submodule(r.group[0]).weight.numel()
-    assert [r.measured_drop for r in rows] == sorted(r.measured_drop for r in rows)  # cheapest first
+    assert [r.predicted_cost for r in rows] == sorted(r.predicted_cost for r in rows)  # cheapest first
     untouched = score_groups(twin, cal.images, cal.labels, groups=SHARESNET_RULE)
     assert untouched[0].measured_drop is None and by[SHARESNET_RULE[1]].weight_similarity > \
         next(r for r in untouched if r.group == SHARESNET_RULE[1]).weight_similarity
@@ -76,7 +77,71 @@ def test_cli_ranks_the_groups(tmp_path, capsys):
     assert main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "opportunities.csv")))
     assert {r["group"] for r in rows} == {" + ".join(g) for g in SHARESNET_RULE}
-    drops = [float(r["measured_drop_pts"]) for r in rows]
-    assert drops == sorted(drops) and "pts" in capsys.readouterr().out
+    costs = [float(r["predicted_cost"]) for r in rows]
+    assert costs == sorted(costs) and "pts" in capsys.readouterr().out
     assert main(["opportunities", "--checkpoint", str(CKPT / "scale-sharesnet-unshared"), "--out", str(tmp_path),
                  "--group", "stages.0.1.conv2,stages.1.1.conv2"]) == 2
+
+
+def test_default_candidates_overlap_and_are_all_scored(twin):
+    """Candidate runs overlap (a run of three holds two runs of two); scoring them all must work."""
+    cal = load_split("mnist5k-scale", "train").spread(64)
+    groups = [g for g in candidate_groups(twin) if g[0].startswith("stages.1.")]
+    assert any(set(a) & set(b) for a in groups for b in groups if a != b)
+    rows = score_groups(twin, cal.images, cal.labels, groups=groups)
+    assert {r.group for r in rows} == set(groups)
+
+
+def _opp(name, drop, cka, wsim, conflict):
+    from wsviz.analysis.opportunities import Opportunity
+
+    return Opportunity((name, name + "b"), 1, wsim, cka, conflict, drop)
+
+
+def test_predicted_cost_ranks_each_score_in_its_own_direction():
+    from wsviz.analysis.opportunities import predicted_costs
+
+    cheap, mid, dear = _opp("a", 0.1, 0.9, 0.8, 0.1), _opp("b", 1.0, 0.5, 0.4, 0.5), _opp("c", 5.0, 0.2, 0.1, 0.9)
+    assert predicted_costs([dear, cheap, mid]) == [1.0, 0.0, 0.5]
+    for name in ("measured_drop", "output_cka", "weight_similarity", "gradient_conflict"):  # each alone, same order
+        assert predicted_costs([dear, cheap, mid], {name: 1.0}) == [1.0, 0.0, 0.5], name
+    # weights matter: a group cheap by drop but dear by CKA moves with the weights
+    x, y = _opp("x", 0.1, 0.1, 0.5, 0.5), _opp("y", 2.0, 0.9, 0.5, 0.5)
+    assert predicted_costs([x, y], {"measured_drop": 1.0}) == [0.0, 1.0]
+    assert predicted_costs([x, y], {"output_cka": 1.0}) == [1.0, 0.0]
+    assert predicted_costs([x, y], {"measured_drop": 2.0, "output_cka": 1.0}) == pytest.approx([1 / 3, 2 / 3])
+    # a score not measured is left out rather than counted as zero
+    unmeasured = [_opp("p", None, 0.9, 0.5, 0.5), _opp("q", None, 0.1, 0.5, 0.5)]
+    assert predicted_costs(unmeasured, {"measured_drop": 5.0, "output_cka": 1.0}) == [0.0, 1.0]
+
+
+def test_stage_similarity_matrices(twin):
+    from wsviz.analysis.opportunities import stage_similarity
+    from wsviz.analysis.similarity import linear_cka
+
+    x = load_split("mnist5k-scale", "train").spread(64).images
+    sims = stage_similarity(twin, x)
+    by = {(s.stage, s.role): s for s in sims}
+    s = by[("stages.2", "conv2")]
+    assert s.layers == ("stages.2.0.conv2", "stages.2.1.conv2", "stages.2.2.conv2")
+    assert np.allclose(np.diag(s.output_cka), 1) and np.allclose(s.output_cka, s.output_cka.T)
+    w1, w2 = (twin.get_submodule(n).weight.detach().flatten() for n in s.layers[1:])
+    assert s.weight_similarity[1, 2] == pytest.approx(float(torch.nn.functional.cosine_similarity(w1, w2, dim=0)),
+                                                      abs=1e-6)
+    outs = {}
+    hooks = [twin.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.flatten(1)))
+             for n in s.layers[:2]]
+    with torch.no_grad():
+        twin.eval()(x)
+    for h in hooks:
+        h.remove()
+    assert s.output_cka[0, 1] == pytest.approx(linear_cka(outs[s.layers[0]].numpy(), outs[s.layers[1]].numpy()))
+    assert ("stages.1", "conv1") in by and len(by[("stages.1", "conv1")].layers) == 2  # block 0's conv1 differs
+
+
+def test_tied_layers_are_not_offered_again(twin):
+    from wsviz.models.tie import tie
+
+    tied = tie(twin, [list(SHARESNET_RULE[2])], init="mean")
+    flat = {n for g in candidate_groups(tied) for n in g}
+    assert not flat & set(SHARESNET_RULE[2])  # neither the use site nor the conv that lends its weight

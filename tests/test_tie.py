@@ -113,5 +113,31 @@ def test_an_already_shared_layer_and_a_missing_calibration_are_refused(twin):
         tie(shared, [["stages.0.2.conv2", "stages.0.0.conv2"]], init="mean")
     with pytest.raises(WsvizError, match="calibration images"):
         tie(twin, GROUPS, init="lstsq")
+    # the conv that lends its weight cannot be tied to another group: its users would be left behind
+    with pytest.raises(WsvizError, match=r"Group \['stages.0.0.conv2', 'stages.0.1.conv2'\]: 'stages.0.1.conv2' "
+                                         r"already lends its weight to stages.0.2.conv2"):
+        tie(shared, [["stages.0.0.conv2", "stages.0.1.conv2"]], init="mean")
     with pytest.raises(WsvizError, match="Unknown init"):
         tie(twin, GROUPS, init="first")
+
+
+def test_a_model_without_convolutions_is_refused_naming_the_group():
+    from wsviz.analysis.opportunities import candidate_groups
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(WsvizError, match=r"Group \['1', '2'\]: '1' is a Linear, not a convolution") as err:
+        tie(mlp, [["1", "2"]], init="mean")
+    assert "\n" not in str(err.value)
+    with pytest.raises(WsvizError, match="no \\(unshared\\) convolutions"):
+        candidate_groups(mlp)
+
+
+def test_calibration_may_come_as_batches(twin, calib):
+    """A DataLoader-like iterable of (images, labels) gives the same kernel as one tensor."""
+    loader = [(calib[i:i + 100], torch.zeros(len(calib[i:i + 100]))) for i in range(0, len(calib), 100)]
+    a = tie(twin, GROUPS[:1], init="lstsq", images=calib).get_submodule(GROUPS[0][0]).weight
+    b = tie(twin, GROUPS[:1], init="lstsq", images=loader).get_submodule(GROUPS[0][0]).weight
+    assert torch.allclose(a, b, atol=1e-5)
+    bn_a = reestimate_batchnorm(tie(twin, GROUPS, "mean"), calib, batch_size=100).get_submodule("stages.2.2.bn2").running_var
+    bn_b = reestimate_batchnorm(tie(twin, GROUPS, "mean"), loader).get_submodule("stages.2.2.bn2").running_var
+    assert torch.allclose(bn_a, bn_b, rtol=1e-4, atol=1e-6)

@@ -287,11 +287,13 @@ def _opportunities(args: argparse.Namespace) -> int:
     bar.close()
     out = _out(args)
     _write_csv(out / "opportunities.csv", [{"group": " + ".join(r.group), "params_saved": r.params_saved,
+                                            "predicted_cost": r.predicted_cost,
                                             "weight_similarity": r.weight_similarity, "output_cka": r.output_cka,
                                             "gradient_conflict": r.gradient_conflict,
                                             "measured_drop_pts": r.measured_drop} for r in rows])
     for r in rows[:10]:
-        print(f"{r.measured_drop:+6.2f} pts  saves {r.params_saved:>9,}  {' + '.join(r.group)}")
+        print(f"cost {r.predicted_cost:.2f}  {r.measured_drop:+6.2f} pts now  saves {r.params_saved:>9,}  "
+              f"{' + '.join(r.group)}")
     return 0
 
 

@@ -299,3 +299,36 @@ def fair_figure(rows: Sequence[dict], x: str = "unique_params") -> go.Figure:
         title += ": one panel per test set"
     fig.update_layout(title=title, height=460, showlegend=False)
     return fig
+
+
+def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
+    """One heatmap per stage and conv role: ``kind`` ("output_cka" or "weight_similarity") between its
+    same-shape convolutions, on one colour scale (0..1 for CKA, -1..1 for the kernels' cosine)."""
+    cols = min(3, len(sims)) or 1
+    rows = -(-len(sims) // cols) or 1
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{s.stage} · {s.role}" for s in sims],
+                        horizontal_spacing=0.12, vertical_spacing=0.18)
+    lo = 0.0 if kind == "output_cka" else -1.0
+    for i, s in enumerate(sims):
+        labels = [n.split(".")[-2] if n.count(".") else n for n in s.layers]  # the block index
+        fig.add_trace(go.Heatmap(z=getattr(s, kind), x=labels, y=labels, zmin=lo, zmax=1, colorscale="Viridis",
+                                 coloraxis="coloraxis", customdata=[[f"{a} vs {b}" for b in s.layers] for a in s.layers],
+                                 hovertemplate="%{customdata}: %{z:.3f}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    title = "Output CKA between blocks" if kind == "output_cka" else "Kernel cosine similarity between blocks"
+    fig.update_layout(title=title + " (axes: block index)", height=260 * rows + 80,
+                      coloraxis=dict(colorscale="Viridis", cmin=lo, cmax=1, colorbar=dict(title=kind)))
+    return fig
+
+
+def opportunities_figure(rows: Sequence[dict]) -> go.Figure:
+    """Parameters saved vs predicted cost, one point per candidate group (hover: the group and its scores)."""
+    fig = go.Figure(go.Scatter(
+        x=[r["params_saved"] for r in rows], y=[r["predicted_cost"] for r in rows], mode="markers",
+        marker=dict(size=11, color=[r.get("measured_drop") or 0 for r in rows], colorscale="Reds",
+                    colorbar=dict(title="drop now (pts)"), line=dict(width=1, color="black")),
+        text=[r["group"] for r in rows],
+        hovertemplate="%{text}<br>saves %{x:,} parameters<br>predicted cost %{y:.2f}<extra></extra>"))
+    fig.update_layout(title="Parameters saved vs predicted cost (0 = cheapest-looking group, 1 = costliest)",
+                      xaxis_title="parameters saved", yaxis_title="predicted cost (rank-combined)", height=420)
+    return fig

@@ -12,6 +12,11 @@ stage, the same conv role in each: ShaResNet's pattern generalised), four scores
   (least-squares init), both with BatchNorm statistics re-estimated on the calibration batch (so
   the drop is the tying's alone), no fine-tuning.
 
+They are combined into one ``predicted_cost`` (:func:`predicted_costs`): a weighted mean of each
+group's rank under every score (0 the cheapest-looking group, 1 the costliest), so scores in
+different units combine without scaling. The ranking is judged by ``benchmarks/bench_tie.py``
+against the drop measured after a short fine-tune.
+
 Tying itself is :func:`wsviz.models.tie.tie`; this module only scores.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +47,34 @@ class Opportunity:
     output_cka: float
     gradient_conflict: float
     measured_drop: float | None  # accuracy points lost by tying now (None when not measured)
+    predicted_cost: float | None = None  # the scores combined (predicted_costs): 0 cheapest .. 1 costliest
+
+
+# Each score's direction: +1 where a larger value predicts a costlier tie, -1 where it predicts a cheaper one.
+COST_SIGN = {"measured_drop": 1.0, "output_cka": -1.0, "weight_similarity": -1.0, "gradient_conflict": 1.0}
+# How much each score's rank counts in the predicted cost (chosen on held-out data: benchmarks/bench_tie.py).
+DEFAULT_WEIGHTS = {"measured_drop": 1.0, "output_cka": 1.0, "weight_similarity": 1.0, "gradient_conflict": 1.0}
+
+
+def predicted_costs(rows: Sequence[Opportunity], weights: dict[str, float] | None = None) -> list[float]:
+    """One predicted cost per group in [0, 1]: the ``weights``-weighted mean over the scores of the
+    group's rank among ``rows`` (ties share their mean rank), oriented by :data:`COST_SIGN` so that
+    0 is the cheapest-looking group and 1 the costliest. Scores not measured (None) are left out."""
+    from scipy.stats import rankdata
+
+    weights = DEFAULT_WEIGHTS if weights is None else weights
+    n = len(rows)
+    if n == 0:
+        return []
+    total, mass = np.zeros(n), 0.0
+    for name, w in weights.items():
+        values = [getattr(r, name) for r in rows]
+        if not w or any(v is None for v in values):
+            continue
+        ranks = (rankdata(COST_SIGN[name] * np.asarray(values, dtype=float)) - 1) / max(n - 1, 1)
+        total += w * ranks
+        mass += w
+    return (total / mass).tolist() if mass else [0.0] * n
 
 
 def _place(name: str) -> tuple[str, int, str] | None:
@@ -55,13 +88,18 @@ def _place(name: str) -> tuple[str, int, str] | None:
     return ".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1:])
 
 
-def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tuple[str, ...]]:
-    """Contiguous runs (two or more) of blocks within a stage whose conv of the same role has the same
-    weight shape, stride and padding; convolutions already shared are left out."""
+def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Convolutions larger than 1x1 that neither use nor lend a shared weight."""
+    lent = {id(m.source) for m in model.modules() if isinstance(m, SharedConv2d)}
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, SharedConv2d)
-             and min(m.kernel_size) > 1}
+             and min(m.kernel_size) > 1 and id(m) not in lent}
     if not convs:
         raise WsvizError("This model has no (unshared) convolutions with kernels larger than 1x1 to share.")
+    return convs
+
+
+def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
+    """Same-role, same-shape convolutions of one stage: {(stage, role, shape, ...): [(block, path), ...]}."""
     lanes: dict[tuple, list[tuple[int, str]]] = {}
     for name, m in convs.items():
         place = _place(name)
@@ -70,9 +108,17 @@ def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tupl
         stage, block, role = place
         key = (stage, role, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups)
         lanes.setdefault(key, []).append((block, name))
-    out = []
     for members in lanes.values():
         members.sort()
+    return lanes
+
+
+def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tuple[str, ...]]:
+    """Contiguous runs (two or more) of blocks within a stage whose conv of the same role has the same
+    weight shape, stride and padding; convolutions already shared are left out."""
+    convs = _convs(model)
+    out = []
+    for members in _lanes(convs).values():
         runs, run = [], [members[0]]
         for b, n in members[1:]:
             if b == run[-1][0] + 1:
@@ -103,14 +149,15 @@ def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  progress: Callable[[int, int, str], None] | None = None) -> list[Opportunity]:
     """Score every group (default :func:`candidate_groups`) on a calibration batch ``images``/``labels``;
     with ``held_out`` (images, labels), also the accuracy lost by tying each group now. Sorted by the
-    measured drop when there is one, else by output CKA (most alike first)."""
+    predicted cost (:func:`predicted_costs`), cheapest first."""
     from wsviz.models.tie import check_groups, reestimate_batchnorm, tie
     from wsviz.training.loop import evaluate
 
     groups = [tuple(g) for g in (groups if groups is not None else candidate_groups(model))]
     if not groups:
         raise WsvizError("No candidate groups: no stage has two blocks with same-shape convolutions.")
-    check_groups(model, groups)
+    for g in groups:  # each on its own: candidates overlap (a run of three holds two runs of two)
+        check_groups(model, [g])
     convs = {n: model.get_submodule(n) for g in groups for n in g}
     outputs: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: outputs.__setitem__(n, o)) for n, m in convs.items()]
@@ -143,5 +190,47 @@ def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
             float(np.mean([linear_cka(feats[a], feats[b]) for a, b in itertools.combinations(g, 2)])),
             1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop))
-    key = (lambda o: o.measured_drop) if held_out is not None else (lambda o: -o.output_cka)
-    return sorted(out, key=key)
+    out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out))]
+    return sorted(out, key=lambda o: (o.predicted_cost, -o.params_saved))
+
+
+@dataclass(frozen=True)
+class StageSimilarity:
+    """Layer-by-layer similarity of the same-role, same-shape convolutions of one stage."""
+
+    stage: str
+    role: str
+    layers: tuple[str, ...]
+    weight_similarity: np.ndarray  # cosine of the flattened kernels, (n, n)
+    output_cka: np.ndarray  # linear CKA of the outputs on the calibration batch, (n, n)
+
+
+@torch.no_grad()
+def stage_similarity(model: nn.Module, images: torch.Tensor) -> list[StageSimilarity]:
+    """For every stage and conv role with two or more same-shape convolutions, the matrices of weight
+    cosine and output CKA between them (one forward pass of ``images`` for all)."""
+    lanes = [(key, [n for _, n in members]) for key, members in _lanes(_convs(model)).items() if len(members) > 1]
+    if not lanes:
+        raise WsvizError("No stage has two blocks with same-shape convolutions to compare.")
+    names = [n for _, layers in lanes for n in layers]
+    outputs: dict[str, np.ndarray] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, a, o, n=n: outputs.__setitem__(n, o.detach().flatten(1).numpy())) for n in names]
+    was = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    out = []
+    for key, layers in lanes:
+        k = len(layers)
+        ws = [model.get_submodule(n).weight.detach() for n in layers]
+        wsim, cka = np.eye(k), np.eye(k)
+        for i, j in itertools.combinations(range(k), 2):
+            wsim[i, j] = wsim[j, i] = _cosine(ws[i], ws[j])
+            cka[i, j] = cka[j, i] = linear_cka(outputs[layers[i]], outputs[layers[j]])
+        out.append(StageSimilarity(key[0], key[1], tuple(layers), wsim, cka))
+    return out

@@ -32,7 +32,7 @@ from wsviz.models.sharing import SharedConv2d, set_submodule
 INITS = ("mean", "medoid", "lstsq")
 
 
-def _conv(model: nn.Module, path: str, group: Sequence[str]) -> nn.Conv2d:
+def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, list[str]] | None = None) -> nn.Conv2d:
     try:
         mod = model.get_submodule(path)
     except AttributeError:
@@ -42,7 +42,20 @@ def _conv(model: nn.Module, path: str, group: Sequence[str]) -> nn.Conv2d:
                          "owns it instead.")
     if not isinstance(mod, nn.Conv2d):
         raise WsvizError(f"Group {list(group)}: {path!r} is a {type(mod).__name__}, not a convolution.")
+    users = (lenders or {}).get(id(mod))
+    if users:
+        raise WsvizError(f"Group {list(group)}: {path!r} already lends its weight to {', '.join(users[:3])}; a layer "
+                         "shares one weight at most, so leave it out.")
     return mod
+
+
+def _lenders(model: nn.Module) -> dict[int, list[str]]:
+    """{id of a conv whose weight other layers use: the paths of those use sites}."""
+    out: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SharedConv2d):
+            out.setdefault(id(m.source), []).append(name)
+    return out
 
 
 def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list[nn.Conv2d]]:
@@ -50,6 +63,7 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
     if not groups:
         raise WsvizError("No groups to tie: give lists of two or more conv layer paths with the same weight shape.")
     seen: dict[str, int] = {}
+    lenders = _lenders(model)
     out = []
     for g, group in enumerate(groups):
         group = list(group)
@@ -59,7 +73,7 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
             if path in seen:
                 raise WsvizError(f"Group {group}: {path!r} is already in group {seen[path] + 1}.")
             seen[path] = g
-        convs = [_conv(model, p, group) for p in group]
+        convs = [_conv(model, p, group, lenders) for p in group]
         shapes = {tuple(c.weight.shape) for c in convs}
         if len(shapes) > 1:
             raise WsvizError(f"Group {group}: the layers' weights differ in shape ({', '.join(map(str, sorted(shapes)))}); "

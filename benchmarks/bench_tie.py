@@ -1,0 +1,324 @@
+"""Proof of issue 19: tie a trained plain ResNet into its shared form, fine-tune briefly, and check
+that wsviz's ranking of where to share predicts what sharing costs.
+
+Data: the shipped ``mnist5k-scale`` (4,000 train / 1,000 test) and the shipped trained plain model
+``checkpoints/scale-sharesnet-unshared`` (``sharesnet_wrn_digits``, shared=false, 96.4%, 12 epochs
+of 31 steps = 372 steps). The test split is cut in two stratified halves: **val** (even indices)
+chooses everything that is chosen (the fine-tuning learning rate, the weights of the combined
+score, the budgeted groups), **test** (odd indices) is only reported. Calibration images (lstsq
+kernels, BatchNorm statistics, the four scores) come from the training split.
+
+Per seed (calibration sample, fine-tuning order, from-scratch initialisation, random groups):
+
+1. ShaResNet's rule (blocks 2..n of each stage share conv2): accuracy right after tying for each
+   init; after fine-tuning with one epoch (31 steps, 8.3% of the original 372); the same shared
+   architecture trained from scratch for the same 31 steps; the untied model (as is, and after the
+   same fine-tune).
+2. Ranking: every candidate group is tied alone (lstsq) and fine-tuned for a fixed short run; its
+   drop is the untied model's accuracy after the same run minus the tied one's. Spearman between
+   each score and that drop on the test half (scores computed on calibration + val data), for the
+   combined predicted cost vs weight similarity, output CKA, gradient conflict, the drop right
+   after tying and "adjacent blocks" (cost = number of blocks spanned) alone.
+3. Budget: at ShaResNet's parameter saving (48,384), the disjoint candidate groups of least total
+   predicted cost vs ShaResNet's rule vs random disjoint groups saving as much; each tied and
+   fine-tuned like (1).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_tie [--seeds 0 1 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from wsviz.analysis.opportunities import COST_SIGN, DEFAULT_WEIGHTS, candidate_groups, predicted_costs, score_groups
+from wsviz.data.datasets import load_split
+from wsviz.models import create_model, summarize
+from wsviz.models.tie import reestimate_batchnorm, tie
+from wsviz.training.checkpoint import load_checkpoint
+from wsviz.training.loop import TrainConfig, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
+RULE = [(f"stages.{s}.1.conv2", f"stages.{s}.2.conv2") for s in range(3)]
+ORIGINAL_STEPS = 12 * (4000 // 128)  # the shipped model's recipe: 12 epochs of 31 steps
+FT_STEPS = 4000 // 128  # one epoch: 31 steps, 8.3% of the original
+SHORT_STEPS = 8  # the fixed short fine-tune of the ranking experiment
+CALIBRATION = 512
+LRS = (0.003, 0.01, 0.03, 0.1)  # fine-tuning learning rates tried on val (seed 0, ShaResNet's rule, lstsq)
+SCRATCH_LR = 0.1  # the original recipe's
+INITS = ("medoid", "mean", "lstsq")
+SINGLE = ("weight_similarity", "output_cka", "gradient_conflict", "measured_drop")
+N_RANDOM = 2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def halves():
+    te = load_split("mnist5k-scale", "test")
+    return (te.images[0::2], te.labels[0::2]), (te.images[1::2], te.labels[1::2])
+
+
+def acc(model, data) -> float:
+    return 100 * evaluate(model, *data)[1]
+
+
+def finetune(model, train_data, val, steps: int, lr: float, seed: int):
+    """``steps`` SGD steps (cosine from ``lr``), in place; returns the model."""
+    cfg = TrainConfig(epochs=1, lr=lr, max_batches=steps, seed=seed)
+    train(model, train_data, val, cfg)
+    return model
+
+
+def tied_model(model, groups, init, cal):
+    return reestimate_batchnorm(tie(model, [list(g) for g in groups], init=init, images=cal), cal)
+
+
+def saving(model, groups) -> int:
+    return sum((len(g) - 1) * model.get_submodule(g[0]).weight.numel() for g in groups)
+
+
+def disjoint_sets(groups):
+    """Every set of candidate groups no two of which share a layer."""
+    n = len(groups)
+    layers = [set(g) for g in groups]
+    out = []
+    for mask in range(1, 1 << n):
+        chosen = [i for i in range(n) if mask >> i & 1]
+        if all(not layers[a] & layers[b] for a, b in itertools.combinations(chosen, 2)):
+            out.append(chosen)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--smoke", action="store_true", help="a few steps and groups, to check the script runs")
+    args = ap.parse_args()
+    global FT_STEPS, SHORT_STEPS, LRS, N_RANDOM
+    if args.smoke:
+        FT_STEPS, SHORT_STEPS, LRS, N_RANDOM = 1, 1, (0.01,), 1
+    torch.set_num_threads(1)
+    t_start = time.process_time()
+    wall0 = time.time()
+    plain, card = load_checkpoint(TWIN)
+    tr = load_split("mnist5k-scale", "train")
+    train_data = (tr.images, tr.labels)
+    val, test = halves()
+    groups = candidate_groups(plain)
+    if args.smoke:
+        groups = groups[:3] + [g for g in RULE if g not in groups[:3]]
+    log(f"{len(groups)} candidate groups; val {len(val[1])} / test {len(test[1])} images")
+    res = {"seeds": args.seeds, "candidate_groups": [list(g) for g in groups], "ft_steps": FT_STEPS,
+           "original_steps": ORIGINAL_STEPS, "short_steps": SHORT_STEPS, "calibration": CALIBRATION,
+           "untied_full_test": 100 * card["test_accuracy"], "untied_val": acc(plain, val), "untied_test": acc(plain, test), "val_n": len(val[1]),
+           "params": {"untied": summarize(plain).unique_params}}
+
+    # -- choose the fine-tuning learning rate on val (seed 0, ShaResNet's rule, lstsq) --------------
+    cal0 = tr.images[torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(0))[:CALIBRATION]]
+    lr_val = {}
+    for lr in LRS:
+        m = finetune(tied_model(plain, RULE, "lstsq", cal0), train_data, val, FT_STEPS, lr, 0)
+        lr_val[lr] = acc(m, val)
+        log(f"lr {lr}: val {lr_val[lr]:.1f}")
+    lr = max(LRS, key=lambda k: (lr_val[k], -k))
+    res["lr_val"], res["lr"] = {str(k): v for k, v in lr_val.items()}, lr
+
+    per_seed = []
+    for seed in args.seeds:
+        s = {"seed": seed}
+        gen = torch.Generator().manual_seed(seed)
+        cal_idx = torch.randperm(len(tr.labels), generator=gen)[:CALIBRATION]
+        cal, cal_y = tr.images[cal_idx], tr.labels[cal_idx]
+
+        # 1. ShaResNet's rule ------------------------------------------------------------------
+        s["after_tying"], s["after_ft"] = {}, {}
+        for init in INITS:
+            m = tied_model(plain, RULE, init, cal)
+            s["after_tying"][init] = acc(m, test)
+            s["after_ft"][init] = acc(finetune(m, train_data, val, FT_STEPS, lr, seed), test)
+            log(f"seed {seed} {init}: tied {s['after_tying'][init]:.1f} -> fine-tuned {s['after_ft'][init]:.1f}")
+        s["params_tied"] = summarize(m).unique_params
+        torch.manual_seed(seed)
+        scratch = create_model("sharesnet_wrn_digits", shared=True)
+        s["params_scratch"] = summarize(scratch).unique_params
+        s["scratch"] = acc(finetune(scratch, train_data, val, FT_STEPS, SCRATCH_LR, seed), test)
+        untied_ft = finetune(reestimate_batchnorm(tie_free_copy(plain), cal), train_data, val, FT_STEPS, lr, seed)
+        s["untied_ft"] = acc(untied_ft, test)
+        log(f"seed {seed}: scratch {s['scratch']:.1f}, untied fine-tuned {s['untied_ft']:.1f}")
+
+        # 2. ranking ---------------------------------------------------------------------------
+        rows = score_groups(plain, cal, cal_y, groups=groups, held_out=val)
+        rows = sorted(rows, key=lambda r: groups.index(r.group))
+        base = finetune(reestimate_batchnorm(tie_free_copy(plain), cal), train_data, val, SHORT_STEPS, lr, seed)
+        base_val, base_test = acc(base, val), acc(base, test)
+        drops_val, drops_test = [], []
+        for g in groups:
+            m = finetune(tied_model(plain, [g], "lstsq", cal), train_data, val, SHORT_STEPS, lr, seed)
+            drops_val.append(base_val - acc(m, val))
+            drops_test.append(base_test - acc(m, test))
+        log(f"seed {seed}: short fine-tune drops (test) {np.round(drops_test, 1).tolist()}")
+        s["scores"] = {k: [getattr(r, k) for r in rows] for k in SINGLE}
+        s["drops_val"], s["drops_test"] = drops_val, drops_test
+        s["params_saved"] = [r.params_saved for r in rows]
+        per_seed.append((s, rows))
+        res.setdefault("per_seed", []).append(s)
+
+    # -- choose the combined score's weights on val: each score's rank weighted 0, 1 or 2 ---------
+    grid = [dict(zip(SINGLE, w)) for w in itertools.product((0, 1, 2), repeat=len(SINGLE)) if any(w)]
+
+    def val_rho(weights):
+        return statistics.mean(spearmanr(predicted_costs(rows, weights), s["drops_val"])[0] for s, rows in per_seed)
+
+    best = max(grid, key=lambda w: (round(val_rho(w), 6), -sum(w.values())))
+    res["weights_chosen_on_val"], res["weights_default"] = best, DEFAULT_WEIGHTS
+    res["val_rho_chosen"], res["val_rho_default"] = val_rho(best), val_rho(DEFAULT_WEIGHTS)
+    log(f"weights chosen on val {best} (val rho {val_rho(best):.3f}; library default {DEFAULT_WEIGHTS} "
+        f"{val_rho(DEFAULT_WEIGHTS):.3f})")
+
+    # -- ranking quality on the test half --------------------------------------------------------
+    for s, rows in per_seed:
+        spans = [len(g) - 1 for g in groups]
+        costs = {"combined (library default)": predicted_costs(rows),
+                 "combined (chosen on val)": predicted_costs(rows, best),
+                 "adjacent blocks": spans}
+        costs.update({k: (COST_SIGN[k] * np.asarray(s["scores"][k])).tolist() for k in SINGLE})
+        s["spearman_test"] = {k: float(spearmanr(v, s["drops_test"])[0]) for k, v in costs.items()}
+        s["spearman_val"] = {k: float(spearmanr(v, s["drops_val"])[0]) for k, v in costs.items()}
+
+    # 3. budgeted choice -------------------------------------------------------------------------
+    budget = saving(plain, RULE)
+    sets = [c for c in disjoint_sets(groups) if saving(plain, [groups[i] for i in c]) >= budget]
+    for s, rows in per_seed:
+        seed = s["seed"]
+        gen = torch.Generator().manual_seed(seed)
+        cal = tr.images[torch.randperm(len(tr.labels), generator=gen)[:CALIBRATION]]
+        cost = predicted_costs(rows, best)  # the weights chosen on val
+        pick = min(sets, key=lambda c: (sum(cost[i] for i in c), saving(plain, [groups[i] for i in c])))
+        rng = np.random.default_rng(seed)
+        randoms = []
+        for _ in range(N_RANDOM):  # random groups added until they save as much as the rule
+            order, chosen = rng.permutation(len(groups)), []
+            for i in order:
+                if all(not set(groups[i]) & set(groups[j]) for j in chosen):
+                    chosen.append(int(i))
+                if saving(plain, [groups[j] for j in chosen]) >= budget:
+                    break
+            randoms.append(chosen)
+        s["budget"] = {}
+        for name, chosen in [("wsviz", [groups[i] for i in pick]), ("sharesnet rule", RULE),
+                             *[(f"random {k + 1}", [groups[i] for i in c]) for k, c in enumerate(randoms)]]:
+            m = tied_model(plain, chosen, "lstsq", cal)
+            a0 = acc(m, test)
+            a1 = acc(finetune(m, train_data, val, FT_STEPS, lr, seed), test)
+            s["budget"][name] = {"groups": [list(g) for g in chosen], "saving": saving(plain, chosen),
+                                 "after_tying": a0, "after_ft": a1, "drop_after_ft": s["untied_ft"] - a1}
+            log(f"seed {seed} budget {name}: saves {saving(plain, chosen):,}, tied {a0:.1f}, fine-tuned {a1:.1f}")
+
+    res["cpu_seconds"] = time.process_time() - t_start
+    res["wall_seconds"] = time.time() - wall0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tie.json").write_text(json.dumps(res, indent=1))
+    (out / "tie.md").write_text(report(res))
+    print(report(res))
+
+
+def tie_free_copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _ms(values) -> str:
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def report(res: dict) -> str:
+    seeds = res["per_seed"]
+    n = len(seeds)
+    lines = ["## Tying a trained model (issue 19): `benchmarks/bench_tie.py`", "",
+             f"Shipped plain model `scale-sharesnet-unshared` ({res['params']['untied']:,} parameters, "
+             f"{res['untied_full_test']:.1f}% on the full test split, {res['original_steps']} training steps) tied by "
+             f"ShaResNet's rule into {seeds[0]['params_tied']:,} parameters (the shipped shared model's count). "
+             f"{n} seeds (calibration sample of {res['calibration']} training images, fine-tuning order, "
+             "from-scratch initialisation, random groups); mean ± sd over seeds. The test split is halved: "
+             f"choices on val ({res['val_n']} images), numbers below on the other half (test half) unless said.",
+             "", f"Fine-tuning: {res['ft_steps']} SGD steps (one epoch, {100 * res['ft_steps'] / res['original_steps']:.1f}% "
+             f"of the original), cosine from lr {res['lr']} (chosen on val from "
+             + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items()) + "); from scratch: the same steps at "
+             f"the original recipe's lr {SCRATCH_LR}.", "",
+             "| model | accuracy (test half, %) |", "|---|---|",
+             f"| untied (as trained) | {res['untied_test']:.1f} |",
+             f"| untied, fine-tuned the same {res['ft_steps']} steps | {_ms(s['untied_ft'] for s in seeds)} |"]
+    for init in INITS:
+        lines.append(f"| tied, {init}, right after tying (BatchNorm re-estimated) | "
+                     f"{_ms(s['after_tying'][init] for s in seeds)} |")
+    for init in INITS:
+        lines.append(f"| tied, {init}, + {res['ft_steps']}-step fine-tune | {_ms(s['after_ft'][init] for s in seeds)} |")
+    lines.append(f"| shared architecture from scratch, {res['ft_steps']} steps | {_ms(s['scratch'] for s in seeds)} |")
+    gap = [res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds]
+    beat = [s["after_ft"]["lstsq"] - s["scratch"] for s in seeds]
+    lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_ms(gap)} points below it "
+              f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'}. Target \"better than from scratch\": "
+              f"{_ms(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
+    keys = list(seeds[0]["spearman_test"])
+    lines += [f"### Ranking: Spearman between each score and the drop after a {res['short_steps']}-step fine-tune",
+              "", f"All {len(res['candidate_groups'])} candidate groups (same-shape runs of blocks within a stage), "
+              "each tied alone (lstsq) and fine-tuned; drop = untied model after the same fine-tune minus tied. "
+              "Scores from the calibration sample (the drop right after tying on val). Combined: weighted mean of "
+              f"the scores' ranks; library default weights {res['weights_default']}; weights chosen on val from "
+              f"{{0, 1, 2}}^4: {res['weights_chosen_on_val']} (mean val ρ {res['val_rho_chosen']:.3f}; default "
+              f"{res['val_rho_default']:.3f}).", "",
+              "| score | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " | mean (test half) | mean (val) |",
+              "|---|" + "---|" * (n + 2)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{s['spearman_test'][k]:.2f}" for s in seeds)
+                     + f" | {statistics.mean(s['spearman_test'][k] for s in seeds):.2f} | "
+                     + f"{statistics.mean(s['spearman_val'][k] for s in seeds):.2f} |")
+    comb = statistics.mean(s["spearman_test"]["combined (library default)"] for s in seeds)
+    others = {k: statistics.mean(s["spearman_test"][k] for s in seeds)
+              for k in ("weight_similarity", "output_cka", "adjacent blocks")}
+    lines += ["", f"Target ρ ≥ 0.7 for the combined score: {comb:.2f} — {'met' if comb >= 0.7 else 'NOT met'}; better "
+              "than weight similarity, CKA and adjacency alone: "
+              + ("met" if all(comb > v for v in others.values()) else "NOT met") + ".", ""]
+    lines += ["### Budgeted choice at ShaResNet's parameter saving", "",
+              "Disjoint candidate groups saving at least as much as ShaResNet's rule, of least total predicted cost "
+              "(weights chosen on val), vs the rule, vs random disjoint groups added until they save as much; each tied "
+              f"(lstsq) and fine-tuned {res['ft_steps']} steps. Drop = untied fine-tuned the same way minus this.", "",
+              "| choice | seed | saves | right after tying | after fine-tune | drop |", "|---|---|---|---|---|---|"]
+    for s in seeds:
+        for name, b in s["budget"].items():
+            lines.append(f"| {name} | {s['seed']} | {b['saving']:,} | {b['after_tying']:.1f} | {b['after_ft']:.1f} | "
+                         f"{b['drop_after_ft']:+.1f} |")
+    ws = [s["budget"]["wsviz"]["drop_after_ft"] for s in seeds]
+    rule = [s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds]
+    rnd = [b["drop_after_ft"] for s in seeds for k, b in s["budget"].items() if k.startswith("random")]
+    lines += ["", f"Mean drop: wsviz {_ms(ws)}, ShaResNet's rule {_ms(rule)}, random {_ms(rnd)} — wsviz loses less "
+              f"than the rule: {'yes' if statistics.mean(ws) < statistics.mean(rule) else 'NO'}; than random: "
+              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}.", "",
+              "wsviz's groups per seed: " + "; ".join(
+                  f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
+                  for s in seeds) + ".", "",
+              f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, one "
+              "torch thread.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Share weights: where a trained model could share its convolutions, what each sharing would cost,
+and a button that ties the chosen groups and fine-tunes the result as an ordinary training run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages._access import current_actor
+from pages._shared import (
+    available_variants,
+    background_result,
+    chosen_variants,
+    download_table,
+    figure,
+    get_variant,
+    open_run_store,
+    plain,
+    run_in_background,
+    show_error,
+)
+from wsviz.concurrency import heavy_slot
+from wsviz.errors import WsvizError
+
+st.title("Share weights")
+st.caption("For a trained model: every group of same-shape convolutions in consecutive blocks of a stage, scored by "
+           "how alike the kernels are, how alike the blocks' outputs are (linear CKA), how much their gradients "
+           "conflict, and the accuracy lost by tying the group now (least-squares kernel, BatchNorm re-estimated, no "
+           "fine-tuning). The predicted cost combines their ranks. Tie the cheapest, then fine-tune: the result is a "
+           "variant like any other.")
+variants = chosen_variants(load=False)
+if not variants:
+    st.info("Choose a trained variant in the sidebar.")
+    st.stop()
+c1, c2, c3 = st.columns(3)
+label = c1.selectbox("Model", variants, help="one of the variants chosen in the sidebar")
+n_cal = c2.slider("Calibration images (training split)", 64, 1024, 256, 64,
+                  help="the least-squares kernels, BatchNorm statistics, CKA and gradients are computed on them")
+n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
+                   help="the accuracy lost by tying each group now is measured on them")
+
+
+def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
+    """The opportunities and the per-stage similarity matrices, in a worker thread."""
+    from wsviz.analysis.opportunities import candidate_groups, score_groups, stage_similarity
+    from wsviz.data.datasets import fit_to, load_split
+    from wsviz.models import input_shape
+
+    c, size, _ = input_shape(model)
+    cal = load_split(dataset, "train", seed=data_seed).spread(n_cal)
+    held = load_split(dataset, "test", seed=data_seed).spread(n_held)
+    x, hx = fit_to(cal.images, c, size), fit_to(held.images, c, size)
+    with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
+        groups = candidate_groups(model)
+        sims = stage_similarity(model, x)
+        rows = score_groups(model, x, cal.labels, groups=groups, held_out=(hx, held.labels),
+                            progress=lambda i, n, g: progress(i / max(n, 1), g))
+    return rows, sims
+
+
+try:
+    model, card = get_variant(label)
+except Exception as exc:  # noqa: BLE001 - said plainly; the page stops here
+    show_error(exc)
+    st.stop()
+dataset = card.get("dataset")
+if not dataset:
+    st.warning(f"The card of {plain(label)} does not say what it was trained on, so there is no calibration data.")
+    st.stop()
+key = (label, available_variants()[label], n_cal, n_held)
+if st.button("Score candidate groups", type="primary"):
+    run_in_background("share-work", key, score, model, dataset, n_cal, n_held, int(card.get("data_seed", 0)))
+result = background_result("share-work", key, "scoring")
+if result is None:
+    st.stop()
+rows, sims = result
+
+from wsviz.figures import opportunities_figure, stage_similarity_figure  # noqa: E402
+
+kind = st.radio("Similarity", ["output_cka", "weight_similarity"], horizontal=True,
+                format_func=lambda k: {"output_cka": "outputs (linear CKA)", "weight_similarity": "kernels (cosine)"}[k])
+figure(stage_similarity_figure(sims, kind), f"share-similarity-{kind}")
+table = [{"group": " + ".join(r.group), "params saved": r.params_saved, "predicted cost": r.predicted_cost,
+          "drop now (pts)": r.measured_drop, "weight similarity": r.weight_similarity, "output CKA": r.output_cka,
+          "gradient conflict": r.gradient_conflict} for r in rows]
+figure(opportunities_figure([{"group": t["group"], "params_saved": t["params saved"],
+                              "predicted_cost": t["predicted cost"], "measured_drop": t["drop now (pts)"]}
+                             for t in table]), "share-cost")
+st.subheader("Candidate groups, cheapest first")
+st.dataframe(pd.DataFrame(table), hide_index=True,
+             column_config={"predicted cost": st.column_config.NumberColumn(format="%.2f"),
+                            "drop now (pts)": st.column_config.NumberColumn(format="%+.1f")})
+download_table(table, "share-opportunities")
+by_name = {t["group"]: r for t, r in zip(table, rows)}
+picked = st.multiselect("Groups to tie", list(by_name), key=f"share-pick-{hash(key)}",
+                        help="groups may not overlap: a layer shares one weight at most")
+chosen = [by_name[g].group for g in picked]
+saved = sum(by_name[g].params_saved for g in picked)
+st.caption(f"{len(chosen)} group(s) chosen: {saved:,} parameters saved of {card.get('unique_params', 0):,}.")
+
+st.subheader("Tie and fine-tune")
+actor = current_actor()
+if not actor.can_train:
+    st.info(f"Signed in as {plain(actor.name)} ({actor.role}): only trainers can tie and fine-tune.")
+    st.stop()
+with st.form("share-launch"):
+    c1, c2, c3, c4, c5 = st.columns(5)
+    init = c1.selectbox("Init", ["lstsq", "mean", "medoid"],
+                        help="the shared kernel's start: least squares (reproduces every member's outputs best), the "
+                             "members' mean, or their medoid")
+    epochs = c2.number_input("Fine-tuning epochs", 1, 100, 1)
+    lr = c3.number_input("Learning rate", 1e-5, 1.0, 0.01, format="%.4f")
+    max_batches = c4.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
+    name = c5.text_input("Run name (optional)", "")
+    go_ = st.form_submit_button("Tie the chosen groups and fine-tune", type="primary")
+if go_:
+    from wsviz.training.jobs import launch
+    from wsviz.training.loop import TrainConfig
+    from wsviz.training.tying import TieSpec
+
+    try:
+        if not chosen:
+            raise WsvizError("Tick the groups to tie in the table's first column.")
+        from wsviz.models.tie import check_groups
+
+        check_groups(model, chosen)  # overlapping or bad groups are refused here, not in the background
+        run = launch(open_run_store(), card["model"], dataset, TrainConfig(epochs=int(epochs), lr=float(lr), max_batches=int(max_batches) or None),
+                     overrides={}, name=name or f"{label}-tied", data_seed=int(card.get("data_seed", 0)),
+                     init_from=available_variants()[label], tie=TieSpec(tuple(chosen), init, n_cal), actor=actor)
+    except WsvizError as exc:
+        st.error(plain(exc))
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc)
+    else:
+        st.session_state["watch"] = st.session_state["watch-select"] = run.id  # the Train page watches it
+        st.success(f"Launched run {plain(run.name)} ({run.id}): watch it on the Train page; when it finishes it is "
+                   "listed as a variant in the sidebar, tied, on every page.")

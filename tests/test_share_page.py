@@ -1,0 +1,91 @@
+"""The Share weights page (issue 19): scores a trained variant in the background, draws the similarity
+matrices, the ranked table and the parameters-vs-cost chart, and launches the tie + fine-tune as an
+ordinary background run (trainers only), whose result is then a variant like any other."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kill_active_runs, open_app
+from wsviz import auth
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+TWIN = "scale-sharesnet-unshared"
+GROUP = "stages.2.1.conv2 + stages.2.2.conv2"
+SUBMIT = "Tie the chosen groups and fine-tune"
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """The pages' run store in a temporary folder."""
+    import pages._shared as shared
+
+    monkeypatch.setattr(shared, "RUNS", tmp_path / "runs")
+    shared.scan_checkpoints.clear()
+    yield tmp_path / "runs"
+    kill_active_runs(tmp_path / "runs")
+    shared.scan_checkpoints.clear()
+
+
+def _wait(at, pred, what: str, timeout: float = 240):
+    t0 = time.time()
+    while not pred(at) and time.time() - t0 < timeout:
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, at.exception
+    assert pred(at), f"{what} did not happen in time"
+
+
+def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
+    if not (CKPT / TWIN / "card.json").is_file():
+        pytest.skip("needs the shipped ShaResNet twin")
+    from pages._shared import available_variants
+    from wsviz.training.checkpoint import load_checkpoint
+    from wsviz.training.runstore import RunStore
+
+    at = open_app("pages/share.py", [TWIN])
+    at.slider[0].set_value(64).run()
+    at.slider[1].set_value(100).run()
+    next(b for b in at.button if b.label == "Score candidate groups").click().run()
+    _wait(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
+    table = at.dataframe[0].value
+    assert len(table) == 14 and GROUP in set(table["group"])  # every candidate group of this WRN
+    assert list(table["predicted cost"]) == sorted(table["predicted cost"])  # cheapest first
+    assert {"drop now (pts)", "output CKA", "weight similarity", "gradient conflict"} <= set(table.columns)
+
+    # a viewer sees why there is nothing to press
+    at.session_state["_wsviz_actor"] = auth.Actor("viewer", "viewer")
+    at.run()
+    assert any("only trainers can tie" in i.value for i in at.info)
+    assert not [b for b in at.button if b.label == SUBMIT]
+
+    at.session_state["_wsviz_actor"] = auth.Actor("alice", "trainer")
+    at.run()
+    submit = next(b for b in at.button if b.label == SUBMIT)
+    submit.click().run()  # nothing ticked: say what to do, start nothing
+    assert any("Tick the groups" in e.value for e in at.error) and not RunStore(runs).list()
+    at.multiselect(key=next(k for k in at.session_state.filtered_state if str(k).startswith("share-pick-"))) \
+        .set_value([GROUP]).run()
+    assert any("1 group(s) chosen: 36,864 parameters saved" in c.value for c in at.caption)
+    next(n for n in at.number_input if n.label.startswith("Max batches")).set_value(1)
+    next(b for b in at.button if b.label == SUBMIT).click().run()
+    assert not at.exception, at.exception
+    assert any("Launched run" in s.value for s in at.success), [e.value for e in at.error]
+    store = RunStore(runs)
+    (run,) = store.list()
+    assert run.user == "alice" and run.spec["tie"]["groups"] == [GROUP.split(" + ")]
+    t0 = time.time()
+    while store.get(run.id).active and time.time() - t0 < 240:
+        time.sleep(0.5)
+    run = store.get(run.id)
+    assert run.status == "done", Path(run.out_dir, "log.txt").read_text()
+    # the result is a variant like any other, tied
+    label = next(v for v in available_variants() if v.startswith("run:") and run.id[-6:] in v)
+    model, card = load_checkpoint(available_variants()[label])
+    assert card["tied"]["groups"] == [GROUP.split(" + ")] and card["tied"]["source"].endswith(TWIN)
+    assert model.get_submodule("stages.2.2.conv2").source is model.get_submodule("stages.2.1.conv2")
+    models_page = open_app("pages/models.py", [TWIN, label])
+    assert not models_page.exception
