@@ -145,3 +145,16 @@ def test_tied_layers_are_not_offered_again(twin):
     tied = tie(twin, [list(SHARESNET_RULE[2])], init="mean")
     flat = {n for g in candidate_groups(tied) for n in g}
     assert not flat & set(SHARESNET_RULE[2])  # neither the use site nor the conv that lends its weight
+
+
+def test_score_cka_is_linear_cka_of_the_outputs(twin):
+    """score_groups computes CKA from Gram matrices in its one pass; it must equal the textbook linear CKA."""
+    from wsviz.analysis.opportunities import stage_similarity
+
+    cal = load_split("mnist5k-scale", "train").spread(64)
+    sims = {s.layers: s for s in stage_similarity(twin, cal.images)}
+    lane = sims[("stages.2.0.conv2", "stages.2.1.conv2", "stages.2.2.conv2")]
+    rows = score_groups(twin, cal.images, cal.labels, groups=[lane.layers[:2], lane.layers[1:]])
+    by = {r.group: r for r in rows}
+    assert by[lane.layers[:2]].output_cka == pytest.approx(lane.output_cka[0, 1], rel=1e-6)
+    assert by[lane.layers[1:]].output_cka == pytest.approx(lane.output_cka[1, 2], rel=1e-6)

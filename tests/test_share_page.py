@@ -67,8 +67,7 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
     submit = next(b for b in at.button if b.label == SUBMIT)
     submit.click().run()  # nothing ticked: say what to do, start nothing
     assert any("Tick the groups" in e.value for e in at.error) and not RunStore(runs).list()
-    at.multiselect(key=next(k for k in at.session_state.filtered_state if str(k).startswith("share-pick-"))) \
-        .set_value([GROUP]).run()
+    next(m for m in at.multiselect if m.label == "Groups to tie").set_value([GROUP]).run()
     assert any("1 group(s) chosen: 36,864 parameters saved" in c.value for c in at.caption)
     next(n for n in at.number_input if n.label.startswith("Max batches")).set_value(1)
     next(b for b in at.button if b.label == SUBMIT).click().run()

@@ -144,23 +144,53 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
+def _gram(o: torch.Tensor) -> torch.Tensor:
+    """The centred Gram matrix of a layer's outputs (n, n), in float64: linear CKA needs no more."""
+    x = o.detach().flatten(1).double()
+    x = x - x.mean(0, keepdim=True)
+    return x @ x.T
+
+
+def _cka_from_grams(ka: torch.Tensor, kb: torch.Tensor) -> float:
+    """Linear CKA from two centred Gram matrices (what :func:`linear_cka` computes when n < features)."""
+    den = float(torch.linalg.norm(ka) * torch.linalg.norm(kb))
+    return float((ka * kb).sum()) / den if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+                  for i in range(0, len(labels), batch_size))
+    return correct / max(len(labels), 1)
+
+
 def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  groups: Sequence[Sequence[str]] | None = None, held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> list[Opportunity]:
     """Score every group (default :func:`candidate_groups`) on a calibration batch ``images``/``labels``;
     with ``held_out`` (images, labels), also the accuracy lost by tying each group now. Sorted by the
-    predicted cost (:func:`predicted_costs`), cheapest first."""
-    from wsviz.models.tie import check_groups, reestimate_batchnorm, tie
-    from wsviz.training.loop import evaluate
+    predicted cost (:func:`predicted_costs`), cheapest first.
+
+    One forward and backward pass of ``images`` gives every layer's output Gram matrix (CKA), weight
+    gradient and input covariance (the least-squares kernels) at once; each measured drop then costs
+    one BatchNorm re-estimation and one evaluation. ``progress(i, n, what)`` is called as it goes.
+    """
+    from wsviz.models.tie import _input_covariance_hook, check_groups, reestimate_batchnorm, tie
 
     groups = [tuple(g) for g in (groups if groups is not None else candidate_groups(model))]
     if not groups:
         raise WsvizError("No candidate groups: no stage has two blocks with same-shape convolutions.")
     for g in groups:  # each on its own: candidates overlap (a run of three holds two runs of two)
         check_groups(model, [g])
+    n_steps = len(groups) + 1
+    if progress:
+        progress(0, n_steps, "one forward and backward pass for all groups")
     convs = {n: model.get_submodule(n) for g in groups for n in g}
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: outputs.__setitem__(n, o)) for n, m in convs.items()]
+    grams: dict[str, torch.Tensor] = {}
+    covs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: grams.__setitem__(n, _gram(o))) for n, m in convs.items()]
+    if held_out is not None:  # the least-squares kernels' input covariances, in the same pass
+        handles += [m.register_forward_pre_hook(_input_covariance_hook(covs, n)) for n, m in convs.items()]
     was = model.training
     model.eval()
     try:
@@ -173,23 +203,25 @@ def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         model.train(was)
     grads = {n: m.weight.grad.detach().clone() for n, m in convs.items()}
     model.zero_grad(set_to_none=True)
-    feats = {n: o.detach().flatten(1).numpy() for n, o in outputs.items()}
-    # the baseline gets the same BatchNorm re-estimation, so the drop is the tying's alone
-    base = evaluate(reestimate_batchnorm(copy.deepcopy(model), images), *held_out)[1] if held_out is not None \
-        else None
+    base = None
+    if held_out is not None:  # the baseline gets the same BatchNorm re-estimation, so the drop is the tying's alone
+        base = _accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out)
     out = []
     for i, g in enumerate(groups):
         if progress:
-            progress(i, len(groups), " + ".join(g))
+            progress(i + 1, n_steps, " + ".join(g))
         ws = [convs[n].weight.detach() for n in g]
         drop = None
         if held_out is not None:
-            tied = reestimate_batchnorm(tie(model, [g], init="lstsq", images=images), images)
-            drop = 100 * (base - evaluate(tied, *held_out)[1])
+            tied = tie(model, [g], init="lstsq", covariances=covs)
+            drop = 100 * (base - _accuracy(reestimate_batchnorm(tied, images), *held_out))
+            del tied
         out.append(Opportunity(
             g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
-            float(np.mean([linear_cka(feats[a], feats[b]) for a, b in itertools.combinations(g, 2)])),
+            float(np.mean([_cka_from_grams(grams[a], grams[b]) for a, b in itertools.combinations(g, 2)])),
             1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop))
+    if progress:
+        progress(n_steps, n_steps, "done")
     out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out))]
     return sorted(out, key=lambda o: (o.predicted_cost, -o.params_saved))
 

@@ -91,15 +91,8 @@ def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images, batch_s
     One pass over ``images`` serves every conv (hooks on all of them). ``images``: a tensor (run in
     chunks of ``batch_size``) or an iterable of batches (tensors, or (images, labels) pairs).
     """
-    covs = [torch.zeros(c.weight[0].numel(), c.weight[0].numel(), dtype=torch.float64) for c in convs]
-    handles = []
-    for i, conv in enumerate(convs):
-        def hook(mod, args, i=i):
-            x = args[0]
-            cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, d, L)
-            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float().cpu()
-            covs[i] += (cols.T @ cols).double()  # float32 within a batch (fast), float64 across batches
-        handles.append(conv.register_forward_pre_hook(hook))
+    found: dict[int, torch.Tensor] = {}
+    handles = [conv.register_forward_pre_hook(_input_covariance_hook(found, i)) for i, conv in enumerate(convs)]
     was = model.training
     model.eval()
     try:
@@ -109,7 +102,21 @@ def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images, batch_s
         for h in handles:
             h.remove()
         model.train(was)
-    return covs
+    return [found[i] for i in range(len(convs))]
+
+
+def _input_covariance_hook(covs: dict, key, chunk: int = 8):
+    """A forward pre-hook that adds its conv's X^T X (unfolded inputs) to ``covs[key]``: in float32 per
+    chunk of ``chunk`` images (fast, bounded memory), accumulated in float64."""
+    @torch.no_grad()
+    def hook(mod, args):
+        x = args[0].detach()
+        for start in range(0, len(x), chunk):
+            cols = F.unfold(x[start:start + chunk], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float().cpu()
+            c = (cols.T @ cols).double()
+            covs[key] = covs[key] + c if key in covs else c
+    return hook
 
 
 def calibration_batches(images, batch_size: int = 64):
@@ -175,19 +182,23 @@ def apply_ties(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
     return model
 
 
-def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", images=None) -> nn.Module:
+def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", images=None, *,
+        covariances: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of ``model`` in which every group of same-shape convolutions applies one stored weight.
 
     ``groups``: lists of module paths. ``images``: calibration inputs, a tensor or an iterable of
     batches (needed by ``lstsq``; also what :func:`reestimate_batchnorm` should then be given). The
     original model is untouched. The copy records the ties in ``wsviz_tie`` (every tied group and
-    the init), which a checkpoint card keeps so that loading it rebuilds the ties.
+    the init), which a checkpoint card keeps so that loading it rebuilds the ties. ``covariances``:
+    the members' input covariances by layer path, when already computed (then no images are needed).
     """
     if init not in INITS:
         raise WsvizError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
     member_groups = check_groups(model, groups)
     covs: list = [None] * len(member_groups)
-    if init == "lstsq":
+    if init == "lstsq" and covariances is not None:
+        covs = [[covariances[n] for n in g] for g in groups]
+    elif init == "lstsq":
         _need_images(images)
         flat = _input_covariances(model, [c for convs in member_groups for c in convs], images)  # one pass, all groups
         it = iter(flat)
