@@ -39,6 +39,7 @@ def _wait(at, pred, what: str, timeout: float = 240):
     assert pred(at), f"{what} did not happen in time"
 
 
+@pytest.mark.slow  # scores 14 groups and runs a background fine-tune (about a minute on 2 cores)
 def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
     if not (CKPT / TWIN / "card.json").is_file():
         pytest.skip("needs the shipped ShaResNet twin")
