@@ -158,3 +158,12 @@ def test_score_cka_is_linear_cka_of_the_outputs(twin):
     by = {r.group: r for r in rows}
     assert by[lane.layers[:2]].output_cka == pytest.approx(lane.output_cka[0, 1], rel=1e-6)
     assert by[lane.layers[1:]].output_cka == pytest.approx(lane.output_cka[1, 2], rel=1e-6)
+
+
+def test_default_cost_uses_the_other_scores_when_no_drop_was_measured():
+    from wsviz.analysis.opportunities import predicted_costs
+
+    rows = [_opp("p", None, 0.9, 0.8, 0.1), _opp("q", None, 0.1, 0.2, 0.9)]
+    assert predicted_costs(rows) == [0.0, 1.0]
+    measured = [_opp("p", 3.0, 0.9, 0.8, 0.1), _opp("q", 0.5, 0.1, 0.2, 0.9)]
+    assert predicted_costs(measured) == [1.0, 0.0]  # the measured drop decides (chosen on held-out data)
