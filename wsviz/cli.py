@@ -45,7 +45,8 @@ def _models(args: argparse.Namespace) -> int:
     for row in rows:
         extra = ""
         if args.summary:
-            extra = (f"  unique {row['unique_params']:>12,}  effective {row['effective_params']:>12,}"
+            bits = f" + {row['mask_bits']:,} mask bits" if row.get("mask_bits") else ""
+            extra = (f"  params {row['float_params']:>12,}{bits}  effective {row['effective_params']:>12,}"
                      f"  x{row['compression']:<6}  {row['gflops']:>9} GFLOPs")
         print(f"{row['name']:24s} {row['family']:12s} {row['input']:10s}{extra}")
     return 0
@@ -171,7 +172,7 @@ def _compare(args: argparse.Namespace) -> int:
     groups, skipped = group_by_test_set(rows)
     test_set = {k: g.label for g in groups for k in g.rows}
     table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "test_set": test_set[k], "accuracy": r.accuracy,
-              "card_accuracy": r.card_accuracy, "unique_params": r.unique_params,
+              "card_accuracy": r.card_accuracy, "params": r.float_params, "unique_params": r.unique_params,
               "effective_params": r.effective_params, "flops": r.flops} for k, r in enumerate(rows)]
     _write_csv(out / "fair_comparison.csv", table)
     if skipped:
@@ -187,7 +188,7 @@ def _compare(args: argparse.Namespace) -> int:
                                            for p in pairs])
     for p in pairs:
         print(p.comparison.summary)
-    _write_fig(out / "accuracy_vs_params.html", fair_figure(table, "unique_params"))
+    _write_fig(out / "accuracy_vs_params.html", fair_figure(table, "params"))
     _write_fig(out / "accuracy_vs_flops.html", fair_figure(table, "flops"))
     return 0
 
