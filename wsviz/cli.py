@@ -146,11 +146,11 @@ class _Run:
         """Whether this process writes the outputs (rank 0; the only process without torchrun)."""
         return self.rank == 0
 
-    def bar(self, desc: str):
+    def bar(self, desc: str, unit: str = "img"):
         """A progress callback ``(done, total, text)`` drawing a tqdm bar with ETA on rank 0, and the bar."""
         from tqdm import tqdm
 
-        bar = tqdm(desc=desc, unit="img", disable=not self.main, dynamic_ncols=True)
+        bar = tqdm(desc=desc, unit=unit, disable=not self.main, dynamic_ncols=True)
 
         def progress(done: int, total: int, text: str) -> None:
             if bar.total != total:
@@ -239,7 +239,7 @@ def _sweep(args: argparse.Namespace, kind: str) -> int:
         models = _load(args.checkpoint, run.device, cards)
         data = _data(args, models, cards, args.limit)
         fn = scale_sweep if kind == "scale" else rotation_sweep
-        progress, bar = run.bar(f"{kind} sweep")
+        progress, bar = run.bar(f"{kind} sweep", "img×value")
         values = {"scales" if kind == "scale" else "angles": args.values} if args.values else {}
         res = fn(models, data, batch_size=args.batch_size, workers=args.workers, loader=args.loader,
                  cache=_cache(args), progress=progress, **values)

@@ -29,7 +29,7 @@ from wsviz.models.registry import input_shape
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, str], None]  # (samples done, samples in this rank's share, what)
+Progress = Callable[[int, int, str], None]  # (done, total, what): images x variants of this rank's share
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ def predict_variants(models: Mapping[str, nn.Module], source, labels: torch.Tens
     devices = {m: _device(models[m]) for m in shapes}
     first = next(iter(devices.values()), torch.device("cpu"))
     parts: dict[tuple[str, str], list[torch.Tensor]] = {(m, k): [] for k, ms in need.items() for m in ms}
-    idx_parts, lab_parts, done, total = [], [], 0, share_size(n, rank, world)
+    share = share_size(n, rank, world)
+    idx_parts, lab_parts, done, images, total = [], [], 0, 0, share * len(need)
     with contextlib.ExitStack() as stack:
         for m in shapes:
             stack.enter_context(eval_mode(models[m]))
@@ -144,19 +145,19 @@ def predict_variants(models: Mapping[str, nn.Module], source, labels: torch.Tens
             x = b.images.to(first, non_blocking=True)
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
             for k, ms in need.items():
-                if not ms:
-                    continue
-                fn = by_key[k].fn
-                xk = fn(x) if fn is not None else x
-                for m in ms:
-                    c, s = shapes[m]
-                    out = models[m](fit_to(xk.to(devices[m]), c, s))
-                    parts[(m, k)].append(out.argmax(1).cpu())
+                if ms:
+                    fn = by_key[k].fn
+                    xk = fn(x) if fn is not None else x
+                    for m in ms:
+                        c, s = shapes[m]
+                        out = models[m](fit_to(xk.to(devices[m]), c, s))
+                        parts[(m, k)].append(out.argmax(1).cpu())
+                done += len(b.index)
+                if progress is not None:  # after every (batch, variant): a page's Cancel answers within one
+                    progress(done, total, f"{images + len(b.index):,} of {share:,} images, {k}")
+            images += len(b.index)
             idx_parts.append(b.index.cpu())
             lab_parts.append(b.labels)
-            done += len(b.index)
-            if progress is not None:
-                progress(done, total, f"{done:,} of {total:,} images")
     index = torch.cat(idx_parts) if idx_parts else torch.empty(0, dtype=torch.long)
     local = {f"{m}\0{k}": (torch.cat(p) if p else torch.empty(0, dtype=torch.long)).numpy() for (m, k), p in
              parts.items()}

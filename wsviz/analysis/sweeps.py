@@ -85,7 +85,7 @@ def _sweep(models: Mapping[str, nn.Module], images, labels: torch.Tensor | None,
         raise WsvizError(f"Give at least one {parameter} value for the sweep.")
     name = "rescale" if op is rescale else "rotate"
     variants = [_variant(op, name, float(v), identity) for v in values]
-    ps = predict_variants(models, images, labels, [IDENTITY, *variants], batch_size=batch_size, workers=workers,
+    ps = predict_variants(models, images, labels, [*variants, IDENTITY], batch_size=batch_size, workers=workers,
                           loader=loader, cache=cache, progress=progress)
     res = SweepResult(parameter, values, samples=ps.samples, shares=ps.shares, cached=ps.cached)
     for m in models:
