@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,13 @@ def tensor_hash(x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _touch(path: Path) -> None:
+    """Stamp ``path`` with the time now, to the nanosecond (the file system's own clock ticks coarsely,
+    which would leave entries written in one tick unordered)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 class PredictionCache:
     """Predictions (int arrays) on disk under ``root``, at most ``max_bytes`` in all."""
 
@@ -84,7 +92,7 @@ class PredictionCache:
         path = self._path(key)
         try:
             arr = np.load(path, allow_pickle=False)
-            os.utime(path)  # least recently *used* goes first when the folder is trimmed
+            _touch(path)  # least recently *used* goes first when the folder is trimmed
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -109,6 +117,7 @@ class PredictionCache:
                 with os.fdopen(fd, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)
                 os.replace(tmp, path)
+                _touch(path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
