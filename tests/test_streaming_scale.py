@@ -110,7 +110,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_three_torchrun_ranks_sweep_like_one_process_counting_every_sample_once(tmp_path):
-    # 100 test digits over 3 ranks: 34 + 33 + 33, no padding; the gathered sweep is the one process's
+    # 100 test digits over 3 ranks: 34 + 33 + 33, no padding, each rank reading its share through a
+    # DataLoader (as folders are read); the gathered sweep is the one (in-memory) process's
     ck = [str(ROOT / "checkpoints" / n) for n in ("scale-resnet20", "scale-msws-shared")]
     args = ["-m", "wsviz", "scale", "--checkpoint", *ck, "--dataset", "mnist5k-scale", "--limit", "100",
             "--values", "0.5", "1.0", "--batch-size", "16", "--no-cache"]
@@ -118,7 +119,7 @@ def test_three_torchrun_ranks_sweep_like_one_process_counting_every_sample_once(
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                            f"--master_port={_free_port()}", *args, "--out", str(tmp_path / "three")],
+                            f"--master_port={_free_port()}", *args, "--loader", "stream", "--out", str(tmp_path / "three")],
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert three.returncode == 0, three.stderr[-3000:]
     assert three.stdout.count("wrote") == one.stdout.count("wrote") == 4  # rank 0 alone writes, once
