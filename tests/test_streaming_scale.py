@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,7 @@ def _peak(what: str, folder: Path, out: Path) -> tuple[int, int]:
     return n, peak
 
 
+@pytest.mark.slow  # four fresh processes over 900 decoded JPEGs: ~50 s on 2 busy cores
 def test_sweep_and_one_batch_training_need_no_more_memory_for_twice_the_images(tmp_path):
     # Each measured in a fresh process: ru_maxrss is a process's lifetime peak, and a process that
     # already ran once holds its allocator's leftovers, which are not the data's.
@@ -109,6 +111,7 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow  # one process, then torchrun's four: ~30 s on 2 busy cores
 def test_three_torchrun_ranks_sweep_like_one_process_counting_every_sample_once(tmp_path):
     # 100 test digits over 3 ranks: 34 + 33 + 33, no padding, each rank reading its share through a
     # DataLoader (as folders are read); the gathered sweep is the one (in-memory) process's
