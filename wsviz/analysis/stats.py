@@ -460,7 +460,8 @@ def _model_fits(model: Any, dataset: str, folder: Path) -> None:
 
 
 def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = None, device: str = "cpu", *,
-                    data_seed: int | None = None) -> list[FairRow]:
+                    data_seed: int | None = None, batch_size: int = 512, workers: int = 0, loader: str = "auto",
+                    cache: Any = None, progress: Any = None) -> list[FairRow]:
     """Re-evaluate every checkpoint on a test split and collect accuracy, parameters and FLOPs.
 
     By default each checkpoint is evaluated on its card's dataset with the card's
@@ -468,12 +469,17 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
     is evaluated on that dataset's test split, realisation ``data_seed`` (default 0) for all,
     so the results are paired. Parameters and FLOPs are the card's (counted by the same
     accounting for every model); a card without them is counted afresh.
-    """
-    import torch
 
-    from wsviz.data.datasets import load_split
+    The test split is read in batches (:mod:`wsviz.analysis.streaming`): image folders are
+    streamed at the model's input size with its recipe's evaluation transform (``workers``
+    loader processes), in-memory sets sliced (``loader`` forces either); only the predictions
+    are kept. Under torchrun each rank evaluates its share. ``cache`` (a
+    :class:`~wsviz.analysis.cache.PredictionCache`) reuses known predictions;
+    ``progress(done, total, text)`` is called after each batch.
+    """
+    from wsviz.analysis.streaming import predict_variants
+    from wsviz.data.stream import eval_data
     from wsviz.training.checkpoint import load_checkpoint
-    from wsviz.training.loop import evaluate
 
     folders = [Path(c) for c in checkpoints]
     if not folders:
@@ -484,7 +490,8 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
                              "weights.safetensors (as written by wsviz.train).")
     names = [f.name for f in folders]
     names = [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
-    splits: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+    splits: dict[tuple, Any] = {}
+    split_labels: dict[tuple, np.ndarray] = {}
     rows = []
     for folder, name in zip(folders, names):
         model, card = load_checkpoint(folder, device=device)
@@ -494,12 +501,15 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
         seed = data_seed if data_seed is not None else (0 if dataset else int(card.get("data_seed", 0)))
         if dataset:
             _model_fits(model, ds, folder)
-        key = (ds, seed)
+        augment = str((card.get("train_config") or {}).get("augment", "none"))
+        key = (ds, seed) + ((model.wsviz_config.get("input_size"), augment) if ds.startswith("folder:") else ())
         if key not in splits:
-            te = load_split(ds, "test", seed=seed)
-            splits[key] = (te.images, te.labels, te.labels.numpy().copy())
-        images, labels_t, labels = splits[key]
-        _, acc, preds = evaluate(model, images, labels_t, device=device)
+            splits[key] = eval_data(ds, "test", seed=seed, size=key[2] if len(key) > 2 else None,
+                                    augment=augment if len(key) > 2 else "none")
+        ps = predict_variants({name: model}, splits[key], batch_size=batch_size, workers=workers, loader=loader,
+                              cache=cache, progress=progress)
+        preds = ps.predictions[(name, "identity")]
+        labels = split_labels.setdefault(key, ps.labels)  # one array per test set, shared by its rows
         from wsviz.training.cards import card_float_params
 
         counts = {k: card.get(k) for k in ("unique_params", "effective_params", "flops")}
@@ -511,9 +521,10 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
             counts = {"unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops,
                       "float_params": s.float_params}
         rows.append(FairRow(
-            name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed, accuracy=float(acc),
-            card_accuracy=card.get("test_accuracy"), card_dataset=str(card.get("dataset")),
-            complete=bool(card.get("complete", True)), predictions=preds.numpy(), labels=labels, **counts,
+            name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed,
+            accuracy=float((preds == labels).mean()), card_accuracy=card.get("test_accuracy"),
+            card_dataset=str(card.get("dataset")), complete=bool(card.get("complete", True)), predictions=preds,
+            labels=labels, **counts,
         ))
         del model
     return rows
