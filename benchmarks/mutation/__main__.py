@@ -54,7 +54,8 @@ MODULES: dict[str, Target] = {
     "stats": Target("wsviz/analysis/stats.py", ("tests/test_stats.py",)),
     "similarity": Target("wsviz/analysis/similarity.py", ("tests/test_attribution_embeddings_similarity.py",)),
     "uploads": Target("wsviz/data/uploads.py", ("tests/test_uploads.py",)),
-    "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py",)),
+    "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py", "tests/test_sharing_layers.py",
+                                                 "tests/test_msws_training.py")),
     "checkpoint": Target(
         "wsviz/training/checkpoint.py", ("tests/test_checkpoints.py", "tests/test_security.py"),
         functions=("load_checkpoint", "read_card", "_checked_config", "_NoRandomFill", "build_on_meta",
@@ -62,8 +63,12 @@ MODULES: dict[str, Target] = {
         note="the loader: load_checkpoint and what it calls (saving is tested by the training tests)",
         copy=("checkpoints", "app.py", "pages", ".streamlit")),
     # Being rewritten (issue 11) when this script was written: run them after that lands.
-    "accounting": Target("wsviz/models/accounting.py", ("tests/test_sharing.py", "tests/test_param_counts.py"),
-                         ready=False),
+    "accounting": Target("wsviz/models/accounting.py", (
+        "tests/test_sharing.py", "tests/test_accounting.py",
+        "tests/test_truthful_views.py::test_reuse_report_accounts_for_effective_params",
+        "tests/test_truthful_views.py::test_repeatnet_tiling_is_counted_against_the_realised_block",
+        "tests/test_truthful_views.py::test_e2cnn_basis_expansion_is_counted_against_the_expanded_filters",
+        "tests/test_param_counts.py::test_wsms_macs_resnet110"), copy=("checkpoints",)),
     "sweeps": Target("wsviz/analysis/sweeps.py", ("tests/test_analysis.py",), ready=False),
     "kernels": Target("wsviz/analysis/kernels.py", ("tests/test_analysis.py",), ready=False),
     # Being changed (issue 16): run after that lands.
