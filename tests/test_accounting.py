@@ -90,7 +90,8 @@ def test_summary_of_a_model_whose_counts_are_known():
     assert [u.site for u in by["conv.weight"]] == ["conv", "again"]
     reuse = s.reuse()
     assert list(reuse) == list(by)
-    assert reuse["conv.weight"].applied == 72 and reuse["conv.weight"].shape == (2, 2, 3, 3)
+    assert reuse["conv.weight"].param == "conv.weight" and reuse["conv.weight"].shape == (2, 2, 3, 3)
+    assert reuse["conv.weight"].applied == 72
     assert reuse["conv.weight"].uses == tuple(by["conv.weight"])
     assert set(s.shared_params()) == {"conv.weight", "conv.bias"}
     assert s.shared_params()["conv.weight"] == by["conv.weight"]
@@ -110,7 +111,7 @@ class Derived(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.parent = nn.Parameter(torch.randn(2, 2, 3, 3))  # 36, tiled x2 -> (4, 2, 3, 3)
-        self.alpha = nn.Parameter(torch.tensor([0.5]))  # scales the tiles: a modulator
+        self.scale = nn.Parameter(torch.tensor([0.5]))  # scales the tiles: a modulator (a later name, a smaller size)
         self.coeff = nn.Parameter(torch.randn(3))  # basis coefficients -> 72 filter taps
         self.register_buffer("basis", torch.randn(72, 3))
         self.small = nn.Parameter(torch.randn(4, 4, 1, 1))  # a same-size transform of itself
@@ -119,7 +120,7 @@ class Derived(nn.Module):
         self.tile_b = nn.Parameter(torch.randn(1, 4, 1, 1))
 
     def forward(self, x):
-        y = F.conv2d(x, self.alpha * self.parent.repeat(2, 1, 1, 1), padding=1)  # (4, 2, 3, 3)
+        y = F.conv2d(x, self.scale * self.parent.repeat(2, 1, 1, 1), padding=1)  # (4, 2, 3, 3)
         y = F.conv2d(y, (self.basis @ self.coeff).view(2, 4, 3, 3), padding=1)  # (2, 4, 3, 3)
         y = F.conv2d(y.repeat(1, 2, 1, 1), self.small.flip(0), None)  # derived, same size
         masked = HardSignSTE.apply(self.sign_latent) * self.parent.repeat(2, 2, 1, 1)
@@ -131,16 +132,16 @@ def test_derived_weights_are_credited_to_their_carrier():
     torch.manual_seed(0)
     model = Derived()
     uses, effective, unused = sharing_report(model, SHAPE)
-    got = [(u.param, u.kind, u.applied, u.applied_shape, u.derived) for u in uses]
-    assert got == [
-        ("alpha", "modulates", 0, (4, 2, 3, 3), True),  # sources in name order
-        ("parent", "tiled", 72, (4, 2, 3, 3), True),
-        ("coeff", "expanded", 72, (2, 4, 3, 3), True),  # a matrix product: a basis expansion
-        ("small", "derived", 16, (4, 4, 1, 1), True),
-        ("parent", "tiled", 144, (4, 4, 3, 3), True),  # the mask is larger, but carries no weight
-        ("sign_latent", "modulates", 0, (4, 4, 3, 3), True),
-        ("tile_a", "modulates", 0, (2, 4, 1, 1), True),  # equal sizes: the later name carries
-        ("tile_b", "tiled", 8, (2, 4, 1, 1), True),
+    pad1, pad0 = "stride=1 padding=1 dilation=1", "stride=1 padding=0 dilation=1"
+    assert uses == [  # the sources of one applied weight in name order; the largest carries it
+        _use("parent", "", "conv2d", (4, 2, 3, 3), 72, pad1, "tiled", True),
+        _use("scale", "", "conv2d", (4, 2, 3, 3), 0, pad1, "modulates", True),
+        _use("coeff", "", "conv2d", (2, 4, 3, 3), 72, pad1, "expanded", True),  # a matrix product: a basis
+        _use("small", "", "conv2d", (4, 4, 1, 1), 16, pad0, "derived", True),
+        _use("parent", "", "conv2d", (4, 4, 3, 3), 144, pad1, "tiled", True),
+        _use("sign_latent", "", "conv2d", (4, 4, 3, 3), 0, pad1, "modulates", True),  # larger, but a mask
+        _use("tile_a", "", "conv2d", (2, 4, 1, 1), 0, pad0, "modulates", True),  # equal sizes: the later name
+        _use("tile_b", "", "conv2d", (2, 4, 1, 1), 8, pad0, "tiled", True),
     ]
     assert unused == [] and effective == 72 + 72 + 16 + 144 + 8
     s = summarize(model, SHAPE)
@@ -148,21 +149,37 @@ def test_derived_weights_are_credited_to_their_carrier():
     assert s.reuse()["parent"].kinds == ["tiled"] and s.reuse()["parent"].applied == 216
 
 
+class Calls(nn.Module):
+    """Convolutions called with positional and keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(2, 2, 3, 3))
+        self.b = nn.Parameter(torch.randn(2, 2, 1, 1))
+        self.c = nn.Parameter(torch.randn(2, 2, 3, 3))
+        self.d = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        x = F.conv2d(x, self.a, None, (2, 1), (1, 2))  # positional, non-square stride/padding
+        x = F.conv2d(x, self.b)  # everything left at torch's defaults
+        x = F.conv2d(x, weight=self.c, stride=1, dilation=2, padding=2)  # keywords
+        return F.conv2d(x, self.d, None, 1, 1, (1, 3))
+
+
+class Buffers(nn.Module):
+    """Convolutions whose weights are no parameter of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("fixed", torch.randn(2, 2, 3, 3))
+        self.w = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        free = torch.randn(2, 2, 3, 3, requires_grad=True)  # a leaf, but not the model's
+        return F.conv2d(F.conv2d(F.conv2d(x, self.fixed), free * 2), self.w)
+
+
 def test_conv_detail_from_positional_and_keyword_arguments():
-    class Calls(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Parameter(torch.randn(2, 2, 3, 3))
-            self.b = nn.Parameter(torch.randn(2, 2, 1, 1))
-            self.c = nn.Parameter(torch.randn(2, 2, 3, 3))
-            self.d = nn.Parameter(torch.randn(2, 2, 3, 3))
-
-        def forward(self, x):
-            x = F.conv2d(x, self.a, None, (2, 1), (1, 2))  # positional, non-square stride/padding
-            x = F.conv2d(x, self.b)  # everything left at torch's defaults
-            x = F.conv2d(x, weight=self.c, stride=1, dilation=2, padding=2)  # keywords
-            return F.conv2d(x, self.d, None, 1, 1, (1, 3))
-
     uses, _, _ = sharing_report(Calls(), (2, 12, 12))
     assert [(u.param, u.detail) for u in uses] == [
         ("a", "stride=2x1 padding=1x2 dilation=1"),
@@ -173,16 +190,6 @@ def test_conv_detail_from_positional_and_keyword_arguments():
 
 
 def test_tensors_that_are_not_parameters_are_not_counted():
-    class Buffers(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("fixed", torch.randn(2, 2, 3, 3))
-            self.w = nn.Parameter(torch.randn(2, 2, 3, 3))
-
-        def forward(self, x):
-            free = torch.randn(2, 2, 3, 3, requires_grad=True)  # a leaf, but not the model's
-            return F.conv2d(F.conv2d(F.conv2d(x, self.fixed), free * 2), self.w)
-
     uses, effective, unused = sharing_report(Buffers(), (2, 9, 9))
     assert [(u.param, u.applied) for u in uses] == [("w", 36)] and effective == 36 and unused == []
     assert sharing_report(nn.ReLU(), (2, 3, 3)) == ([], 0, [])
@@ -249,6 +256,11 @@ def test_applied_weights_at_one_site():
                                                          ((4, 4, 1, 1), "small"), ((4, 4, 3, 3), "parent"),
                                                          ((2, 4, 1, 1), "tile_b")]
     assert applied_weights(toy, "fc", SHAPE) == []  # a linear layer is no convolution
+    calls = Calls()  # four convs at one site, one weight passed by keyword: each with its own carrier
+    assert [c for _, c in applied_weights(calls, "", (2, 12, 12))] == ["a", "b", "c", "d"]
+    assert torch.equal(applied_weights(calls, "", (2, 12, 12))[2][0], calls.c.detach())
+    buffers = applied_weights(Buffers(), "", (2, 9, 9))  # a buffer, a tensor of no parameter: no carrier
+    assert [c for _, c in buffers] == ["", "", "w"]
 
 
 def test_shape_defaults_to_the_registered_input():
@@ -257,3 +269,60 @@ def test_shape_defaults_to_the_registered_input():
     assert s.input_shape == (1, 28, 28)
     assert count_flops(model) == count_flops(model, (1, 28, 28)) < count_flops(model, (1, 56, 56))
     assert sharing_report(model)[1] == s.effective_params
+
+
+def test_norm_layers_whose_weight_follows_a_shape_argument_are_counted():
+    """layer_norm and group_norm take a shape / group count before their weight: the weight still counts."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 1, bias=False), nn.GroupNorm(2, 4), nn.Flatten(), nn.LayerNorm(4 * 36))
+    uses, effective, unused = sharing_report(model, SHAPE)
+    assert [(u.param, u.op, u.applied) for u in uses] == [
+        ("0.weight", "conv2d", 8), ("1.weight", "group_norm", 4), ("1.bias", "group_norm", 4),
+        ("3.weight", "layer_norm", 144), ("3.bias", "layer_norm", 144)]
+    assert effective == 8 + 8 + 288 and unused == []
+
+
+def test_a_derived_weight_applied_twice_counts_twice():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = nn.Parameter(torch.randn(1, 2, 3, 3))
+
+        def forward(self, x):
+            w = self.p.repeat(2, 1, 1, 1)  # one computed tensor, applied at two convolutions
+            return F.conv2d(F.conv2d(x, w, padding=1), w, padding=1)
+
+    uses, effective, _ = sharing_report(Twice(), SHAPE)
+    assert [(u.param, u.kind, u.applied) for u in uses] == [("p", "tiled", 36), ("p", "tiled", 36)]
+    assert effective == 72
+
+
+def test_a_submodule_failure_caught_by_its_parent_does_not_shift_the_sites():
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no")
+
+    class Catches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fails = Fails()
+            self.w = nn.Parameter(torch.randn(2, 2, 1, 1))
+
+        def forward(self, x):
+            try:
+                self.fails(x)
+            except RuntimeError:
+                pass
+            return F.conv2d(x, self.w)  # applied by the model itself, site ""
+
+    uses, _, _ = sharing_report(Catches(), SHAPE)
+    assert [(u.param, u.site) for u in uses] == [("w", "")]
+
+
+def test_a_model_on_another_device_is_traced_there():
+    """The random input is made on the model's device (meta here: no memory, no GPU needed)."""
+    torch.manual_seed(0)
+    cpu = Toy()
+    meta = Toy().to("meta")
+    uses, effective, unused = sharing_report(meta, SHAPE)
+    assert (uses, effective, unused) == sharing_report(cpu, SHAPE)
+    assert count_flops(meta, SHAPE) == count_flops(cpu, SHAPE)
