@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = evaluation(analysis("rotation", "accuracy and agreement vs rotation angle (torchrun: split over processes)",
                             lambda a: _sweep(a, "rotation")))
     q.add_argument("--values", type=float, nargs="*", default=None, help="angles in degrees")
-    q = evaluation(analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and bootstrap CIs",
+    q = evaluation(analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and Newcombe paired intervals",
                             _compare, None, transform=False))
     q.add_argument("--dataset", default=None, help="evaluate all on this dataset (default: each card's)")
     q = analysis("attribution", "Integrated Gradients / Saliency / Grad-CAM for one image or a gallery of test "
