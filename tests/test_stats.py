@@ -12,10 +12,10 @@ from wsviz.analysis.stats import (
     FairRow,
     bootstrap_accuracy_ci,
     bootstrap_diff_ci,
-    newcombe_paired_ci,
     compare_predictions,
     fair_comparison,
     mcnemar,
+    newcombe_paired_ci,
     pairwise_significance,
     pareto_front,
 )
