@@ -8,7 +8,9 @@ used so shared links never carry it) or from the sign-in form, and the session's
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import asynccontextmanager
 
 import streamlit as st
 
@@ -42,6 +44,51 @@ def _stop_server(message: str) -> None:
     st.stop()
 
 
+def _secrets_file() -> dict:
+    """The ``[wsviz]`` table of the secrets file(s), read without a session (at server start)."""
+    import tomllib
+    from pathlib import Path
+
+    found: dict = {}
+    for path in st.get_option("secrets.files") or []:
+        path = Path(path)
+        if path.is_file():
+            try:
+                found.update(tomllib.loads(path.read_text()).get("wsviz", {}))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise WsvizError(f"The secrets file {path} cannot be read ({exc}): fix it.") from exc
+    return {"wsviz": found} if found else {}
+
+
+def server_address() -> tuple[str | None, str]:
+    """(the address the server binds to, the base URL a browser on this machine opens)."""
+    address = st.get_option("server.address")
+    return address, f"http://{address or 'localhost'}:{st.get_option('server.port')}"
+
+
+def check_server_start() -> auth.AuthConfig:
+    """What the server checks before it takes a connection: access control on a non-loopback
+    address (WsvizError if none the owner set), then the sign-in address or the warning printed."""
+    address, base = server_address()
+    cfg = auth.load_config(secrets=_secrets_file())
+    auth.check_bind(address, cfg)
+    auth.announce(cfg, base)
+    return cfg
+
+
+@asynccontextmanager
+async def server_lifespan(_app):
+    """``st.App`` lifespan (app.py): runs once when ``streamlit run app.py`` starts the server."""
+    try:
+        check_server_start()
+    except WsvizError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        # Nothing runs yet (no session, no training): leave at once with the message alone, not the
+        # lifespan traceback that raising here would have the server print under it.
+        os._exit(2)
+    yield {}
+
+
 def current_actor() -> auth.Actor:
     """The signed-in user of this session (the local account when access control is off)."""
     actor = st.session_state.get(_KEY)
@@ -54,13 +101,15 @@ def current_actor() -> auth.Actor:
 
 def require_access() -> auth.Actor:
     """The session's user, or stop the script after drawing the sign-in prompt (and nothing else)."""
-    address = st.get_option("server.address")
+    # Checked at server start already (app.py); again here for a server that did not start through
+    # app.py's st.App (AppTest, an embedding host), and because the secrets file may have changed.
+    address, base = server_address()
     try:
         cfg = auth.load_config(secrets=_secrets())
         auth.check_bind(address, cfg)
     except WsvizError as exc:
         _stop_server(str(exc))
-    auth.announce(cfg, f"http://{address or 'localhost'}:{st.get_option('server.port')}")
+    auth.announce(cfg, base)
     if cfg.off:
         st.session_state[_KEY] = auth.local_actor()
         return st.session_state[_KEY]

@@ -27,15 +27,21 @@ n = st.slider("Points", 200, 1000, 500, 100)
 
 @st.cache_data(show_spinner="Projecting…", max_entries=16)
 def embed(label: str, dataset: str, method: str, n: int):
-    from wsviz.data.datasets import load_split
+    """Project a seeded subset of ``n`` test images: only those are read and only their features kept
+    (the points ``project`` would pick from the whole split, so the picture is the same)."""
+    import dataclasses
 
-    te = load_split(dataset, "test")
+    from wsviz.data.stream import eval_data, sample_indices
+
+    full = eval_data(dataset, "test")
+    rows = sample_indices(len(full), n)
     model = get_variant(label)[0]
     with heavy_slot():  # long analyses take turns across sessions
-        feats = penultimate_features(model, te.images)
-        proj = project(feats, method, max_points=n)
-    return proj, te.labels.numpy(), None if te.angles is None else te.angles.numpy(), \
-        None if te.scales is None else te.scales.numpy()
+        feats = penultimate_features(model, full.subset(rows))
+        proj = project(feats, method, max_points=max(3, len(feats)))
+    proj = dataclasses.replace(proj, index=rows[proj.index])  # rows of the whole split, as the colours are
+    return proj, full.labels.numpy(), None if full.angles is None else full.angles.numpy(), \
+        None if full.scales is None else full.scales.numpy()
 
 
 try:

@@ -25,14 +25,22 @@ rows = [r for r in load_catalog() if r["family"] in chosen]
 
 if rows:
     df = pd.DataFrame(rows)
-    cols = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression",
-            "reuse", "reused_weights", "gflops", "sign_mask_params", "defaults", "paper"]
+    cols = ["name", "family", "input", "classes", "float_params", "mask_bits", "effective_params", "compression",
+            "reuse", "reused_weights", "gflops", "storage_kb", "defaults", "paper"]
     st.dataframe(
         df[cols], hide_index=True,
         column_config={
-            "unique_params": st.column_config.NumberColumn("unique params", format="localized"),
+            "float_params": st.column_config.NumberColumn(
+                "params", format="localized",
+                help="Stored real-valued parameters, a shared weight counted once (the papers' count)."),
+            "mask_bits": st.column_config.NumberColumn(
+                "+ sign-mask bits", format="localized",
+                help="f-RepeatNet's learned sign flips: trained through real latent tensors, stored as one bit "
+                     "each (the paper counts them as bits, not parameters)."),
             "effective_params": st.column_config.NumberColumn("effective params", format="localized"),
-            "compression": st.column_config.NumberColumn("effective / unique", format="%.2f×"),
+            "compression": st.column_config.NumberColumn("effective / params", format="%.2f×"),
+            "storage_kb": st.column_config.NumberColumn("storage KiB", format="%.1f",
+                                                        help="float32 parameters plus the masks' bits"),
             "gflops": st.column_config.NumberColumn("GFLOPs", format="%.3f"),
             "reuse": st.column_config.TextColumn(
                 "reuse", help="direct: the same weight applied at several places or rates; tiled: a parent block "
@@ -40,9 +48,6 @@ if rows:
                               "filters (e2cnn). The sharing map below shows where."),
             "reused_weights": st.column_config.NumberColumn("reused weights", format="localized",
                                                             help="stored tensors applied more than once"),
-            "sign_mask_params": st.column_config.NumberColumn(
-                "of which 1-bit sign masks", format="localized",
-                help="f-RepeatNet trains its sign masks through real latent tensors; only their signs are kept."),
         },
     )
     st.download_button("Download CSV", df.to_csv(index=False).encode(), "wsviz_models.csv", "text/csv")
@@ -57,19 +62,22 @@ else:
 st.header("Trained variants")
 variants = available_variants()
 if variants:
-    from wsviz.training.cards import read_card
+    from wsviz.training.cards import card_float_params, read_card
 
     vrows = []
     for label, path in variants.items():
         c = read_card(path)
+        fp = card_float_params(c)
         vrows.append({"variant": label, "model": c["model"], "family": c.get("family"), "dataset": c.get("dataset"),
                       "test accuracy": c.get("test_accuracy"),
-                      "unique params": c.get("unique_params"), "effective params": c.get("effective_params"),
-                      "compression": round(c.get("effective_params", 0) / max(c.get("unique_params", 1), 1), 2),
+                      "params": fp, "sign-mask bits": c.get("sign_mask_params", 0),
+                      "effective params": c.get("effective_params"),
+                      "compression": round(c.get("effective_params", 0) / max(fp or 1, 1), 2),
                       "MFLOPs": round(c.get("flops", 0) / 1e6, 1), "epochs": c.get("epochs_done")})
     st.dataframe(pd.DataFrame(vrows), hide_index=True, column_config={
         "test accuracy": st.column_config.NumberColumn(format="percent"),
-        "unique params": st.column_config.NumberColumn(format="localized"),
+        "params": st.column_config.NumberColumn(format="localized", help="real-valued, shared counted once"),
+        "sign-mask bits": st.column_config.NumberColumn(format="localized"),
         "effective params": st.column_config.NumberColumn(format="localized"),
         "compression": st.column_config.NumberColumn(format="%.2f×"),
         "MFLOPs": st.column_config.NumberColumn(format="%.1f")})
@@ -119,7 +127,8 @@ def sharing_map(label: str | None, name: str | None) -> None:
 
             s = SharingMap.from_summary(summarize(create_model(name)))
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric("unique params", f"{s.unique_params:,}")
+    c1.metric("params", f"{s.float_params:,}", help="stored real-valued parameters"
+              + (f"; plus {s.mask_params:,} sign-mask bits ({s.mask_params / 8 / 1024:.1f} KiB)" if s.mask_params else ""))
     c2.metric("effective params", f"{s.effective_params:,}")
     c3.metric("compression", f"{s.compression:.2f}×")
     c4.metric("GFLOPs / image", f"{s.flops / 1e9:.3f}")
@@ -154,8 +163,9 @@ else:
 
 # ------------------------------------------------------------------- fair comparison
 st.header("Fair comparison")
-st.write("Accuracy against unique parameters and FLOPs for the variants chosen in the sidebar, re-evaluated on "
-         "each card's test split, with McNemar's test and a paired bootstrap CI for every pair on the same data.")
+st.write("Accuracy against parameters and FLOPs for the variants chosen in the sidebar, re-evaluated on "
+         "each card's test split, with McNemar's test and Newcombe's paired interval for every pair on the same data, "
+         "and for variants that ship several training seeds the test over seeds that checkpoints/REPORT.md uses.")
 chosen = chosen_variants(load=False)  # loaded only when asked: the first page stays free of torch
 
 def evaluate_fair(chosen: list[str]) -> dict:
@@ -167,7 +177,26 @@ def evaluate_fair(chosen: list[str]) -> dict:
         rows = fair_comparison([variants[v] for v in chosen])
     groups, skipped = group_by_test_set(rows)
     return {"chosen": tuple(chosen), "rows": rows, "groups": groups, "skipped": skipped,
-            "pairs": pairwise_significance(rows)}
+            "pairs": pairwise_significance(rows), "seeds": over_seeds(chosen, groups)}
+
+
+def over_seeds(chosen: list[str], groups) -> list[dict]:
+    """Pairs (on one test set) whose variants both ship several training seeds: the report's test over
+    seeds (Welch, same function), Holm-adjusted over the pairs shown."""
+    from wsviz.analysis.stats import compare_over_seeds, holm
+    from wsviz.zoo import seed_accuracies
+
+    accs = {v: seed_accuracies(variants[v]) for v in chosen}
+    out = []
+    for g in groups:
+        for x, i in enumerate(g.rows):
+            for j in g.rows[x + 1:]:
+                a, b = chosen[i], chosen[j]
+                if len(accs[a]) >= 2 and len(accs[b]) >= 2:
+                    out.append({"a": a, "b": b, "cmp": compare_over_seeds(accs[a], accs[b])})
+    for row, p in zip(out, holm([r["cmp"].p_value for r in out])):
+        row["p_holm"] = p
+    return out
 
 
 def show_fair(result: dict) -> None:
@@ -177,7 +206,7 @@ def show_fair(result: dict) -> None:
                                             result["skipped"], result["pairs"])
     test_set = {k: g.label for g in groups for k in g.rows}
     table = [{"name": v, "model": r.model, "test set": test_set[k], "test_set": test_set[k], "accuracy": r.accuracy,
-              "unique_params": r.unique_params, "effective_params": r.effective_params, "flops": r.flops}
+              "params": r.float_params, "effective_params": r.effective_params, "flops": r.flops}
              for k, (v, r) in enumerate(zip(chosen, rows))]
     if len(groups) > 1:
         st.warning(f"These variants were evaluated on {len(groups)} different test sets: "
@@ -186,12 +215,15 @@ def show_fair(result: dict) -> None:
                    f"{len(skipped)} cross-set pair{'s are' if len(skipped) != 1 else ' is'} not tested.")
     st.dataframe([{k: v for k, v in r.items() if k != "test_set"} for r in table], hide_index=True,
                  column_config={"accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
-                                "unique_params": st.column_config.NumberColumn("unique params", format="localized"),
+                                "params": st.column_config.NumberColumn(
+                                    "params", format="localized",
+                                    help="real-valued parameters, a shared weight counted once; f-RepeatNet's "
+                                         "sign masks are bits and not counted here"),
                                 "effective_params": st.column_config.NumberColumn("effective params",
                                                                                   format="localized"),
                                 "flops": st.column_config.NumberColumn("FLOPs", format="localized")})
     download_table([{k: v for k, v in r.items() if k != "test set"} for r in table], "fair_comparison")
-    figure(fair_figure(table, "unique_params"), "fair-params")
+    figure(fair_figure(table, "params"), "fair-params")
     figure(fair_figure(table, "flops"), "fair-flops")
     for g in groups:
         in_group = [p for p in pairs if p.i in g.rows]
@@ -201,6 +233,16 @@ def show_fair(result: dict) -> None:
             st.write((":material/check_circle: " if p.comparison.significant else ":material/remove: ")
                      + p.comparison.summary.replace(rows[p.i].name, chosen[p.i]).replace(rows[p.j].name, chosen[p.j])
                      + f" (Holm-adjusted over the {len(pairs)} tests shown: p = {p.p_holm:.2g})")
+    if result.get("seeds"):
+        st.markdown("**Over training seeds** (the architectures, not two trained networks: Welch's t-test on the "
+                    "per-seed test accuracies, as in checkpoints/REPORT.md; McNemar above tests the shipped seed-0 "
+                    "networks only)")
+        for r in result["seeds"]:
+            c = r["cmp"]
+            st.write(f"{r['a']} {100 * c.mean_a:.1f} ± {100 * c.sd_a:.1f}% (n = {c.n_a}) vs {r['b']} "
+                     f"{100 * c.mean_b:.1f} ± {100 * c.sd_b:.1f}% (n = {c.n_b}): diff {100 * c.diff:+.1f} pts, "
+                     f"95% CI [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]; Welch p = {c.p_value:.2g} "
+                     f"(Holm over the {len(result['seeds'])} shown: {r['p_holm']:.2g})")
     if skipped:
         with st.expander(f"{len(skipped)} pair{'s' if len(skipped) != 1 else ''} not compared, and why"):
             for sp in skipped:

@@ -46,13 +46,15 @@ if not chosen:
 
 
 def run_sweep(progress, models: dict, n: int, angles: tuple[float, ...]):
-    """The rotation sweep, in a worker thread (``progress(fraction, text)``)."""
-    from wsviz.data.datasets import load_split
+    """The rotation sweep, in a worker thread (``progress(fraction, text)``), read in batches; known
+    predictions come from the prediction cache."""
+    from wsviz.analysis.cache import default_cache
+    from wsviz.data.stream import eval_data
 
-    te = load_split("mnist5k", "test").spread(n)
+    data = eval_data("mnist5k", "test", limit=n)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
-        return rotation_sweep(models, te.images, te.labels, angles,
-                              progress=lambda i, total, v: progress(i / total, f"{v:.0f}°"))
+        return rotation_sweep(models, data, angles=angles, cache=default_cache(),
+                              progress=lambda done, total, text: progress(done / max(total, 1), text))
 
 
 st.caption("The sweep runs in the background: the rest of the page keeps answering, and it can be cancelled.")

@@ -43,15 +43,20 @@ live_scale(images, variants)
 
 
 def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...]):
-    """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``)."""
-    from wsviz.data.datasets import load_split
+    """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``).
 
-    te = load_split(dataset, "test").spread(n)
+    The test data are read in batches (an image folder is decoded image by image, never whole);
+    predictions known from an earlier sweep or comparison come from the prediction cache."""
+    from wsviz.analysis.cache import default_cache
+    from wsviz.data.stream import eval_data, take
+    from wsviz.models import input_shape
+
+    data = eval_data(dataset, "test", size=max(input_shape(m)[1] for m in models.values()), limit=n)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
-        res = scale_sweep(models, te.images, te.labels, scales,
-                          progress=lambda i, total, v: progress(i / (total + 1), f"scale {v:.2f}"))
-        progress(len(scales) / (len(scales) + 1), "per-layer invariance at 0.5")
-        x = te.images[:64]
+        res = scale_sweep(models, data, scales=scales, cache=default_cache(),
+                          progress=lambda done, total, text: progress(0.9 * done / max(total, 1), text))
+        progress(0.9, "per-layer invariance at 0.5")
+        x, _ = take(data, range(min(64, len(data))))
         inv = {label: layer_scale_invariance(m, x, 0.5) for label, m in models.items()}
     return res, inv
 
@@ -60,6 +65,10 @@ st.header("Sweep over a test set")
 st.caption("The sweep runs in the background: the slider above keeps answering, and it can be cancelled.")
 c1, c2 = st.columns(2)
 dataset = c1.selectbox("Test data", ["mnist5k", "mnist5k-scale", "mnist5k-rot"])
+folder = c1.text_input("Or an image folder", "", placeholder="/data/imagenet",
+                       help="One sub-folder per class (or ImageNet's train/ + val/ layout), under WSVIZ_DATA_ROOTS; "
+                            "read image by image, never loaded whole.")
+dataset = f"folder:{folder.strip()}" if folder.strip() else dataset
 n = c2.slider("Images", 100, 1000, 500, 100)
 scales = st.multiselect("Scales", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6],
                         default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4])

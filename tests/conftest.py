@@ -17,6 +17,8 @@ import torch
 # own), and folder: datasets may be read from the temporary folder the tests make them in.
 os.environ.setdefault("WSVIZ_AUTH", "off")
 os.environ.setdefault("WSVIZ_DATA_ROOTS", str(Path(tempfile.gettempdir()).resolve()))
+# The prediction cache of the analyses goes to a fresh temporary folder, never the user's ~/.cache.
+os.environ.setdefault("WSVIZ_CACHE_DIR", tempfile.mkdtemp(prefix="wsviz-test-cache-"))
 
 warnings.filterwarnings("ignore", category=UserWarning, module="e2cnn")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -6,7 +6,12 @@ The browser side (a server on 127.0.0.2) is in test_auth_e2e.py.
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -111,6 +116,59 @@ def test_app_bound_off_loopback_without_access_control_stops_the_server(monkeypa
         assert halted == [True]
     finally:
         config.set_option("server.address", old)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(address: str, env_extra: dict, tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """``streamlit run app.py`` exactly as the README starts it, on a free port of ``address``."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSVIZ_") or k == "WSVIZ_DATA_ROOTS"}
+    env.update(WSVIZ_TOKEN_FILE=str(tmp_path / "token"), WSVIZ_RUNS=str(tmp_path / "runs"), **env_extra)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                 "--server.address", address, "--server.headless", "true"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, port, log
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+def test_server_refuses_to_start_off_loopback_without_access_control(address, tmp_path):
+    """The README's command on a non-loopback address with WSVIZ_AUTH=off: the server stops before it
+    takes a single connection (no browser involved), exit status 2, and says how to set access control."""
+    proc, port, log = _start(address, {"WSVIZ_AUTH": "off"}, tmp_path)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert rc == 2, text
+    assert f"error: wsviz refuses to serve on {address!r}" in text and "WSVIZ_TOKEN" in text, text
+    assert "Traceback" not in text, text  # the message alone
+
+
+def test_server_prints_the_sign_in_address_at_start_before_any_connection(tmp_path):
+    """Jupyter's model: the generated token's address is on the console once the server is up, with no
+    browser having connected; without the token a page has nothing of the app (the gate is in the script)."""
+    proc, port, log = _start("127.0.0.2", {}, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "?token=" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        text = log.read_text()
+        token = (tmp_path / "token").read_text().strip()
+        assert f"open http://127.0.0.2:{port}/?token={token} to sign in" in text, text
+        assert urllib.request.urlopen(f"http://127.0.0.2:{port}/_stcore/health", timeout=10).read() == b"ok"
+        assert "?token=" not in text.split("to sign in", 1)[1], text  # printed once
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _train_page(tmp_path, monkeypatch, actor: auth.Actor) -> tuple[AppTest, RunStore]:

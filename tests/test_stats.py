@@ -15,6 +15,7 @@ from wsviz.analysis.stats import (
     compare_predictions,
     fair_comparison,
     mcnemar,
+    newcombe_paired_ci,
     pairwise_significance,
     pareto_front,
 )
@@ -430,9 +431,9 @@ def test_compare_predictions_summary_in_full():
     a, b = labels.copy(), labels.copy()
     a[:20] = (a[:20] + 1) % 10
     b[20:100] = (b[20:100] + 1) % 10
-    c = compare_predictions(a, b, labels, names=("shared", "unshared"), alpha=0.1, n_boot=500, seed=3)
+    c = compare_predictions(a, b, labels, names=("shared", "unshared"), alpha=0.1)
     assert (c.n, c.alpha) == (1000, 0.1)
-    assert c.diff_ci == bootstrap_diff_ci(a == labels, b == labels, n_boot=500, alpha=0.1, seed=3)
+    assert c.diff_ci == newcombe_paired_ci(a == labels, b == labels, alpha=0.1)
     assert c.summary == (
         f"shared 98.0% vs unshared 92.0% (diff +6.0 pts, 90% CI [{100 * c.diff_ci.lo:+.1f}, {100 * c.diff_ci.hi:+.1f}]); "
         f"McNemar p = {c.mcnemar.p_value:.1e} (chi2; only shared right on 80, only unshared right on 20 of 1000): "
@@ -445,9 +446,10 @@ def test_compare_predictions_summary_in_full():
     assert not compare_predictions(a, b, labels, alpha=c.mcnemar.p_value).significant
     # more than 2,000 samples: two decimals; up to 2,000: one
     big = np.arange(2001) % 10
-    assert "A 100.00% vs B 100.00% (diff +0.00 pts, 95% CI [+0.00, +0.00])" in compare_predictions(big, big, big).summary
+    # (the interval does not collapse at 100%: Newcombe's, from two Wilson intervals)
+    assert "A 100.00% vs B 100.00% (diff +0.00 pts, 95% CI [-0.19, +0.19])" in compare_predictions(big, big, big).summary
     two_k = np.arange(2000) % 10
-    assert "A 100.0% vs B 100.0% (diff +0.0 pts, 95% CI [+0.0, +0.0])" in compare_predictions(two_k, two_k, two_k).summary
+    assert "A 100.0% vs B 100.0% (diff +0.0 pts, 95% CI [-0.2, +0.2])" in compare_predictions(two_k, two_k, two_k).summary
     assert _fmt_p(1e-3) == "0.001" and _fmt_p(0.05) == "0.05" and _fmt_p(9.9e-4) == "9.9e-04"
 
 
@@ -472,11 +474,11 @@ def test_pairwise_significance_passes_its_options_and_skips_other_test_sets():
     bad[:50] = (bad[:50] + 1) % 10
     rows = [_row("good", good, labels), _row("elsewhere", good, labels, dataset="mnist5k-rot"),
             _row("bad", bad, labels), _row("also-bad", bad, labels)]
-    pairs = pairwise_significance(rows, alpha=0.1, n_boot=300, seed=4)
+    pairs = pairwise_significance(rows, alpha=0.1)
     assert [(p.i, p.j) for p in pairs] == [(0, 2), (0, 3), (2, 3)]  # the row on another test set is skipped, not the rest
     assert all((p.dataset, p.data_seed) == ("mnist5k", 0) for p in pairs)
-    ref = compare_predictions(good, bad, labels, ("good", "bad"), alpha=0.1, n_boot=300, seed=4)
-    assert pairs[0].comparison == ref
+    ref = compare_predictions(good, bad, labels, ("good", "bad"), alpha=0.1)
+    assert pairs[0].comparison == ref and ref.alpha == 0.1
 
 
 def test_pareto_front_skips_missing_values_wherever_they_are():

@@ -344,7 +344,7 @@ def test_fair_comparison_groups_by_test_set_and_says_what_it_skipped():
 
     from wsviz.figures import fair_figure
 
-    table = [{"name": r.name, "dataset": r.dataset, "accuracy": r.accuracy, "unique_params": r.unique_params,
+    table = [{"name": r.name, "dataset": r.dataset, "accuracy": r.accuracy, "params": r.float_params,
               "flops": r.flops} for r in rows]
     fig = fair_figure(table)
     assert len(fig.data) == 2 and {tuple(t.text) for t in fig.data} == {("rot-cnn", "rot-steerable-c8"),

@@ -19,8 +19,8 @@ from typing import Any
 
 PATH = Path(__file__).with_name("catalog.json")
 MAPS = Path(__file__).with_name("sharing_maps.json")  # each registered architecture's sharing map
-COLUMNS = ["name", "family", "input", "classes", "unique_params", "effective_params", "compression", "gflops",
-           "sign_mask_params", "reused_weights", "reuse", "defaults", "paper", "description"]
+COLUMNS = ["name", "family", "input", "classes", "unique_params", "effective_params", "float_params", "mask_bits",
+           "storage_kb", "compression", "gflops", "reused_weights", "reuse", "defaults", "paper", "description"]
 
 
 @lru_cache(maxsize=1)

@@ -48,7 +48,8 @@ def _models(args: argparse.Namespace) -> int:
     for row in rows:
         extra = ""
         if args.summary:
-            extra = (f"  unique {row['unique_params']:>12,}  effective {row['effective_params']:>12,}"
+            bits = f" + {row['mask_bits']:,} mask bits" if row.get("mask_bits") else ""
+            extra = (f"  params {row['float_params']:>12,}{bits}  effective {row['effective_params']:>12,}"
                      f"  x{row['compression']:<6}  {row['gflops']:>9} GFLOPs")
         print(f"{row['name']:24s} {row['family']:12s} {row['input']:10s}{extra}")
     return 0
@@ -76,15 +77,17 @@ def _import(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- helpers
-def _load(paths: Sequence[str]) -> dict[str, object]:
+def _load(paths: Sequence[str], device=None, cards: dict | None = None) -> dict[str, object]:
     from wsviz.training.checkpoint import load_checkpoint
 
     if not paths:
         raise WsvizError("Give at least one --checkpoint folder (see checkpoints/README.md).")
     models = {}
     for p in paths:
-        model, _ = load_checkpoint(p)
+        model, card = load_checkpoint(p, device=device or "cpu")
         models[Path(p).name] = model
+        if cards is not None:
+            cards[Path(p).name] = card
     return models
 
 
@@ -107,11 +110,92 @@ def _write_fig(path: Path, fig) -> None:
     print(f"wrote {path}")
 
 
-def _test_data(dataset: str, limit: int | None, seed: int = 0):
-    from wsviz.data.datasets import load_split
+class _Run:
+    """One analysis process: its device, and under torchrun its rank (the process group is set up on
+    entry, gloo on CPUs, nccl with one GPU per process, and torn down on exit)."""
 
-    te = load_split(dataset, "test", seed=seed).spread(limit)
-    return te.images, te.labels
+    def __init__(self, args: argparse.Namespace) -> None:
+        import os
+
+        from wsviz.device import pick_device
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local = 0, int(os.environ.get("LOCAL_RANK", "0"))
+        wanted = getattr(args, "device", None)
+        self.device = pick_device(wanted)
+        self.owns_group = False
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.local)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.owns_group = True
+            self.rank = dist.get_rank()
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0; the only process without torchrun)."""
+        return self.rank == 0
+
+    def bar(self, desc: str, unit: str = "img"):
+        """A progress callback ``(done, total, text)`` drawing a tqdm bar with ETA on rank 0, and the bar."""
+        from tqdm import tqdm
+
+        bar = tqdm(desc=desc, unit=unit, disable=not self.main, dynamic_ncols=True)
+
+        def progress(done: int, total: int, text: str) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.update(done - bar.n)
+        return progress, bar
+
+
+def _cache(args: argparse.Namespace):
+    from wsviz.analysis.cache import PredictionCache, default_cache
+
+    if getattr(args, "no_cache", False):
+        return None
+    if getattr(args, "cache_dir", None):
+        base = default_cache()
+        return PredictionCache(args.cache_dir, base.max_bytes if base is not None else 512 * 2**20)
+    return default_cache()
+
+
+def _eval_transform(args: argparse.Namespace, cards: dict) -> str:
+    """The evaluation transform of folder data: --eval-transform, else the checkpoints' recipe preset."""
+    if args.eval_transform != "auto":
+        return args.eval_transform
+    presets = {str((c.get("train_config") or {}).get("augment", "none")) for c in cards.values()}
+    return presets.pop() if len(presets) == 1 else "none"
+
+
+def _data(args: argparse.Namespace, models: dict, cards: dict, limit: int | None):
+    """The test split named by --dataset, at most ``limit`` images spread over it, read in batches."""
+    from wsviz.data.stream import eval_data
+    from wsviz.models import input_shape
+
+    size = max(input_shape(m)[1] for m in models.values())
+    return eval_data(args.dataset, "test", size=size, augment=_eval_transform(args, cards), limit=limit or None)
+
+
+def _save_predictions(path: Path, res) -> None:
+    import numpy as np
+
+    np.savez_compressed(path, values=res.values, **{f"model:{m}": p for m, p in res.predictions.items()})
+    print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------ analyses
@@ -154,14 +238,29 @@ def _sweep(args: argparse.Namespace, kind: str) -> int:
     from wsviz.analysis.sweeps import rotation_sweep, scale_sweep
     from wsviz.figures import sweep_figure
 
-    models = _load(args.checkpoint)
-    x, y = _test_data(args.dataset, args.limit)
-    fn = scale_sweep if kind == "scale" else rotation_sweep
-    res = fn(models, x, y, args.values) if args.values else fn(models, x, y)
-    out = _out(args)
-    _write_csv(out / f"{kind}_sweep.csv", res.rows())
-    _write_fig(out / f"{kind}_accuracy.html", sweep_figure(res, "accuracy"))
-    _write_fig(out / f"{kind}_agreement.html", sweep_figure(res, "agreement"))
+    with _Run(args) as run:
+        cards: dict = {}
+        models = _load(args.checkpoint, run.device, cards)
+        data = _data(args, models, cards, args.limit)
+        fn = scale_sweep if kind == "scale" else rotation_sweep
+        progress, bar = run.bar(f"{kind} sweep", "img×value")
+        values = {"scales" if kind == "scale" else "angles": args.values} if args.values else {}
+        res = fn(models, data, batch_size=args.batch_size, workers=args.workers, loader=args.loader,
+                 cache=_cache(args), progress=progress, **values)
+        bar.close()
+        if not run.main:
+            return 0
+        out = _out(args)
+        _write_csv(out / f"{kind}_sweep.csv", res.rows())
+        _save_predictions(out / f"{kind}_predictions.npz", res)
+        info = {"dataset": args.dataset, "data": data.description, "transform": data.transform,
+                "samples": res.samples, "samples_per_rank": res.shares, "ranks": run.world,
+                "results_from_cache": res.cached, "values": res.values.tolist()}
+        (out / f"{kind}_sweep.json").write_text(json.dumps(info, indent=1))
+        print(f"{res.samples:,} images ({' + '.join(map(str, res.shares)) or 'all from the cache'} over "
+              f"{run.world} process{'es' if run.world > 1 else ''}); {res.cached} results from the cache")
+        _write_fig(out / f"{kind}_accuracy.html", sweep_figure(res, "accuracy"))
+        _write_fig(out / f"{kind}_agreement.html", sweep_figure(res, "agreement"))
     return 0
 
 
@@ -169,50 +268,68 @@ def _compare(args: argparse.Namespace) -> int:
     from wsviz.analysis.stats import fair_comparison, group_by_test_set, pairwise_significance
     from wsviz.figures import fair_figure
 
-    rows = fair_comparison(args.checkpoint, dataset=args.dataset)
-    out = _out(args)
-    groups, skipped = group_by_test_set(rows)
-    test_set = {k: g.label for g in groups for k in g.rows}
-    table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "test_set": test_set[k], "accuracy": r.accuracy,
-              "card_accuracy": r.card_accuracy, "unique_params": r.unique_params,
-              "effective_params": r.effective_params, "flops": r.flops} for k, r in enumerate(rows)]
-    _write_csv(out / "fair_comparison.csv", table)
-    if skipped:
-        _write_csv(out / "skipped_pairs.csv", [{"a": rows[s.i].name, "b": rows[s.j].name, "reason": s.reason}
-                                               for s in skipped])
-        for s in skipped:
-            print(f"not compared: {rows[s.i].name} vs {rows[s.j].name}: {s.reason}")
-    pairs = pairwise_significance(rows)
-    _write_csv(out / "significance.csv", [{"a": rows[p.i].name, "b": rows[p.j].name, "dataset": p.dataset,
-                                            "p_value": p.comparison.mcnemar.p_value, "p_holm": p.p_holm,
-                                            "diff": p.comparison.diff_ci.diff, "lo": p.comparison.diff_ci.lo,
-                                            "hi": p.comparison.diff_ci.hi, "summary": p.comparison.summary}
-                                           for p in pairs])
-    for p in pairs:
-        print(p.comparison.summary)
-    _write_fig(out / "accuracy_vs_params.html", fair_figure(table, "unique_params"))
-    _write_fig(out / "accuracy_vs_flops.html", fair_figure(table, "flops"))
+    with _Run(args) as run:
+        progress, bar = run.bar("evaluating")
+        rows = fair_comparison(args.checkpoint, dataset=args.dataset, device=str(run.device),
+                               batch_size=args.batch_size, workers=args.workers, loader=args.loader,
+                               cache=_cache(args), progress=progress)
+        bar.close()
+        if not run.main:
+            return 0
+        out = _out(args)
+        groups, skipped = group_by_test_set(rows)
+        test_set = {k: g.label for g in groups for k in g.rows}
+        table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "test_set": test_set[k],
+                  "accuracy": r.accuracy, "card_accuracy": r.card_accuracy, "params": r.float_params,
+                  "unique_params": r.unique_params,
+                  "effective_params": r.effective_params, "flops": r.flops} for k, r in enumerate(rows)]
+        _write_csv(out / "fair_comparison.csv", table)
+        if skipped:
+            _write_csv(out / "skipped_pairs.csv", [{"a": rows[s.i].name, "b": rows[s.j].name, "reason": s.reason}
+                                                   for s in skipped])
+            for s in skipped:
+                print(f"not compared: {rows[s.i].name} vs {rows[s.j].name}: {s.reason}")
+        pairs = pairwise_significance(rows)
+        _write_csv(out / "significance.csv", [{"a": rows[p.i].name, "b": rows[p.j].name, "dataset": p.dataset,
+                                                "p_value": p.comparison.mcnemar.p_value, "p_holm": p.p_holm,
+                                                "diff": p.comparison.diff_ci.diff, "lo": p.comparison.diff_ci.lo,
+                                                "hi": p.comparison.diff_ci.hi, "summary": p.comparison.summary}
+                                               for p in pairs])
+        for p in pairs:
+            print(p.comparison.summary)
+        _write_fig(out / "accuracy_vs_params.html", fair_figure(table, "params"))
+        _write_fig(out / "accuracy_vs_flops.html", fair_figure(table, "flops"))
     return 0
 
 
 def _attribution(args: argparse.Namespace) -> int:
+    import torch
+
     from wsviz.analysis.attribution import attribute
     from wsviz.data.uploads import load_upload
     from wsviz.figures import attribution_figure
     from wsviz.models import input_shape
 
-    models = _load(args.checkpoint)
+    cards: dict = {}
+    models = _load(args.checkpoint, cards=cards)
     out = _out(args)
     data = Path(args.image).read_bytes() if args.image else None
+    # without --image: a gallery of --limit test images spread over the split, only those decoded
+    gallery = _data(args, models, cards, args.limit or 1) if data is None else None
     maps, rows, image = {}, [], None
     for name, m in models.items():
         c, s, _ = input_shape(m)
-        x = (load_upload(data, Path(args.image).name, c, s) if data is not None else _test_data("mnist5k", 1)[0][0])
-        image = x.mean(0).numpy() if image is None else image
-        res = attribute(m, x.unsqueeze(0), args.method, layer=args.layer)
+        x = load_upload(data, Path(args.image).name, c, s).unsqueeze(0) if data is not None else gallery
+        res = attribute(m, x, args.method, layer=args.layer)
+        if image is None:
+            from wsviz.data.stream import take
+
+            first = x[0] if data is not None else take(gallery, [0])[0][0]
+            image = (first.float().div(255) if first.dtype == torch.uint8 else first).mean(0).numpy()
         maps[f"{name} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
-        rows.append({"model": name, "method": args.method, "target": int(res.targets[0]), "layer": res.layer or ""})
-        np.save(out / f"attribution_{name}.npy", res.maps[0].numpy())
+        rows += [{"model": name, "image": i, "method": args.method, "target": int(t), "layer": res.layer or ""}
+                 for i, t in enumerate(res.targets)]
+        np.save(out / f"attribution_{name}.npy", res.maps.numpy() if len(res.maps) > 1 else res.maps[0].numpy())
     _write_csv(out / "attribution.csv", rows)
     _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}",
                                                            signed=args.method == "integrated_gradients"))
@@ -221,23 +338,30 @@ def _attribution(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from wsviz.analysis.embeddings import penultimate_features, project
-    from wsviz.data.datasets import load_split
+    from wsviz.data.stream import sample_indices
     from wsviz.figures import embedding_figure
 
-    models = _load(args.checkpoint)
-    te = load_split(args.dataset, "test")
+    cards: dict = {}
+    models = _load(args.checkpoint, cards=cards)
+    full = _data(args, models, cards, None)
+    # a stated, seeded subset of the split: only its images are read, only its features kept
+    data = full.subset(sample_indices(len(full), args.limit)) if args.limit and args.limit < len(full) else full
+    if data is not full:
+        print(f"embedding {data.description} (seeded random subset)")
     out = _out(args)
+    labels = data.labels.numpy()
     for name, m in models.items():
-        feats = penultimate_features(m, te.images)
-        proj = project(feats, args.method, max_points=args.limit)
-        color = te.labels.numpy()[proj.index]
+        feats = penultimate_features(m, data, workers=args.workers)
+        proj = project(feats, args.method, max_points=max(3, len(feats)))
+        color = labels[proj.index]
         color_name = "class"
-        if args.color_by == "angle" and te.angles is not None:
-            color, color_name = te.angles.numpy()[proj.index], "angle"
-        elif args.color_by == "scale" and te.scales is not None:
-            color, color_name = te.scales.numpy()[proj.index], "scale"
+        if args.color_by == "angle" and data.angles is not None:
+            color, color_name = data.angles.numpy()[proj.index], "angle"
+        elif args.color_by == "scale" and data.scales is not None:
+            color, color_name = data.scales.numpy()[proj.index], "scale"
+        rows_index = data.indices[proj.index] if data.indices is not None else proj.index
         _write_csv(out / f"embedding_{name}.csv", [{"index": int(i), "x": float(a), "y": float(b), color_name: float(c)}
-                                                    for i, (a, b), c in zip(proj.index, proj.coords, color)])
+                                                    for i, (a, b), c in zip(rows_index, proj.coords, color)])
         _write_fig(out / f"embedding_{name}.html",
                    embedding_figure(proj.coords, color, color_name, f"{name}: {args.method.upper()} of penultimate features"))
     return 0
@@ -247,33 +371,45 @@ def _cka(args: argparse.Namespace) -> int:
     from wsviz.analysis.similarity import cka_matrix
     from wsviz.figures import cka_figure
 
-    models = _load(args.checkpoint)
+    cards: dict = {}
+    models = _load(args.checkpoint, cards=cards)
     if len(models) != 2:
         raise WsvizError("cka compares exactly two --checkpoint folders.")
     (na, a), (nb, b) = models.items()
-    x, _ = _test_data(args.dataset, args.limit)
-    res = cka_matrix(a, b, x)
+    data = _data(args, models, cards, None)
+    res = cka_matrix(a, b, data, max_images=args.limit or len(data), workers=args.workers)
+    if res.subset:
+        print(f"CKA on {res.subset}")
     out = _out(args)
     _write_csv(out / "cka.csv", [{"a": ta, "b": tb, "cka": float(res.matrix[i, j])}
                                  for i, ta in enumerate(res.taps_a) for j, tb in enumerate(res.taps_b)])
     _write_fig(out / "cka.html", cka_figure(res.matrix, res.taps_a, res.taps_b, na, nb))
     (out / "cka.json").write_text(json.dumps({"a": na, "b": nb, "taps_a": res.taps_a, "taps_b": res.taps_b,
-                                              "matrix": res.matrix.tolist()}))
+                                              "matrix": res.matrix.tolist(), "images": res.images,
+                                              "subset": res.subset or f"all {res.images:,} images of {data.description}"}))
     return 0
 
 
 def _opportunities(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from wsviz.analysis.opportunities import score_groups
-    from wsviz.data.datasets import load_split
+    from wsviz.data.datasets import fit_to
+    from wsviz.data.stream import eval_data, take
+    from wsviz.models import input_shape
 
-    models = _load(args.checkpoint)
+    cards: dict = {}
+    models = _load(args.checkpoint, cards=cards)
     if len(models) != 1:
         raise WsvizError("opportunities scores one --checkpoint folder at a time.")
     (name, model), = models.items()
-    calibration = load_split(args.dataset, "train").spread(args.calibration)
-    held = _test_data(args.dataset, args.limit)
+    # bounded batches of a dataset of any size: only the chosen images are decoded
+    c, size, _ = input_shape(model)
+    cal_x, cal_y = take(eval_data(args.dataset, "train", size=size, augment=_eval_transform(args, cards),
+                                  limit=args.calibration))
+    calibration = (fit_to(cal_x.float().div(255) if cal_x.dtype == torch.uint8 else cal_x, c, size), cal_y)
+    held = take(_data(args, models, cards, args.limit))
     groups = [g.split(",") for g in args.group] if args.group else None
     bar = tqdm(unit="group", desc=name)
 
@@ -281,7 +417,7 @@ def _opportunities(args: argparse.Namespace) -> int:
         bar.total, bar.n = n, i
         bar.set_postfix_str(group[:60])
 
-    rows = score_groups(model, calibration.images, calibration.labels, groups=groups, held_out=held,
+    rows = score_groups(model, calibration[0], calibration[1], groups=groups, held_out=held,
                         progress=progress)
     bar.n = bar.total or 0
     bar.close()
@@ -365,40 +501,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=None, help="runs folder (default: $WSVIZ_RUNS or ./runs)")
     p.set_defaults(func=_runs)
 
-    def analysis(name: str, help: str, func, dataset: str | None = "mnist5k", limit: int | None = 1000):
+    def analysis(name: str, help: str, func, dataset: str | None = "mnist5k", limit: int | None = 1000,
+                 streamed: bool = True, transform: bool = True):
         q = sub.add_parser(name, help=help)
         q.add_argument("--checkpoint", nargs="+", default=[], help="checkpoint folders")
         q.add_argument("--out", required=True, help="folder for CSV/JSON and HTML figures")
         if dataset is not None:
-            q.add_argument("--dataset", default=dataset)
-        q.add_argument("--limit", type=int, default=limit, help="images used (spread over the test split)")
+            q.add_argument("--dataset", default=dataset,
+                           help="test data: a dataset name (mnist5k, cifar10, ...) or folder:PATH (ImageNet's "
+                                "train/ + val/ layout, or one folder per class), under WSVIZ_DATA_ROOTS")
+        q.add_argument("--limit", type=int, default=limit,
+                       help="images used (spread over the test split; 0: all)")
+        if streamed:
+            q.add_argument("--batch-size", type=int, default=256, help="images per batch")
+            q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading the images")
+        if streamed and transform:
+            q.add_argument("--eval-transform", default="auto", choices=["auto", "none", "cifar", "imagenet"],
+                           help="how folder images are brought to the model's input size: the recipe preset's "
+                                "evaluation transform (imagenet: resize to 8/7 and centre crop; none: letterbox); "
+                                "auto: the checkpoints' own preset")
         q.set_defaults(func=func)
         return q
 
-    q = analysis("kernels", "top-k kernels by magnitude, side by side, with similarity scores", _kernels, None)
+    def evaluation(q):
+        q.add_argument("--loader", default="auto", choices=["auto", "memory", "stream"],
+                       help="in-memory sets: slice tensors (memory) or read them through a DataLoader (stream); "
+                            "folders always stream")
+        q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU when visible; under "
+                                                      "torchrun the process's own GPU)")
+        q.add_argument("--no-cache", action="store_true",
+                       help="do not read or write the prediction cache (WSVIZ_CACHE_DIR, default "
+                            "~/.cache/wsviz/predictions)")
+        q.add_argument("--cache-dir", default=None, help="the prediction cache's folder (default: WSVIZ_CACHE_DIR)")
+        return q
+
+    q = analysis("kernels", "top-k kernels by magnitude, side by side, with similarity scores", _kernels, None,
+                 streamed=False)
     q.add_argument("--layer", default=None,
                    help="kernel layer, a module path (default: the same place in every model, preferring the "
                         "deepest shared 3x3 layer)")
     q.add_argument("--k", type=int, default=256)
     q.add_argument("--scale", default="shared", choices=["shared", "per_kernel"],
                    help="one colour scale in weight units for all panels, or each kernel to its own max")
-    q = analysis("scale", "accuracy and agreement vs input scale", lambda a: _sweep(a, "scale"))
+    q = evaluation(analysis("scale", "accuracy and agreement vs input scale (torchrun: split over processes)",
+                            lambda a: _sweep(a, "scale")))
     q.add_argument("--values", type=float, nargs="*", default=None, help="scale factors")
-    q = analysis("rotation", "accuracy and agreement vs rotation angle", lambda a: _sweep(a, "rotation"))
+    q = evaluation(analysis("rotation", "accuracy and agreement vs rotation angle (torchrun: split over processes)",
+                            lambda a: _sweep(a, "rotation")))
     q.add_argument("--values", type=float, nargs="*", default=None, help="angles in degrees")
-    q = analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and bootstrap CIs", _compare, None)
+    q = evaluation(analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and Newcombe paired intervals",
+                            _compare, None, transform=False))
     q.add_argument("--dataset", default=None, help="evaluate all on this dataset (default: each card's)")
-    q = analysis("attribution", "Integrated Gradients / Saliency / Grad-CAM for one image", _attribution, None)
-    q.add_argument("--image", default=None, help="an image file (default: a test digit)")
+    q = analysis("attribution", "Integrated Gradients / Saliency / Grad-CAM for one image or a gallery of test "
+                 "images", _attribution, "mnist5k", 1)
+    q.add_argument("--image", default=None, help="an image file (default: --limit images of --dataset's test split)")
     q.add_argument("--method", default="integrated_gradients",
                    choices=["integrated_gradients", "saliency", "grad_cam"])
     q.add_argument("--layer", default=None,
                    help="Grad-CAM layer, a module path (default: the deepest spatial map the classifier reads; "
                         "an unknown path lists the choices)")
-    q = analysis("embed", "PCA / t-SNE / UMAP of penultimate features", _embed, "mnist5k-rot", 2000)
+    q = analysis("embed", "PCA / t-SNE / UMAP of penultimate features (of a seeded subset of --limit images)",
+                 _embed, "mnist5k-rot", 2000)
     q.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
     q.add_argument("--color-by", default="class", choices=["class", "angle", "scale"])
-    analysis("cka", "linear CKA between the layers of two models", _cka, "mnist5k", 500)
+    analysis("cka", "linear CKA between the layers of two models (on a seeded subset of --limit images)", _cka,
+             "mnist5k", 500)
     q = analysis("opportunities", "where sharing costs least: candidate conv groups scored by weight similarity, "
                  "output CKA, gradient conflict and the accuracy lost by tying them now", _opportunities,
                  "mnist5k-scale", 500)

@@ -272,7 +272,7 @@ def cka_figure(matrix: np.ndarray, labels_a: Sequence[str], labels_b: Sequence[s
     return fig
 
 
-def fair_figure(rows: Sequence[dict], x: str = "unique_params") -> go.Figure:
+def fair_figure(rows: Sequence[dict], x: str = "params") -> go.Figure:
     """Accuracy vs parameters (or FLOPs), marker size ~ FLOPs; the fair-comparison picture.
 
     Rows evaluated on different test sets (their ``test_set`` key, else ``dataset``) go into

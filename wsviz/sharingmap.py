@@ -89,8 +89,14 @@ class SharingMap:
     others: int  # sum of (applied - stored) over the parameters that are not reused (modulators: negative)
 
     @property
+    def float_params(self) -> int:
+        """Stored real-valued parameters (f-RepeatNet's sign masks are bits, counted apart)."""
+        return self.unique_params - self.mask_params
+
+    @property
     def compression(self) -> float:
-        return self.effective_params / max(self.unique_params, 1)
+        """effective / float parameters, as the papers count (see ModelSummary.compression)."""
+        return self.effective_params / max(self.float_params, 1)
 
     def reuse(self) -> dict[str, ParamReuse]:
         return {r.param: r for r in self.reused}

@@ -85,18 +85,74 @@ def entry(name: str) -> ZooEntry:
     raise WsvizError(f"No zoo entry {name!r}; entries: {', '.join(e.name for e in ZOO)}")
 
 
+SEEDS = (0, 1, 2)  # training seeds of every variant that enters a claim
+SCALE_GROUP = ("scale-resnet20", "scale-wsms-1x1", "scale-msnet-1x1", "scale-msws-vanilla", "scale-msws-shared",
+               "scale-msws-unshared")  # the variants of the scale-robustness table
+PREDICTIONS = "predictions.npz"
+
+
+def seed_folder(out: str | Path, name: str, seed: int) -> Path:
+    """Where seed ``seed`` of zoo entry ``name`` lives: seed 0 is the shipped checkpoint itself
+    (weights and card); further seeds ship as their card and test predictions, without weights,
+    in ``<name>/seeds/seed<k>/`` (``retrain`` writes their weights there too; git ignores them)."""
+    return Path(out) / name if seed == 0 else Path(out) / name / "seeds" / f"seed{seed}"
+
+
+def claimed() -> list[str]:
+    """The zoo entries that enter a claim or the scale table, in zoo order."""
+    names = {n for _, a, b, _ in CLAIMS for n in (a, b)} | set(SCALE_GROUP)
+    return [e.name for e in ZOO if e.name in names]
+
+
+def write_predictions(folder: str | Path, name: str) -> Path:
+    """Per-image predictions of the checkpoint in ``folder`` (zoo entry ``name``), saved beside its
+    card: ``test`` on its own test split, and for the scale group ``scale`` (one row per factor of
+    SCALES) on the upright mnist5k test digits. The report is computed from these files; a test
+    recomputes them from the shipped weights to show they are not stale."""
+    import numpy as np
+    import torch
+
+    from wsviz.analysis.sweeps import scale_sweep
+    from wsviz.data.datasets import load_split
+    from wsviz.training.checkpoint import load_checkpoint
+    from wsviz.training.loop import evaluate
+
+    folder = Path(folder)
+    model, card = load_checkpoint(folder)
+    te = load_split(card["dataset"], "test", seed=card.get("data_seed", 0))
+    with torch.no_grad():
+        _, _, p = evaluate(model, te.images, te.labels)
+        arrays = {"test": p.numpy().astype(np.int16), "labels": te.labels.numpy().astype(np.int16)}
+        if name in SCALE_GROUP:
+            up = load_split("mnist5k", "test")
+            sw = scale_sweep({name: model}, up.images, up.labels, SCALES)
+            arrays["scale"] = np.asarray(sw.predictions[name]).astype(np.int16)
+            arrays["scale_labels"] = up.labels.numpy().astype(np.int16)
+    path = folder / PREDICTIONS
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def retrain(out: str | Path = "checkpoints", epochs: int = DEFAULT_EPOCHS, only: list[str] | None = None,
-            device: str | None = None, max_batches: int | None = None, log=print) -> list[dict]:
-    """Train every zoo entry (or ``only`` those) into ``out/<name>``; returns the cards."""
+            device: str | None = None, max_batches: int | None = None, log=print,
+            seeds: tuple[int, ...] | None = None) -> list[dict]:
+    """Train every zoo entry (or ``only`` those) into ``out``; returns the cards.
+
+    ``seeds`` default: seed 0 of every entry, plus seeds 1 and 2 of every claimed entry (see
+    :func:`seed_folder`). Each run's per-image predictions are written beside its card."""
     from wsviz.training.loop import TrainConfig
     from wsviz.training.run import run_training
 
     entries = [entry(n) for n in only] if only else ZOO
+    jobs = [(e, s) for s in (seeds if seeds is not None else SEEDS) for e in entries
+            if s == 0 or seeds is not None or e.name in claimed()]
     cards = []
-    for i, e in enumerate(entries, 1):
-        cfg = TrainConfig(epochs=epochs, seed=0, max_batches=max_batches, **e.recipe)
-        log(f"[{i}/{len(entries)}] {e.name}: {e.model} {e.overrides} on {e.dataset}, {epochs} epochs")
-        card = run_training(e.model, e.dataset, Path(out) / e.name, cfg, overrides=e.overrides, device=device)
+    for i, (e, seed) in enumerate(jobs, 1):
+        cfg = TrainConfig(epochs=epochs, seed=seed, max_batches=max_batches, **e.recipe)
+        folder = seed_folder(out, e.name, seed)
+        log(f"[{i}/{len(jobs)}] {e.name} seed {seed}: {e.model} {e.overrides} on {e.dataset}, {epochs} epochs")
+        card = run_training(e.model, e.dataset, folder, cfg, overrides=e.overrides, device=device)
+        write_predictions(folder, e.name)
         cards.append(card)
         log(f"    test accuracy {card['test_accuracy']:.4f} ({card['duration_s']:.0f} s)")
     write_table(out)
@@ -105,6 +161,7 @@ def retrain(out: str | Path = "checkpoints", epochs: int = DEFAULT_EPOCHS, only:
 
 def write_table(out: str | Path = "checkpoints") -> Path:
     """checkpoints/README.md: one row per shipped card, generated (never typed)."""
+    from wsviz.training.cards import card_float_params
     from wsviz.training.checkpoint import read_card
 
     out = Path(out)
@@ -114,9 +171,14 @@ def write_table(out: str | Path = "checkpoints") -> Path:
         if not (folder / "card.json").is_file():
             continue
         c = read_card(folder)
-        comp = c["effective_params"] / max(c["unique_params"], 1)
+        fp = card_float_params(c)
+        comp = c["effective_params"] / max(fp, 1)
+        bits = c.get("sign_mask_params") or 0
+        others = [read_card(seed_folder(out, e.name, s))["test_accuracy"] for s in SEEDS[1:]
+                  if (seed_folder(out, e.name, s) / "card.json").is_file()]
+        seeds = ", ".join(f"{100 * a:.2f}" for a in others) or "–"
         rows.append(f"| `{e.name}` | {e.group} | {e.role} | `{c['model']}` | {c['dataset']} | "
-                    f"{100 * c['test_accuracy']:.2f} | {c['unique_params']:,} | {comp:.2f}x | "
+                    f"{100 * c['test_accuracy']:.2f} | {seeds} | {fp:,} | {bits:,} | {comp:.2f}x | "
                     f"{c['flops'] / 1e6:.1f} | {c['epochs_done']} |")
     text = "\n".join([
         "# Shipped checkpoints",
@@ -125,11 +187,15 @@ def write_table(out: str | Path = "checkpoints") -> Path:
         "Retrain everything with `python -m wsviz.zoo retrain` (CPU by default, GPU if present);",
         "each card's `command` field reproduces that checkpoint alone.",
         "",
-        "Test accuracy is on the fixed 1,000-image test split of the named dataset. Compression is",
-        "effective / unique parameters (how many times each stored weight is applied). MFLOPs per image.",
+        "Test accuracy is on the fixed 1,000-image test split of the named dataset: the shipped checkpoint",
+        "(training seed 0), and the further seeds that ship as card and predictions (`<name>/seeds/`), for",
+        "the variants that enter a claim in REPORT.md. Params are real-valued parameters, a shared weight",
+        "counted once; f-RepeatNet's sign masks are counted apart as bits. Compression is effective / params",
+        "(how many times each stored weight is applied). MFLOPs per image.",
         "",
-        "| checkpoint | group | variant | model | dataset | test acc % | unique params | compression | MFLOPs | epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | group | variant | model | dataset | test acc % (seed 0) | seeds 1, 2 | params | "
+        "sign-mask bits | compression | MFLOPs | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])
@@ -139,98 +205,283 @@ def write_table(out: str | Path = "checkpoints") -> Path:
 
 
 # ------------------------------------------------------------------------------- report
-# (claim, group, A, B): each claim is tested as "A vs B" on the same test images.
+# (claim, A, B, kind): each claim is tested as "A vs B" on the same test images. kind "~": the paper
+# says A is as good as B (tested for equivalence within MARGIN); ">": the paper says A is better;
+# "vs": the paper reports a comparison without a direction we could hold it to.
 CLAIMS = [
-    ("Aich et al.: shared ~ vanilla at ~25% fewer parameters", "scale-msws-shared", "scale-msws-vanilla"),
-    ("Aich et al.: unshared ~ vanilla (same parameters)", "scale-msws-unshared", "scale-msws-vanilla"),
-    ("Takahashi et al.: WSMS-ResNet beats its ResNet baseline", "scale-wsms-1x1", "scale-resnet20"),
-    ("Takahashi et al.: WSMS-ResNet vs MS-ResNet (unshared stages)", "scale-wsms-1x1", "scale-msnet-1x1"),
-    ("Boulch: ShaResNet ~ its unshared twin", "scale-sharesnet", "scale-sharesnet-unshared"),
-    ("ShaRDNet: S-VGGNet vs E-VGGNet (one conv for all layers)", "scale-shardnet-S", "scale-shardnet-E"),
-    ("ShaRDNet: blending layers help (SL vs S)", "scale-shardnet-SL", "scale-shardnet-S"),
-    ("RepeatNet: s-RepeatNet vs linear repetition", "scale-repeatnet-s", "scale-repeatnet-linear"),
-    ("RepeatNet: f-RepeatNet vs linear repetition", "scale-repeatnet-f", "scale-repeatnet-linear"),
-    ("RepeatNet Table 4: C4 steerable > s-RepeatNet (C4 FLOPs)", "rot-steerable-c4", "rot-repeat-swish-c4"),
-    ("RepeatNet Table 4: C8 steerable > s-RepeatNet (C8 FLOPs)", "rot-steerable-c8", "rot-repeat-swish-c8"),
-    ("RepeatNet Table 4: C16 steerable > s-RepeatNet (C16 FLOPs)", "rot-steerable-c16", "rot-repeat-swish-c16"),
-    ("RepeatNet Table 4: s-RepeatNet (C4 FLOPs) > plain CNN", "rot-repeat-swish-c4", "rot-cnn"),
-    ("RepeatNet Table 4: s-RepeatNet (C8 FLOPs) > plain CNN", "rot-repeat-swish-c8", "rot-cnn"),
-    ("RepeatNet Table 4: s-RepeatNet (C16 FLOPs) > plain CNN", "rot-repeat-swish-c16", "rot-cnn"),
+    ("Aich et al.: shared ~ vanilla at ~25% fewer parameters", "scale-msws-shared", "scale-msws-vanilla", "~"),
+    ("Aich et al.: unshared ~ vanilla (same parameters)", "scale-msws-unshared", "scale-msws-vanilla", "~"),
+    ("Takahashi et al.: WSMS-ResNet beats its ResNet baseline", "scale-wsms-1x1", "scale-resnet20", ">"),
+    ("Takahashi et al.: WSMS-ResNet vs MS-ResNet (unshared stages)", "scale-wsms-1x1", "scale-msnet-1x1", "vs"),
+    ("Boulch: ShaResNet ~ its unshared twin", "scale-sharesnet", "scale-sharesnet-unshared", "~"),
+    ("ShaRDNet: S-VGGNet vs E-VGGNet (one conv for all layers)", "scale-shardnet-S", "scale-shardnet-E", "vs"),
+    ("ShaRDNet: blending layers help (SL vs S)", "scale-shardnet-SL", "scale-shardnet-S", ">"),
+    ("RepeatNet: s-RepeatNet vs linear repetition", "scale-repeatnet-s", "scale-repeatnet-linear", "vs"),
+    ("RepeatNet: f-RepeatNet vs linear repetition", "scale-repeatnet-f", "scale-repeatnet-linear", "vs"),
+    ("RepeatNet Table 4: C4 steerable > s-RepeatNet (C4 FLOPs)", "rot-steerable-c4", "rot-repeat-swish-c4", ">"),
+    ("RepeatNet Table 4: C8 steerable > s-RepeatNet (C8 FLOPs)", "rot-steerable-c8", "rot-repeat-swish-c8", ">"),
+    ("RepeatNet Table 4: C16 steerable > s-RepeatNet (C16 FLOPs)", "rot-steerable-c16", "rot-repeat-swish-c16", ">"),
+    ("RepeatNet Table 4: s-RepeatNet (C4 FLOPs) > plain CNN", "rot-repeat-swish-c4", "rot-cnn", ">"),
+    ("RepeatNet Table 4: s-RepeatNet (C8 FLOPs) > plain CNN", "rot-repeat-swish-c8", "rot-cnn", ">"),
+    ("RepeatNet Table 4: s-RepeatNet (C16 FLOPs) > plain CNN", "rot-repeat-swish-c16", "rot-cnn", ">"),
+]
+# Scale-robustness comparisons (accuracy averaged over SCALES), tested like the claims.
+SCALE_CLAIMS = [
+    ("WSMS-ResNet vs ResNet-20, averaged over scales", "scale-wsms-1x1", "scale-resnet20", "vs"),
+    ("WSMS-ResNet vs MS-ResNet, averaged over scales", "scale-wsms-1x1", "scale-msnet-1x1", "vs"),
+    ("msws shared ~ vanilla, averaged over scales", "scale-msws-shared", "scale-msws-vanilla", "~"),
 ]
 SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MARGIN = 0.01  # equivalence margin of the "~" claims, fixed before the seeds were trained: ±1 point
+ALPHA = 0.05
 
 
-def report(out: str | Path = "checkpoints") -> Path:
-    """checkpoints/REPORT.md: what the zoo shows against the papers' claims, with McNemar tests.
+@dataclass
+class SeedRun:
+    """One trained seed of a zoo entry: its card and per-image predictions (from ``predictions.npz``)."""
 
-    Every number is computed here from the shipped weights (nothing typed in). Scale
-    robustness is measured on the upright mnist5k test digits shrunk by 0.3..1.0, pooling the
-    predictions of all scales for the paired test.
-    """
+    seed: int
+    card: dict[str, Any]
+    test: Any  # (n,) predicted class per test image
+    labels: Any
+    scale: Any = None  # (len(SCALES), n) on the upright mnist5k test digits, for the scale group
+    scale_labels: Any = None
+
+    @property
+    def correct(self):
+        return self.test == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+def seed_runs(out: str | Path, name: str) -> list[SeedRun]:
+    """Every seed of ``name`` that has a card and predictions, in seed order."""
     import numpy as np
-    import torch
 
-    from wsviz.analysis.stats import compare_predictions
-    from wsviz.analysis.sweeps import scale_sweep
-    from wsviz.data.datasets import load_split
-    from wsviz.training.checkpoint import load_checkpoint
-    from wsviz.training.loop import evaluate
+    from wsviz.training.checkpoint import read_card
+
+    runs = []
+    for seed in SEEDS:
+        folder = seed_folder(out, name, seed)
+        if not ((folder / "card.json").is_file() and (folder / PREDICTIONS).is_file()):
+            continue
+        with np.load(folder / PREDICTIONS) as z:
+            arrays = {k: z[k].astype(np.int64) for k in z.files}
+        runs.append(SeedRun(seed, read_card(folder), arrays["test"], arrays["labels"], arrays.get("scale"),
+                            arrays.get("scale_labels")))
+    return runs
+
+
+def seed_accuracies(folder: str | Path) -> list[float]:
+    """Test accuracy of every shipped training seed of the checkpoint in ``folder`` (seed 0 is the
+    folder itself; further seeds in ``folder/seeds/seed<k>/``), from their per-image predictions."""
+    folder = Path(folder)
+    return [r.accuracy for r in seed_runs(folder.parent, folder.name)]
+
+
+@dataclass
+class ClaimResult:
+    claim: str
+    a: str
+    b: str
+    kind: str
+    seeds: Any  # stats.SeedComparison
+    per_seed: list[tuple[int, float]]  # (seed, per-image p) for each seed pair: McNemar, or clustered by digit
+    p_holm: float = 1.0
+    eq_holm: float | None = None
+
+    def verdict(self) -> str:
+        s = self.seeds
+        different = self.p_holm < ALPHA
+        if self.kind == "~":
+            if self.eq_holm is not None and self.eq_holm < ALPHA:
+                return f"equivalent within ±{100 * MARGIN:g} pt"
+            return "different" if different else "inconclusive"
+        if not different:
+            return "inconclusive"
+        if self.kind == ">":
+            return "supported (A > B)" if s.diff > 0 else "contradicted (B > A)"
+        return "A > B" if s.diff > 0 else "B > A"
+
+
+def claims_table(out: str | Path = "checkpoints") -> tuple[list[ClaimResult], int]:
+    """Every claim (and scale comparison) tested over seeds, Holm-adjusted as one family.
+    Returns the results and the number of tests in the family."""
+    import numpy as np
+
+    from wsviz.analysis.stats import clustered_sign_flip_test, compare_over_seeds, holm, mcnemar
 
     out = Path(out)
-    cache: dict[str, tuple] = {}
+    cache: dict[str, list[SeedRun]] = {}
 
-    def preds(name: str):
+    def runs(name: str) -> list[SeedRun]:
         if name not in cache:
-            model, card = load_checkpoint(out / name)
-            te = load_split(card["dataset"], "test", seed=card.get("data_seed", 0))
-            _, acc, p = evaluate(model, te.images, te.labels)
-            cache[name] = (model, card, p.numpy(), te.labels.numpy())
+            cache[name] = seed_runs(out, name)
         return cache[name]
 
-    lines = ["# What the shipped zoo shows", "",
-             "Generated by `python -m wsviz.zoo report` from the shipped weights; do not edit by hand.",
-             "Small models, 4,000 training digits, 12 epochs, one seed: these are sanity checks of the papers'",
-             "claims at toy scale, not reproductions of their ImageNet/CIFAR numbers. A difference is called",
-             "significant when McNemar's test gives p < 0.05 on the 1,000 paired test images.", "",
-             "## Accuracy on each zoo's own test split", "",
-             "| claim | A | B | result |", "|---|---|---|---|"]
-    for claim, a, b in CLAIMS:
-        if not ((out / a / "card.json").is_file() and (out / b / "card.json").is_file()):
+    results = []
+    for claim, a, b, kind in CLAIMS:
+        ra, rb = runs(a), runs(b)
+        if len(ra) < 2 or len(rb) < 2:
             continue
-        _, ca, pa, y = preds(a)
-        _, cb, pb, _ = preds(b)
-        comp = compare_predictions(pa, pb, y, names=(a, b))
-        params = f" ({ca['unique_params']:,} vs {cb['unique_params']:,} params)"
-        lines.append(f"| {claim} | `{a}` | `{b}` | {comp.summary}{params} |")
-    # scale robustness
-    te = load_split("mnist5k", "test")
-    group = ["scale-resnet20", "scale-wsms-1x1", "scale-msnet-1x1", "scale-msws-vanilla", "scale-msws-shared",
-             "scale-msws-unshared"]
-    group = [g for g in group if (out / g / "card.json").is_file()]
+        sc = compare_over_seeds([r.accuracy for r in ra], [r.accuracy for r in rb],
+                                margin=MARGIN if kind == "~" else None, alpha=ALPHA)
+        by_b = {r.seed: r for r in rb}
+        per_seed = [(r.seed, mcnemar(r.correct, by_b[r.seed].correct).p_value) for r in ra if r.seed in by_b]
+        results.append(ClaimResult(claim, a, b, kind, sc, per_seed))
+    for claim, a, b, kind in SCALE_CLAIMS:
+        ra, rb = runs(a), runs(b)
+        ra, rb = [r for r in ra if r.scale is not None], [r for r in rb if r.scale is not None]
+        if len(ra) < 2 or len(rb) < 2:
+            continue
+
+        def mean_acc(r: SeedRun) -> float:
+            return float((r.scale == r.scale_labels[None, :]).mean())
+
+        sc = compare_over_seeds([mean_acc(r) for r in ra], [mean_acc(r) for r in rb],
+                                margin=MARGIN if kind == "~" else None, alpha=ALPHA)
+        by_b = {r.seed: r for r in rb}
+        per_seed = []
+        for r in ra:
+            if r.seed not in by_b:
+                continue
+            o = by_b[r.seed]
+            digits = np.tile(np.arange(r.scale.shape[1]), r.scale.shape[0])  # one cluster per test digit
+            t = clustered_sign_flip_test((r.scale == r.scale_labels[None, :]).ravel(),
+                                         (o.scale == o.scale_labels[None, :]).ravel(), digits, seed=r.seed)
+            per_seed.append((r.seed, t.p_value))
+        results.append(ClaimResult(claim, a, b, kind, sc, per_seed))
+    # One family: the difference test of every claim, and the equivalence test of every "~" claim.
+    family = [r.seeds.p_value for r in results] + [r.seeds.equivalence_p for r in results if r.kind == "~"]
+    adjusted = holm(family)
+    eq = iter(adjusted[len(results):])
+    for r, p in zip(results, adjusted[:len(results)]):
+        r.p_holm = p
+        if r.kind == "~":
+            r.eq_holm = next(eq)
+    return results, len(family)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def render_report(out: str | Path = "checkpoints") -> str:
+    """The text of checkpoints/REPORT.md: the papers' claims tested over training seeds, from the shipped
+    per-image predictions (every number computed here; nothing typed in). A test regenerates it
+    and fails when the file differs (``tests/test_zoo_report.py``)."""
+    import numpy as np
+
+    from wsviz.analysis.stats import wilson_ci
+    from wsviz.training.cards import card_float_params
+
+    out = Path(out)
+    results, m = claims_table(out)
+    names = claimed()
+    runs = {n: seed_runs(out, n) for n in names}
+    seeds_of = sorted({len(r) for r in runs.values() if r})
+    lines = [
+        "# What the shipped zoo shows", "",
+        "Generated by `python -m wsviz.zoo report` from the shipped per-image predictions; do not edit by hand",
+        "(`tests/test_zoo_report.py` regenerates it and fails if it differs, and recomputes the predictions of",
+        "the shipped weights). Small models, 4,000 training digits, 12 epochs: sanity checks of the papers'",
+        "claims at toy scale, not reproductions of their ImageNet/CIFAR numbers.", "",
+        "## How to read it", "",
+        f"- **Seeds.** Every variant in a claim was trained {', '.join(map(str, seeds_of))} times (training seeds "
+        f"{', '.join(map(str, SEEDS))}: initialisation and batch order; the same training digits). Seed 0 ships with "
+        "its weights; the others ship as their card and per-image test predictions "
+        "(`<variant>/seeds/seed<k>/`), and `python -m wsviz.zoo retrain` reproduces them all.",
+        "- **The test of a claim** is over training runs, the independent units: Welch's two-sided t-test on the "
+        "per-seed test accuracies (n = 3 vs 3). This tests the architectures, not two trained networks. With "
+        "3 runs each it has few degrees of freedom: it finds only differences well above the seed-to-seed spread.",
+        f"- **\"~\" claims** (the paper says A is as good as B) are tested for equivalence: two one-sided Welch "
+        f"tests with a margin of ±{100 * MARGIN:g} point, fixed before the seeds were trained. The verdict is "
+        f"\"equivalent within ±{100 * MARGIN:g} pt\", \"different\" or \"inconclusive\"; not finding a difference "
+        "is never read as \"the same\".",
+        f"- **One correction for all of it**: Holm over the {m} tests below (the difference test of each of the "
+        f"{len(results)} rows, and the equivalence test of each \"~\" row), family-wise error {ALPHA:g}. "
+        "Verdicts use the Holm-adjusted p-values.",
+        "- **Per image, per seed pair** (seed k of A against seed k of B): McNemar's test on the 1,000 paired "
+        "test images, or for scale-averaged rows a sign-flip test clustered by digit (the 8 rescaled copies of a "
+        "digit are one unit, not 8). These test two trained networks each; they are shown, not corrected, "
+        "and do not decide a verdict.",
+        "- **Intervals**: the difference of mean accuracies has Welch's 95% interval; each shipped checkpoint's "
+        "accuracy has a Wilson 95% interval (it does not collapse at 0% or 100%).",
+        "- **Parameters** are real-valued parameters, a shared weight counted once; f-RepeatNet's sign masks are "
+        "counted apart, as bits (the paper stores them as one bit per entry).", "",
+        "## Claims", "",
+        "| claim | A | B | A mean ± sd | B mean ± sd | diff [95% CI] | p (Welch) | p Holm | equiv. p Holm | "
+        "per-seed-pair p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s = r.seeds
+        lines.append(
+            f"| {r.claim} | `{r.a}` | `{r.b}` | {_pct(s.mean_a)} ± {_pct(s.sd_a)} | {_pct(s.mean_b)} ± {_pct(s.sd_b)} | "
+            f"{100 * s.diff:+.1f} [{100 * s.lo:+.1f}, {100 * s.hi:+.1f}] | {_p(s.p_value)} | {_p(r.p_holm)} | "
+            f"{_p(r.eq_holm)} | {', '.join(_p(p) for _, p in r.per_seed)} | **{r.verdict()}** |")
+    lines += ["", "## Every variant, per seed", "",
+              "| variant | params | sign-mask bits | MFLOPs | test accuracy per seed (%) | mean ± sd | "
+              "seed 0, Wilson 95% CI |", "|---|---|---|---|---|---|---|"]
+    for n in names:
+        rs = runs[n]
+        if not rs:
+            continue
+        accs = np.array([r.accuracy for r in rs])
+        c0 = rs[0].card
+        first = next((r for r in rs if r.seed == 0), None)
+        wilson = "–"
+        if first is not None:
+            acc0, lo, hi = wilson_ci(first.correct)
+            wilson = f"{_pct(acc0)} [{_pct(lo)}, {_pct(hi)}]"
+        spread = f" ± {_pct(accs.std(ddof=1))}" if len(accs) > 1 else " (one seed)"
+        bits = c0.get("sign_mask_params") or 0
+        lines.append(f"| `{n}` | {card_float_params(c0):,} | {bits:,} | {c0['flops'] / 1e6:.1f} | "
+                     + ", ".join(f"{_pct(a)} (seed {r.seed})" for a, r in zip(accs, rs))
+                     + f" | {_pct(accs.mean())}{spread} | {wilson} |")
+    group = [g for g in SCALE_GROUP if any(r.scale is not None for r in runs.get(g, []))]
     if group:
-        models = {g: preds(g)[0] for g in group}
-        with torch.no_grad():
-            sw = scale_sweep(models, te.images, te.labels, SCALES)
-        lines += ["", "## Scale robustness (upright test digits shrunk by 0.3 ... 1.0)", "",
+        lines += ["", "## Scale robustness (upright test digits shrunk by 0.3 ... 1.0), mean ± sd over seeds", "",
                   "Shrunk about the centre with `wsviz.data.resample.rescale`, the operator that makes the "
-                  "MNIST-scale training data, so each column is exactly the protocol's images at that factor.", "",
+                  "MNIST-scale training data, so each column is exactly the protocol's images at that factor. "
+                  "The scale-averaged comparisons are rows of the claims table above.", "",
                   "| model | " + " | ".join(f"{s:g}" for s in SCALES) + " | mean |",
                   "|---|" + "---|" * (len(SCALES) + 1)]
         for g in group:
-            acc = sw.accuracy[g]
-            lines.append(f"| `{g}` | " + " | ".join(f"{100 * v:.1f}" for v in acc) + f" | {100 * acc.mean():.1f} |")
-        lines += ["", "Pooled tests below treat the 8 rescaled copies of each digit as independent pairs, so their "
-                  "p-values are optimistic; read them together with the per-scale table."]
-        y_all = np.tile(te.labels.numpy(), len(SCALES))
-        for a, b in (("scale-wsms-1x1", "scale-resnet20"), ("scale-wsms-1x1", "scale-msnet-1x1"),
-                     ("scale-msws-shared", "scale-msws-vanilla")):
-            if a in sw.predictions and b in sw.predictions:
-                comp = compare_predictions(sw.predictions[a].ravel(), sw.predictions[b].ravel(), y_all, names=(a, b))
-                lines.append("")
-                lines.append(f"- pooled over scales: {comp.summary}")
-    path = out / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+            acc = np.array([(r.scale == r.scale_labels[None, :]).mean(axis=1) for r in runs[g] if r.scale is not None])
+            sd = acc.std(axis=0, ddof=1) if len(acc) > 1 else np.zeros(acc.shape[1])
+            means = acc.mean(axis=1)
+            lines.append(f"| `{g}` | " + " | ".join(f"{_pct(m_)} ± {_pct(s_)}" for m_, s_ in zip(acc.mean(axis=0), sd))
+                         + f" | {_pct(means.mean())} ± {_pct(means.std(ddof=1) if len(means) > 1 else 0.0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: str | Path = "checkpoints") -> Path:
+    """Write :func:`render_report` to ``out/REPORT.md``."""
+    path = Path(out) / "REPORT.md"
+    path.write_text(render_report(out))
     return path
+
+
+def write_all_predictions(out: str | Path = "checkpoints", log=print) -> list[Path]:
+    """``predictions.npz`` for every seed folder of every zoo entry that has weights (after a retrain,
+    or to refresh seed 0 from the shipped weights)."""
+    written = []
+    for e in ZOO:
+        for seed in SEEDS:
+            folder = seed_folder(out, e.name, seed)
+            if (folder / "weights.safetensors").is_file() and (folder / "card.json").is_file():
+                written.append(write_predictions(folder, e.name))
+                log(f"{written[-1]}")
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,10 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", nargs="*", default=None)
     r.add_argument("--device", default=None)
     r.add_argument("--max-batches", type=int, default=None)
+    r.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="training seeds (default: 0 for every entry, and 1 2 for the claimed ones)")
     t = sub.add_parser("table", help="regenerate --out/README.md from the cards")
     t.add_argument("--out", default="checkpoints")
     rp = sub.add_parser("report", help="write --out/REPORT.md: the papers' claims tested on the zoo")
     rp.add_argument("--out", default="checkpoints")
+    pr = sub.add_parser("predictions", help="write predictions.npz beside every checkpoint that has weights")
+    pr.add_argument("--out", default="checkpoints")
     sub.add_parser("list", help="list the zoo entries")
     args = ap.parse_args(argv)
     from wsviz.errors import WsvizError
@@ -256,11 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "retrain":
             retrain(args.out, args.epochs, args.only, args.device, args.max_batches,
-                    log=lambda s: print(s, flush=True))
+                    log=lambda s: print(s, flush=True), seeds=tuple(args.seeds) if args.seeds is not None else None)
         elif args.cmd == "table":
             print(write_table(args.out))
         elif args.cmd == "report":
             print(report(args.out))
+        elif args.cmd == "predictions":
+            write_all_predictions(args.out, log=lambda s: print(s, flush=True))
         else:
             for e in ZOO:
                 print(f"{e.name:28s} {e.model:24s} {e.dataset:14s} {json.dumps(e.overrides)}")

@@ -54,21 +54,32 @@ MODULES: dict[str, Target] = {
     "stats": Target("wsviz/analysis/stats.py", ("tests/test_stats.py",)),
     "similarity": Target("wsviz/analysis/similarity.py", ("tests/test_attribution_embeddings_similarity.py",)),
     "uploads": Target("wsviz/data/uploads.py", ("tests/test_uploads.py",)),
-    "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py",)),
+    "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py", "tests/test_sharing_layers.py",
+                                                 "tests/test_msws_training.py")),
     "checkpoint": Target(
-        "wsviz/training/checkpoint.py", ("tests/test_checkpoints.py", "tests/test_security.py"),
-        functions=("load_checkpoint", "read_card", "_checked_config", "_NoRandomFill", "build_on_meta",
-                   "_meta_model", "_check_fit", "_identity"),
-        note="the loader: load_checkpoint and what it calls (saving is tested by the training tests)",
-        copy=("checkpoints", "app.py", "pages", ".streamlit")),
-    # Being rewritten (issue 11) when this script was written: run them after that lands.
-    "accounting": Target("wsviz/models/accounting.py", ("tests/test_sharing.py", "tests/test_param_counts.py"),
-                         ready=False),
-    "sweeps": Target("wsviz/analysis/sweeps.py", ("tests/test_analysis.py",), ready=False),
-    "kernels": Target("wsviz/analysis/kernels.py", ("tests/test_analysis.py",), ready=False),
-    # Being changed (issue 16): run after that lands.
-    "runstore": Target("wsviz/training/runstore.py", ("tests/test_training.py", "tests/test_reliability.py"),
-                       ready=False),
+        "wsviz/training/checkpoint.py",
+        tuple(f"tests/test_security.py::{t}" for t in (
+            "test_a_pickle_saved_as_the_weights_is_refused_and_never_run",
+            "test_pickle_files_next_to_a_checkpoint_are_ignored", "test_truncated_or_damaged_weights_are_refused",
+            "test_a_safetensors_file_whose_header_length_looks_like_a_pickle_is_accepted",
+            "test_weights_that_do_not_fit_their_card_are_refused",
+            "test_a_card_describing_a_huge_model_is_refused_without_building_it",
+            "test_every_model_but_e2cnn_builds_on_the_meta_device", "test_bad_cards_are_refused_with_the_reason",
+            "test_a_missing_card_or_weights_file_is_refused")) + ("tests/test_checkpoint_loader.py",),
+        functions=("load_checkpoint", "load_weights", "_file_shapes", "_load_into", "_checked_config",
+                   "_NoRandomFill", "build_on_meta", "_meta_model", "_check_fit", "_identity"),
+        note="the loader: load_checkpoint, load_weights and what they call (saving is tested by the training "
+             "tests); the loader tests of test_security.py, not its app tests",
+        copy=("checkpoints",)),
+    "accounting": Target("wsviz/models/accounting.py", (
+        "tests/test_sharing.py", "tests/test_accounting.py",
+        "tests/test_truthful_views.py::test_reuse_report_accounts_for_effective_params",
+        "tests/test_truthful_views.py::test_repeatnet_tiling_is_counted_against_the_realised_block",
+        "tests/test_truthful_views.py::test_e2cnn_basis_expansion_is_counted_against_the_expanded_filters",
+        "tests/test_param_counts.py::test_wsms_macs_resnet110"), copy=("checkpoints",)),
+    "sweeps": Target("wsviz/analysis/sweeps.py", ("tests/test_analysis.py",)),
+    "kernels": Target("wsviz/analysis/kernels.py", ("tests/test_analysis.py",)),
+    "runstore": Target("wsviz/training/runstore.py", ("tests/test_training.py", "tests/test_reliability.py")),
 }
 
 COUNTED = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault")

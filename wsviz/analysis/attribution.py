@@ -155,13 +155,14 @@ def _targets(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | Non
     return t.clone()
 
 
-def attribute(model: nn.Module, images: torch.Tensor, method: str, target: int | torch.Tensor | None = None,
+def attribute(model: nn.Module, images, method: str, target: int | torch.Tensor | None = None,
               layer: str | None = None, batch_size: int = 16, ig_steps: int = 32, *,
               absolute: bool = True) -> AttributionResult:
     """Attribute the ``target`` logit of each image to its pixels with ``method`` (see :data:`METHODS`).
 
-    ``images`` (N, C, H, W) are fitted to the model's input; ``target`` None explains the
-    predicted class. ``layer`` (Grad-CAM only, ignored otherwise) is a module path, default
+    ``images`` (N, C, H, W) are fitted to the model's input (or a dataset to explain whole, e.g. a
+    gallery ``eval_data(name, limit=k)`` or ``data.subset(indices)``: only those images are read);
+    ``target`` None explains the predicted class. ``layer`` (Grad-CAM only, ignored otherwise) is a module path, default
     :func:`default_cam_layer`. ``absolute`` (saliency only) takes |gradient| as captum does by
     default. The model runs in eval mode and every submodule's mode is restored afterwards,
     also on errors.
@@ -175,6 +176,10 @@ def attribute(model: nn.Module, images: torch.Tensor, method: str, target: int |
         log.debug("layer=%r ignored: %s attributes to the input pixels", layer, method)
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
+    if not isinstance(images, torch.Tensor):  # a gallery from a dataset: only its images are decoded
+        from wsviz.data.stream import take
+
+        images, _ = take(images, batch_size=batch_size)
     x_all = model_inputs(model, images).detach()
     h, w = x_all.shape[-2:]
     device = model_device(model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +70,31 @@ def _tensor_of(output: object, name: str) -> torch.Tensor:
                      "(wsviz.models.list_taps) or another module that outputs one tensor.")
 
 
-def capture_outputs(model: nn.Module, images: torch.Tensor, names: Sequence[str],
-                    batch_size: int = 128) -> dict[str, np.ndarray]:
+def _input_batches(model: nn.Module, images, batch_size: int, workers: int = 0) -> Iterator[torch.Tensor]:
+    """Model-ready batches of a tensor (fitted at once, as before) or of a dataset (read and fitted
+    batch by batch: :func:`wsviz.data.stream.batches`)."""
+    if isinstance(images, torch.Tensor):
+        x_all = model_inputs(model, images)
+        for start in range(0, len(x_all), batch_size):
+            yield x_all[start:start + batch_size]
+        return
+    from wsviz.data.stream import batches, num_samples
+
+    if num_samples(images) == 0:
+        raise WsvizError("No images given; pass at least one image.")
+    for b in batches(images, batch_size=batch_size, workers=workers):
+        yield model_inputs(model, b.images)
+
+
+def capture_outputs(model: nn.Module, images, names: Sequence[str], batch_size: int = 128, *,
+                    workers: int = 0) -> dict[str, np.ndarray]:
     """Outputs of the modules at dotted paths ``names``, flattened per image: {name: (N, features)}.
 
-    Eval mode, no gradients, batches of ``batch_size``; the forward hooks are removed in a
-    ``finally`` so an error leaves the model as it was. A module that runs more than once per
-    forward pass (its output would be ambiguous) raises :class:`WsvizError`.
+    ``images``: a tensor (N, C, H, W) or a dataset (:func:`wsviz.data.stream.eval_data`, a
+    ``Dataset``, an in-order DataLoader) read in batches; only the outputs are kept. Eval mode,
+    no gradients, batches of ``batch_size``; the forward hooks are removed in a ``finally`` so an
+    error leaves the model as it was. A module that runs more than once per forward pass (its
+    output would be ambiguous) raises :class:`WsvizError`.
     """
     check_batch_size(batch_size)
     names = list(dict.fromkeys(names))
@@ -89,7 +107,6 @@ def capture_outputs(model: nn.Module, images: torch.Tensor, names: Sequence[str]
         except AttributeError:
             taps = ", ".join(t.name for t in list_taps(model)) or "(this model has no taps)"
             raise WsvizError(f"Model has no module {name!r}. Its taps are: {taps}.") from None
-    x_all = model_inputs(model, images)
     device = model_device(model)
     seen: dict[str, list[torch.Tensor]] = {}
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -102,9 +119,9 @@ def capture_outputs(model: nn.Module, images: torch.Tensor, names: Sequence[str]
     handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
     try:
         with eval_mode(model), torch.no_grad():
-            for start in range(0, len(x_all), batch_size):
+            for x in _input_batches(model, images, batch_size, workers):
                 seen.clear()
-                model(x_all[start:start + batch_size].to(device))
+                model(x.to(device))
                 for name in names:
                     outs = seen.get(name, [])
                     if len(outs) != 1:
@@ -130,10 +147,14 @@ def embedding_tap(model: nn.Module) -> str:
     return taps[0].name
 
 
-def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """The feature vectors the classifier sees, (N, D) float32, read from the ``embedding`` tap."""
+def penultimate_features(model: nn.Module, images, batch_size: int = 256, *, workers: int = 0) -> np.ndarray:
+    """The feature vectors the classifier sees, (N, D) float32, read from the ``embedding`` tap.
+
+    ``images``: a tensor or a dataset, read in batches (for a large dataset, embed a stated
+    subset: ``eval_data(...).subset(sample_indices(len(data), k))``; the features are N x D).
+    """
     name = embedding_tap(model)
-    return capture_outputs(model, images, [name], batch_size)[name]
+    return capture_outputs(model, images, [name], batch_size, workers=workers)[name]
 
 
 @dataclass

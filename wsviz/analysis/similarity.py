@@ -79,13 +79,13 @@ def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> fl
     return cross / float(na * nb)
 
 
-def layer_features(model: nn.Module, images: torch.Tensor, taps: Sequence[str],
-                   batch_size: int = 128) -> dict[str, np.ndarray]:
+def layer_features(model: nn.Module, images, taps: Sequence[str],
+                   batch_size: int = 128, *, workers: int = 0) -> dict[str, np.ndarray]:
     """Outputs of the modules at paths ``taps`` (e.g. names from ``list_taps``), (N, features) each.
 
     Eval mode, no gradients, batched; the forward hooks are removed even on errors.
     """
-    return capture_outputs(model, images, taps, batch_size)
+    return capture_outputs(model, images, taps, batch_size, workers=workers)
 
 
 def default_taps(model: nn.Module) -> list[str]:
@@ -103,31 +103,51 @@ class CKAResult:
     taps_a: list[str]
     taps_b: list[str]
     matrix: np.ndarray  # (len(taps_a), len(taps_b)), NaN where a layer is constant on the images
+    images: int = 0  # how many images it was computed on
+    subset: str = ""  # which images, when a dataset was sampled: e.g. "1,000 of 50,000 (seeded random subset, seed 0)"
 
 
-def cka_matrix(model_a: nn.Module, model_b: nn.Module, images: torch.Tensor, taps_a: Sequence[str] | None = None,
-               taps_b: Sequence[str] | None = None, batch_size: int = 128) -> CKAResult:
+def cka_matrix(model_a: nn.Module, model_b: nn.Module, images, taps_a: Sequence[str] | None = None,
+               taps_b: Sequence[str] | None = None, batch_size: int = 128, *, max_images: int = 1000,
+               seed: int = 0, workers: int = 0) -> CKAResult:
     """Linear CKA between layers of two models on the same ``images`` (each fitted to its model).
 
-    Default layers: every ``level`` tap plus the ``embedding`` tap. All features of the images
-    are held in memory (a few hundred to a thousand images is what CKA needs).
+    Default layers: every ``level`` tap plus the ``embedding`` tap. The features of the images
+    are held in memory, and CKA's Gram matrices are n x n: a tensor is used whole (a few hundred
+    to a thousand images is what CKA needs); a dataset (:func:`wsviz.data.stream.eval_data`, any
+    ``Dataset``) is read only at a fixed random subset of ``max_images`` (``seed``), stated in
+    the result's ``subset``.
     """
     taps_a = list(taps_a) if taps_a is not None else default_taps(model_a)
     taps_b = list(taps_b) if taps_b is not None else default_taps(model_b)
-    if len(images) < 2:
-        raise WsvizError(f"CKA needs at least 2 images, got {len(images)}.")
+    subset = ""
+    if not isinstance(images, torch.Tensor):
+        from torch.utils.data import Subset
+
+        from wsviz.data.stream import EvalData, num_samples, sample_indices
+
+        total = num_samples(images)
+        if not isinstance(max_images, int) or max_images < 2:
+            raise WsvizError(f"max_images must be a whole number of at least 2, got {max_images!r}.")
+        if total > max_images:
+            idx = sample_indices(total, max_images, seed)
+            images = images.subset(idx) if isinstance(images, EvalData) else Subset(images, idx.tolist())
+            subset = f"{max_images:,} of {total:,} images (a seeded random subset, seed {seed})"
+    n_images = len(images)
+    if n_images < 2:
+        raise WsvizError(f"CKA needs at least 2 images, got {n_images}.")
     grams_a = {k: _centred_gram(v.astype(np.float64))
-               for k, v in layer_features(model_a, images, taps_a, batch_size).items()}
+               for k, v in layer_features(model_a, images, taps_a, batch_size, workers=workers).items()}
     if model_b is model_a and set(taps_b) <= set(grams_a):
         grams_b = grams_a
     else:
         grams_b = {k: _centred_gram(v.astype(np.float64))
-                   for k, v in layer_features(model_b, images, taps_b, batch_size).items()}
+                   for k, v in layer_features(model_b, images, taps_b, batch_size, workers=workers).items()}
     matrix = np.empty((len(taps_a), len(taps_b)))
     for i, ta in enumerate(taps_a):
         ka = grams_a[ta]
         for j, tb in enumerate(taps_b):
             kb = grams_b[tb]
             matrix[i, j] = float((ka * kb).sum()) if ka.any() and kb.any() else np.nan
-    log.debug("CKA matrix %s over %d images", matrix.shape, len(images))
-    return CKAResult(taps_a, taps_b, matrix)
+    log.debug("CKA matrix %s over %d images", matrix.shape, n_images)
+    return CKAResult(taps_a, taps_b, matrix, n_images, subset)

@@ -181,8 +181,9 @@ def _fmt_p(p: float) -> str:
 
 
 def compare_predictions(pred_a: Any, pred_b: Any, labels: Any, names: Sequence[str] = ("A", "B"), *,
-                        alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> Comparison:
-    """Compare two models' predictions on the same labelled samples (paired tests)."""
+                        alpha: float = 0.05) -> Comparison:
+    """Compare two models' predictions on the same labelled samples: McNemar's test and Newcombe's
+    paired score interval of the accuracy difference (proper at 0% and 100%, unlike a bootstrap)."""
     pa, pb, y = _as_labels(pred_a, "pred_a"), _as_labels(pred_b, "pred_b"), _as_labels(labels, "labels")
     _same_length(pa, y, "pred_a and labels")
     _same_length(pb, y, "pred_b and labels")
@@ -195,7 +196,7 @@ def compare_predictions(pred_a: Any, pred_b: Any, labels: Any, names: Sequence[s
     n = len(y)
     acc_a, acc_b = float(ca.mean()), float(cb.mean())
     mc = mcnemar(ca, cb)
-    ci = bootstrap_diff_ci(ca, cb, n_boot=n_boot, alpha=alpha, seed=seed)
+    ci = newcombe_paired_ci(ca, cb, alpha)
     significant = mc.p_value < alpha
     d = _pct_decimals(n)
     level = f"{100 * (1 - alpha):g}%"
@@ -316,6 +317,93 @@ def clustered_sign_flip_test(correct_a: Any, correct_b: Any, clusters: Any, n_re
     return ClusteredTest(float(d.mean()), float(min(1.0, res.pvalue)), len(ids), "exact" if exact else "monte carlo")
 
 
+def newcombe_paired_ci(correct_a: Any, correct_b: Any, alpha: float = 0.05) -> DiffCI:
+    """Newcombe's score interval for the difference of two paired accuracies (his method 10, 1998).
+
+    Built from the two Wilson intervals and the correlation of the pairs; unlike a percentile
+    bootstrap it stays a proper interval at 0% and 100% (two models right on every sample give
+    a diff of 0 inside an interval of non-zero width).
+    """
+    a = _as_correct(correct_a, "correct_a")
+    b = _as_correct(correct_b, "correct_b")
+    _same_length(a, b, "correct_a and correct_b")
+    if len(a) == 0:
+        raise WsvizError("A difference over zero samples has no interval: evaluate on a non-empty test set.")
+    n = len(a)
+    both = int(np.count_nonzero(a & b))
+    only_a = int(np.count_nonzero(a & ~b))
+    only_b = int(np.count_nonzero(~a & b))
+    neither = n - both - only_a - only_b
+    p1, l1, u1 = wilson_ci(a, alpha)
+    p2, l2, u2 = wilson_ci(b, alpha)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    if margins == 0:
+        phi = 0.0
+    else:
+        num = both * neither - only_a * only_b
+        # Newcombe's continuity correction of the correlation, applied when it is positive
+        num = max(num - n / 2, 0.0) if num > 0 else num
+        phi = num / math.sqrt(margins)
+    d = p1 - p2
+    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return DiffCI(d, max(lo, -1.0), min(hi, 1.0), alpha)
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """Two architectures compared over independently trained runs (one accuracy per training seed).
+
+    The unit is the training run, so this tests the architectures, not two trained networks.
+    ``p_value``: Welch's two-sided t-test; ``equivalence_p``: two one-sided Welch tests within
+    ``margin`` (None when no margin was given).
+    """
+
+    mean_a: float
+    sd_a: float
+    n_a: int
+    mean_b: float
+    sd_b: float
+    n_b: int
+    diff: float
+    lo: float  # (1 - alpha) Welch interval of the difference of means
+    hi: float
+    p_value: float
+    margin: float | None
+    equivalence_p: float | None
+    alpha: float
+
+
+def compare_over_seeds(acc_a: Sequence[float], acc_b: Sequence[float], margin: float | None = None,
+                       alpha: float = 0.05) -> SeedComparison:
+    """Welch's t-test (scipy) on per-seed accuracies, its interval, and with ``margin`` the TOST
+    equivalence test (both one-sided Welch tests, as statsmodels' ``ttost_ind(usevar='unequal')``)."""
+    a = np.asarray(acc_a, dtype=float)
+    b = np.asarray(acc_b, dtype=float)
+    if a.ndim != 1 or b.ndim != 1 or len(a) < 2 or len(b) < 2:
+        raise WsvizError(f"A comparison over seeds needs at least two runs of each model, got {a.size} and {b.size}: "
+                         "train more seeds (python -m wsviz.zoo retrain --seeds 1 2).")
+    if not 0.0 < alpha < 0.5:
+        raise WsvizError(f"alpha must lie strictly between 0 and 0.5, got {alpha!r}.")
+    if margin is not None and not 0.0 < margin < 1.0:
+        raise WsvizError(f"margin must be a fraction between 0 and 1 (0.01 = one point), got {margin!r}.")
+    d = float(a.mean() - b.mean())
+    if a.std(ddof=1) == 0 and b.std(ddof=1) == 0:  # no spread at all: the difference is known exactly
+        p, lo, hi = (1.0 if d == 0 else 0.0), d, d
+        eq = None if margin is None else (0.0 if abs(d) < margin else 1.0)
+    else:
+        res = _sps.ttest_ind(a, b, equal_var=False)
+        ci = res.confidence_interval(1 - alpha)
+        p, lo, hi = float(res.pvalue), float(ci.low), float(ci.high)
+        eq = None
+        if margin is not None:
+            p_low = _sps.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
+            p_high = _sps.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
+            eq = float(max(p_low, p_high))
+    return SeedComparison(float(a.mean()), float(a.std(ddof=1)), len(a), float(b.mean()), float(b.std(ddof=1)),
+                          len(b), d, lo, hi, p, margin, eq, alpha)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm step-down adjusted p-values: family-wise error over every test given, in their order."""
     return _holm(list(p_values))
@@ -340,6 +428,7 @@ class FairRow:
     flops: int | None
     predictions: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
+    float_params: int | None = None  # the papers' count: f-RepeatNet's sign masks are bits, not parameters
 
 
 @dataclass(frozen=True)
@@ -371,7 +460,8 @@ def _model_fits(model: Any, dataset: str, folder: Path) -> None:
 
 
 def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = None, device: str = "cpu", *,
-                    data_seed: int | None = None) -> list[FairRow]:
+                    data_seed: int | None = None, batch_size: int = 512, workers: int = 0, loader: str = "auto",
+                    cache: Any = None, progress: Any = None) -> list[FairRow]:
     """Re-evaluate every checkpoint on a test split and collect accuracy, parameters and FLOPs.
 
     By default each checkpoint is evaluated on its card's dataset with the card's
@@ -379,12 +469,17 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
     is evaluated on that dataset's test split, realisation ``data_seed`` (default 0) for all,
     so the results are paired. Parameters and FLOPs are the card's (counted by the same
     accounting for every model); a card without them is counted afresh.
-    """
-    import torch
 
-    from wsviz.data.datasets import load_split
+    The test split is read in batches (:mod:`wsviz.analysis.streaming`): image folders are
+    streamed at the model's input size with its recipe's evaluation transform (``workers``
+    loader processes), in-memory sets sliced (``loader`` forces either); only the predictions
+    are kept. Under torchrun each rank evaluates its share. ``cache`` (a
+    :class:`~wsviz.analysis.cache.PredictionCache`) reuses known predictions;
+    ``progress(done, total, text)`` is called after each batch.
+    """
+    from wsviz.analysis.streaming import predict_variants
+    from wsviz.data.stream import eval_data
     from wsviz.training.checkpoint import load_checkpoint
-    from wsviz.training.loop import evaluate
 
     folders = [Path(c) for c in checkpoints]
     if not folders:
@@ -395,7 +490,8 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
                              "weights.safetensors (as written by wsviz.train).")
     names = [f.name for f in folders]
     names = [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
-    splits: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+    splits: dict[tuple, Any] = {}
+    split_labels: dict[tuple, np.ndarray] = {}
     rows = []
     for folder, name in zip(folders, names):
         model, card = load_checkpoint(folder, device=device)
@@ -405,22 +501,30 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
         seed = data_seed if data_seed is not None else (0 if dataset else int(card.get("data_seed", 0)))
         if dataset:
             _model_fits(model, ds, folder)
-        key = (ds, seed)
+        augment = str((card.get("train_config") or {}).get("augment", "none"))
+        key = (ds, seed) + ((model.wsviz_config.get("input_size"), augment) if ds.startswith("folder:") else ())
         if key not in splits:
-            te = load_split(ds, "test", seed=seed)
-            splits[key] = (te.images, te.labels, te.labels.numpy().copy())
-        images, labels_t, labels = splits[key]
-        _, acc, preds = evaluate(model, images, labels_t, device=device)
+            splits[key] = eval_data(ds, "test", seed=seed, size=key[2] if len(key) > 2 else None,
+                                    augment=augment if len(key) > 2 else "none")
+        ps = predict_variants({name: model}, splits[key], batch_size=batch_size, workers=workers, loader=loader,
+                              cache=cache, progress=progress)
+        preds = ps.predictions[(name, "identity")]
+        labels = split_labels.setdefault(key, ps.labels)  # one array per test set, shared by its rows
+        from wsviz.training.cards import card_float_params
+
         counts = {k: card.get(k) for k in ("unique_params", "effective_params", "flops")}
+        counts["float_params"] = card_float_params(card)
         if any(v is None for v in counts.values()):
             from wsviz.models import summarize
 
             s = summarize(model)
-            counts = {"unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops}
+            counts = {"unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops,
+                      "float_params": s.float_params}
         rows.append(FairRow(
-            name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed, accuracy=float(acc),
-            card_accuracy=card.get("test_accuracy"), card_dataset=str(card.get("dataset")),
-            complete=bool(card.get("complete", True)), predictions=preds.numpy(), labels=labels, **counts,
+            name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed,
+            accuracy=float((preds == labels).mean()), card_accuracy=card.get("test_accuracy"),
+            card_dataset=str(card.get("dataset")), complete=bool(card.get("complete", True)), predictions=preds,
+            labels=labels, **counts,
         ))
         del model
     return rows
@@ -492,8 +596,7 @@ def _holm(p: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05, n_boot: int = 2000,
-                          seed: int = 0) -> list[PairSignificance]:
+def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05) -> list[PairSignificance]:
     """Paired tests for every pair of rows evaluated on the same test set (dataset and data seed).
 
     Rows on different test sets are never paired: their errors are not on the same samples
@@ -506,8 +609,7 @@ def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05, n_boo
             a, b = rows[i], rows[j]
             if not _same_test_set(a, b):
                 continue
-            comp = compare_predictions(a.predictions, b.predictions, a.labels, (a.name, b.name),
-                                       alpha=alpha, n_boot=n_boot, seed=seed)
+            comp = compare_predictions(a.predictions, b.predictions, a.labels, (a.name, b.name), alpha=alpha)
             pairs.append((i, j, a.dataset, a.data_seed, comp))
     adjusted = _holm([c.mcnemar.p_value for *_, c in pairs])
     return [PairSignificance(i, j, ds, s, c, p) for (i, j, ds, s, c), p in zip(pairs, adjusted)]

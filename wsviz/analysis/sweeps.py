@@ -5,8 +5,10 @@ resampling operator of :mod:`wsviz.data.resample` — the one that makes the MNI
 training and test data, so a sweep at factor f feeds exactly the protocol's images at f.
 Agreement at a scale is the
 fraction of images whose prediction equals the model's own prediction at scale 1 (so it is
-1 at scale 1 by definition). The transformed batch is made once per scale and shared by all
-models; every forward pass is batched.
+1 at scale 1 by definition). The data are read once, in batches (a tensor sliced, or a
+dataset streamed through a DataLoader, sharded under torchrun: :mod:`wsviz.analysis.streaming`);
+each batch is transformed once per scale and shared by all models, and only the predictions are
+kept, so a sweep over ImageNet's validation set needs the memory of one batch.
 
 Rotation: every image is rotated about its centre (bilinear, zero fill) by the same operator,
 as the Rot-MNIST protocol does.
@@ -21,9 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsviz.analysis.cache import PredictionCache
 from wsviz.analysis.features import capture, select_taps
+from wsviz.analysis.streaming import IDENTITY, Variant, predict_variants
 from wsviz.data.datasets import fit_to
 from wsviz.data.resample import rescale, rotate
+from wsviz.data.stream import batches
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
@@ -53,6 +58,9 @@ class SweepResult:
     accuracy: dict[str, np.ndarray] = field(default_factory=dict)
     agreement: dict[str, np.ndarray] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # (len(values), N)
+    samples: int = 0  # images evaluated (each counted once, over all ranks)
+    shares: list[int] = field(default_factory=list)  # images per rank under torchrun ([N] on one process)
+    cached: int = 0  # (model, value) results read from the prediction cache instead of computed
 
     def rows(self) -> list[dict]:
         """Long-format rows for CSV: parameter value, model, accuracy, agreement."""
@@ -61,49 +69,56 @@ class SweepResult:
                 for m in self.accuracy for i, v in enumerate(self.values)]
 
 
-def _sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
-           values: Sequence[float], transform, parameter: str, identity: float, batch_size: int,
-           progress=None) -> SweepResult:
+def _variant(op, name: str, v: float, identity: float) -> Variant:
+    if v == identity or (name == "rotate" and v % 360 == 0):  # the operator returns its input exactly
+        return IDENTITY
+    return Variant(f"{name}={v!r}", lambda x, v=v: op(x, v))
+
+
+def _sweep(models: Mapping[str, nn.Module], images, labels: torch.Tensor | None, values: Sequence[float], op,
+           parameter: str, identity: float, batch_size: int, progress=None, *, workers: int = 0,
+           loader: str = "auto", cache: PredictionCache | None = None) -> SweepResult:
     if not models:
         raise WsvizError("Choose at least one model for the sweep.")
     values = np.asarray(list(values), dtype=float)
-    res = SweepResult(parameter, values)
-    preds = {name: [] for name in models}
-    for i, v in enumerate(values):
-        if progress:
-            progress(i, len(values), v)
-        x = transform(images, float(v))
-        for name, m in models.items():
-            preds[name].append(predict(m, x, batch_size)[0])
-    at_identity = np.flatnonzero(np.isclose(values, identity))
-    if len(at_identity):  # reuse the untransformed pass instead of running it again
-        base = {name: preds[name][at_identity[0]] for name in models}
-    else:
-        base = {name: predict(m, transform(images, identity), batch_size)[0] for name, m in models.items()}
-    for name in models:
-        p = torch.stack(preds[name])
-        res.predictions[name] = p.numpy()
-        res.agreement[name] = (p == base[name]).float().mean(1).numpy()
-        res.accuracy[name] = ((p == labels).float().mean(1).numpy() if labels is not None
-                              else np.full(len(values), np.nan))
+    if not len(values):
+        raise WsvizError(f"Give at least one {parameter} value for the sweep.")
+    name = "rescale" if op is rescale else "rotate"
+    variants = [_variant(op, name, float(v), identity) for v in values]
+    ps = predict_variants(models, images, labels, [*variants, IDENTITY], batch_size=batch_size, workers=workers,
+                          loader=loader, cache=cache, progress=progress)
+    res = SweepResult(parameter, values, samples=ps.samples, shares=ps.shares, cached=ps.cached)
+    for m in models:
+        p = np.stack([ps.predictions[(m, v.key)] for v in variants])
+        res.predictions[m] = p
+        res.agreement[m] = (p == ps.predictions[(m, IDENTITY.key)]).mean(1)
+        res.accuracy[m] = ((p == ps.labels).mean(1) if ps.labels is not None else np.full(len(values), np.nan))
     return res
 
 
-def scale_sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
+def scale_sweep(models: Mapping[str, nn.Module], images, labels: torch.Tensor | None = None,
                 scales: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4),
-                batch_size: int = 512, progress=None) -> SweepResult:
-    """Accuracy and agreement (with the scale-1 prediction) of each model at each scale."""
-    x = images.float().div(255) if images.dtype == torch.uint8 else images
-    return _sweep(models, x, labels, scales, rescale, "scale", 1.0, batch_size, progress)
+                batch_size: int = 512, progress=None, *, workers: int = 0, loader: str = "auto",
+                cache: PredictionCache | None = None) -> SweepResult:
+    """Accuracy and agreement (with the scale-1 prediction) of each model at each scale.
+
+    ``images``: a tensor (N, C, H, W) with ``labels``, or a dataset (:func:`wsviz.data.stream.eval_data`,
+    any map-style dataset, an in-order DataLoader) streamed in batches of ``batch_size`` with
+    ``workers`` loader processes; under torchrun each rank sweeps its share. ``progress(done,
+    total, text)`` is called after each batch; ``cache`` reuses known predictions.
+    """
+    return _sweep(models, images, labels, scales, rescale, "scale", 1.0, batch_size, progress, workers=workers,
+                  loader=loader, cache=cache)
 
 
-def rotation_sweep(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
+def rotation_sweep(models: Mapping[str, nn.Module], images, labels: torch.Tensor | None = None,
                    angles: Iterable[float] = tuple(range(0, 361, 15)), batch_size: int = 512,
-                   progress=None) -> SweepResult:
-    """Accuracy and agreement (with the 0-degree prediction) of each model at each angle."""
-    x = images.float().div(255) if images.dtype == torch.uint8 else images
-    return _sweep(models, x, labels, angles, rotate, "angle", 0.0,
-                  batch_size, progress)
+                   progress=None, *, workers: int = 0, loader: str = "auto",
+                   cache: PredictionCache | None = None) -> SweepResult:
+    """Accuracy and agreement (with the 0-degree prediction) of each model at each angle (data as
+    :func:`scale_sweep` takes them)."""
+    return _sweep(models, images, labels, angles, rotate, "angle", 0.0, batch_size, progress, workers=workers,
+                  loader=loader, cache=cache)
 
 
 @dataclass
@@ -146,35 +161,39 @@ class LayerInvariance:
 
 
 @torch.no_grad()
-def layer_scale_invariance(model: nn.Module, images: torch.Tensor, scale: float,
-                           kinds: Iterable[str] = ("level", "stage")) -> LayerInvariance:
+def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterable[str] = ("level", "stage"),
+                           batch_size: int = 64, *, workers: int = 0, loader: str = "auto") -> LayerInvariance:
     """How far each layer's features for the rescaled input are from its rescaled features.
 
     error = ||f(T_s x) - T_s f(x)|| / ||T_s f(x)||, with T_s the sweep's operator applied to the
     feature map at the exact factor (it keeps the map's size and centre, so a 7x7 map is scaled
-    by 0.5, not resized to 4x4). 0 means the layer commutes with rescaling.
+    by 0.5, not resized to 4x4), averaged over the images. 0 means the layer commutes with
+    rescaling. ``images``: a tensor or a dataset, read in batches of ``batch_size`` (only the
+    per-image errors are kept).
     """
     taps = [t for t in select_taps(model, kinds)]
     if not taps:
         raise WsvizError("This model has no spatial taps to compare.")
     c, s, _ = input_shape(model)
-    x = fit_to(images.float().div(255) if images.dtype == torch.uint8 else images, c, s)
     device = next(model.parameters()).device
+    errs: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model):
-        with capture(model, taps) as a:
-            model(x.to(device))
-        fa = dict(a)
-        with capture(model, taps) as b:
-            model(rescale(x, scale).to(device))
-        fb = dict(b)
-    errs, names, labels = [], [], []
-    for t in taps:
-        u, v = fa.get(t.name), fb.get(t.name)
-        if u is None or v is None or u.ndim != 4:
-            continue
-        tu = rescale(u.float(), scale)
-        err = (v.float() - tu).flatten(1).norm(dim=1) / tu.flatten(1).norm(dim=1).clamp_min(1e-12)
-        errs.append(float(err.mean()))
-        names.append(t.name)
-        labels.append(t.label)
-    return LayerInvariance(scale, names, labels, np.asarray(errs))
+        for b in batches(images, batch_size=batch_size, workers=workers, loader=loader):
+            xb = b.images.to(device)
+            x = fit_to(xb.float().div(255) if xb.dtype == torch.uint8 else xb, c, s)
+            with capture(model, taps) as a:
+                model(x)
+            fa = dict(a)
+            with capture(model, taps) as bb:
+                model(rescale(x, scale))
+            fb = dict(bb)
+            for t in taps:
+                u, v = fa.get(t.name), fb.get(t.name)
+                if u is None or v is None or u.ndim != 4:
+                    continue
+                tu = rescale(u.float(), scale)
+                err = (v.float() - tu).flatten(1).norm(dim=1) / tu.flatten(1).norm(dim=1).clamp_min(1e-12)
+                errs.setdefault(t.name, []).append(err.cpu())
+    names = [t.name for t in taps if t.name in errs]
+    labels = [t.label for t in taps if t.name in errs]
+    return LayerInvariance(scale, names, labels, np.asarray([float(torch.cat(errs[n]).mean()) for n in names]))

@@ -19,7 +19,8 @@ def spec_row(spec: ModelSpec) -> dict[str, Any]:
 
 
 def accounting_row(name: str, maps: dict[str, dict] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Unique/effective parameters, compression, FLOPs and how it reuses weights (how many stored
+    """Unique (every stored element), float (the papers' parameters: sign masks apart, as bits) and
+    effective parameters, compression (effective / float), storage, FLOPs and how it reuses weights (how many stored
     weights are applied more than once, and by which mechanism: direct / tiled / expanded)."""
     s = summarize(create_model(name, **overrides))
     if maps is not None:  # the sharing map too, from the same trace (the app draws it from the catalog)
@@ -28,8 +29,9 @@ def accounting_row(name: str, maps: dict[str, dict] | None = None, **overrides: 
         maps[name] = SharingMap.from_summary(s).to_dict()
     reused = [r for r in s.reuse().values() if r.reused]
     return {"unique_params": s.unique_params, "effective_params": s.effective_params,
+            "float_params": s.float_params, "mask_bits": s.mask_bits, "storage_kb": round(s.storage_bytes / 1024, 1),
             "compression": round(s.compression, 3), "gflops": round(s.flops / 1e9, 4),
-            "sign_mask_params": s.mask_params, "reused_weights": len(reused),
+            "reused_weights": len(reused),
             "reuse": ", ".join(sorted({k for r in reused for k in r.kinds if k != "modulates"})) or "none"}
 
 

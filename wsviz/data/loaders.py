@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from wsviz.errors import WsvizError
 
@@ -127,6 +127,30 @@ def train_loader(ds: Dataset, batch_size: int, *, rank: int = 0, world_size: int
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s share of ``n`` samples for evaluation: indices ``rank, rank + world, ...``.
+
+    Unlike ``DistributedSampler`` it never pads: the shares differ by at most one sample and
+    together hold every index exactly once, so gathered predictions count each sample once
+    (evaluation runs no collective per step, so uneven shares cannot hang it).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise WsvizError(f"rank must be in 0..{world_size - 1}, got {rank}.")
+        self.n, self.rank, self.world = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def eval_loader(ds: Dataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """Batches of ``ds`` in order (this rank's :class:`ShardSampler` share under torchrun)."""
+    sampler = ShardSampler(len(ds), rank, world_size) if world_size > 1 else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)

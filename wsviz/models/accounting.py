@@ -65,9 +65,27 @@ class ModelSummary:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter's stored shape
 
     @property
+    def float_params(self) -> int:
+        """Real-valued parameters: every stored element except f-RepeatNet's sign masks. These are
+        what the papers count as a model's parameters (RepeatNet: a mask "stores only single-bit
+        information"), so f-RepeatNet has exactly linear RepeatNet's parameters plus its mask bits."""
+        return self.unique_params - self.mask_params
+
+    @property
+    def mask_bits(self) -> int:
+        """f-RepeatNet's sign masks at one bit per entry (trained through real latents, kept as signs)."""
+        return self.mask_params
+
+    @property
+    def storage_bytes(self) -> int:
+        """What the trained model takes to store: float32 parameters plus the masks' bits."""
+        return 4 * self.float_params + (self.mask_bits + 7) // 8
+
+    @property
     def compression(self) -> float:
-        """effective / unique: how many times each stored weight is applied on average."""
-        return self.effective_params / max(self.unique_params, 1)
+        """effective / float parameters: how many times each stored weight is applied on average
+        (as the papers count it: sign masks are bits, not parameters)."""
+        return self.effective_params / max(self.float_params, 1)
 
     @property
     def macs(self) -> int:

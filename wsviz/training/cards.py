@@ -80,6 +80,16 @@ def _tied_ok(tied: Any) -> bool:
                                             for g in groups)
 
 
+def card_float_params(card: dict[str, Any]) -> int | None:
+    """A card's real-valued parameters (the papers' count): unique minus f-RepeatNet's sign-mask
+    entries, which are stored as one bit each. Cards written before the field existed have the parts."""
+    if "float_params" in card:
+        return int(card["float_params"])
+    if card.get("unique_params") is None:
+        return None
+    return int(card["unique_params"]) - int(card.get("sign_mask_params") or 0)
+
+
 def _json_type(value: Any) -> str:
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
             type(None): "null"}.get(type(value), type(value).__name__)

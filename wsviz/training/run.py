@@ -219,7 +219,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         model = build_for_dataset(model_name, dataset, overrides, data_root)
     s = summarize(model)
     accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
-                  "flops": s.flops, "sign_mask_params": s.mask_params}
+                  "flops": s.flops, "sign_mask_params": s.mask_params,
+                  "float_params": s.float_params, "mask_bits": s.mask_bits}
     train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
     command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie)
     if tie is not None:  # what tying alone cost, before any fine-tuning

@@ -1,0 +1,271 @@
+"""The claims report: seeds, the tests over seeds, one Holm family, equivalence for "~" claims, and a
+REPORT.md that cannot go stale; f-RepeatNet counted as its paper counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.weightstats import ttost_ind
+
+from wsviz import zoo
+from wsviz.analysis.stats import compare_over_seeds, newcombe_paired_ci, wilson_ci
+from wsviz.errors import WsvizError
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints"
+
+
+# ------------------------------------------------------------------ statistics over seeds
+def test_compare_over_seeds_is_welch_and_its_tost_matches_statsmodels():
+    a, b = [0.957, 0.961, 0.949], [0.946, 0.952, 0.950]
+    r = compare_over_seeds(a, b, margin=0.01)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-12)
+    ci = ref.confidence_interval(0.95)
+    assert (r.lo, r.hi) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert r.diff == pytest.approx(np.mean(a) - np.mean(b))
+    p_sm, _, _ = ttost_ind(np.array(a), np.array(b), -0.01, 0.01, usevar="unequal")
+    assert r.equivalence_p == pytest.approx(p_sm, rel=1e-9)
+    # Welch by hand (Satterthwaite df): the same p
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    assert r.p_value == pytest.approx(2 * sps.t.sf(abs(t), df), rel=1e-9)
+    assert compare_over_seeds(a, b).equivalence_p is None  # no margin, no equivalence test
+
+
+def test_equivalence_over_seeds_needs_a_tight_spread_not_just_no_difference():
+    tight = compare_over_seeds([0.950, 0.951, 0.949], [0.951, 0.950, 0.950], margin=0.01)
+    loose = compare_over_seeds([0.93, 0.97, 0.95], [0.96, 0.94, 0.95], margin=0.01)
+    assert tight.equivalence_p < 0.05 and tight.p_value > 0.05
+    assert loose.p_value > 0.05 and loose.equivalence_p > 0.05  # no difference found, and not "the same"
+    with pytest.raises(WsvizError, match="at least two runs"):
+        compare_over_seeds([0.9], [0.9, 0.8])
+    exact = compare_over_seeds([0.9, 0.9], [0.9, 0.9], margin=0.01)  # no spread: the difference is known
+    assert (exact.p_value, exact.equivalence_p) == (1.0, 0.0)
+
+
+def _newcombe_by_hand(both, only_a, only_b, neither, z=sps.norm.ppf(0.975)):
+    """Newcombe (1998) method 10 from the four cell counts, Wilson intervals by formula (not scipy)."""
+    n = both + only_a + only_b + neither
+
+    def wilson(k):
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return p, centre - half, centre + half
+
+    p1, l1, u1 = wilson(both + only_a)
+    p2, l2, u2 = wilson(both + only_b)
+    big_a = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    b = both * neither - only_a * only_b
+    c = b - n / 2 if b > n / 2 else (b if b < 0 else 0.0)
+    phi = c / math.sqrt(big_a) if big_a else 0.0
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2),
+            d + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+
+
+@pytest.mark.parametrize("cells", [(900, 30, 20, 50), (5, 3, 1, 1), (1000, 0, 0, 0), (0, 0, 0, 40), (10, 10, 10, 10),
+                                   (40, 1, 6, 3)])
+def test_newcombe_paired_interval_matches_the_formula_and_never_collapses(cells):
+    both, only_a, only_b, neither = cells
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, bool)
+    ci = newcombe_paired_ci(a, b)
+    lo, hi = _newcombe_by_hand(*cells)
+    assert (ci.lo, ci.hi) == (pytest.approx(max(lo, -1)), pytest.approx(min(hi, 1)))
+    assert ci.lo <= ci.diff <= ci.hi and ci.hi - ci.lo > 0  # 1000/1000 against 1000/1000 is not [0, 0]
+
+
+def test_wilson_interval_does_not_collapse_at_the_extremes():
+    acc, lo, hi = wilson_ci(np.ones(1000, bool))
+    assert acc == 1.0 and hi == 1.0 and lo == pytest.approx(0.99617, abs=1e-5)
+    acc, lo, hi = wilson_ci(np.zeros(1000, bool))
+    assert acc == 0.0 and lo == 0.0 and hi == pytest.approx(1 - 0.99617, abs=1e-5)
+
+
+# ------------------------------------------------------------------ the claims table logic
+def _fake_zoo(tmp_path, accs: dict[str, list[float]], n: int = 1000, scale: bool = False) -> Path:
+    """Seed folders with a card and predictions whose accuracies are exactly ``accs``."""
+    labels = np.arange(n) % 10
+    rng = np.random.default_rng(0)
+    for name, seeds in accs.items():
+        for seed, acc in enumerate(seeds):
+            folder = zoo.seed_folder(tmp_path, name, seed)
+            folder.mkdir(parents=True)
+            wrong = rng.permutation(n)[: round((1 - acc) * n)]
+            pred = labels.copy()
+            pred[wrong] = (pred[wrong] + 1) % 10
+            arrays = {"test": pred, "labels": labels}
+            if scale:
+                arrays |= {"scale": np.stack([pred] * len(zoo.SCALES)), "scale_labels": labels}
+            np.savez(folder / zoo.PREDICTIONS, **arrays)
+            (folder / "card.json").write_text(json.dumps(
+                {"model": "m", "dataset": "d", "test_accuracy": acc, "unique_params": 100, "effective_params": 200,
+                 "sign_mask_params": 0, "flops": 1_000_000, "train_config": {"seed": seed}}))
+    return tmp_path
+
+
+def test_claims_are_tested_over_seeds_with_one_holm_family(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "CLAIMS", [
+        ("A ~ B", "a", "b", "~"), ("C > D", "c", "d", ">"), ("E > F", "e", "f", ">"), ("G vs H", "g", "h", "vs")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {
+        "a": [0.950, 0.951, 0.949], "b": [0.951, 0.950, 0.950],  # equivalent within 1 pt
+        "c": [0.97, 0.971, 0.969], "d": [0.90, 0.902, 0.899],  # clearly better
+        "e": [0.90, 0.902, 0.899], "f": [0.97, 0.971, 0.969],  # clearly worse: the claim is contradicted
+        "g": [0.93, 0.97, 0.95], "h": [0.96, 0.94, 0.95],  # no difference shown
+    })
+    results, m = zoo.claims_table(out)
+    assert m == 4 + 1  # every claim's difference test, and the one "~" claim's equivalence test
+    verdicts = {r.claim: r.verdict() for r in results}
+    assert verdicts == {"A ~ B": "equivalent within ±1 pt", "C > D": "supported (A > B)",
+                        "E > F": "contradicted (B > A)", "G vs H": "inconclusive"}
+    family = [r.seeds.p_value for r in results] + [results[0].seeds.equivalence_p]
+    order = np.argsort(family)
+    expected = np.maximum.accumulate([min(1.0, (len(family) - k) * family[i]) for k, i in enumerate(order)])
+    got = [r.p_holm for r in results] + [results[0].eq_holm]
+    assert np.allclose([got[i] for i in order], expected)
+    assert all(g >= p for g, p in zip(got, family))
+    # the per-image evidence: McNemar per seed pair, one p-value per seed
+    assert [s for s, _ in results[1].per_seed] == [0, 1, 2]
+    text = zoo.render_report(out)
+    assert "Holm over the 5 tests below" in text and "**equivalent within ±1 pt**" in text
+
+
+def test_a_single_seed_does_not_make_a_claim(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "CLAIMS", [("A > B", "a", "b", ">")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {"a": [0.99], "b": [0.5, 0.52, 0.51]})
+    assert zoo.claims_table(out) == ([], 0)
+
+
+def test_scale_comparisons_are_clustered_by_digit(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "CLAIMS", [])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [("A vs B over scales", "a", "b", "vs")])
+    out = _fake_zoo(tmp_path, {"a": [0.95, 0.96, 0.955], "b": [0.94, 0.95, 0.945]}, n=200, scale=True)
+    (r,), m = zoo.claims_table(out)
+    assert m == 1 and len(r.per_seed) == 3
+    # The 8 copies of each digit are one unit: the clustered p equals a sign-flip test on the digits'
+    # mean differences, and it is not the (smaller) p of 8 x 200 pooled independent pairs.
+    from wsviz.analysis.stats import clustered_sign_flip_test, mcnemar
+
+    a = np.load(zoo.seed_folder(out, "a", 0) / zoo.PREDICTIONS)
+    b = np.load(zoo.seed_folder(out, "b", 0) / zoo.PREDICTIONS)
+    ca, cb = (a["scale"] == a["scale_labels"]).ravel(), (b["scale"] == b["scale_labels"]).ravel()
+    digits = np.tile(np.arange(200), len(zoo.SCALES))
+    assert r.per_seed[0][1] == clustered_sign_flip_test(ca, cb, digits, seed=0).p_value
+    assert r.per_seed[0][1] > mcnemar(ca, cb).p_value
+
+
+# ------------------------------------------------------------------ the shipped zoo
+def test_every_claimed_variant_ships_three_training_seeds():
+    for name in zoo.claimed():
+        runs = zoo.seed_runs(CKPT, name)
+        assert [r.seed for r in runs] == list(zoo.SEEDS), name
+        for r in runs:
+            assert r.card["train_config"]["seed"] == r.seed, name
+            assert f"--seed {r.seed}" in r.card["command"], name
+            assert r.card["test_accuracy"] == pytest.approx(r.accuracy), name  # predictions are that run's
+            assert r.card["epochs_done"] == zoo.DEFAULT_EPOCHS and r.card["complete"], name
+        accs = [r.accuracy for r in runs]
+        assert len(set(accs)) > 1 or len({r.test.tobytes() for r in runs}) > 1, f"{name}: seeds are not distinct runs"
+    # Extra seeds ship without weights (the zoo stays small; git ignores them); seed 0 has them.
+    assert not _tracked("seeds/")
+
+
+def _tracked(fragment: str) -> bool:
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", "checkpoints"], cwd=ROOT, capture_output=True, text=True).stdout
+    return any(fragment in line and line.endswith("weights.safetensors") for line in out.splitlines())
+
+
+def test_report_md_is_regenerated_from_the_shipped_predictions():
+    """REPORT.md is exactly what `python -m wsviz.zoo report` writes now: edit the code or the
+    predictions, and this fails until the report is regenerated."""
+    assert (CKPT / "REPORT.md").read_text() == zoo.render_report(CKPT)
+
+
+def test_checkpoints_readme_is_regenerated_from_the_cards(tmp_path):
+    for name in [e.name for e in zoo.ZOO]:
+        src = CKPT / name
+        dst = tmp_path / name
+        dst.mkdir()
+        shutil.copy(src / "card.json", dst / "card.json")
+        for seed in zoo.SEEDS[1:]:
+            s = zoo.seed_folder(CKPT, name, seed) / "card.json"
+            if s.is_file():
+                d = zoo.seed_folder(tmp_path, name, seed)
+                d.mkdir(parents=True)
+                shutil.copy(s, d / "card.json")
+    assert zoo.write_table(tmp_path).read_text() == (CKPT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_shipped_predictions_are_those_of_the_shipped_weights(tmp_path):
+    """Seed 0's predictions.npz recomputed from its weights: the report cannot rest on stale numbers."""
+    for name in zoo.claimed():
+        folder = tmp_path / name
+        shutil.copytree(CKPT / name, folder, ignore=shutil.ignore_patterns("seeds"))
+        zoo.write_predictions(folder, name)
+        with np.load(folder / zoo.PREDICTIONS) as new, np.load(CKPT / name / zoo.PREDICTIONS) as old:
+            assert sorted(new.files) == sorted(old.files), name
+            for k in new.files:
+                assert np.array_equal(new[k], old[k]), f"{name}: {k} differs from the shipped predictions"
+
+
+# ------------------------------------------------------------------ f-RepeatNet in the paper's terms
+def test_f_repeatnet_counts_its_masks_as_bits_not_parameters():
+    from wsviz.catalog import load_catalog
+    from wsviz.models import create_model, summarize
+
+    kw = dict(base_width=8, scale=2, input_size=28, in_channels=1, num_classes=10)
+    f = summarize(create_model("repeatnet_resnet18", mode="bireal", **kw))
+    lin = summarize(create_model("repeatnet_resnet18", mode="linear", **kw))
+    assert f.mask_bits == f.mask_params > 0
+    assert f.float_params == lin.unique_params  # the paper: repetition at the base model's parameter count
+    assert f.compression == pytest.approx(lin.compression) and f.compression > 1
+    assert f.storage_bytes == 4 * lin.unique_params + math.ceil(f.mask_bits / 8)
+    row = next(r for r in load_catalog() if r["name"] == "repeatnet_resnet18")  # default: bireal
+    assert row["float_params"] == row["unique_params"] - row["mask_bits"] and row["mask_bits"] > 0
+    assert row["compression"] == pytest.approx(row["effective_params"] / row["float_params"], abs=1e-3)
+    from wsviz.training.cards import card_float_params
+
+    card = json.loads((CKPT / "scale-repeatnet-f" / "card.json").read_text())
+    lin_card = json.loads((CKPT / "scale-repeatnet-linear" / "card.json").read_text())
+    assert card_float_params(card) == lin_card["unique_params"] == lin.unique_params
+    readme = (CKPT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("| `scale-repeatnet-f`"))
+    assert f"| {lin.unique_params:,} | {f.mask_bits:,} | {f.compression:.2f}x |" in line
+    assert "875,698" not in readme and "0.80x" not in readme
+
+
+# ------------------------------------------------------------------ the app says what the report says
+def test_fair_comparison_in_the_app_tests_over_seeds_like_the_report():
+    from conftest import open_app
+
+    a, b = "scale-msws-shared", "scale-msws-vanilla"
+    at = open_app("pages/models.py", variants=[a, b])
+    next(x for x in at.button if x.label == "Evaluate the chosen variants").click().run()
+    assert not at.exception, at.exception
+    texts = [m.value for m in at.markdown]
+    line = next(t for t in texts if t.startswith(f"{a} ") and "Welch p" in t)
+    ref = compare_over_seeds(zoo.seed_accuracies(CKPT / a), zoo.seed_accuracies(CKPT / b))
+    assert ref.n_a == ref.n_b == len(zoo.SEEDS)
+    assert f"Welch p = {ref.p_value:.2g}" in line and f"(n = {ref.n_a})" in line
+    claim = next(r for r in zoo.claims_table(CKPT)[0] if (r.a, r.b) == (a, b))
+    assert claim.seeds.p_value == ref.p_value  # the report's row for this claim: the same test, the same number
+    # and the per-image line is McNemar with Newcombe's interval, the report's per-seed-pair test on seed 0
+    mc = next(t for t in texts if "McNemar p" in t)
+    from wsviz.analysis.stats import _fmt_p
+
+    assert f"McNemar p = {_fmt_p(claim.per_seed[0][1])}" in mc
