@@ -461,8 +461,10 @@ def _tie(args: argparse.Namespace) -> int:
         return 0
     tied, card0 = tie_checkpoint(source, spec, dataset=args.dataset)
     dataset = args.dataset or card0["dataset"]
-    x, y = _test_data(dataset, args.limit, seed=card0.get("data_seed", 0))
-    acc = evaluate(tied, x, y)[1]
+    from wsviz.data.datasets import load_split
+
+    te = load_split(dataset, "test", seed=card0.get("data_seed", 0)).spread(args.limit)
+    acc = evaluate(tied, te.images, te.labels)[1]
     command = "python -m wsviz " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tie"] else ""
     card = tied_card(tied, card0, acc, command)
     save_checkpoint(args.out, tied, card)
