@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group", action="append", default=[],
                    help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
     q = analysis("tie", "make groups of a trained model's convolutions share one weight; optionally fine-tune",
-                 _tie, None, None)
+                 _tie, None, None, streamed=False)
     q.add_argument("--dataset", default=None, help="calibration and test data (default: the checkpoint's)")
     q.add_argument("--group", action="append", default=[], required=True,
                    help="conv layers that will share one weight, comma-separated (repeatable)")
