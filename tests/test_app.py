@@ -35,10 +35,10 @@ def test_models_page_lists_models_variants_and_sharing_map():
     assert not at.exception
     names = set(at.dataframe[0].value["name"])
     assert {"shardnet_vgg", "sl_resnet34"} <= names
-    assert not any(m.label == "unique params" for m in at.metric)  # nothing traced until a model is chosen
+    assert not any(m.label == "params" for m in at.metric)  # nothing traced until a model is chosen
     at.selectbox(key="map-variant").set_value(pair()[1]).run()
     assert not at.exception
-    assert any(m.label == "unique params" for m in at.metric)
+    assert any(m.label == "params" for m in at.metric)
     assert len(at.dataframe) >= 3  # zoo, trained variants, sharing map
     at.button[0].click().run()  # evaluate the chosen variants
     assert not at.exception

@@ -24,12 +24,22 @@ def test_every_zoo_entry_is_shipped():
 
 
 def test_checkpoints_are_small_and_pickle_free():
-    files = [p for p in CK.rglob("*") if p.is_file()]
+    # What ships: everything but the extra seeds' weights, which `zoo retrain` writes and git ignores.
+    files = [p for p in CK.rglob("*") if p.is_file()
+             and not (p.name == "weights.safetensors" and p.parent.parent.name == "seeds")]
     assert sum(p.stat().st_size for p in files) < 50 * 2**20
     suffixes = {p.suffix for p in files}
-    assert suffixes <= {".safetensors", ".json", ".md", ""} , suffixes
+    assert suffixes <= {".safetensors", ".json", ".md", ".npz", ""} , suffixes
+    import numpy as np
+
+    for f in (p for p in files if p.suffix == ".npz"):  # per-image predictions: plain integer arrays, no pickle
+        with np.load(f, allow_pickle=False) as z:
+            assert all(z[k].dtype.kind == "i" for k in z.files), f
+    from wsviz.zoo import claimed
+
     for name in SHIPPED:
-        assert {p.name for p in (CK / name).iterdir()} == {"weights.safetensors", "card.json"}
+        extra = {"seeds"} if name in claimed() else set()  # further training seeds: card + predictions each
+        assert {p.name for p in (CK / name).iterdir()} == {"weights.safetensors", "card.json", "predictions.npz"} | extra
 
 
 _SPLITS: dict[tuple, object] = {}
