@@ -143,6 +143,8 @@ class _Run:
         if self.owns_group:
             import torch.distributed as dist
 
+            if exc[0] is None:  # all ranks reach teardown before any closes its connections (gloo aborts
+                dist.barrier()  # when a peer goes while it still talks to it); after an error, no waiting
             dist.destroy_process_group()
 
     @property

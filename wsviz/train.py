@@ -236,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world > 1:
             import torch.distributed as dist
 
+            # Every rank reaches teardown before any closes its connections: a rank that is still
+            # talking to a peer that has gone can abort in gloo's C++ threads (SIGABRT at exit).
+            dist.barrier()
             dist.destroy_process_group()
         finish("done", test_accuracy=card["test_accuracy"])
         if rank == 0:
