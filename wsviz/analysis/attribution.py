@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wsviz.analysis.embeddings import check_batch_size, model_device, model_inputs
+from wsviz.analysis.embeddings import check_batch_size, model_inputs
+from wsviz.device import model_device
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
 from wsviz.models.taps import list_taps

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from wsviz.data.datasets import fit_to
+from wsviz.device import model_device
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
@@ -33,15 +34,6 @@ PROJECTIONS = ("pca", "tsne", "umap")
 
 
 # ------------------------------------------------------------------------------ shared helpers
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def model_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``images`` (N, C, H, W), uint8 or float in [0, 1], fitted to the model's input shape."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:

@@ -23,6 +23,7 @@ from torch import nn
 from wsviz.analysis.cache import PredictionCache, model_hash, tensor_hash
 from wsviz.data.datasets import fit_to
 from wsviz.data.stream import EvalData, batches, distributed, gather, num_samples, share_size
+from wsviz.device import model_device
 from wsviz.errors import WsvizError
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
@@ -72,14 +73,6 @@ def _known_labels(source, labels) -> np.ndarray | None:
         except WsvizError:
             return None
     return None
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _broadcast(obj, world: int):
@@ -132,7 +125,7 @@ def predict_variants(models: Mapping[str, nn.Module], source, labels: torch.Tens
     need = {k: [m for m, kk in missing if kk == k] for k in keys}
     need = {k: ms for k, ms in need.items() if ms} or {keys[0]: []}  # labels only: one pass, no model
     shapes = {m: input_shape(models[m])[:2] for m in {m for ms in need.values() for m in ms}}
-    devices = {m: _device(models[m]) for m in shapes}
+    devices = {m: model_device(models[m]) for m in shapes}
     first = next(iter(devices.values()), torch.device("cpu"))
     parts: dict[tuple[str, str], list[torch.Tensor]] = {(m, k): [] for k, ms in need.items() for m in ms}
     share = share_size(n, rank, world)

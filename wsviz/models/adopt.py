@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wsviz.device import model_device
 from wsviz.errors import WsvizError
 from wsviz.models.sharing import TAP_KINDS
 
@@ -106,14 +107,6 @@ def _normalise_taps(module: nn.Module, taps: Mapping[str, object] | Iterable[obj
     return out
 
 
-def _device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _probe(module: nn.Module, shape: tuple[int, int, int], taps: dict[str, tuple[str, str]]) -> tuple[int, list[str]]:
     """Run one image of zeros: (number of output classes, tap paths in the order they ran)."""
     from wsviz.models.modes import eval_mode
@@ -131,7 +124,7 @@ def _probe(module: nn.Module, shape: tuple[int, int, int], taps: dict[str, tuple
     handles = [module.get_submodule(p).register_forward_hook(hook_for(p)) for p in taps]
     try:
         with eval_mode(module), torch.no_grad():
-            out = module(torch.zeros(1, *shape, device=_device(module)))
+            out = module(torch.zeros(1, *shape, device=model_device(module)))
     except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
         raise WsvizError(f"The model does not run on an input of shape (1, {', '.join(map(str, shape))}) "
                          f"({type(exc).__name__}: {exc}); give the input_shape=(C, H, W) it takes.") from exc
