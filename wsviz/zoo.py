@@ -144,8 +144,9 @@ def retrain(out: str | Path = "checkpoints", epochs: int = DEFAULT_EPOCHS, only:
     from wsviz.training.run import run_training
 
     entries = [entry(n) for n in only] if only else ZOO
+    in_claims = set(claimed())
     jobs = [(e, s) for s in (seeds if seeds is not None else SEEDS) for e in entries
-            if s == 0 or seeds is not None or e.name in claimed()]
+            if s == 0 or seeds is not None or e.name in in_claims]
     cards = []
     for i, (e, seed) in enumerate(jobs, 1):
         cfg = TrainConfig(epochs=epochs, seed=seed, max_batches=max_batches, **e.recipe)
@@ -306,15 +307,17 @@ class ClaimResult:
         return "A > B" if s.diff > 0 else "B > A"
 
 
-def claims_table(out: str | Path = "checkpoints") -> tuple[list[ClaimResult], int]:
+def claims_table(out: str | Path = "checkpoints",
+                 cache: dict[str, list[SeedRun]] | None = None) -> tuple[list[ClaimResult], int]:
     """Every claim (and scale comparison) tested over seeds, Holm-adjusted as one family.
-    Returns the results and the number of tests in the family."""
+    Returns the results and the number of tests in the family. ``cache``: seed runs already read
+    (filled with those this reads)."""
     import numpy as np
 
     from wsviz.analysis.stats import clustered_sign_flip_test, compare_over_seeds, holm, mcnemar
 
     out = Path(out)
-    cache: dict[str, list[SeedRun]] = {}
+    cache = {} if cache is None else cache
 
     def runs(name: str) -> list[SeedRun]:
         if name not in cache:
@@ -384,9 +387,10 @@ def render_report(out: str | Path = "checkpoints") -> str:
     from wsviz.training.cards import card_float_params
 
     out = Path(out)
-    results, m = claims_table(out)
+    runs: dict[str, list[SeedRun]] = {}
+    results, m = claims_table(out, runs)  # reads each variant's seed files once, for the tables below too
     names = claimed()
-    runs = {n: seed_runs(out, n) for n in names}
+    runs.update({n: seed_runs(out, n) for n in names if n not in runs})
     seeds_of = sorted({len(r) for r in runs.values() if r})
     lines = [
         "# What the shipped zoo shows", "",
