@@ -11,8 +11,9 @@ from wsviz.catalog import load_catalog
 
 st.title("Model zoo")
 st.write(
-    "Every architecture wsviz can build, exact to its paper. **Unique** parameters are the "
-    "weights stored (a shared weight counts once); **effective** parameters are the weights the "
+    "Every architecture wsviz can build, exact to its paper. **Params** are the real-valued "
+    "weights stored (a shared weight counts once; f-RepeatNet's sign masks are counted apart, as "
+    "bits, as its paper counts them); **effective** parameters are the weights the "
     "network applies, each use counted (what it would hold unshared). FLOPs are torch's count for "
     "one image at the model's input size (a multiply-add is 2 FLOPs)."
 )
