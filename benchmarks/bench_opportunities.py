@@ -20,7 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from wsviz.analysis.opportunities import candidate_groups, score_groups, stage_similarity
+from wsviz.analysis.opportunities import find_opportunities
 
 
 def timed_scoring(model, images, labels, held_out=None, desc=""):
@@ -32,9 +32,7 @@ def timed_scoring(model, images, labels, held_out=None, desc=""):
         bar.refresh()
 
     t0 = time.perf_counter()
-    groups = candidate_groups(model)
-    stage_similarity(model, images)
-    rows = score_groups(model, images, labels, groups=groups, held_out=held_out, progress=progress)
+    rows = find_opportunities(model, images, labels, held_out=held_out, progress=progress).rows
     seconds = time.perf_counter() - t0
     bar.close()
     return seconds, len(rows)

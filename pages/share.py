@@ -42,7 +42,7 @@ n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
 
 def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
     """The opportunities and the per-stage similarity matrices, in a worker thread."""
-    from wsviz.analysis.opportunities import candidate_groups, score_groups, stage_similarity
+    from wsviz.analysis.opportunities import find_opportunities
     from wsviz.data.datasets import fit_to, load_split
     from wsviz.models import input_shape
 
@@ -51,11 +51,9 @@ def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int
     held = load_split(dataset, "test", seed=data_seed).spread(n_held)
     x, hx = fit_to(cal.images, c, size), fit_to(held.images, c, size)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
-        groups = candidate_groups(model)
-        sims = stage_similarity(model, x)
-        rows = score_groups(model, x, cal.labels, groups=groups, held_out=(hx, held.labels),
-                            progress=lambda i, n, g: progress(i / max(n, 1), g))
-    return rows, sims
+        found = find_opportunities(model, x, cal.labels, held_out=(hx, held.labels),
+                                   progress=lambda i, n, g: progress(i / max(n, 1), g))
+    return found.rows, found.stages
 
 
 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,15 @@ def test_cli_ranks_the_groups(tmp_path, capsys):
     assert {r["group"] for r in rows} == {" + ".join(g) for g in SHARESNET_RULE}
     costs = [float(r["predicted_cost"]) for r in rows]
     assert costs == sorted(costs) and "pts" in capsys.readouterr().out
+    stages = json.loads((tmp_path / "stage_similarity.json").read_text())
+    assert any(s["layers"] == [f"stages.2.{b}.conv2" for b in range(3)] for s in stages)
+    # a budget just above stage 2's saving: stage 2 plus either other group (stage 0's alone falls short)
+    assert main(args + ["--budget", "36865", "--verify", "2"]) == 0
+    choices = list(csv.DictReader(open(tmp_path / "choices.csv")))
+    assert {frozenset(c["groups"].split(" | ")) for c in choices} == {
+        frozenset(" + ".join(g) for g in pair) for pair in (SHARESNET_RULE[1:], SHARESNET_RULE[::2])}
+    assert "to save 36,865 parameters: tie" in capsys.readouterr().out
+    assert main(args + ["--budget", "0"]) == 2
     assert main(["opportunities", "--checkpoint", str(CKPT / "scale-sharesnet-unshared"), "--out", str(tmp_path),
                  "--group", "stages.0.1.conv2,stages.1.1.conv2"]) == 2
 
@@ -167,3 +177,117 @@ def test_default_cost_uses_the_other_scores_when_no_drop_was_measured():
     assert predicted_costs(rows) == [0.0, 1.0]
     measured = [_opp("p", 3.0, 0.9, 0.8, 0.1), _opp("q", 0.5, 0.1, 0.2, 0.9)]
     assert predicted_costs(measured) == [1.0, 0.0]  # the measured drop decides (chosen on held-out data)
+
+
+def test_one_pass_gives_the_same_matrices_and_the_textbook_gradient_conflict(twin):
+    """find_opportunities takes the stage matrices and the gradients from its one pass (gradients of the
+    members' weights only): they must equal stage_similarity's and those of a plain full backward pass."""
+    from wsviz.analysis.opportunities import find_opportunities, stage_similarity
+
+    cal = load_split("mnist5k-scale", "train").spread(64)
+    found = find_opportunities(twin, cal.images, cal.labels, groups=SHARESNET_RULE)
+    ref = {s.layers: s for s in stage_similarity(twin, cal.images)}
+    assert {s.layers for s in found.stages} == set(ref)
+    for s in found.stages:
+        assert np.allclose(s.output_cka, ref[s.layers].output_cka) and np.allclose(s.weight_similarity,
+                                                                                    ref[s.layers].weight_similarity)
+    model = copy.deepcopy(twin).eval()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(cal.images), cal.labels).backward()
+    for r in found.rows:
+        a, b = (model.get_submodule(n).weight.grad.flatten() for n in r.group)
+        assert r.gradient_conflict == pytest.approx(1 - float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+                                                    abs=1e-5)
+    assert all(p.grad is None for p in twin.parameters())  # the pass leaves no gradients behind
+
+
+def test_measured_loss_is_the_rise_of_the_held_out_cross_entropy(twin):
+    from wsviz.analysis.opportunities import find_opportunities
+    from wsviz.models.tie import reestimate_batchnorm, tie
+
+    cal = load_split("mnist5k-scale", "train").spread(128)
+    held = load_split("mnist5k-scale", "test").spread(200)
+    group = SHARESNET_RULE[0]
+    (row,) = find_opportunities(twin, cal.images, cal.labels, groups=[group], held_out=(held.images, held.labels)).rows
+
+    def loss_acc(m):
+        with torch.no_grad():
+            out = m.eval()(held.images)
+        return float(torch.nn.functional.cross_entropy(out, held.labels)), float((out.argmax(1) == held.labels).double().mean())
+
+    base = loss_acc(reestimate_batchnorm(copy.deepcopy(twin), cal.images))
+    tied = loss_acc(reestimate_batchnorm(tie(twin, [group], "lstsq", cal.images), cal.images))
+    assert row.measured_loss == pytest.approx(tied[0] - base[0], rel=1e-4, abs=1e-6)
+    assert row.measured_drop == pytest.approx(100 * (base[1] - tied[1]), abs=1e-6)
+    assert row.measured_loss > 0  # tying trained kernels costs something on this model
+
+
+def _rows(groups_and_savings, drops=None):
+    from wsviz.analysis.opportunities import Opportunity
+
+    drops = drops or [0.0] * len(groups_and_savings)
+    return [Opportunity(tuple(g), s, 0.0, 0.0, 0.0, d, measured_loss=0.0)
+            for (g, s), d in zip(groups_and_savings, drops)]
+
+
+def test_disjoint_sets_are_every_minimal_disjoint_set_meeting_the_budget():
+    import itertools
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from wsviz.analysis.opportunities import _disjoint_sets
+
+    layers = [f"l{i}" for i in range(6)]
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.lists(st.sampled_from(layers), min_size=2, max_size=3, unique=True),
+                              st.integers(1, 9)), min_size=1, max_size=7), st.integers(1, 20))
+    def check(spec, budget):
+        rows = _rows(spec)
+        got = sorted(_disjoint_sets(rows, budget))
+        want = []
+        for k in range(1, len(rows) + 1):
+            for combo in itertools.combinations(range(len(rows)), k):
+                sets = [set(rows[i].group) for i in combo]
+                if any(a & b for a, b in itertools.combinations(sets, 2)):
+                    continue
+                total = sum(rows[i].params_saved for i in combo)
+                if total >= budget and all(total - rows[i].params_saved < budget for i in combo):
+                    want.append(combo)
+        assert got == sorted(want)
+
+    check()
+
+
+def test_budgeted_choice_is_measured_and_ranked_in_accuracy_points(twin):
+    from wsviz.analysis.opportunities import choose_groups, find_opportunities
+    from wsviz.models.tie import reestimate_batchnorm, tie
+
+    cal = load_split("mnist5k-scale", "train").spread(128)
+    held = load_split("mnist5k-scale", "test").spread(200)
+    groups = [g for g in candidate_groups(twin) if g[0].startswith(("stages.1.", "stages.2."))]
+    rows = find_opportunities(twin, cal.images, cal.labels, groups=groups, held_out=(held.images, held.labels)).rows
+    budget = 2 * twin.get_submodule("stages.2.1.conv2").weight.numel()
+    choices = choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), verify=3)
+    assert len(choices) == 3
+    by = {r.group: r for r in rows}
+    for c in choices:
+        flat = [n for g in c.groups for n in g]
+        assert len(flat) == len(set(flat)) and c.params_saved == sum(by[g].params_saved for g in c.groups) >= budget
+        assert c.predicted_drop == pytest.approx(sum(by[g].measured_drop for g in c.groups))
+    assert [c.measured_drop for c in choices] == sorted(c.measured_drop for c in choices)
+    best = choices[0]  # its measurement is that of all its groups tied at once, by hand
+    base = reestimate_batchnorm(copy.deepcopy(twin), cal.images).eval()
+    tied = reestimate_batchnorm(tie(twin, [list(g) for g in best.groups], "lstsq", cal.images), cal.images).eval()
+    with torch.no_grad():
+        a0 = float((base(held.images).argmax(1) == held.labels).double().mean())
+        a1 = float((tied(held.images).argmax(1) == held.labels).double().mean())
+    assert best.measured_drop == pytest.approx(100 * (a0 - a1), abs=1e-6)
+    unverified = choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), verify=0)
+    assert [c.predicted_drop for c in unverified] == sorted(c.predicted_drop for c in unverified)
+    with pytest.raises(WsvizError, match="No disjoint candidate groups save"):
+        choose_groups(twin, rows, 10 ** 9, cal.images, (held.images, held.labels))
+    with pytest.raises(WsvizError, match="measured drop"):
+        choose_groups(twin, find_opportunities(twin, cal.images, cal.labels, groups=groups).rows, budget,
+                      cal.images, (held.images, held.labels))

@@ -396,7 +396,7 @@ def _opportunities(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from wsviz.analysis.opportunities import score_groups
+    from wsviz.analysis.opportunities import choose_groups, find_opportunities
     from wsviz.data.datasets import fit_to
     from wsviz.data.stream import eval_data, take
     from wsviz.models import input_shape
@@ -419,19 +419,36 @@ def _opportunities(args: argparse.Namespace) -> int:
         bar.total, bar.n = n, i
         bar.set_postfix_str(group[:60])
 
-    rows = score_groups(model, calibration[0], calibration[1], groups=groups, held_out=held,
-                        progress=progress)
+    if args.budget is not None and args.budget <= 0:
+        raise WsvizError(f"--budget must be a positive number of parameters to save, got {args.budget}.")
+    found = find_opportunities(model, calibration[0], calibration[1], groups=groups, held_out=held,
+                               progress=progress)
+    rows = found.rows
     bar.n = bar.total or 0
     bar.close()
     out = _out(args)
+    (out / "stage_similarity.json").write_text(json.dumps([
+        {"stage": s.stage, "role": s.role, "layers": list(s.layers), "weight_similarity": s.weight_similarity.tolist(),
+         "output_cka": s.output_cka.tolist()} for s in found.stages]))
     _write_csv(out / "opportunities.csv", [{"group": " + ".join(r.group), "params_saved": r.params_saved,
                                             "predicted_cost": r.predicted_cost,
                                             "weight_similarity": r.weight_similarity, "output_cka": r.output_cka,
                                             "gradient_conflict": r.gradient_conflict,
-                                            "measured_drop_pts": r.measured_drop} for r in rows])
+                                            "measured_drop_pts": r.measured_drop,
+                                            "measured_loss_rise": r.measured_loss} for r in rows])
     for r in rows[:10]:
         print(f"cost {r.predicted_cost:.2f}  {r.measured_drop:+6.2f} pts now  saves {r.params_saved:>9,}  "
               f"{' + '.join(r.group)}")
+    if args.budget is not None:
+        choices = choose_groups(model, rows, args.budget, calibration[0], held, verify=args.verify)
+        _write_csv(out / "choices.csv", [{"groups": " | ".join(" + ".join(g) for g in c.groups),
+                                          "params_saved": c.params_saved, "predicted_drop_pts": c.predicted_drop,
+                                          "measured_drop_pts": c.measured_drop, "measured_loss_rise": c.measured_loss}
+                                         for c in choices])
+        best = choices[0]
+        print(f"to save {args.budget:,} parameters: tie {' | '.join(' + '.join(g) for g in best.groups)} "
+              f"(saves {best.params_saved:,}; {best.measured_drop:+.2f} pts measured with all tied now); "
+              "pass these as --group to `python -m wsviz tie`")
     return 0
 
 
@@ -576,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", type=int, default=512, help="training images for calibration and BatchNorm")
     q.add_argument("--group", action="append", default=[],
                    help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
+    q.add_argument("--budget", type=int, default=None,
+                   help="also choose disjoint groups that save at least this many parameters at the least measured "
+                        "accuracy cost (written to choices.csv)")
+    q.add_argument("--verify", type=int, default=8,
+                   help="with --budget: how many of the best-predicted sets to tie together and measure (default 8)")
     q = analysis("tie", "make groups of a trained model's convolutions share one weight; optionally fine-tune",
                  _tie, None, None, streamed=False)
     q.add_argument("--dataset", default=None, help="calibration and test data (default: the checkpoint's)")

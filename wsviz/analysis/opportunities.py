@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsviz.analysis.similarity import linear_cka
 from wsviz.errors import WsvizError
 from wsviz.models.sharing import SharedConv2d
 
@@ -48,10 +47,11 @@ class Opportunity:
     gradient_conflict: float
     measured_drop: float | None  # accuracy points lost by tying now (None when not measured)
     predicted_cost: float | None = None  # the scores combined (predicted_costs): 0 cheapest .. 1 costliest
+    measured_loss: float | None = None  # rise of the held-out cross-entropy when tied now (None when not measured)
 
 
 # Each score's direction: +1 where a larger value predicts a costlier tie, -1 where it predicts a cheaper one.
-COST_SIGN = {"measured_drop": 1.0, "output_cka": -1.0, "weight_similarity": -1.0, "gradient_conflict": 1.0}
+COST_SIGN = {"measured_drop": 1.0, "measured_loss": 1.0, "output_cka": -1.0, "weight_similarity": -1.0, "gradient_conflict": 1.0}
 # How much each score's rank counts in the predicted cost. Chosen on held-out data (the val half of
 # benchmarks/bench_tie.py: weights in {0, 1, 2} per score; the drop measured now ranked the drop after
 # fine-tuning best, val rho 0.96 vs 0.33 for equal weights). Without a measured drop the other three
@@ -164,73 +164,120 @@ def _cka_from_grams(ka: torch.Tensor, kb: torch.Tensor) -> float:
     return float((ka * kb).sum()) / den if den > 0 else float("nan")
 
 
+def _one_pass(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, layers: Sequence[str],
+              grad_layers: Sequence[str], cov_layers: Sequence[str]):
+    """One forward pass of ``images`` (eval mode) recording the centred output Gram matrix of every
+    layer in ``layers`` and the input covariance of every layer in ``cov_layers``; with ``labels``,
+    one backward pass for the loss gradients of the weights of ``grad_layers`` only (no other
+    weight's gradient is computed). Returns (grams, grads, covs)."""
+    from wsviz.models.tie import _input_covariance_hook
+
+    grams: dict[str, torch.Tensor] = {}
+    covs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda mod, a, o, n=n: grams.__setitem__(n, _gram(o)))
+               for n in layers]
+    handles += [model.get_submodule(n).register_forward_pre_hook(_input_covariance_hook(covs, n)) for n in cov_layers]
+    was = model.training
+    model.eval()
+    grads: dict[str, torch.Tensor] = {}
+    try:
+        if labels is None:
+            with torch.no_grad():
+                model(images)
+        else:
+            weights = [model.get_submodule(n).weight for n in grad_layers]
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(images), labels)
+                found = torch.autograd.grad(loss, weights)
+            grads = {n: g.detach() for n, g in zip(grad_layers, found)}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return grams, grads, covs
+
+
 @torch.no_grad()
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(labels), batch_size))
-    return correct / max(len(labels), 1)
+def _loss_and_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       batch_size: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(labels), batch_size):
+        out, y = model(images[i:i + batch_size]), labels[i:i + batch_size]
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    n = max(len(labels), 1)
+    return loss / n, correct / n
 
 
-def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 groups: Sequence[Sequence[str]] | None = None, held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> list[Opportunity]:
-    """Score every group (default :func:`candidate_groups`) on a calibration batch ``images``/``labels``;
-    with ``held_out`` (images, labels), also the accuracy lost by tying each group now. Sorted by the
-    predicted cost (:func:`predicted_costs`), cheapest first.
+@dataclass(frozen=True)
+class Opportunities:
+    """What :func:`find_opportunities` returns: the ranked groups and the per-stage similarity matrices."""
 
-    One forward and backward pass of ``images`` gives every layer's output Gram matrix (CKA), weight
-    gradient and input covariance (the least-squares kernels) at once; each measured drop then costs
+    rows: list[Opportunity]
+    stages: list[StageSimilarity]
+
+
+def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       groups: Sequence[Sequence[str]] | None = None,
+                       held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None,
+                       weights: dict[str, float] | None = None) -> Opportunities:
+    """Score every group (default :func:`candidate_groups`) on a calibration batch ``images``/``labels``
+    and build the per-stage similarity matrices (:func:`stage_similarity`), from one forward and one
+    backward pass; with ``held_out`` (images, labels), also measure what tying each group now costs
+    on them. Rows sorted by the predicted cost (:func:`predicted_costs` with ``weights``), cheapest first.
+
+    The pass gives every layer's output Gram matrix (CKA), the group members' weight gradients and
+    input covariances (the least-squares kernels) at once; each measured cost then takes one tie,
     one BatchNorm re-estimation and one evaluation. ``progress(i, n, what)`` is called as it goes.
     """
-    from wsviz.models.tie import _input_covariance_hook, check_groups, reestimate_batchnorm, tie
+    from wsviz.models.tie import check_groups, reestimate_batchnorm, tie
 
     groups = [tuple(g) for g in (groups if groups is not None else candidate_groups(model))]
     if not groups:
         raise WsvizError("No candidate groups: no stage has two blocks with same-shape convolutions.")
     for g in groups:  # each on its own: candidates overlap (a run of three holds two runs of two)
         check_groups(model, [g])
+    lanes = _similarity_lanes(model, required=False)
+    members = list(dict.fromkeys(n for g in groups for n in g))
+    layers = list(dict.fromkeys(members + [n for _, names in lanes for n in names]))
     n_steps = len(groups) + 1
     if progress:
         progress(0, n_steps, "one forward and backward pass for all groups")
-    convs = {n: model.get_submodule(n) for g in groups for n in g}
-    grams: dict[str, torch.Tensor] = {}
-    covs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: grams.__setitem__(n, _gram(o))) for n, m in convs.items()]
-    if held_out is not None:  # the least-squares kernels' input covariances, in the same pass
-        handles += [m.register_forward_pre_hook(_input_covariance_hook(covs, n)) for n, m in convs.items()]
-    was = model.training
-    model.eval()
-    try:
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    grads = {n: m.weight.grad.detach().clone() for n, m in convs.items()}
-    model.zero_grad(set_to_none=True)
+    grams, grads, covs = _one_pass(model, images, labels, layers, members, members if held_out is not None else [])
     base = None
-    if held_out is not None:  # the baseline gets the same BatchNorm re-estimation, so the drop is the tying's alone
-        base = _accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out)
+    if held_out is not None:  # the baseline gets the same BatchNorm re-estimation, so the cost is the tying's alone
+        base = _loss_and_accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out)
     out = []
     for i, g in enumerate(groups):
         if progress:
             progress(i + 1, n_steps, " + ".join(g))
-        ws = [convs[n].weight.detach() for n in g]
-        drop = None
+        ws = [model.get_submodule(n).weight.detach() for n in g]
+        drop = loss_rise = None
         if held_out is not None:
             tied = tie(model, [g], init="lstsq", covariances=covs)
-            drop = 100 * (base - _accuracy(reestimate_batchnorm(tied, images), *held_out))
+            loss, accuracy = _loss_and_accuracy(reestimate_batchnorm(tied, images), *held_out)
+            drop, loss_rise = 100 * (base[1] - accuracy), loss - base[0]
             del tied
         out.append(Opportunity(
             g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
             float(np.mean([_cka_from_grams(grams[a], grams[b]) for a, b in itertools.combinations(g, 2)])),
-            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop))
+            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop, measured_loss=loss_rise))
     if progress:
         progress(n_steps, n_steps, "done")
-    out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out))]
-    return sorted(out, key=lambda o: (o.predicted_cost, -o.params_saved))
+    out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out, weights))]
+    rows = sorted(out, key=lambda o: (o.predicted_cost, -o.params_saved))
+    return Opportunities(rows, _stage_matrices(model, lanes, grams))
+
+
+def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 groups: Sequence[Sequence[str]] | None = None, held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 progress: Callable[[int, int, str], None] | None = None,
+                 weights: dict[str, float] | None = None) -> list[Opportunity]:
+    """The ranked rows of :func:`find_opportunities` (cheapest first)."""
+    return find_opportunities(model, images, labels, groups, held_out, progress, weights).rows
 
 
 @dataclass(frozen=True)
@@ -244,25 +291,15 @@ class StageSimilarity:
     output_cka: np.ndarray  # linear CKA of the outputs on the calibration batch, (n, n)
 
 
-@torch.no_grad()
-def stage_similarity(model: nn.Module, images: torch.Tensor) -> list[StageSimilarity]:
-    """For every stage and conv role with two or more same-shape convolutions, the matrices of weight
-    cosine and output CKA between them (one forward pass of ``images`` for all)."""
+def _similarity_lanes(model: nn.Module, required: bool = True) -> list[tuple[tuple, list[str]]]:
     lanes = [(key, [n for _, n in members]) for key, members in _lanes(_convs(model)).items() if len(members) > 1]
-    if not lanes:
+    if required and not lanes:
         raise WsvizError("No stage has two blocks with same-shape convolutions to compare.")
-    names = [n for _, layers in lanes for n in layers]
-    outputs: dict[str, np.ndarray] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda mod, a, o, n=n: outputs.__setitem__(n, o.detach().flatten(1).numpy())) for n in names]
-    was = model.training
-    model.eval()
-    try:
-        model(images)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    return lanes
+
+
+def _stage_matrices(model: nn.Module, lanes: list[tuple[tuple, list[str]]],
+                    grams: dict[str, torch.Tensor]) -> list[StageSimilarity]:
     out = []
     for key, layers in lanes:
         k = len(layers)
@@ -270,6 +307,103 @@ def stage_similarity(model: nn.Module, images: torch.Tensor) -> list[StageSimila
         wsim, cka = np.eye(k), np.eye(k)
         for i, j in itertools.combinations(range(k), 2):
             wsim[i, j] = wsim[j, i] = _cosine(ws[i], ws[j])
-            cka[i, j] = cka[j, i] = linear_cka(outputs[layers[i]], outputs[layers[j]])
+            cka[i, j] = cka[j, i] = _cka_from_grams(grams[layers[i]], grams[layers[j]])
         out.append(StageSimilarity(key[0], key[1], tuple(layers), wsim, cka))
+    return out
+
+
+def stage_similarity(model: nn.Module, images: torch.Tensor) -> list[StageSimilarity]:
+    """For every stage and conv role with two or more same-shape convolutions, the matrices of weight
+    cosine and output CKA between them (one forward pass of ``images`` for all; each layer's Gram
+    matrix is computed once). :func:`find_opportunities` returns the same matrices from its pass."""
+    lanes = _similarity_lanes(model)
+    grams, _, _ = _one_pass(model, images, None, [n for _, names in lanes for n in names], [], [])
+    return _stage_matrices(model, lanes, grams)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A set of disjoint groups chosen to save at least a parameter budget (:func:`choose_groups`)."""
+
+    groups: tuple[tuple[str, ...], ...]
+    params_saved: int
+    predicted_drop: float  # the members' measured drops added up (accuracy points)
+    measured_drop: float | None  # accuracy points lost by tying all of them at once (None: not measured)
+    measured_loss: float | None = None  # rise of the held-out cross-entropy, all tied at once
+
+
+def _disjoint_sets(rows: Sequence[Opportunity], budget: int, limit: int = 200_000) -> list[tuple[int, ...]]:
+    """Every set of rows no two of which share a layer and that saves at least ``budget`` parameters,
+    minimal (dropping any member would miss the budget), found by depth-first search over the rows;
+    at most ``limit`` sets are looked at."""
+    layers = [set(r.group) for r in rows]
+    saved = [r.params_saved for r in rows]
+    out: list[tuple[int, ...]] = []
+    seen = 0
+
+    def walk(start: int, chosen: tuple[int, ...], used: set[str], total: int) -> None:
+        nonlocal seen
+        if seen >= limit:
+            return
+        if total >= budget:
+            seen += 1
+            if all(total - saved[i] < budget for i in chosen):
+                out.append(chosen)
+            return
+        for i in range(start, len(rows)):
+            if not layers[i] & used:
+                walk(i + 1, chosen + (i,), used | layers[i], total + saved[i])
+
+    walk(0, (), set(), 0)
+    return out
+
+
+def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, images: torch.Tensor,
+                  held_out: tuple[torch.Tensor, torch.Tensor], *, verify: int = 8,
+                  progress: Callable[[int, int, str], None] | None = None) -> list[Choice]:
+    """Disjoint groups among ``rows`` (scored with a measured drop) that save at least ``budget``
+    parameters at the least accuracy cost, best first.
+
+    Costs in accuracy points, so that several small groups and one large one compare fairly: every
+    minimal disjoint set saving the budget is ranked by the sum of its groups' measured drops (ties
+    by the summed loss rise, then by fewer parameters saved). Drops do not add exactly (tying one
+    group changes what the next sees), so the ``verify`` best sets are then tied together, BatchNorm
+    re-estimated on ``images``, and measured on ``held_out``; the list is sorted by that measurement.
+    """
+    from wsviz.models.tie import reestimate_batchnorm, tie
+
+    if any(r.measured_drop is None for r in rows):
+        raise WsvizError("Choosing groups under a budget needs each group's measured drop: score them with "
+                         "held-out data.")
+    if budget <= 0:
+        raise WsvizError(f"The parameter budget must be a positive number of parameters to save, got {budget}.")
+    sets = _disjoint_sets(rows, budget)
+    if not sets:
+        most = sum(sorted((r.params_saved for r in rows), reverse=True))
+        raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save at "
+                         f"most {most:,}); lower the budget or pass larger groups.")
+
+    def predicted(s):
+        return (sum(rows[i].measured_drop for i in s), sum(rows[i].measured_loss or 0.0 for i in s),
+                sum(rows[i].params_saved for i in s))
+
+    sets.sort(key=predicted)
+    best = sets[:max(verify, 1)]
+    base = _loss_and_accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out) if verify else None
+    out = []
+    for k, s in enumerate(best):
+        groups = tuple(rows[i].group for i in s)
+        drop = loss = None
+        if verify:
+            if progress:
+                progress(k, len(best), " | ".join(" + ".join(g) for g in groups))
+            tied = reestimate_batchnorm(tie(model, [list(g) for g in groups], init="lstsq", images=images), images)
+            loss_now, acc_now = _loss_and_accuracy(tied, *held_out)
+            drop, loss = 100 * (base[1] - acc_now), loss_now - base[0]
+        p = predicted(s)
+        out.append(Choice(groups, p[2], p[0], drop, loss))
+    if progress and verify:
+        progress(len(best), len(best), "done")
+    if verify:
+        out.sort(key=lambda c: (c.measured_drop, c.measured_loss, c.params_saved))
     return out
