@@ -212,14 +212,17 @@ def test_measured_loss_is_the_rise_of_the_held_out_cross_entropy(twin):
 
     def loss_acc(m):
         with torch.no_grad():
-            out = m.eval()(held.images)
-        return float(torch.nn.functional.cross_entropy(out, held.labels)), float((out.argmax(1) == held.labels).double().mean())
+            out = m.eval()(held.images).double()
+        return (float(torch.nn.functional.cross_entropy(out, held.labels)),
+                float((out.argmax(1) == held.labels).double().mean()), out.softmax(1).numpy())
 
     base = loss_acc(reestimate_batchnorm(copy.deepcopy(twin), cal.images))
     tied = loss_acc(reestimate_batchnorm(tie(twin, [group], "lstsq", cal.images), cal.images))
     assert row.measured_loss == pytest.approx(tied[0] - base[0], rel=1e-4, abs=1e-6)
     assert row.measured_drop == pytest.approx(100 * (base[1] - tied[1]), abs=1e-6)
-    assert row.measured_loss > 0  # tying trained kernels costs something on this model
+    p, q = base[2], tied[2]  # KL(untied || tied), image by image, then the mean
+    assert row.measured_kl == pytest.approx(float(np.mean((p * (np.log(p) - np.log(q))).sum(1))), rel=1e-4)
+    assert row.measured_loss > 0 and row.measured_kl > 0  # tying trained kernels costs something on this model
 
 
 def _rows(groups_and_savings, drops=None):

@@ -10,12 +10,17 @@ stage, the same conv role in each: ShaResNet's pattern generalised), four scores
   weights on the calibration batch (SuperWeights' signal: members pulled apart by training);
 * ``measured_drop``: held-out accuracy of the untied model minus that of the model tied now
   (least-squares init), both with BatchNorm statistics re-estimated on the calibration batch (so
-  the drop is the tying's alone), no fine-tuning.
+  the drop is the tying's alone), no fine-tuning; measured in the same step, two continuous
+  companions that do not move in whole images: ``measured_loss`` (the rise of the held-out
+  cross-entropy) and ``measured_kl`` (the mean KL divergence from the untied model's predictions
+  to the tied one's, which needs no labels).
 
 They are combined into one ``predicted_cost`` (:func:`predicted_costs`): a weighted mean of each
 group's rank under every score (0 the cheapest-looking group, 1 the costliest), so scores in
 different units combine without scaling. The ranking is judged by ``benchmarks/bench_tie.py``
-against the drop measured after a short fine-tune.
+against the drop measured after a short fine-tune. Under a parameter budget,
+:func:`choose_groups` picks disjoint groups by their costs in accuracy points instead (ranks do
+not add up) and measures the best sets tied together.
 
 Tying itself is :func:`wsviz.models.tie.tie`; this module only scores.
 """
@@ -48,10 +53,11 @@ class Opportunity:
     measured_drop: float | None  # accuracy points lost by tying now (None when not measured)
     predicted_cost: float | None = None  # the scores combined (predicted_costs): 0 cheapest .. 1 costliest
     measured_loss: float | None = None  # rise of the held-out cross-entropy when tied now (None when not measured)
+    measured_kl: float | None = None  # mean KL(untied || tied now) of the held-out predictions (None: not measured)
 
 
 # Each score's direction: +1 where a larger value predicts a costlier tie, -1 where it predicts a cheaper one.
-COST_SIGN = {"measured_drop": 1.0, "measured_loss": 1.0, "output_cka": -1.0, "weight_similarity": -1.0, "gradient_conflict": 1.0}
+COST_SIGN = {"measured_drop": 1.0, "measured_loss": 1.0, "measured_kl": 1.0, "output_cka": -1.0, "weight_similarity": -1.0, "gradient_conflict": 1.0}
 # How much each score's rank counts in the predicted cost. Chosen on held-out data (the val half of
 # benchmarks/bench_tie.py: weights in {0, 1, 2} per score; the drop measured now ranked the drop after
 # fine-tuning best, val rho 0.96 vs 0.33 for equal weights). Without a measured drop the other three
@@ -198,17 +204,19 @@ def _one_pass(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | Non
 
 
 @torch.no_grad()
-def _loss_and_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                       batch_size: int = 256) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode."""
+def _log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The log-softmax outputs of ``model`` in eval mode on ``images`` (float64)."""
     model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(labels), batch_size):
-        out, y = model(images[i:i + batch_size]), labels[i:i + batch_size]
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    n = max(len(labels), 1)
-    return loss / n, correct / n
+    return torch.cat([F.log_softmax(model(images[i:i + batch_size]).double(), 1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def _measure(log_p: torch.Tensor, labels: torch.Tensor, base: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """(mean cross-entropy, accuracy, mean KL(base || this)) of log-probabilities ``log_p``; KL 0 without a base."""
+    loss = float(F.nll_loss(log_p, labels))
+    accuracy = float((log_p.argmax(1) == labels).double().mean())
+    kl = float(F.kl_div(log_p, base, log_target=True, reduction="batchmean")) if base is not None else 0.0
+    return loss, accuracy, kl
 
 
 @dataclass(frozen=True)
@@ -247,24 +255,26 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     if progress:
         progress(0, n_steps, "one forward and backward pass for all groups")
     grams, grads, covs = _one_pass(model, images, labels, layers, members, members if held_out is not None else [])
-    base = None
+    base = base_lp = None
     if held_out is not None:  # the baseline gets the same BatchNorm re-estimation, so the cost is the tying's alone
-        base = _loss_and_accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out)
+        base_lp = _log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0])
+        base = _measure(base_lp, held_out[1])
     out = []
     for i, g in enumerate(groups):
         if progress:
             progress(i + 1, n_steps, " + ".join(g))
         ws = [model.get_submodule(n).weight.detach() for n in g]
-        drop = loss_rise = None
+        drop = loss_rise = kl = None
         if held_out is not None:
             tied = tie(model, [g], init="lstsq", covariances=covs)
-            loss, accuracy = _loss_and_accuracy(reestimate_batchnorm(tied, images), *held_out)
+            loss, accuracy, kl = _measure(_log_probs(reestimate_batchnorm(tied, images), held_out[0]), held_out[1],
+                                          base_lp)
             drop, loss_rise = 100 * (base[1] - accuracy), loss - base[0]
             del tied
         out.append(Opportunity(
             g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
             float(np.mean([_cka_from_grams(grams[a], grams[b]) for a, b in itertools.combinations(g, 2)])),
-            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop, measured_loss=loss_rise))
+            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop, measured_loss=loss_rise, measured_kl=kl))
     if progress:
         progress(n_steps, n_steps, "done")
     out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out, weights))]
@@ -389,7 +399,8 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
 
     sets.sort(key=predicted)
     best = sets[:max(verify, 1)]
-    base = _loss_and_accuracy(reestimate_batchnorm(copy.deepcopy(model), images), *held_out) if verify else None
+    base = _measure(_log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0]),
+                    held_out[1]) if verify else None
     out = []
     for k, s in enumerate(best):
         groups = tuple(rows[i].group for i in s)
@@ -398,7 +409,7 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
             if progress:
                 progress(k, len(best), " | ".join(" + ".join(g) for g in groups))
             tied = reestimate_batchnorm(tie(model, [list(g) for g in groups], init="lstsq", images=images), images)
-            loss_now, acc_now = _loss_and_accuracy(tied, *held_out)
+            loss_now, acc_now, _ = _measure(_log_probs(tied, held_out[0]), held_out[1])
             drop, loss = 100 * (base[1] - acc_now), loss_now - base[0]
         p = predicted(s)
         out.append(Choice(groups, p[2], p[0], drop, loss))
