@@ -17,11 +17,11 @@ Per seed (calibration sample, fine-tuning order, from-scratch initialisation, ra
 2. Ranking: every candidate group is tied alone (lstsq) and fine-tuned for a fixed short run; its
    drop is the untied model's accuracy after the same run minus the tied one's. Spearman between
    each score and that drop on the test half (scores computed on calibration + val data), for the
-   combined predicted cost vs weight similarity, output CKA, gradient conflict, the drop right
-   after tying and "adjacent blocks" (cost = number of blocks spanned) alone.
-3. Budget: at ShaResNet's parameter saving (48,384), the disjoint candidate groups of least total
-   predicted cost vs ShaResNet's rule vs random disjoint groups saving as much; each tied and
-   fine-tuned like (1).
+   combined predicted cost vs weight similarity, output CKA, gradient conflict, the drop, loss rise
+   and KL right after tying and "adjacent blocks" (cost = number of blocks spanned) alone.
+3. Budget: at ShaResNet's parameter saving (48,384), ``choose_groups`` (disjoint sets ranked by
+   their drops in accuracy points on val, the best few tied together and measured on val) vs
+   ShaResNet's rule vs random disjoint groups saving as much; each tied and fine-tuned like (1).
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_tie [--seeds 0 1 2] [--out benchmarks/results]
 """
@@ -40,12 +40,20 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from wsviz.analysis.opportunities import COST_SIGN, DEFAULT_WEIGHTS, candidate_groups, predicted_costs, score_groups
+from wsviz.analysis.opportunities import (
+    COST_SIGN,
+    DEFAULT_WEIGHTS,
+    candidate_groups,
+    choose_groups,
+    find_opportunities,
+    predicted_costs,
+)
 from wsviz.data.datasets import load_split
 from wsviz.models import create_model, summarize
 from wsviz.models.tie import reestimate_batchnorm, tie
 from wsviz.training.checkpoint import load_checkpoint
 from wsviz.training.loop import TrainConfig, evaluate, train
+from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
@@ -57,8 +65,9 @@ CALIBRATION = 512
 LRS = (0.003, 0.01, 0.03, 0.1)  # fine-tuning learning rates tried on val (seed 0, ShaResNet's rule, lstsq)
 SCRATCH_LR = 0.1  # the original recipe's
 INITS = ("medoid", "mean", "lstsq")
-SINGLE = ("weight_similarity", "output_cka", "gradient_conflict", "measured_drop")
+SINGLE = ("weight_similarity", "output_cka", "gradient_conflict", "measured_drop", "measured_loss", "measured_kl")
 N_RANDOM = 2
+VERIFY = 8  # the best-predicted sets choose_groups ties together and measures on val
 
 
 def log(msg: str) -> None:
@@ -89,23 +98,13 @@ def saving(model, groups) -> int:
     return sum((len(g) - 1) * model.get_submodule(g[0]).weight.numel() for g in groups)
 
 
-def disjoint_sets(groups):
-    """Every set of candidate groups no two of which share a layer."""
-    n = len(groups)
-    layers = [set(g) for g in groups]
-    out = []
-    for mask in range(1, 1 << n):
-        chosen = [i for i in range(n) if mask >> i & 1]
-        if all(not layers[a] & layers[b] for a, b in itertools.combinations(chosen, 2)):
-            out.append(chosen)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--smoke", action="store_true", help="a few steps and groups, to check the script runs")
+    ap.add_argument("--publish", action="store_true",
+                    help="also write checkpoints/tying.json, from which checkpoints/REPORT.md's section is rendered")
     args = ap.parse_args()
     global FT_STEPS, SHORT_STEPS, LRS, N_RANDOM
     if args.smoke:
@@ -160,7 +159,7 @@ def main() -> None:
         log(f"seed {seed}: scratch {s['scratch']:.1f}, untied fine-tuned {s['untied_ft']:.1f}")
 
         # 2. ranking ---------------------------------------------------------------------------
-        rows = score_groups(plain, cal, cal_y, groups=groups, held_out=val)
+        rows = find_opportunities(plain, cal, cal_y, groups=groups, held_out=val).rows
         rows = sorted(rows, key=lambda r: groups.index(r.group))
         base = finetune(reestimate_batchnorm(tie_free_copy(plain), cal), train_data, val, SHORT_STEPS, lr, seed)
         base_val, base_test = acc(base, val), acc(base, test)
@@ -200,13 +199,16 @@ def main() -> None:
 
     # 3. budgeted choice -------------------------------------------------------------------------
     budget = saving(plain, RULE)
-    sets = [c for c in disjoint_sets(groups) if saving(plain, [groups[i] for i in c]) >= budget]
     for s, rows in per_seed:
         seed = s["seed"]
         gen = torch.Generator().manual_seed(seed)
         cal = tr.images[torch.randperm(len(tr.labels), generator=gen)[:CALIBRATION]]
-        cost = predicted_costs(rows, best)  # the weights chosen on val
-        pick = min(sets, key=lambda c: (sum(cost[i] for i in c), saving(plain, [groups[i] for i in c])))
+        # costs in accuracy points measured on val; the 8 best-predicted sets tied together and measured on val
+        choices = choose_groups(plain, rows, budget, cal, val, verify=VERIFY)
+        s["budget_candidates"] = [{"groups": [list(g) for g in c.groups], "saving": c.params_saved,
+                                   "predicted_drop_val": c.predicted_drop, "measured_drop_val": c.measured_drop}
+                                  for c in choices]
+        pick = choices[0].groups
         rng = np.random.default_rng(seed)
         randoms = []
         for _ in range(N_RANDOM):  # random groups added until they save as much as the rule
@@ -218,7 +220,7 @@ def main() -> None:
                     break
             randoms.append(chosen)
         s["budget"] = {}
-        for name, chosen in [("wsviz", [groups[i] for i in pick]), ("sharesnet rule", RULE),
+        for name, chosen in [("wsviz", list(pick)), ("sharesnet rule", RULE),
                              *[(f"random {k + 1}", [groups[i] for i in c]) for k, c in enumerate(randoms)]]:
             m = tied_model(plain, chosen, "lstsq", cal)
             a0 = acc(m, test)
@@ -227,97 +229,24 @@ def main() -> None:
                                  "after_tying": a0, "after_ft": a1, "drop_after_ft": s["untied_ft"] - a1}
             log(f"seed {seed} budget {name}: saves {saving(plain, chosen):,}, tied {a0:.1f}, fine-tuned {a1:.1f}")
 
+    res["scratch_lr"], res["verify"], res["singles"] = SCRATCH_LR, VERIFY, list(SINGLE)
     res["cpu_seconds"] = time.process_time() - t_start
     res["wall_seconds"] = time.time() - wall0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tie.json").write_text(json.dumps(res, indent=1))
-    (out / "tie.md").write_text(report(res))
-    print(report(res))
+    text = json.dumps(res, indent=1)
+    (out / "tie.json").write_text(text)
+    if not args.smoke and args.publish:  # the REPORT.md section is rendered from this copy (wsviz.zoo.tying_section)
+        (ROOT / "checkpoints" / "tying.json").write_text(text)
+    md = "\n".join(tying_section(res)) + "\n"
+    (out / "tie.md").write_text(md)
+    print(md)
 
 
 def tie_free_copy(model):
     import copy
 
     return copy.deepcopy(model)
-
-
-def _ms(values) -> str:
-    values = list(values)
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def report(res: dict) -> str:
-    seeds = res["per_seed"]
-    n = len(seeds)
-    lines = ["## Tying a trained model (issue 19): `benchmarks/bench_tie.py`", "",
-             f"Shipped plain model `scale-sharesnet-unshared` ({res['params']['untied']:,} parameters, "
-             f"{res['untied_full_test']:.1f}% on the full test split, {res['original_steps']} training steps) tied by "
-             f"ShaResNet's rule into {seeds[0]['params_tied']:,} parameters (the shipped shared model's count). "
-             f"{n} seeds (calibration sample of {res['calibration']} training images, fine-tuning order, "
-             "from-scratch initialisation, random groups); mean ± sd over seeds. The test split is halved: "
-             f"choices on val ({res['val_n']} images), numbers below on the other half (test half) unless said.",
-             "", f"Fine-tuning: {res['ft_steps']} SGD steps (one epoch, {100 * res['ft_steps'] / res['original_steps']:.1f}% "
-             f"of the original), cosine from lr {res['lr']} (chosen on val from "
-             + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items()) + "); from scratch: the same steps at "
-             f"the original recipe's lr {SCRATCH_LR}.", "",
-             "| model | accuracy (test half, %) |", "|---|---|",
-             f"| untied (as trained) | {res['untied_test']:.1f} |",
-             f"| untied, fine-tuned the same {res['ft_steps']} steps | {_ms(s['untied_ft'] for s in seeds)} |"]
-    for init in INITS:
-        lines.append(f"| tied, {init}, right after tying (BatchNorm re-estimated) | "
-                     f"{_ms(s['after_tying'][init] for s in seeds)} |")
-    for init in INITS:
-        lines.append(f"| tied, {init}, + {res['ft_steps']}-step fine-tune | {_ms(s['after_ft'][init] for s in seeds)} |")
-    lines.append(f"| shared architecture from scratch, {res['ft_steps']} steps | {_ms(s['scratch'] for s in seeds)} |")
-    gap = [res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds]
-    beat = [s["after_ft"]["lstsq"] - s["scratch"] for s in seeds]
-    lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_ms(gap)} points below it "
-              f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'}. Target \"better than from scratch\": "
-              f"{_ms(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
-    keys = list(seeds[0]["spearman_test"])
-    lines += [f"### Ranking: Spearman between each score and the drop after a {res['short_steps']}-step fine-tune",
-              "", f"All {len(res['candidate_groups'])} candidate groups (same-shape runs of blocks within a stage), "
-              "each tied alone (lstsq) and fine-tuned; drop = untied model after the same fine-tune minus tied. "
-              "Scores from the calibration sample (the drop right after tying on val). Combined: weighted mean of "
-              f"the scores' ranks; library default weights {res['weights_default']}; weights chosen on val from "
-              f"{{0, 1, 2}}^4: {res['weights_chosen_on_val']} (mean val ρ {res['val_rho_chosen']:.3f}; default "
-              f"{res['val_rho_default']:.3f}).", "",
-              "| score | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " | mean (test half) | mean (val) |",
-              "|---|" + "---|" * (n + 2)]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{s['spearman_test'][k]:.2f}" for s in seeds)
-                     + f" | {statistics.mean(s['spearman_test'][k] for s in seeds):.2f} | "
-                     + f"{statistics.mean(s['spearman_val'][k] for s in seeds):.2f} |")
-    comb = statistics.mean(s["spearman_test"]["combined (library default)"] for s in seeds)
-    others = {k: statistics.mean(s["spearman_test"][k] for s in seeds)
-              for k in ("weight_similarity", "output_cka", "adjacent blocks")}
-    lines += ["", f"Target ρ ≥ 0.7 for the combined score: {comb:.2f} — {'met' if comb >= 0.7 else 'NOT met'}; better "
-              "than weight similarity, CKA and adjacency alone: "
-              + ("met" if all(comb > v for v in others.values()) else "NOT met") + ".", ""]
-    lines += ["### Budgeted choice at ShaResNet's parameter saving", "",
-              "Disjoint candidate groups saving at least as much as ShaResNet's rule, of least total predicted cost "
-              "(weights chosen on val), vs the rule, vs random disjoint groups added until they save as much; each tied "
-              f"(lstsq) and fine-tuned {res['ft_steps']} steps. Drop = untied fine-tuned the same way minus this.", "",
-              "| choice | seed | saves | right after tying | after fine-tune | drop |", "|---|---|---|---|---|---|"]
-    for s in seeds:
-        for name, b in s["budget"].items():
-            lines.append(f"| {name} | {s['seed']} | {b['saving']:,} | {b['after_tying']:.1f} | {b['after_ft']:.1f} | "
-                         f"{b['drop_after_ft']:+.1f} |")
-    ws = [s["budget"]["wsviz"]["drop_after_ft"] for s in seeds]
-    rule = [s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds]
-    rnd = [b["drop_after_ft"] for s in seeds for k, b in s["budget"].items() if k.startswith("random")]
-    lines += ["", f"Mean drop: wsviz {_ms(ws)}, ShaResNet's rule {_ms(rule)}, random {_ms(rnd)} — wsviz loses less "
-              f"than the rule: {'yes' if statistics.mean(ws) < statistics.mean(rule) else 'NO'}; than random: "
-              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}.", "",
-              "wsviz's groups per seed: " + "; ".join(
-                  f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
-                  for s in seeds) + ".", "",
-              f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, one "
-              "torch thread.", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ kind = st.radio("Similarity", ["output_cka", "weight_similarity"], horizontal=Tr
                 format_func=lambda k: {"output_cka": "outputs (linear CKA)", "weight_similarity": "kernels (cosine)"}[k])
 figure(stage_similarity_figure(sims, kind), f"share-similarity-{kind}")
 table = [{"group": " + ".join(r.group), "params saved": r.params_saved, "predicted cost": r.predicted_cost,
-          "drop now (pts)": r.measured_drop, "weight similarity": r.weight_similarity, "output CKA": r.output_cka,
+          "drop now (pts)": r.measured_drop, "loss rise now": r.measured_loss, "KL now": r.measured_kl,
+          "weight similarity": r.weight_similarity, "output CKA": r.output_cka,
           "gradient conflict": r.gradient_conflict} for r in rows]
 figure(opportunities_figure([{"group": t["group"], "params_saved": t["params saved"],
                               "predicted_cost": t["predicted cost"], "measured_drop": t["drop now (pts)"]}
@@ -90,7 +91,46 @@ st.dataframe(pd.DataFrame(table), hide_index=True,
                             "drop now (pts)": st.column_config.NumberColumn(format="%+.1f")})
 download_table(table, "share-opportunities")
 by_name = {t["group"]: r for t, r in zip(table, rows)}
-picked = st.multiselect("Groups to tie", list(by_name), key=f"share-pick-{hash(key)}",
+pick_key = f"share-pick-{hash(key)}"
+
+
+def suggest(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int, budget: int):
+    """The disjoint groups that save ``budget`` parameters at the least measured cost, in a worker thread."""
+    from wsviz.analysis.opportunities import choose_groups
+    from wsviz.data.datasets import fit_to, load_split
+    from wsviz.models import input_shape
+
+    c, size, _ = input_shape(model)
+    cal = load_split(dataset, "train", seed=data_seed).spread(n_cal)  # the images the rows were scored on
+    held = load_split(dataset, "test", seed=data_seed).spread(n_held)
+    with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
+        return choose_groups(model, rows, budget, fit_to(cal.images, c, size),
+                             (fit_to(held.images, c, size), held.labels), verify=4,
+                             progress=lambda i, n, g: progress(i / max(n, 1), g))
+
+
+with st.expander("Suggest groups for a parameter budget"):
+    st.caption("Disjoint groups that save at least this many parameters, ranked by their drops now added up in "
+               "accuracy points; the 4 best sets are then tied together and measured on the held-out images.")
+    b1, b2 = st.columns([2, 1])
+    budget = b1.number_input("Parameters to save", 1, max(sum(r.params_saved for r in rows), 1),
+                             min(r.params_saved for r in rows), step=1000)
+    if b2.button("Suggest groups"):
+        run_in_background("share-suggest", (key, int(budget)), suggest, model, dataset, n_cal, n_held,
+                          int(card.get("data_seed", 0)), int(budget))
+    suggestion = background_result("share-suggest", (key, int(budget)), "measuring of the best sets")
+    if suggestion:
+        best = suggestion[0]
+        names = [" + ".join(g) for g in best.groups]
+        st.success(f"Tie {' | '.join(names)}: saves {best.params_saved:,} parameters, "
+                   f"{best.measured_drop:+.1f} pts measured with all of them tied now "
+                   f"(predicted from the groups alone: {best.predicted_drop:+.1f}).")
+        st.dataframe(pd.DataFrame([{"groups": " | ".join(" + ".join(g) for g in c.groups),
+                                    "params saved": c.params_saved, "predicted drop (pts)": c.predicted_drop,
+                                    "measured drop (pts)": c.measured_drop} for c in suggestion]), hide_index=True)
+        if st.button("Use these groups"):
+            st.session_state[pick_key] = names
+picked = st.multiselect("Groups to tie", list(by_name), key=pick_key,
                         help="groups may not overlap: a layer shares one weight at most")
 chosen = [by_name[g].group for g in picked]
 saved = sum(by_name[g].params_saved for g in picked)

@@ -55,7 +55,21 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
     table = at.dataframe[0].value
     assert len(table) == 14 and GROUP in set(table["group"])  # every candidate group of this WRN
     assert list(table["predicted cost"]) == sorted(table["predicted cost"])  # cheapest first
-    assert {"drop now (pts)", "output CKA", "weight similarity", "gradient conflict"} <= set(table.columns)
+    assert {"drop now (pts)", "loss rise now", "KL now", "output CKA", "weight similarity",
+            "gradient conflict"} <= set(table.columns)
+
+    # a budget of two stage-2 kernels: the page suggests disjoint groups saving that much, measured, and
+    # "Use these groups" ticks them
+    next(n for n in at.number_input if n.label == "Parameters to save").set_value(2 * 36_864).run()
+    next(b for b in at.button if b.label == "Suggest groups").click().run()
+    _wait(at, lambda a: any(s.value.startswith("Tie ") for s in a.success), "the suggestion")
+    suggested = at.dataframe[1].value
+    assert (suggested["params saved"] >= 2 * 36_864).all() and len(suggested) >= 1
+    assert list(suggested["measured drop (pts)"]) == sorted(suggested["measured drop (pts)"])
+    next(b for b in at.button if b.label == "Use these groups").click().run()
+    picked = next(m for m in at.multiselect if m.label == "Groups to tie").value
+    assert " | ".join(picked) == suggested["groups"][0]
+    next(m for m in at.multiselect if m.label == "Groups to tie").set_value([]).run()
 
     # a viewer sees why there is nothing to press
     at.session_state["_wsviz_actor"] = auth.Actor("viewer", "viewer")

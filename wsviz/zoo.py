@@ -465,7 +465,96 @@ def render_report(out: str | Path = "checkpoints") -> str:
             means = acc.mean(axis=1)
             lines.append(f"| `{g}` | " + " | ".join(f"{_pct(m_)} ± {_pct(s_)}" for m_, s_ in zip(acc.mean(axis=0), sd))
                          + f" | {_pct(means.mean())} ± {_pct(means.std(ddof=1) if len(means) > 1 else 0.0)} |")
+    if (out / "tying.json").is_file():
+        lines += [""] + tying_section(json.loads((out / "tying.json").read_text()))
     return "\n".join(lines) + "\n"
+
+
+def _mean_sd(values) -> str:
+    import statistics
+
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def tying_section(res: dict) -> list[str]:
+    seeds = res["per_seed"]
+    n = len(seeds)
+    """REPORT.md's section on tying a trained model into a shared one, from ``benchmarks/bench_tie.py``'s
+    results (``checkpoints/tying.json``): every number read from ``res``, the targets' verdicts computed."""
+    import statistics
+
+    inits = list(res["per_seed"][0]["after_tying"])
+    lines = ["## Tying a trained model into a shared one (`benchmarks/bench_tie.py`)", "",
+             f"Shipped plain model `scale-sharesnet-unshared` ({res['params']['untied']:,} parameters, "
+             f"{res['untied_full_test']:.1f}% on the full test split, {res['original_steps']} training steps) tied by "
+             f"ShaResNet's rule into {seeds[0]['params_tied']:,} parameters (the shipped shared model's count). "
+             f"{n} seeds (calibration sample of {res['calibration']} training images, fine-tuning order, "
+             "from-scratch initialisation, random groups); mean ± sd over seeds. The test split is halved: "
+             f"choices on val ({res['val_n']} images), numbers below on the other half (test half) unless said.",
+             "", f"Fine-tuning: {res['ft_steps']} SGD steps (one epoch, {100 * res['ft_steps'] / res['original_steps']:.1f}% "
+             f"of the original), cosine from lr {res['lr']} (chosen on val from "
+             + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items()) + "); from scratch: the same steps at "
+             f"the original recipe's lr {res['scratch_lr']}.", "",
+             "| model | accuracy (test half, %) |", "|---|---|",
+             f"| untied (as trained) | {res['untied_test']:.1f} |",
+             f"| untied, fine-tuned the same {res['ft_steps']} steps | {_mean_sd(s['untied_ft'] for s in seeds)} |"]
+    for init in inits:
+        lines.append(f"| tied, {init}, right after tying (BatchNorm re-estimated) | "
+                     f"{_mean_sd(s['after_tying'][init] for s in seeds)} |")
+    for init in inits:
+        lines.append(f"| tied, {init}, + {res['ft_steps']}-step fine-tune | {_mean_sd(s['after_ft'][init] for s in seeds)} |")
+    lines.append(f"| shared architecture from scratch, {res['ft_steps']} steps | {_mean_sd(s['scratch'] for s in seeds)} |")
+    gap = [res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds]
+    beat = [s["after_ft"]["lstsq"] - s["scratch"] for s in seeds]
+    lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_mean_sd(gap)} points below it "
+              f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'}. Target \"better than from scratch\": "
+              f"{_mean_sd(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
+    keys = list(seeds[0]["spearman_test"])
+    lines += [f"### Ranking: Spearman between each score and the drop after a {res['short_steps']}-step fine-tune",
+              "", f"All {len(res['candidate_groups'])} candidate groups (same-shape runs of blocks within a stage), "
+              "each tied alone (lstsq) and fine-tuned; drop = untied model after the same fine-tune minus tied. "
+              "Scores from the calibration sample (the drop right after tying on val). Combined: weighted mean of "
+              f"the scores' ranks; library default weights {res['weights_default']}; weights chosen on val from "
+              f"{{0, 1, 2}}^{len(res['singles'])}: {res['weights_chosen_on_val']} (mean val ρ {res['val_rho_chosen']:.3f}; default "
+              f"{res['val_rho_default']:.3f}).", "",
+              "| score | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " | mean (test half) | mean (val) |",
+              "|---|" + "---|" * (n + 2)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{s['spearman_test'][k]:.2f}" for s in seeds)
+                     + f" | {statistics.mean(s['spearman_test'][k] for s in seeds):.2f} | "
+                     + f"{statistics.mean(s['spearman_val'][k] for s in seeds):.2f} |")
+    comb = statistics.mean(s["spearman_test"]["combined (chosen on val)"] for s in seeds)
+    others = {k: statistics.mean(s["spearman_test"][k] for s in seeds)
+              for k in ("weight_similarity", "output_cka", "adjacent blocks")}
+    lines += ["", f"Target ρ ≥ 0.7 for the combined score (its weights chosen on val, ρ on the test half): {comb:.2f} — "
+              f"{'met' if comb >= 0.7 else 'NOT met'}; better than weight similarity, CKA and adjacency alone: "
+              + ("met" if all(comb > v for v in others.values()) else "NOT met") + ".", ""]
+    lines += ["### Budgeted choice at ShaResNet's parameter saving", "",
+              "wsviz (`choose_groups`): the minimal disjoint candidate sets saving at least as much as ShaResNet's rule, "
+              f"ranked by the sum of their groups' drops measured on val (accuracy points), the {res['verify']} best tied together "
+              "and measured on val, the best of those kept; vs the rule, vs random disjoint groups added until they "
+              "save as much; each tied "
+              f"(lstsq) and fine-tuned {res['ft_steps']} steps. Drop = untied fine-tuned the same way minus this.", "",
+              "| choice | seed | saves | right after tying | after fine-tune | drop |", "|---|---|---|---|---|---|"]
+    for s in seeds:
+        for name, b in s["budget"].items():
+            lines.append(f"| {name} | {s['seed']} | {b['saving']:,} | {b['after_tying']:.1f} | {b['after_ft']:.1f} | "
+                         f"{b['drop_after_ft']:+.1f} |")
+    ws = [s["budget"]["wsviz"]["drop_after_ft"] for s in seeds]
+    rule = [s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds]
+    rnd = [b["drop_after_ft"] for s in seeds for k, b in s["budget"].items() if k.startswith("random")]
+    lines += ["", f"Mean drop: wsviz {_mean_sd(ws)}, ShaResNet's rule {_mean_sd(rule)}, random {_mean_sd(rnd)} — wsviz loses less "
+              f"than the rule: {'yes' if statistics.mean(ws) < statistics.mean(rule) else 'NO'}; than random: "
+              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}.", "",
+              "wsviz's groups per seed: " + "; ".join(
+                  f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
+                  for s in seeds) + ".", "",
+              f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, one "
+              "torch thread.", ""]
+    return lines
 
 
 def report(out: str | Path = "checkpoints") -> Path:
