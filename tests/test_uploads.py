@@ -571,10 +571,11 @@ def gif_with_screen_size(width: int, height: int) -> bytes:
         (lambda: png_with_header_size(2**24 + 3, 100), MAX_PIXELS,
          "16777219x100 = 1.7 billion pixels, more than the 40 million"),  # all four bytes of the width
         (lambda: png_with_header_size(100, 2**24 + 3), MAX_PIXELS, "100x16777219 = 1.7 billion pixels, more than the 40 million"),
+        (lambda: png_with_header_size(2**31 + 1, 1), MAX_PIXELS, "2147483649x1 = 2.1 billion pixels, more than the 40 million"),
         (lambda: gif_with_screen_size(40000, 40000), MAX_PIXELS, "1.6 billion pixels, more than the 40 million"),  # no PNG: no size
     ],
     ids=["ours", "ours-at-the-limit", "million", "million-rounding", "pil-billion", "pil-billion-rounding",
-         "pil-wide", "pil-tall", "pil-gif"],
+         "pil-wide", "pil-tall", "pil-unsigned", "pil-gif"],
 )
 def test_too_many_pixels_messages_in_full(data, max_pixels, says):
     assert refusal(data(), "big.img", max_pixels=max_pixels) == f"The image 'big.img' is {says} allowed; downscale it first."
@@ -728,6 +729,7 @@ DEEP = {  # values of a one-row 32-bit image -> the 8-bit values, by the rule in
     "I within 0..255: as is": ([0, 100, 255], np.int32, [0, 100, 255]),
     "I up to 256: as 16-bit": ([0, 128, 256], np.int32, [0, 0, 1]),  # 256 * 255 / 65535 = 0.996
     "I up to 65535: as 16-bit": ([300, 30000, 65535], np.int32, [1, 117, 255]),  # 300 -> 1.17, 30000 -> 116.7
+    "I as 16-bit, near halves": ([0, 386, 33025, 65535], np.int32, [0, 2, 129, 255]),  # 1.502 -> 2, 128.502 -> 129
     "I over 65535: min..max": ([300, 30000, 65536], np.int32, [0, 116, 255]),  # 29700 * 255 / 65236 = 116.1
     "I negative: min..max": ([-100, 0, 1000], np.int32, [0, 23, 255]),  # 100 * 255 / 1100 = 23.2
     "I negative, small range: min..max": ([-100, 0, 200], np.int32, [0, 85, 255]),
@@ -800,6 +802,8 @@ def test_inverting_is_exactly_the_negative():
 def test_auto_inversion_needs_a_border_strictly_above_half():
     half = Image.fromarray(np.array([[0, 0, 255, 255]] * 4, dtype=np.uint8))  # border: 6 dark, 6 bright
     assert torch.equal(prepare_image(half, 1, 4), prepare_image(half, 1, 4, invert=False))
+    gray = Image.new("L", (4, 4), 128)  # 128 / 255 = 0.502: just above half
+    assert torch.equal(prepare_image(gray, 1, 4), prepare_image(gray, 1, 4, invert=True))
 
 
 @pytest.mark.parametrize("shape", [(5, 6), (5, 3), (3, 5), (4, 1), (1, 4), (2, 5), (2, 2)])

@@ -195,7 +195,7 @@ def _available_formats() -> list[str]:
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR (for messages only), or None if not a PNG. Only called
     once Pillow has parsed the header, so a PNG here holds its whole IHDR."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+    if data.startswith(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"):  # the signature, then IHDR's length (13) and type
         return struct.unpack(">II", data[16:24])
     return None
 
@@ -230,10 +230,7 @@ def _to_8bit(img: Image.Image, filename: str | None = None) -> Image.Image:
         return _over_white(img.convert("LA"))
     if mode in _16BIT_MODES or mode in ("I", "F"):
         return _scale_deep(img)
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in img.info
-        return _over_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
-    if mode in ("RGBA", "RGBa"):
+    if mode in ("P", "PA", "RGBA", "RGBa"):  # an opaque palette image over white is its own colours
         return _over_white(img.convert("RGBA"))
     try:  # CMYK, YCbCr, HSV, RGBX, ...
         return img.convert("RGB")
@@ -269,7 +266,7 @@ def _scale_deep(img: Image.Image) -> Image.Image:
     if img.mode in _16BIT_MODES:
         lo, hi = 0.0, 65535.0
     else:
-        vmin, vmax = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        vmin, vmax = float(arr.min()), float(arr.max())  # an image has at least one pixel
         if vmin >= 0.0 and vmax <= 1.0 and img.mode == "F":
             lo, hi = 0.0, 1.0
         elif vmin >= 0.0 and vmax <= 255.0:
