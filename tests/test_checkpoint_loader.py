@@ -375,3 +375,10 @@ def test_no_random_fill_keeps_the_dtype_a_scaling_would_give(dtype):
         for factor in (2, 0.5):
             assert (torch.empty(3, dtype=dtype, device="meta") * factor).dtype == \
                 torch.result_type(torch.empty(3, dtype=dtype), factor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_checkpoint_puts_the_model_on_the_device():
+    """safetensors copies the weights into the model built on the CPU; load_checkpoint then moves it."""
+    model, _ = load_checkpoint(CK / GOOD, device="cuda")
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}
