@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wsviz import WsvizError
 from wsviz.models import get_spec
@@ -174,3 +175,210 @@ def test_load_weights_names_what_does_not_fit(tmp_path):
 def test_load_weights_of_a_missing_file(tmp_path):
     path = tmp_path / "nothing.safetensors"
     assert _refusal(load_weights, Small(), path) == f"{path} does not exist; give a .safetensors file."
+
+
+# ------------------------------------------- every message in full, each rule on its own
+# (written against the survivors of mutation testing: benchmarks/mutation/SURVIVORS.md, checkpoint)
+STEERABLE = "rot-steerable-c4"  # e2cnn: not built on meta; N=4, width=0.25 (not the defaults)
+
+
+def _copy_of(tmp_path: Path, src: str, edit=None, name: str = "ck") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(CK / src, folder)
+    if edit is not None:
+        card = json.loads((folder / "card.json").read_text())
+        edit(card)
+        (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_weights_that_do_not_fit_the_card_message_in_full(tmp_path):
+    folder = _copy(tmp_path, lambda c: c["config"].update(base_width=8))  # every tensor of the wrong width
+    assert _refusal(load_checkpoint, folder) == (
+        f"The weights in {folder / 'weights.safetensors'} do not fit the model its card describes (msws_resnet_digits): "
+        "wrong shape [('head.fc.weight', (10, 64), (10, 32)), ('trunk.stages.0.0.bn1.bias', (16,), (8,)), "
+        "('trunk.stages.0.0.bn1.running_mean', (16,), (8,))]. "  # the first three only
+        "The card or the weights were changed or mixed up; re-create the checkpoint.")
+
+
+def test_e2cnn_weights_that_do_not_fit_are_checked_once_built(tmp_path):
+    folder = _copy_of(tmp_path, STEERABLE, lambda c: c["config"].update(width=0.5))
+    assert _refusal(load_checkpoint, folder) == (
+        f"The weights in {folder / 'weights.safetensors'} do not fit the model its card describes (steerable_rotmnist): "
+        "wrong shape [('blocks.0.0.filter', (16, 1, 7, 7), (32, 1, 7, 7)), ('blocks.0.0.weights', (72,), (144,)), "
+        "('blocks.0.1.batch_norm_[4].bias', (4,), (8,))]. "
+        "The card or the weights were changed or mixed up; re-create the checkpoint.")
+
+
+def test_an_e2cnn_checkpoint_loads_with_its_own_options(tmp_path):
+    """Its card's options are not the defaults (N=4, width=0.25), and e2cnn stores one name of each
+    shared basis buffer: the fit check must take the aliased names as one tensor."""
+    from safetensors.torch import load_file
+
+    model, card = load_checkpoint(CK / STEERABLE)
+    assert card["config"]["N"] == 4 and card["config"]["width"] == 0.25 != get_spec(card["model"]).config()["width"]
+    stored = load_file(str(CK / STEERABLE / "weights.safetensors"))
+    state = model.state_dict()
+    assert set(stored) < set(state)  # some names of shared buffers are not in the file ...
+    assert all(torch.equal(stored[k], state[k]) for k in stored)  # ... and what is there was loaded
+
+
+def test_a_card_with_options_other_than_the_defaults_builds_them(tmp_path):
+    from wsviz.models import create_model
+    from wsviz.training.checkpoint import save_checkpoint
+
+    narrow = create_model("msws_resnet_digits", base_width=8).eval()
+    card = {**json.loads((CK / GOOD / "card.json").read_text())}
+    card["config"] = {**card["config"], "base_width": 8}
+    save_checkpoint(tmp_path / "narrow", narrow, card)
+    model, _ = load_checkpoint(tmp_path / "narrow")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), narrow(x))
+
+
+def test_a_card_without_options_builds_the_defaults(tmp_path):
+    folder = _copy(tmp_path, lambda c: c.pop("config"))  # the shipped card's options are the defaults
+    assert json.loads((CK / GOOD / "card.json").read_text())["config"] == get_spec("msws_resnet_digits").config()
+    model, card = load_checkpoint(folder)
+    assert "config" not in card and model.state_dict().keys() == load_checkpoint(CK / GOOD)[0].state_dict().keys()
+
+
+def test_a_tied_checkpoint_loads_its_shared_weight_once(tmp_path):
+    """The meta-device fit check must see a tied weight under both its names as one tensor."""
+    from wsviz.models import create_model
+    from wsviz.models.tie import apply_ties
+    from wsviz.training.checkpoint import save_checkpoint
+
+    group = ["stages.0.1.conv2", "stages.0.2.conv2"]
+    tied = apply_ties(create_model("sharesnet_wrn_digits", shared=False), [group]).eval()
+    card = json.loads((CK / "scale-sharesnet-unshared" / "card.json").read_text())
+    save_checkpoint(tmp_path / "t", tied, card)
+    model, card = load_checkpoint(tmp_path / "t")
+    assert card["tied"]["groups"] == [group]
+    assert model.get_submodule(group[1]).source is model.get_submodule(group[0])
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), tied(x))
+
+
+@pytest.mark.parametrize("src", [GOOD, STEERABLE])  # the meta build, and e2cnn's real build
+def test_a_card_tying_layers_its_model_lacks_is_worded_for_the_card(tmp_path, src):
+    folder = _copy_of(tmp_path, src, lambda c: c.update(tied={"groups": [["a", "b"]]}))
+    assert _refusal(load_checkpoint, folder) == (
+        f"The model card {folder / 'card.json'} ties groups its model does not have: "
+        "Group ['a', 'b']: the model has no layer 'a'. Re-create the checkpoint.")
+
+
+def test_a_card_with_an_unknown_option_message_in_full(tmp_path):
+    folder = _copy(tmp_path, lambda c: c["config"].update(bogus=1))
+    with pytest.raises(WsvizError) as registry:
+        get_spec("msws_resnet_digits").config(bogus=1)
+    assert _refusal(load_checkpoint, folder) == (
+        f"The model card {folder / 'card.json'} cannot be used: {registry.value} Re-create the checkpoint "
+        "(or update wsviz, if a newer version wrote it).")
+
+
+def test_a_model_that_fails_to_build_for_real_is_worded_for_the_card(tmp_path, monkeypatch):
+    """The meta build passed and the weights fit, yet the real build fails (out of memory, say)."""
+    import wsviz.models
+
+    real_create = wsviz.models.create_model
+
+    def create_model(*args, **kwargs):
+        if torch.empty(()).is_meta:
+            return real_create(*args, **kwargs)
+        raise MemoryError("cannot allocate 1 TB")
+
+    monkeypatch.setattr(wsviz.models, "create_model", create_model)
+    folder = _copy(tmp_path)
+    assert _refusal(load_checkpoint, folder) == (
+        f"The model card {folder / 'card.json'} describes a msws_resnet_digits that cannot be built "
+        "(MemoryError: cannot allocate 1 TB); re-create the checkpoint.")
+
+
+def test_options_that_cannot_be_built_name_the_error():
+    msg = _refusal(build_on_meta, "msws_resnet_digits", {"base_width": 10**9})
+    assert msg.startswith("These options make a msws_resnet_digits that cannot be built (RuntimeError: Storage size"), msg
+
+
+def test_load_weights_refuses_a_pickle_without_running_it(tmp_path):
+    import pickle
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"import pathlib; pathlib.Path({str(marker)!r}).write_text('pwned')",)
+
+    path = tmp_path / "model.bin"
+    path.write_bytes(pickle.dumps({"a.weight": Payload()}, protocol=4))
+    assert _refusal(load_weights, Small(), path) == (
+        f"{path} is a Python pickle (the format of older torch.save / .pth / .bin files), not a safetensors file; "
+        "wsviz never unpickles weights (loading a pickle can run any code it contains). Convert a state dict you "
+        "trust with `python -m wsviz import`.")
+    assert not marker.exists()
+
+
+def test_load_weights_refuses_a_truncated_file(tmp_path):
+    src = tmp_path / "full.safetensors"
+    save_file({k: v.contiguous() for k, v in Small().state_dict().items()}, str(src))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(src.read_bytes()[:-4])
+    msg = _refusal(load_weights, Small(), path)
+    assert re.fullmatch(rf"{re.escape(str(path))} is not a readable safetensors file \(.+\); it may be truncated or "
+                        r"not a safetensors file at all\. Re-create it\.", msg), msg
+
+
+def test_weights_that_fit_but_fail_to_load_are_refused(tmp_path, monkeypatch):
+    import wsviz.training.checkpoint as checkpoint
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in Small().state_dict().items()}, str(path))
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError("disk read error")
+
+    monkeypatch.setattr(checkpoint, "load_model", failing_load)
+    assert _refusal(load_weights, Small(), path) == (
+        f"The weights in {path} could not be loaded (disk read error); re-create the checkpoint.")
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten operation that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_random_fill_never_dispatches_a_fill_or_scaling_of_a_meta_tensor():
+    meta = torch.empty(3, device="meta")
+    with _NoRandomFill(), _Ops() as seen:
+        meta.normal_()
+        meta.uniform_(-1, 1)
+        scaled = meta * 0.5
+    assert seen.ops == ["empty_like"] and scaled.is_meta  # no normal_, uniform_ or mul ran
+    with _NoRandomFill(), _Ops() as seen:
+        torch.mul(meta, 2, out=torch.empty(3, device="meta"))  # keyword arguments: torch's own
+        meta.mul(meta)  # tensor x tensor: torch's own
+    assert seen.ops == ["empty", "mul", "mul"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64])
+def test_no_random_fill_keeps_the_dtype_a_scaling_would_give(dtype):
+    with _NoRandomFill():
+        for factor in (2, 0.5):
+            assert (torch.empty(3, dtype=dtype, device="meta") * factor).dtype == \
+                torch.result_type(torch.empty(3, dtype=dtype), factor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_checkpoint_puts_the_model_on_the_device():
+    """safetensors copies the weights into the model built on the CPU; load_checkpoint then moves it."""
+    model, _ = load_checkpoint(CK / GOOD, device="cuda")
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from wsviz import WsvizError
 from wsviz.data.uploads import (
@@ -473,3 +473,351 @@ def test_readme_states_the_size_of_the_upload_corpus():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     stated = [int(n) for n in re.findall(r"A corpus of\s+(\d+)\s+files", readme)]
     assert stated == [len(upload_corpus())], f"README states {stated}; the test sends {len(upload_corpus())} files"
+
+
+# ---------------------------------------------------------------------------------------
+# every rule and message of decode_image / prepare_image on its own (written against the
+# survivors of mutation testing: benchmarks/mutation/SURVIVORS.md, section uploads)
+
+FORMATS_TEXT = "PNG, JPEG, WebP, GIF, BMP, TIFF"
+
+
+def refusal(data, filename=None, **kw) -> str:
+    with pytest.raises(WsvizError) as info:
+        decode_image(data, filename, **kw)
+    return str(info.value)
+
+
+def not_an_image(advice: str, filename: str | None = "x.bin") -> str:
+    what = f"The file '{filename}'" if filename else "The uploaded file"
+    return f"{what} is not an image PIL can read ({FORMATS_TEXT}). {advice}"
+
+
+def test_decode_image_needs_bytes():
+    with pytest.raises(TypeError, match=r"^decode_image needs the file's bytes, got str$"):
+        decode_image("photo.png")  # a path is not the file's content
+    img = decode_image(bytearray(encode(halves_rgb(), "PNG")))  # bytearray and memoryview are bytes too
+    assert img.size == (W, H) and decode_image(memoryview(encode(halves_rgb(), "PNG"))).size == (W, H)
+
+
+@pytest.mark.parametrize(
+    ("n", "limit", "says"),
+    [
+        (1024, 1023, "is 1 KB, more than the 1023 bytes allowed"),  # KB from 1024 bytes on
+        (1076, 1024, "is 1.1 KB, more than the 1 KB allowed"),  # 1076 / 1024 = 1.051 -> one decimal
+        (1024 * 1024, 1024 * 1024 - 1, "is 1 MB, more than the 1024 KB allowed"),  # MB from 1024 KB on
+        (1_101_005, 1024 * 1024, "is 1.1 MB, more than the 1 MB allowed"),  # 1.0500002 MB -> 1.1
+    ],
+)
+def test_byte_limit_message_sizes(n, limit, says):
+    assert refusal(b"\0" * n, "f.png", max_bytes=limit) == f"The file 'f.png' {says}; compress or downscale it first."
+
+
+HTML_ADVICE = "It looks like a web page (HTML); save the picture itself (right-click it, 'Save image as') and upload that."
+TEXT_ADVICE = "It looks like a text file. Upload one of those."
+PDF_ADVICE = "It looks like a PDF; export the page as PNG and upload that."
+PLAIN_ADVICE = "Upload one of those."
+
+NOT_IMAGES = {
+    "zip": (_zip, "It looks like a ZIP archive; unpack it and upload one image from it."),
+    "html doctype, leading blank lines": (lambda: b"\r\n  <!DOCTYPE HTML>\n<head><title>x</title></head>", HTML_ADVICE),
+    "html after a comment": (lambda: b"<!-- saved page -->\n<HTML><body></body></html>", HTML_ADVICE),
+    "pdf after a blank line": (lambda: b"\n%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", PDF_ADVICE),
+    "text": (lambda: b"name,label\r\nseven.png,7\n\tdone\n", TEXT_ADVICE),
+    "text: only the first 512 bytes are read": (lambda: b"a" * 512 + b"\x00\x01", TEXT_ADVICE),
+    "text: <html cut at byte 512": (lambda: b"x" * 508 + b"<html>", TEXT_ADVICE),
+    "binary, not UTF-8": (lambda: b"\x00\xff\xfe\x81" * 16, PLAIN_ADVICE),
+    "UTF-8 control characters": (lambda: b"\x00\x01\x02abc\x7f" * 8, PLAIN_ADVICE),
+    "ppm (PIL reads it, wsviz does not try)": (lambda: encode(halves_gray(), "PPM"), PLAIN_ADVICE),
+    "pcx": (lambda: encode(halves_rgb(), "PCX"), PLAIN_ADVICE),
+    "ico": (lambda: encode(halves_rgb(), "ICO"), PLAIN_ADVICE),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_IMAGES))
+def test_not_an_image_messages_in_full(case):
+    make, advice = NOT_IMAGES[case]
+    assert refusal(make(), "x.bin") == not_an_image(advice)
+
+
+def test_formats_outside_the_list_are_never_opened():
+    """PPM, PCX and ICO are formats PIL reads: the refusal above is wsviz's format list at work."""
+    for fmt, img in (("PPM", halves_gray()), ("PCX", halves_rgb()), ("ICO", halves_rgb())):
+        assert Image.open(io.BytesIO(encode(img, fmt))).format == fmt
+
+
+def test_a_header_claiming_zero_width_is_not_an_image():
+    assert refusal(png_with_header_size(0, 8), "zero.png") == not_an_image(
+        "Upload one of those.", "zero.png")  # Pillow refuses a zero size before wsviz sees it
+
+
+def gif_with_screen_size(width: int, height: int) -> bytes:
+    """A valid 8x8 GIF whose logical screen (bytes 6..9, little-endian) claims another size."""
+    gif = bytearray(encode(Image.new("P", (8, 8), 0), "GIF"))
+    gif[6:10] = struct.pack("<HH", width, height)
+    return bytes(gif)
+
+
+@pytest.mark.parametrize(
+    ("data", "max_pixels", "says"),
+    [
+        (lambda: png_with_header_size(8000, 6000), MAX_PIXELS, "8000x6000 = 48 million pixels, more than the 40 million"),
+        (lambda: encode(Image.new("L", (8, 8)), "PNG"), 63, "8x8 = 64 pixels, more than the 63"),
+        (lambda: png_with_header_size(1000, 1000), 999_999, "1000x1000 = 1 million pixels, more than the 999,999"),
+        (lambda: png_with_header_size(1050, 1000), 1_000_000, "1050x1000 = 1.1 million pixels, more than the 1 million"),
+        # PIL's own refusal (over twice Image.MAX_IMAGE_PIXELS), the count taken from its message
+        (lambda: png_with_header_size(40000, 25000), MAX_PIXELS, "40000x25000 = 1 billion pixels, more than the 40 million"),
+        (lambda: png_with_header_size(42000, 25000), MAX_PIXELS, "42000x25000 = 1.1 billion pixels, more than the 40 million"),
+        (lambda: png_with_header_size(2**24 + 3, 100), MAX_PIXELS,
+         "16777219x100 = 1.7 billion pixels, more than the 40 million"),  # all four bytes of the width
+        (lambda: png_with_header_size(100, 2**24 + 3), MAX_PIXELS, "100x16777219 = 1.7 billion pixels, more than the 40 million"),
+        (lambda: png_with_header_size(2**31 + 1, 1), MAX_PIXELS, "2147483649x1 = 2.1 billion pixels, more than the 40 million"),
+        (lambda: gif_with_screen_size(40000, 40000), MAX_PIXELS, "1.6 billion pixels, more than the 40 million"),  # no PNG: no size
+    ],
+    ids=["ours", "ours-at-the-limit", "million", "million-rounding", "pil-billion", "pil-billion-rounding",
+         "pil-wide", "pil-tall", "pil-unsigned", "pil-gif"],
+)
+def test_too_many_pixels_messages_in_full(data, max_pixels, says):
+    assert refusal(data(), "big.img", max_pixels=max_pixels) == f"The image 'big.img' is {says} allowed; downscale it first."
+    assert refusal(data(), max_pixels=max_pixels).startswith(f"The uploaded image is {says} allowed")
+
+
+def test_the_pixel_limit_is_inclusive():
+    data = encode(Image.new("L", (8, 8)), "PNG")
+    assert decode_image(data, max_pixels=64).size == (8, 8)
+
+
+def test_a_pil_refusal_without_a_pixel_count_still_names_the_limit(monkeypatch):
+    """Should Pillow's wording change, the count falls back to one over the limit."""
+    def refuse(*args, **kwargs):
+        raise Image.DecompressionBombError("decompression bomb")
+
+    monkeypatch.setattr(Image, "open", refuse)
+    assert refusal(encode(Image.new("L", (8, 8)), "PNG"), "x.png", max_pixels=1000) == (
+        "The image 'x.png' is 8x8 = 1,001 pixels, more than the 1,000 allowed; downscale it first.")
+
+
+@pytest.mark.parametrize("kind", ["error", "warning"])
+def test_a_bomb_found_while_decoding_is_refused(kind, monkeypatch):
+    """PIL checks some sizes only while decoding (GIF frame extents, TIFF tiles); a warning counts too."""
+    text = "Image size (200000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS attack."
+
+    def load(im):
+        if kind == "error":
+            raise Image.DecompressionBombError(text)
+        warnings.warn(text, Image.DecompressionBombWarning, stacklevel=1)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    assert refusal(encode(halves_rgb(), "PNG"), "x.png") == (
+        f"The image 'x.png' is too large to decode safely ({text}); downscale it first.")
+    assert refusal(encode(halves_rgb(), "PNG")).startswith("The uploaded image is too large to decode safely")
+
+
+def test_a_truncated_file_message_in_full():
+    data = _half(encode(Image.fromarray(NOISE), "PNG"))
+    with pytest.raises(OSError) as pil:  # what PIL itself says
+        Image.open(io.BytesIO(data)).load()
+    assert refusal(data) == (f"The uploaded file is a damaged or incomplete PNG file ({pil.value}). "
+                             "Upload it again, or open and re-save it with an image editor.")
+
+
+def apng_with_frame_count(n_frames: int) -> bytes:
+    """The reference PNG with an APNG animation-control chunk (acTL) after its IHDR."""
+    png = encode(halves_rgb(), "PNG")
+    body = struct.pack(">II", n_frames, 0)
+    chunk = struct.pack(">I", len(body)) + b"acTL" + body + struct.pack(">I", zlib.crc32(b"acTL" + body))
+    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def test_an_invalid_apng_shows_its_default_image():
+    """PIL warns (a UserWarning) on an acTL chunk announcing 0 frames and shows the still image:
+    only decompression-bomb warnings are errors while decoding, not every warning."""
+    data = apng_with_frame_count(0)
+    with pytest.warns(UserWarning, match="Invalid APNG"):
+        img = decode_image(data, "anim.png")
+    assert img.size == (W, H) and px(img, "left") == RED and px(img, "right") == BLUE
+
+
+def test_unreadable_exif_is_ignored_with_a_warning(monkeypatch, caplog):
+    def broken(img):
+        raise ValueError("bad EXIF block")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    data = encode(halves_rgb(), "JPEG", quality=95)
+    with caplog.at_level("WARNING", logger="wsviz.data.uploads"):
+        img = decode_image(data, "phone.jpg")
+        assert decode_image(data).size == (W, H)
+    assert img.mode == "RGB" and img.size == (W, H) and close(px(img, "left"), RED, 12)  # the image, as stored
+    assert caplog.messages == ["ignoring unreadable EXIF orientation of phone.jpg: bad EXIF block",
+                               "ignoring unreadable EXIF orientation of upload: bad EXIF block"]
+
+
+def test_each_decode_is_logged_at_debug_level(caplog):
+    with caplog.at_level("DEBUG", logger="wsviz.data.uploads"):
+        decode_image(_png_rgba(), "a.png")
+        decode_image(encode(halves_gray(), "JPEG"))
+    assert caplog.messages == ["decoded a.png: PNG RGBA (48, 32) -> RGB", "decoded upload: JPEG L (48, 32) -> L"]
+
+
+def _cmyk_convert_fails(monkeypatch, exc: Exception) -> None:
+    real = Image.Image.convert
+
+    def convert(self, mode=None, *args, **kwargs):
+        if self.mode == "CMYK":
+            raise exc
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "convert", convert)
+
+
+def test_a_colour_mode_pil_cannot_convert_is_named(monkeypatch):
+    """Pillow 13 converts every mode it decodes to RGB; should one fail, the message names it."""
+    _cmyk_convert_fails(monkeypatch, ValueError("conversion from CMYK to RGB not supported"))
+    assert refusal(_jpeg_cmyk(), "scan.jpg") == (
+        "The image 'scan.jpg' uses the colour mode 'CMYK', which wsviz cannot convert; re-save it as RGB or grayscale.")
+    assert refusal(_jpeg_cmyk()).startswith("The uploaded image uses the colour mode 'CMYK'")
+
+
+def test_running_out_of_memory_while_converting_is_the_uploads_fault(monkeypatch):
+    _cmyk_convert_fails(monkeypatch, MemoryError("cannot allocate 4 GB"))
+    assert refusal(_jpeg_cmyk(), "scan.jpg") == (
+        "The image 'scan.jpg' could not be converted to 8-bit RGB/grayscale (cannot allocate 4 GB); "
+        "re-save it as an 8-bit PNG or JPEG.")
+    assert refusal(_jpeg_cmyk()).startswith("The uploaded image could not be converted")
+
+
+# modes beyond the corpus: colour keys and alpha on grayscale, 32-bit integers, floats
+
+def _png_l_colour_key() -> bytes:
+    return encode(halves_gray(left=40, right=200), "PNG", transparency=200)
+
+
+def _png_la() -> bytes:
+    img = Image.merge("LA", (halves_gray(left=40, right=0), halves_gray(left=255, right=0)))  # right: transparent
+    return encode(img, "PNG")
+
+
+def _png_16bit_colour_key() -> bytes:
+    arr = np.full((H, W), 128 * 257, dtype=np.uint16)  # -> 128
+    arr[:, : W // 2] = 1000  # the transparent value
+    return encode(Image.fromarray(arr), "PNG", transparency=1000)
+
+
+MORE_MODES = {
+    "png-L-colour-key": (_png_l_colour_key, "L", 40, 255),
+    "png-LA-over-white": (_png_la, "L", 40, 255),
+    "png-16bit-colour-key": (_png_16bit_colour_key, "L", 255, 128),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_MODES))
+def test_decode_more_modes(case):
+    make, mode, left, right = MORE_MODES[case]
+    img = decode_image(make(), case)
+    assert img.mode == mode and img.size == (W, H)
+    assert (px(img, "left"), px(img, "right")) == (left, right)
+
+
+def _row_tiff(values, dtype) -> bytes:
+    img = Image.fromarray(np.array([values], dtype=dtype))
+    assert img.mode == ("F" if dtype == np.float32 else "I")
+    return encode(img, "TIFF")
+
+
+NAN, INF = float("nan"), float("inf")
+DEEP = {  # values of a one-row 32-bit image -> the 8-bit values, by the rule in _scale_deep's docstring
+    "I within 0..255: as is": ([0, 100, 255], np.int32, [0, 100, 255]),
+    "I up to 256: as 16-bit": ([0, 128, 256], np.int32, [0, 0, 1]),  # 256 * 255 / 65535 = 0.996
+    "I up to 65535: as 16-bit": ([300, 30000, 65535], np.int32, [1, 117, 255]),  # 300 -> 1.17, 30000 -> 116.7
+    "I as 16-bit, near halves": ([0, 386, 33025, 65535], np.int32, [0, 2, 129, 255]),  # 1.502 -> 2, 128.502 -> 129
+    "I over 65535: min..max": ([300, 30000, 65536], np.int32, [0, 116, 255]),  # 29700 * 255 / 65236 = 116.1
+    "I negative: min..max": ([-100, 0, 1000], np.int32, [0, 23, 255]),  # 100 * 255 / 1100 = 23.2
+    "I negative, small range: min..max": ([-100, 0, 200], np.int32, [0, 85, 255]),
+    "I constant: black": ([-7, -7], np.int32, [0, 0]),
+    "F within 0..1: x 255": ([0.0, 0.25, 1.0], np.float32, [0, 64, 255]),  # 63.75 -> 64
+    "F up to 2: as 8-bit": ([0.0, 1.5, 2.0], np.float32, [0, 2, 2]),
+    "F non-finite: 0": ([NAN, INF, -INF, 0.5, 1.0], np.float32, [0, 0, 0, 128, 255]),  # 127.5 -> 128 (to even)
+}
+
+
+@pytest.mark.parametrize("case", list(DEEP))
+def test_deep_grayscale_is_scaled_by_its_range(case):
+    values, dtype, expected = DEEP[case]
+    img = decode_image(_row_tiff(values, dtype), "deep.tif")
+    assert img.mode == "L" and np.asarray(img)[0].tolist() == expected
+
+
+def test_16bit_maps_every_value_to_the_nearest_8bit_one():
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = np.asarray(decode_image(encode(Image.fromarray(v), "PNG")))
+    assert (out == np.rint(v.astype(np.float64) * 255 / 65535)).all()
+
+
+def _premultiplied(mode: str) -> Image.Image:
+    """A 2x1 image in PIL's premultiplied-alpha mode ("La" / "RGBa"): left opaque, right transparent."""
+    straight = {"La": "LA", "RGBa": "RGBA"}[mode]
+    img = Image.new(straight, (2, 1), (40,) * (len(straight) - 1) + (0,))
+    img.putpixel((0, 0), (40,) * (len(straight) - 1) + (255,))
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("La", 1), ("RGBa", 3), ("PA", 3)])
+def test_prepare_composites_premultiplied_and_palette_alpha_over_white(mode, channels):
+    if mode == "PA":
+        img = Image.new("PA", (2, 1), (1, 255))
+        img.putpalette([0, 0, 0, 40, 40, 40])
+        img.putpixel((1, 0), (1, 0))  # the same colour, transparent
+    else:
+        img = _premultiplied(mode)
+    assert img.mode == mode
+    t = prepare_image(img, channels, 2, invert=False)
+    assert torch.allclose(t[:, 0, 0], torch.full((channels,), 40 / 255)) and torch.equal(t[:, 0, 1], torch.ones(channels))
+    assert float(t[:, 1].abs().max()) == 0.0  # the padding row
+
+
+def test_prepare_upscales_bilinearly():
+    """2 -> 4 pixels: output pixel centres fall at 0.25, 0.75, 1.25, 1.75 source pixels, so a
+    0 | 255 step becomes 0, 255/4, 3*255/4, 255 (63.75 -> 64, 191.25 -> 191)."""
+    img = Image.fromarray(np.array([[0, 255], [0, 255]], dtype=np.uint8))
+    t = prepare_image(img, 1, 4, invert=False)[0]
+    assert (t * 255).round().tolist() == [[0, 64, 191, 255]] * 4
+
+
+def test_prepare_shrinks_big_images_by_a_box_filter_first():
+    """60 -> 6 pixels: an integer 3x3 box average (to 20) then bilinear, as the comment says."""
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (60, 60), dtype=np.uint8))
+    t = prepare_image(img, 1, 6, invert=False)[0]
+    two_step = img.reduce(3).resize((6, 6), Image.Resampling.BILINEAR)
+    assert img.resize((6, 6), Image.Resampling.BILINEAR).tobytes() != two_step.tobytes()  # the steps matter
+    assert torch.equal(t, torch.from_numpy(np.asarray(two_step, dtype=np.float32) / 255.0))
+
+
+def test_inverting_is_exactly_the_negative():
+    ramp = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    negative = Image.fromarray(255 - np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert torch.equal(prepare_image(ramp, 1, 16, invert=True), prepare_image(negative, 1, 16, invert=False))
+    assert torch.equal(prepare_image(ramp, 1, 16, invert=False)[0].ravel(), torch.arange(256) / torch.tensor(255.0))
+
+
+def test_auto_inversion_needs_a_border_strictly_above_half():
+    half = Image.fromarray(np.array([[0, 0, 255, 255]] * 4, dtype=np.uint8))  # border: 6 dark, 6 bright
+    assert torch.equal(prepare_image(half, 1, 4), prepare_image(half, 1, 4, invert=False))
+    gray = Image.new("L", (4, 4), 128)  # 128 / 255 = 0.502: just above half
+    assert torch.equal(prepare_image(gray, 1, 4), prepare_image(gray, 1, 4, invert=True))
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (5, 3), (3, 5), (4, 1), (1, 4), (2, 5), (2, 2)])
+def test_border_mean_is_the_mean_of_the_outer_ring(shape):
+    from wsviz.data.uploads import _border_mean
+
+    arr = (np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1) ** 2  # distinct values
+    ring = np.ones(shape, dtype=bool)
+    ring[1:-1, 1:-1] = False  # every pixel once; a 1- or 2-wide array is all ring
+    assert _border_mean(arr) == pytest.approx(float(arr[ring].mean()), rel=1e-12)
+
+
+def test_load_upload_passes_invert_on():
+    data = encode(ink_on_paper(), "PNG")
+    plain = load_upload(data, "ink.png", 1, 28, invert=False)
+    assert float(plain[0, 0, 0]) == 1.0 and float(plain[0, 14, 14]) < 0.1  # not inverted: white paper
+    assert torch.equal(plain, prepare_image(ink_on_paper(), 1, 28, invert=False))

@@ -53,7 +53,7 @@ class Target:
 MODULES: dict[str, Target] = {
     "stats": Target("wsviz/analysis/stats.py", ("tests/test_stats.py",)),
     "similarity": Target("wsviz/analysis/similarity.py", ("tests/test_attribution_embeddings_similarity.py",)),
-    "uploads": Target("wsviz/data/uploads.py", ("tests/test_uploads.py",)),
+    "uploads": Target("wsviz/data/uploads.py", ("tests/test_uploads.py",), copy=("README.md",)),  # the corpus-size test reads it
     "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py", "tests/test_sharing_layers.py",
                                                  "tests/test_msws_training.py")),
     "checkpoint": Target(

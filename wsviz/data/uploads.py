@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -79,7 +80,7 @@ def _not_an_image(data: bytes, filename: str | None) -> WsvizError:
     advice = "Upload one of those."
     if data.startswith(b"PK\x03\x04"):
         advice = "It looks like a ZIP archive; unpack it and upload one image from it."
-    elif head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+    elif head.startswith(b"<!doctype html") or b"<html" in head:
         advice = "It looks like a web page (HTML); save the picture itself (right-click it, 'Save image as') and upload that."
     elif head.startswith(b"%pdf"):
         advice = "It looks like a PDF; export the page as PNG and upload that."
@@ -177,12 +178,9 @@ def _open_header(data: bytes, filename: str | None, max_pixels: int) -> Image.Im
             f"{_what(filename)} has a damaged header and cannot be read ({exc}). "
             f"Re-save it with an image editor as {FORMATS_TEXT}, or upload another file."
         ) from None
+    # A header claiming a zero width or height never gets here: Pillow's ImageFile refuses it as
+    # "not identified", so it is reported as not an image.
     width, height = img.size
-    if width < 1 or height < 1:
-        raise WsvizError(
-            f"{_what(filename, 'image')} claims a size of {width}x{height} pixels; an image needs at least 1x1. "
-            "Upload another file."
-        )
     if width * height > max_pixels:
         raise _too_many_pixels(filename, width * height, max_pixels, (width, height))
     return img
@@ -195,9 +193,10 @@ def _available_formats() -> list[str]:
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a PNG's IHDR (for messages only), or None if not a PNG."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    """Width and height from a PNG's IHDR (for messages only), or None if not a PNG. Only called
+    once Pillow has parsed the header, so a PNG here holds its whole IHDR."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"):  # the signature, then IHDR's length (13) and type
+        return struct.unpack(">II", data[16:24])
     return None
 
 
@@ -208,9 +207,8 @@ def _load(img: Image.Image, filename: str | None) -> None:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise WsvizError(f"{_what(filename, 'image')} is too large to decode safely ({exc}); downscale it first.") from None
     except Exception as exc:
-        kind = img.format or "image"
-        raise WsvizError(
-            f"{_what(filename)} is a damaged or incomplete {kind} file ({exc}). "
+        raise WsvizError(  # img.format: the opener's format name, always set by Image.open
+            f"{_what(filename)} is a damaged or incomplete {img.format} file ({exc}). "
             "Upload it again, or open and re-save it with an image editor."
         ) from None
 
@@ -232,10 +230,7 @@ def _to_8bit(img: Image.Image, filename: str | None = None) -> Image.Image:
         return _over_white(img.convert("LA"))
     if mode in _16BIT_MODES or mode in ("I", "F"):
         return _scale_deep(img)
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in img.info
-        return _over_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
-    if mode in ("RGBA", "RGBa"):
+    if mode in ("P", "PA", "RGBA", "RGBa"):  # an opaque palette image over white is its own colours
         return _over_white(img.convert("RGBA"))
     try:  # CMYK, YCbCr, HSV, RGBX, ...
         return img.convert("RGB")
@@ -271,7 +266,7 @@ def _scale_deep(img: Image.Image) -> Image.Image:
     if img.mode in _16BIT_MODES:
         lo, hi = 0.0, 65535.0
     else:
-        vmin, vmax = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        vmin, vmax = float(arr.min()), float(arr.max())  # an image has at least one pixel
         if vmin >= 0.0 and vmax <= 1.0 and img.mode == "F":
             lo, hi = 0.0, 1.0
         elif vmin >= 0.0 and vmax <= 255.0:
@@ -317,13 +312,14 @@ def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | 
         # reducing_gap: shrink big photos by an integer box filter first (fast), then bilinear.
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
 
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    pixels = np.asarray(img, dtype=np.float32)  # 0..255
     if invert == "auto":
-        do_invert = channels == 1 and _border_mean(arr) > 0.5
+        do_invert = channels == 1 and _border_mean(pixels) > 127.5
     else:
         do_invert = bool(invert)
     if do_invert:
-        arr = 1.0 - arr
+        pixels = 255.0 - pixels  # exact, so an inverted image is exactly its negative
+    arr = pixels / 255.0
 
     canvas = np.zeros((size, size) if channels == 1 else (size, size, 3), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
@@ -333,8 +329,8 @@ def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | 
 
 
 def _border_mean(arr: np.ndarray) -> float:
-    """Mean of the outermost 1-pixel ring of a 2-D (or H x W x C) array."""
-    h, w = arr.shape[:2]
+    """Mean of the outermost 1-pixel ring of a 2-D array (one channel: only those are inverted)."""
+    h, w = arr.shape
     if h <= 2 or w <= 2:
         return float(arr.mean())
     ring = np.concatenate([arr[0].ravel(), arr[-1].ravel(), arr[1:-1, 0].ravel(), arr[1:-1, -1].ravel()])
