@@ -110,8 +110,10 @@ def suggest(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: i
 
 
 with st.expander("Suggest groups for a parameter budget"):
-    st.caption("Disjoint groups that save at least this many parameters, ranked by their drops now added up in "
-               "accuracy points; the 4 best sets are then tied together and measured on the held-out images.")
+    st.caption("Disjoint groups that save at least this many parameters, ranked by what tying each costs now "
+               "(the KL divergence from the untied model's held-out predictions: the measured cost that best "
+               "predicted the accuracy lost after fine-tuning in checkpoints/REPORT.md), added up; the 4 best sets "
+               "are then tied together and measured on the held-out images.")
     b1, b2 = st.columns([2, 1])
     budget = b1.number_input("Parameters to save", 1, max(sum(r.params_saved for r in rows), 1),
                              min(r.params_saved for r in rows), step=1000)
@@ -122,12 +124,13 @@ with st.expander("Suggest groups for a parameter budget"):
     if suggestion:
         best = suggestion[0]
         names = [" + ".join(g) for g in best.groups]
-        st.success(f"Tie {' | '.join(names)}: saves {best.params_saved:,} parameters, "
-                   f"{best.measured_drop:+.1f} pts measured with all of them tied now "
-                   f"(predicted from the groups alone: {best.predicted_drop:+.1f}).")
+        st.success(f"Tie {' | '.join(names)}: saves {best.params_saved:,} parameters; with all of them tied now "
+                   f"KL {best.measured_kl:.4f} (the groups alone add up to {best.predicted:.4f}), "
+                   f"{best.measured_drop:+.1f} pts.")
         st.dataframe(pd.DataFrame([{"groups": " | ".join(" + ".join(g) for g in c.groups),
-                                    "params saved": c.params_saved, "predicted drop (pts)": c.predicted_drop,
-                                    "measured drop (pts)": c.measured_drop} for c in suggestion]), hide_index=True)
+                                    "params saved": c.params_saved, "KL, groups alone added": c.predicted,
+                                    "KL, tied together": c.measured_kl, "drop now (pts)": c.measured_drop}
+                                   for c in suggestion]), hide_index=True)
         if st.button("Use these groups"):
             st.session_state[pick_key] = names
 picked = st.multiselect("Groups to tie", list(by_name), key=pick_key,

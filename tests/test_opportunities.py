@@ -263,7 +263,7 @@ def test_disjoint_sets_are_every_minimal_disjoint_set_meeting_the_budget():
     check()
 
 
-def test_budgeted_choice_is_measured_and_ranked_in_accuracy_points(twin):
+def test_budgeted_choice_adds_measured_costs_then_measures_the_best_sets_tied_together(twin):
     from wsviz.analysis.opportunities import choose_groups, find_opportunities
     from wsviz.models.tie import reestimate_batchnorm, tie
 
@@ -273,24 +273,31 @@ def test_budgeted_choice_is_measured_and_ranked_in_accuracy_points(twin):
     rows = find_opportunities(twin, cal.images, cal.labels, groups=groups, held_out=(held.images, held.labels)).rows
     budget = 2 * twin.get_submodule("stages.2.1.conv2").weight.numel()
     choices = choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), verify=3)
-    assert len(choices) == 3
+    assert len(choices) == 3 and all(c.by == "measured_kl" for c in choices)
     by = {r.group: r for r in rows}
     for c in choices:
         flat = [n for g in c.groups for n in g]
         assert len(flat) == len(set(flat)) and c.params_saved == sum(by[g].params_saved for g in c.groups) >= budget
-        assert c.predicted_drop == pytest.approx(sum(by[g].measured_drop for g in c.groups))
-    assert [c.measured_drop for c in choices] == sorted(c.measured_drop for c in choices)
-    best = choices[0]  # its measurement is that of all its groups tied at once, by hand
+        assert c.predicted == pytest.approx(sum(by[g].measured_kl for g in c.groups))
+        assert c.measured == c.measured_kl
+    assert [c.measured for c in choices] == sorted(c.measured for c in choices)
+    best = choices[0]  # its measurements are those of all its groups tied at once, by hand
     base = reestimate_batchnorm(copy.deepcopy(twin), cal.images).eval()
     tied = reestimate_batchnorm(tie(twin, [list(g) for g in best.groups], "lstsq", cal.images), cal.images).eval()
     with torch.no_grad():
-        a0 = float((base(held.images).argmax(1) == held.labels).double().mean())
-        a1 = float((tied(held.images).argmax(1) == held.labels).double().mean())
-    assert best.measured_drop == pytest.approx(100 * (a0 - a1), abs=1e-6)
-    unverified = choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), verify=0)
-    assert [c.predicted_drop for c in unverified] == sorted(c.predicted_drop for c in unverified)
+        p, q = base(held.images).double(), tied(held.images).double()
+    kl = float((p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1).mean())
+    assert best.measured_kl == pytest.approx(kl, rel=1e-4)
+    acc = [float((o.argmax(1) == held.labels).double().mean()) for o in (p, q)]
+    assert best.measured_drop == pytest.approx(100 * (acc[0] - acc[1]), abs=1e-6)
+    unverified = choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), verify=0, by="measured_drop")
+    assert [c.predicted for c in unverified] == sorted(c.predicted for c in unverified)
+    assert all(c.measured is None for c in unverified)
+    assert unverified[0].predicted == pytest.approx(sum(by[g].measured_drop for g in unverified[0].groups))
     with pytest.raises(WsvizError, match="No disjoint candidate groups save"):
         choose_groups(twin, rows, 10 ** 9, cal.images, (held.images, held.labels))
-    with pytest.raises(WsvizError, match="measured drop"):
+    with pytest.raises(WsvizError, match="Unknown cost"):
+        choose_groups(twin, rows, budget, cal.images, (held.images, held.labels), by="weight_similarity")
+    with pytest.raises(WsvizError, match="measured cost"):
         choose_groups(twin, find_opportunities(twin, cal.images, cal.labels, groups=groups).rows, budget,
                       cal.images, (held.images, held.labels))

@@ -65,7 +65,7 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
     _wait(at, lambda a: any(s.value.startswith("Tie ") for s in a.success), "the suggestion")
     suggested = at.dataframe[1].value
     assert (suggested["params saved"] >= 2 * 36_864).all() and len(suggested) >= 1
-    assert list(suggested["measured drop (pts)"]) == sorted(suggested["measured drop (pts)"])
+    assert list(suggested["KL, tied together"]) == sorted(suggested["KL, tied together"])
     next(b for b in at.button if b.label == "Use these groups").click().run()
     picked = next(m for m in at.multiselect if m.label == "Groups to tie").value
     assert " | ".join(picked) == suggested["groups"][0]

@@ -269,3 +269,30 @@ def test_fair_comparison_in_the_app_tests_over_seeds_like_the_report():
     from wsviz.analysis.stats import _fmt_p
 
     assert f"McNemar p = {_fmt_p(claim.per_seed[0][1])}" in mc
+
+
+def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
+    """REPORT.md's section on tying a trained model is rendered from checkpoints/tying.json (bench_tie's
+    results): each target's verdict is computed from the numbers, so changing them changes the verdict."""
+    import copy
+    import statistics
+
+    res = json.loads((CKPT / "tying.json").read_text())
+    text = "\n".join(zoo.tying_section(res))
+    assert text in (CKPT / "REPORT.md").read_text()
+    seeds = res["per_seed"]
+    gap = statistics.mean(res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds)
+    assert f"lstsq + fine-tune is {gap:.1f}" in text
+    assert ("points below it — NOT met" in text) == (gap > 0.5)
+    rho = statistics.mean(s["spearman_test"]["combined (chosen on val)"] for s in seeds)
+    assert f"(its weights chosen on val, ρ on the test half): {rho:.2f} — {'met' if rho >= 0.7 else 'NOT met'}" in text
+    # the same results with the tied models 0.3 points under the untied one: the first target is met
+    close = copy.deepcopy(res)
+    for s in close["per_seed"]:
+        s["after_ft"]["lstsq"] = close["untied_test"] - 0.3
+    assert "is 0.3 points below it — met" in "\n".join(zoo.tying_section(close))
+    # and a budgeted choice that loses more than the rule is said to lose more
+    worse = copy.deepcopy(res)
+    for s in worse["per_seed"]:
+        s["budget"]["wsviz"]["drop_after_ft"] = s["budget"]["sharesnet rule"]["drop_after_ft"] + 1.0
+    assert "wsviz loses less than the rule: NO" in "\n".join(zoo.tying_section(worse))

@@ -442,13 +442,14 @@ def _opportunities(args: argparse.Namespace) -> int:
     if args.budget is not None:
         choices = choose_groups(model, rows, args.budget, calibration[0], held, verify=args.verify)
         _write_csv(out / "choices.csv", [{"groups": " | ".join(" + ".join(g) for g in c.groups),
-                                          "params_saved": c.params_saved, "predicted_drop_pts": c.predicted_drop,
-                                          "measured_drop_pts": c.measured_drop, "measured_loss_rise": c.measured_loss}
-                                         for c in choices])
+                                          "params_saved": c.params_saved, "predicted_kl": c.predicted,
+                                          "measured_kl": c.measured_kl, "measured_drop_pts": c.measured_drop,
+                                          "measured_loss_rise": c.measured_loss} for c in choices])
         best = choices[0]
+        measured = (f"KL {best.measured_kl:.4f}, {best.measured_drop:+.2f} pts measured with all tied now"
+                    if best.measured is not None else f"KL {best.predicted:.4f} predicted")
         print(f"to save {args.budget:,} parameters: tie {' | '.join(' + '.join(g) for g in best.groups)} "
-              f"(saves {best.params_saved:,}; {best.measured_drop:+.2f} pts measured with all tied now); "
-              "pass these as --group to `python -m wsviz tie`")
+              f"(saves {best.params_saved:,}; {measured}); pass these as --group to `python -m wsviz tie`")
     return 0
 
 
@@ -595,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
     q.add_argument("--budget", type=int, default=None,
                    help="also choose disjoint groups that save at least this many parameters at the least measured "
-                        "accuracy cost (written to choices.csv)")
+                        "cost (KL from the untied predictions; written to choices.csv)")
     q.add_argument("--verify", type=int, default=8,
                    help="with --budget: how many of the best-predicted sets to tie together and measure (default 8)")
     q = analysis("tie", "make groups of a trained model's convolutions share one weight; optionally fine-tune",

@@ -516,7 +516,10 @@ def tying_section(res: dict) -> list[str]:
     lines += [f"### Ranking: Spearman between each score and the drop after a {res['short_steps']}-step fine-tune",
               "", f"All {len(res['candidate_groups'])} candidate groups (same-shape runs of blocks within a stage), "
               "each tied alone (lstsq) and fine-tuned; drop = untied model after the same fine-tune minus tied. "
-              "Scores from the calibration sample (the drop right after tying on val). Combined: weighted mean of "
+              "Scores from the calibration sample; the three measured now (drop, loss rise, KL) cross-fitted: "
+              "measured on val for the ρ on the test half, on the test half for the ρ on val (which chooses the "
+              "combined score's weights), so a score never shares images with the drop it is judged against. "
+              "Combined: weighted mean of "
               f"the scores' ranks; library default weights {res['weights_default']}; weights chosen on val from "
               f"{{0, 1, 2}}^{len(res['singles'])}: {res['weights_chosen_on_val']} (mean val ρ {res['val_rho_chosen']:.3f}; default "
               f"{res['val_rho_default']:.3f}).", "",
@@ -534,7 +537,7 @@ def tying_section(res: dict) -> list[str]:
               + ("met" if all(comb > v for v in others.values()) else "NOT met") + ".", ""]
     lines += ["### Budgeted choice at ShaResNet's parameter saving", "",
               "wsviz (`choose_groups`): the minimal disjoint candidate sets saving at least as much as ShaResNet's rule, "
-              f"ranked by the sum of their groups' drops measured on val (accuracy points), the {res['verify']} best tied together "
+              f"ranked by the sum of their groups' KL measured on val, the {res['verify']} best tied together "
               "and measured on val, the best of those kept; vs the rule, vs random disjoint groups added until they "
               "save as much; each tied "
               f"(lstsq) and fine-tuned {res['ft_steps']} steps. Drop = untied fine-tuned the same way minus this.", "",

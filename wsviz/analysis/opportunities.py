@@ -337,9 +337,15 @@ class Choice:
 
     groups: tuple[tuple[str, ...], ...]
     params_saved: int
-    predicted_drop: float  # the members' measured drops added up (accuracy points)
-    measured_drop: float | None  # accuracy points lost by tying all of them at once (None: not measured)
-    measured_loss: float | None = None  # rise of the held-out cross-entropy, all tied at once
+    by: str  # the measured cost the choice minimises: measured_kl, measured_loss or measured_drop
+    predicted: float  # the groups' costs (each measured alone) added up
+    measured: float | None = None  # the cost measured with all of them tied at once (None: not verified)
+    measured_drop: float | None = None  # all tied at once: accuracy points lost,
+    measured_loss: float | None = None  # the rise of the held-out cross-entropy,
+    measured_kl: float | None = None  # and the mean KL from the untied predictions
+
+
+BUDGET_COSTS = ("measured_kl", "measured_loss", "measured_drop")
 
 
 def _disjoint_sets(rows: Sequence[Opportunity], budget: int, limit: int = 200_000) -> list[tuple[int, ...]]:
@@ -369,21 +375,25 @@ def _disjoint_sets(rows: Sequence[Opportunity], budget: int, limit: int = 200_00
 
 
 def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, images: torch.Tensor,
-                  held_out: tuple[torch.Tensor, torch.Tensor], *, verify: int = 8,
+                  held_out: tuple[torch.Tensor, torch.Tensor], *, by: str = "measured_kl", verify: int = 8,
                   progress: Callable[[int, int, str], None] | None = None) -> list[Choice]:
-    """Disjoint groups among ``rows`` (scored with a measured drop) that save at least ``budget``
-    parameters at the least accuracy cost, best first.
+    """Disjoint groups among ``rows`` (scored with held-out data) that save at least ``budget``
+    parameters at the least measured cost ``by``, best first.
 
-    Costs in accuracy points, so that several small groups and one large one compare fairly: every
-    minimal disjoint set saving the budget is ranked by the sum of its groups' measured drops (ties
-    by the summed loss rise, then by fewer parameters saved). Drops do not add exactly (tying one
-    group changes what the next sees), so the ``verify`` best sets are then tied together, BatchNorm
-    re-estimated on ``images``, and measured on ``held_out``; the list is sorted by that measurement.
+    Ranks cannot be added up, measured costs can (to first order): every minimal disjoint set saving
+    the budget is ranked by the sum of its groups' costs, each measured alone (ties: fewer parameters
+    saved). Costs do not add exactly (tying one group changes what the next sees), so the ``verify``
+    best sets are then tied together, BatchNorm re-estimated on ``images``, and measured on
+    ``held_out``; the list is then sorted by that measurement. The default cost is the KL divergence
+    from the untied model's predictions, the measured cost that best predicted the accuracy lost
+    after fine-tuning in ``benchmarks/bench_tie.py`` (``checkpoints/REPORT.md``).
     """
     from wsviz.models.tie import reestimate_batchnorm, tie
 
-    if any(r.measured_drop is None for r in rows):
-        raise WsvizError("Choosing groups under a budget needs each group's measured drop: score them with "
+    if by not in BUDGET_COSTS:
+        raise WsvizError(f"Unknown cost {by!r}; choose one of {', '.join(BUDGET_COSTS)}.")
+    if any(getattr(r, by) is None for r in rows):
+        raise WsvizError("Choosing groups under a budget needs each group's measured cost: score them with "
                          "held-out data.")
     if budget <= 0:
         raise WsvizError(f"The parameter budget must be a positive number of parameters to save, got {budget}.")
@@ -394,27 +404,29 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
                          f"most {most:,}); lower the budget or pass larger groups.")
 
     def predicted(s):
-        return (sum(rows[i].measured_drop for i in s), sum(rows[i].measured_loss or 0.0 for i in s),
-                sum(rows[i].params_saved for i in s))
+        return sum(getattr(rows[i], by) for i in s), sum(rows[i].params_saved for i in s)
 
     sets.sort(key=predicted)
     best = sets[:max(verify, 1)]
-    base = _measure(_log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0]),
-                    held_out[1]) if verify else None
+    base_lp = base = None
+    if verify:
+        base_lp = _log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0])
+        base = _measure(base_lp, held_out[1])
     out = []
     for k, s in enumerate(best):
         groups = tuple(rows[i].group for i in s)
-        drop = loss = None
+        cost, saved = predicted(s)
+        choice = Choice(groups, saved, by, cost)
         if verify:
             if progress:
                 progress(k, len(best), " | ".join(" + ".join(g) for g in groups))
             tied = reestimate_batchnorm(tie(model, [list(g) for g in groups], init="lstsq", images=images), images)
-            loss_now, acc_now, _ = _measure(_log_probs(tied, held_out[0]), held_out[1])
-            drop, loss = 100 * (base[1] - acc_now), loss_now - base[0]
-        p = predicted(s)
-        out.append(Choice(groups, p[2], p[0], drop, loss))
+            loss, accuracy, kl = _measure(_log_probs(tied, held_out[0]), held_out[1], base_lp)
+            now = {"measured_drop": 100 * (base[1] - accuracy), "measured_loss": loss - base[0], "measured_kl": kl}
+            choice = replace(choice, measured=now[by], **now)
+        out.append(choice)
     if progress and verify:
         progress(len(best), len(best), "done")
     if verify:
-        out.sort(key=lambda c: (c.measured_drop, c.measured_loss, c.params_saved))
+        out.sort(key=lambda c: (c.measured, c.params_saved))
     return out
