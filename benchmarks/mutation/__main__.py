@@ -77,8 +77,12 @@ MODULES: dict[str, Target] = {
         "tests/test_truthful_views.py::test_repeatnet_tiling_is_counted_against_the_realised_block",
         "tests/test_truthful_views.py::test_e2cnn_basis_expansion_is_counted_against_the_expanded_filters",
         "tests/test_param_counts.py::test_wsms_macs_resnet110"), copy=("checkpoints",)),
-    "sweeps": Target("wsviz/analysis/sweeps.py", ("tests/test_analysis.py",)),
-    "kernels": Target("wsviz/analysis/kernels.py", ("tests/test_analysis.py",)),
+    "sweeps": Target("wsviz/analysis/sweeps.py", ("tests/test_sweeps.py",)),
+    "kernels": Target("wsviz/analysis/kernels.py", ("tests/test_kernels.py",) + tuple(
+        f"tests/test_analysis.py::{t}" for t in (
+            "test_top_k_kernels_are_the_k_largest", "test_kernel_layers_are_places_with_their_reuse",
+            "test_kernel_layers_of_steerable_model_are_expanded_filters", "test_unknown_layer_is_a_clear_error",
+            "test_kernel_set_similarity_meaning", "test_blending_weights_and_extremes"))),
     "runstore": Target("wsviz/training/runstore.py", ("tests/test_training.py", "tests/test_reliability.py")),
 }
 
