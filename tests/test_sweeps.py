@@ -358,3 +358,52 @@ def test_layer_scale_invariance_passes_loader_and_workers():
 def test_layer_scale_invariance_message():
     with pytest.raises(WsvizError, match=r"^This model has no spatial taps to compare\.$"):
         layer_scale_invariance(Tapped(), images(2), 0.5, kinds=["rate"])
+
+
+def test_values_are_floats_even_when_given_as_whole_numbers():
+    x, y = blocks()
+    res = rotation_sweep({"lr": LeftRight()}, x, y, angles=[0, 180])
+    assert res.values.dtype == np.float64 and res.values.tolist() == [0.0, 180.0]
+    assert scale_sweep({"lr": LeftRight()}, x, y, scales=[1, 2]).values.dtype == np.float64
+
+
+def test_one_degree_is_a_rotation_not_the_identity(tmp_path):
+    x = images(4)
+    m = Linear()
+    cache = PredictionCache(tmp_path)
+    rotation_sweep({"m": m}, x, angles=(1,), cache=cache)
+    assert rotation_sweep({"m": m}, x, angles=(1,), cache=cache).cached == 2  # rotate=1.0 and identity
+
+
+def test_single_image_stability_of_a_colour_image():
+    m = Linear(channels=3)
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    st = single_image_stability(m, x[1], [0, 90])
+    with torch.no_grad():
+        prob = torch.cat([m(rotate(x[1:2], a)) for a in (0.0, 90.0)]).softmax(1)
+    np.testing.assert_allclose(st.probabilities, prob.numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Recording(torch.utils.data.Dataset):
+    """A map-style dataset that notes which items were read (in this process)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.read = x, y, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("sweep,values", [(scale_sweep, {"scales": (0.5,)}), (rotation_sweep, {"angles": (90,)})])
+def test_a_dataset_is_read_once_in_this_process_by_default(sweep, values):
+    x, y = images(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    ds = Recording(x, y)
+    res = sweep({"m": Linear()}, ds, **values)
+    assert sorted(ds.read) == list(range(6))  # no loader worker processes unless asked for
+    ref = sweep({"m": Linear()}, x, y, **values)
+    assert np.array_equal(res.predictions["m"], ref.predictions["m"])
+    np.testing.assert_allclose(res.accuracy["m"], ref.accuracy["m"])
