@@ -99,6 +99,45 @@ class Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class Flip(nn.Module):
+    """Its weight applied mirrored: derived from the parameter, not stored as applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.flip(-1), padding=1)
+
+
+class Buffers(nn.Module):
+    """Two kernel sets that are no parameter (buffers) applied at one place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("u", torch.randn(2, 2, 3, 3))
+        self.register_buffer("v", torch.randn(1, 2, 3, 3))
+
+    def forward(self, x):
+        return torch.cat([F.conv2d(x, self.u, padding=1), F.conv2d(x, self.v, padding=1)], 1)
+
+
+class Odd(nn.Module):
+    """A 2x2 conv, a conv of one weight, a derived weight, buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.wsviz_config = {"in_channels": 1, "input_size": 6, "num_classes": 2}
+        self.one = nn.Conv2d(1, 1, 1, bias=False)
+        self.small = nn.Conv2d(1, 2, 2, padding=1)
+        self.flip = Flip()
+        self.bufs = Buffers()
+
+    def forward(self, x):
+        return self.bufs(self.flip(self.small(self.one(x)))).mean((2, 3))[:, :2]
+
+
 def L(name: str, kernel=(3, 3), shared: bool = False, **kw) -> KernelLayer:  # noqa: N802 - reads like a table row
     return KernelLayer(name, (4, 4, *kernel), False, 2 if shared else 1, factor=2.0 if shared else 1.0, **kw)
 
@@ -115,6 +154,7 @@ def test_kernel_layers_of_a_network_written_out():
     assert got["borrow"] == KernelLayer("borrow", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
                                         ("late", "borrow"), ())
     assert got["wide"].shape == (3, 4, 3, 5) and got["wide"].kernel == (3, 5) and got["wide"].uses == 1
+    assert got["wide"].menu_label() == "wide · 3x4 3x5"
     assert got["rates"] == KernelLayer("rates", (3, 3, 3, 3), False, 2, ("rates.weight",), "direct", 2.0, ("rates",),
                                        ("padding=1 dilation=1", "padding=2 dilation=2"))
     # two weights at one place: their kernels stacked, uses the most of either, factor pooled over both
@@ -127,6 +167,18 @@ def test_kernel_layers_of_a_network_written_out():
     assert [k.name for k in kernel_layers(m, min_size=4)] == []  # the 3x5 kernel's smaller side is 3
 
 
+def test_kernel_layers_of_odd_places():
+    m = Odd()
+    got = {k.name: k for k in kernel_layers(m)}
+    assert list(got) == ["small", "flip"]  # 2x2 kernels count by default; buffers are no stored weights
+    assert got["flip"] == KernelLayer("flip", (2, 2, 3, 3), True, 1, ("flip.weight",), "derived", 1.0, ("flip",), ())
+    assert got["flip"].menu_label() == "flip · 2x2 3x3"
+    one = kernel_layers(m, min_size=1)[0]
+    assert (one.name, one.shape, one.factor, one.shared) == ("one", (1, 1, 1, 1), 1.0, False)
+    assert torch.equal(layer_weight(m, "bufs"), torch.cat([m.bufs.u, m.bufs.v]))  # two tensors of no parameter
+    assert torch.equal(layer_weight(m, "flip"), m.flip.weight.detach().flip(-1))  # as applied
+
+
 def test_variations_name_what_differs_between_applications():
     assert _variations([]) == () and _variations(["", ""]) == ()
     assert _variations(["stride=1 dilation=1", "stride=1 dilation=1"]) == ()  # the same settings twice
@@ -134,6 +186,7 @@ def test_variations_name_what_differs_between_applications():
         "dilation=1", "dilation=2")
     assert _variations(["a=1 b=2 c=x=y", "a=2 b=2 c=x=z"]) == ("a=1 c=x=y", "a=2 c=x=z")
     assert _variations(["a=1 b=1", "a=1 b=2 c=3"]) == ("b=1", "b=2")  # keys of the first application
+    assert _variations(["c=x=y", "c=w=y"]) == ("c=x=y", "c=w=y")  # split at the first "="
 
 
 def test_layer_weight_by_parameter_place_or_message():
@@ -181,8 +234,8 @@ def test_kernel_layer_words():
     tiled = KernelLayer("t", (16, 1, 3, 3), True, 1, ("p", "q"), "tiled", 4.0)
     assert tiled.describe() == "16x1x3x3 realised by tiling parameter(s) p, q: each stored weight applied 4x"
     assert tiled.menu_label() == "t · 16x1 3x3 · tiled ×4"
-    basis = KernelLayer("e", (8, 2, 5, 5), True, 1, ("c",), "expanded", 12.5)
-    assert basis.describe() == "8x2x5x5 filters expanded from a basis (c): each learned coefficient applied 12.5x"
+    basis = KernelLayer("e", (8, 2, 5, 5), True, 1, ("c", "d"), "expanded", 12.5)
+    assert basis.describe() == "8x2x5x5 filters expanded from a basis (c, d): each learned coefficient applied 12.5x"
     assert basis.menu_label() == "e · 8x2 5x5 · basis ×12.5"
     derived = KernelLayer("d", (8, 2, 3, 3), True, 1, ("c",), "derived", 1.0)
     assert derived.menu_label() == "d · 8x2 3x3"
@@ -283,6 +336,14 @@ def test_kernel_set_similarity_is_the_best_matching(na, nb, seed):
     a, b = rng.standard_normal((na, 2, 3)), rng.standard_normal((nb, 2, 3))
     assert kernel_set_similarity(a, b) == pytest.approx(_brute_similarity(a, b), rel=1e-12)
     assert kernel_set_similarity(a, -3 * a[::-1]) == pytest.approx(1.0)
+
+
+def test_kernel_set_similarity_computes_in_double_precision():
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((4, 3, 3)).astype(np.float32), rng.standard_normal((4, 3, 3)).astype(np.float32)
+    want = _brute_similarity(a.astype(np.float64), b.astype(np.float64))
+    assert abs(kernel_set_similarity(a, b) - want) < 1e-13
+    assert abs(kernel_set_similarity(a.tolist(), b) - want) < 1e-13  # any array-like
 
 
 def test_kernel_set_similarity_zero_kernel_and_message():
