@@ -354,9 +354,10 @@ def test_claim_slot_frees_the_slots_of_dead_runs_first(tmp_path):
 def test_set_pid(tmp_path):
     store = RunStore(tmp_path / "runs")
     a = store.create("m", "d", {})
-    store.set_pid(a.id, os.getpid())
-    assert (store.get(a.id).pid, store.get(a.id).host) == (os.getpid(), HOST)
-    assert sql(store, "SELECT pid_start FROM runs") == [(process_start_time(os.getpid()),)]
+    store.set_pid(a.id, 1)  # another live process than this one (started before it)
+    assert (store.get(a.id).pid, store.get(a.id).host) == (1, HOST)
+    assert sql(store, "SELECT pid_start FROM runs") == [(process_start_time(1),)]
+    assert process_start_time(1) != process_start_time(os.getpid())
     store.set_pid(a.id, None, host="node7")
     assert (store.get(a.id).pid, store.get(a.id).host) == (None, "node7")
     assert sql(store, "SELECT pid_start FROM runs") == [(None,)]
@@ -544,7 +545,7 @@ def test_rebuild_adds_missing_and_completes_unfinished_runs(tmp_path, caplog):
         report = store.rebuild()
     assert report.added == ["20240102-030406-bbbbbb", "20240102-030405-aaaaaa"] and report.updated == []  # oldest first
     assert list(report.skipped) == ["20240102-030407-cccccc"]
-    assert "rebuilt: 2 run(s) restored" in caplog.text
+    assert caplog.messages == [f"run store {store.db_path} rebuilt: {report.summary()}"]
     assert store.get(kept.id).reason == "killed"  # a run the store knows is left as it is
     assert store.get("20240102-030406-bbbbbb").created == 6.0
     (unfinished / "checkpoint" / "card.json").write_text(json.dumps(card(device="cuda")))  # its process went on
@@ -744,7 +745,7 @@ def test_an_unwritable_folder_with_a_damaged_or_sound_store(tmp_path):
             RunStore(ro)
         assert str(e.value).startswith(f"The run store {ro.resolve() / 'wsviz.db'} cannot be opened for writing (")
         view = finished_runs(ro)
-        assert not view.usable and view.problem == str(e.value)
+        assert view.usable is False and view.problem == str(e.value) and view.cancelled == frozenset()
         assert sorted(rid for _, rid, _ in view.done) == ids
     bad = damage_pages(store.db_path)
     with read_only(root) as ro:
@@ -767,6 +768,13 @@ def test_an_unwritable_folder_with_a_damaged_or_sound_store(tmp_path):
 def test_probe_damage_reads_without_writing(tmp_path):
     store = filled(tmp_path / "runs")
     assert store._probe_damage() is None
+    store.db_path.rename(tmp_path / "kept.db")
+    store.db_path.mkdir()  # cannot be opened at all: that is not damage
+    assert store._probe_damage() is None
+    store.db_path.rmdir()
+    (tmp_path / "kept.db").rename(store.db_path)
+    null_where_not_null(store.db_path)
+    assert str(store._probe_damage()) == "database disk image is malformed (NULL value in runs.reason)"
     damage_pages(store.db_path)
     found = store._probe_damage()
     assert isinstance(found, sqlite3.DatabaseError) and str(found).startswith("database disk image is malformed")
@@ -826,3 +834,66 @@ def test_finished_runs_after_a_recovery_and_from_the_folders(tmp_path):
         # from the folders: the complete card is done (newest first); the unfinished one is not cancelled there
         assert view.done == [(name, rid, ro.resolve() / rid / "checkpoint") for name, rid in [("d", done.id), *old]]
         assert view.cancelled == frozenset()
+
+
+def null_where_not_null(db: Path) -> None:
+    """Damage that SQLite's quick_check reports as a row (not an error): a NULL where the schema says NOT NULL."""
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM runs WHERE reason IS NULL").fetchone()[0]
+    con.execute("PRAGMA writable_schema=ON")
+    con.execute("UPDATE sqlite_master SET sql=replace(sql, 'reason TEXT,', 'reason TEXT NOT NULL,') WHERE name='runs'")
+    con.commit()
+    con.close()
+
+
+def test_damage_that_quick_check_reports_is_damage(tmp_path):
+    root = tmp_path / "runs"
+    store = filled(root)
+    ids = sorted(r.id for r in store.list())
+    null_where_not_null(store.db_path)
+    with pytest.raises(RunStoreDamaged) as e:
+        RunStore(root, recover=False)
+    assert str(e.value).startswith(f"The run store {store.db_path} is damaged (database disk image is malformed (NULL "
+                                   "value in runs.reason)). Run `python -m wsviz runs rebuild`")
+    rec = RunStore(root).recovery
+    assert rec.reason == "database disk image is malformed (NULL value in runs.reason)"
+    assert sorted(rec.rebuilt.added) == ids
+
+
+@pytest.fixture
+def statements(monkeypatch):
+    """Every SQL statement the run store sends, in order."""
+    sent: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        con = connect(*args, **kwargs)
+        con.set_trace_callback(sent.append)
+        return con
+
+    monkeypatch.setattr(rs.sqlite3, "connect", traced)
+    return sent
+
+
+def _begins(sent: list[str]) -> list[str]:
+    return [q for q in sent if q.startswith("BEGIN")]
+
+
+def test_what_reads_before_it_writes_takes_the_write_lock_first(tmp_path, statements):
+    """Two processes must not both read "a slot is free" and both take it: claim_slot, reconcile,
+    requeue and rebuild begin with BEGIN IMMEDIATE (the write lock), not a deferred BEGIN."""
+    store = RunStore(tmp_path / "runs")
+    a = store.create("m", "d", {})
+    store.finish(a.id, "failed", "killed")
+    for call in (store.reconcile, store.rebuild, lambda: store.requeue(a.id, 0)):
+        statements.clear()
+        call()
+        assert _begins(statements)[0] == "BEGIN IMMEDIATE"
+    statements.clear()
+    store.claim_slot(a.id, 1, os.getpid(), "cpu")
+    assert _begins(statements) == ["BEGIN IMMEDIATE", "BEGIN IMMEDIATE"]  # its reconcile, then its claim
+    statements.clear()
+    store.get(a.id)
+    store.list()
+    store.request_cancel(a.id)
+    assert set(_begins(statements)) == {"BEGIN"}

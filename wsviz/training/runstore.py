@@ -731,9 +731,8 @@ def finished_runs(root: str | Path) -> StoreView:
         store = RunStore(root)
         runs = [r for r in store.list() if _usable(r)]
     except RunStoreError as exc:
-        done = [r for r in scan_run_folders(root)[0] if _usable(r)]
-        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False,
-                         frozenset(r.id for r in done if r.status == "cancelled"))
+        done = [r for r in scan_run_folders(root)[0] if _usable(r)]  # a folder says done or failed, never cancelled
+        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False)
     problem = store.recovery.message() if store.recovery else None
     copies = damaged_copies(root)
     if problem is None and copies:
