@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -199,6 +201,7 @@ def test_create_get_list(tmp_path):
     meta = json.loads((Path(a.out_dir) / "run.json").read_text())
     assert meta == {"id": a.id, "name": a.name, "model": "resnet_digits", "dataset": "mnist5k", "spec": {"k": [1, 2]},
                     "created": a.created, "user": "ann"}
+    assert (Path(a.out_dir) / "run.json").read_text() == json.dumps(meta, indent=1)  # indented: read by people too
     assert not list(Path(a.out_dir).glob(".*.tmp"))
     assert [r.id for r in store.list()] == [c.id, b.id, a.id]  # newest first
     store.finish(b.id, "done")
@@ -296,7 +299,8 @@ def test_claim_slot_on_the_cpu_first_come_first_served(tmp_path):
     assert store.claim_slot(a.id, 2, me, "cpu") == "running"
     assert store.claim_slot(a.id, 2, me, "cpu") == "running"  # already running: said so, nothing changed
     assert store.claim_slot(c.id, 2, me, "cpu") == "queued"  # two running
-    assert store.claim_slot(c.id, 3, me, "cpu") == "running"
+    assert store.claim_slot(c.id, 3, 1, "cpu") == "running"  # started by (the start time of) process 1
+    assert sql(store, "SELECT pid, pid_start FROM runs WHERE id=?", c.id) == [(1, process_start_time(1))]
     run = store.get(a.id)
     assert (run.status, run.pid, run.device, run.slot, run.host) == ("running", me, "cpu", None, HOST)
     assert sql(store, "SELECT pid_start FROM runs WHERE id=?", a.id) == [(process_start_time(me),)]
@@ -683,7 +687,10 @@ def test_a_damaged_database_is_moved_aside_with_its_log_and_rebuilt(tmp_path, ho
     monkeypatch.setattr(RunStore, "_init_db", with_stale_log)
     with pytest.raises(RunStoreDamaged) as e:
         RunStore(root, recover=False)
-    assert str(e.value).startswith(f"The run store {store.db_path} is damaged (")
+    reason = "file is not a database" if how == "not a database" else "database disk image is malformed"
+    assert str(e.value) == (f"The run store {store.db_path} is damaged ({reason}). Run `python -m wsviz runs rebuild` "
+                            "(or reload the app) to move it aside and rebuild it from the run folders; shipped "
+                            "checkpoints work meanwhile.")
     assert store.db_path.read_bytes() == bad and damaged_copies(root) == []
     with caplog.at_level("WARNING", logger="wsviz.training.runstore"):
         again = RunStore(root)
@@ -694,7 +701,7 @@ def test_a_damaged_database_is_moved_aside_with_its_log_and_rebuilt(tmp_path, ho
     assert Path(f"{rec.moved_to}-shm").read_bytes() == b"stale shm"
     assert sorted(rec.rebuilt.added) == ids and sorted(r.id for r in again.list()) == ids
     assert ("malformed" in rec.reason) if how == "zeroed pages" else rec.reason == "file is not a database"
-    assert "is damaged" in caplog.text and str(rec.moved_to) in caplog.text
+    assert caplog.messages == [f"run store {store.db_path} is damaged ({rec.reason}): moved to {rec.moved_to}"]
     assert RunStore(root).recovery is None
     # damaged again, in the same second: the next copy gets its own name
     again.db_path.write_bytes(bad)
@@ -703,17 +710,20 @@ def test_a_damaged_database_is_moved_aside_with_its_log_and_rebuilt(tmp_path, ho
     assert len(damaged_copies(root)) == 2
 
 
-def test_the_name_of_a_moved_aside_copy_never_overwrites(tmp_path, monkeypatch):
+@pytest.mark.parametrize("taken,expected", [
+    ([], ""), ([""], "-2"), (["-wal"], "-2"), (["-shm"], "-2"), (["", "-2-wal"], "-3"), (["", "-2-shm"], "-3"),
+    (["", "-2", "-3-shm"], "-4")])
+def test_the_name_of_a_moved_aside_copy_never_overwrites(tmp_path, monkeypatch, taken, expected):
     root = tmp_path / "runs"
     store = filled(root)
     monkeypatch.setattr(rs.time, "strftime", lambda fmt, *a: "20240102-030405")
     base = root / "wsviz.db.damaged-20240102-030405"
-    base.write_text("older copy")
-    Path(f"{root / 'wsviz.db.damaged-20240102-030405-2'}-wal").write_text("older log")
+    for suffix in taken:
+        Path(f"{base}{suffix}").write_text("older")
     store.db_path.write_bytes(b"not a database\n" * 300)
     rec = RunStore(root).recovery
-    assert rec.moved_to == root / "wsviz.db.damaged-20240102-030405-3"
-    assert base.read_text() == "older copy"
+    assert rec.moved_to == Path(f"{base}{expected}")
+    assert all(Path(f"{base}{suffix}").read_text() == "older" for suffix in taken)
 
 
 def test_another_process_recovered_it_meanwhile(tmp_path, monkeypatch):
@@ -743,7 +753,11 @@ def test_an_unwritable_folder_with_a_damaged_or_sound_store(tmp_path):
     with read_only(root) as ro:
         with pytest.raises(RunStoreUnavailable) as e:
             RunStore(ro)
-        assert str(e.value).startswith(f"The run store {ro.resolve() / 'wsviz.db'} cannot be opened for writing (")
+        assert re.fullmatch(re.escape(f"The run store {ro.resolve() / 'wsviz.db'} cannot be opened for writing (")
+                            + "(unable to open database file|attempt to write a readonly database)"
+                            + re.escape(f"): make {ro.resolve()} writable, or set WSVIZ_RUNS to a folder you can "
+                                        "write. Training needs it; shipped checkpoints and finished runs work without "
+                                        "it."), str(e.value))
         view = finished_runs(ro)
         assert view.usable is False and view.problem == str(e.value) and view.cancelled == frozenset()
         assert sorted(rid for _, rid, _ in view.done) == ids
@@ -762,7 +776,10 @@ def test_an_unwritable_folder_with_a_damaged_or_sound_store(tmp_path):
     with read_only(root) as ro:
         with pytest.raises(RunStoreDamaged) as e:
             RunStore(ro)
-        assert "(file is not a database)" in str(e.value) and "cannot be written" in str(e.value)
+        assert str(e.value).startswith(f"The run store {ro.resolve() / 'wsviz.db'} is damaged (file is not a database), "
+                                       f"and it cannot be moved aside because {ro.resolve()} cannot be written (")
+        reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"  # tmpfs as root, else chmod
+        assert f"cannot be written ({reason}): make that folder writable" in str(e.value)
 
 
 def test_probe_damage_reads_without_writing(tmp_path):
@@ -897,3 +914,67 @@ def test_what_reads_before_it_writes_takes_the_write_lock_first(tmp_path, statem
     store.list()
     store.request_cancel(a.id)
     assert set(_begins(statements)) == {"BEGIN"}
+
+
+def test_a_damaged_database_that_cannot_be_moved_aside(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    store = filled(root)
+    store.db_path.write_bytes(b"not a database\n" * 300)
+
+    def busy(src, dst):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(rs.os, "rename", busy)
+    with pytest.raises(RunStoreDamaged) as e:
+        RunStore(root)
+    assert str(e.value) == (f"The run store {store.db_path} is damaged (file is not a database), and it cannot be moved "
+                            f"aside (Device or resource busy): make {store.root} writable. Run `python -m wsviz runs "
+                            "rebuild` (or reload the app) to move it aside and rebuild it from the run folders; shipped "
+                            "checkpoints work meanwhile.")
+    def unexplained(src, dst):
+        raise OSError("no reason given")  # no errno, no strerror: the error itself is shown
+
+    monkeypatch.setattr(rs.os, "rename", unexplained)
+    with pytest.raises(RunStoreDamaged, match=r"cannot be moved aside \(no reason given\): make "):
+        RunStore(root)
+
+
+def test_a_database_that_cannot_be_opened_once_locked(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    filled(root)
+    calls = []
+
+    def damaged_then_unopenable(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.DatabaseError("file is not a database")
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(RunStore, "_init_db", damaged_then_unopenable)
+    with pytest.raises(RunStoreUnavailable) as e:
+        RunStore(root)
+    assert str(e.value).startswith(f"The run store {root.resolve() / 'wsviz.db'} cannot be opened for writing (unable "
+                                   "to open database file): make ")
+
+
+def test_opening_an_existing_store_does_not_rebuild_it(tmp_path):
+    root = tmp_path / "runs"
+    store = RunStore(root)
+    run_folder(root, "20240102-030405-aaaaaa", {"model": "m", "dataset": "d"})
+    assert RunStore(root).list() == []  # known database: only `runs rebuild` adds folders
+    assert store.rebuild().added == ["20240102-030405-aaaaaa"]
+
+
+def test_the_default_and_nested_runs_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RunStore().root == tmp_path / "runs" and (tmp_path / "runs" / "wsviz.db").is_file()
+    assert RunStore(tmp_path / "a" / "b" / "runs").db_path.is_file()  # parents made too
+
+
+def test_queued_runs_get_a_minute_for_their_worker_to_start(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "runs")
+    runs = [store.create("m", "d", {}) for _ in range(3)]
+    for r, age in zip(runs, (59.5, 60.0, 60.5)):
+        sql(store, "UPDATE runs SET created=? WHERE id=?", 1000.0 - age, r.id)
+    monkeypatch.setattr(rs, "time", SimpleNamespace(time=lambda: 1000.0))
+    assert sorted(store.reconcile()) == sorted(r.id for r in runs[1:])  # 60 s and more: its worker never came

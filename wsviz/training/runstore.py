@@ -630,8 +630,7 @@ def read_run_folder(folder: str | Path) -> FolderRun:
     if (d / RUN_FILE).is_file():
         try:
             meta = json.loads((d / RUN_FILE).read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            meta = {}
+        except (OSError, ValueError, RecursionError) as exc:  # meta stays {}
             if not (d / "checkpoint" / "card.json").is_file():
                 raise WsvizError(f"{d / RUN_FILE} cannot be read ({exc}) and there is no checkpoint") from exc
         if not isinstance(meta, dict):
