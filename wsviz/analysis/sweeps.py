@@ -76,8 +76,8 @@ def _variant(op, name: str, v: float, identity: float) -> Variant:
 
 
 def _sweep(models: Mapping[str, nn.Module], images, labels: torch.Tensor | None, values: Sequence[float], op,
-           parameter: str, identity: float, batch_size: int, progress=None, *, workers: int = 0,
-           loader: str = "auto", cache: PredictionCache | None = None) -> SweepResult:
+           parameter: str, identity: float, batch_size: int, progress, *, workers: int, loader: str,
+           cache: PredictionCache | None) -> SweepResult:
     if not models:
         raise WsvizError("Choose at least one model for the sweep.")
     values = np.asarray(list(values), dtype=float)

@@ -630,8 +630,7 @@ def read_run_folder(folder: str | Path) -> FolderRun:
     if (d / RUN_FILE).is_file():
         try:
             meta = json.loads((d / RUN_FILE).read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            meta = {}
+        except (OSError, ValueError, RecursionError) as exc:  # meta stays {}
             if not (d / "checkpoint" / "card.json").is_file():
                 raise WsvizError(f"{d / RUN_FILE} cannot be read ({exc}) and there is no checkpoint") from exc
         if not isinstance(meta, dict):
@@ -731,9 +730,8 @@ def finished_runs(root: str | Path) -> StoreView:
         store = RunStore(root)
         runs = [r for r in store.list() if _usable(r)]
     except RunStoreError as exc:
-        done = [r for r in scan_run_folders(root)[0] if _usable(r)]
-        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False,
-                         frozenset(r.id for r in done if r.status == "cancelled"))
+        done = [r for r in scan_run_folders(root)[0] if _usable(r)]  # a folder says done or failed, never cancelled
+        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False)
     problem = store.recovery.message() if store.recovery else None
     copies = damaged_copies(root)
     if problem is None and copies:

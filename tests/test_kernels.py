@@ -1,0 +1,461 @@
+"""Kernels on hand-made inputs whose answers are known: a tiny network whose every kernel use is
+written out, top-k and set similarity against brute force, the like-for-like default layers on
+layer lists made by hand, blending marks and the pruning curve against a loop. Fast: no training."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsviz import WsvizError
+from wsviz.analysis.kernels import (
+    KernelLayer,
+    _variations,
+    blending_extremes,
+    blending_pruning_curve,
+    blending_weights,
+    default_layers,
+    kernel_layers,
+    kernel_set_similarity,
+    layer_weight,
+    random_kernel_similarity,
+    top_k_kernels,
+)
+
+
+class Rates(nn.Module):
+    """One weight applied at two dilations (an msws-style shared layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=1, dilation=1) + F.conv2d(x, self.weight, padding=2, dilation=2)
+
+
+class Borrow(nn.Module):
+    """Applies another module's weight here (not registered: the parameter stays that module's)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        object.__setattr__(self, "conv", conv)
+
+    def forward(self, x):
+        return F.conv2d(x, self.conv.weight, padding=1)
+
+
+class Pair(nn.Module):
+    """Two weights at one place: ``a`` once, ``b`` at two dilations; outputs concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(2, 3, 3, 3))
+        self.b = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.cat([F.conv2d(x, self.a, padding=1),
+                          F.conv2d(x, self.b, padding=1) + F.conv2d(x, self.b, padding=2, dilation=2)], 1)
+
+
+class Chain(nn.Module):
+    """Two weights at one place that cannot be stacked: their input channels differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(2, 5, 3, 3))
+        self.b = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(F.conv2d(x, self.a, padding=1), self.b, padding=1)
+
+
+class Net(nn.Module):
+    """``late`` is defined first but runs second, three times (twice itself, once borrowed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wsviz_config = {"in_channels": 2, "input_size": 8, "num_classes": 3}
+        self.late = nn.Conv2d(4, 4, 3, padding=1)
+        self.early = nn.Conv2d(2, 4, 3, padding=1)
+        self.borrow = Borrow(self.late)
+        self.point = nn.Conv2d(4, 4, 1)
+        self.wide = nn.Conv2d(4, 3, (3, 5), padding=(1, 2))
+        self.rates = Rates()
+        self.pair = Pair()
+        self.chain = Chain()
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.late(self.late(self.early(x)))
+        x = self.point(self.borrow(x))
+        x = self.chain(self.pair(self.rates(self.wide(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Flip(nn.Module):
+    """Its weight applied mirrored: derived from the parameter, not stored as applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.flip(-1), padding=1)
+
+
+class Buffers(nn.Module):
+    """Two kernel sets that are no parameter (buffers) applied at one place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("u", torch.randn(2, 2, 3, 3))
+        self.register_buffer("v", torch.randn(1, 2, 3, 3))
+
+    def forward(self, x):
+        return torch.cat([F.conv2d(x, self.u, padding=1), F.conv2d(x, self.v, padding=1)], 1)
+
+
+class Odd(nn.Module):
+    """A 2x2 conv, a conv of one weight, a derived weight, buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.wsviz_config = {"in_channels": 1, "input_size": 6, "num_classes": 2}
+        self.one = nn.Conv2d(1, 1, 1, bias=False)
+        self.small = nn.Conv2d(1, 2, 2, padding=1)
+        self.flip = Flip()
+        self.bufs = Buffers()
+
+    def forward(self, x):
+        return self.bufs(self.flip(self.small(self.one(x)))).mean((2, 3))[:, :2]
+
+
+def L(name: str, kernel=(3, 3), shared: bool = False, **kw) -> KernelLayer:  # noqa: N802 - reads like a table row
+    return KernelLayer(name, (4, 4, *kernel), False, 2 if shared else 1, factor=2.0 if shared else 1.0, **kw)
+
+
+# ---------------------------------------------------------------------------- kernel layers
+def test_kernel_layers_of_a_network_written_out():
+    m = Net()
+    got = {k.name: k for k in kernel_layers(m)}
+    assert list(got) == ["early", "late", "borrow", "wide", "rates", "pair", "chain"]  # forward order, no 1x1
+    assert got["early"] == KernelLayer("early", (4, 2, 3, 3), False, 1, ("early.weight",), "direct", 1.0,
+                                       ("early",), ())
+    assert got["late"] == KernelLayer("late", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
+                                      ("late", "borrow"), ())
+    assert got["borrow"] == KernelLayer("borrow", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
+                                        ("late", "borrow"), ())
+    assert got["wide"].shape == (3, 4, 3, 5) and got["wide"].kernel == (3, 5) and got["wide"].uses == 1
+    assert got["wide"].menu_label() == "wide · 3x4 3x5"
+    assert got["rates"] == KernelLayer("rates", (3, 3, 3, 3), False, 2, ("rates.weight",), "direct", 2.0, ("rates",),
+                                       ("padding=1 dilation=1", "padding=2 dilation=2"))
+    # two weights at one place: their kernels stacked, uses the most of either, factor pooled over both
+    assert got["pair"] == KernelLayer("pair", (5, 3, 3, 3), False, 2, ("pair.a", "pair.b"), "direct",
+                                      (54 + 2 * 81) / (54 + 81), ("pair",),
+                                      ("padding=1 dilation=1", "padding=2 dilation=2"))
+    assert got["chain"].shape == (4, 5, 3, 3) and got["chain"].params == ("chain.a", "chain.b")
+    assert [k.name for k in kernel_layers(m, min_size=1)] == ["early", "late", "borrow", "point", "wide", "rates",
+                                                              "pair", "chain"]
+    assert [k.name for k in kernel_layers(m, min_size=4)] == []  # the 3x5 kernel's smaller side is 3
+
+
+def test_kernel_layers_of_odd_places():
+    m = Odd()
+    got = {k.name: k for k in kernel_layers(m)}
+    assert list(got) == ["small", "flip"]  # 2x2 kernels count by default; buffers are no stored weights
+    assert got["flip"] == KernelLayer("flip", (2, 2, 3, 3), True, 1, ("flip.weight",), "derived", 1.0, ("flip",), ())
+    assert got["flip"].menu_label() == "flip · 2x2 3x3"
+    one = kernel_layers(m, min_size=1)[0]
+    assert (one.name, one.shape, one.factor, one.shared) == ("one", (1, 1, 1, 1), 1.0, False)
+    assert torch.equal(layer_weight(m, "bufs"), torch.cat([m.bufs.u, m.bufs.v]))  # two tensors of no parameter
+    assert torch.equal(layer_weight(m, "flip"), m.flip.weight.detach().flip(-1))  # as applied
+
+
+def test_variations_name_what_differs_between_applications():
+    assert _variations([]) == () and _variations(["", ""]) == ()
+    assert _variations(["stride=1 dilation=1", "stride=1 dilation=1"]) == ()  # the same settings twice
+    assert _variations(["stride=1 dilation=1", "", "stride=1 dilation=2", "stride=1 dilation=1"]) == (
+        "dilation=1", "dilation=2")
+    assert _variations(["a=1 b=2 c=x=y", "a=2 b=2 c=x=z"]) == ("a=1 c=x=y", "a=2 c=x=z")
+    assert _variations(["a=1 b=1", "a=1 b=2 c=3"]) == ("b=1", "b=2")  # keys of the first application
+    assert _variations(["c=x=y", "c=w=y"]) == ("c=x=y", "c=w=y")  # split at the first "="
+
+
+def test_layer_weight_by_parameter_place_or_message():
+    m = Net()
+    assert torch.equal(layer_weight(m, "late.weight"), m.late.weight.detach())
+    assert not layer_weight(m, "late.weight").requires_grad
+    assert torch.equal(layer_weight(m, "late"), m.late.weight.detach())  # applied twice here: once
+    assert torch.equal(layer_weight(m, "borrow"), m.late.weight.detach())
+    assert torch.equal(layer_weight(m, "rates"), m.rates.weight.detach())  # two dilations, one set of kernels
+    assert torch.equal(layer_weight(m, "pair"), torch.cat([m.pair.a, m.pair.b]).detach())
+    assert torch.equal(layer_weight(m, "pair.b"), m.pair.b.detach())
+    names = "early, late, borrow, wide, rates, pair, chain"
+    for bad in ("chain", "fc.weight", "fc", "nope", "point.bias"):  # not stackable, 2-D, no kernels, unknown
+        with pytest.raises(WsvizError) as e:
+            layer_weight(m, bad)
+        assert str(e.value) == f"{bad!r} is not a conv layer of this model; choose one of: {names}"
+
+
+def test_layer_weight_message_lists_twelve_layers_at_most():
+    class Many(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.wsviz_config = {"in_channels": 1, "input_size": 4, "num_classes": 1}
+            self.convs = nn.ModuleList(nn.Conv2d(1, 1, 3, padding=1) for _ in range(n))
+
+        def forward(self, x):
+            for c in self.convs:
+                x = c(x)
+            return x.mean((1, 2, 3))[:, None]
+
+    with pytest.raises(WsvizError) as e:
+        layer_weight(Many(13), "x")
+    assert str(e.value).endswith(": " + ", ".join(f"convs.{i}" for i in range(12)) + " ...")
+    with pytest.raises(WsvizError) as e:
+        layer_weight(Many(12), "x")
+    assert str(e.value).endswith(": " + ", ".join(f"convs.{i}" for i in range(12)))
+
+
+# ------------------------------------------------------------------------------ describe
+def test_kernel_layer_words():
+    assert not L("a").shared and L("a", shared=True).shared
+    assert not KernelLayer("a", (1, 1, 3, 3), False, 1, factor=1 + 1e-9).shared
+    assert KernelLayer("a", (1, 1, 3, 3), False, 1, factor=1 + 1e-8).shared
+    assert KernelLayer("a", (1, 1, 3, 5), False, 1).kernel == (3, 5)
+    tiled = KernelLayer("t", (16, 1, 3, 3), True, 1, ("p", "q"), "tiled", 4.0)
+    assert tiled.describe() == "16x1x3x3 realised by tiling parameter(s) p, q: each stored weight applied 4x"
+    assert tiled.menu_label() == "t · 16x1 3x3 · tiled ×4"
+    basis = KernelLayer("e", (8, 2, 5, 5), True, 1, ("c", "d"), "expanded", 12.5)
+    assert basis.describe() == "8x2x5x5 filters expanded from a basis (c, d): each learned coefficient applied 12.5x"
+    assert basis.menu_label() == "e · 8x2 5x5 · basis ×12.5"
+    derived = KernelLayer("d", (8, 2, 3, 3), True, 1, ("c",), "derived", 1.0)
+    assert derived.menu_label() == "d · 8x2 3x3"
+    assert derived.describe() == "8x2x3x3, applied once per forward pass (not shared)"
+    plain = KernelLayer("p", (4, 2, 3, 3), False, 1)
+    assert plain.describe() == "4x2x3x3, applied once per forward pass (not shared)"
+    assert plain.menu_label() == "p · 4x2 3x3"
+    own = KernelLayer("o", (4, 2, 3, 3), False, 1, variations=("dilation=1", "dilation=2"))
+    assert own.describe() == "4x2x3x3, not shared: its own kernels at each of dilation=1, dilation=2"
+
+
+def test_shared_kernel_layer_words():
+    here = KernelLayer("s", (4, 4, 3, 3), False, 2, factor=2.0, sites=("s",))
+    assert here.describe() == "4x4x3x3, shared: applied 2x per forward pass here"
+    assert here.menu_label() == "s · 4x4 3x3 · shared ×2"
+    rates = KernelLayer("s", (4, 4, 3, 3), False, 2, factor=2.0, sites=("s",), variations=("dilation=1", "dilation=2"))
+    assert rates.describe() == "4x4x3x3, shared: applied 2x per forward pass here (dilation=1, dilation=2)"
+    three = KernelLayer("b", (4, 4, 3, 3), False, 4, sites=("a", "b", "c", "d"), factor=4.0)
+    assert three.describe() == "4x4x3x3, shared: applied 4x per forward pass here and at a, c, d"
+    many = KernelLayer("b", (4, 4, 3, 3), False, 6, sites=("a", "b", "c", "d", "e", "f"), factor=6.0)
+    assert many.describe() == "4x4x3x3, shared: applied 6x per forward pass here and at a, c, d and 2 more"
+    four = KernelLayer("b", (4, 4, 3, 3), False, 5, sites=("a", "b", "c", "d", "e"), factor=5.0)
+    assert four.describe() == "4x4x3x3, shared: applied 5x per forward pass here and at a, c, d and 1 more"
+
+
+# -------------------------------------------------------------------------- default layers
+def test_default_layers_like_for_like():
+    assert default_layers({}) == {}
+    assert default_layers({"a": []}) == {}
+    a = [L("a1"), L("a2", shared=True), L("a3"), L("a4", (1, 1))]
+    b = [L("b1"), L("b2"), L("b3"), L("b4"), L("b5", (1, 1))]
+    c = [L("c1", (5, 5)), L("c2", (5, 5), shared=True), L("c3", (5, 5))]
+    d = [L("d1")]
+    e = [L("e1", (1, 1), shared=True), L("e2", (1, 1))]
+    f = [L("a2"), L("a9")]  # a twin: the same path
+    # anchor a2: the second 3x3 layer from the end of a; b shows its second 3x3 from the end, c (no 3x3)
+    # its own preferred layer, d the one it has, e (no kernel of 3 or more) its last shared one
+    got = default_layers({"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": []})
+    assert got == {"a": "a2", "b": "b3", "c": "c2", "d": "d1", "e": "e1", "f": "a2"}
+
+
+def test_default_layers_anchor_is_the_first_model_with_a_shared_big_layer():
+    plain = [L("p1"), L("p2"), L("p3")]
+    shared = [L("s1", shared=True), L("s2"), L("s3")]
+    assert default_layers({"plain": plain, "shared": shared}) == {"plain": "p1", "shared": "s1"}
+    only_small = [L("q1", (1, 1), shared=True), L("q2")]  # its shared layer is 1x1: not an anchor
+    assert default_layers({"small": only_small, "shared": shared}) == {"small": "q2", "shared": "s1"}
+    # no model has a shared big layer: the first model's deepest big layer anchors
+    assert default_layers({"plain": plain, "again": [L("x1"), L("x2")]}) == {"plain": "p3", "again": "x2"}
+    deep_shared = [L("s1", shared=True), L("s2", shared=True), L("s3")]
+    assert default_layers({"m": deep_shared}) == {"m": "s2"}  # the deepest shared one
+    bigger = [L("k1", (5, 5), shared=True), L("k2", (3, 3), shared=True), L("k3", (2, 2), shared=True)]
+    assert default_layers({"m": bigger}) == {"m": "k2"}  # 3x3 counts as big, 2x2 does not
+
+
+def test_default_layers_of_models():
+    m = Net()
+    assert default_layers({"a": m, "b": Net()}) == {"a": "pair", "b": "pair"}  # the deepest shared 3x3 place
+    assert default_layers({"a": kernel_layers(m)}) == {"a": "pair"}
+
+
+# -------------------------------------------------------------------------------- top k
+def test_top_k_kernels_against_sorting():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 15, 3, 2, generator=g, dtype=torch.float64)
+    mags = [(float(w[o, i].abs().sum()), o, i) for o in range(20) for i in range(15)]
+    want = sorted(mags, reverse=True)
+    top = top_k_kernels(w, 7)
+    assert top.out_index.tolist() == [o for _, o, _ in want[:7]]
+    assert top.in_index.tolist() == [i for _, _, i in want[:7]]
+    np.testing.assert_allclose(top.magnitude, [m for m, _, _ in want[:7]], rtol=1e-6)
+    assert top.kernels.dtype == np.float32 and top.kernels.shape == (7, 3, 2)
+    for j, (_, o, i) in enumerate(want[:7]):
+        np.testing.assert_array_equal(top.kernels[j], w[o, i].float().numpy())
+    assert len(top_k_kernels(w).magnitude) == 256  # k = 256 by default
+    assert top_k_kernels(w[:2]).out_index.tolist() == [o for _, o, _ in sorted(
+        [m for m in mags if m[1] < 2], reverse=True)]  # fewer than k kernels: all of them
+
+
+def test_top_k_kernels_message():
+    with pytest.raises(WsvizError) as e:
+        top_k_kernels(torch.zeros(3, 3, 3))
+    assert str(e.value) == "Expected a (out, in, kh, kw) conv weight, got shape (3, 3, 3)."
+
+
+# ---------------------------------------------------------------------------- similarity
+def _brute_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    cos = np.abs((a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T)
+    if len(a) <= len(b):
+        return max(np.mean([cos[i, j] for i, j in enumerate(p)]) for p in itertools.permutations(range(len(b)), len(a)))
+    return max(np.mean([cos[i, j] for j, i in enumerate(p)]) for p in itertools.permutations(range(len(a)), len(b)))
+
+
+@pytest.mark.parametrize("na,nb,seed", [(4, 4, 0), (3, 5, 1), (5, 3, 2), (4, 4, 3)])
+def test_kernel_set_similarity_is_the_best_matching(na, nb, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((na, 2, 3)), rng.standard_normal((nb, 2, 3))
+    assert kernel_set_similarity(a, b) == pytest.approx(_brute_similarity(a, b), rel=1e-12)
+    assert kernel_set_similarity(a, -3 * a[::-1]) == pytest.approx(1.0)
+
+
+def test_kernel_set_similarity_computes_in_double_precision():
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((4, 3, 3)).astype(np.float32), rng.standard_normal((4, 3, 3)).astype(np.float32)
+    want = _brute_similarity(a.astype(np.float64), b.astype(np.float64))
+    assert abs(kernel_set_similarity(a, b) - want) < 1e-13
+    assert abs(kernel_set_similarity(a.tolist(), b) - want) < 1e-13  # any array-like
+
+
+def test_kernel_set_similarity_zero_kernel_and_message():
+    a = np.zeros((2, 3, 3))
+    a[1, 1, 1] = 2.0
+    assert kernel_set_similarity(a, a) == pytest.approx(0.5)  # the zero kernel matches nothing, not NaN
+    with pytest.raises(WsvizError) as e:
+        kernel_set_similarity(np.ones((2, 3, 3)), np.ones((2, 2, 2)))
+    assert str(e.value) == "Kernel sets differ in kernel size (9 vs 4 weights)."
+    tiny = np.full((1, 1, 2), 1e-300)  # norms below 1e-12 are divided by 1e-12: cosines of tiny kernels shrink
+    assert kernel_set_similarity(tiny, tiny) == pytest.approx(0.0, abs=1e-200)
+
+
+def test_random_kernel_similarity_is_the_mean_over_trials_of_one_stream():
+    def ref(k, kh, kw, seed, trials):
+        rng = np.random.default_rng(seed)
+        return np.mean([kernel_set_similarity(rng.standard_normal((k, kh, kw)), rng.standard_normal((k, kh, kw)))
+                        for _ in range(trials)])
+
+    assert random_kernel_similarity(6, 3, 2) == pytest.approx(ref(6, 3, 2, 0, 5), rel=1e-12)
+    assert random_kernel_similarity(6, 3, 2, seed=4, trials=2) == pytest.approx(ref(6, 3, 2, 4, 2), rel=1e-12)
+    assert random_kernel_similarity(6, 3, 2, seed=4, trials=2) != pytest.approx(ref(6, 3, 2, 4, 3), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- blending
+class Blended(nn.Module):
+    """Two 1x1 blending layers between a conv and a linear head (every pixel counts: no pooling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.wsviz_config = {"in_channels": 1, "input_size": 6, "num_classes": 4}
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.b1 = nn.Conv2d(6, 5, 1, bias=False)
+        self.b2 = nn.Conv2d(5, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 4)
+
+    def blending_layers(self):
+        return [self.b1, self.b2]
+
+    def forward(self, x):
+        return self.fc(self.b2(self.b1(self.conv(x))).flatten(1))
+
+
+def test_blending_weights_and_their_messages():
+    m = Blended()
+    ws = blending_weights(m)
+    assert [w.shape for w in ws] == [(5, 6), (6, 5)]
+    np.testing.assert_array_equal(ws[1], m.b2.weight.detach()[:, :, 0, 0].numpy())
+    msg = ("This model has no blending layers; they exist in ShaRDNet's SL variants (shardnet_vgg kind='SL', "
+           "sl_resnet34/50).")
+    for bad in (Net(), type("Empty", (nn.Module,), {"blending_layers": lambda self: []})()):
+        with pytest.raises(WsvizError) as e:
+            blending_weights(bad)
+        assert str(e.value) == msg
+        with pytest.raises(WsvizError) as e:
+            blending_pruning_curve(bad, torch.zeros(1, 1, 6, 6), torch.zeros(1, dtype=torch.long))
+        assert str(e.value) == msg
+
+
+@pytest.mark.parametrize("cols,n,want", [(10, 3, 3), (10, 7, 5), (70, None, 32), (9, 4, 4), (1, 3, 0)])
+def test_blending_extremes_by_sorting(cols, n, want):
+    rng = np.random.default_rng(cols)
+    w = rng.standard_normal((4, cols))
+    marks = blending_extremes(w) if n is None else blending_extremes(w, n)
+    assert marks.dtype == np.int8 and marks.shape == w.shape
+    for row, mark in zip(w, marks):
+        order = sorted(range(cols), key=lambda j: abs(row[j]))
+        expect = np.zeros(cols, dtype=np.int8)
+        if want:
+            expect[order[:want]] = -1
+            expect[order[-want:]] = 1
+        np.testing.assert_array_equal(mark, expect)
+
+
+def _accuracy_pruned(m: Blended, x, y, f: float) -> tuple[float, int]:
+    saved = [layer.weight.detach().clone() for layer in m.blending_layers()]
+    allw = sorted(float(v) for w in saved for v in w.abs().flatten())
+    n = int(round(f * len(allw)))
+    with torch.no_grad():
+        for layer, w in zip(m.blending_layers(), saved):
+            if n:
+                layer.weight.copy_(torch.where(w.abs() <= allw[n - 1], torch.zeros_like(w), w))
+        acc = float((m(x).argmax(1) == y).float().mean())
+        for layer, w in zip(m.blending_layers(), saved):
+            layer.weight.copy_(w)
+    return acc, n
+
+
+def test_blending_pruning_curve_against_a_loop():
+    m = Blended()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        y = m(x).argmax(1)  # the unpruned model is right on every image
+    before = [layer.weight.detach().clone() for layer in m.blending_layers()]
+    fractions = (0.0, 0.3, 0.5, 0.8, 1.0)
+    curve = blending_pruning_curve(m, x, y, fractions)
+    assert curve.fractions.tolist() == list(fractions) and curve.fractions.dtype == np.float64
+    want = [_accuracy_pruned(m, x, y, f) for f in fractions]
+    assert curve.accuracy.tolist() == pytest.approx([a for a, _ in want])
+    assert curve.pruned_weights.tolist() == [n for _, n in want] == [0, 18, 30, 48, 60]
+    assert curve.accuracy[0] == 1.0 and len(set(curve.accuracy.tolist())) > 2
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(m.blending_layers(), before))
+    default = blending_pruning_curve(m, x, y)
+    assert default.fractions.tolist() == [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95]
+    assert default.pruned_weights.tolist() == [0, 12, 24, 36, 48, 54, 57]
+
+
+def test_blending_pruning_curve_restores_the_weights_on_error():
+    m = Blended()
+    before = [layer.weight.detach().clone() for layer in m.blending_layers()]
+    with pytest.raises(RuntimeError):  # 2.0 asks for more weights than there are, after 0.5 pruned half
+        blending_pruning_curve(m, torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long), (0.5, 2.0))
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(m.blending_layers(), before))

@@ -1,0 +1,409 @@
+"""Sweeps on tiny hand-made models whose answers are known: every number checked against a
+brute-force loop (transform, run the model, compare) or a closed form. Fast: no training, no data files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wsviz import WsvizError
+from wsviz.analysis.cache import PredictionCache, model_hash
+from wsviz.analysis.streaming import data_ident
+from wsviz.analysis.sweeps import (
+    SweepResult,
+    layer_scale_invariance,
+    predict,
+    rotation_sweep,
+    scale_sweep,
+    single_image_stability,
+)
+from wsviz.data.resample import rescale, rotate
+from wsviz.models.sharing import Tap
+
+SIZE = 8
+
+
+class Linear(nn.Module):
+    """A fixed random linear classifier of (channels, SIZE, SIZE) images; counts its forward passes."""
+
+    def __init__(self, classes: int = 3, channels: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(classes, channels * SIZE * SIZE, generator=g))
+        self.wsviz_config = {"in_channels": channels, "input_size": SIZE, "num_classes": classes}
+        self.calls = 0
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.modes.append(self.training)
+        return x.flatten(1) @ self.weight.T
+
+
+class LeftRight(nn.Module):
+    """Class 0 when the left half of the image is brighter, else class 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+        self.wsviz_config = {"in_channels": 1, "input_size": SIZE, "num_classes": 2}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        return self.gain * torch.stack([x[..., :h].sum((1, 2, 3)), x[..., h:].sum((1, 2, 3))], 1)
+
+
+def images(n: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def blocks() -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 bright blocks off the vertical centre line, labelled with their half (0 left, 1 right)."""
+    xs, ys = [], []
+    for r in (0, 3, 6):
+        for c in (0, 1, 5, 6):
+            x = torch.zeros(1, SIZE, SIZE)
+            x[0, r:r + 2, c:c + 2] = 1
+            xs.append(x)
+            ys.append(0 if c < SIZE // 2 else 1)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def brute(model: nn.Module, x: torch.Tensor, op, v: float) -> np.ndarray:
+    with torch.no_grad():
+        return model(op(x, v)).argmax(1).numpy()
+
+
+# ---------------------------------------------------------------------------------- predict
+def test_predict_is_argmax_and_softmax_over_batches_in_eval_mode():
+    m = Linear()
+    x = images(7)
+    pred, prob = predict(m, x, batch_size=3)
+    with torch.no_grad():
+        out = m(x)
+    assert m.calls == 4 and m.modes[:3] == [False] * 3 and m.training  # 3 + 3 + 1 images, then restored
+    torch.testing.assert_close(prob, out.softmax(1))
+    assert torch.equal(pred, out.argmax(1)) and pred.dtype == torch.long and prob.dtype == torch.float32
+
+
+def test_predict_default_batch_is_512_images():
+    m = Linear()
+    predict(m, torch.zeros(513, 1, SIZE, SIZE))
+    assert m.calls == 2  # 512 + 1
+    m.calls = 0
+    predict(m, torch.zeros(512, 1, SIZE, SIZE))
+    assert m.calls == 1
+
+
+def test_predict_fits_the_images_to_the_model():
+    m = Linear(channels=3)
+    x = images(4)  # 1 channel at 8x8 for a 3-channel model: repeated
+    pred, prob = predict(m, x.double().float())
+    with torch.no_grad():
+        out = m(x.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(prob, out.softmax(1))
+    small = images(2)[:, :, 1:7, 1:7]  # 6x6: zero-padded to 8x8
+    with torch.no_grad():
+        ref = m(torch.nn.functional.pad(small, (1, 1, 1, 1)).expand(-1, 3, -1, -1)).softmax(1)
+    torch.testing.assert_close(predict(m, small)[1], ref)
+
+
+# ----------------------------------------------------------------------------------- sweeps
+def test_scale_sweep_against_brute_force():
+    models = {"a": Linear(seed=0), "b": Linear(seed=5)}
+    x = images(12)
+    y = torch.tensor([0, 1, 2] * 4)
+    scales = (0.5, 1.0, 1.5, 0.75)
+    res = scale_sweep(models, x, y, scales=scales, batch_size=5)
+    assert res.parameter == "scale" and res.values.tolist() == list(scales) and res.values.dtype == np.float64
+    assert (res.samples, res.shares, res.cached) == (12, [12], 0)
+    assert list(res.accuracy) == list(res.agreement) == list(res.predictions) == ["a", "b"]
+    for name, m in models.items():
+        base = brute(m, x, rescale, 1.0)
+        want = np.stack([brute(m, x, rescale, s) for s in scales])
+        assert np.array_equal(res.predictions[name], want)
+        np.testing.assert_allclose(res.agreement[name], (want == base).mean(1))
+        np.testing.assert_allclose(res.accuracy[name], (want == y.numpy()).mean(1))
+        assert res.agreement[name][1] == 1.0
+        assert res.agreement[name].min() < 1  # the transformed images do change some predictions
+
+
+def test_rotation_sweep_against_brute_force_and_closed_form():
+    x, y = blocks()
+    lr, lin = LeftRight(), Linear()
+    angles = (0, 90, 180, 360, 45)
+    res = rotation_sweep({"lr": lr, "lin": lin}, x, y, angles=angles, batch_size=5)
+    assert res.parameter == "angle" and res.values.tolist() == [0.0, 90.0, 180.0, 360.0, 45.0]
+    # closed form: every block is in the half its label names; half a turn puts it in the other one
+    assert res.accuracy["lr"].tolist()[:4] == [1.0, res.accuracy["lr"][1], 0.0, 1.0]
+    assert res.agreement["lr"].tolist()[:4] == [1.0, res.agreement["lr"][1], 0.0, 1.0]
+    for name, m in (("lr", lr), ("lin", lin)):
+        want = np.stack([brute(m, x, rotate, a) for a in angles])
+        assert np.array_equal(res.predictions[name], want)
+        np.testing.assert_allclose(res.agreement[name], (want == want[0]).mean(1))
+        np.testing.assert_allclose(res.accuracy[name], (want == y.numpy()).mean(1))
+    assert 0 < res.agreement["lin"][1] < 1
+
+
+def test_agreement_is_with_the_untransformed_prediction_not_the_first_value():
+    x = images(12)
+    m = Linear()
+    res = scale_sweep({"m": m}, x, scales=(0.5, 0.6))
+    base = brute(m, x, rescale, 1.0)
+    want = np.stack([brute(m, x, rescale, s) for s in (0.5, 0.6)])
+    np.testing.assert_allclose(res.agreement["m"], (want == base).mean(1))
+    assert res.agreement["m"][0] < 1
+    res = rotation_sweep({"m": m}, x, angles=(30, 60))
+    want = np.stack([brute(m, x, rotate, a) for a in (30, 60)])
+    np.testing.assert_allclose(res.agreement["m"], (want == brute(m, x, rotate, 0.0)).mean(1))
+
+
+def test_without_labels_accuracy_is_nan_and_agreement_still_counts():
+    x, _ = blocks()
+    res = rotation_sweep({"lr": LeftRight()}, x, angles=(0, 180))
+    assert np.isnan(res.accuracy["lr"]).all() and res.accuracy["lr"].shape == (2,)
+    assert res.agreement["lr"].tolist() == [1.0, 0.0]
+
+
+def test_default_values():
+    x, y = blocks()
+    res = scale_sweep({"lr": LeftRight()}, x, y)
+    assert res.values.tolist() == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4]
+    res = rotation_sweep({"lr": LeftRight()}, x, y)
+    assert res.values.tolist() == [float(a) for a in range(0, 361, 15)]
+    assert res.accuracy["lr"][12] == 0.0 and res.accuracy["lr"][0] == res.accuracy["lr"][24] == 1.0
+
+
+@pytest.mark.parametrize("sweep", [scale_sweep, rotation_sweep])
+def test_default_batch_is_512_images(sweep):
+    m = Linear()
+    sweep({"m": m}, torch.zeros(513, 1, SIZE, SIZE), **{"scales" if sweep is scale_sweep else "angles": (0.5,)})
+    assert m.calls == 4  # two batches (512 + 1), each at the value and untransformed
+
+
+@pytest.mark.parametrize("sweep,values", [(scale_sweep, {"scales": (0.5,)}), (rotation_sweep, {"angles": (90,)})])
+def test_sweeps_pass_on_batch_size_progress_loader_and_workers(sweep, values):
+    x = images(5)
+    calls = []
+    res = sweep({"m": Linear()}, x, batch_size=2, progress=lambda *a: calls.append(a), **values)
+    assert len(calls) == 6 and calls[-1][:2] == (10, 10)  # 3 batches x (the value, untransformed)
+    with pytest.raises(WsvizError, match="loader must be one of"):
+        sweep({"m": Linear()}, x, loader="nope", **values)
+    with pytest.raises(ValueError, match="num_workers"):
+        sweep({"m": Linear()}, x, loader="stream", workers=-1, **values)
+    assert res.samples == 5
+
+
+@pytest.mark.parametrize("sweep,values,keys", [
+    (scale_sweep, (0.5, 1.0), ["rescale=0.5", "identity"]),
+    (rotation_sweep, (90, 0, 360, -360), ["rotate=90.0", "identity"]),
+])
+def test_sweeps_cache_their_predictions_under_the_documented_keys(tmp_path, sweep, values, keys):
+    x = images(6)
+    m = Linear()
+    cache = PredictionCache(tmp_path)
+    kw = {"scales" if sweep is scale_sweep else "angles": values}
+    first = sweep({"m": m}, x, cache=cache, **kw)
+    assert first.cached == 0
+    again = sweep({"m": m}, x, cache=cache, **kw)
+    assert again.cached == len(keys)  # 0, 360 and -360 degrees are the untransformed images: one entry
+    assert np.array_equal(again.predictions["m"], first.predictions["m"])
+    stored = sorted(p.stem for p in tmp_path.rglob("*.npy"))
+    assert stored == sorted(cache.key(model_hash(m), *data_ident(x), k) for k in keys)
+
+
+def test_a_scale_of_360_is_not_the_identity():
+    x = images(6)
+    m = Linear()
+    res = scale_sweep({"m": m}, x, scales=(360.0,))
+    assert np.array_equal(res.predictions["m"][0], brute(m, x, rescale, 360.0))
+    assert not np.array_equal(res.predictions["m"][0], brute(m, x, rescale, 1.0))
+
+
+@pytest.mark.parametrize("sweep,word", [(scale_sweep, "scale"), (rotation_sweep, "angle")])
+def test_sweep_messages(sweep, word):
+    with pytest.raises(WsvizError, match=r"^Choose at least one model for the sweep\.$"):
+        sweep({}, images(2))
+    kw = {"scales" if sweep is scale_sweep else "angles": ()}
+    with pytest.raises(WsvizError, match=rf"^Give at least one {word} value for the sweep\.$"):
+        sweep({"m": Linear()}, images(2), **kw)
+
+
+def test_rows_are_long_format():
+    res = SweepResult("scale", np.array([0.5, 1.0]), accuracy={"a": np.array([0.25, 1.0]), "b": np.array([0.5, 0.75])},
+                      agreement={"a": np.array([0.5, 1.0]), "b": np.array([0.0, 1.0])})
+    assert res.rows() == [
+        {"scale": 0.5, "model": "a", "accuracy": 0.25, "agreement": 0.5},
+        {"scale": 1.0, "model": "a", "accuracy": 1.0, "agreement": 1.0},
+        {"scale": 0.5, "model": "b", "accuracy": 0.5, "agreement": 0.0},
+        {"scale": 1.0, "model": "b", "accuracy": 0.75, "agreement": 1.0},
+    ]
+    assert all(type(v) is float for r in res.rows() for k, v in r.items() if k != "model")
+    empty = SweepResult("angle", np.array([1.0]))
+    assert (empty.samples, empty.shares, empty.cached, empty.predictions) == (0, [], 0, {})
+
+
+# --------------------------------------------------------------------------- single image
+@pytest.mark.parametrize("parameter,op,values", [("angle", rotate, [0, 90, 180, 45]),
+                                                 ("scale", rescale, [0.5, 1.0, 1.5])])
+def test_single_image_stability_against_brute_force(parameter, op, values):
+    m = Linear()
+    x = images(3)
+    st = single_image_stability(m, x[2], values, parameter)
+    with torch.no_grad():
+        prob = torch.cat([m(op(x[2:3], float(v))) for v in values]).softmax(1)
+    assert st.parameter == parameter and st.values.tolist() == [float(v) for v in values]
+    assert st.values.dtype == np.float64
+    np.testing.assert_allclose(st.probabilities, prob.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(st.predicted, prob.argmax(1).numpy())
+    np.testing.assert_allclose(st.confidence, prob.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
+    assert len(set(st.predicted.tolist())) > 1  # the values do change the prediction here
+
+
+def test_single_image_stability_takes_a_batch_or_uint8():
+    m = Linear()
+    x = images(3)
+    first = single_image_stability(m, x, [0, 90])  # (N, C, H, W): its first image; "angle" by default
+    assert np.array_equal(first.probabilities, single_image_stability(m, x[0], [0, 90], "angle").probabilities)
+    q = (x[0] * 255).round().to(torch.uint8)
+    st = single_image_stability(m, q, [0, 90])
+    ref = single_image_stability(m, q.float() / 255, [0, 90])
+    np.testing.assert_allclose(st.probabilities, ref.probabilities, rtol=1e-6)
+
+
+def test_single_image_stability_message():
+    with pytest.raises(WsvizError, match=r"^parameter must be 'angle' or 'scale', got 'shear'$"):
+        single_image_stability(Linear(), images(1)[0], [1], "shear")
+
+
+# ------------------------------------------------------------------------- layer invariance
+class Tapped(nn.Module):
+    """Taps whose commutation with rescaling is known: a pointwise map (exact), a shift (not),
+    a pooled map (not), a stage tap and an embedding (not a map: skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(3.0))
+        self.wsviz_config = {"in_channels": 1, "input_size": SIZE, "num_classes": 2}
+        self.pointwise = Tap("level", "pointwise")
+        self.shifted = Tap("level", "shifted")
+        self.stage = Tap("stage", "pooled")
+        self.unused = Tap("level", "never run")
+        self.embedding = Tap("level", "flat")
+
+    def forward(self, x):
+        a = self.pointwise(self.gain * x)
+        self.shifted(torch.roll(a, 1, dims=3))
+        self.stage(nn.functional.avg_pool2d(a, 2))
+        e = self.embedding(a.flatten(1))
+        return e[:, :2]
+
+
+def _relative(fx: torch.Tensor, ftx: torch.Tensor, s: float) -> float:
+    """Mean over images of ||f(T x) - T f(x)|| / ||T f(x)||, one image at a time."""
+    errs = []
+    for u, v in zip(fx, ftx):
+        tu = rescale(u[None].double(), s)[0]
+        errs.append(float((v.double() - tu).norm() / tu.norm()))
+    return float(np.mean(errs))
+
+
+def test_layer_scale_invariance_by_hand():
+    m = Tapped()
+    x = images(7, seed=3)
+    s = 0.6
+    inv = layer_scale_invariance(m, x, s, kinds=["level"], batch_size=3)
+    assert inv.scale == s and inv.taps == ["pointwise", "shifted"] and inv.labels == ["pointwise", "shifted"]
+    a, ta = 3 * x, 3 * rescale(x, s)
+    assert inv.error[0] == pytest.approx(0.0, abs=1e-6)
+    assert inv.error[1] == pytest.approx(_relative(torch.roll(a, 1, 3), torch.roll(ta, 1, 3), s), rel=1e-5)
+    assert inv.error[1] > 0.05
+    stage = layer_scale_invariance(m, x, s, kinds=["stage"])
+    pooled = nn.functional.avg_pool2d
+    assert stage.taps == ["stage"] and stage.labels == ["pooled"]
+    assert stage.error[0] == pytest.approx(_relative(pooled(a, 2), pooled(ta, 2), s), rel=1e-5)
+    both = layer_scale_invariance(m, x, s, kinds=("level", "stage"), batch_size=100)
+    assert both.taps == ["pointwise", "shifted", "stage"]
+    np.testing.assert_allclose(both.error, [*inv.error, *stage.error], rtol=1e-5, atol=1e-7)
+    assert layer_scale_invariance(m, x, s).taps == both.taps  # level and stage by default
+
+
+def test_layer_scale_invariance_reads_uint8_and_batches_of_64():
+    m = Tapped()
+    q = (images(70, seed=4) * 255).round().to(torch.uint8)
+    seen = []
+    m.shifted.register_forward_hook(lambda mod, a, out: seen.append(len(out)))
+    inv = layer_scale_invariance(m, q, 0.5, kinds=["level"])
+    assert seen == [64, 64, 6, 6]  # every batch once as it is, once rescaled
+    ref = layer_scale_invariance(m, q.float() / 255, 0.5, kinds=["level"])
+    np.testing.assert_allclose(inv.error, ref.error, rtol=1e-6)
+
+
+def test_layer_scale_invariance_guards_a_zero_map():
+    m = Tapped()
+    inv = layer_scale_invariance(m, torch.zeros(2, 1, SIZE, SIZE), 0.5, kinds=["level"])
+    assert inv.error.tolist() == [0.0, 0.0]  # 0 / max(0, 1e-12), not NaN
+
+
+def test_layer_scale_invariance_passes_loader_and_workers():
+    m = Tapped()
+    with pytest.raises(WsvizError, match="loader must be one of"):
+        layer_scale_invariance(m, images(2), 0.5, loader="nope")
+    with pytest.raises(ValueError, match="num_workers"):
+        layer_scale_invariance(m, images(2), 0.5, loader="stream", workers=-1)
+
+
+def test_layer_scale_invariance_message():
+    with pytest.raises(WsvizError, match=r"^This model has no spatial taps to compare\.$"):
+        layer_scale_invariance(Tapped(), images(2), 0.5, kinds=["rate"])
+
+
+def test_values_are_floats_even_when_given_as_whole_numbers():
+    x, y = blocks()
+    res = rotation_sweep({"lr": LeftRight()}, x, y, angles=[0, 180])
+    assert res.values.dtype == np.float64 and res.values.tolist() == [0.0, 180.0]
+    assert scale_sweep({"lr": LeftRight()}, x, y, scales=[1, 2]).values.dtype == np.float64
+
+
+def test_one_degree_is_a_rotation_not_the_identity(tmp_path):
+    x = images(4)
+    m = Linear()
+    cache = PredictionCache(tmp_path)
+    rotation_sweep({"m": m}, x, angles=(1,), cache=cache)
+    assert rotation_sweep({"m": m}, x, angles=(1,), cache=cache).cached == 2  # rotate=1.0 and identity
+
+
+def test_single_image_stability_of_a_colour_image():
+    m = Linear(channels=3)
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    st = single_image_stability(m, x[1], [0, 90])
+    with torch.no_grad():
+        prob = torch.cat([m(rotate(x[1:2], a)) for a in (0.0, 90.0)]).softmax(1)
+    np.testing.assert_allclose(st.probabilities, prob.numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Recording(torch.utils.data.Dataset):
+    """A map-style dataset that notes which items were read (in this process)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.read = x, y, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("sweep,values", [(scale_sweep, {"scales": (0.5,)}), (rotation_sweep, {"angles": (90,)})])
+def test_a_dataset_is_read_once_in_this_process_by_default(sweep, values):
+    x, y = images(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    ds = Recording(x, y)
+    res = sweep({"m": Linear()}, ds, **values)
+    assert sorted(ds.read) == list(range(6))  # no loader worker processes unless asked for
+    ref = sweep({"m": Linear()}, x, y, **values)
+    assert np.array_equal(res.predictions["m"], ref.predictions["m"])
+    np.testing.assert_allclose(res.accuracy["m"], ref.accuracy["m"])
