@@ -368,7 +368,10 @@ def test_cka_edge_cases_and_messages():
     assert linear_cka(v, v ** 2) == pytest.approx(_reference_cka(v[:, None], v[:, None] ** 2), rel=1e-9)
     assert linear_cka(x[:2], y[:2]) == pytest.approx(1.0)  # two examples are enough (and always aligned)
     assert np.isnan(linear_cka(np.ones((6, 4)), y)) and np.isnan(linear_cka(x, np.full((6, 3), 2.0)))
-    assert linear_cka(1e150 * x, y) == pytest.approx(linear_cka(x, y), rel=1e-9)  # no overflow in the Gram products
+    for scale in (1e200, 1e-170):  # no overflow, and no underflow to 0, in the sums of products
+        assert linear_cka(scale * x, y) == pytest.approx(linear_cka(x, y), rel=1e-9)
+        assert linear_cka(x[:, :1] * scale, y) == pytest.approx(linear_cka(x[:, :1], y), rel=1e-9)  # Gram form
+    assert np.isnan(linear_cka(np.zeros((6, 0)), y))  # no features: as constant as it gets
     grad = torch.from_numpy(x).requires_grad_()  # a tensor still in an autograd graph
     assert linear_cka(grad, y) == pytest.approx(linear_cka(x, y), rel=1e-12)
     for args, message in (((x, y[:5]), "x and y must describe the same examples; got 6 and 5 rows."),
@@ -398,6 +401,49 @@ def test_cka_matrix_taps_constant_layers_and_image_count():
     with pytest.raises(WsvizError, match=r"^This model has no 'level' or 'embedding' taps; pass taps= module paths "
                                          r"to compare\.$"):
         cka_matrix(nn.Sequential(nn.Conv2d(1, 2, 3)), model, x)
+
+
+def test_cka_matrix_of_a_dataset_reads_a_seeded_subset_in_the_batches_it_is_given(monkeypatch):
+    """A dataset is read at a fixed random subset of ``max_images`` (said so in the result), with the
+    caller's batch size and loader workers (recorded on the way to the feature capture)."""
+    from torch.utils.data import TensorDataset
+
+    import wsviz.analysis.similarity as similarity
+    from wsviz.data.stream import eval_data, sample_indices
+
+    calls = []
+    capture = similarity.capture_outputs
+
+    def recording(model, images, taps, batch_size=128, *, workers=0):
+        calls.append((len(images), batch_size, workers))
+        return capture(model, images, taps, batch_size, workers=0)  # read in this process all the same
+
+    monkeypatch.setattr(similarity, "capture_outputs", recording)
+    model = create_model("resnet_digits", base_width=8, depth=8).eval()
+    torch.manual_seed(1)
+    other = create_model("resnet_digits", base_width=8, depth=8).eval()
+    digits = load_split("mnist5k", "test")
+    x = digits.images[:30]
+    taps = ["trunk.stages.1.1", "head.embedding"]
+    idx = sample_indices(30, 10, 3)
+    for data in (TensorDataset(x, digits.labels[:30]), eval_data("mnist5k", limit=30)):
+        calls.clear()
+        res = cka_matrix(model, other, data, taps_a=taps, taps_b=taps[1:], max_images=10, seed=3, batch_size=4,
+                         workers=2)
+        assert calls == [(10, 4, 2), (10, 4, 2)]
+        images = data.tensors[0] if isinstance(data, TensorDataset) else data.tensors()[0]
+        ref = cka_matrix(model, other, images[idx], taps_a=taps, taps_b=taps[1:])
+        assert calls[2:] == [(10, 128, 0), (10, 128, 0)]  # the defaults, for a tensor used whole
+        assert (res.images, res.subset) == (10, "10 of 30 images (a seeded random subset, seed 3)")
+        np.testing.assert_allclose(res.matrix, ref.matrix, rtol=1e-12)
+        assert (ref.images, ref.subset) == (10, "")
+        whole = cka_matrix(model, model, data, taps_a=taps, taps_b=taps, max_images=30)
+        assert (whole.images, whole.subset) == (30, "")  # max_images covers the data: all of it, no subset
+        assert calls[4:] == [(30, 128, 0)]  # one model with itself: its features are read once
+    for bad in (1, 2.5, "10"):
+        with pytest.raises(WsvizError, match=rf"^max_images must be a whole number of at least 2, got {bad!r}\.$"):
+            cka_matrix(model, model, data, max_images=bad)
+    assert cka_matrix(model, model, data, taps_a=taps, taps_b=taps, max_images=2).images == 2
 
 
 def test_cka_of_unrelated_features_is_small():
