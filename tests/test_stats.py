@@ -581,7 +581,8 @@ def test_fair_comparison_reads_each_test_set_as_its_model_and_card_say(monkeypat
     def predict(models, source, *, batch_size, workers, loader, cache, progress):
         (name,) = models
         calls["predict"].append((name, source, batch_size, workers, loader, cache, progress))
-        return SimpleNamespace(predictions={(name, "identity"): np.array([1, 0, 1])}, labels=np.array([1, 1, 1]))
+        labels = np.array([1, 1, 1]) if source == "split 1" else np.array([1, 1, 0])  # each test set its own
+        return SimpleNamespace(predictions={(name, "identity"): np.array([1, 0, 1])}, labels=labels)
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", load)
     monkeypatch.setattr(stream, "eval_data", data)
@@ -596,7 +597,10 @@ def test_fair_comparison_reads_each_test_set_as_its_model_and_card_say(monkeypat
     assert [p[1:] for p in calls["predict"]] == [
         (s, 512, 0, "auto", None, None) for s in ("split 1", "split 1", "split 2", "split 2", "split 3")]
     assert [(r.name, r.dataset, r.data_seed, r.accuracy) for r in rows] == [
-        (n, cards[n]["dataset"], 3 if n in ("f1", "f2") else 0, pytest.approx(2 / 3)) for n in cards]
+        (n, cards[n]["dataset"], 3 if n in ("f1", "f2") else 0, pytest.approx(2 / 3 if n in ("f1", "f2") else 1 / 3))
+        for n in cards]
+    assert rows[0].labels is rows[1].labels and rows[2].labels is rows[3].labels  # one array per test set
+    assert [r.labels.tolist() for r in rows] == [[1, 1, 1]] * 2 + [[1, 1, 0]] * 3
     calls = {"load": [], "data": [], "predict": []}
     progress, cache = (lambda *a: None), object()
     rows = fair_comparison([tmp_path / "f1", tmp_path / "m1"], dataset="mnist5k", batch_size=7, workers=2,

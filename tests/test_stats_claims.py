@@ -122,6 +122,21 @@ def test_paired_functions_name_the_argument_that_is_wrong(name):
         fn(good, good[:3])
 
 
+def test_newcombe_interval_default_level_and_zero_samples():
+    a, b = np.arange(50) < 40, np.arange(50) % 5 > 0
+    assert newcombe_paired_ci(a, b) == newcombe_paired_ci(a, b, 0.05)
+    with pytest.raises(WsvizError, match=r"^A difference over zero samples has no interval: evaluate on a non-empty "
+                                         r"test set\.$"):
+        newcombe_paired_ci([], [])
+
+
+def test_correctness_must_be_numbers_not_objects_equal_to_them():
+    from decimal import Decimal
+
+    with pytest.raises(WsvizError, match=r"^correct must hold per-sample correctness"):
+        wilson_ci(np.array([Decimal(1), Decimal(0)], dtype=object))
+
+
 def test_wilson_interval_arguments_and_messages():
     with pytest.raises(WsvizError, match=r"^correct must hold per-sample correctness"):
         wilson_ci([0, 3])
