@@ -7,6 +7,9 @@ model's features separate the classes, CKA has its invariances.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -367,8 +370,13 @@ def test_cka_edge_cases_and_messages():
     assert linear_cka(v, 2 * v - 1) == pytest.approx(1.0)  # 1-D input is one feature
     assert linear_cka(v, v ** 2) == pytest.approx(_reference_cka(v[:, None], v[:, None] ** 2), rel=1e-9)
     assert linear_cka(x[:2], y[:2]) == pytest.approx(1.0)  # two examples are enough (and always aligned)
-    assert np.isnan(linear_cka(np.ones((6, 4)), y)) and np.isnan(linear_cka(x, np.full((6, 3), 2.0)))
-    assert linear_cka(1e150 * x, y) == pytest.approx(linear_cka(x, y), rel=1e-9)  # no overflow in the Gram products
+    with warnings.catch_warnings():  # a constant representation is NaN by the rule, not by dividing 0 by 0
+        warnings.simplefilter("error")
+        assert np.isnan(linear_cka(np.ones((6, 4)), y)) and np.isnan(linear_cka(x, np.full((6, 3), 2.0)))
+    for scale in (1e200, 1e-170):  # no overflow, and no underflow to 0, in the sums of products
+        assert linear_cka(scale * x, y) == pytest.approx(linear_cka(x, y), rel=1e-9)
+        assert linear_cka(x[:, :1] * scale, y) == pytest.approx(linear_cka(x[:, :1], y), rel=1e-9)  # Gram form
+    assert np.isnan(linear_cka(np.zeros((6, 0)), y))  # no features: as constant as it gets
     grad = torch.from_numpy(x).requires_grad_()  # a tensor still in an autograd graph
     assert linear_cka(grad, y) == pytest.approx(linear_cka(x, y), rel=1e-12)
     for args, message in (((x, y[:5]), "x and y must describe the same examples; got 6 and 5 rows."),
@@ -389,7 +397,9 @@ def test_cka_matrix_taps_constant_layers_and_image_count():
     with torch.no_grad():  # its output is 0 on every image; the block's shortcut carries the signal on
         model.get_submodule(zeroed).weight.zero_()
     x = load_split("mnist5k", "test").images[:6]
-    res = cka_matrix(model, model, x, taps_a=[zeroed, "head.embedding"], taps_b=["head.embedding"])
+    with warnings.catch_warnings():  # the constant layer's NaN comes from the rule, not from dividing 0 by 0
+        warnings.simplefilter("error")
+        res = cka_matrix(model, model, x, taps_a=[zeroed, "head.embedding"], taps_b=["head.embedding"])
     assert res.taps_a == [zeroed, "head.embedding"] and res.taps_b == ["head.embedding"]
     assert np.isnan(res.matrix[0, 0]) and res.matrix[1, 0] == pytest.approx(1.0)
     assert cka_matrix(model, model, x[:2], taps_a=["head.embedding"], taps_b=["head.embedding"]).matrix.shape == (1, 1)
@@ -398,6 +408,69 @@ def test_cka_matrix_taps_constant_layers_and_image_count():
     with pytest.raises(WsvizError, match=r"^This model has no 'level' or 'embedding' taps; pass taps= module paths "
                                          r"to compare\.$"):
         cka_matrix(nn.Sequential(nn.Conv2d(1, 2, 3)), model, x)
+
+
+def test_cka_matrix_of_a_dataset_reads_a_seeded_subset_in_the_batches_it_is_given(monkeypatch):
+    """A dataset is read at a fixed random subset of ``max_images`` (said so in the result), with the
+    caller's batch size and loader workers (recorded on the way to the feature capture)."""
+    from torch.utils.data import TensorDataset
+
+    import wsviz.analysis.similarity as similarity
+    from wsviz.data.stream import eval_data, sample_indices
+
+    calls = []
+    capture = similarity.capture_outputs
+
+    def recording(model, images, taps, batch_size=128, *, workers=0):
+        calls.append((len(images), batch_size, workers))
+        return capture(model, images, taps, batch_size, workers=0)  # read in this process all the same
+
+    monkeypatch.setattr(similarity, "capture_outputs", recording)
+    model = create_model("resnet_digits", base_width=8, depth=8).eval()
+    torch.manual_seed(1)
+    other = create_model("resnet_digits", base_width=8, depth=8).eval()
+    digits = load_split("mnist5k", "test")
+    x = digits.images[:30]
+    taps = ["trunk.stages.1.1", "head.embedding"]
+    idx = sample_indices(30, 10, 3)
+    for data in (TensorDataset(x, digits.labels[:30]), eval_data("mnist5k", limit=30)):
+        calls.clear()
+        res = cka_matrix(model, other, data, taps_a=taps, taps_b=taps[1:], max_images=10, seed=3, batch_size=4,
+                         workers=2)
+        assert calls == [(10, 4, 2), (10, 4, 2)]
+        images = data.tensors[0] if isinstance(data, TensorDataset) else data.tensors()[0]
+        ref = cka_matrix(model, other, images[idx], taps_a=taps, taps_b=taps[1:])
+        assert calls[2:] == [(10, 128, 0), (10, 128, 0)]  # the defaults, for a tensor used whole
+        assert (res.images, res.subset) == (10, "10 of 30 images (a seeded random subset, seed 3)")
+        np.testing.assert_allclose(res.matrix, ref.matrix, rtol=1e-12)
+        assert (ref.images, ref.subset) == (10, "")
+        whole = cka_matrix(model, model, data, taps_a=taps, taps_b=taps, max_images=30)
+        assert (whole.images, whole.subset) == (30, "")  # max_images covers the data: all of it, no subset
+        assert calls[4:] == [(30, 128, 0)]  # one model with itself: its features are read once
+    for bad in (1, 2.5, "10"):
+        with pytest.raises(WsvizError, match=rf"^max_images must be a whole number of at least 2, got {bad!r}\.$"):
+            cka_matrix(model, model, data, max_images=bad)
+    assert cka_matrix(model, model, data, taps_a=taps, taps_b=taps, max_images=2).images == 2
+    layer_features(model, x[:5], taps)
+    assert calls[-1] == (5, 128, 0)  # layer_features' defaults
+    # by default a dataset is read at 1,000 images drawn with seed 0 (a tiny model: 1,002 images of 2 x 2 pixels)
+    from wsviz import adopt
+
+    tiny = adopt(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), input_shape=(1, 2, 2))
+    many = torch.randn(1002, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    res = cka_matrix(tiny, tiny, TensorDataset(many, torch.zeros(1002)), taps_a=["1"], taps_b=["1"])
+    assert (res.images, res.subset) == (1000, "1,000 of 1,002 images (a seeded random subset, seed 0)")
+    assert calls[-1] == (1000, 128, 0)
+
+
+def test_cka_matrix_logs_its_shape_and_image_count(caplog):
+    from wsviz import adopt
+
+    model = adopt(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU()), input_shape=(1, 2, 2))
+    with caplog.at_level(logging.DEBUG, logger="wsviz.analysis.similarity"):
+        cka_matrix(model, model, torch.randn(7, 1, 2, 2), taps_a=["1", "2"], taps_b=["2"])
+    assert [r.getMessage() for r in caplog.records if r.name == "wsviz.analysis.similarity"] == [
+        "CKA matrix (2, 1) over 7 images"]
 
 
 def test_cka_of_unrelated_features_is_small():

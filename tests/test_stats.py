@@ -547,3 +547,92 @@ def test_fair_comparison_messages_in_full(tmp_path):
     with pytest.raises(WsvizError, match=r"does not exist; give folders that hold card\.json and "
                                          r"weights\.safetensors \(as written by wsviz\.train\)\.$"):
         fair_comparison([tmp_path / "missing"])
+
+
+def test_fair_comparison_reads_each_test_set_as_its_model_and_card_say(monkeypatch, tmp_path):
+    """The calls fair_comparison makes, recorded with stand-ins for the checkpoint loader, the data and
+    the evaluation loop: an image folder is read at the model's input size with the card's augment
+    preset; a built-in dataset at its own size, plainly; one read per test set; every option passed on."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import wsviz.analysis.streaming as streaming
+    import wsviz.data.stream as stream
+    import wsviz.training.checkpoint as checkpoint
+
+    cards = {"f1": {"dataset": "folder:/imgs", "train_config": {"augment": "imagenet"}, "data_seed": 3},
+             "f2": {"dataset": "folder:/imgs", "train_config": {"augment": "imagenet"}, "data_seed": 3},
+             "m1": {"dataset": "mnist5k", "train_config": {"augment": "imagenet"}},
+             "m2": {"dataset": "mnist5k", "train_config": None},
+             "f3": {"dataset": "folder:/imgs"}}
+    calls = {"load": [], "data": [], "predict": []}
+
+    def load(folder, device="cpu"):
+        calls["load"].append((Path(folder).name, device))
+        model = SimpleNamespace(wsviz_config={"input_size": 40, "in_channels": 1, "num_classes": 10},
+                                wsviz_name="stand-in")
+        card = {"model": "m", "unique_params": 1, "effective_params": 2, "flops": 3, "float_params": 1}
+        return model, card | cards[Path(folder).name]
+
+    def data(name, split="test", *, size=None, augment="none", seed=0):
+        calls["data"].append((name, split, size, augment, seed))
+        return f"split {len(calls['data'])}"
+
+    def predict(models, source, *, batch_size, workers, loader, cache, progress):
+        (name,) = models
+        calls["predict"].append((name, source, batch_size, workers, loader, cache, progress))
+        labels = np.array([1, 1, 1]) if source == "split 1" else np.array([1, 1, 0])  # each test set its own
+        return SimpleNamespace(predictions={(name, "identity"): np.array([1, 0, 1])}, labels=labels)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
+    monkeypatch.setattr(stream, "eval_data", data)
+    monkeypatch.setattr(streaming, "predict_variants", predict)
+    for name in cards:
+        (tmp_path / name).mkdir()
+    rows = fair_comparison([tmp_path / n for n in cards], device="cuda:3")
+    assert calls["load"] == [(n, "cuda:3") for n in cards]
+    assert calls["data"] == [("folder:/imgs", "test", 40, "imagenet", 3),  # f1 and f2 share one read
+                             ("mnist5k", "test", None, "none", 0),  # m1 and m2: the card's augment is for training
+                             ("folder:/imgs", "test", 40, "none", 0)]  # f3: no train_config, plain letterbox
+    assert [p[1:] for p in calls["predict"]] == [
+        (s, 512, 0, "auto", None, None) for s in ("split 1", "split 1", "split 2", "split 2", "split 3")]
+    assert [(r.name, r.dataset, r.data_seed, r.accuracy) for r in rows] == [
+        (n, cards[n]["dataset"], 3 if n in ("f1", "f2") else 0, pytest.approx(2 / 3 if n in ("f1", "f2") else 1 / 3))
+        for n in cards]
+    assert rows[0].labels is rows[1].labels and rows[2].labels is rows[3].labels  # one array per test set
+    assert [r.labels.tolist() for r in rows] == [[1, 1, 1]] * 2 + [[1, 1, 0]] * 3
+    calls = {"load": [], "data": [], "predict": []}
+    progress, cache = (lambda *a: None), object()
+    rows = fair_comparison([tmp_path / "f1", tmp_path / "m1"], dataset="mnist5k", batch_size=7, workers=2,
+                           loader="stream", cache=cache, progress=progress)
+    assert calls["data"] == [("mnist5k", "test", None, "none", 0)]  # a dataset given: realisation 0, not the card's 3
+    assert [p[2:] for p in calls["predict"]] == [(7, 2, "stream", cache, progress)] * 2
+    with pytest.raises(WsvizError) as info:
+        fair_comparison([tmp_path / "f1"], dataset="cifar100")
+    assert str(info.value).startswith(f"The checkpoint {tmp_path / 'f1'} (stand-in) cannot be evaluated on cifar100: "
+                                      "it takes 1-channel images, cifar100 has 3; it predicts 10 classes, cifar100 "
+                                      "has 100.")
+
+
+def test_bootstrap_defaults_are_2000_resamples_from_seed_0():
+    """On 100,000 samples the interval's ends move with every extra resample and every other seed,
+    so a call with the defaults must be the call with 2000 and 0 spelled out (and no other)."""
+    c = np.arange(100_000) < 70_123
+    d = np.roll(c, 20_000)
+    assert bootstrap_accuracy_ci(c) == bootstrap_accuracy_ci(c, n_boot=2000, seed=0)
+    assert bootstrap_diff_ci(c, d) == bootstrap_diff_ci(c, d, n_boot=2000, seed=0)
+    for changed in ({"n_boot": 2001}, {"seed": 1}):  # the test can tell: these differ
+        assert bootstrap_accuracy_ci(c) != bootstrap_accuracy_ci(c, **changed)
+        assert bootstrap_diff_ci(c, d) != bootstrap_diff_ci(c, d, **changed)
+
+
+def test_compare_predictions_prints_the_intervals_upper_end_at_one_hundred_percent():
+    y = np.ones(10, dtype=int)
+    c = compare_predictions(y, 0 * y, y)  # A right on all 10, B on none: the interval reaches +100 pts
+    assert c.diff_ci.hi == 1.0
+    assert c.summary.startswith(f"A 100.0% vs B 0.0% (diff +100.0 pts, 95% CI [{100 * c.diff_ci.lo:+.1f}, +100.0]); ")
+
+
+def test_pareto_front_on_float_axes():
+    rows = [{"flops": 2.5, "accuracy": 0.9}, {"flops": 1.5, "accuracy": 0.8}, {"flops": 3.0, "accuracy": 0.85}]
+    assert pareto_front(rows, x="flops") == [1, 0]

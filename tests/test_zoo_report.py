@@ -74,14 +74,19 @@ def _newcombe_by_hand(both, only_a, only_b, neither, z=sps.norm.ppf(0.975)):
 
 
 @pytest.mark.parametrize("cells", [(900, 30, 20, 50), (5, 3, 1, 1), (1000, 0, 0, 0), (0, 0, 0, 40), (10, 10, 10, 10),
-                                   (40, 1, 6, 3)])
-def test_newcombe_paired_interval_matches_the_formula_and_never_collapses(cells):
+                                   (40, 1, 6, 3),
+                                   (30, 0, 10, 0),  # b always right: no correlation (phi = 0), both terms count
+                                   (2, 1, 1, 1),  # both * neither - only_a * only_b = 1 <= n / 2: corrected to 0
+                                   (1, 5, 5, 1),  # negative: not corrected
+                                   (0, 1, 0, 0)])  # one sample
+@pytest.mark.parametrize("alpha", [0.05, 0.1])
+def test_newcombe_paired_interval_matches_the_formula_and_never_collapses(cells, alpha):
     both, only_a, only_b, neither = cells
     a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, bool)
     b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, bool)
-    ci = newcombe_paired_ci(a, b)
-    lo, hi = _newcombe_by_hand(*cells)
-    assert (ci.lo, ci.hi) == (pytest.approx(max(lo, -1)), pytest.approx(min(hi, 1)))
+    ci = newcombe_paired_ci(a, b, alpha)
+    lo, hi = _newcombe_by_hand(*cells, z=sps.norm.ppf(1 - alpha / 2))
+    assert (ci.lo, ci.hi, ci.alpha) == (pytest.approx(max(lo, -1)), pytest.approx(min(hi, 1)), alpha)
     assert ci.lo <= ci.diff <= ci.hi and ci.hi - ci.lo > 0  # 1000/1000 against 1000/1000 is not [0, 0]
 
 

@@ -51,7 +51,12 @@ class Target:
 
 
 MODULES: dict[str, Target] = {
-    "stats": Target("wsviz/analysis/stats.py", ("tests/test_stats.py",)),
+    "stats": Target("wsviz/analysis/stats.py", ("tests/test_stats.py", "tests/test_stats_claims.py") + tuple(
+        f"tests/test_zoo_report.py::{t}" for t in (
+            "test_compare_over_seeds_is_welch_and_its_tost_matches_statsmodels",
+            "test_equivalence_over_seeds_needs_a_tight_spread_not_just_no_difference",
+            "test_newcombe_paired_interval_matches_the_formula_and_never_collapses",
+            "test_wilson_interval_does_not_collapse_at_the_extremes"))),
     "similarity": Target("wsviz/analysis/similarity.py", ("tests/test_attribution_embeddings_similarity.py",)),
     "uploads": Target("wsviz/data/uploads.py", ("tests/test_uploads.py",), copy=("README.md",)),  # the corpus-size test reads it
     "sharing": Target("wsviz/models/sharing.py", ("tests/test_sharing.py", "tests/test_sharing_layers.py",

@@ -44,9 +44,11 @@ def _matrix(a: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
 
 
 def _centred(a: np.ndarray) -> np.ndarray:
+    """Column-centred ``a``, divided by its largest magnitude (CKA is scale invariant): the sums of
+    products that follow then neither overflow (features ~1e200) nor underflow to 0 (~1e-170)."""
     a = a - a.mean(axis=0, keepdims=True)
-    norm = np.linalg.norm(a)
-    return a / norm if norm > 0 else a  # CKA is scale invariant; this only guards against overflow
+    peak = np.abs(a).max(initial=0.0)
+    return a / peak if peak > 0 else a
 
 
 def _centred_gram(a: np.ndarray) -> np.ndarray:
