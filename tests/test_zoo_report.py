@@ -295,7 +295,7 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     close = copy.deepcopy(res)
     for s in close["per_seed"]:
         s["after_ft"]["lstsq"] = close["untied_test"] - 0.3
-    assert "is 0.3 points below it — met" in "\n".join(zoo.tying_section(close))
+    assert "is 0.3 ± 0.0 points below it — met" in "\n".join(zoo.tying_section(close))
     # and a budgeted choice that loses more than the rule is said to lose more
     worse = copy.deepcopy(res)
     for s in worse["per_seed"]:

@@ -479,6 +479,16 @@ def _mean_sd(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _nonzero(weights: dict) -> dict:
+    return {k: float(v) for k, v in weights.items() if v}
+
+
+def _default_weights() -> dict:
+    from wsviz.analysis.opportunities import DEFAULT_WEIGHTS
+
+    return DEFAULT_WEIGHTS
+
+
 def tying_section(res: dict) -> list[str]:
     seeds = res["per_seed"]
     n = len(seeds)
@@ -520,13 +530,17 @@ def tying_section(res: dict) -> list[str]:
               "measured on val for the ρ on the test half, on the test half for the ρ on val (which chooses the "
               "combined score's weights), so a score never shares images with the drop it is judged against. "
               "Combined: weighted mean of "
-              f"the scores' ranks; library default weights {res['weights_default']}; weights chosen on val from "
+              f"the scores' ranks; the library's default weights when this ran {res['weights_default']}; weights chosen on val from "
               f"{{0, 1, 2}}^{len(res['singles'])}: {res['weights_chosen_on_val']} (mean val ρ {res['val_rho_chosen']:.3f}; default "
-              f"{res['val_rho_default']:.3f}).", "",
+              f"{res['val_rho_default']:.3f}). "
+              + ("The library's default weights (`DEFAULT_WEIGHTS`) are now these val-chosen weights." if _nonzero(
+                  res["weights_chosen_on_val"]) == _nonzero(_default_weights()) else "The library's default weights "
+                 f"(`DEFAULT_WEIGHTS`) are now {_nonzero(_default_weights())}, not the weights chosen here."), "",
               "| score | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " | mean (test half) | mean (val) |",
               "|---|" + "---|" * (n + 2)]
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{s['spearman_test'][k]:.2f}" for s in seeds)
+        label = "combined (the default when this ran)" if k == "combined (library default)" else k
+        lines.append(f"| {label} | " + " | ".join(f"{s['spearman_test'][k]:.2f}" for s in seeds)
                      + f" | {statistics.mean(s['spearman_test'][k] for s in seeds):.2f} | "
                      + f"{statistics.mean(s['spearman_val'][k] for s in seeds):.2f} |")
     comb = statistics.mean(s["spearman_test"]["combined (chosen on val)"] for s in seeds)
