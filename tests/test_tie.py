@@ -138,6 +138,11 @@ def test_calibration_may_come_as_batches(twin, calib):
     a = tie(twin, GROUPS[:1], init="lstsq", images=calib).get_submodule(GROUPS[0][0]).weight
     b = tie(twin, GROUPS[:1], init="lstsq", images=loader).get_submodule(GROUPS[0][0]).weight
     assert torch.allclose(a, b, atol=1e-5)
+    from wsviz.models.tie import shuffled
+
+    # BatchNorm: a tensor is batched in a fixed shuffled order; the same batches as an iterable give the same
+    mixed = shuffled(calib)
+    loader = [(mixed[i:i + 100], torch.zeros(len(mixed[i:i + 100]))) for i in range(0, len(mixed), 100)]
     bn_a = reestimate_batchnorm(tie(twin, GROUPS, "mean"), calib, batch_size=100).get_submodule("stages.2.2.bn2").running_var
     bn_b = reestimate_batchnorm(tie(twin, GROUPS, "mean"), loader).get_submodule("stages.2.2.bn2").running_var
     assert torch.allclose(bn_a, bn_b, rtol=1e-4, atol=1e-6)

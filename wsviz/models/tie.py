@@ -216,6 +216,11 @@ def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", 
     return tied
 
 
+def shuffled(images: torch.Tensor) -> torch.Tensor:
+    """``images`` in the fixed shuffled order :func:`reestimate_batchnorm` batches a tensor in."""
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, images, batch_size: int = 128) -> nn.Module:
     """Recompute every BatchNorm's running statistics on ``images`` (a tensor or an iterable of
@@ -231,7 +236,7 @@ def reestimate_batchnorm(model: nn.Module, images, batch_size: int = 128) -> nn.
     if not bns:
         return model
     if isinstance(images, torch.Tensor):
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+        images = shuffled(images)
     saved = [(m.momentum, m.training) for m in bns]
     was = model.training
     model.eval()
