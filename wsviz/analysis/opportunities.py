@@ -62,9 +62,10 @@ COST_SIGN = {"measured_drop": 1.0, "measured_loss": 1.0, "measured_kl": 1.0, "ou
 # How much each score's rank counts in the predicted cost. Chosen on held-out data: the val half of
 # benchmarks/bench_tie.py, weights in {0, 1, 2} per score, scores cross-fitted so that none shares
 # images with the drops it is judged against. The drop measured now counts once and the KL from the
-# untied predictions twice: val rho 0.76 (the drop alone 0.69); on the test half, never used to
-# choose, 0.81 (drop alone 0.67, KL alone 0.86; weight similarity 0.22, CKA 0.01). checkpoints/REPORT.md
-# has the table. Without a measured cost the other three count equally (FALLBACK_WEIGHTS).
+# untied predictions twice: val rho 0.75 (the drop alone 0.69); on the test half, never used to
+# choose, 0.81 (drop alone 0.66, KL alone 0.86; weight similarity 0.22, CKA 0.00, adjacency 0.60).
+# checkpoints/REPORT.md has the table. Without a measured cost the other three count equally
+# (FALLBACK_WEIGHTS).
 DEFAULT_WEIGHTS = {"measured_drop": 1.0, "measured_kl": 2.0}
 FALLBACK_WEIGHTS = {"output_cka": 1.0, "weight_similarity": 1.0, "gradient_conflict": 1.0}
 
