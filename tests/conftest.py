@@ -4,8 +4,10 @@ import gc
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,3 +277,43 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
+
+
+def damage(db: Path, how: str) -> bytes:
+    """Damage a closed SQLite file ``db`` the way disks and copies do: "not a database" (text over it),
+    "truncated" (cut mid-page) or, otherwise, every page after the first zeroed (the header still
+    says SQLite; quick_check finds the damage). Returns the bytes written."""
+    data = db.read_bytes()
+    for side in ("-wal", "-shm"):
+        assert not Path(f"{db}{side}").exists()  # every connection is closed: the file holds everything
+    if how == "not a database":
+        bad = b"this is not a database, it is a text file copied over it\n" * 64
+    elif how == "truncated":
+        bad = data[: len(data) // 2 + 1234]  # cut short mid-page, as a full disk or an interrupted copy leaves it
+    else:  # pages zeroed after the first (the header still says SQLite)
+        bad = data[:4096] + bytes(len(data) - 4096)
+    db.write_bytes(bad)
+    return bad
+
+
+@contextmanager
+def read_only(folder: Path):
+    """Make ``folder`` (already filled) unwritable for real: a read-only tmpfs as root, chmod otherwise."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        try:
+            yield folder
+        finally:
+            os.chmod(folder, 0o755)
+        return
+    mnt = folder.parent / f"{folder.name}-ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs to make a folder read-only")
+    try:
+        shutil.copytree(folder, mnt / folder.name)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        yield mnt / folder.name
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        mnt.rmdir()  # so that one test may make the same folder read-only again

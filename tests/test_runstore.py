@@ -12,12 +12,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
+from conftest import damage, read_only
 
 from wsviz import WsvizError
 from wsviz.training import runstore as rs
@@ -63,29 +63,6 @@ def dead_pid() -> int:
     return p.pid
 
 
-@contextmanager
-def read_only(folder: Path):
-    """``folder`` (already filled) made unwritable for real: a read-only tmpfs as root, chmod otherwise."""
-    if os.geteuid() != 0:
-        os.chmod(folder, 0o555)
-        try:
-            yield folder
-        finally:
-            os.chmod(folder, 0o755)
-        return
-    mnt = folder.parent / f"{folder.name}-ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs to make a folder read-only")
-    try:
-        shutil.copytree(folder, mnt / folder.name)
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
-        yield mnt / folder.name
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
-        mnt.rmdir()
-
-
 def card(**kw) -> dict:
     base = {"model": "resnet_digits", "dataset": "mnist5k", "config": {"depth": 8}, "train_config": {"epochs": 2},
             "data_seed": 3, "device": "cpu", "test_accuracy": 0.75, "complete": True, "epochs": 2, "epochs_done": 2,
@@ -119,9 +96,9 @@ def test_sqlite_error_kinds():
 
     assert rs._sqlite_code(err(11 | 0x200)) == 11 and rs._sqlite_code(err(None)) is None
     assert rs._sqlite_code(err(0x10A)) == 10
-    for code, damage, unwritable in [(11, True, False), (26, True, False), (3, False, True), (8, False, True),
+    for code, damaged, unwritable in [(11, True, False), (26, True, False), (3, False, True), (8, False, True),
                                      (14, False, True), (1, False, False), (5, False, False)]:
-        assert rs._is_damage(err(code | 0x100)) is damage and rs._is_unwritable(err(code | 0x100)) is unwritable
+        assert rs._is_damage(err(code | 0x100)) is damaged and rs._is_unwritable(err(code | 0x100)) is unwritable
     assert rs._is_damage(err(None, "File is Not A Database")) and rs._is_damage(err(None, "disk image is MALFORMED"))
     assert not rs._is_damage(err(None, "database is locked"))
     assert not rs._is_damage(err(1, "not a database"))  # the code decides when there is one
@@ -646,14 +623,6 @@ def test_damage_found_while_in_use_is_reported(tmp_path):
                             "shipped checkpoints work meanwhile.")
 
 
-def damage_pages(db: Path) -> bytes:
-    """Every page after the first zeroed: the header still says SQLite, quick_check finds the damage."""
-    data = db.read_bytes()
-    bad = data[:4096] + bytes(len(data) - 4096)
-    db.write_bytes(bad)
-    return bad
-
-
 def filled(root: Path) -> RunStore:
     store = RunStore(root)
     for i in range(3):
@@ -670,7 +639,7 @@ def test_a_damaged_database_is_moved_aside_with_its_log_and_rebuilt(tmp_path, ho
     root = tmp_path / "runs"
     store = filled(root)
     ids = sorted(r.id for r in store.list())
-    bad = damage_pages(store.db_path) if how == "zeroed pages" else b"not a database\n" * 300
+    bad = damage(store.db_path, "zeroed pages") if how == "zeroed pages" else b"not a database\n" * 300
     store.db_path.write_bytes(bad)
     check = RunStore._init_db
 
@@ -762,7 +731,7 @@ def test_an_unwritable_folder_with_a_damaged_or_sound_store(tmp_path):
         view = finished_runs(ro)
         assert view.usable is False and view.problem == str(e.value) and view.cancelled == frozenset()
         assert sorted(rid for _, rid, _ in view.done) == ids
-    bad = damage_pages(store.db_path)
+    bad = damage(store.db_path, "zeroed pages")
     with read_only(root) as ro:
         with pytest.raises(RunStoreDamaged) as e:
             RunStore(ro)
@@ -793,7 +762,7 @@ def test_probe_damage_reads_without_writing(tmp_path):
     (tmp_path / "kept.db").rename(store.db_path)
     null_where_not_null(store.db_path)
     assert str(store._probe_damage()) == "database disk image is malformed (NULL value in runs.reason)"
-    damage_pages(store.db_path)
+    damage(store.db_path, "zeroed pages")
     found = store._probe_damage()
     assert isinstance(found, sqlite3.DatabaseError) and str(found).startswith("database disk image is malformed")
     store.db_path.write_bytes(b"not a database\n" * 300)
@@ -846,7 +815,7 @@ def test_finished_runs_after_a_recovery_and_from_the_folders(tmp_path):
     (Path(done.out_dir) / "checkpoint" / "card.json").write_text(json.dumps(card()))
     store.finish(cancelled.id, "cancelled")
     sql(store, "UPDATE runs SET created=created+1 WHERE id=?", done.id)
-    damage_pages(store.db_path)
+    damage(store.db_path, "zeroed pages")
     with read_only(root) as ro:
         view = finished_runs(ro)
         assert not view.usable and "cannot be moved aside" in view.problem

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import damage, read_only
 
 from wsviz.training.loop import TrainConfig
 from wsviz.training.run import run_training
@@ -65,42 +65,6 @@ def make_runs(root: Path, trained: Path) -> tuple[RunStore, dict[str, dict]]:
 
 def done_label(run) -> str:
     return f"run:{run.name} ({run.id[-6:]})"
-
-
-def damage(db: Path, how: str) -> bytes:
-    data = db.read_bytes()
-    for side in ("-wal", "-shm"):
-        assert not Path(f"{db}{side}").exists()  # every connection is closed: the file holds everything
-    if how == "not a database":
-        bad = b"this is not a database, it is a text file copied over it\n" * 64
-    elif how == "truncated":
-        bad = data[: len(data) // 2 + 1234]  # cut short mid-page, as a full disk or an interrupted copy leaves it
-    else:  # pages zeroed after the first (the header still says SQLite)
-        bad = data[:4096] + bytes(len(data) - 4096)
-    db.write_bytes(bad)
-    return bad
-
-
-@contextmanager
-def read_only(folder: Path):
-    """Make ``folder`` (already filled) unwritable for real: a read-only tmpfs as root, chmod otherwise."""
-    if os.geteuid() != 0:
-        os.chmod(folder, 0o555)
-        try:
-            yield folder
-        finally:
-            os.chmod(folder, 0o755)
-        return
-    mnt = folder.parent / f"{folder.name}-ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs to make a folder read-only")
-    try:
-        shutil.copytree(folder, mnt / folder.name)
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
-        yield mnt / folder.name
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def restored_matches(store: RunStore, before: dict[str, dict]) -> None:
