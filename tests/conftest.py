@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import signal
@@ -317,3 +318,20 @@ def read_only(folder: Path):
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         mnt.rmdir()  # so that one test may make the same folder read-only again
+
+
+def make_checkpoint(tmp_path: Path, name: str, *, src: str = "scale-msws-shared", edit=None, weights: bytes | None = None,
+                    card_text: str | bytes | None = None) -> Path:
+    """A copy of a shipped checkpoint, with its card edited or replaced and/or its weights replaced."""
+    folder = tmp_path / name
+    shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / src, folder)
+    if edit is not None:
+        card = json.loads((folder / "card.json").read_text())
+        edit(card)
+        (folder / "card.json").write_text(json.dumps(card))
+    if card_text is not None:
+        target = folder / "card.json"
+        target.write_bytes(card_text) if isinstance(card_text, bytes) else target.write_text(card_text)
+    if weights is not None:
+        (folder / "weights.safetensors").write_bytes(weights)
+    return folder

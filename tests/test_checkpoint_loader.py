@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,18 +103,8 @@ def test_no_random_fill_skips_only_meta_fills_and_scalings():
 
 
 # --------------------------------------------------------------------- load_checkpoint
-def _copy(tmp_path: Path, edit=None) -> Path:
-    folder = tmp_path / "ck"
-    shutil.copytree(CK / GOOD, folder)
-    if edit is not None:
-        card = json.loads((folder / "card.json").read_text())
-        edit(card)
-        (folder / "card.json").write_text(json.dumps(card))
-    return folder
-
-
 def test_load_checkpoint_returns_the_eval_model_and_its_card(tmp_path):
-    folder = _copy(tmp_path)
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD)
     model, card = load_checkpoint(folder, device="cpu")
     assert card == json.loads((folder / "card.json").read_text())
     assert not any(m.training for m in model.modules())
@@ -127,14 +117,14 @@ def test_load_checkpoint_returns_the_eval_model_and_its_card(tmp_path):
 
 
 def test_a_card_that_cannot_be_built_is_worded_for_the_card(tmp_path):
-    folder = _copy(tmp_path, lambda c: c["config"].update(base_width=10**9))
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD, edit=lambda c: c["config"].update(base_width=10**9))
     msg = _refusal(load_checkpoint, folder)
     assert re.fullmatch(rf"The model card {re.escape(str(folder / 'card.json'))} describes a msws_resnet_digits "
                         r"that cannot be built \(\w+: .+\); re-create the checkpoint\.", msg, re.S), msg
 
 
 def test_a_card_option_of_the_wrong_type_is_worded_for_the_card(tmp_path):
-    folder = _copy(tmp_path, lambda c: c["config"].update(depth=14.0))
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD, edit=lambda c: c["config"].update(depth=14.0))
     assert _refusal(load_checkpoint, folder) == (
         f"The model card {folder / 'card.json'} gives msws_resnet_digits the option depth=14.0, but it must be "
         f"an integer (default {_default('msws_resnet_digits', 'depth')!r}); re-create the checkpoint.")
@@ -182,18 +172,9 @@ def test_load_weights_of_a_missing_file(tmp_path):
 STEERABLE = "rot-steerable-c4"  # e2cnn: not built on meta; N=4, width=0.25 (not the defaults)
 
 
-def _copy_of(tmp_path: Path, src: str, edit=None, name: str = "ck") -> Path:
-    folder = tmp_path / name
-    shutil.copytree(CK / src, folder)
-    if edit is not None:
-        card = json.loads((folder / "card.json").read_text())
-        edit(card)
-        (folder / "card.json").write_text(json.dumps(card))
-    return folder
-
-
 def test_weights_that_do_not_fit_the_card_message_in_full(tmp_path):
-    folder = _copy(tmp_path, lambda c: c["config"].update(base_width=8))  # every tensor of the wrong width
+    # every tensor of the wrong width
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD, edit=lambda c: c["config"].update(base_width=8))
     assert _refusal(load_checkpoint, folder) == (
         f"The weights in {folder / 'weights.safetensors'} do not fit the model its card describes (msws_resnet_digits): "
         "wrong shape [('head.fc.weight', (10, 64), (10, 32)), ('trunk.stages.0.0.bn1.bias', (16,), (8,)), "
@@ -202,7 +183,7 @@ def test_weights_that_do_not_fit_the_card_message_in_full(tmp_path):
 
 
 def test_e2cnn_weights_that_do_not_fit_are_checked_once_built(tmp_path):
-    folder = _copy_of(tmp_path, STEERABLE, lambda c: c["config"].update(width=0.5))
+    folder = make_checkpoint(tmp_path, "ck", src=STEERABLE, edit=lambda c: c["config"].update(width=0.5))
     assert _refusal(load_checkpoint, folder) == (
         f"The weights in {folder / 'weights.safetensors'} do not fit the model its card describes (steerable_rotmnist): "
         "wrong shape [('blocks.0.0.filter', (16, 1, 7, 7), (32, 1, 7, 7)), ('blocks.0.0.weights', (72,), (144,)), "
@@ -238,7 +219,8 @@ def test_a_card_with_options_other_than_the_defaults_builds_them(tmp_path):
 
 
 def test_a_card_without_options_builds_the_defaults(tmp_path):
-    folder = _copy(tmp_path, lambda c: c.pop("config"))  # the shipped card's options are the defaults
+    # the shipped card's options are the defaults
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD, edit=lambda c: c.pop("config"))
     assert json.loads((CK / GOOD / "card.json").read_text())["config"] == get_spec("msws_resnet_digits").config()
     model, card = load_checkpoint(folder)
     assert "config" not in card and model.state_dict().keys() == load_checkpoint(CK / GOOD)[0].state_dict().keys()
@@ -264,14 +246,14 @@ def test_a_tied_checkpoint_loads_its_shared_weight_once(tmp_path):
 
 @pytest.mark.parametrize("src", [GOOD, STEERABLE])  # the meta build, and e2cnn's real build
 def test_a_card_tying_layers_its_model_lacks_is_worded_for_the_card(tmp_path, src):
-    folder = _copy_of(tmp_path, src, lambda c: c.update(tied={"groups": [["a", "b"]]}))
+    folder = make_checkpoint(tmp_path, "ck", src=src, edit=lambda c: c.update(tied={"groups": [["a", "b"]]}))
     assert _refusal(load_checkpoint, folder) == (
         f"The model card {folder / 'card.json'} ties groups its model does not have: "
         "Group ['a', 'b']: the model has no layer 'a'. Re-create the checkpoint.")
 
 
 def test_a_card_with_an_unknown_option_message_in_full(tmp_path):
-    folder = _copy(tmp_path, lambda c: c["config"].update(bogus=1))
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD, edit=lambda c: c["config"].update(bogus=1))
     with pytest.raises(WsvizError) as registry:
         get_spec("msws_resnet_digits").config(bogus=1)
     assert _refusal(load_checkpoint, folder) == (
@@ -291,7 +273,7 @@ def test_a_model_that_fails_to_build_for_real_is_worded_for_the_card(tmp_path, m
         raise MemoryError("cannot allocate 1 TB")
 
     monkeypatch.setattr(wsviz.models, "create_model", create_model)
-    folder = _copy(tmp_path)
+    folder = make_checkpoint(tmp_path, "ck", src=GOOD)
     assert _refusal(load_checkpoint, folder) == (
         f"The model card {folder / 'card.json'} describes a msws_resnet_digits that cannot be built "
         "(MemoryError: cannot allocate 1 TB); re-create the checkpoint.")

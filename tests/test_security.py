@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_active_runs
+from conftest import kill_active_runs, make_checkpoint
 from safetensors.torch import load_file, save_file
 from test_uploads import upload_corpus
 
@@ -78,23 +78,6 @@ def test_the_payloads_run_code_when_unpickled(tmp_path, kind):
     else:
         torch.load(io.BytesIO(data), weights_only=False)
     assert marker.read_text() == "pwned"
-
-
-def make_checkpoint(tmp_path: Path, name: str, *, src: str = GOOD, edit=None, weights: bytes | None = None,
-                    card_text: str | bytes | None = None) -> Path:
-    """A copy of a shipped checkpoint, with its card edited or replaced and/or its weights replaced."""
-    folder = tmp_path / name
-    shutil.copytree(CK / src, folder)
-    if edit is not None:
-        card = json.loads((folder / "card.json").read_text())
-        edit(card)
-        (folder / "card.json").write_text(json.dumps(card))
-    if card_text is not None:
-        target = folder / "card.json"
-        target.write_bytes(card_text) if isinstance(card_text, bytes) else target.write_text(card_text)
-    if weights is not None:
-        (folder / "weights.safetensors").write_bytes(weights)
-    return folder
 
 
 def refused(folder: Path) -> str:
