@@ -19,8 +19,8 @@ They are combined into one ``predicted_cost`` (:func:`predicted_costs`): a weigh
 group's rank under every score (0 the cheapest-looking group, 1 the costliest), so scores in
 different units combine without scaling. The ranking is judged by ``benchmarks/bench_tie.py``
 against the drop measured after a short fine-tune. Under a parameter budget,
-:func:`choose_groups` picks disjoint groups by their costs in accuracy points instead (ranks do
-not add up) and measures the best sets tied together.
+:func:`choose_groups` picks disjoint groups by a measured cost added up instead (ranks do not
+add up; the KL by default) and measures the best sets tied together.
 
 Tying itself is :func:`wsviz.models.tie.tie`; this module only scores.
 """
@@ -223,6 +223,27 @@ def _measure(log_p: torch.Tensor, labels: torch.Tensor, base: torch.Tensor | Non
     return loss, accuracy, kl
 
 
+def _untied_baseline(model: nn.Module, images: torch.Tensor,
+                     held_out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[float, float, float]]:
+    """The untied model's held-out log-probabilities and (loss, accuracy, 0), with its BatchNorm
+    re-estimated on ``images`` like every tied model's, so that a measured cost is the tying's alone."""
+    from wsviz.models.tie import reestimate_batchnorm
+
+    base_lp = _log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0])
+    return base_lp, _measure(base_lp, held_out[1])
+
+
+def _tying_costs(tied: nn.Module, images: torch.Tensor, held_out: tuple[torch.Tensor, torch.Tensor],
+                 baseline: tuple[torch.Tensor, tuple[float, float, float]]) -> dict[str, float]:
+    """What a tied model costs on ``held_out`` against :func:`_untied_baseline`, after its BatchNorm is
+    re-estimated on ``images``: accuracy points lost, the rise of the cross-entropy, and the KL."""
+    from wsviz.models.tie import reestimate_batchnorm
+
+    base_lp, base = baseline
+    loss, accuracy, kl = _measure(_log_probs(reestimate_batchnorm(tied, images), held_out[0]), held_out[1], base_lp)
+    return {"measured_drop": 100 * (base[1] - accuracy), "measured_loss": loss - base[0], "measured_kl": kl}
+
+
 @dataclass(frozen=True)
 class Opportunities:
     """What :func:`find_opportunities` returns: the ranked groups and the per-stage similarity matrices."""
@@ -245,7 +266,7 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     input covariances (the least-squares kernels) at once; each measured cost then takes one tie,
     one BatchNorm re-estimation and one evaluation. ``progress(i, n, what)`` is called as it goes.
     """
-    from wsviz.models.tie import check_groups, reestimate_batchnorm, tie
+    from wsviz.models.tie import check_groups, tie
 
     groups = [tuple(g) for g in (groups if groups is not None else candidate_groups(model))]
     if not groups:
@@ -259,26 +280,19 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     if progress:
         progress(0, n_steps, "one forward and backward pass for all groups")
     grams, grads, covs = _one_pass(model, images, labels, layers, members, members if held_out is not None else [])
-    base = base_lp = None
-    if held_out is not None:  # the baseline gets the same BatchNorm re-estimation, so the cost is the tying's alone
-        base_lp = _log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0])
-        base = _measure(base_lp, held_out[1])
+    baseline = _untied_baseline(model, images, held_out) if held_out is not None else None
     out = []
     for i, g in enumerate(groups):
         if progress:
             progress(i + 1, n_steps, " + ".join(g))
         ws = [model.get_submodule(n).weight.detach() for n in g]
-        drop = loss_rise = kl = None
+        costs = {"measured_drop": None}
         if held_out is not None:
-            tied = tie(model, [g], init="lstsq", covariances=covs)
-            loss, accuracy, kl = _measure(_log_probs(reestimate_batchnorm(tied, images), held_out[0]), held_out[1],
-                                          base_lp)
-            drop, loss_rise = 100 * (base[1] - accuracy), loss - base[0]
-            del tied
+            costs = _tying_costs(tie(model, [g], init="lstsq", covariances=covs), images, held_out, baseline)
         out.append(Opportunity(
             g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
             float(np.mean([_cka_from_grams(grams[a], grams[b]) for a, b in itertools.combinations(g, 2)])),
-            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), drop, measured_loss=loss_rise, measured_kl=kl))
+            1.0 - _pairwise_mean([grads[n] for n in g], _cosine), **costs))
     if progress:
         progress(n_steps, n_steps, "done")
     out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out, weights))]
@@ -392,7 +406,7 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
     from the untied model's predictions, the measured cost that best predicted the accuracy lost
     after fine-tuning in ``benchmarks/bench_tie.py`` (``checkpoints/REPORT.md``).
     """
-    from wsviz.models.tie import reestimate_batchnorm, tie
+    from wsviz.models.tie import tie
 
     if by not in BUDGET_COSTS:
         raise WsvizError(f"Unknown cost {by!r}; choose one of {', '.join(BUDGET_COSTS)}.")
@@ -403,7 +417,7 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
         raise WsvizError(f"The parameter budget must be a positive number of parameters to save, got {budget}.")
     sets = _disjoint_sets(rows, budget)
     if not sets:
-        most = sum(sorted((r.params_saved for r in rows), reverse=True))
+        most = sum(r.params_saved for r in rows)
         raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save at "
                          f"most {most:,}); lower the budget or pass larger groups.")
 
@@ -412,10 +426,7 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
 
     sets.sort(key=predicted)
     best = sets[:max(verify, 1)]
-    base_lp = base = None
-    if verify:
-        base_lp = _log_probs(reestimate_batchnorm(copy.deepcopy(model), images), held_out[0])
-        base = _measure(base_lp, held_out[1])
+    baseline = _untied_baseline(model, images, held_out) if verify else None
     out = []
     for k, s in enumerate(best):
         groups = tuple(rows[i].group for i in s)
@@ -424,9 +435,8 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
         if verify:
             if progress:
                 progress(k, len(best), " | ".join(" + ".join(g) for g in groups))
-            tied = reestimate_batchnorm(tie(model, [list(g) for g in groups], init="lstsq", images=images), images)
-            loss, accuracy, kl = _measure(_log_probs(tied, held_out[0]), held_out[1], base_lp)
-            now = {"measured_drop": 100 * (base[1] - accuracy), "measured_loss": loss - base[0], "measured_kl": kl}
+            now = _tying_costs(tie(model, [list(g) for g in groups], init="lstsq", images=images), images, held_out,
+                               baseline)
             choice = replace(choice, measured=now[by], **now)
         out.append(choice)
     if progress and verify:
