@@ -41,7 +41,8 @@ n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
 
 
 def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
-    """The opportunities and the per-stage similarity matrices, in a worker thread."""
+    """The opportunities, the per-stage similarity matrices and the (calibration, held-out) images they
+    were measured on (a budget suggestion measures on the same), in a worker thread."""
     from wsviz.analysis.opportunities import find_opportunities
     from wsviz.data.datasets import fit_to, load_split
     from wsviz.models import input_shape
@@ -53,7 +54,7 @@ def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         found = find_opportunities(model, x, cal.labels, held_out=(hx, held.labels),
                                    progress=lambda i, n, g: progress(i / max(n, 1), g))
-    return found.rows, found.stages
+    return found.rows, found.stages, (x, (hx, held.labels))
 
 
 try:
@@ -71,7 +72,7 @@ if st.button("Score candidate groups", type="primary"):
 result = background_result("share-work", key, "scoring")
 if result is None:
     st.stop()
-rows, sims = result
+rows, sims, (cal_x, held_out) = result
 
 from wsviz.figures import opportunities_figure, stage_similarity_figure  # noqa: E402
 
@@ -94,18 +95,13 @@ by_name = {t["group"]: r for t, r in zip(table, rows)}
 pick_key = f"share-pick-{hash(key)}"
 
 
-def suggest(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int, budget: int):
-    """The disjoint groups that save ``budget`` parameters at the least measured cost, in a worker thread."""
+def suggest(progress, model, rows, images, held_out, budget: int):
+    """The disjoint groups that save ``budget`` parameters at the least measured cost, in a worker thread,
+    measured on the images the rows were scored on."""
     from wsviz.analysis.opportunities import choose_groups
-    from wsviz.data.datasets import fit_to, load_split
-    from wsviz.models import input_shape
 
-    c, size, _ = input_shape(model)
-    cal = load_split(dataset, "train", seed=data_seed).spread(n_cal)  # the images the rows were scored on
-    held = load_split(dataset, "test", seed=data_seed).spread(n_held)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
-        return choose_groups(model, rows, budget, fit_to(cal.images, c, size),
-                             (fit_to(held.images, c, size), held.labels), verify=4,
+        return choose_groups(model, rows, budget, images, held_out, verify=4,
                              progress=lambda i, n, g: progress(i / max(n, 1), g))
 
 
@@ -118,8 +114,7 @@ with st.expander("Suggest groups for a parameter budget"):
     budget = b1.number_input("Parameters to save", 1, max(sum(r.params_saved for r in rows), 1),
                              min(r.params_saved for r in rows), step=1000)
     if b2.button("Suggest groups"):
-        run_in_background("share-suggest", (key, int(budget)), suggest, model, dataset, n_cal, n_held,
-                          int(card.get("data_seed", 0)), int(budget))
+        run_in_background("share-suggest", (key, int(budget)), suggest, model, rows, cal_x, held_out, int(budget))
     suggestion = background_result("share-suggest", (key, int(budget)), "measuring of the best sets")
     if suggestion:
         best = suggestion[0]
