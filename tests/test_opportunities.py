@@ -301,3 +301,21 @@ def test_budgeted_choice_adds_measured_costs_then_measures_the_best_sets_tied_to
     with pytest.raises(WsvizError, match="measured cost"):
         choose_groups(twin, find_opportunities(twin, cal.images, cal.labels, groups=groups).rows, budget,
                       cal.images, (held.images, held.labels))
+
+
+def test_budgeted_choice_is_ordered_by_the_joint_measurement_not_the_sum(twin, monkeypatch):
+    """When the sets measured tied together disagree with their summed costs, the measurement wins."""
+    from dataclasses import replace
+
+    from wsviz.analysis import opportunities as opp
+
+    rows = _rows([(("a", "b"), 5), (("c", "d"), 5), (("e", "f"), 5)])
+    rows = [replace(r, measured_kl=kl) for r, kl in zip(rows, (0.1, 0.2, 0.3))]  # predicted: {ab, cd} < {ab, ef} < {cd, ef}
+    joint = {(("a", "b"), ("c", "d")): 0.9, (("a", "b"), ("e", "f")): 0.5, (("c", "d"), ("e", "f")): 0.1}
+    monkeypatch.setattr(opp, "_untied_baseline", lambda model, images, held_out: None)
+    monkeypatch.setattr("wsviz.models.tie.tie", lambda model, groups, **kw: tuple(tuple(g) for g in groups))
+    monkeypatch.setattr(opp, "_tying_costs", lambda tied, images, held_out, baseline: {
+        "measured_drop": 0.0, "measured_loss": 0.0, "measured_kl": joint[tied]})
+    choices = opp.choose_groups(twin, rows, 10, torch.zeros(1), (torch.zeros(1), torch.zeros(1)), verify=3)
+    assert [c.predicted for c in choices] == pytest.approx([0.5, 0.4, 0.3])
+    assert [c.measured for c in choices] == [0.1, 0.5, 0.9]
