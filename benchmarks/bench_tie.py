@@ -47,18 +47,20 @@ from wsviz.analysis.opportunities import (
     choose_groups,
     find_opportunities,
     predicted_costs,
+    sharesnet_rule,
 )
-from wsviz.data.datasets import load_split
+from wsviz.data.datasets import fit_to, load_split
 from wsviz.models import create_model, summarize
-from wsviz.models.tie import reestimate_batchnorm, tie
+from wsviz.models.registry import input_shape
+from wsviz.models.tie import apply_ties, reestimate_batchnorm, tie
 from wsviz.training.checkpoint import load_checkpoint
 from wsviz.training.loop import TrainConfig, evaluate, train
 from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
-RULE = [(f"stages.{s}.1.conv2", f"stages.{s}.2.conv2") for s in range(3)]
-ORIGINAL_STEPS = 12 * (4000 // 128)  # the shipped model's recipe: 12 epochs of 31 steps
+RULE = [(f"stages.{s}.1.conv2", f"stages.{s}.2.conv2") for s in range(3)]  # the twin's; sharesnet_rule(model) in general
+ORIGINAL_STEPS = 12 * (4000 // 128)  # the shipped model's recipe: 12 epochs of 31 steps (original_steps(card, n))
 FT_STEPS = 4000 // 128  # one epoch: 31 steps, 8.3% of the original
 SHORT_STEPS = 8  # the fixed short fine-tune of the ranking experiment
 CALIBRATION = 512
@@ -67,6 +69,7 @@ SCRATCH_LR = 0.1  # the original recipe's
 INITS = ("medoid", "mean", "lstsq")
 SINGLE = ("weight_similarity", "output_cka", "gradient_conflict", "measured_drop", "measured_loss", "measured_kl")
 N_RANDOM = 2
+AUGMENT = "none"  # the checkpoint's training augmentation, which fine-tuning keeps
 VERIFY = 8  # the best-predicted sets choose_groups ties together and measures on val
 
 
@@ -74,9 +77,37 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def halves():
-    te = load_split("mnist5k-scale", "test")
+def halves(dataset: str = "mnist5k-scale", split: str = "test", data_root=None):
+    """The test split cut in two halves by alternate index (stratified where it is class-sorted)."""
+    te = load_split(dataset, split, data_root=data_root)
     return (te.images[0::2], te.labels[0::2]), (te.images[1::2], te.labels[1::2])
+
+
+def original_steps(card: dict, n_train: int) -> int:
+    """The optimiser steps the checkpoint was trained with: its epochs times the batches the training
+    loop makes of ``n_train`` images (whole batches only, at least one)."""
+    cfg = card.get("train_config") or {}
+    epochs, bs = card.get("epochs_done") or cfg.get("epochs"), cfg.get("batch_size")
+    if not epochs or not bs:
+        raise SystemExit("the checkpoint's card does not say how it was trained (train_config epochs and batch_size); "
+                         "the fine-tuning budget is a share of its training steps")
+    return int(epochs) * max(1, n_train // int(bs))
+
+
+def from_scratch(card: dict, tied, groups, seed: int):
+    """The tied model's architecture with fresh weights: the registry's model of the card, built with
+    its own initialisation and tied like ``tied``; a model the registry cannot build (an adopted one)
+    gets every module's ``reset_parameters`` re-run instead."""
+    torch.manual_seed(seed)
+    try:
+        model = create_model(card["model"], **card.get("config", {}))
+    except Exception:  # noqa: BLE001 - not a registry model
+        model = tie_free_copy(tied)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        return model
+    return apply_ties(model, [list(g) for g in groups])
 
 
 def acc(model, data) -> float:
@@ -85,7 +116,7 @@ def acc(model, data) -> float:
 
 def finetune(model, train_data, val, steps: int, lr: float, seed: int):
     """``steps`` SGD steps (cosine from ``lr``), in place; returns the model."""
-    cfg = TrainConfig(epochs=1, lr=lr, max_batches=steps, seed=seed)
+    cfg = TrainConfig(epochs=1, lr=lr, max_batches=steps, seed=seed, augment=AUGMENT)
     train(model, train_data, val, cfg)
     return model
 
@@ -101,26 +132,43 @@ def saving(model, groups) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--checkpoint", default=str(TWIN),
+                    help="the trained plain model to tie (default: the shipped twin); its card names the dataset, e.g. "
+                         "a CIFAR-10 ResNet trained with python -m wsviz.train --dataset cifar10")
+    ap.add_argument("--data-root", default=None, help="where the card's dataset lives (torchvision's folder layout)")
+    ap.add_argument("--rule", choices=["cifar", "imagenet"], default="cifar",
+                    help="ShaResNet's rule to compare with: the authors' CIFAR rule (first block of a stage unshared) "
+                         "or their ImageNet rule")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--smoke", action="store_true", help="a few steps and groups, to check the script runs")
     ap.add_argument("--publish", action="store_true",
                     help="also write checkpoints/tying.json, from which checkpoints/REPORT.md's section is rendered")
     args = ap.parse_args()
-    global FT_STEPS, SHORT_STEPS, LRS, N_RANDOM
-    if args.smoke:
-        FT_STEPS, SHORT_STEPS, LRS, N_RANDOM = 1, 1, (0.01,), 1
+    global FT_STEPS, SHORT_STEPS, LRS, N_RANDOM, ORIGINAL_STEPS, AUGMENT
     torch.set_num_threads(1)
     t_start = time.process_time()
     wall0 = time.time()
-    plain, card = load_checkpoint(TWIN)
-    tr = load_split("mnist5k-scale", "train")
+    ckpt = Path(args.checkpoint)
+    plain, card = load_checkpoint(ckpt)
+    dataset = card["dataset"]
+    tr = load_split(dataset, card.get("train_split", "train"), data_root=args.data_root)
+    c, h, _ = input_shape(plain)
+    tr = type(tr)(fit_to(tr.images, c, h), tr.labels)  # model-ready floats, once (calibration feeds them as they are)
     train_data = (tr.images, tr.labels)
-    val, test = halves()
+    val, test = ((fit_to(x, c, h), y) for x, y in halves(dataset, card.get("test_split", "test"), args.data_root))
+    ORIGINAL_STEPS = original_steps(card, len(tr.labels))
+    FT_STEPS = max(1, min(len(tr.labels) // 128, ORIGINAL_STEPS // 10))  # one epoch, or 10% if less
+    AUGMENT = (card.get("train_config") or {}).get("augment", "none")
+    rule = sharesnet_rule(plain, imagenet=args.rule == "imagenet")
+    if args.smoke:
+        FT_STEPS, SHORT_STEPS, LRS, N_RANDOM = 1, 1, (0.01,), 1
     groups = candidate_groups(plain)
     if args.smoke:
-        groups = groups[:3] + [g for g in RULE if g not in groups[:3]]
-    log(f"{len(groups)} candidate groups; val {len(val[1])} / test {len(test[1])} images")
-    res = {"seeds": args.seeds, "candidate_groups": [list(g) for g in groups], "ft_steps": FT_STEPS,
+        groups = groups[:3] + [g for g in rule if g not in groups[:3]]
+    log(f"{ckpt.name} on {dataset}: {len(groups)} candidate groups; val {len(val[1])} / test {len(test[1])} images; "
+        f"{ORIGINAL_STEPS} original steps, fine-tuning {FT_STEPS}")
+    res = {"checkpoint": ckpt.name, "dataset": dataset, "rule": args.rule, "rule_groups": [list(g) for g in rule],
+           "seeds": args.seeds, "candidate_groups": [list(g) for g in groups], "ft_steps": FT_STEPS,
            "original_steps": ORIGINAL_STEPS, "short_steps": SHORT_STEPS, "calibration": CALIBRATION,
            "untied_full_test": 100 * card["test_accuracy"], "untied_val": acc(plain, val), "untied_test": acc(plain, test), "val_n": len(val[1]),
            "params": {"untied": summarize(plain).unique_params}}
@@ -129,7 +177,7 @@ def main() -> None:
     cal0 = tr.images[torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(0))[:CALIBRATION]]
     lr_val = {}
     for lr in LRS:
-        m = finetune(tied_model(plain, RULE, "lstsq", cal0), train_data, val, FT_STEPS, lr, 0)
+        m = finetune(tied_model(plain, rule, "lstsq", cal0), train_data, val, FT_STEPS, lr, 0)
         lr_val[lr] = acc(m, val)
         log(f"lr {lr}: val {lr_val[lr]:.1f}")
     lr = max(LRS, key=lambda k: (lr_val[k], -k))
@@ -145,13 +193,12 @@ def main() -> None:
         # 1. ShaResNet's rule ------------------------------------------------------------------
         s["after_tying"], s["after_ft"] = {}, {}
         for init in INITS:
-            m = tied_model(plain, RULE, init, cal)
+            m = tied_model(plain, rule, init, cal)
             s["after_tying"][init] = acc(m, test)
             s["after_ft"][init] = acc(finetune(m, train_data, val, FT_STEPS, lr, seed), test)
             log(f"seed {seed} {init}: tied {s['after_tying'][init]:.1f} -> fine-tuned {s['after_ft'][init]:.1f}")
         s["params_tied"] = summarize(m).unique_params
-        torch.manual_seed(seed)
-        scratch = create_model("sharesnet_wrn_digits", shared=True)
+        scratch = from_scratch(card, m, rule, seed)
         s["params_scratch"] = summarize(scratch).unique_params
         s["scratch"] = acc(finetune(scratch, train_data, val, FT_STEPS, SCRATCH_LR, seed), test)
         untied_ft = finetune(reestimate_batchnorm(tie_free_copy(plain), cal), train_data, val, FT_STEPS, lr, seed)
@@ -211,7 +258,7 @@ def main() -> None:
                              for k, v in costs_of(rows_t, s["scores_on_test"]).items()}
 
     # 3. budgeted choice -------------------------------------------------------------------------
-    budget = saving(plain, RULE)
+    budget = saving(plain, rule)
     for s, rows, _ in per_seed:
         seed = s["seed"]
         gen = torch.Generator().manual_seed(seed)
@@ -233,7 +280,7 @@ def main() -> None:
                     break
             randoms.append(chosen)
         s["budget"] = {}
-        for name, chosen in [("wsviz", list(pick)), ("sharesnet rule", RULE),
+        for name, chosen in [("wsviz", list(pick)), ("sharesnet rule", rule),
                              *[(f"random {k + 1}", [groups[i] for i in c]) for k, c in enumerate(randoms)]]:
             m = tied_model(plain, chosen, "lstsq", cal)
             a0 = acc(m, test)
@@ -248,11 +295,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(res, indent=1)
-    (out / "tie.json").write_text(text)
+    stem = "tie" if ckpt.resolve() == TWIN.resolve() else f"tie-{ckpt.name}"
+    (out / f"{stem}.json").write_text(text)
+    if args.publish and ckpt.resolve() != TWIN.resolve():
+        raise SystemExit("--publish writes the shipped twin's REPORT.md section; other checkpoints' results stay in --out")
     if not args.smoke and args.publish:  # the REPORT.md section is rendered from this copy (wsviz.zoo.tying_section)
         (ROOT / "checkpoints" / "tying.json").write_text(text)
     md = "\n".join(tying_section(res)) + "\n"
-    (out / "tie.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     print(md)
 
 

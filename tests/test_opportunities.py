@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsviz.analysis.opportunities import candidate_groups, score_groups
+from wsviz.analysis.opportunities import candidate_groups, score_groups, sharesnet_rule
 from wsviz.data.datasets import load_split
 from wsviz.errors import WsvizError
 from wsviz.models import create_model
@@ -37,6 +37,39 @@ def test_candidates_are_same_shape_runs_within_a_stage(twin):
         assert len(g) >= 2 and len(shapes) == 1 and len(stages) == 1, g
     shared = create_model("sharesnet_wrn_digits", shared=True)  # already shared layers are not offered again
     assert not set(SHARESNET_RULE) & set(candidate_groups(shared))
+
+
+def test_sharesnet_rule_ties_the_twin_into_the_shipped_shared_model(twin):
+    from wsviz.models import summarize
+    from wsviz.models.tie import tie
+
+    assert sharesnet_rule(twin) == SHARESNET_RULE
+    assert summarize(tie(twin, sharesnet_rule(twin), "mean")).unique_params == 223_610  # the shipped shared model
+
+
+@pytest.mark.parametrize("name, authors", [("resnet34", 13_613_864), ("resnet50", 20_469_800),
+                                           ("resnet101", 29_434_920), ("resnet152", 36_821_032)])
+def test_sharesnet_imagenet_rule_gives_the_authors_counts(name, authors):
+    """reference.md section 5: the authors' ImageNet table, all parameters; basic blocks share conv2 in
+    every block, bottlenecks their 3x3 unless strided."""
+    import torchvision
+
+    from wsviz.models.tie import tie
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)()
+    groups = sharesnet_rule(model, imagenet=True)
+    assert len(groups) == 4 and all(g[0].endswith("conv2") for g in groups)
+    tied = tie(model, groups, "mean")
+    assert sum(p.numel() for p in tied.parameters()) == authors
+    cifar = sharesnet_rule(model)  # the CIFAR rule leaves every stage's first block out
+    assert all(not any(n.split(".")[1] == "0" for n in g) for g in cifar)
+    assert [len(g) for g in cifar] == [len(g) - (g[0].split(".")[1] == "0") for g in groups]
+
+
+def test_sharesnet_rule_refuses_a_model_with_nothing_to_share():
+    with pytest.raises(WsvizError, match="ShaResNet's rule finds nothing"):
+        sharesnet_rule(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)))
 
 
 def test_a_model_without_convolutions_is_refused():

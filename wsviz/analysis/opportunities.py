@@ -153,6 +153,39 @@ def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tupl
     return sorted(out, key=lambda g: (list(convs).index(g[0]), len(g)))
 
 
+def sharesnet_rule(model: nn.Module, imagenet: bool = False) -> list[tuple[str, ...]]:
+    """ShaResNet's hand-made sharing pattern for ``model``, as groups (reference.md section 5): in every
+    stage the blocks share the block's last (for bottlenecks: only) 3x3 convolution.
+
+    The authors' CIFAR rule (default): blocks 2..n share it, the first block of each stage keeps its
+    own. Their ImageNet rule (``imagenet=True``): every block shares it unless it differs in shape or
+    stride (so a strided first block keeps its own). Convolutions of that role that differ in shape or
+    stride form separate groups; a stage with fewer than two such blocks gives none. The CIFAR rule ties
+    the digit twin into exactly the shipped shared model's 223,610 parameters; the ImageNet rule ties
+    torchvision's ResNet-34/50/101/152 into exactly the authors' counts (13,613,864 ... 36,821,032)."""
+    convs = _convs(model)
+    order = {name: i for i, name in enumerate(convs)}
+    roles: dict[str, dict[int, list[str]]] = {}  # stage -> block -> roles in module order
+    for name in convs:
+        place = _place(name)
+        if place is not None:
+            roles.setdefault(place[0], {}).setdefault(place[1], []).append(place[2])
+    out = []
+    for key, members in _lanes(convs).items():
+        stage, role = key[0], key[1]
+        blocks = roles[stage]
+        first = min(blocks)
+        if role != blocks[first + 1 if first + 1 in blocks else first][-1]:
+            continue
+        names = [n for b, n in members if imagenet or b != first]
+        if len(names) >= 2:
+            out.append(tuple(names))
+    if not out:
+        raise WsvizError("ShaResNet's rule finds nothing to share in this model: no stage has two or more blocks "
+                         "after its first with a same-shape 3x3 convolution.")
+    return sorted(out, key=lambda g: order[g[0]])
+
+
 def _pairwise_mean(values: list[torch.Tensor], fn: Callable[[torch.Tensor, torch.Tensor], float]) -> float:
     return float(np.mean([fn(a, b) for a, b in itertools.combinations(values, 2)]))
 
