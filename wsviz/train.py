@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-init", default="lstsq", choices=["mean", "medoid", "lstsq"],
                    help="the shared weight's start: the members' mean, medoid, or the least-squares kernel that best "
                         "reproduces their outputs (default)")
+    p.add_argument("--step-schedule", action="store_true",
+                   help="anneal the cosine schedule after every optimiser step instead of every epoch (a fine-tune "
+                        "of one epoch otherwise runs at a constant rate)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="T",
+                   help="with --init-from: learn from that checkpoint's predictions softened by temperature T "
+                        "(knowledge distillation; 4 is usual) as well as from the labels")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="the distillation term's share of the loss, 0..1 (default 1: predictions only)")
+    p.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="end with the average of the last N steps' weights (torch's AveragedModel; N at most one epoch)")
     p.add_argument("--calibration", type=int, default=512,
                    help="training images for the least-squares kernel and the BatchNorm statistics (default 512)")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
@@ -137,6 +147,8 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
         args.dataset = args.dataset or card.get("dataset")
     if getattr(args, "tie", None) and not getattr(args, "init_from", None):
         raise WsvizError("--tie ties the convolutions of a trained model: give the checkpoint with --init-from.")
+    if getattr(args, "distill", 0) and not getattr(args, "init_from", None):
+        raise WsvizError("--distill learns from a trained model's predictions: give that checkpoint with --init-from.")
     if args.recipe:
         from wsviz.training.recipes import get_recipe
 
@@ -171,7 +183,8 @@ def _config(args: argparse.Namespace):
                       step_size=args.step_size, milestones=tuple(args.milestones), gamma=args.gamma,
                       seed=args.seed, amp=not args.no_amp, max_batches=args.max_batches, augment=args.augment,
                       warmup_epochs=args.warmup_epochs, plateau_patience=args.plateau_patience, loader=args.loader,
-                      workers=args.workers)
+                      workers=args.workers, step_schedule=args.step_schedule, distill=args.distill,
+                      distill_weight=args.distill_weight, average_last=args.average_last)
     cfg.validate()
     return cfg
 

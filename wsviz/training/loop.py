@@ -58,6 +58,10 @@ class TrainConfig:
     plateau_patience: int = 10  # "plateau": epochs without a better test accuracy before lr *= gamma
     loader: str = "auto"  # "memory", "stream" (DataLoader), or "auto": stream folders and augmented sets
     workers: int = 0  # DataLoader worker processes (streamed path)
+    step_schedule: bool = False  # anneal the cosine schedule every optimiser step, not every epoch (short fine-tunes)
+    distill: float = 0.0  # temperature of distillation from train()'s ``teacher`` (0: learn from the labels only)
+    distill_weight: float = 1.0  # the distillation term's share of the loss (the labels' cross-entropy has the rest)
+    average_last: int = 0  # average the weights and BatchNorm statistics of the last N optimiser steps (0: none)
 
     def validate(self) -> None:
         """Refuse absurd values with a message saying what range is sensible."""
@@ -94,6 +98,14 @@ class TrainConfig:
             bad(f"warmup works with the none, step and multistep schedules, not {self.schedule!r}.")
         if not isinstance(self.plateau_patience, int) or self.plateau_patience < 0:
             bad(f"plateau patience must be a whole number of epochs >= 0, got {self.plateau_patience!r}.")
+        if self.step_schedule and self.schedule != "cosine":
+            bad(f"a per-step schedule is the cosine one; the {self.schedule!r} schedule is defined in epochs.")
+        if not (isinstance(self.distill, (int, float)) and math.isfinite(self.distill) and 0 <= self.distill <= 100):
+            bad(f"distillation temperature must be in [0, 100] (0: off; 4 is usual), got {self.distill!r}.")
+        if not (isinstance(self.distill_weight, (int, float)) and 0 <= self.distill_weight <= 1):
+            bad(f"distillation weight must be in [0, 1], got {self.distill_weight!r}.")
+        if not isinstance(self.average_last, int) or not 0 <= self.average_last <= 1_000_000:
+            bad(f"average_last must be a whole number of steps from 0 to 1000000, got {self.average_last!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,10 +152,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig):
-    """torch's scheduler for ``cfg.schedule`` (stepped once per epoch), chained after a constant
-    lr / 10 for the warm-up epochs; None for a constant rate."""
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int = 1):
+    """torch's scheduler for ``cfg.schedule`` (stepped once per epoch; with ``cfg.step_schedule`` the
+    cosine is stepped after every optimiser step, over ``epochs * steps_per_epoch`` steps), chained
+    after a constant lr / 10 for the warm-up epochs; None for a constant rate."""
     sched = torch.optim.lr_scheduler
+    if cfg.step_schedule:
+        return sched.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "plateau":
         return sched.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience)
     main = {"step": lambda: sched.StepLR(opt, cfg.step_size, cfg.gamma),
@@ -293,6 +308,15 @@ def _broadcast(value: float, world_size: int) -> float:
     return float(t.item())
 
 
+def _distilled(loss: torch.Tensor, out: torch.Tensor, teacher: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The labels' ``loss`` mixed with T^2 KL(teacher || student) of the predictions softened by T."""
+    t = cfg.distill
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x).float() / t, 1)
+    kd = F.kl_div(F.log_softmax(out.float() / t, 1), target, log_target=True, reduction="batchmean") * t * t
+    return (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+
+
 def train(
     model: nn.Module,
     train_data: tuple[torch.Tensor, torch.Tensor] | Dataset,
@@ -306,6 +330,7 @@ def train(
     world_size: int = 1,
     resume: dict[str, Any] | None = None,
     on_state: Callable[[dict[str, Any]], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and evaluate on ``test_data`` after every epoch.
 
@@ -315,18 +340,33 @@ def train(
     scheduler, scaler, random generators, epoch, metrics), which ``resume=state`` continues
     from. With ``world_size > 1`` each rank trains on its own equal share of every epoch
     (``model`` is already wrapped in DistributedDataParallel) and only rank 0 evaluates.
+
+    ``teacher``: with ``cfg.distill`` (a temperature T) the loss is ``distill_weight`` times
+    T^2 KL(teacher || model) of the softened predictions plus the rest times the labels'
+    cross-entropy (Hinton et al. 2015); a tied model's teacher is the untied model it came from.
+    With ``cfg.average_last`` = N the model ends with the average of its last N steps' weights and
+    BatchNorm statistics (torch.optim.swa_utils.AveragedModel), which the last evaluation sees.
     """
     cfg.validate()
+    if cfg.distill and teacher is None:
+        raise WsvizError("Distillation learns from a teacher's predictions: give the teacher model (on the command "
+                         "line, the untied checkpoint is the --init-from one), or set distill to 0.")
     seed_everything(cfg.seed)
     device = torch.device(device)
     c, h = _in_shape(model)
     model.to(device)
     opt = make_optimizer(model, cfg)
-    sched = make_schedule(opt, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = _Batches(train_data, cfg, rank, world_size, gen, device, h)
+    sched = make_schedule(opt, cfg, batches.steps)
+    if cfg.average_last > batches.steps:
+        raise WsvizError(f"average_last ({cfg.average_last}) must be at most the steps of one epoch ({batches.steps}): "
+                         "the average lives within the last epoch, so that a resumed run rebuilds it.")
+    if teacher is not None and cfg.distill:
+        teacher = teacher.to(device).eval()  # its predictions are taken under no_grad (_distilled)
+    averaged = None
     test = _eval_batches(test_data, cfg, h, device) if rank == 0 else None
     result = TrainResult()
     first = _restore(resume, model, opt, sched, scaler, gen, result) if resume is not None else 1
@@ -334,6 +374,7 @@ def train(
     for epoch in range(first, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]  # the epoch's rate (its first step's, with a per-step schedule)
         loss_sum, correct, seen = 0.0, 0, 0
         for step, (xb, yb) in enumerate(batches.epoch(epoch)):
             x = fit_to(xb.to(device, non_blocking=True), c, h)
@@ -341,6 +382,8 @@ def train(
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(x)
                 loss = F.cross_entropy(out, y)
+                if cfg.distill:
+                    loss = _distilled(loss, out, teacher, x, cfg)
             if not torch.isfinite(loss):
                 raise TrainingFailed(f"The loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}: training diverged. "
                                      f"Lower the learning rate (now {opt.param_groups[0]['lr']:g}).")
@@ -348,6 +391,13 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if cfg.step_schedule:
+                sched.step()
+            if epoch == cfg.epochs and step >= batches.steps - cfg.average_last:
+                base = getattr(model, "module", model)
+                if averaged is None:
+                    averaged = torch.optim.swa_utils.AveragedModel(base, use_buffers=True)
+                averaged.update_parameters(base)
             n = len(y)
             loss_sum += float(loss.detach()) * n
             correct += int((out.detach().argmax(1) == y).sum())
@@ -355,7 +405,9 @@ def train(
             if on_step:
                 on_step(epoch, step + 1, float(loss.detach()))
         train_seconds = time.perf_counter() - t0
-        lr = opt.param_groups[0]["lr"]
+        if averaged is not None:  # the last N steps' average becomes the model
+            getattr(model, "module", model).load_state_dict(averaged.module.state_dict())
+            averaged = None
         test_acc = float("nan")
         if rank == 0:
             eval_model = getattr(model, "module", model)
@@ -365,7 +417,7 @@ def train(
             result.epochs.append(m)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(_broadcast(test_acc, world_size))
-        elif sched is not None:
+        elif sched is not None and not cfg.step_schedule:
             sched.step()
         result.seconds = time.perf_counter() - start
         if rank == 0:

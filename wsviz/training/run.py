@@ -90,6 +90,12 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
         parts += ["--loader", cfg.loader]
     if cfg.workers:
         parts += ["--workers", str(cfg.workers)]
+    if cfg.step_schedule:
+        parts += ["--step-schedule"]
+    if cfg.distill:
+        parts += ["--distill", repr(cfg.distill), "--distill-weight", repr(cfg.distill_weight)]
+    if cfg.average_last:
+        parts += ["--average-last", str(cfg.average_last)]
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else v}"]
     if init_from is not None:
@@ -213,10 +219,18 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     torch.manual_seed(cfg.seed)
     if tie is not None and init_from is None:
         raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (--init-from).")
+    if cfg.distill and init_from is None:
+        raise WsvizError("Distillation learns from a trained model's predictions: give that checkpoint (--init-from), "
+                         "or leave distillation off.")
     if init_from is not None:
         model = starting_model(model_name, dataset, init_from, tie, overrides, data_root, data_seed)
     else:
         model = build_for_dataset(model_name, dataset, overrides, data_root)
+    teacher = None
+    if cfg.distill:  # the teacher is the checkpoint as trained: for a tied model, the untied one it came from
+        from wsviz.training.checkpoint import load_checkpoint
+
+        teacher = load_checkpoint(init_from)[0]
     s = summarize(model)
     accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
                   "flops": s.flops, "sign_mask_params": s.mask_params,
@@ -282,7 +296,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     t0 = time.perf_counter()
     try:
         res = train(net, train_data, test_data, cfg, device=dev, on_epoch=epoch_done, on_step=step_done, rank=rank,
-                    world_size=world_size, resume=state, on_state=state_done if rank == 0 else None)
+                    world_size=world_size, resume=state, on_state=state_done if rank == 0 else None, teacher=teacher)
     finally:
         if writer is not None:
             writer.close()
