@@ -55,6 +55,7 @@ from wsviz.models.registry import input_shape
 from wsviz.models.tie import apply_ties, reestimate_batchnorm, tie
 from wsviz.training.checkpoint import load_checkpoint
 from wsviz.training.loop import TrainConfig, evaluate, train
+from wsviz.training.tying import AVERAGE_LAST, finetune_config
 from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,6 @@ ORIGINAL_STEPS = 12 * (4000 // 128)  # the shipped model's recipe: 12 epochs of 
 FT_STEPS = 4000 // 128  # one epoch: 31 steps, 8.3% of the original
 SHORT_STEPS = 8  # the fixed short fine-tune of the ranking experiment
 SHORT_LR = 0.003  # its rate: chosen on val when the ranking's scores were (bench run of 2026-11-30), then kept fixed
-AVERAGE_LAST = 15  # the fine-tune's weight average: the last 15 steps (about half an epoch here)
 BUDGET_CURVE = (0.25, 0.5)  # shares of the original steps also tried (beside the 10% budget), to say what it takes
 CALIBRATION = 512
 LRS = (0.003, 0.01, 0.03)  # fine-tuning learning rates tried on val (seed 0, ShaResNet's rule, lstsq)
@@ -128,8 +128,10 @@ def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=N
     per_epoch = max(1, len(train_data[1]) // 128)
     epochs = -(-steps // per_epoch)
     cap = steps // epochs
-    extra = {} if teacher is None else {"step_schedule": True, "distill": 4.0, "average_last": min(AVERAGE_LAST, cap)}
-    cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=cap, seed=seed, augment=AUGMENT, **extra)
+    if teacher is None:
+        cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=cap, seed=seed, augment=AUGMENT)
+    else:
+        cfg = finetune_config(epochs, lr, max_batches=cap, seed=seed, augment=AUGMENT)
     train(model, train_data, val, cfg, teacher=teacher)
     return model
 
@@ -310,7 +312,7 @@ def main() -> None:
             log(f"seed {seed} budget {name}: saves {saving(plain, chosen):,}, tied {a0:.1f}, fine-tuned {a1:.1f}")
 
     res["scratch_lr"], res["verify"], res["singles"] = SCRATCH_LR, VERIFY, list(SINGLE)
-    res["short_lr"], res["average_last"], res["recipe"] = SHORT_LR, AVERAGE_LAST, "distill"
+    res["short_lr"], res["average_last"], res["recipe"] = SHORT_LR, AVERAGE_LAST, "distill"  # finetune_config's
     res["cpu_seconds"] = time.process_time() - t_start
     res["wall_seconds"] = time.time() - wall0
     out = Path(args.out)

@@ -140,7 +140,7 @@ if not actor.can_train:
     st.info(f"Signed in as {plain(actor.name)} ({actor.role}): only trainers can tie and fine-tune.")
     st.stop()
 with st.form("share-launch"):
-    c1, c2, c3, c4, c5 = st.columns(5)
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
     init = c1.selectbox("Init", ["lstsq", "mean", "medoid"],
                         help="the shared kernel's start: least squares (reproduces every member's outputs best), the "
                              "members' mean, or their medoid")
@@ -148,11 +148,14 @@ with st.form("share-launch"):
     lr = c3.number_input("Learning rate", 1e-5, 1.0, 0.01, format="%.4f")
     max_batches = c4.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
     name = c5.text_input("Run name (optional)", "")
+    distill = c6.checkbox("Learn from the untied model", True,
+                          help="distillation: the tied model learns the untied model's predictions (T = 4) and ends "
+                               "with its last 15 steps' weights averaged, the recipe checkpoints/REPORT.md measures; "
+                               "off: from the labels alone. Either way the rate is a cosine annealed every step.")
     go_ = st.form_submit_button("Tie the chosen groups and fine-tune", type="primary")
 if go_:
     from wsviz.training.jobs import launch
-    from wsviz.training.loop import TrainConfig
-    from wsviz.training.tying import TieSpec
+    from wsviz.training.tying import TieSpec, finetune_config
 
     try:
         if not chosen:
@@ -160,7 +163,8 @@ if go_:
         from wsviz.models.tie import check_groups
 
         check_groups(model, chosen)  # overlapping or bad groups are refused here, not in the background
-        run = launch(open_run_store(), card["model"], dataset, TrainConfig(epochs=int(epochs), lr=float(lr), max_batches=int(max_batches) or None),
+        cfg = finetune_config(int(epochs), float(lr), max_batches=int(max_batches) or None, distill=bool(distill))
+        run = launch(open_run_store(), card["model"], dataset, cfg,
                      overrides={}, name=name or f"{label}-tied", data_seed=int(card.get("data_seed", 0)),
                      init_from=available_variants()[label], tie=TieSpec(tuple(chosen), init, n_cal), actor=actor)
     except WsvizError as exc:

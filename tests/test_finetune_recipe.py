@@ -123,3 +123,23 @@ def test_the_reproduce_command_carries_the_fine_tuning_options():
     args = apply_recipe(build_parser().parse_args(shlex.split(cmd)[3:]))
     again = _config(args)
     assert (again.step_schedule, again.distill, again.distill_weight, again.average_last) == (True, 4.0, 0.5, 15)
+
+
+def test_a_background_job_command_carries_every_training_option(tmp_path):
+    """The command a queued run is started with, parsed back by wsviz.train, gives the run's whole
+    TrainConfig: an option the job builder forgets would silently train something else."""
+    from wsviz.train import _config, apply_recipe, build_parser
+    from wsviz.training.jobs import train_command
+    from wsviz.training.runstore import RunStore
+    from wsviz.training.tying import finetune_config
+
+    store = RunStore(tmp_path / "runs")
+    cfg = finetune_config(3, 0.02, max_batches=9, seed=5, batch_size=64, weight_decay=5e-4, augment="cifar",
+                          workers=1, loader="stream")
+    spec = {"model": "resnet_digits", "dataset": "mnist5k", "train_config": cfg.to_dict(), "overrides": {},
+            "data_root": None, "device": None, "data_seed": 2, "init_from": "checkpoints/scale-resnet20"}
+    run = store.create("resnet_digits", "mnist5k", spec, "t")
+    cmd = train_command(store, run, 1, resume=False, gpus=[])
+    again = _config(apply_recipe(build_parser().parse_args(cmd[3:])))
+    assert again == cfg
+    assert (again.distill, again.average_last, again.step_schedule) == (4.0, 9, True)

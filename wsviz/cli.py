@@ -457,8 +457,8 @@ def _tie(args: argparse.Namespace) -> int:
     import shlex
 
     from wsviz.training.checkpoint import save_checkpoint
-    from wsviz.training.loop import TrainConfig, evaluate
-    from wsviz.training.tying import TieSpec, parse_groups, tie_checkpoint, tied_card
+    from wsviz.training.loop import evaluate
+    from wsviz.training.tying import TieSpec, finetune_config, parse_groups, tie_checkpoint, tied_card
 
     if len(args.checkpoint) != 1:
         raise WsvizError("tie takes one --checkpoint folder (the trained model to tie).")
@@ -470,8 +470,8 @@ def _tie(args: argparse.Namespace) -> int:
         from wsviz.training.run import run_training
 
         card0 = read_card(source)
-        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                          max_batches=args.max_batches, seed=args.seed)
+        cfg = finetune_config(args.finetune_epochs, args.lr, batch_size=args.batch_size, max_batches=args.max_batches,
+                              seed=args.seed, distill=not args.labels_only)
         card = run_training(card0["model"], args.dataset or card0.get("dataset"), args.out, cfg, init_from=source,
                             tie=spec, data_seed=card0.get("data_seed", 0), tensorboard=tensorboard_dir(args.out))
         print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {card['unique_params']:,} parameters;"
@@ -611,7 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune-epochs", type=int, default=0,
                    help="then fine-tune for this many epochs, an ordinary training run writing --out (card, "
                         "TensorBoard beside it); 0: save the tied model as it is")
-    q.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (cosine schedule)")
+    q.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (a cosine annealed every step)")
+    q.add_argument("--labels-only", action="store_true",
+                   help="fine-tune from the labels alone; by default the tied model learns the untied one's predictions "
+                        "(distillation, T = 4) and ends with its last 15 steps' weights averaged, the recipe "
+                        "checkpoints/REPORT.md measures")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--max-batches", type=int, default=None, help="cap the fine-tuning steps per epoch")
     q.add_argument("--seed", type=int, default=0)

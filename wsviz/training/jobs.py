@@ -143,6 +143,8 @@ def _backend(backend: str | None) -> str:
 
 def train_command(store: RunStore, run: Run, max_running: int, *, resume: bool, gpus: list[str]) -> list[str]:
     """The ``python -m wsviz.train`` command line of a recorded run."""
+    from wsviz.training.run import finetune_flags
+
     spec = run.spec
     cfg = TrainConfig(**{**spec["train_config"], "milestones": tuple(spec["train_config"]["milestones"])})
     out = Path(run.out_dir)
@@ -155,6 +157,7 @@ def train_command(store: RunStore, run: Run, max_running: int, *, resume: bool, 
            "--plateau-patience", str(cfg.plateau_patience), "--loader", cfg.loader, "--workers", str(cfg.workers),
            "--tensorboard", str(out / "tensorboard"), "--run-id", run.id, "--runs-dir", str(store.root),
            "--max-running", str(max_running), "--quiet"]
+    cmd += finetune_flags(cfg)
     if cfg.milestones:
         cmd += ["--milestones", *map(str, cfg.milestones)]
     if cfg.max_batches:

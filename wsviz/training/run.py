@@ -67,6 +67,17 @@ def check_trainable(model_name: str, dataset: str, overrides: dict[str, Any] | N
     return n
 
 
+def finetune_flags(cfg: TrainConfig) -> list[str]:
+    """The ``wsviz.train`` options of a fine-tune's schedule, distillation and weight averaging (the
+    reproduce command and a background job's command both carry them)."""
+    parts = ["--step-schedule"] if cfg.step_schedule else []
+    if cfg.distill:
+        parts += ["--distill", repr(cfg.distill), "--distill-weight", repr(cfg.distill_weight)]
+    if cfg.average_last:
+        parts += ["--average-last", str(cfg.average_last)]
+    return parts
+
+
 def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides: dict[str, Any],
                       out: str, data_seed: int, init_from: str | Path | None = None, tie: TieSpec | None = None) -> str:
     parts = ["python", "-m", "wsviz.train", "--model", model_name, "--dataset", dataset,
@@ -90,12 +101,7 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
         parts += ["--loader", cfg.loader]
     if cfg.workers:
         parts += ["--workers", str(cfg.workers)]
-    if cfg.step_schedule:
-        parts += ["--step-schedule"]
-    if cfg.distill:
-        parts += ["--distill", repr(cfg.distill), "--distill-weight", repr(cfg.distill_weight)]
-    if cfg.average_last:
-        parts += ["--average-last", str(cfg.average_last)]
+    parts += finetune_flags(cfg)
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else v}"]
     if init_from is not None:

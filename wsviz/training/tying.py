@@ -48,6 +48,22 @@ class TieSpec:
                    int(d.get("calibration", DEFAULT_CALIBRATION)))
 
 
+DISTILL_TEMPERATURE = 4.0
+AVERAGE_LAST = 15
+
+
+def finetune_config(epochs: int, lr: float, *, max_batches: int | None = None, distill: bool = True, **kw: Any):
+    """wsviz's recipe for fine-tuning a tied model (the one ``checkpoints/REPORT.md`` measures), as a
+    :class:`~wsviz.training.loop.TrainConfig`: a cosine annealed every step (a fine-tune of one epoch
+    would otherwise run at a constant rate), and with ``distill`` the untied model's predictions
+    (temperature 4) instead of the labels and the last 15 steps' weights averaged (fewer when an
+    epoch is capped shorter). ``kw``: any other TrainConfig field (batch_size, seed, augment...)."""
+    from wsviz.training.loop import TrainConfig
+
+    extra = {"distill": DISTILL_TEMPERATURE, "average_last": min(AVERAGE_LAST, max_batches or AVERAGE_LAST)} if distill else {}
+    return TrainConfig(epochs=epochs, lr=lr, max_batches=max_batches, step_schedule=True, **extra, **kw)
+
+
 def parse_groups(items: list[str]) -> tuple[tuple[str, ...], ...]:
     """``--tie a,b --tie c,d`` (or the app's lines) as groups of layer paths."""
     groups = tuple(tuple(p.strip() for p in item.split(",") if p.strip()) for item in items if item.strip())
