@@ -91,6 +91,8 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs):
     store = RunStore(runs)
     (run,) = store.list()
     assert run.user == "alice" and run.spec["tie"]["groups"] == [GROUP.split(" + ")]
+    tc = run.spec["train_config"]  # the measured recipe by default: distillation, per-step cosine, averaging
+    assert (tc["distill"], tc["step_schedule"], tc["average_last"], tc["max_batches"]) == (4.0, True, 1, 1)
     t0 = time.time()
     while store.get(run.id).active and time.time() - t0 < 240:
         time.sleep(0.5)

@@ -296,6 +296,16 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     for s in close["per_seed"]:
         s["after_ft"]["lstsq"] = close["untied_test"] - 0.3
     assert "is 0.3 ± 0.0 points below it — met" in "\n".join(zoo.tying_section(close))
+    # the budget curve says where the 0.5-point target is first reached, from its numbers
+    curve = copy.deepcopy(res)
+    for s in curve["per_seed"]:
+        s["after_ft"]["lstsq"] = curve["untied_test"] - 1.0
+        s["curve"] = {"0.25": {"steps": 93, "tied": curve["untied_test"] - 0.7},
+                      "0.5": {"steps": 186, "tied": curve["untied_test"] - 0.2}}
+    assert "Within 0.5 points: first at 50% of the original steps." in "\n".join(zoo.tying_section(curve))
+    for s in curve["per_seed"]:
+        s["curve"]["0.5"]["tied"] = curve["untied_test"] - 0.6
+    assert "not within 50% of the original steps either" in "\n".join(zoo.tying_section(curve))
     # and a budgeted choice that loses more than the rule is said to lose more
     worse = copy.deepcopy(res)
     for s in worse["per_seed"]:
