@@ -10,10 +10,11 @@ kernels, BatchNorm statistics, the four scores) come from the training split.
 
 Per seed (calibration sample, fine-tuning order, from-scratch initialisation, random groups):
 
-1. ShaResNet's rule (blocks 2..n of each stage share conv2): accuracy right after tying for each
-   init; after fine-tuning with one epoch (31 steps, 8.3% of the original 372); the same shared
-   architecture trained from scratch for the same 31 steps; the untied model (as is, and after the
-   same fine-tune).
+1. ShaResNet's rule (``sharesnet_rule``: blocks 2..n of each stage share conv2): accuracy right after
+   tying for each init; after fine-tuning with 10% of the original steps (37 of 372) by wsviz's
+   recipe (``finetune_config``: per-step cosine, distillation from the untied model, the last 15
+   steps averaged), and with 25% and 50% of them; the same shared architecture trained from scratch
+   for the same steps; the untied model (as is, and after the same fine-tune).
 2. Ranking: every candidate group is tied alone (lstsq) and fine-tuned for a fixed short run; its
    drop is the untied model's accuracy after the same run minus the tied one's. Spearman between
    each score and that drop on the test half (scores computed on calibration + val data), for the
@@ -23,7 +24,8 @@ Per seed (calibration sample, fine-tuning order, from-scratch initialisation, ra
    their drops in accuracy points on val, the best few tied together and measured on val) vs
    ShaResNet's rule vs random disjoint groups saving as much; each tied and fine-tuned like (1).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_tie [--seeds 0 1 2] [--out benchmarks/results]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_tie [--seeds 0 1 2] [--out benchmarks/results] [--publish]
+    python -m benchmarks.bench_tie --checkpoint DIR [--data-root ROOT]   # your own plain ResNet (e.g. CIFAR-10)
 """
 
 from __future__ import annotations

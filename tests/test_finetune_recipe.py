@@ -44,7 +44,7 @@ def _lrs(cfg, data):
     real = loop.make_optimizer
     loop.make_optimizer = lambda m, c: Spy([p for p in m.parameters()], lr=c.lr, momentum=c.momentum)
     try:
-        train(model, data, data, cfg, on_step=lambda e, s, l: seen.append((e, s)))
+        train(model, data, data, cfg, on_step=lambda e, s, loss: seen.append((e, s)))
     finally:
         loop.make_optimizer = real
     return opt_lrs
@@ -67,7 +67,7 @@ def test_average_last_ends_with_the_mean_of_the_last_steps_weights():
     data = _data(96)
     model, snaps = _model(), []
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, average_last=3)
-    train(model, data, data, cfg, on_step=lambda e, s, l: snaps.append(copy.deepcopy(model.state_dict())))
+    train(model, data, data, cfg, on_step=lambda e, s, loss: snaps.append(copy.deepcopy(model.state_dict())))
     assert len(snaps) == 12
     final = model.state_dict()
     for k, v in final.items():
@@ -91,7 +91,7 @@ def test_distillation_loss_is_the_softened_kl_to_the_teacher():
     losses = []
     t, a = 3.0, 0.25
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, distill=t, distill_weight=a)
-    train(model, (x, y), (x, y), cfg, teacher=teacher, on_step=lambda e, s, l: losses.append(l))
+    train(model, (x, y), (x, y), cfg, teacher=teacher, on_step=lambda e, s, loss: losses.append(loss))
     # one batch of all 64 images (in some order: the loss does not depend on it)
     with torch.no_grad():
         out, tout = start(x), teacher(x)

@@ -311,3 +311,7 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     for s in worse["per_seed"]:
         s["budget"]["wsviz"]["drop_after_ft"] = s["budget"]["sharesnet rule"]["drop_after_ft"] + 1.0
     assert "wsviz loses less than the rule: NO" in "\n".join(zoo.tying_section(worse))
+    assert "(larger than its spread over seeds)" in "\n".join(zoo.tying_section(worse))  # +1.0 on every seed
+    assert ("not a resolved difference" in text) == (abs(statistics.mean(
+        s["budget"]["wsviz"]["drop_after_ft"] - s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds)) <= statistics.stdev(
+        s["budget"]["wsviz"]["drop_after_ft"] - s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds))

@@ -550,6 +550,11 @@ def tying_section(res: dict) -> list[str]:
             if reached is None and statistics.mean(below) <= 0.5:
                 reached = k
         first = statistics.mean(gap) <= 0.5
+        itself = [res["untied_test"] - s["untied_ft"] for s in seeds]
+        lines += ["", f"The untied model fine-tuned with the same {res['ft_steps']} steps is itself {_mean_sd(itself)} points "
+                  f"below its as-trained accuracy, so {'most' if statistics.mean(itself) > statistics.mean(gap) / 2 else 'part'} "
+                  "of the gap is the fine-tune's, not the tie's; and one image of "
+                  f"the test half is {100 / max(res.get('val_n', 500), 1):.1f} points."]
         lines += ["", "Within 0.5 points: " + ("already at the 10% budget." if first else
                   f"first at {100 * float(reached):.0f}% of the original steps." if reached else
                   f"not within {100 * float(shares[-1]):.0f}% of the original steps either."), ""]
@@ -594,9 +599,15 @@ def tying_section(res: dict) -> list[str]:
     ws = [s["budget"]["wsviz"]["drop_after_ft"] for s in seeds]
     rule = [s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds]
     rnd = [b["drop_after_ft"] for s in seeds for k, b in s["budget"].items() if k.startswith("random")]
+    paired = [w - r for w, r in zip(ws, rule)]
+    resolved = n > 1 and abs(statistics.mean(paired)) > statistics.stdev(paired)
     lines += ["", f"Mean drop: wsviz {_mean_sd(ws)}, ShaResNet's rule {_mean_sd(rule)}, random {_mean_sd(rnd)} — wsviz loses less "
               f"than the rule: {'yes' if statistics.mean(ws) < statistics.mean(rule) else 'NO'}; than random: "
-              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}.", "",
+              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}. Per seed, wsviz minus the rule: "
+              + ", ".join(f"{d:+.1f}" for d in paired) + (" (larger than its spread over seeds)." if resolved else
+              " — within its spread over seeds, so not a resolved difference; wsviz's groups save "
+              f"{statistics.mean(s['budget']['wsviz']['saving'] for s in seeds):,.0f} parameters against the rule's "
+              f"{statistics.mean(s['budget']['sharesnet rule']['saving'] for s in seeds):,.0f}."), "",
               "wsviz's groups per seed: " + "; ".join(
                   f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
                   for s in seeds) + ".", "",
