@@ -52,6 +52,7 @@ from wsviz.analysis.opportunities import (
     sharesnet_rule,
 )
 from wsviz.data.datasets import fit_to, load_split
+from wsviz.errors import WsvizError
 from wsviz.models import create_model, summarize
 from wsviz.models.registry import input_shape
 from wsviz.models.tie import apply_ties, reestimate_batchnorm, tie
@@ -62,9 +63,7 @@ from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
-RULE = [(f"stages.{s}.1.conv2", f"stages.{s}.2.conv2") for s in range(3)]  # the twin's; sharesnet_rule(model) in general
-ORIGINAL_STEPS = 12 * (4000 // 128)  # the shipped model's recipe: 12 epochs of 31 steps (original_steps(card, n))
-FT_STEPS = 4000 // 128  # one epoch: 31 steps, 8.3% of the original
+ORIGINAL_STEPS = FT_STEPS = 0  # set by main() from the checkpoint's card: original_steps(card, n) and 10% of it
 SHORT_STEPS = 8  # the fixed short fine-tune of the ranking experiment
 SHORT_LR = 0.003  # its rate: chosen on val when the ranking's scores were (bench run of 2026-11-30), then kept fixed
 BUDGET_CURVE = (0.25, 0.5)  # shares of the original steps also tried (beside the 10% budget), to say what it takes
@@ -106,7 +105,7 @@ def from_scratch(card: dict, tied, groups, seed: int):
     torch.manual_seed(seed)
     try:
         model = create_model(card["model"], **card.get("config", {}))
-    except Exception:  # noqa: BLE001 - not a registry model
+    except WsvizError:  # not a registry model
         model = tie_free_copy(tied)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
@@ -127,7 +126,7 @@ def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=N
     rate for one epoch (the ranking's short fine-tune, kept as it was when its scores were chosen; and
     from scratch, at the original recipe's rate). ``steps`` beyond one epoch run as whole epochs of
     equal length (``epochs * per_epoch <= steps``)."""
-    per_epoch = max(1, len(train_data[1]) // 128)
+    per_epoch = max(1, len(train_data[1]) // TrainConfig.batch_size)
     epochs = -(-steps // per_epoch)
     cap = steps // epochs
     if teacher is None:

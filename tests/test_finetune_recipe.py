@@ -29,37 +29,32 @@ def _model(seed=0):
     return create_model("resnet_digits", **SMALL)
 
 
-def _lrs(cfg, data):
+def _lrs(cfg, data, monkeypatch):
     """The learning rate each optimiser step ran at."""
-    model, seen = _model(), []
-    opt_lrs = []
+    import wsviz.training.loop as loop
+
+    rates = []
 
     class Spy(torch.optim.SGD):
         def step(self, closure=None):
-            opt_lrs.append(self.param_groups[0]["lr"])
+            rates.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    import wsviz.training.loop as loop
-
-    real = loop.make_optimizer
-    loop.make_optimizer = lambda m, c: Spy([p for p in m.parameters()], lr=c.lr, momentum=c.momentum)
-    try:
-        train(model, data, data, cfg, on_step=lambda e, s, loss: seen.append((e, s)))
-    finally:
-        loop.make_optimizer = real
-    return opt_lrs
+    monkeypatch.setattr(loop, "make_optimizer", lambda m, c: Spy(list(m.parameters()), lr=c.lr, momentum=c.momentum))
+    train(_model(), data, data, cfg)
+    return rates
 
 
-def test_a_per_step_cosine_anneals_within_one_epoch():
+def test_a_per_step_cosine_anneals_within_one_epoch(monkeypatch):
     data = _data(96)
     steps = 96 // 16
-    lrs = _lrs(TrainConfig(epochs=1, batch_size=16, lr=0.1, step_schedule=True), data)
+    lrs = _lrs(TrainConfig(epochs=1, batch_size=16, lr=0.1, step_schedule=True), data, monkeypatch)
     want = [0.05 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
     assert lrs == pytest.approx(want)
     # stepped per epoch (the default), one epoch runs at a constant rate: the reason for the option
-    assert _lrs(TrainConfig(epochs=1, batch_size=16, lr=0.1), data) == pytest.approx([0.1] * steps)
+    assert _lrs(TrainConfig(epochs=1, batch_size=16, lr=0.1), data, monkeypatch) == pytest.approx([0.1] * steps)
     # over two epochs the per-step cosine runs over all 12 steps, not 6 twice
-    lrs2 = _lrs(TrainConfig(epochs=2, batch_size=16, lr=0.1, step_schedule=True), data)
+    lrs2 = _lrs(TrainConfig(epochs=2, batch_size=16, lr=0.1, step_schedule=True), data, monkeypatch)
     assert lrs2 == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 12)) for k in range(12)])
 
 

@@ -147,8 +147,6 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
         args.dataset = args.dataset or card.get("dataset")
     if getattr(args, "tie", None) and not getattr(args, "init_from", None):
         raise WsvizError("--tie ties the convolutions of a trained model: give the checkpoint with --init-from.")
-    if getattr(args, "distill", 0) and not getattr(args, "init_from", None):
-        raise WsvizError("--distill learns from a trained model's predictions: give that checkpoint with --init-from.")
     if args.recipe:
         from wsviz.training.recipes import get_recipe
 
