@@ -140,15 +140,16 @@ if not actor.can_train:
     st.info(f"Signed in as {plain(actor.name)} ({actor.role}): only trainers can tie and fine-tune.")
     st.stop()
 with st.form("share-launch"):
-    c1, c2, c3, c4, c5, c6 = st.columns(6)
+    c1, c2, c3 = st.columns(3)
     init = c1.selectbox("Init", ["lstsq", "mean", "medoid"],
                         help="the shared kernel's start: least squares (reproduces every member's outputs best), the "
                              "members' mean, or their medoid")
     epochs = c2.number_input("Fine-tuning epochs", 1, 100, 1)
     lr = c3.number_input("Learning rate", 1e-5, 1.0, 0.01, format="%.4f")
+    c4, c5 = st.columns(2)
     max_batches = c4.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
     name = c5.text_input("Run name (optional)", "")
-    distill = c6.checkbox("Learn from the untied model", True,
+    distill = st.checkbox("Learn from the untied model", True,
                           help="distillation: the tied model learns the untied model's predictions (T = 4) and ends "
                                "with its last 15 steps' weights averaged, the recipe checkpoints/REPORT.md measures; "
                                "off: from the labels alone. Either way the rate is a cosine annealed every step.")
