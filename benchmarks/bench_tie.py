@@ -26,6 +26,12 @@ Per seed (calibration sample, fine-tuning order, from-scratch initialisation, ra
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_tie [--seeds 0 1 2] [--out benchmarks/results] [--publish]
     python -m benchmarks.bench_tie --checkpoint DIR [--data-root ROOT]   # your own plain ResNet (e.g. CIFAR-10)
+    python -m benchmarks.bench_tie --checkpoint benchmarks/checkpoints/fashion-sharesnet-unshared --only-tie --curve 0.25 --publish
+
+The last is the 0.5-point target measured where a test can resolve it: the same architecture trained
+on Fashion-MNIST (10 epochs of 100 batches; 10,000 test images, so halves of 5,000, where one image
+is 0.02 points rather than mnist5k's 0.2). With the per-image answers of every model the gap gets a
+95% bootstrap interval over the test half's images (``gap_interval``).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
 ORIGINAL_STEPS = FT_STEPS = 0  # set by main() from the checkpoint's card: original_steps(card, n) and 10% of it
 SHORT_STEPS = 8  # the fixed short fine-tune of the ranking experiment
 SHORT_LR = 0.003  # its rate: chosen on val when the ranking's scores were (bench run of 2026-11-30), then kept fixed
-BUDGET_CURVE = (0.25, 0.5)  # shares of the original steps also tried (beside the 10% budget), to say what it takes
+BUDGET_CURVE: tuple[float, ...] = (0.25, 0.5)  # --curve; shares of the original steps also tried (beside the 10% budget), to say what it takes
 CALIBRATION = 512
 LRS = (0.003, 0.01, 0.03)  # fine-tuning learning rates tried on val (seed 0, ShaResNet's rule, lstsq)
 SCRATCH_LR = 0.1  # the original recipe's
@@ -89,13 +95,16 @@ def halves(dataset: str = "mnist5k-scale", split: str = "test", data_root=None):
 
 def original_steps(card: dict, n_train: int) -> int:
     """The optimiser steps the checkpoint was trained with: its epochs times the batches the training
-    loop makes of ``n_train`` images (whole batches only, at least one)."""
+    loop makes of ``n_train`` images (whole batches only, at least one; at most ``max_batches``)."""
     cfg = card.get("train_config") or {}
     epochs, bs = card.get("epochs_done") or cfg.get("epochs"), cfg.get("batch_size")
     if not epochs or not bs:
         raise SystemExit("the checkpoint's card does not say how it was trained (train_config epochs and batch_size); "
                          "the fine-tuning budget is a share of its training steps")
-    return int(epochs) * max(1, n_train // int(bs))
+    per_epoch = max(1, n_train // int(bs))
+    if cfg.get("max_batches"):  # epochs capped at --max-batches batches
+        per_epoch = min(per_epoch, int(cfg["max_batches"]))
+    return int(epochs) * per_epoch
 
 
 def from_scratch(card: dict, tied, groups, seed: int):
@@ -116,6 +125,32 @@ def from_scratch(card: dict, tied, groups, seed: int):
 
 def acc(model, data) -> float:
     return 100 * evaluate(model, *data)[1]
+
+
+def correct(model, data) -> np.ndarray:
+    """Per image of ``data``: does ``model`` classify it right (the unit the test's confidence intervals
+    resample)."""
+    return (evaluate(model, *data)[2] == data[1]).numpy()
+
+
+def gap_interval(reference: list[np.ndarray], others: list[np.ndarray], level: float = 0.95, seed: int = 0) -> dict:
+    """Percentage points by which the models of ``reference`` beat those of ``others`` on average (each a
+    list of per-image correctness arrays on the same images: one model, or one per seed), and its
+    ``level`` bootstrap interval (BCa, 9,999 resamples of the test images, every model's answers on an
+    image kept together: the images are the independent units, the seeds are fixed).
+    Returns {"gap", "low", "high"}."""
+    from scipy.stats import bootstrap
+
+    k = len(reference)
+    data = [np.asarray(a, dtype=float) for a in [*reference, *others]]
+
+    def stat(*arrays, axis=-1):
+        means = [a.mean(axis) for a in arrays]
+        return 100 * (np.mean(means[:k], axis=0) - np.mean(means[k:], axis=0))
+
+    ci = bootstrap(data, stat, paired=True, vectorized=True, n_resamples=9_999, confidence_level=level,
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return {"gap": float(stat(*data)), "low": float(ci.low), "high": float(ci.high)}
 
 
 def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=None):
@@ -156,12 +191,21 @@ def main() -> None:
                     help="ShaResNet's rule to compare with: the authors' CIFAR rule (first block of a stage unshared) "
                          "or their ImageNet rule")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--only-tie", action="store_true",
+                    help="run part 1 only (the rule tied and fine-tuned: the 0.5-point target), not the ranking and the "
+                         "budgeted choice")
+    ap.add_argument("--curve", type=float, nargs="*", default=[0.25, 0.5],
+                    help="more shares of the original steps to fine-tune with, beside the 10%% budget (default 0.25 0.5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the published runs)")
     ap.add_argument("--smoke", action="store_true", help="a few steps and groups, to check the script runs")
     ap.add_argument("--publish", action="store_true",
-                    help="also write checkpoints/tying.json, from which checkpoints/REPORT.md's section is rendered")
+                    help="also write checkpoints/tying.json (the shipped twin) or checkpoints/tying-NAME.json (another "
+                         "checkpoint), from which checkpoints/REPORT.md's sections are rendered")
     args = ap.parse_args()
+    if args.publish and args.only_tie and Path(args.checkpoint).resolve() == TWIN.resolve():
+        ap.error("--publish with --only-tie would replace the shipped twin's full results (checkpoints/tying.json)")
     global FT_STEPS, SHORT_STEPS, LRS, N_RANDOM, ORIGINAL_STEPS, AUGMENT, BUDGET_CURVE
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t_start = time.process_time()
     wall0 = time.time()
     ckpt = Path(args.checkpoint)
@@ -175,6 +219,7 @@ def main() -> None:
     ORIGINAL_STEPS = original_steps(card, len(tr.labels))
     FT_STEPS = max(1, ORIGINAL_STEPS // 10)  # the issue's budget: at most 10% of the original steps
     AUGMENT = (card.get("train_config") or {}).get("augment", "none")
+    BUDGET_CURVE = tuple(args.curve)
     rule = sharesnet_rule(plain, imagenet=args.rule == "imagenet")
     if args.smoke:
         FT_STEPS, SHORT_STEPS, LRS, N_RANDOM = 1, 1, (0.01,), 1
@@ -184,7 +229,7 @@ def main() -> None:
         groups = groups[:3] + [g for g in rule if g not in groups[:3]]
     log(f"{ckpt.name} on {dataset}: {len(groups)} candidate groups; val {len(val[1])} / test {len(test[1])} images; "
         f"{ORIGINAL_STEPS} original steps, fine-tuning {FT_STEPS}")
-    res = {"checkpoint": ckpt.name, "dataset": dataset, "rule": args.rule, "rule_groups": [list(g) for g in rule],
+    res = {"checkpoint": ckpt.name, "dataset": dataset, "only_tie": args.only_tie, "rule": args.rule, "rule_groups": [list(g) for g in rule],
            "seeds": args.seeds, "candidate_groups": [list(g) for g in groups], "ft_steps": FT_STEPS,
            "original_steps": ORIGINAL_STEPS, "short_steps": SHORT_STEPS, "calibration": CALIBRATION,
            "untied_full_test": 100 * card["test_accuracy"], "untied_val": acc(plain, val), "untied_test": acc(plain, test), "val_n": len(val[1]),
@@ -201,6 +246,7 @@ def main() -> None:
     res["lr_val"], res["lr"] = {str(k): v for k, v in lr_val.items()}, lr
 
     per_seed = []
+    right = {"untied": correct(plain, test), "tied": [], "untied_ft": []}  # per test image, per seed
     for seed in args.seeds:
         s = {"seed": seed}
         gen = torch.Generator().manual_seed(seed)
@@ -212,7 +258,10 @@ def main() -> None:
         for init in INITS:
             m = tied_model(plain, rule, init, cal)
             s["after_tying"][init] = acc(m, test)
-            s["after_ft"][init] = acc(finetune(m, train_data, val, FT_STEPS, lr, seed, plain), test)
+            m = finetune(m, train_data, val, FT_STEPS, lr, seed, plain)
+            s["after_ft"][init] = acc(m, test)
+            if init == "lstsq":
+                right["tied"].append(correct(m, test))
             log(f"seed {seed} {init}: tied {s['after_tying'][init]:.1f} -> fine-tuned {s['after_ft'][init]:.1f}")
         s["params_tied"] = summarize(m).unique_params
         scratch = from_scratch(card, m, rule, seed)
@@ -220,6 +269,7 @@ def main() -> None:
         s["scratch"] = acc(finetune(scratch, train_data, val, FT_STEPS, SCRATCH_LR, seed), test)
         untied_ft = finetune(reestimate_batchnorm(tie_free_copy(plain), cal), train_data, val, FT_STEPS, lr, seed, plain)
         s["untied_ft"] = acc(untied_ft, test)
+        right["untied_ft"].append(correct(untied_ft, test))
         s["curve"] = {}  # more fine-tuning: what it takes to come within 0.5 points
         for share in BUDGET_CURVE:
             steps = max(1, int(ORIGINAL_STEPS * share))
@@ -227,6 +277,9 @@ def main() -> None:
             s["curve"][str(share)] = {"steps": steps, "tied": acc(m, test)}
             log(f"seed {seed}: {share:.0%} of the steps ({steps}): tied {s['curve'][str(share)]['tied']:.1f}")
         log(f"seed {seed}: scratch {s['scratch']:.1f}, untied fine-tuned {s['untied_ft']:.1f}")
+        if args.only_tie:
+            res.setdefault("per_seed", []).append(s)
+            continue
 
         # 2. ranking ---------------------------------------------------------------------------
         # cross-fitted: the scores that are judged against the test half's drops are measured on val, and
@@ -250,6 +303,13 @@ def main() -> None:
         s["params_saved"] = [r.params_saved for r in rows]
         per_seed.append((s, rows, rows_t))
         res.setdefault("per_seed", []).append(s)
+
+    # the 0.5-point target's gap with its uncertainty over test images: tied (lstsq, fine-tuned) below the
+    # untied model as trained, and below the untied model fine-tuned the same way
+    res["gap_ci"] = gap_interval([right["untied"]], right["tied"])
+    res["control_ci"] = gap_interval(right["untied_ft"], right["tied"])
+    if args.only_tie:
+        return write(res, args, ckpt, t_start, wall0)
 
     # -- choose the combined score's weights on val: each score's rank weighted 0, 1 or 2 ---------
     grid = [dict(zip(SINGLE, w)) for w in itertools.product((0, 1, 2), repeat=len(SINGLE)) if any(w)]
@@ -312,19 +372,21 @@ def main() -> None:
                                  "after_tying": a0, "after_ft": a1, "drop_after_ft": s["untied_ft"] - a1}
             log(f"seed {seed} budget {name}: saves {saving(plain, chosen):,}, tied {a0:.1f}, fine-tuned {a1:.1f}")
 
+    return write(res, args, ckpt, t_start, wall0)
+
+
+def write(res: dict, args, ckpt: Path, t_start: float, wall0: float) -> None:
     res["scratch_lr"], res["verify"], res["singles"] = SCRATCH_LR, VERIFY, list(SINGLE)
     res["short_lr"], res["average_last"], res["recipe"] = SHORT_LR, AVERAGE_LAST, "distill"  # finetune_config's
-    res["cpu_seconds"] = time.process_time() - t_start
+    res["cpu_seconds"], res["threads"] = time.process_time() - t_start, torch.get_num_threads()
     res["wall_seconds"] = time.time() - wall0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(res, indent=1)
-    stem = "tie" if ckpt.resolve() == TWIN.resolve() else f"tie-{ckpt.name}"
+    stem = f"tie-{ckpt.name}" if ckpt.resolve() != TWIN.resolve() else "tie-only" if args.only_tie else "tie"
     (out / f"{stem}.json").write_text(text)
-    if args.publish and ckpt.resolve() != TWIN.resolve():
-        raise SystemExit("--publish writes the shipped twin's REPORT.md section; other checkpoints' results stay in --out")
-    if not args.smoke and args.publish:  # the REPORT.md section is rendered from this copy (wsviz.zoo.tying_section)
-        (ROOT / "checkpoints" / "tying.json").write_text(text)
+    if not args.smoke and args.publish:  # REPORT.md's sections are rendered from these copies (wsviz.zoo.tying_results)
+        (ROOT / "checkpoints" / ("tying.json" if stem == "tie" else f"tying-{ckpt.name}.json")).write_text(text)
     md = "\n".join(tying_section(res)) + "\n"
     (out / f"{stem}.md").write_text(md)
     print(md)

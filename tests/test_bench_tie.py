@@ -6,13 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_tie import TWIN, from_scratch, original_steps  # noqa: E402
+from benchmarks.bench_tie import TWIN, from_scratch, gap_interval, original_steps  # noqa: E402
 from wsviz.analysis.opportunities import sharesnet_rule  # noqa: E402
 from wsviz.models import summarize  # noqa: E402
 from wsviz.models.tie import tie  # noqa: E402
@@ -24,6 +25,9 @@ def test_original_steps_come_from_the_card():
     assert original_steps(card, 4000) == 12 * 31  # 12 epochs of whole batches of 128
     assert original_steps({"epochs_done": 3, "train_config": {"batch_size": 100}}, 50_000) == 1500
     assert original_steps({"epochs_done": 2, "train_config": {"batch_size": 512}}, 100) == 2  # one short batch
+    # epochs capped with --max-batches (the Fashion-MNIST twin: 10 epochs of 100 of its 468 batches)
+    assert original_steps({"epochs_done": 10, "train_config": {"batch_size": 128, "max_batches": 100}}, 60_000) == 1000
+    assert original_steps({"epochs_done": 10, "train_config": {"batch_size": 128, "max_batches": 500}}, 4000) == 310
     with pytest.raises(SystemExit, match="does not say how it was trained"):
         original_steps({}, 4000)
 
@@ -43,3 +47,27 @@ def test_from_scratch_is_the_tied_architecture_with_fresh_weights():
     other = from_scratch({"model": "no-such-model"}, tied, rule, 1)
     assert summarize(other).unique_params == 223_610
     assert not torch.allclose(other.get_submodule("stages.1.1.conv2").weight, b)
+
+
+def test_the_gap_interval_resamples_images_with_every_models_answers_together():
+    """The 0.5-point target's uncertainty: tied models that agree with the untied one on all but a few
+    of 5,000 images differ from it by little, however hard the images are; only a paired bootstrap
+    (each image's answers resampled together) says so. Resampled apart, the same answers would give
+    an interval about the width of the accuracy's own sampling error (±0.8 points at 90%)."""
+    rng = np.random.default_rng(0)
+    untied = rng.random(5000) < 0.9
+    tied = []
+    for k in range(3):  # each seed's tied model gets 10 + k of the untied model's right answers wrong
+        t = untied.copy()
+        t[np.flatnonzero(untied)[rng.choice(int(untied.sum()), 10 + k, replace=False)]] = False
+        tied.append(t)
+    ci = gap_interval([untied], tied)
+    assert ci["gap"] == pytest.approx(100 * 11 / 5000)  # 0.22 points: the mean over seeds
+    assert 0 < ci["low"] < ci["gap"] < ci["high"] < 0.5  # paired: tight, and all of it above 0
+    # several references (the untied model fine-tuned per seed): their mean is the reference
+    ci2 = gap_interval(tied, [untied])
+    assert ci2["gap"] == pytest.approx(-ci["gap"]) and ci2["high"] < 0
+    # models that disagree with it on many images (a tenth, flipped) get a wide interval
+    noisy = [np.where(rng.random(5000) < 0.1, ~untied, untied) for _ in range(3)]
+    wide = gap_interval([untied], noisy)
+    assert wide["high"] - wide["low"] > 0.5 and wide["low"] < wide["gap"] < wide["high"]

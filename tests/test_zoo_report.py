@@ -315,3 +315,34 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     assert ("not a resolved difference" in text) == (abs(statistics.mean(
         s["budget"]["wsviz"]["drop_after_ft"] - s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds)) <= statistics.stdev(
         s["budget"]["wsviz"]["drop_after_ft"] - s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds))
+
+
+def test_a_tie_only_section_gives_the_gaps_interval_and_its_verdict(tmp_path):
+    """``bench_tie --only-tie`` results (the Fashion-MNIST twin's): the section states the gap's bootstrap
+    interval and calls the 0.5-point target shown only when the whole interval is under 0.5; it has
+    no ranking or budget part; and the report renders every published checkpoint's results, the
+    shipped twin's first."""
+    import copy
+
+    res = json.loads((CKPT / "tying.json").read_text())
+    only = copy.deepcopy(res)
+    only.update(checkpoint="fashion-x", only_tie=True, gap_ci={"gap": 0.21, "low": 0.05, "high": 0.38},
+                control_ci={"gap": -0.1, "low": -0.3, "high": 0.1})
+    for s in only["per_seed"]:
+        for k in ("spearman_test", "spearman_val", "budget"):
+            s.pop(k)
+    text = "\n".join(zoo.tying_section(only))
+    assert "shared one: `fashion-x` on" in text and "Plain model `fashion-x`" in text and "### Ranking" not in text and "### Budgeted" not in text
+    assert "not run on `fashion-x` (`bench_tie --only-tie`)" in text
+    assert "0.21 points, 95% bootstrap interval [0.05, 0.38]" in text
+    assert "the whole interval is under 0.5, so the target is shown at this confidence" in text
+    only["gap_ci"]["high"] = 0.62
+    assert "the interval reaches past 0.5, so the target is not shown at this confidence (nor ruled out)" in "\n".join(
+        zoo.tying_section(only))
+    only["gap_ci"].update(low=0.55, gap=0.9)
+    assert "(and it is ruled out)" in "\n".join(zoo.tying_section(only))
+    # published results: the twin's tying.json first, then each tying-NAME.json
+    (tmp_path / "tying-b.json").write_text("{}")
+    (tmp_path / "tying-a.json").write_text("{}")
+    (tmp_path / "tying.json").write_text("{}")
+    assert [p.name for p in zoo.tying_results(tmp_path)] == ["tying.json", "tying-a.json", "tying-b.json"]

@@ -465,8 +465,8 @@ def render_report(out: str | Path = "checkpoints") -> str:
             means = acc.mean(axis=1)
             lines.append(f"| `{g}` | " + " | ".join(f"{_pct(m_)} ± {_pct(s_)}" for m_, s_ in zip(acc.mean(axis=0), sd))
                          + f" | {_pct(means.mean())} ± {_pct(means.std(ddof=1) if len(means) > 1 else 0.0)} |")
-    if (out / "tying.json").is_file():
-        lines += [""] + tying_section(json.loads((out / "tying.json").read_text()))
+    for path in tying_results(out):
+        lines += [""] + tying_section(json.loads(path.read_text()))
     return "\n".join(lines) + "\n"
 
 
@@ -487,6 +487,24 @@ def _default_weights() -> dict:
     from wsviz.analysis.opportunities import DEFAULT_WEIGHTS
 
     return DEFAULT_WEIGHTS
+
+
+def tying_results(out: str | Path = "checkpoints") -> list[Path]:
+    """bench_tie's published results in ``out``: the shipped twin's ``tying.json`` first, then every other
+    checkpoint's ``tying-NAME.json`` (``bench_tie --checkpoint DIR --publish``)."""
+    out = Path(out)
+    return [p for p in [out / "tying.json"] if p.is_file()] + sorted(out.glob("tying-*.json"))
+
+
+def _interval_sentence(ci: dict, what: str) -> str:
+    return (f"{what} {ci['gap']:.2f} points, 95% bootstrap interval [{ci['low']:.2f}, {ci['high']:.2f}] "
+            "(the test half's images resampled, every model's answers on an image together; seeds fixed)")
+
+
+def _compute(res: dict) -> str:
+    threads = res.get("threads", 1)
+    return (f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, "
+            + ("one torch thread." if threads == 1 else f"{threads} torch threads."))
 
 
 def tying_section(res: dict) -> list[str]:
@@ -511,7 +529,8 @@ def tying_section(res: dict) -> list[str]:
         recipe = (f"Fine-tuning: {res['ft_steps']} SGD steps ({share:.1f}% of the original) at lr {res['lr']} (chosen on "
                   "val from " + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items()) + "); from scratch: the "
                   f"same steps at the original recipe's lr {res['scratch_lr']}.")
-    lines = ["## Tying a trained model into a shared one (`benchmarks/bench_tie.py`)", "",
+    lines = ["## Tying a trained model into a shared one (`benchmarks/bench_tie.py`)" if twin else
+             f"## Tying a trained model into a shared one: `{name}` on {res.get('dataset', '?')} (`benchmarks/bench_tie.py`)", "",
              f"{'Shipped plain' if twin else 'Plain'} model `{name}` ({res['params']['untied']:,} parameters, "
              f"{res['untied_full_test']:.1f}% on the full test split, {res['original_steps']} training steps) tied by "
              f"ShaResNet's rule into {seeds[0]['params_tied']:,} parameters"
@@ -536,6 +555,13 @@ def tying_section(res: dict) -> list[str]:
               f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'} (below the untied model fine-tuned the same "
               f"way: {_mean_sd(control)}). Target \"better than from scratch\": "
               f"{_mean_sd(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
+    if "gap_ci" in res:
+        ci, cc = res["gap_ci"], res["control_ci"]
+        lines += [_interval_sentence(ci, "How sure: below the untied model, mean over seeds") + "; "
+                  + ("the whole interval is under 0.5, so the target is shown at this confidence"
+                     if ci["high"] <= 0.5 else "the interval reaches past 0.5, so the target is not shown at this "
+                     "confidence" + (" (nor ruled out)" if ci["low"] <= 0.5 else " (and it is ruled out)"))
+                  + ". " + _interval_sentence(cc, "Below the untied model fine-tuned the same way:") + ".", ""]
     if "curve" in seeds[0]:
         shares = list(seeds[0]["curve"])
         lines += ["More fine-tuning (the same recipe, lstsq init), to say what the 0.5-point target takes:", "",
@@ -558,6 +584,10 @@ def tying_section(res: dict) -> list[str]:
         lines += ["", "Within 0.5 points: " + ("already at the 10% budget." if first else
                   f"first at {100 * float(reached):.0f}% of the original steps." if reached else
                   f"not within {100 * float(shares[-1]):.0f}% of the original steps either."), ""]
+    if res.get("only_tie"):
+        lines += [f"Ranking and budgeted choice: not run on `{name}` (`bench_tie --only-tie`).",
+                  "", _compute(res), ""]
+        return lines
     keys = list(seeds[0]["spearman_test"])
     lines += [f"### Ranking: Spearman between each score and the drop after a {res['short_steps']}-step fine-tune",
               "", f"All {len(res['candidate_groups'])} candidate groups (same-shape runs of blocks within a stage), "
@@ -611,8 +641,7 @@ def tying_section(res: dict) -> list[str]:
               "wsviz's groups per seed: " + "; ".join(
                   f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
                   for s in seeds) + ".", "",
-              f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, one "
-              "torch thread.", ""]
+              _compute(res), ""]
     return lines
 
 
