@@ -71,3 +71,13 @@ def test_the_gap_interval_resamples_images_with_every_models_answers_together():
     noisy = [np.where(rng.random(5000) < 0.1, ~untied, untied) for _ in range(3)]
     wide = gap_interval([untied], noisy)
     assert wide["high"] - wide["low"] > 0.5 and wide["low"] < wide["gap"] < wide["high"]
+
+
+def test_the_fashion_mnist_twin_ships_with_its_training_recorded():
+    """The plain model behind REPORT.md's Fashion-MNIST tying section: the same architecture as the
+    shipped twin, trained 10 epochs of 100 batches (1,000 steps, so its 10% budget is 100 steps)."""
+    plain, card = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared")
+    assert card["dataset"] == "fashion-mnist" and card["config"]["shared"] is False
+    assert summarize(plain).unique_params == 271_994
+    assert original_steps(card, 60_000) == 1000
+    assert summarize(tie(plain, sharesnet_rule(plain), "mean")).unique_params == 223_610

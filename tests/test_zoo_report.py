@@ -306,6 +306,12 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     for s in curve["per_seed"]:
         s["curve"]["0.5"]["tied"] = curve["untied_test"] - 0.6
     assert "not within 50% of the original steps either" in "\n".join(zoo.tying_section(curve))
+    # bench_tie --curve with no shares: no budget table, and the control's own drop is still said
+    for s in curve["per_seed"]:
+        s["curve"] = {}
+    bare = "\n".join(zoo.tying_section(curve))
+    assert "More fine-tuning" not in bare and "Within 0.5 points:" not in bare
+    assert f"fine-tuned with the same {res['ft_steps']} steps is itself" in bare
     # and a budgeted choice that loses more than the rule is said to lose more
     worse = copy.deepcopy(res)
     for s in worse["per_seed"]:
@@ -346,3 +352,13 @@ def test_a_tie_only_section_gives_the_gaps_interval_and_its_verdict(tmp_path):
     (tmp_path / "tying-a.json").write_text("{}")
     (tmp_path / "tying.json").write_text("{}")
     assert [p.name for p in zoo.tying_results(tmp_path)] == ["tying.json", "tying-a.json", "tying-b.json"]
+
+
+def test_every_published_tying_result_is_a_section_of_the_report():
+    """checkpoints/tying*.json (bench_tie --publish) are what REPORT.md's tying sections say, each one:
+    a result published without regenerating the report (python -m wsviz.zoo report) fails here."""
+    paths = zoo.tying_results(CKPT)
+    assert [p.name for p in paths][:1] == ["tying.json"] and len(paths) >= 2  # the twin's, then the Fashion-MNIST twin's
+    report = (CKPT / "REPORT.md").read_text()
+    for p in paths:
+        assert "\n".join(zoo.tying_section(json.loads(p.read_text()))) in report, p.name

@@ -466,8 +466,8 @@ def render_report(out: str | Path = "checkpoints") -> str:
             lines.append(f"| `{g}` | " + " | ".join(f"{_pct(m_)} ± {_pct(s_)}" for m_, s_ in zip(acc.mean(axis=0), sd))
                          + f" | {_pct(means.mean())} ± {_pct(means.std(ddof=1) if len(means) > 1 else 0.0)} |")
     for path in tying_results(out):
-        lines += [""] + tying_section(json.loads(path.read_text()))
-    return "\n".join(lines) + "\n"
+        lines += ([""] if lines[-1] else []) + tying_section(json.loads(path.read_text()))
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _mean_sd(values) -> str:
@@ -562,7 +562,13 @@ def tying_section(res: dict) -> list[str]:
                      if ci["high"] <= 0.5 else "the interval reaches past 0.5, so the target is not shown at this "
                      "confidence" + (" (nor ruled out)" if ci["low"] <= 0.5 else " (and it is ruled out)"))
                   + ". " + _interval_sentence(cc, "Below the untied model fine-tuned the same way:") + ".", ""]
-    if "curve" in seeds[0]:
+    itself = [res["untied_test"] - s["untied_ft"] for s in seeds]
+    lines += [f"The untied model fine-tuned with the same {res['ft_steps']} steps is itself {_mean_sd(itself)} points "
+              "below its as-trained accuracy" + (
+                  f", so {'most' if statistics.mean(itself) > statistics.mean(gap) / 2 else 'part'} of the gap is the "
+                  "fine-tune's, not the tie's" if statistics.mean(itself) > 0 else " (negative: above)")
+              + f"; one image of the test half is {100 / max(res.get('val_n', 500), 1):.2g} points.", ""]
+    if seeds[0].get("curve"):  # bench_tie --curve with no shares runs none
         shares = list(seeds[0]["curve"])
         lines += ["More fine-tuning (the same recipe, lstsq init), to say what the 0.5-point target takes:", "",
                   "| fine-tuning steps | share of the original | tied (test half, %) | below the untied model |",
@@ -576,11 +582,6 @@ def tying_section(res: dict) -> list[str]:
             if reached is None and statistics.mean(below) <= 0.5:
                 reached = k
         first = statistics.mean(gap) <= 0.5
-        itself = [res["untied_test"] - s["untied_ft"] for s in seeds]
-        lines += ["", f"The untied model fine-tuned with the same {res['ft_steps']} steps is itself {_mean_sd(itself)} points "
-                  f"below its as-trained accuracy, so {'most' if statistics.mean(itself) > statistics.mean(gap) / 2 else 'part'} "
-                  "of the gap is the fine-tune's, not the tie's; and one image of "
-                  f"the test half is {100 / max(res.get('val_n', 500), 1):.1f} points."]
         lines += ["", "Within 0.5 points: " + ("already at the 10% budget." if first else
                   f"first at {100 * float(reached):.0f}% of the original steps." if reached else
                   f"not within {100 * float(shares[-1]):.0f}% of the original steps either."), ""]
