@@ -526,6 +526,8 @@ NOT_IMAGES = {
     "text": (lambda: b"name,label\r\nseven.png,7\n\tdone\n", TEXT_ADVICE),
     "text: only the first 512 bytes are read": (lambda: b"a" * 512 + b"\x00\x01", TEXT_ADVICE),
     "text: <html cut at byte 512": (lambda: b"x" * 508 + b"<html>", TEXT_ADVICE),
+    "UTF-8 text, a character cut at byte 512": (lambda: ("a" * 511 + "é, ü\n" * 4).encode(), TEXT_ADVICE),
+    "UTF-8 text, invalid before the cut": (lambda: b"a" * 500 + b"\xc3" + b"a" * 40, PLAIN_ADVICE),
     "binary, not UTF-8": (lambda: b"\x00\xff\xfe\x81" * 16, PLAIN_ADVICE),
     "UTF-8 control characters": (lambda: b"\x00\x01\x02abc\x7f" * 8, PLAIN_ADVICE),
     "ppm (PIL reads it, wsviz does not try)": (lambda: encode(halves_gray(), "PPM"), PLAIN_ADVICE),

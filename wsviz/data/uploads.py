@@ -90,8 +90,12 @@ def _not_an_image(data: bytes, filename: str | None) -> WsvizError:
 
 
 def _looks_like_text(sample: bytes) -> bool:
+    """Printable UTF-8; ``sample`` is the file's head, so a character its end cuts in two is no evidence
+    against (the incremental decoder holds those bytes back instead of failing on them)."""
+    import codecs
+
     try:
-        text = sample.decode("utf-8")
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
     except UnicodeDecodeError:
         return False
     return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
