@@ -156,6 +156,38 @@ def get_variant(label: str):
         raise
 
 
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _variant_kernels(path: str, stamp: tuple) -> tuple[list, dict]:
+    """(kernel layers, {layer: its kernels}) of a checkpoint, kept with the loaded model: listing the
+    layers and collecting a layer's applied kernels each trace the model (seconds for a ResNet-152),
+    so a page rerun (a slider moved) should not repeat them."""
+    from wsviz.analysis.kernels import kernel_layers
+
+    model, _ = load_variant(path, stamp)
+    return kernel_layers(model), {}
+
+
+def variant_kernel_layers(label: str) -> list:
+    """The kernel layers (:func:`wsviz.analysis.kernels.kernel_layers`) of a listed variant, computed
+    once per checkpoint file state."""
+    get_variant(label)  # refuses a gone or broken checkpoint as every page does
+    path = available_variants()[label]
+    return _variant_kernels(path, _stamp(path))[0]
+
+
+def variant_layer_weight(label: str, name: str):
+    """A kernel layer's (out, in, kh, kw) kernels of a listed variant
+    (:func:`wsviz.analysis.kernels.layer_weight`), computed once per layer and checkpoint file state."""
+    from wsviz.analysis.kernels import layer_weight
+
+    model, _ = get_variant(label)
+    path = available_variants()[label]
+    memo = _variant_kernels(path, _stamp(path))[1]
+    if name not in memo:
+        memo[name] = layer_weight(model, name)
+    return memo[name]
+
+
 def show_variant_error(label: str, exc: Exception) -> None:
     """A variant that cannot be used, and why (the page goes on with the others)."""
     reason = str(exc) if isinstance(exc, WsvizError) else f"{type(exc).__name__}: {exc}"

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import chosen_variants, download_table, figure, get_variant, show_error
+from pages._shared import (
+    chosen_variants,
+    download_table,
+    figure,
+    get_variant,
+    show_error,
+    variant_kernel_layers,
+    variant_layer_weight,
+)
 from wsviz.analysis.kernels import (
     blending_extremes,
     blending_pruning_curve,
     blending_weights,
     default_layers,
-    kernel_layers,
     kernel_set_similarity,
-    layer_weight,
     random_kernel_similarity,
     top_k_kernels,
 )
@@ -39,14 +45,14 @@ layers, loaded = {}, {}
 for label in variants:
     try:
         model, card = get_variant(label)
-        layers[label] = kernel_layers(model)
+        layers[label] = variant_kernel_layers(label)
         loaded[label] = (model, card)
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 defaults = default_layers(layers)
 panels, rows, chosen = {}, [], {}
 cols = st.columns(max(1, len(loaded)))
-for col, (label, (model, card)) in zip(cols, loaded.items()):
+for col, (label, (_model, card)) in zip(cols, loaded.items()):
     try:
         by_name = {layer.name: layer for layer in layers[label]}
         names = list(by_name)
@@ -55,7 +61,7 @@ for col, (label, (model, card)) in zip(cols, loaded.items()):
                              help="Places in forward order. 'shared ×n': its kernels are applied n times per "
                                   "forward pass; 'tiled'/'basis': realised from fewer stored weights.")
         layer = by_name[name]
-        top = top_k_kernels(layer_weight(model, name), k)
+        top = top_k_kernels(variant_layer_weight(label, name), k)
         panels[label] = top.kernels
         chosen[label] = name
         rows += [{"variant": label, "layer": name, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(m)}

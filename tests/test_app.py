@@ -45,12 +45,19 @@ def test_models_page_lists_models_variants_and_sharing_map():
     assert any("McNemar" in md.value for md in at.markdown)
 
 
-def test_kernels_page():
+def test_kernels_page(monkeypatch):
+    import wsviz.models
+
     at = app("pages/kernels.py", pair())
     assert not at.error
+    traced = []  # listing a model's kernel layers and collecting a layer's kernels each trace the model
+    for fn in ("reuse_report", "applied_weights"):
+        real = getattr(wsviz.models, fn)
+        monkeypatch.setattr(wsviz.models, fn, lambda *a, _f=real, _n=fn, **k: traced.append(_n) or _f(*a, **k))
     at.slider[0].set_value(32).run()
     assert not at.exception
     assert len(at.get("plotly_chart")) >= 1
+    assert traced == [], f"moving k re-traced the models ({traced}): seconds per rerun for a ResNet-152"
 
 
 def shown_predictions(at: AppTest) -> dict[str, tuple[int, float]]:
