@@ -75,10 +75,33 @@ def test_readme_table_is_generated_from_the_cards(tmp_path):
 
 def test_retrain_command_works_on_two_models(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wsviz.zoo", "retrain", "--only", "scale-msws-shared", "rot-cnn",
-                           "--epochs", "1", "--max-batches", "3", "--out", str(tmp_path)],
+                           "--epochs", "1", "--max-batches", "3", "--seeds", "0", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("scale-msws-shared", "rot-cnn"):
         model, card = load_checkpoint(tmp_path / name)
         assert card["epochs_done"] == 1 and card["train_config"]["max_batches"] == 3
+        assert (tmp_path / name / "predictions.npz").is_file() and not (tmp_path / name / "seeds").exists()
     assert "scale-msws-shared" in (tmp_path / "README.md").read_text()
+
+
+def test_retrain_trains_three_seeds_of_what_enters_a_claim_and_one_of_the_rest(tmp_path, monkeypatch):
+    """The default schedule (no --seeds): seed 0 of every entry, seeds 1 and 2 only of the claimed ones,
+    each into its seed folder (the trainings themselves are the command test's job, above)."""
+    import wsviz.training.run
+    from wsviz import zoo
+
+    runs = []
+
+    def fake_run(model, dataset, folder, cfg, **kw):
+        runs.append((Path(folder), cfg.seed))
+        return {"test_accuracy": 0.5, "duration_s": 0.0}
+
+    monkeypatch.setattr(wsviz.training.run, "run_training", fake_run)
+    monkeypatch.setattr(zoo, "write_predictions", lambda folder, name: None)
+    names = ["scale-msws-shared", "scale-repeatnet-dense"]
+    assert "scale-msws-shared" in zoo.claimed() and "scale-repeatnet-dense" not in zoo.claimed()
+    zoo.retrain(tmp_path, 1, names, log=lambda s: None)
+    assert sorted(runs) == sorted([(zoo.seed_folder(tmp_path, "scale-msws-shared", s), s) for s in zoo.SEEDS]
+                                  + [(zoo.seed_folder(tmp_path, "scale-repeatnet-dense", 0), 0)])
+    assert zoo.seed_folder(tmp_path, "scale-repeatnet-dense", 0) == tmp_path / "scale-repeatnet-dense"
