@@ -81,3 +81,23 @@ def test_the_fashion_mnist_twin_ships_with_its_training_recorded():
     assert summarize(plain).unique_params == 271_994
     assert original_steps(card, 60_000) == 1000
     assert summarize(tie(plain, sharesnet_rule(plain), "mean")).unique_params == 223_610
+
+
+def test_the_init_comparison_runs_and_decides_on_val_only(tmp_path):
+    """bench_tie_init end to end on the shipped mnist5k twin (1 fine-tuning step): both inits measured
+    on both halves, lstsq-bn's difference on each half with its interval, and the verdict follows val."""
+    from benchmarks import bench_tie_init as BI
+
+    res = BI.main(["--checkpoint", str(TWIN), "--seeds", "0", "--steps", "1",
+                   "--threads", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "tie-init-scale-sharesnet-unshared.json").is_file()
+    s = res["per_seed"][0]
+    assert set(s["lstsq"]) == set(s["lstsq-bn"]) == {"tied_val", "tied_test", "ft_val", "ft_test"}
+    d = res["difference"]["val"]
+    assert d["low"] <= d["gap"] <= d["high"]
+    assert abs(d["gap"] - (s["lstsq-bn"]["ft_val"] - s["lstsq"]["ft_val"])) < 1e-6
+    assert res["adopt"] == (d["gap"] >= BI.ADOPT)
+    md = (tmp_path / "tie-init-scale-sharesnet-unshared.md").read_text()
+    assert ("does not pass" in md) != res["adopt"]
+    flipped = dict(res, adopt=not res["adopt"])
+    assert ("does not pass" in "\n".join(BI.report(flipped))) == res["adopt"]

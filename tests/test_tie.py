@@ -171,3 +171,75 @@ def test_batchnorm_reestimation_does_not_depend_on_a_class_sorted_order():
     ref = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     # the first BatchNorm sees the inputs through one conv: its variance must match the trained one's
     assert torch.allclose(bn.running_var, ref.running_var, rtol=0.1)
+
+
+# -- lstsq-bn: per-member input scales folded into the BatchNorm before each member ----------------
+
+def _member_outputs(model, paths, images):
+    """Each conv's output on ``images`` (hooks; eval mode), in the order of ``paths``."""
+    outs = {}
+    hs = [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: outs.__setitem__(p, o.detach()))
+          for p in paths]
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    for h in hs:
+        h.remove()
+    return [outs[p] for p in paths]
+
+
+def test_the_batchnorms_that_can_absorb_a_scale_are_found_and_the_others_refused(twin, calib):
+    from wsviz.models.tie import absorbing_norms
+
+    paths = ["stages.0.1.conv2", "stages.2.2.conv2", "stages.0.1.conv1", "stages.1.0.conv1", "stages.1.0.shortcut"]
+    found = absorbing_norms(twin, [twin.get_submodule(p) for p in paths], calib)
+    # conv2 and an inner conv1 see relu(bn(.)) of their own block's BN, which feeds nothing else; the
+    # first conv of stage 1 shares relu(bn1(x)) with its block's projection shortcut, so a scale folded
+    # into bn1 would change the shortcut too: refused (and so is the shortcut itself)
+    assert found == ["stages.0.1.bn2", "stages.2.2.bn2", "stages.0.1.bn1", None, None]
+    assert torch.equal(twin.stages[0][1].bn2.weight, load_checkpoint(CKPT / "scale-sharesnet-unshared")[0]
+                       .stages[0][1].bn2.weight)  # the trial rescaling was undone
+
+
+def test_lstsq_bn_reproduces_the_members_outputs_better_and_changes_only_what_it_says(twin, calib):
+    tied = {init: tie(twin, GROUPS, init=init, images=calib[:256]) for init in ("lstsq", "lstsq-bn")}
+    t = tied["lstsq-bn"]
+    assert t.wsviz_tie["init"] == "lstsq-bn"
+    assert t.wsviz_tie["rescaled_norms"] == [p.replace("conv2", "bn2") for g in GROUPS for p in g]
+    members = [p for g in GROUPS for p in g]
+    want = _member_outputs(twin, members, calib[:128])
+
+    def error(model):  # what each member conv computes, against what it computed untied
+        return sum(float(((o - w) ** 2).sum()) for o, w in zip(_member_outputs(model, members, calib[:128]), want))
+
+    assert error(tied["lstsq-bn"]) < 0.8 * error(tied["lstsq"]), (error(tied["lstsq-bn"]), error(tied["lstsq"]))
+    # same architecture and counts; apart from the tied kernels only the named BNs' weight and bias moved
+    assert summarize(t).unique_params == summarize(tied["lstsq"]).unique_params == 223_610
+    source = dict(twin.named_parameters())
+    rescaled = {f"{n}.{k}" for n in t.wsviz_tie["rescaled_norms"] for k in ("weight", "bias")}
+    owners = {f"{g[0]}.weight" for g in GROUPS}
+    for name, p in t.named_parameters():
+        if name not in rescaled | owners:
+            assert torch.equal(p, source[name]), name
+        elif name in rescaled:  # a positive scale per channel, the same for weight and bias
+            bn = name.rsplit(".", 1)[0]
+            a_w = p / source[name] if name.endswith("weight") else None
+            if a_w is not None:
+                a_b = t.get_submodule(bn).bias / twin.get_submodule(bn).bias
+                assert (a_w > 0).all() and torch.allclose(a_w, a_b, rtol=1e-4, atol=1e-6), bn
+
+
+def test_lstsq_bn_is_lstsq_where_no_batchnorm_can_absorb_a_scale(calib):
+    from wsviz.models.tie import initial_weight as iw
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x = calib[:64]
+    scaled = tie(net, [["2", "4"]], init="lstsq-bn", images=x)
+    plain = tie(net, [["2", "4"]], init="lstsq", images=x)
+    assert scaled.wsviz_tie["rescaled_norms"] == []
+    assert torch.allclose(scaled.get_submodule("2").weight, plain.get_submodule("2").weight, atol=1e-6)
+    assert torch.allclose(plain.get_submodule("2").weight, iw([net[2], net[4]], "lstsq", net, x)[0])
+    with pytest.raises(WsvizError, match="lstsq-bn.*calibration images"):
+        tie(net, [["2", "4"]], init="lstsq-bn")

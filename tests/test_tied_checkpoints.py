@@ -117,14 +117,17 @@ def test_fine_tuning_a_tied_model_is_an_ordinary_run(twin, tmp_path):
 def test_tie_cli_writes_a_tied_checkpoint(twin, tmp_path, capsys):
     from wsviz.cli import main
 
-    args = ["tie", "--checkpoint", str(TWIN), "--out", str(tmp_path / "t"), "--init", "mean", "--calibration", "64",
-            "--limit", "200"]
+    args = ["tie", "--checkpoint", str(TWIN), "--out", str(tmp_path / "t"), "--init", "lstsq-bn", "--calibration",
+            "64", "--limit", "200"]
     for g in GROUPS:
         args += ["--group", ",".join(g)]
     assert main(args) == 0
     assert "223,610 parameters" in capsys.readouterr().out
     back, card = load_checkpoint(tmp_path / "t")
-    assert card["tied"]["init"] == "mean" and len(_shared_sites(back)) == 3 and card["epochs_done"] == 0
+    assert card["tied"]["init"] == "lstsq-bn" and len(_shared_sites(back)) == 3 and card["epochs_done"] == 0
+    # the scales folded into the members' BatchNorms travel with the checkpoint
+    assert card["tied"]["rescaled_norms"] == [p.replace("conv2", "bn2") for g in GROUPS for p in g]
+    assert not torch.equal(back.stages[0][1].bn2.weight, twin[0].stages[0][1].bn2.weight)
     assert main(["tie", "--checkpoint", str(TWIN), "--out", str(tmp_path / "u"),
                  "--group", "stages.0.1.conv2,stages.1.1.conv2"]) == 2
     err = capsys.readouterr().err
@@ -163,3 +166,21 @@ def test_background_fine_tune_of_a_tied_model(twin, tmp_path):
         kill_active_runs(tmp_path / "runs")
     with pytest.raises(WsvizError, match="needs a trained model"):
         launch(store, "sharesnet_wrn_digits", "mnist5k-scale", TrainConfig(epochs=1), tie=spec)
+
+
+def test_every_init_is_offered_by_both_command_lines_and_the_share_page():
+    from wsviz.models.tie import INITS
+    from wsviz.train import build_parser
+
+    train = next(a for a in build_parser()._actions if a.dest == "tie_init")
+    assert set(train.choices) == set(INITS)
+    import argparse
+
+    from wsviz.cli import build_parser as cli_parser
+
+    sub = next(a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    tie_init = next(a for a in sub.choices["tie"]._actions if a.dest == "init")
+    assert set(tie_init.choices) == set(INITS)
+    page = (Path(__file__).resolve().parents[1] / "pages" / "share.py").read_text()
+    for init in INITS:  # the page's Init menu (its options are a literal list)
+        assert f'"{init}"' in page.split('selectbox("Init"', 1)[1].split("help=", 1)[0], init

@@ -604,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default=None, help="calibration and test data (default: the checkpoint's)")
     q.add_argument("--group", action="append", default=[], required=True,
                    help="conv layers that will share one weight, comma-separated (repeatable)")
-    q.add_argument("--init", default="lstsq", choices=["mean", "medoid", "lstsq"],
-                   help="the shared weight's start: the members' mean, medoid, or the least-squares kernel that best "
-                        "reproduces their outputs on calibration images (default)")
+    q.add_argument("--init", default="lstsq", choices=["mean", "medoid", "lstsq", "lstsq-bn"],
+                   help="the shared weight's start: the members' mean, medoid, the least-squares kernel that best "
+                        "reproduces their outputs on calibration images (lstsq, default), or lstsq-bn: that kernel with "
+                        "each member's input channels rescaled by its own preceding BatchNorm (better right after tying)")
     q.add_argument("--calibration", type=int, default=512, help="training images for lstsq and BatchNorm")
     q.add_argument("--finetune-epochs", type=int, default=0,
                    help="then fine-tune for this many epochs, an ordinary training run writing --out (card, "

@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie", action="append", default=[], metavar="LAYER,LAYER[,...]",
                    help="with --init-from: make these same-shape convolutions share one weight first (repeatable; "
                         "`python -m wsviz opportunities` ranks the candidates)")
-    p.add_argument("--tie-init", default="lstsq", choices=["mean", "medoid", "lstsq"],
-                   help="the shared weight's start: the members' mean, medoid, or the least-squares kernel that best "
-                        "reproduces their outputs (default)")
+    p.add_argument("--tie-init", default="lstsq", choices=["mean", "medoid", "lstsq", "lstsq-bn"],
+                   help="the shared weight's start: the members' mean, medoid, the least-squares kernel that best "
+                        "reproduces their outputs on calibration images (lstsq, default), or lstsq-bn: that kernel with "
+                        "each member's input channels rescaled by its own preceding BatchNorm (better right after tying)")
     p.add_argument("--step-schedule", action="store_true",
                    help="anneal the cosine schedule after every optimiser step instead of every epoch (a fine-tune "
                         "of one epoch otherwise runs at a constant rate)")
