@@ -126,9 +126,11 @@ def test_each_python_m_entry_uses_the_convention(module, argv, code, tmp_path):
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupted_and_terminated(sig, code, word, tmp_path):
+    # Ctrl-C's default action restored in the child, as a terminal gives it: a shell's background job (`cmd &`,
+    # nohup) inherits SIGINT *ignored*, and Python then rightly leaves it ignored (the run hung to the timeout)
     proc = subprocess.Popen([sys.executable, "-m", "wsviz.zoo", "retrain", "--only", "scale-resnet20", "--epochs", "50",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # past the imports, about to train (seed 0 of the three a claimed variant gets)
         assert proc.stdout.readline().startswith("[1/3] scale-resnet20 seed 0")

@@ -337,9 +337,21 @@ def test_three_sessions_launching_at_once_respect_the_job_limit_and_lose_none(tm
     env = dict(os.environ, WSVIZ_RUNS=str(runs_dir), WSVIZ_MAX_RUNNING="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
+    t0 = time.time()
+    while len(os.listdir(gate)) < 3 and time.time() - t0 < 240:  # a session that dies before it is ready ends
+        dead = [(i, p) for i, p in enumerate(procs) if p.poll() is not None]  # the test at once, with its error
+        if dead:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+            i, p = dead[0]
+            pytest.fail(f"session {i} ended (exit {p.returncode}) before it was ready: {p.communicate()[1][-3000:]}")
+        time.sleep(0.1)
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    failed = [f"session {i} (exit {p.returncode}): {err[-2000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs))
+              if p.returncode != 0]
+    assert not failed, "\n\n".join(failed)  # every session's own error: the first may only say it waited
+    for out, _ in outs:
         assert "Launched run" in out
     store = RunStore(runs_dir)
     created = sorted(r.created for r in store.list())
