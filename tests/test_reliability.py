@@ -300,7 +300,8 @@ def test_bad_launches_are_refused_before_anything_is_recorded(tmp_path, kwargs, 
     with pytest.raises(WsvizError, match=needle):
         launch(store, args["model"], args["dataset"], args["cfg"], name=name, overrides=args.get("overrides"))
     assert store.list() == []
-    assert sorted(os.listdir(store.root)) == sorted(p for p in os.listdir(store.root) if p.startswith("wsviz.db"))
+    assert sorted(os.listdir(store.root)) == sorted(p for p in os.listdir(store.root)  # the store's own files only
+                                                    if p.startswith(("wsviz.db", ".wsviz.db")))
 
 
 # ------------------------------------------------------------------------------- concurrency

@@ -949,3 +949,27 @@ def test_queued_runs_get_a_minute_for_their_worker_to_start(tmp_path, monkeypatc
         sql(store, "UPDATE runs SET created=? WHERE id=?", 1000.0 - age, r.id)
     monkeypatch.setattr(rs, "time", SimpleNamespace(time=lambda: 1000.0))
     assert sorted(store.reconcile()) == sorted(r.id for r in runs[1:])  # 60 s and more: its worker never came
+
+
+def test_processes_opening_a_new_store_at_the_same_moment_all_get_it(tmp_path):
+    """Sessions and jobs that open a fresh run store at once: each gets a usable store. Unserialised, one
+    switched the new database to WAL while another read it ("database is locked") or two added the same
+    column ("duplicate column name"), and the loser was told the store cannot be used (7 of 60 opens
+    failed: 15 rounds of 4 processes)."""
+    code = ("import sys, time\n"
+            "from wsviz.training.runstore import RunStore\n"
+            "start = float(sys.argv[2])\n"
+            "while time.time() < start: pass\n"  # every process opens at the same instant
+            "s = RunStore(sys.argv[1]); s.list(); print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    failures = []
+    for trial in range(10):
+        folder = tmp_path / f"runs{trial}"
+        start = time.time() + 1.0
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(start)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            if p.returncode != 0 or out.strip() != "ok":
+                failures.append(err.strip().splitlines()[-1] if err.strip() else out)
+    assert not failures, failures

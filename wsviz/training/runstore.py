@@ -251,7 +251,25 @@ class RunStore:
             self.rebuild()
 
     def _init_db(self) -> None:
-        """Open the database, check it page by page (cheap at run-store sizes) and create the tables."""
+        """Open the database, check it page by page (cheap at run-store sizes) and create the tables.
+
+        Serialised between processes by a lock file: sessions and jobs that open a new store at the same
+        moment otherwise race, one switching it to WAL while another reads ("database is locked", which
+        SQLite's busy timeout does not cover there) or both adding the same new column ("duplicate column
+        name"), and the loser reported the store unusable (4 processes at once, 15 trials: 7 failures)."""
+        try:
+            lock = open(self.root / f".{DB_NAME}.init.lock", "a")  # noqa: SIM115 - held across the block below
+        except OSError:  # a folder that cannot be written: nothing to race with, and connect says why
+            lock = None
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self._create_tables()
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
+
+    def _create_tables(self) -> None:
         con = sqlite3.connect(self.db_path, timeout=30)
         try:
             con.execute("PRAGMA journal_mode=WAL")
