@@ -73,11 +73,14 @@ def test_the_gap_interval_resamples_images_with_every_models_answers_together():
     assert wide["high"] - wide["low"] > 0.5 and wide["low"] < wide["gap"] < wide["high"]
 
 
-def test_the_fashion_mnist_twin_ships_with_its_training_recorded():
-    """The plain model behind REPORT.md's Fashion-MNIST tying section: the same architecture as the
+@pytest.mark.parametrize("name, seed", [("fashion-sharesnet-unshared", 0), ("fashion-sharesnet-unshared-seed1", 1)])
+def test_the_fashion_mnist_twin_ships_with_its_training_recorded(name, seed):
+    """The plain models behind REPORT.md's Fashion-MNIST tying section (seed 0) and the fresh check of
+    lstsq-bn (seed 1, benchmarks/results/tie-init-confirmation-plan.md): the same architecture as the
     shipped twin, trained 10 epochs of 100 batches (1,000 steps, so its 10% budget is 100 steps)."""
-    plain, card = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared")
+    plain, card = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / name)
     assert card["dataset"] == "fashion-mnist" and card["config"]["shared"] is False
+    assert card["train_config"]["seed"] == seed
     assert summarize(plain).unique_params == 271_994
     assert original_steps(card, 60_000) == 1000
     assert summarize(tie(plain, sharesnet_rule(plain), "mean")).unique_params == 223_610
@@ -97,6 +100,10 @@ def test_the_init_comparison_runs_and_decides_on_val_only(tmp_path):
     assert d["low"] <= d["gap"] <= d["high"]
     assert abs(d["gap"] - (s["lstsq-bn"]["ft_val"] - s["lstsq"]["ft_val"])) < 1e-6
     assert res["adopt"] == (d["gap"] >= BI.ADOPT)
+    both = res["difference"]["all"]  # equal halves: the mean of the two halves' differences
+    assert abs(both["gap"] - (d["gap"] + res["difference"]["test"]["gap"]) / 2) < 1e-6
+    g = res["gap_to_untied"]["lstsq-bn"]["test"]
+    assert abs(g["gap"] - (res["untied"]["test"] - s["lstsq-bn"]["ft_test"])) < 1e-6 and g["low"] <= g["gap"] <= g["high"]
     md = (tmp_path / "tie-init-scale-sharesnet-unshared.md").read_text()
     assert ("does not pass" in md) != res["adopt"]
     flipped = dict(res, adopt=not res["adopt"])

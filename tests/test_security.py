@@ -605,7 +605,7 @@ def test_train_page_refuses_hostile_run_names_and_creates_nothing(app_run):
         assert any("is not allowed" in e for e in attempt["errors"]), attempt
     assert app_run["runs"] == []
     runs = Path(app_run["runs_dir"])
-    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith("wsviz.db")) == []
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(("wsviz.db", ".wsviz.db"))) == []
     base = Path(app_run["base"])
     assert sorted(p.name for p in base.iterdir()) == ["checkpoints", "home", "runs", "tmp"]
     assert not Path("/tmp/wsviz-abs-escape").exists()
