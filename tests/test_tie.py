@@ -221,12 +221,10 @@ def test_lstsq_bn_reproduces_the_members_outputs_better_and_changes_only_what_it
     for name, p in t.named_parameters():
         if name not in rescaled | owners:
             assert torch.equal(p, source[name]), name
-        elif name in rescaled:  # a positive scale per channel, the same for weight and bias
-            bn = name.rsplit(".", 1)[0]
-            a_w = p / source[name] if name.endswith("weight") else None
-            if a_w is not None:
-                a_b = t.get_submodule(bn).bias / twin.get_submodule(bn).bias
-                assert (a_w > 0).all() and torch.allclose(a_w, a_b, rtol=1e-4, atol=1e-6), bn
+    for bn in t.wsviz_tie["rescaled_norms"]:  # a positive scale per channel, the same for weight and bias
+        new, old = t.get_submodule(bn), twin.get_submodule(bn)
+        a = new.weight / old.weight
+        assert (a > 0).all() and torch.allclose(new.bias, a * old.bias, rtol=1e-4, atol=1e-6), bn
 
 
 def test_lstsq_bn_is_lstsq_where_no_batchnorm_can_absorb_a_scale(calib):
@@ -243,3 +241,5 @@ def test_lstsq_bn_is_lstsq_where_no_batchnorm_can_absorb_a_scale(calib):
     assert torch.allclose(plain.get_submodule("2").weight, iw([net[2], net[4]], "lstsq", net, x)[0])
     with pytest.raises(WsvizError, match="lstsq-bn.*calibration images"):
         tie(net, [["2", "4"]], init="lstsq-bn")
+    with pytest.raises(WsvizError, match="needs the whole model.*tie"):  # it cannot rescale BNs from here
+        iw([net[2], net[4]], "lstsq-bn", net, x)

@@ -44,7 +44,7 @@ from wsviz.errors import WsvizError
 from wsviz.models.sharing import SharedConv2d, set_submodule
 
 INITS = ("mean", "medoid", "lstsq", "lstsq-bn")
-ALS_STEPS = 20  # alternating steps of lstsq-bn (on the twin the loss falls 2.5x by 20; 5 give 2/3 of the gain)
+ALS_STEPS = 20  # alternating steps of lstsq-bn (on the Fashion twin its loss fell 2.5x by 20; 5 gave 2/3 of that)
 
 
 def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, list[str]] | None = None) -> nn.Conv2d:
@@ -166,25 +166,38 @@ def initial_weight(convs: list[nn.Conv2d], init: str, model: nn.Module | None = 
         flat = ws.flatten(1)
         k = int(torch.cdist(flat, flat).sum(1).argmin())
         return ws[k].clone(), None if bs is None else bs[k].clone()
-    if init in ("lstsq", "lstsq-bn"):
+    if init == "lstsq":
         if covs is None:
             _need_images(images, init)
             if model is None:
                 raise WsvizError(f"init={init!r} needs the model, to run the calibration images through it.")
             covs = _input_covariances(model, convs, images)
-        w = _scaled_lstsq(ws, covs, [False] * len(convs))[0]
-        return w.reshape(ws.shape[1:]).to(ws.dtype), None if bs is None else bs.mean(0)
+        return _least_squares_start(convs, covs, [False] * len(convs))[:2]
+    if init == "lstsq-bn":
+        raise WsvizError("init='lstsq-bn' also rescales the members' BatchNorms, so it needs the whole model: "
+                         "use tie(model, groups, init='lstsq-bn', images=...).")
     raise WsvizError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
 
 
+def _least_squares_start(convs: list[nn.Conv2d], covs: list[torch.Tensor], free: list[bool]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """(weight, bias, each member's input-channel scales) a least-squares group starts from: the kernel
+    of :func:`_scaled_lstsq` in the members' shape and dtype, their mean bias (the input scales do not
+    touch it)."""
+    ws = torch.stack([c.weight.detach() for c in convs])
+    w, scales = _scaled_lstsq(ws, covs, free)
+    bias = None if convs[0].bias is None else torch.stack([c.bias.detach() for c in convs]).mean(0)
+    return w.reshape(ws.shape[1:]).to(ws.dtype), bias, scales
+
+
 def _scaled_lstsq(ws: torch.Tensor, covs: list[torch.Tensor], free: list[bool], steps: int = ALS_STEPS
-                  ) -> tuple[torch.Tensor, list[torch.Tensor], float, float]:
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The shared kernel ``W`` (out, in*kh*kw) and per-member input-channel scales ``a_m`` (in,)
     minimising ``sum_m tr((W D_m - W_m) C_m (W D_m - W_m)^T)``, ``D_m = diag(a_m)`` over each input
     channel's kh*kw taps; members not ``free`` keep ``a_m = 1`` (so with none free this is the plain
     least-squares kernel, in one solve). Alternating exact solves: ``W`` given the scales, then each
     member's scales given ``W`` (clamped to >= 0.05: a BN can absorb a positive scale only).
-    Returns (W, scales, loss at scales 1, final loss; NaN when none is free), in float64."""
+    Returns (W, scales) in float64."""
     n_out, n_in = ws.shape[1:3]  # ws: the members' stacked (out, in, kh, kw) weights
     taps = ws[0].numel() // (n_out * n_in)
     flat = [w.flatten(1).double() for w in ws]  # (out, d) each
@@ -200,17 +213,9 @@ def _scaled_lstsq(ws: torch.Tensor, covs: list[torch.Tensor], free: list[bool], 
         rhs = sum((w @ c * f[None, :]).T for w, c, f in zip(flat, covs, full))  # (d, out)
         return torch.linalg.solve(a, rhs).T
 
-    def loss(w):
-        total = 0.0
-        for wm, c, s in zip(flat, covs, scales):
-            r = w * s.repeat_interleave(taps)[None, :] - wm
-            total += float(torch.einsum("od,de,oe->", r, c, r))
-        return total
-
     w = kernel()
-    if not any(free):  # plain lstsq: no loss is needed (computing it costs as much as the solve)
-        return w, scales, float("nan"), float("nan")
-    first = loss(w)
+    if not any(free):
+        return w, scales
     for _ in range(steps):
         gram = w.T @ w
         for m, (wm, c) in enumerate(zip(flat, covs)):
@@ -225,7 +230,7 @@ def _scaled_lstsq(ws: torch.Tensor, covs: list[torch.Tensor], free: list[bool], 
             mean = torch.stack(scales).mean(0)
             scales = [s / mean for s in scales]
         w = kernel()
-    return w, scales, first, loss(w)
+    return w, scales
 
 
 @torch.no_grad()
@@ -330,10 +335,8 @@ def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", 
         norms = [[next(it) for _ in g] for g in groups]
         starts, rescale = [], []
         for convs, cov, names in zip(member_groups, covs, norms):
-            ws = torch.stack([c.weight.detach() for c in convs])
-            w, scales, _, _ = _scaled_lstsq(ws, cov, [n is not None for n in names])
-            bias = None if convs[0].bias is None else torch.stack([c.bias.detach() for c in convs]).mean(0)
-            starts.append((w.reshape(ws.shape[1:]).to(ws.dtype), bias))
+            w, bias, scales = _least_squares_start(convs, cov, [n is not None for n in names])
+            starts.append((w, bias))
             rescale += [(n, a) for n, a in zip(names, scales) if n is not None]
         with torch.no_grad():
             for name, a in rescale:
