@@ -167,12 +167,18 @@ def _variant_kernels(path: str, stamp: tuple) -> tuple[list, dict]:
     return kernel_layers(model), {}
 
 
+def _kernels_of(label: str) -> tuple:
+    """(model, (kernel layers, kernels memo)) of a listed variant; a gone or broken checkpoint is refused
+    as :func:`get_variant` refuses it."""
+    model, _ = get_variant(label)
+    path = available_variants()[label]
+    return model, _variant_kernels(path, _stamp(path))
+
+
 def variant_kernel_layers(label: str) -> list:
     """The kernel layers (:func:`wsviz.analysis.kernels.kernel_layers`) of a listed variant, computed
     once per checkpoint file state."""
-    get_variant(label)  # refuses a gone or broken checkpoint as every page does
-    path = available_variants()[label]
-    return _variant_kernels(path, _stamp(path))[0]
+    return _kernels_of(label)[1][0]
 
 
 def variant_layer_weight(label: str, name: str):
@@ -180,9 +186,7 @@ def variant_layer_weight(label: str, name: str):
     (:func:`wsviz.analysis.kernels.layer_weight`), computed once per layer and checkpoint file state."""
     from wsviz.analysis.kernels import layer_weight
 
-    model, _ = get_variant(label)
-    path = available_variants()[label]
-    memo = _variant_kernels(path, _stamp(path))[1]
+    model, (_, memo) = _kernels_of(label)
     if name not in memo:
         memo[name] = layer_weight(model, name)
     return memo[name]
