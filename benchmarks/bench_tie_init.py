@@ -133,9 +133,10 @@ def report(res: dict) -> list[str]:
         lines.append(f"- untied minus {init} fine-tuned: " + ", ".join(
             f"{h} {g['gap']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for h, g in by_half.items()))
     verdict = "passes" if res["adopt"] else "does not pass"
-    lines += ["", f"On val, lstsq-bn {verdict} the rule for replacing lstsq in the fine-tuning recipe (+{ADOPT} points "
-              "after fine-tuning; the rule was set after an exploratory run on the Fashion twin that had seen both "
-              "halves, and it is the Fashion twin's verdict that decides wsviz's default). "
+    lines += ["", f"On this checkpoint's val half lstsq-bn {verdict} the rule for replacing lstsq in the fine-tuning "
+              f"recipe (+{ADOPT} points after fine-tuning). wsviz's default is decided on the first Fashion twin's "
+              "val half (the rule was set after an exploratory run there had seen both halves) and was checked on all "
+              "test images of a second twin (results/tie-init-confirmation-plan.md): it stays lstsq. "
               f"{res['cpu_seconds'] / 60:.1f} CPU min, {res['wall_seconds'] / 60:.1f} min wall."]
     return lines
 
