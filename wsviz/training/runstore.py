@@ -258,16 +258,12 @@ class RunStore:
         SQLite's busy timeout does not cover there) or both adding the same new column ("duplicate column
         name"), and the loser reported the store unusable (4 processes at once, 15 trials: 7 failures)."""
         try:
-            lock = open(self.root / f".{DB_NAME}.init.lock", "a")  # noqa: SIM115 - held across the block below
+            lock = open(self.root / f".{DB_NAME}.init.lock", "a")  # noqa: SIM115 - closed by the with below
         except OSError:  # a folder that cannot be written: nothing to race with, and connect says why
-            lock = None
-        try:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._create_tables()
+        with lock:  # closing the file releases the lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
             self._create_tables()
-        finally:
-            if lock is not None:
-                lock.close()  # releases the lock
 
     def _create_tables(self) -> None:
         con = sqlite3.connect(self.db_path, timeout=30)
