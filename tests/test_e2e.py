@@ -23,7 +23,7 @@ from conftest import CHROMIUM, digit_png, expected_predictions
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "e2e"
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
-PAGES = ["", "kernels", "compare", "scale", "rotation", "embeddings", "train"]
+PAGES = ["", "kernels", "compare", "scale", "rotation", "embeddings", "train", "share"]
 
 
 def _free_port() -> int:
