@@ -41,20 +41,22 @@ n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
 
 
 def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
-    """The opportunities, the per-stage similarity matrices and the (calibration, held-out) images they
-    were measured on (a budget suggestion measures on the same), in a worker thread."""
+    """The opportunities, the per-stage similarity matrices, the (calibration, held-out) images they
+    were measured on (a budget suggestion measures on the same) and the training split's size (the
+    fine-tune's steps per epoch), in a worker thread."""
     from wsviz.analysis.opportunities import find_opportunities
     from wsviz.data.datasets import fit_to, load_split
     from wsviz.models import input_shape
 
     c, size, _ = input_shape(model)
-    cal = load_split(dataset, "train", seed=data_seed).spread(n_cal)
+    train = load_split(dataset, "train", seed=data_seed)
+    cal = train.spread(n_cal)
     held = load_split(dataset, "test", seed=data_seed).spread(n_held)
     x, hx = fit_to(cal.images, c, size), fit_to(held.images, c, size)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         found = find_opportunities(model, x, cal.labels, held_out=(hx, held.labels),
                                    progress=lambda i, n, g: progress(i / max(n, 1), g))
-    return found.rows, found.stages, (x, (hx, held.labels))
+    return found.rows, found.stages, (x, (hx, held.labels)), len(train.labels)
 
 
 try:
@@ -72,7 +74,7 @@ if st.button("Score candidate groups", type="primary"):
 result = background_result("share-work", key, "scoring")
 if result is None:
     st.stop()
-rows, sims, (cal_x, held_out) = result
+rows, sims, (cal_x, held_out), n_train = result
 
 from wsviz.figures import opportunities_figure, stage_similarity_figure  # noqa: E402
 
@@ -166,7 +168,8 @@ if go_:
         from wsviz.models.tie import check_groups
 
         check_groups(model, chosen)  # overlapping or bad groups are refused here, not in the background
-        cfg = finetune_config(int(epochs), float(lr), max_batches=int(max_batches) or None, distill=bool(distill))
+        cfg = finetune_config(int(epochs), float(lr), max_batches=int(max_batches) or None, distill=bool(distill),
+                              train_images=n_train)  # a set of < 15 batches averages its whole epoch
         run = launch(open_run_store(), card["model"], dataset, cfg,
                      overrides={}, name=name or f"{label}-tied", data_seed=int(card.get("data_seed", 0)),
                      init_from=available_variants()[label], tie=TieSpec(tuple(chosen), init, n_cal), actor=actor)

@@ -138,3 +138,22 @@ def test_a_background_job_command_carries_every_training_option(tmp_path):
     again = _config(apply_recipe(build_parser().parse_args(cmd[3:])))
     assert again == cfg
     assert (again.distill, again.average_last, again.step_schedule) == (4.0, 9, True)
+
+
+def test_recipe_averages_at_most_one_epoch_of_the_training_set_it_is_given():
+    """The recipe's 15 averaged steps shrink to a small set's whole epoch (the loop refuses more than
+    one epoch), counted as the loop counts it: whole batches, at least one."""
+    from wsviz.training.tying import AVERAGE_LAST, finetune_config
+
+    assert AVERAGE_LAST == 15
+    assert finetune_config(1, 0.01).average_last == 15
+    assert finetune_config(1, 0.01, train_images=60_000).average_last == 15
+    assert finetune_config(1, 0.01, train_images=1_437).average_last == 11  # sklearn digits' train split
+    assert finetune_config(1, 0.01, train_images=1_437, batch_size=256).average_last == 5
+    assert finetune_config(1, 0.01, train_images=100).average_last == 1
+    assert finetune_config(1, 0.01, train_images=1_437, max_batches=4).average_last == 4
+    assert finetune_config(1, 0.01, train_images=100, distill=False).average_last == 0
+    # and the loop takes it: 96 images in batches of 16 are 6 steps
+    cfg = finetune_config(1, 0.01, train_images=96, batch_size=16)
+    assert cfg.average_last == 6
+    train(_model(), _data(96), _data(96), cfg, teacher=_model(seed=1))

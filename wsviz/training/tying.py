@@ -9,7 +9,7 @@ started from this model (:func:`wsviz.training.run.run_training` with ``init_fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +52,23 @@ DISTILL_TEMPERATURE = 4.0
 AVERAGE_LAST = 15
 
 
-def finetune_config(epochs: int, lr: float, *, max_batches: int | None = None, distill: bool = True, **kw: Any):
+def finetune_config(epochs: int, lr: float, *, max_batches: int | None = None, distill: bool = True,
+                    train_images: int | None = None, **kw: Any):
     """wsviz's recipe for fine-tuning a tied model (the one ``checkpoints/REPORT.md`` measures), as a
     :class:`~wsviz.training.loop.TrainConfig`: a cosine annealed every step (a fine-tune of one epoch
     would otherwise run at a constant rate), and with ``distill`` the untied model's predictions
     (temperature 4) instead of the labels and the last 15 steps' weights averaged (fewer when an
-    epoch is capped shorter). ``kw``: any other TrainConfig field (batch_size, seed, augment...)."""
+    epoch is shorter: capped by ``max_batches``, or, given ``train_images``, the training split's size,
+    a set of fewer than 15 batches). ``kw``: any other TrainConfig field (batch_size, seed, augment...)."""
     from wsviz.training.loop import TrainConfig
 
-    extra = {"distill": DISTILL_TEMPERATURE, "average_last": min(AVERAGE_LAST, max_batches or AVERAGE_LAST)} if distill else {}
-    return TrainConfig(epochs=epochs, lr=lr, max_batches=max_batches, step_schedule=True, **extra, **kw)
+    cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=max_batches, step_schedule=True, **kw)
+    if not distill:
+        return cfg
+    epoch = [AVERAGE_LAST, max_batches or AVERAGE_LAST]
+    if train_images is not None:  # the loop's steps per epoch (one process): whole batches, at least one
+        epoch.append(max(1, train_images // cfg.batch_size))
+    return replace(cfg, distill=DISTILL_TEMPERATURE, average_last=min(epoch))
 
 
 def parse_groups(items: list[str]) -> tuple[tuple[str, ...], ...]:
