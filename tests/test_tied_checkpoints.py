@@ -114,6 +114,42 @@ def test_fine_tuning_a_tied_model_is_an_ordinary_run(twin, tmp_path):
                      tie=TieSpec(GROUPS))
 
 
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_fine_tune_distills_from_the_checkpoint_as_trained_loaded_once(twin, tmp_path, monkeypatch, tied):
+    """The teacher of a distilled fine-tune is the checkpoint as trained (for a tie, the untied model),
+    never the model being trained, and the checkpoint is read from disk once for both."""
+    import wsviz.training.checkpoint as checkpoint
+    import wsviz.training.run as run
+    from wsviz.training.tying import finetune_config
+
+    loads, seen = [], {}
+    real_load = checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+
+    def fake_train(model, *args, teacher=None, **kw):
+        seen.update(model=model, teacher=teacher)
+        raise _Captured
+
+    monkeypatch.setattr(run, "train", fake_train)
+    with pytest.raises(_Captured):
+        run.run_training("sharesnet_wrn_digits", "mnist5k-scale", tmp_path / "ft", finetune_config(1, 0.01, max_batches=1),
+                         init_from=TWIN, tie=TieSpec(GROUPS, "mean") if tied else None, save_state=False)
+    assert loads == [TWIN]
+    model, teacher = seen["model"], seen["teacher"]
+    assert teacher is not None and teacher is not model
+    assert not any(isinstance(m, SharedConv2d) for m in teacher.modules())
+    assert any(isinstance(m, SharedConv2d) for m in model.modules()) == tied
+    untied = twin[0].state_dict()
+    assert all(torch.equal(v, untied[k]) for k, v in teacher.state_dict().items())
+    # sharing no storage with the student: training the student cannot move the teacher
+    student = {t.data_ptr() for t in model.state_dict().values()}
+    assert not student & {t.data_ptr() for t in teacher.state_dict().values()}
+
+
 def test_tie_cli_writes_a_tied_checkpoint(twin, tmp_path, capsys):
     from wsviz.cli import main
 

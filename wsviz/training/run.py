@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import shlex
@@ -132,9 +133,11 @@ def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainRes
 
 
 def starting_model(model_name: str, dataset: str, init_from: str | Path, tie: TieSpec | None,
-                   overrides: dict[str, Any], data_root: str | None, data_seed: int) -> nn.Module:
-    """The trained checkpoint ``init_from`` (its ties rebuilt), tied further by ``tie`` when given
-    (BatchNorm re-estimated), to start a run from: a fine-tune is an ordinary run from here."""
+                   overrides: dict[str, Any], data_root: str | None, data_seed: int) -> tuple[nn.Module, nn.Module | None]:
+    """(the model to start a run from, the checkpoint as trained or None): ``init_from`` (its ties
+    rebuilt), tied further by ``tie`` when given (BatchNorm re-estimated); a fine-tune is an ordinary
+    run from here. With ``tie`` the second is the untouched checkpoint the tie was made from (loaded
+    once for both: a distillation's teacher); without, None (the first is that checkpoint)."""
     from wsviz.training.cards import read_card
     from wsviz.training.checkpoint import load_checkpoint
     from wsviz.training.tying import tie_checkpoint
@@ -148,9 +151,11 @@ def starting_model(model_name: str, dataset: str, init_from: str | Path, tie: Ti
         raise WsvizError(f"The checkpoint {init_from} holds {model_name} with "
                          f"{ {k: card['config'][k] for k in differ} }, not {differ}: a run that starts from its weights "
                          "keeps its options; leave them out.")
+    source = load_checkpoint(init_from)
     if tie is not None:
-        return tie_checkpoint(init_from, tie, dataset=dataset, data_root=data_root, data_seed=data_seed)[0].train()
-    return load_checkpoint(init_from)[0].train()
+        tied = tie_checkpoint(init_from, tie, dataset=dataset, data_root=data_root, data_seed=data_seed, loaded=source)[0]
+        return tied.train(), source[0].eval()
+    return source[0].train(), None
 
 
 def _data(dataset: str, cfg: TrainConfig, model: nn.Module, data_root: str | None, data_seed: int,
@@ -228,15 +233,14 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     if cfg.distill and init_from is None:
         raise WsvizError("Distillation learns from a trained model's predictions: give that checkpoint (--init-from), "
                          "or leave distillation off.")
+    teacher = None
     if init_from is not None:
-        model = starting_model(model_name, dataset, init_from, tie, overrides, data_root, data_seed)
+        model, start = starting_model(model_name, dataset, init_from, tie, overrides, data_root, data_seed)
+        if cfg.distill:  # the teacher is the checkpoint as trained: for a tied model, the untied one it came from
+            teacher = start if start is not None else copy.deepcopy(model).eval()
+        del start
     else:
         model = build_for_dataset(model_name, dataset, overrides, data_root)
-    teacher = None
-    if cfg.distill:  # the teacher is the checkpoint as trained: for a tied model, the untied one it came from
-        from wsviz.training.checkpoint import load_checkpoint
-
-        teacher = load_checkpoint(init_from)[0]
     s = summarize(model)
     accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
                   "flops": s.flops, "sign_mask_params": s.mask_params,

@@ -89,16 +89,18 @@ def calibration_images(dataset: str, n: int, model: nn.Module, *, data_root: str
 
 
 def tie_checkpoint(source: str | Path, spec: TieSpec, *, dataset: str | None = None, data_root: str | None = None,
-                   data_seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                   data_seed: int | None = None,
+                   loaded: tuple[nn.Module, dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(tied model with fresh BatchNorm statistics, the source's card). The model's ``wsviz_tie``
-    records every tied group, the init, the source folder and accuracy, and the calibration."""
+    records every tied group, the init, the source folder and accuracy, and the calibration.
+    ``loaded``: ``load_checkpoint(source)`` when the caller already has it (it is left untouched)."""
     from wsviz.models.tie import reestimate_batchnorm, tie
     from wsviz.training.checkpoint import load_checkpoint
 
     if not spec.groups:
         raise WsvizError("No groups to tie: give lists of two or more conv layer paths with the same weight shape "
                          "(`python -m wsviz opportunities` ranks the candidates).")
-    model, card = load_checkpoint(source)
+    model, card = loaded if loaded is not None else load_checkpoint(source)
     dataset = dataset or card.get("dataset")
     if not dataset:
         raise WsvizError(f"The checkpoint {source} does not say what it was trained on; give the dataset its "
