@@ -155,8 +155,9 @@ with st.form("share-launch"):
     name = c5.text_input("Run name (optional)", "")
     distill = st.checkbox("Learn from the untied model", True,
                           help="distillation: the tied model learns the untied model's predictions (T = 4) and ends "
-                               "with its last 15 steps' weights averaged, the recipe checkpoints/REPORT.md measures; "
-                               "off: from the labels alone. Either way the rate is a cosine annealed every step.")
+                               "with its last 15 steps' weights averaged (a set of fewer batches: its whole last "
+                               "epoch), the recipe checkpoints/REPORT.md measures; off: from the labels alone. "
+                               "Either way the rate is a cosine annealed every step.")
     go_ = st.form_submit_button("Tie the chosen groups and fine-tune", type="primary")
 if go_:
     from wsviz.training.jobs import launch
