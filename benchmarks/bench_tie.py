@@ -141,19 +141,30 @@ def gap_interval(reference: list[np.ndarray], others: list[np.ndarray], level: f
     list of per-image correctness arrays on the same images: one model, or one per seed), and its
     ``level`` bootstrap interval (BCa, 9,999 resamples of the test images, every model's answers on an
     image kept together: the images are the independent units, the seeds are fixed).
-    Returns {"gap", "low", "high"}."""
+    Returns {"gap", "low", "high"}.
+
+    The statistic is a mean over images of one number per image (the reference models' share of right
+    answers on it minus the others'), so resampling the images resamples that one array. scipy draws
+    the resamples; the BCa correction (Efron & Tibshirani 1993, 14.3, as scipy's ``bootstrap`` computes
+    it) takes its acceleration from the jackknife of a mean, which is closed-form: scipy's own jackknife
+    re-evaluates the statistic on n leave-one-out samples, O(n^2) (about a minute for 10,000 images)."""
+    from scipy.special import ndtr, ndtri
     from scipy.stats import bootstrap
 
-    k = len(reference)
-    data = [np.asarray(a, dtype=float) for a in [*reference, *others]]
-
-    def stat(*arrays, axis=-1):
-        means = [a.mean(axis) for a in arrays]
-        return 100 * (np.mean(means[:k], axis=0) - np.mean(means[k:], axis=0))
-
-    ci = bootstrap(data, stat, paired=True, vectorized=True, n_resamples=9_999, confidence_level=level,
-                   random_state=np.random.default_rng(seed)).confidence_interval
-    return {"gap": float(stat(*data)), "low": float(ci.low), "high": float(ci.high)}
+    d = 100 * (np.mean([np.asarray(a, dtype=float) for a in reference], axis=0)
+               - np.mean([np.asarray(a, dtype=float) for a in others], axis=0))
+    theta, n = float(d.mean()), len(d)
+    if np.all(d == d[0]):  # every image the same difference: nothing to resample
+        return {"gap": theta, "low": theta, "high": theta}
+    boot = bootstrap((d,), np.mean, vectorized=True, n_resamples=9_999, method="percentile",
+                     random_state=np.random.default_rng(seed)).bootstrap_distribution
+    z0 = ndtri(((boot < theta).sum() + (boot <= theta).sum()) / (2 * len(boot)))
+    jack = (d.sum() - d) / (n - 1)  # the mean without image i
+    u = (n - 1) * (jack.mean() - jack)
+    accel = (u ** 3).sum() / n ** 3 / (6 * ((u ** 2).sum() / n ** 2) ** 1.5)
+    z = ndtri(np.array([(1 - level) / 2, (1 + level) / 2]))
+    low, high = np.percentile(boot, 100 * ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z))))
+    return {"gap": theta, "low": float(low), "high": float(high)}
 
 
 def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=None):

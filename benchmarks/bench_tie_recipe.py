@@ -130,6 +130,20 @@ def main(argv=None) -> dict:
     res = {"checkpoint": ckpt.name, "dataset": dataset, "rule_groups": [list(g) for g in rule], "steps": steps,
            "original_steps": original, "lr": args.lr, "seeds": args.seeds, "variants": {v: VARIANTS[v] for v in args.variants},
            "untied": {"val": B.acc(plain, val), "test": B.acc(plain, test)}, "per_seed": []}
+    ft = finetune_config(1, args.lr, max_batches=steps, augment=augment)
+    for v in args.variants:  # refused before any fine-tuning
+        ramp = VARIANTS[v].get("ramp", 0)
+        if ramp > steps - VARIANTS[v].get("average_last", ft.average_last):
+            raise SystemExit(f"{v}: the ramp of {ramp} steps must end before the "
+                             f"{VARIANTS[v].get('average_last', ft.average_last)} averaged steps of {steps}")
+    n_tied = sum(p.numel() for p in plain.parameters()) - B.saving(plain, rule)
+    scratch_models = []
+    for d in args.scratch:  # the shared architecture trained from scratch for all the original steps
+        m, sc = load_checkpoint(d)
+        if sum(p.numel() for p in m.parameters()) != n_tied:
+            raise SystemExit(f"{d} has {sum(p.numel() for p in m.parameters()):,} parameters, the tied model "
+                             f"{n_tied:,}: not the same shared architecture")
+        scratch_models.append((Path(d).name, m, sc))
     right = {v: {"val": [], "test": []} for v in args.variants}
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
@@ -140,11 +154,7 @@ def main(argv=None) -> dict:
             m = B.tied_model(plain, rule, "lstsq", cal)
             change = dict(VARIANTS[v])
             ramp = change.pop("ramp", 0)
-            cfg = dataclasses.replace(finetune_config(1, args.lr, max_batches=steps, seed=seed, augment=augment),
-                                      **change)
-            if ramp > steps - cfg.average_last:
-                raise SystemExit(f"{v}: the ramp of {ramp} steps must end before the {cfg.average_last} averaged "
-                                 f"steps of {steps}")
+            cfg = dataclasses.replace(ft, seed=seed, **change)
             on_step, remove = ramp_in(m, plain, rule, ramp) if ramp else (None, None)
             train(m, train_data, val, cfg, teacher=plain, on_step=on_step)
             if remove:
@@ -157,27 +167,20 @@ def main(argv=None) -> dict:
         res["per_seed"].append(s)
     untied = {"val": B.correct(plain, val), "test": B.correct(plain, test)}
     untied["all"] = np.concatenate([untied["val"], untied["test"]])
-    if args.scratch:  # the shared architecture trained from scratch for all the original steps
-        scratch = {"val": [], "test": []}
+    for v in args.variants:
+        right[v]["all"] = [np.concatenate([a, b]) for a, b in zip(right[v]["val"], right[v]["test"])]
+    scratch = {"val": [], "test": []}
+    if scratch_models:
         res["scratch"] = []
-        for d in args.scratch:
-            m, sc = load_checkpoint(d)
-            if sc.get("unique_params") != sum(p.numel() for p in tied.parameters()):
-                raise SystemExit(f"{d} does not have the tied model's {sum(p.numel() for p in tied.parameters()):,} "
-                                 f"parameters ({sc.get('unique_params')}): not the same shared architecture")
+        for name, m, sc in scratch_models:
             for half, data in (("val", val), ("test", test)):
                 scratch[half].append(B.correct(m, data))
-            res["scratch"].append({"checkpoint": Path(d).name, "command": sc.get("command"),
+            res["scratch"].append({"checkpoint": name, "command": sc.get("command"),
                                    "val": 100 * float(scratch["val"][-1].mean()),
                                    "test": 100 * float(scratch["test"][-1].mean())})
         scratch["all"] = [np.concatenate([a, b]) for a, b in zip(scratch["val"], scratch["test"])]
         res["scratch_gap_to_untied"] = {h: B.gap_interval([untied[h]], scratch[h]) for h in ("val", "test", "all")}
-        res["base_minus_scratch"] = {h: B.gap_interval(right["base"][h] if h != "all" else
-                                                       [np.concatenate([a, b]) for a, b in
-                                                        zip(right["base"]["val"], right["base"]["test"])], scratch[h])
-                                     for h in ("val", "test", "all")}
-    for v in args.variants:
-        right[v]["all"] = [np.concatenate([a, b]) for a, b in zip(right[v]["val"], right[v]["test"])]
+        res["base_minus_scratch"] = {h: B.gap_interval(right["base"][h], scratch[h]) for h in ("val", "test", "all")}
     halves_ = ("val", "test", "all")
     res["mean"] = {v: {h: statistics.mean(s[f"{v}_{h}"] for s in res["per_seed"]) for h in ("val", "test")}
                    for v in args.variants}
@@ -189,6 +192,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"tie-recipe-{ckpt.name}{'-' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    # every model's answer on every test image (val half, then test half), to recompute any interval
+    answers = {f"{v}_seed{seed}": a for v in args.variants for seed, a in zip(args.seeds, right[v]["all"])}
+    answers["untied"] = untied["all"]
+    answers.update({f"scratch_{i}": a for i, a in enumerate(scratch["all"])} if scratch_models else {})
+    np.savez_compressed(out / f"{stem}-answers.npz", **answers)
     md = "\n".join(report(res)) + "\n"
     (out / f"{stem}.md").write_text(md)
     print(md)

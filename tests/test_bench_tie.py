@@ -86,6 +86,17 @@ def test_the_fashion_mnist_twin_ships_with_its_training_recorded(name, seed):
     assert summarize(tie(plain, sharesnet_rule(plain), "mean")).unique_params == 223_610
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_shared_architecture_from_scratch_ships_with_its_training_recorded(seed):
+    """bench_tie_recipe's reference (results/tie-recipe-plan.md): the Fashion twin's command with
+    shared=true, so the architecture the rule ties it into, trained from scratch for all 1,000 steps."""
+    model, card = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / f"fashion-sharesnet-shared-seed{seed}")
+    twin = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared")[1]
+    assert card["config"] == {**twin["config"], "shared": True} and card["dataset"] == "fashion-mnist"
+    assert card["train_config"] == {**twin["train_config"], "seed": seed}
+    assert summarize(model).unique_params == 223_610 and original_steps(card, 60_000) == 1000
+
+
 def test_the_init_comparison_runs_and_decides_on_val_only(tmp_path):
     """bench_tie_init end to end on the shipped mnist5k twin (1 fine-tuning step): both inits measured
     on both halves, lstsq-bn's difference on each half with its interval, and the verdict follows val."""
@@ -108,3 +119,56 @@ def test_the_init_comparison_runs_and_decides_on_val_only(tmp_path):
     assert ("does not pass" in md) != res["adopt"]
     flipped = dict(res, adopt=not res["adopt"])
     assert ("does not pass" in "\n".join(BI.report(flipped))) == res["adopt"]
+
+
+def test_gradual_tying_hooks_start_at_the_untied_model_and_end_at_the_tied_one():
+    """bench_tie_recipe's ramp: after 0 of K steps every member applies its own trained kernel (the
+    model computes the untied model's outputs), half-way it is between, after K steps the tied model
+    alone, and removing the hooks changes nothing then."""
+    from benchmarks.bench_tie_recipe import ramp_in
+
+    plain, _ = load_checkpoint(TWIN)
+    rule = sharesnet_rule(plain)
+    tied = tie(plain, rule, "mean")  # BatchNorm left as trained: only the kernels differ
+    x = torch.randn(16, 1, 28, 28)
+    plain.eval(), tied.eval()
+    with torch.no_grad():
+        free, bare = plain(x), tied(x)
+        on_step, remove = ramp_in(tied, plain, rule, 2)
+        assert torch.allclose(tied(x), free, atol=1e-4)
+        on_step(1, 1, 0.0)
+        half = tied(x)
+        assert not torch.allclose(half, free, atol=1e-2) and not torch.allclose(half, bare, atol=1e-2)
+        on_step(1, 2, 0.0)
+        assert torch.equal(tied(x), bare)
+        remove()
+        assert torch.equal(tied(x), bare)
+
+
+def test_the_recipe_comparison_runs_with_its_from_scratch_reference(tmp_path, monkeypatch):
+    """bench_tie_recipe end to end on the mnist5k twin (6 steps, one seed): each variant's gap to the
+    untied model and difference from base with intervals on val, test and both; the shipped shared
+    model (trained from scratch) as the reference; a ramp that would end inside the averaged steps
+    and a reference of another architecture are refused."""
+    from benchmarks import bench_tie_recipe as BR
+
+    monkeypatch.setitem(BR.VARIANTS, "ramp3", {"ramp": 3, "average_last": 2})  # steps 4-6 averaged
+    monkeypatch.setitem(BR.VARIANTS, "ramp5", {"ramp": 5, "average_last": 2})
+    args = ["--checkpoint", str(TWIN), "--seeds", "0", "--steps", "6", "--threads", "1", "--out", str(tmp_path)]
+    res = BR.main([*args, "--variants", "T2", "ramp3", "--scratch", str(ROOT / "checkpoints" / "scale-sharesnet")])
+    assert list(res["variants"]) == ["base", "T2", "ramp3"]  # base is always measured
+    for v in ("base", "T2", "ramp3"):
+        for half in ("val", "test", "all"):
+            g = res["gap_to_untied"][v][half]
+            assert g["low"] <= g["gap"] <= g["high"]
+    assert set(res["minus_base"]) == {"T2", "ramp3"}
+    (sc,) = res["scratch"]
+    assert sc["checkpoint"] == "scale-sharesnet" and 90 < sc["test"] < 100
+    # the shared model trained from scratch is what it is on both halves: untied minus it, on all 1,000 images
+    assert res["scratch_gap_to_untied"]["all"]["gap"] == pytest.approx(
+        res["untied"]["val"] / 2 + res["untied"]["test"] / 2 - sc["val"] / 2 - sc["test"] / 2)
+    assert "from scratch, 100% of the steps" in (tmp_path / "tie-recipe-scale-sharesnet-unshared.md").read_text()
+    with pytest.raises(SystemExit, match="must end before the 2 averaged steps of 6"):
+        BR.main([*args, "--variants", "ramp5"])
+    with pytest.raises(SystemExit, match="not the same shared architecture"):
+        BR.main([*args, "--variants", "T2", "--scratch", str(ROOT / "checkpoints" / "scale-resnet20")])
