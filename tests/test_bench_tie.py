@@ -73,6 +73,23 @@ def test_the_gap_interval_resamples_images_with_every_models_answers_together():
     assert wide["high"] - wide["low"] > 0.5 and wide["low"] < wide["gap"] < wide["high"]
 
 
+@pytest.mark.parametrize("n, p_ref, p_other", [(300, 0.97, 0.8), (600, 0.6, 0.55), (451, 0.99, 0.99)])
+def test_the_gap_interval_is_scipys_bca_of_the_per_image_differences(n, p_ref, p_other):
+    """The closed-form jackknife gives scipy's BCa interval of the per-image differences exactly (scipy
+    computes it the slow way; skewed cases included, where a wrong acceleration moves the ends)."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(n)
+    ref = [rng.random(n) < p_ref]
+    others = [rng.random(n) < p_other - 0.02 * k for k in range(3)]
+    d = 100 * (ref[0].astype(float) - np.mean([o.astype(float) for o in others], axis=0))
+    want = bootstrap((d,), np.mean, vectorized=True, n_resamples=9_999, method="BCa",
+                     random_state=np.random.default_rng(0)).confidence_interval
+    got = gap_interval(ref, others)
+    assert got["gap"] == pytest.approx(d.mean())
+    assert (got["low"], got["high"]) == (pytest.approx(want.low, abs=1e-9), pytest.approx(want.high, abs=1e-9))
+
+
 @pytest.mark.parametrize("name, seed", [("fashion-sharesnet-unshared", 0), ("fashion-sharesnet-unshared-seed1", 1)])
 def test_the_fashion_mnist_twin_ships_with_its_training_recorded(name, seed):
     """The plain models behind REPORT.md's Fashion-MNIST tying section (seed 0) and the fresh check of
