@@ -96,6 +96,28 @@ def halves(dataset: str = "mnist5k-scale", split: str = "test", data_root=None):
     return (te.images[0::2], te.labels[0::2]), (te.images[1::2], te.labels[1::2])
 
 
+def load_plain(checkpoint):
+    """(plain model, its card, train (images, labels) at its input shape, val half, test half, the
+    card's training augmentation): what the tying benchmarks start from, for any checkpoint."""
+    plain, card = load_checkpoint(Path(checkpoint))
+    dataset = card["dataset"]
+    tr = load_split(dataset, card.get("train_split", "train"))
+    c, h, _ = input_shape(plain)
+    val, test = ((fit_to(x, c, h), y) for x, y in halves(dataset, card.get("test_split", "test")))
+    return (plain, card, (fit_to(tr.images, c, h), tr.labels), val, test,
+            (card.get("train_config") or {}).get("augment", "none"))
+
+
+def write_results(out, stem: str, res: dict, lines: list[str]) -> None:
+    """``res`` as ``out/stem.json`` and the report ``lines`` as ``out/stem.md`` (also printed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    md = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
 def original_steps(card: dict, n_train: int) -> int:
     """The optimiser steps the checkpoint was trained with: its epochs times the batches the training
     loop makes of ``n_train`` images (whole batches only, at least one; at most ``max_batches``)."""

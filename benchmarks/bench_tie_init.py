@@ -24,7 +24,6 @@ difference (``bench_tie.gap_interval``: its images are the resampled units, the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -34,9 +33,6 @@ import torch
 
 from benchmarks import bench_tie as B
 from wsviz.analysis.opportunities import sharesnet_rule
-from wsviz.data.datasets import fit_to, load_split
-from wsviz.models.registry import input_shape
-from wsviz.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("lstsq", "lstsq-bn")
@@ -56,14 +52,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0, wall0 = time.process_time(), time.time()
     ckpt = Path(args.checkpoint)
-    plain, card = load_checkpoint(ckpt)
-    dataset = card["dataset"]
-    tr = load_split(dataset, card.get("train_split", "train"))
-    c, h, _ = input_shape(plain)
-    train_data = (fit_to(tr.images, c, h), tr.labels)
-    val, test = ((fit_to(x, c, h), y) for x, y in B.halves(dataset, card.get("test_split", "test")))
-    B.AUGMENT = (card.get("train_config") or {}).get("augment", "none")
-    steps = args.steps or max(1, B.original_steps(card, len(tr.labels)) // 10)
+    plain, card, train_data, val, test, B.AUGMENT = B.load_plain(ckpt)
+    dataset, n_train = card["dataset"], len(train_data[1])
+    steps = args.steps or max(1, B.original_steps(card, n_train) // 10)
     rule = sharesnet_rule(plain)
     res = {"checkpoint": ckpt.name, "dataset": dataset, "rule_groups": [list(g) for g in rule], "steps": steps,
            "lr": args.lr, "seeds": args.seeds, "calibration": B.CALIBRATION, "untied": {"val": B.acc(plain, val),
@@ -71,7 +62,7 @@ def main(argv=None) -> dict:
            "per_seed": []}
     right = {init: {"val": [], "test": []} for init in INITS}  # per image, per seed, after fine-tuning
     for seed in args.seeds:
-        cal = train_data[0][torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(seed))[:B.CALIBRATION]]
+        cal = train_data[0][torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:B.CALIBRATION]]
         s = {"seed": seed}
         for init in INITS:
             m = B.tied_model(plain, rule, init, cal)
@@ -96,12 +87,7 @@ def main(argv=None) -> dict:
                                    for h in ("val", "test", "all")} for init in INITS}
     res["adopt"] = res["difference"]["val"]["gap"] >= ADOPT
     res["cpu_seconds"], res["wall_seconds"] = time.process_time() - t0, time.time() - wall0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"tie-init-{ckpt.name}.json").write_text(json.dumps(res, indent=1))
-    md = "\n".join(report(res)) + "\n"
-    (out / f"tie-init-{ckpt.name}.md").write_text(md)
-    print(md)
+    B.write_results(args.out, f"tie-init-{ckpt.name}", res, report(res))
     return res
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -31,10 +30,8 @@ import torch
 
 from benchmarks import bench_tie as B
 from wsviz.analysis.opportunities import sharesnet_rule
-from wsviz.data.datasets import fit_to, load_split
-from wsviz.models.registry import input_shape
 from wsviz.training.checkpoint import load_checkpoint
-from wsviz.training.loop import train
+from wsviz.training.loop import TrainConfig, train
 from wsviz.training.tying import finetune_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,15 +111,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0, wall0 = time.process_time(), time.time()
     ckpt = Path(args.checkpoint)
-    plain, card = load_checkpoint(ckpt)
-    dataset = card["dataset"]
-    tr = load_split(dataset, card.get("train_split", "train"))
-    c, h, _ = input_shape(plain)
-    train_data = (fit_to(tr.images, c, h), tr.labels)
-    val, test = ((fit_to(x, c, h), y) for x, y in B.halves(dataset, card.get("test_split", "test")))
-    augment = (card.get("train_config") or {}).get("augment", "none")
-    per_epoch = max(1, len(tr.labels) // 128)
-    original = B.original_steps(card, len(tr.labels))
+    plain, card, train_data, val, test, augment = B.load_plain(ckpt)
+    dataset, n_train = card["dataset"], len(train_data[1])
+    per_epoch = max(1, n_train // TrainConfig.batch_size)
+    original = B.original_steps(card, n_train)
     steps = args.steps or max(1, original // 10)
     if steps > per_epoch:
         raise SystemExit(f"{steps} steps are more than one epoch ({per_epoch}): this benchmark fine-tunes within one")
@@ -147,7 +139,7 @@ def main(argv=None) -> dict:
     right = {v: {"val": [], "test": []} for v in args.variants}
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
-        cal = train_data[0][torch.randperm(len(tr.labels), generator=g)[:B.CALIBRATION]]
+        cal = train_data[0][torch.randperm(n_train, generator=g)[:B.CALIBRATION]]
         tied = B.tied_model(plain, rule, "lstsq", cal)
         s = {"seed": seed, "tied_val": B.acc(tied, val)}
         for v in args.variants:
@@ -188,18 +180,13 @@ def main(argv=None) -> dict:
     res["minus_base"] = {v: {h: B.gap_interval(right[v][h], right["base"][h]) for h in halves_}
                          for v in args.variants if v != "base"}
     res["cpu_seconds"], res["wall_seconds"] = time.process_time() - t0, time.time() - wall0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"tie-recipe-{ckpt.name}{'-' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    B.write_results(args.out, stem, res, report(res))
     # every model's answer on every test image (val half, then test half), to recompute any interval
     answers = {f"{v}_seed{seed}": a for v in args.variants for seed, a in zip(args.seeds, right[v]["all"])}
     answers["untied"] = untied["all"]
     answers.update({f"scratch_{i}": a for i, a in enumerate(scratch["all"])} if scratch_models else {})
-    np.savez_compressed(out / f"{stem}-answers.npz", **answers)
-    md = "\n".join(report(res)) + "\n"
-    (out / f"{stem}.md").write_text(md)
-    print(md)
+    np.savez_compressed(Path(args.out) / f"{stem}-answers.npz", **answers)
     return res
 
 
