@@ -55,7 +55,41 @@ VARIANTS: dict[str, dict] = {
     # the model is the tied one, which is what is kept
     "ramp50": {"ramp": 50},
     "ramp85": {"ramp": 85},
+    # feature distillation (FitNets-style, Romero et al. 2015): besides the predictions, the output of every
+    # block holding a tied conv is pulled towards the untied model's output of the same block, by
+    # feat_weight times the mean over those blocks of ||student - teacher||^2 / ||teacher||^2 (feature_match)
+    "feat1": {"feat": 1.0},
+    "feat3": {"feat": 3.0},
+    "feat10": {"feat": 10.0},
 }
+
+
+def feature_match(student, teacher, groups, weight: float):
+    """Hooks on the block (the parent module) of every member of ``groups``, in ``student`` and in
+    ``teacher``; returns (aux_loss for train(), remove()). aux_loss is ``weight`` times the mean over
+    the blocks of the student's squared error to the teacher's output, relative to the teacher's
+    squared norm (so that blocks of every width count alike); the teacher's outputs are those of its
+    last forward pass, which train() runs on the same batch just before (distillation)."""
+    blocks = [path.rsplit(".", 1)[0] for group in groups for path in group]
+    seen = {"student": {}, "teacher": {}}
+    hooks = []
+    for who, model in (("student", student), ("teacher", teacher)):
+        for b in blocks:
+            def hook(mod, inputs, out, who=who, b=b):
+                seen[who][b] = out
+            hooks.append(model.get_submodule(b).register_forward_hook(hook))
+
+    def aux_loss():
+        terms = []
+        for b in blocks:
+            s, t = seen["student"][b].float(), seen["teacher"][b].detach().float()
+            terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+        return weight * torch.stack(terms).mean()
+
+    def remove():
+        for h in hooks:
+            h.remove()
+    return aux_loss, remove
 
 
 def ramp_in(tied, plain, groups, steps: int):
@@ -145,12 +179,14 @@ def main(argv=None) -> dict:
         for v in args.variants:
             m = B.tied_model(plain, rule, "lstsq", cal)
             change = dict(VARIANTS[v])
-            ramp = change.pop("ramp", 0)
+            ramp, feat = change.pop("ramp", 0), change.pop("feat", 0)
             cfg = dataclasses.replace(ft, seed=seed, **change)
             on_step, remove = ramp_in(m, plain, rule, ramp) if ramp else (None, None)
-            train(m, train_data, val, cfg, teacher=plain, on_step=on_step)
-            if remove:
-                remove()
+            aux, unhook = feature_match(m, plain, rule, feat) if feat else (None, None)
+            train(m, train_data, val, cfg, teacher=plain, on_step=on_step, aux_loss=aux)
+            for undo in (remove, unhook):
+                if undo:
+                    undo()
             for half, data in (("val", val), ("test", test)):
                 answers = B.correct(m, data)
                 right[v][half].append(answers)

@@ -331,6 +331,7 @@ def train(
     resume: dict[str, Any] | None = None,
     on_state: Callable[[dict[str, Any]], None] | None = None,
     teacher: nn.Module | None = None,
+    aux_loss: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and evaluate on ``test_data`` after every epoch.
 
@@ -346,6 +347,8 @@ def train(
     cross-entropy (Hinton et al. 2015); a tied model's teacher is the untied model it came from.
     With ``cfg.average_last`` = N the model ends with the average of its last N steps' weights and
     BatchNorm statistics (torch.optim.swa_utils.AveragedModel), which the last evaluation sees.
+    ``aux_loss()``: a term added to every training step's loss, called after the model's (and the
+    teacher's) forward pass, e.g. a feature-matching term that forward hooks have gathered.
     """
     cfg.validate()
     if cfg.distill and teacher is None:
@@ -384,6 +387,8 @@ def train(
                 loss = F.cross_entropy(out, y)
                 if cfg.distill:
                     loss = _distilled(loss, out, teacher, x, cfg)
+                if aux_loss is not None:
+                    loss = loss + aux_loss()
             if not torch.isfinite(loss):
                 raise TrainingFailed(f"The loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}: training diverged. "
                                      f"Lower the learning rate (now {opt.param_groups[0]['lr']:g}).")
