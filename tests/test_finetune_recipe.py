@@ -95,6 +95,31 @@ def test_distillation_loss_is_the_softened_kl_to_the_teacher():
     assert losses[0] == pytest.approx(float(want), rel=1e-4)
 
 
+def test_an_aux_loss_is_added_to_every_steps_loss_and_trains_the_model():
+    """train(aux_loss=...): the term is in the loss each step reports and in its gradient (a pull of
+    the last layer's weights to zero shrinks them, against the same run without it)."""
+    x, y = _data(64)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, weight_decay=0.0)  # one batch of all 64 per step
+    plain, pulled = _model(), _model()
+    first = copy.deepcopy(pulled).train()
+
+    def last(m):
+        return [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1].weight
+
+    calls, losses = [], []
+
+    def aux():
+        calls.append(1)
+        return 10.0 * last(pulled).pow(2).sum()
+    train(plain, (x, y), (x, y), cfg)
+    train(pulled, (x, y), (x, y), cfg, aux_loss=aux, on_step=lambda e, s, loss: losses.append(loss))
+    assert len(calls) == 4  # once per step
+    with torch.no_grad():
+        want = F.cross_entropy(first(x), y) + 10.0 * last(first).pow(2).sum()
+    assert losses[0] == pytest.approx(float(want), rel=1e-4)
+    assert last(pulled).pow(2).sum() < 0.8 * last(plain).pow(2).sum()
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"step_schedule": True, "schedule": "step"}, "per-step schedule is the cosine"),
     ({"distill": -1.0}, "distillation temperature"), ({"distill": float("nan")}, "distillation temperature"),
