@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict] = {
     "feat1": {"feat": 1.0},
     "feat3": {"feat": 3.0},
     "feat10": {"feat": 10.0},
+    # the two changes that gained on both twins, together (results/tie-recipe-plan.md, fourth plan)
+    "kd+ce+feat3": {"distill_weight": 0.5, "feat": 3.0},
 }
 
 
