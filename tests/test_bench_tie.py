@@ -90,14 +90,17 @@ def test_the_gap_interval_is_scipys_bca_of_the_per_image_differences(n, p_ref, p
     assert (got["low"], got["high"]) == (pytest.approx(want.low, abs=1e-9), pytest.approx(want.high, abs=1e-9))
 
 
-@pytest.mark.parametrize("name, seed", [("fashion-sharesnet-unshared", 0), ("fashion-sharesnet-unshared-seed1", 1)])
+@pytest.mark.parametrize("name, seed", [("fashion-sharesnet-unshared", 0), ("fashion-sharesnet-unshared-seed1", 1),
+                                        ("fashion-sharesnet-unshared-seed2", 2)])
 def test_the_fashion_mnist_twin_ships_with_its_training_recorded(name, seed):
     """The plain models behind REPORT.md's Fashion-MNIST tying section (seed 0) and the fresh check of
-    lstsq-bn (seed 1, benchmarks/results/tie-init-confirmation-plan.md): the same architecture as the
-    shipped twin, trained 10 epochs of 100 batches (1,000 steps, so its 10% budget is 100 steps)."""
+    lstsq-bn (seed 1, benchmarks/results/tie-init-confirmation-plan.md) and of the combined recipe (seed 2,
+    results/tie-recipe-plan.md, fourth plan): the same architecture as the shipped twin, trained 10 epochs of 100 batches (1,000 steps, so its 10% budget is 100 steps)."""
     plain, card = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / name)
     assert card["dataset"] == "fashion-mnist" and card["config"]["shared"] is False
     assert card["train_config"]["seed"] == seed
+    first = load_checkpoint(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared")[1]
+    assert card["train_config"] == {**first["train_config"], "seed": seed} and card["config"] == first["config"]
     assert summarize(plain).unique_params == 271_994
     assert original_steps(card, 60_000) == 1000
     assert summarize(tie(plain, sharesnet_rule(plain), "mean")).unique_params == 223_610
