@@ -3,7 +3,7 @@
 A trained plain ResNet (default: the Fashion twin) is tied by ShaResNet's rule with the ``lstsq`` init
 (``bench_tie.tied_model``: calibration sample of 512 training images per seed, BatchNorm re-estimated),
 then fine-tuned by wsviz's recipe (``finetune_config``) with one or more of its settings changed
-(``VARIANTS``), at ``bench_tie``'s budget and learning rate. Per variant and seed it keeps every
+(``VARIANTS``; ``base`` is the recipe before it adopted ``kd+ce+feat3``), at ``bench_tie``'s budget and learning rate. Per variant and seed it keeps every
 test image's answer, so each variant gets its gap to the untied model and its difference from
 ``base`` (the recipe as it is) with 95% paired BCa bootstrap intervals (``bench_tie.gap_interval``:
 the images are the resampled units, the seeds are fixed), on the val half, the test half and, for a
@@ -12,9 +12,9 @@ checkpoint on which nothing was chosen, both together.
     python -m benchmarks.bench_tie_recipe [--checkpoint benchmarks/checkpoints/fashion-sharesnet-unshared]
         [--seeds 0 1 2] [--variants base T2 ...] [--lr 0.03] [--threads 2] [--tag screen]
 
-How it was used (``results/tie-recipe-confirmation-plan.md``): the variants were screened on the first
-Fashion twin's **val** half; the one chosen there was then measured once on all 10,000 test images of
-the second twin (``fashion-sharesnet-unshared-seed1``), on which nothing had been chosen.
+How it was used (``results/tie-recipe-plan.md``, four plans, each written before its run): the variants
+were screened on the first Fashion twin's **val** half and measured on all 10,000 test images of a twin
+on which nothing had been chosen (``fashion-sharesnet-unshared-seed1``, then ``-seed2``).
 """
 
 from __future__ import annotations
@@ -56,42 +56,19 @@ VARIANTS: dict[str, dict] = {
     "ramp50": {"ramp": 50},
     "ramp85": {"ramp": 85},
     # feature distillation (FitNets-style, Romero et al. 2015): besides the predictions, the output of every
-    # block holding a tied conv is pulled towards the untied model's output of the same block, by
-    # feat_weight times the mean over those blocks of ||student - teacher||^2 / ||teacher||^2 (feature_match)
-    "feat1": {"feat": 1.0},
-    "feat3": {"feat": 3.0},
-    "feat10": {"feat": 10.0},
-    # the two changes that gained on both twins, together (results/tie-recipe-plan.md, fourth plan)
-    "kd+ce+feat3": {"distill_weight": 0.5, "feat": 3.0},
+    # block holding a tied conv is pulled towards the untied model's output of the same block, by the weight
+    # times the mean over those blocks of ||student - teacher||^2 / ||teacher||^2
+    # (wsviz.training.tying.feature_distillation; the result files name the field "feat")
+    "feat1": {"feature_distill": 1.0},
+    "feat3": {"feature_distill": 3.0},
+    "feat10": {"feature_distill": 10.0},
+    # the two changes that gained on both twins, together (results/tie-recipe-plan.md, fourth plan); adopted
+    # by the plan on the third twin, so it is now wsviz's recipe (finetune_config)
+    "kd+ce+feat3": {"distill_weight": 0.5, "feature_distill": 3.0},
 }
-
-
-def feature_match(student, teacher, groups, weight: float):
-    """Hooks on the block (the parent module) of every member of ``groups``, in ``student`` and in
-    ``teacher``; returns (aux_loss for train(), remove()). aux_loss is ``weight`` times the mean over
-    the blocks of the student's squared error to the teacher's output, relative to the teacher's
-    squared norm (so that blocks of every width count alike); the teacher's outputs are those of its
-    last forward pass, which train() runs on the same batch just before (distillation)."""
-    blocks = [path.rsplit(".", 1)[0] for group in groups for path in group]
-    seen = {"student": {}, "teacher": {}}
-    hooks = []
-    for who, model in (("student", student), ("teacher", teacher)):
-        for b in blocks:
-            def hook(mod, inputs, out, who=who, b=b):
-                seen[who][b] = out
-            hooks.append(model.get_submodule(b).register_forward_hook(hook))
-
-    def aux_loss():
-        terms = []
-        for b in blocks:
-            s, t = seen["student"][b].float(), seen["teacher"][b].detach().float()
-            terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
-        return weight * torch.stack(terms).mean()
-
-    def remove():
-        for h in hooks:
-            h.remove()
-    return aux_loss, remove
+# "base" is the recipe the four screens started from, so that their results reproduce: wsviz's recipe before
+# it adopted kd+ce+feat3 (predictions only, no feature distillation)
+SCREENED_FROM = {"distill_weight": 1.0, "feature_distill": 0.0}
 
 
 def ramp_in(tied, plain, groups, steps: int):
@@ -158,7 +135,7 @@ def main(argv=None) -> dict:
     res = {"checkpoint": ckpt.name, "dataset": dataset, "rule_groups": [list(g) for g in rule], "steps": steps,
            "original_steps": original, "lr": args.lr, "seeds": args.seeds, "variants": {v: VARIANTS[v] for v in args.variants},
            "untied": {"val": B.acc(plain, val), "test": B.acc(plain, test)}, "per_seed": []}
-    ft = finetune_config(1, args.lr, max_batches=steps, augment=augment)
+    ft = dataclasses.replace(finetune_config(1, args.lr, max_batches=steps, augment=augment), **SCREENED_FROM)
     for v in args.variants:  # refused before any fine-tuning
         ramp = VARIANTS[v].get("ramp", 0)
         if ramp > steps - VARIANTS[v].get("average_last", ft.average_last):
@@ -181,14 +158,12 @@ def main(argv=None) -> dict:
         for v in args.variants:
             m = B.tied_model(plain, rule, "lstsq", cal)
             change = dict(VARIANTS[v])
-            ramp, feat = change.pop("ramp", 0), change.pop("feat", 0)
+            ramp = change.pop("ramp", 0)
             cfg = dataclasses.replace(ft, seed=seed, **change)
             on_step, remove = ramp_in(m, plain, rule, ramp) if ramp else (None, None)
-            aux, unhook = feature_match(m, plain, rule, feat) if feat else (None, None)
-            train(m, train_data, val, cfg, teacher=plain, on_step=on_step, aux_loss=aux)
-            for undo in (remove, unhook):
-                if undo:
-                    undo()
+            train(m, train_data, val, cfg, teacher=plain, on_step=on_step)
+            if remove:
+                remove()
             for half, data in (("val", val), ("test", test)):
                 answers = B.correct(m, data)
                 right[v][half].append(answers)

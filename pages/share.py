@@ -154,8 +154,9 @@ with st.form("share-launch"):
     max_batches = c4.number_input("Max batches per epoch (0 = all)", 0, 100000, 0)
     name = c5.text_input("Run name (optional)", "")
     distill = st.checkbox("Learn from the untied model", True,
-                          help="distillation: the tied model learns the untied model's predictions (T = 4) and ends "
-                               "with its last 15 steps' weights averaged (a set of fewer batches: its whole last "
+                          help="distillation: the tied model learns half from the untied model's predictions (T = 4) "
+                               "and half from the labels, its tied blocks' outputs are pulled to the untied model's "
+                               "(feature distillation, weight 3), and it ends with its last 15 steps' weights averaged (a set of fewer batches: its whole last "
                                "epoch), the recipe checkpoints/REPORT.md measures; off: from the labels alone. "
                                "Either way the rate is a cosine annealed every step.")
     go_ = st.form_submit_button("Tie the chosen groups and fine-tune", type="primary")

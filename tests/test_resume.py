@@ -150,3 +150,19 @@ def test_app_resume_continues_a_killed_job_and_keeps_its_first_epochs(tmp_path):
             resume(store, run.id)
     finally:
         kill_active_runs(tmp_path / "runs")
+
+
+def test_a_state_saved_before_a_training_field_existed_resumes_with_that_fields_default(tmp_path):
+    """A state written by an older wsviz has no entry for a TrainConfig field added since (here
+    feature_distill): it is read as the field's default, so the run resumes; the field set to
+    anything else is still another run."""
+    import dataclasses
+
+    from wsviz.training.run import _FREE_ON_RESUME, _check_resumable
+
+    cfg = TrainConfig(epochs=2, distill=4.0)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME and k != "feature_distill"}
+    state = {"epoch": 1, "run": {"model": "m", "config": {}, "dataset": "d", "data_seed": 0, "train_config": old}}
+    _check_resumable(state, "m", {}, "d", cfg, 0, tmp_path / "s")
+    with pytest.raises(WsvizError, match="train_config differ"):
+        _check_resumable(state, "m", {}, "d", dataclasses.replace(cfg, feature_distill=3.0), 0, tmp_path / "s")

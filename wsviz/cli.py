@@ -614,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorBoard beside it); 0: save the tied model as it is")
     q.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (a cosine annealed every step)")
     q.add_argument("--labels-only", action="store_true",
-                   help="fine-tune from the labels alone; by default the tied model learns the untied one's predictions "
-                        "(distillation, T = 4) and ends with its last 15 steps' weights averaged, the recipe "
-                        "checkpoints/REPORT.md measures")
+                   help="fine-tune from the labels alone; by default the tied model learns half from the untied one's "
+                        "predictions (distillation, T = 4) and half from the labels, its tied blocks' outputs are "
+                        "pulled to the untied model's (feature distillation, weight 3), and it ends with its last 15 "
+                        "steps' weights averaged, the recipe checkpoints/REPORT.md measures")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--max-batches", type=int, default=None, help="cap the fine-tuning steps per epoch")
     q.add_argument("--seed", type=int, default=0)

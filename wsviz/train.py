@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(knowledge distillation; 4 is usual) as well as from the labels")
     p.add_argument("--distill-weight", type=float, default=1.0,
                    help="the distillation term's share of the loss, 0..1 (default 1: predictions only)")
+    p.add_argument("--feature-distill", type=float, default=0.0, metavar="W",
+                   help="with --distill and a tied model: add W times the relative error of every tied block's output "
+                        "to the untied model's (feature distillation; wsviz's fine-tune uses 3)")
     p.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="end with the average of the last N steps' weights (torch's AveragedModel; N at most one epoch)")
     p.add_argument("--calibration", type=int, default=512,
@@ -183,7 +186,8 @@ def _config(args: argparse.Namespace):
                       seed=args.seed, amp=not args.no_amp, max_batches=args.max_batches, augment=args.augment,
                       warmup_epochs=args.warmup_epochs, plateau_patience=args.plateau_patience, loader=args.loader,
                       workers=args.workers, step_schedule=args.step_schedule, distill=args.distill,
-                      distill_weight=args.distill_weight, average_last=args.average_last)
+                      distill_weight=args.distill_weight, feature_distill=args.feature_distill,
+                      average_last=args.average_last)
     cfg.validate()
     return cfg
 

@@ -62,6 +62,9 @@ class TrainConfig:
     distill: float = 0.0  # temperature of distillation from train()'s ``teacher`` (0: learn from the labels only)
     distill_weight: float = 1.0  # the distillation term's share of the loss (the labels' cross-entropy has the rest)
     average_last: int = 0  # average the weights and BatchNorm statistics of the last N optimiser steps (0: none)
+    # feature distillation: this weight times the relative error of the output of every block holding a tied conv
+    # to the teacher's output of the same block, added to the loss (wsviz.training.tying.feature_distillation)
+    feature_distill: float = 0.0
 
     def validate(self) -> None:
         """Refuse absurd values with a message saying what range is sensible."""
@@ -104,6 +107,13 @@ class TrainConfig:
             bad(f"distillation temperature must be in [0, 100] (0: off; 4 is usual), got {self.distill!r}.")
         if not (isinstance(self.distill_weight, (int, float)) and 0 <= self.distill_weight <= 1):
             bad(f"distillation weight must be in [0, 1], got {self.distill_weight!r}.")
+        if not (isinstance(self.feature_distill, (int, float)) and math.isfinite(self.feature_distill)
+                and 0 <= self.feature_distill <= 1000):
+            bad(f"feature distillation weight must be in [0, 1000] (0: off; wsviz's fine-tune uses 3), "
+                f"got {self.feature_distill!r}.")
+        if self.feature_distill and not self.distill:
+            bad("feature distillation compares the blocks with the teacher's as it runs on the same batch: it needs "
+                "distillation on (a temperature, e.g. 4), or set the feature weight to 0.")
         if not isinstance(self.average_last, int) or not 0 <= self.average_last <= 1_000_000:
             bad(f"average_last must be a whole number of steps from 0 to 1000000, got {self.average_last!r}.")
 
@@ -348,7 +358,8 @@ def train(
     With ``cfg.average_last`` = N the model ends with the average of its last N steps' weights and
     BatchNorm statistics (torch.optim.swa_utils.AveragedModel), which the last evaluation sees.
     ``aux_loss()``: a term added to every training step's loss, called after the model's (and the
-    teacher's) forward pass, e.g. a feature-matching term that forward hooks have gathered.
+    teacher's) forward pass, e.g. a feature-matching term that forward hooks have gathered;
+    ``cfg.feature_distill`` adds one for a tied model (:func:`wsviz.training.tying.feature_distillation`).
     """
     cfg.validate()
     if cfg.distill and teacher is None:
@@ -369,66 +380,81 @@ def train(
                          "the average lives within the last epoch, so that a resumed run rebuilds it.")
     if teacher is not None and cfg.distill:
         teacher = teacher.to(device).eval()  # its predictions are taken under no_grad (_distilled)
-    averaged = None
-    test = _eval_batches(test_data, cfg, h, device) if rank == 0 else None
-    result = TrainResult()
-    first = _restore(resume, model, opt, sched, scaler, gen, result) if resume is not None else 1
-    start = time.perf_counter() - result.seconds
-    for epoch in range(first, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]  # the epoch's rate (its first step's, with a per-step schedule)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, (xb, yb) in enumerate(batches.epoch(epoch)):
-            x = fit_to(xb.to(device, non_blocking=True), c, h)
-            y = yb.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                if cfg.distill:
-                    loss = _distilled(loss, out, teacher, x, cfg)
-                if aux_loss is not None:
-                    loss = loss + aux_loss()
-            if not torch.isfinite(loss):
-                raise TrainingFailed(f"The loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}: training diverged. "
-                                     f"Lower the learning rate (now {opt.param_groups[0]['lr']:g}).")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if cfg.step_schedule:
+    unhook = None
+    if cfg.feature_distill:
+        from wsviz.training.tying import feature_distillation
+
+        base = getattr(model, "module", model)
+        groups = (getattr(base, "wsviz_tie", None) or {}).get("groups")
+        if not groups:
+            raise WsvizError("Feature distillation matches the blocks of a tied model's groups with the untied model's; "
+                             "this model has no tied groups. Tie it first, or set the feature weight to 0.")
+        features, unhook = feature_distillation(base, teacher, groups, cfg.feature_distill)
+        aux_loss = features if aux_loss is None else (lambda a=aux_loss: a() + features())
+    try:
+        averaged = None
+        test = _eval_batches(test_data, cfg, h, device) if rank == 0 else None
+        result = TrainResult()
+        first = _restore(resume, model, opt, sched, scaler, gen, result) if resume is not None else 1
+        start = time.perf_counter() - result.seconds
+        for epoch in range(first, cfg.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]  # the epoch's rate (its first step's, with a per-step schedule)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for step, (xb, yb) in enumerate(batches.epoch(epoch)):
+                x = fit_to(xb.to(device, non_blocking=True), c, h)
+                y = yb.to(device, non_blocking=True)
+                with torch.autocast(device.type, enabled=use_amp):
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    if cfg.distill:
+                        loss = _distilled(loss, out, teacher, x, cfg)
+                    if aux_loss is not None:
+                        loss = loss + aux_loss()
+                if not torch.isfinite(loss):
+                    raise TrainingFailed(f"The loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}: training diverged. "
+                                         f"Lower the learning rate (now {opt.param_groups[0]['lr']:g}).")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if cfg.step_schedule:
+                    sched.step()
+                if epoch == cfg.epochs and step >= batches.steps - cfg.average_last:
+                    base = getattr(model, "module", model)
+                    if averaged is None:
+                        averaged = torch.optim.swa_utils.AveragedModel(base, use_buffers=True)
+                    averaged.update_parameters(base)
+                n = len(y)
+                loss_sum += float(loss.detach()) * n
+                correct += int((out.detach().argmax(1) == y).sum())
+                seen += n
+                if on_step:
+                    on_step(epoch, step + 1, float(loss.detach()))
+            train_seconds = time.perf_counter() - t0
+            if averaged is not None:  # the last N steps' average becomes the model
+                getattr(model, "module", model).load_state_dict(averaged.module.state_dict())
+                averaged = None
+            test_acc = float("nan")
+            if rank == 0:
+                eval_model = getattr(model, "module", model)
+                test_loss, test_acc, _ = evaluate(eval_model, *test, device=device)
+                m = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), test_loss, test_acc, lr,
+                                 time.perf_counter() - t0, seen * world_size / max(train_seconds, 1e-9))
+                result.epochs.append(m)
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(_broadcast(test_acc, world_size))
+            elif sched is not None and not cfg.step_schedule:
                 sched.step()
-            if epoch == cfg.epochs and step >= batches.steps - cfg.average_last:
-                base = getattr(model, "module", model)
-                if averaged is None:
-                    averaged = torch.optim.swa_utils.AveragedModel(base, use_buffers=True)
-                averaged.update_parameters(base)
-            n = len(y)
-            loss_sum += float(loss.detach()) * n
-            correct += int((out.detach().argmax(1) == y).sum())
-            seen += n
-            if on_step:
-                on_step(epoch, step + 1, float(loss.detach()))
-        train_seconds = time.perf_counter() - t0
-        if averaged is not None:  # the last N steps' average becomes the model
-            getattr(model, "module", model).load_state_dict(averaged.module.state_dict())
-            averaged = None
-        test_acc = float("nan")
-        if rank == 0:
-            eval_model = getattr(model, "module", model)
-            test_loss, test_acc, _ = evaluate(eval_model, *test, device=device)
-            m = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), test_loss, test_acc, lr,
-                             time.perf_counter() - t0, seen * world_size / max(train_seconds, 1e-9))
-            result.epochs.append(m)
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(_broadcast(test_acc, world_size))
-        elif sched is not None and not cfg.step_schedule:
-            sched.step()
+            result.seconds = time.perf_counter() - start
+            if rank == 0:
+                if on_epoch:
+                    on_epoch(m)
+                if on_state:
+                    on_state(_snapshot(model, opt, sched, scaler, gen, epoch, result, result.seconds))
         result.seconds = time.perf_counter() - start
-        if rank == 0:
-            if on_epoch:
-                on_epoch(m)
-            if on_state:
-                on_state(_snapshot(model, opt, sched, scaler, gen, epoch, result, result.seconds))
-    result.seconds = time.perf_counter() - start
-    return result
+        return result
+    finally:
+        if unhook is not None:  # the model leaves as it came, without the hooks
+            unhook()

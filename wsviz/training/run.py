@@ -74,6 +74,8 @@ def finetune_flags(cfg: TrainConfig) -> list[str]:
     parts = ["--step-schedule"] if cfg.step_schedule else []
     if cfg.distill:
         parts += ["--distill", repr(cfg.distill), "--distill-weight", repr(cfg.distill_weight)]
+    if cfg.feature_distill:
+        parts += ["--feature-distill", repr(cfg.feature_distill)]
     if cfg.average_last:
         parts += ["--average-last", str(cfg.average_last)]
     return parts
@@ -178,7 +180,10 @@ def _check_resumable(state: dict[str, Any], model_name: str, config: dict[str, A
                      cfg: TrainConfig, data_seed: int, path: Path, start: dict[str, Any] | None = None) -> None:
     """Refuse to continue a state saved by another run (other model, data or hyperparameters, or
     another starting checkpoint or ties: ``start``)."""
-    run = state.get("run", {})
+    run = dict(state.get("run", {}))
+    if isinstance(run.get("train_config"), dict):  # a field added since the state was saved has its default there
+        run["train_config"] = {**{k: v for k, v in TrainConfig().to_dict().items() if k not in _FREE_ON_RESUME},
+                               **run["train_config"]}
     now = {"model": model_name, "config": config, "dataset": dataset, "data_seed": data_seed,
            "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}, **(start or {})}
     diff = [k for k in now if _plain(run.get(k)) != _plain(now[k])]

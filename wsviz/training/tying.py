@@ -49,17 +49,51 @@ class TieSpec:
 
 
 DISTILL_TEMPERATURE = 4.0
+DISTILL_WEIGHT = 0.5  # half the loss from the untied model's predictions, half from the labels
+FEATURE_DISTILL = 3.0
 AVERAGE_LAST = 15
+
+
+def feature_distillation(student: nn.Module, teacher: nn.Module, groups, weight: float):
+    """Feature distillation (FitNets, Romero et al. 2015) for a tied model: forward hooks on the block
+    (the parent module) of every member of ``groups``, in ``student`` and in ``teacher`` (the untied
+    model, with the same layer paths). Returns (term, remove): ``term()`` is ``weight`` times the mean
+    over the blocks of ||student output - teacher output||^2 / ||teacher output||^2 (relative, so that
+    blocks of every width count alike), from each model's last forward pass; the teacher's output is
+    taken as fixed. ``remove()`` takes the hooks off."""
+    blocks = list(dict.fromkeys(path.rsplit(".", 1)[0] if "." in path else path for g in groups for path in g))
+    seen: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+    hooks = []
+    for who, model in (("student", student), ("teacher", teacher)):
+        for b in blocks:
+            def hook(mod, inputs, out, who=who, b=b):
+                seen[who][b] = out
+            hooks.append(model.get_submodule(b).register_forward_hook(hook))
+
+    def term() -> torch.Tensor:
+        errors = []
+        for b in blocks:
+            s, t = seen["student"][b].float(), seen["teacher"][b].detach().float()
+            errors.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+        return weight * torch.stack(errors).mean()
+
+    def remove() -> None:
+        for h in hooks:
+            h.remove()
+    return term, remove
 
 
 def finetune_config(epochs: int, lr: float, *, max_batches: int | None = None, distill: bool = True,
                     train_images: int | None = None, **kw: Any):
     """wsviz's recipe for fine-tuning a tied model (the one ``checkpoints/REPORT.md`` measures), as a
     :class:`~wsviz.training.loop.TrainConfig`: a cosine annealed every step (a fine-tune of one epoch
-    would otherwise run at a constant rate), and with ``distill`` the untied model's predictions
-    (temperature 4) instead of the labels and the last 15 steps' weights averaged (fewer when an
-    epoch is shorter: capped by ``max_batches``, or, given ``train_images``, the training split's size,
-    a set of fewer than 15 batches). ``kw``: any other TrainConfig field (batch_size, seed, augment...)."""
+    would otherwise run at a constant rate), and with ``distill``: half the loss from the untied
+    model's predictions (temperature 4) and half from the labels, feature distillation of the tied
+    blocks' outputs (weight 3, :func:`feature_distillation`), and the last 15 steps' weights averaged
+    (fewer when an epoch is shorter: capped by ``max_batches``, or, given ``train_images``, the
+    training split's size, a set of fewer than 15 batches). ``benchmarks/bench_tie_recipe.py`` chose
+    the recipe (plans and results: ``benchmarks/results/tie-recipe-*``). ``kw``: any other TrainConfig
+    field (batch_size, seed, augment...), which overrides the recipe's."""
     from wsviz.training.loop import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=max_batches, step_schedule=True, **kw)
@@ -68,7 +102,9 @@ def finetune_config(epochs: int, lr: float, *, max_batches: int | None = None, d
     epoch = [AVERAGE_LAST, max_batches or AVERAGE_LAST]
     if train_images is not None:  # the loop's steps per epoch (one process): whole batches, at least one
         epoch.append(max(1, train_images // cfg.batch_size))
-    return replace(cfg, distill=DISTILL_TEMPERATURE, average_last=min(epoch))
+    recipe = {"distill": DISTILL_TEMPERATURE, "distill_weight": DISTILL_WEIGHT, "feature_distill": FEATURE_DISTILL,
+              "average_last": min(epoch)}
+    return replace(cfg, **{**recipe, **{k: v for k, v in kw.items() if k in recipe}})
 
 
 def parse_groups(items: list[str]) -> tuple[tuple[str, ...], ...]:
