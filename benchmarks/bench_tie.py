@@ -12,8 +12,9 @@ Per seed (calibration sample, fine-tuning order, from-scratch initialisation, ra
 
 1. ShaResNet's rule (``sharesnet_rule``: blocks 2..n of each stage share conv2): accuracy right after
    tying for each init; after fine-tuning with 10% of the original steps (37 of 372) by wsviz's
-   recipe (``finetune_config``: per-step cosine, distillation from the untied model, the last 15
-   steps averaged), and with 25% and 50% of them; the same shared architecture trained from scratch
+   recipe (``finetune_config``: per-step cosine, half distillation from the untied model and half
+   the labels, feature distillation of the tied blocks, the last 15 steps averaged), and with 25%
+   and 50% of them; the same shared architecture trained from scratch
    for the same steps; the untied model (as is, and after the same fine-tune).
 2. Ranking: every candidate group is tied alone (lstsq) and fine-tuned for a fixed short run; its
    drop is the untied model's accuracy after the same run minus the tied one's. Spearman between
@@ -40,6 +41,7 @@ on the default grid val chose 0.03, the grid's edge (0.1 then scored lower on va
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -67,7 +69,7 @@ from wsviz.models.registry import input_shape
 from wsviz.models.tie import apply_ties, reestimate_batchnorm, tie
 from wsviz.training.checkpoint import load_checkpoint
 from wsviz.training.loop import TrainConfig, evaluate, train
-from wsviz.training.tying import AVERAGE_LAST, finetune_config
+from wsviz.training.tying import AVERAGE_LAST, DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL, finetune_config
 from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +193,12 @@ def gap_interval(reference: list[np.ndarray], others: list[np.ndarray], level: f
 
 def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=None):
     """At most ``steps`` SGD steps, in place; returns the model. With a ``teacher``, the recipe wsviz
-    fine-tunes a tied model with (``python -m wsviz.train --init-from UNTIED --tie ... --step-schedule
-    --distill 4 --average-last 15``): a cosine annealed every step, distillation from the untied model
-    (T = 4, its predictions only), the last 15 steps' weights averaged. Without: the labels, a constant
+    fine-tunes a tied model with (``finetune_config``; ``python -m wsviz.train --init-from UNTIED --tie ...
+    --step-schedule --distill 4 --distill-weight 0.5 --feature-distill 3 --average-last 15``): a cosine
+    annealed every step, half the loss from the untied model's predictions (T = 4) and half from the
+    labels, the tied blocks' outputs pulled to the untied model's, the last 15 steps' weights averaged;
+    a model with nothing tied (the untied control) gets it without the feature term, having no tied
+    blocks to match. Without a teacher: the labels, a constant
     rate for one epoch (the ranking's short fine-tune, kept as it was when its scores were chosen; and
     from scratch, at the original recipe's rate). ``steps`` beyond one epoch run as whole epochs of
     equal length (``epochs * per_epoch <= steps``)."""
@@ -204,6 +209,8 @@ def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=N
         cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=cap, seed=seed, augment=AUGMENT)
     else:
         cfg = finetune_config(epochs, lr, max_batches=cap, seed=seed, augment=AUGMENT)
+        if not (getattr(model, "wsviz_tie", None) or {}).get("groups"):
+            cfg = dataclasses.replace(cfg, feature_distill=0.0)
     train(model, train_data, val, cfg, teacher=teacher)
     return model
 
@@ -416,7 +423,9 @@ def main() -> None:
 
 def write(res: dict, args, ckpt: Path, t_start: float, wall0: float) -> None:
     res["scratch_lr"], res["verify"], res["singles"] = SCRATCH_LR, VERIFY, list(SINGLE)
-    res["short_lr"], res["average_last"], res["recipe"] = SHORT_LR, AVERAGE_LAST, "distill"  # finetune_config's
+    res["short_lr"], res["average_last"] = SHORT_LR, AVERAGE_LAST
+    res["recipe"] = {"distill": DISTILL_TEMPERATURE, "distill_weight": DISTILL_WEIGHT,  # finetune_config's
+                     "feature_distill": FEATURE_DISTILL}
     res["cpu_seconds"], res["threads"] = time.process_time() - t_start, torch.get_num_threads()
     res["wall_seconds"] = time.time() - wall0
     out = Path(args.out)

@@ -518,13 +518,32 @@ def tying_section(res: dict) -> list[str]:
     name = res.get("checkpoint", "scale-sharesnet-unshared")
     twin = name == "scale-sharesnet-unshared"
     share = 100 * res["ft_steps"] / res["original_steps"]
-    if res.get("recipe") == "distill":
+    from wsviz.training.tying import DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL
+
+    rec = res.get("recipe")
+    lrs = ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items())
+    if isinstance(rec, dict):  # the fields of finetune_config when the benchmark ran
+        w, f = rec["distill_weight"], rec["feature_distill"]
+        flags = f"--step-schedule --distill {rec['distill']:g} --distill-weight {w:g} --feature-distill {f:g} " \
+                f"--average-last {res['average_last']}"
         recipe = (f"Fine-tuning: {res['ft_steps']} SGD steps ({share:.1f}% of the original), wsviz's recipe for a tied "
-                  f"model (`--step-schedule --distill 4 --average-last {res['average_last']}`): a cosine annealed every "
-                  f"step from lr {res['lr']} (chosen on val from " + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items())
-                  + "), distillation from the untied model's predictions (T = 4), the last "
-                  f"{res['average_last']} steps' weights averaged; the untied model fine-tuned the same way is the "
-                  f"control. From scratch: the same steps from the labels at the original recipe's lr {res['scratch_lr']}.")
+                  f"model (`{flags}`): a cosine annealed every step from lr {res['lr']} (chosen on val from {lrs}), "
+                  f"{w:.0%} of the loss from the untied model's predictions (T = {rec['distill']:g}) and the rest from the "
+                  f"labels, the tied blocks' outputs pulled to the untied model's (feature distillation, weight {f:g}), "
+                  f"the last {res['average_last']} steps' weights averaged; the untied model fine-tuned the same way "
+                  "(without the feature term: it has no tied blocks) is the control. From scratch: the same steps from "
+                  f"the labels at the original recipe's lr {res['scratch_lr']}.")
+        if (rec["distill"], w, f) != (DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL):
+            recipe += " wsviz's recipe has changed since; this section has not been re-run with it."
+    elif rec == "distill":
+        recipe = (f"Fine-tuning: {res['ft_steps']} SGD steps ({share:.1f}% of the original), the recipe wsviz fine-tuned "
+                  f"a tied model with when this ran (`--step-schedule --distill 4 --average-last {res['average_last']}`): "
+                  f"a cosine annealed every step from lr {res['lr']} (chosen on val from {lrs}), distillation from the "
+                  f"untied model's predictions (T = 4), the last {res['average_last']} steps' weights averaged; the "
+                  "untied model fine-tuned the same way is the control. From scratch: the same steps from the labels at "
+                  f"the original recipe's lr {res['scratch_lr']}. wsviz's recipe has changed since (half the loss from "
+                  "the labels, feature distillation: `benchmarks/results/tie-recipe-plan.md`); this section has not "
+                  "been re-run with it.")
     else:
         recipe = (f"Fine-tuning: {res['ft_steps']} SGD steps ({share:.1f}% of the original) at lr {res['lr']} (chosen on "
                   "val from " + ", ".join(f"{k}: {v:.1f}%" for k, v in res["lr_val"].items()) + "); from scratch: the "
