@@ -69,7 +69,7 @@ from wsviz.models.registry import input_shape
 from wsviz.models.tie import apply_ties, reestimate_batchnorm, tie
 from wsviz.training.checkpoint import load_checkpoint
 from wsviz.training.loop import TrainConfig, evaluate, train
-from wsviz.training.tying import AVERAGE_LAST, DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL, finetune_config
+from wsviz.training.tying import finetune_config
 from wsviz.zoo import tying_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,17 +202,22 @@ def finetune(model, train_data, val, steps: int, lr: float, seed: int, teacher=N
     rate for one epoch (the ranking's short fine-tune, kept as it was when its scores were chosen; and
     from scratch, at the original recipe's rate). ``steps`` beyond one epoch run as whole epochs of
     equal length (``epochs * per_epoch <= steps``)."""
-    per_epoch = max(1, len(train_data[1]) // TrainConfig.batch_size)
-    epochs = -(-steps // per_epoch)
-    cap = steps // epochs
-    if teacher is None:
-        cfg = TrainConfig(epochs=epochs, lr=lr, max_batches=cap, seed=seed, augment=AUGMENT)
-    else:
-        cfg = finetune_config(epochs, lr, max_batches=cap, seed=seed, augment=AUGMENT)
-        if not (getattr(model, "wsviz_tie", None) or {}).get("groups"):
-            cfg = dataclasses.replace(cfg, feature_distill=0.0)
+    cfg = finetune_settings(len(train_data[1]), steps, lr, seed, distill=teacher is not None)
+    if teacher is not None and not (getattr(model, "wsviz_tie", None) or {}).get("groups"):
+        cfg = dataclasses.replace(cfg, feature_distill=0.0)
     train(model, train_data, val, cfg, teacher=teacher)
     return model
+
+
+def finetune_settings(n_train: int, steps: int, lr: float, seed: int = 0, distill: bool = True) -> TrainConfig:
+    """The TrainConfig :func:`finetune` runs ``steps`` steps with on ``n_train`` training images: with
+    ``distill``, wsviz's recipe (``finetune_config``), else a constant rate from the labels."""
+    per_epoch = max(1, n_train // TrainConfig.batch_size)
+    epochs = -(-steps // per_epoch)
+    cap = steps // epochs
+    if not distill:
+        return TrainConfig(epochs=epochs, lr=lr, max_batches=cap, seed=seed, augment=AUGMENT)
+    return finetune_config(epochs, lr, max_batches=cap, seed=seed, augment=AUGMENT)
 
 
 def tied_model(model, groups, init, cal):
@@ -278,7 +283,7 @@ def main() -> None:
     res = {"checkpoint": ckpt.name, "dataset": dataset, "only_tie": args.only_tie, "rule": args.rule, "rule_groups": [list(g) for g in rule],
            "seeds": args.seeds, "candidate_groups": [list(g) for g in groups], "ft_steps": FT_STEPS,
            "original_steps": ORIGINAL_STEPS, "short_steps": SHORT_STEPS, "calibration": CALIBRATION,
-           "untied_full_test": 100 * card["test_accuracy"], "untied_val": acc(plain, val), "untied_test": acc(plain, test), "val_n": len(val[1]),
+           "untied_full_test": 100 * card["test_accuracy"], "untied_val": acc(plain, val), "untied_test": acc(plain, test), "val_n": len(val[1]), "n_train": len(tr.labels),
            "params": {"untied": summarize(plain).unique_params}}
 
     # -- choose the fine-tuning learning rate on val (seed 0, ShaResNet's rule, lstsq) --------------
@@ -423,9 +428,10 @@ def main() -> None:
 
 def write(res: dict, args, ckpt: Path, t_start: float, wall0: float) -> None:
     res["scratch_lr"], res["verify"], res["singles"] = SCRATCH_LR, VERIFY, list(SINGLE)
-    res["short_lr"], res["average_last"] = SHORT_LR, AVERAGE_LAST
-    res["recipe"] = {"distill": DISTILL_TEMPERATURE, "distill_weight": DISTILL_WEIGHT,  # finetune_config's
-                     "feature_distill": FEATURE_DISTILL}
+    # the recipe as the fine-tunes of the 10% budget ran it (finetune_config's fields, the average capped by an epoch)
+    cfg = finetune_settings(res["n_train"], res["ft_steps"], res["lr"])
+    res["short_lr"], res["average_last"] = SHORT_LR, cfg.average_last
+    res["recipe"] = {"distill": cfg.distill, "distill_weight": cfg.distill_weight, "feature_distill": cfg.feature_distill}
     res["cpu_seconds"], res["threads"] = time.process_time() - t_start, torch.get_num_threads()
     res["wall_seconds"] = time.time() - wall0
     out = Path(args.out)

@@ -192,3 +192,36 @@ def test_the_recipe_comparison_runs_with_its_from_scratch_reference(tmp_path, mo
         BR.main([*args, "--variants", "ramp5"])
     with pytest.raises(SystemExit, match="not the same shared architecture"):
         BR.main([*args, "--variants", "T2", "--scratch", str(ROOT / "checkpoints" / "scale-resnet20")])
+
+
+def test_the_results_record_the_recipe_the_fine_tunes_ran_with():
+    """bench_tie's results (and REPORT.md's flags line) say the averaging the 10% fine-tune really used:
+    finetune_config caps it at the fine-tune's epoch, so a short budget averages fewer than 15 steps."""
+    from benchmarks import bench_tie as B
+    from wsviz.training.tying import AVERAGE_LAST, DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL
+
+    cfg = B.finetune_settings(4000, 37, 0.01)  # the mnist5k twin: 31 steps an epoch, so 2 epochs of 18
+    assert (cfg.epochs, cfg.max_batches, cfg.average_last) == (2, 18, AVERAGE_LAST)
+    assert (cfg.distill, cfg.distill_weight, cfg.feature_distill) == (DISTILL_TEMPERATURE, DISTILL_WEIGHT, FEATURE_DISTILL)
+    short = B.finetune_settings(4000, 6, 0.01)
+    assert (short.epochs, short.max_batches, short.average_last) == (1, 6, 6)
+    plain = B.finetune_settings(4000, 6, 0.01, distill=False)
+    assert (plain.distill, plain.average_last, plain.feature_distill) == (0, 0, 0)
+
+
+def test_the_written_results_carry_the_averaging_of_their_own_budget(tmp_path):
+    """write() records the recipe from the fine-tune's own settings: the published twin's results with a
+    6-step budget say 6 steps averaged (not the recipe's constant 15), in the JSON and the flags line."""
+    import argparse
+    import json
+    import time
+
+    from benchmarks import bench_tie as B
+
+    res = json.loads((ROOT / "checkpoints" / "tying.json").read_text())
+    res.update(n_train=4000, ft_steps=6)
+    args = argparse.Namespace(out=str(tmp_path), smoke=True, publish=False, only_tie=False)
+    B.write(res, args, TWIN, time.process_time(), time.time())
+    out = json.loads((tmp_path / "tie.json").read_text())
+    assert out["average_last"] == 6 and out["recipe"]["feature_distill"] == 3.0
+    assert "--average-last 6`" in (tmp_path / "tie.md").read_text()

@@ -287,7 +287,7 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     assert text in (CKPT / "REPORT.md").read_text()
     seeds = res["per_seed"]
     gap = statistics.mean(res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds)
-    assert f"lstsq + fine-tune is {gap:.1f}" in text
+    assert f"lstsq + fine-tune is {gap:.2f}" in text
     assert ("points below it — NOT met" in text) == (gap > 0.5)
     rho = statistics.mean(s["spearman_test"]["combined (chosen on val)"] for s in seeds)
     assert f"(its weights chosen on val, ρ on the test half): {rho:.2f} — {'met' if rho >= 0.7 else 'NOT met'}" in text
@@ -295,7 +295,12 @@ def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
     close = copy.deepcopy(res)
     for s in close["per_seed"]:
         s["after_ft"]["lstsq"] = close["untied_test"] - 0.3
-    assert "is 0.3 ± 0.0 points below it — met" in "\n".join(zoo.tying_section(close))
+    assert "is 0.30 ± 0.00 points below it — met" in "\n".join(zoo.tying_section(close))
+    # just over the target: 0.51 must not read as "0.5 ... met"
+    over = copy.deepcopy(res)
+    for s in over["per_seed"]:
+        s["after_ft"]["lstsq"] = over["untied_test"] - 0.51
+    assert "is 0.51 ± 0.00 points below it — NOT met" in "\n".join(zoo.tying_section(over))
     # the budget curve says where the 0.5-point target is first reached, from its numbers
     curve = copy.deepcopy(res)
     for s in curve["per_seed"]:

@@ -470,13 +470,13 @@ def render_report(out: str | Path = "checkpoints") -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _mean_sd(values) -> str:
+def _mean_sd(values, digits: int = 1) -> str:
     import statistics
 
     values = list(values)
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _nonzero(weights: dict) -> dict:
@@ -570,7 +570,7 @@ def tying_section(res: dict) -> list[str]:
     gap = [res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds]
     beat = [s["after_ft"]["lstsq"] - s["scratch"] for s in seeds]
     control = [s["untied_ft"] - s["after_ft"]["lstsq"] for s in seeds]
-    lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_mean_sd(gap)} points below it "
+    lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_mean_sd(gap, 2)} points below it "
               f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'} (below the untied model fine-tuned the same "
               f"way: {_mean_sd(control)}). Target \"better than from scratch\": "
               f"{_mean_sd(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
