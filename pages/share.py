@@ -23,10 +23,24 @@ from wsviz.concurrency import heavy_slot
 from wsviz.errors import WsvizError
 
 st.title("Share weights")
+def _weights_said() -> str:
+    """What the predicted cost is made of, read from the weights the library uses (so it stays true)."""
+    from wsviz.analysis.opportunities import DEFAULT_WEIGHTS
+
+    names = {"measured_drop": "the accuracy lost now", "measured_kl": "the KL divergence from the untied model's "
+             "predictions now", "measured_loss": "the held-out loss rise now", "output_cka": "the output CKA",
+             "weight_similarity": "the kernel similarity", "gradient_conflict": "the gradient conflict"}
+    parts = [f"{names[k]} ×{w:g}" for k, w in DEFAULT_WEIGHTS.items() if w]
+    return " and ".join(parts)
+
+
 st.caption("For a trained model: every group of same-shape convolutions in consecutive blocks of a stage, scored by "
-           "how alike the kernels are, how alike the blocks' outputs are (linear CKA), how much their gradients "
-           "conflict, and the accuracy lost by tying the group now (least-squares kernel, BatchNorm re-estimated, no "
-           "fine-tuning). The predicted cost combines their ranks. Tie the cheapest, then fine-tune: the result is a "
+           "how alike the kernels are (cosine, higher: more alike), how alike the blocks' outputs are (linear CKA, "
+           "higher: more alike), how much their gradients conflict (higher: more conflict), and what tying the group "
+           "now costs on held-out images (least-squares kernel, BatchNorm re-estimated, no fine-tuning). The "
+           f"predicted cost is the weighted mean of the groups' ranks by {_weights_said()}, from 0 (cheapest) to 1 "
+           "(costliest): the weights that best predicted the accuracy lost after fine-tuning in checkpoints/REPORT.md; "
+           "the three similarity scores are shown, not counted. Tie the cheapest, then fine-tune: the result is a "
            "variant like any other.")
 variants = chosen_variants(load=False)
 if not variants:
@@ -37,7 +51,9 @@ label = c1.selectbox("Model", variants, help="one of the variants chosen in the 
 n_cal = c2.slider("Calibration images (training split)", 64, 1024, 256, 64,
                   help="the least-squares kernels, BatchNorm statistics, CKA and gradients are computed on them")
 n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
-                   help="the accuracy lost by tying each group now is measured on them")
+                   help="the accuracy lost by tying each group now is measured on them. They are test images, so "
+                        "groups chosen by these costs make the fine-tuned variant's test accuracy a little optimistic; "
+                        "benchmarks/bench_tie.py chooses on one half of the test split and reports the other")
 
 
 def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
@@ -90,8 +106,21 @@ figure(opportunities_figure([{"group": t["group"], "params_saved": t["params sav
                              for t in table]), "share-cost")
 st.subheader("Candidate groups, cheapest first")
 st.dataframe(pd.DataFrame(table), hide_index=True,
-             column_config={"predicted cost": st.column_config.NumberColumn(format="%.2f"),
-                            "drop now (pts)": st.column_config.NumberColumn(format="%+.1f")})
+             column_config={"predicted cost": st.column_config.NumberColumn(
+                                format="%.2f", help="0 cheapest, 1 costliest (the ranks of the measured costs)"),
+                            "drop now (pts)": st.column_config.NumberColumn(
+                                format="%+.1f", help="accuracy points lost on the held-out images, tied now"),
+                            "loss rise now": st.column_config.NumberColumn(help="held-out cross-entropy, tied now "
+                                                                                "minus untied (higher: costlier)"),
+                            "KL now": st.column_config.NumberColumn(help="mean KL from the untied model's held-out "
+                                                                         "predictions (higher: costlier)"),
+                            "weight similarity": st.column_config.NumberColumn(
+                                help="mean pairwise cosine of the members' kernels (higher: more alike)"),
+                            "output CKA": st.column_config.NumberColumn(
+                                help="mean pairwise linear CKA of the members' outputs (higher: more alike)"),
+                            "gradient conflict": st.column_config.NumberColumn(
+                                help="1 minus the mean pairwise cosine of the members' gradients (higher: more "
+                                     "conflict)")})
 download_table(table, "share-opportunities")
 by_name = {t["group"]: r for t, r in zip(table, rows)}
 pick_key = f"share-pick-{hash(key)}"
@@ -108,13 +137,16 @@ def suggest(progress, model, rows, images, held_out, budget: int):
 
 
 with st.expander("Suggest groups for a parameter budget"):
+    from wsviz.analysis.opportunities import most_saved, selection_saving
+
     st.caption("Disjoint groups that save at least this many parameters, ranked by what tying each costs now "
                "(the KL divergence from the untied model's held-out predictions: the measured cost that best "
                "predicted the accuracy lost after fine-tuning in checkpoints/REPORT.md), added up; the 4 best sets "
-               "are then tied together and measured on the held-out images.")
+               "are then tied together, measured on the held-out images, and listed by that KL, lowest first.")
     b1, b2 = st.columns([2, 1])
-    budget = b1.number_input("Parameters to save", 1, max(sum(r.params_saved for r in rows), 1),
-                             min(r.params_saved for r in rows), step=1000)
+    most = most_saved(rows)
+    budget = b1.number_input("Parameters to save", 1, max(most, 1), min(r.params_saved for r in rows), step=1000,
+                             help=f"at most {most:,}: what tying every chain of overlapping groups whole would save")
     if b2.button("Suggest groups"):
         run_in_background("share-suggest", (key, int(budget)), suggest, model, rows, cal_x, held_out, int(budget))
     suggestion = background_result("share-suggest", (key, int(budget)), "measuring of the best sets")
@@ -123,7 +155,7 @@ with st.expander("Suggest groups for a parameter budget"):
         names = [" + ".join(g) for g in best.groups]
         st.success(f"Tie {' | '.join(names)}: saves {best.params_saved:,} parameters; with all of them tied now "
                    f"KL {best.measured_kl:.4f} (the groups alone add up to {best.predicted:.4f}), "
-                   f"{best.measured_drop:+.1f} pts.")
+                   f"{best.measured_drop:+.1f} accuracy points lost on the held-out images (before fine-tuning).")
         st.dataframe(pd.DataFrame([{"groups": " | ".join(" + ".join(g) for g in c.groups),
                                     "params saved": c.params_saved, "KL, groups alone added": c.predicted,
                                     "KL, tied together": c.measured_kl, "drop now (pts)": c.measured_drop}
@@ -133,8 +165,12 @@ with st.expander("Suggest groups for a parameter budget"):
 picked = st.multiselect("Groups to tie", list(by_name), key=pick_key,
                         help="groups may not overlap: a layer shares one weight at most")
 chosen = [by_name[g].group for g in picked]
-saved = sum(by_name[g].params_saved for g in picked)
-st.caption(f"{len(chosen)} group(s) chosen: {saved:,} parameters saved of {card.get('unique_params', 0):,}.")
+saved, twice = selection_saving([by_name[g] for g in picked])
+if twice:
+    st.warning(f"These groups overlap ({', '.join(twice[:3])} in more than one): a layer shares one weight at most, "
+               f"so they cannot be tied together. The groups that do not overlap save {saved:,} parameters.")
+else:
+    st.caption(f"{len(chosen)} group(s) chosen: {saved:,} parameters saved of {card.get('unique_params', 0):,}.")
 
 st.subheader("Tie and fine-tune")
 actor = current_actor()

@@ -352,3 +352,71 @@ def test_budgeted_choice_is_ordered_by_the_joint_measurement_not_the_sum(twin, m
     choices = opp.choose_groups(twin, rows, 10, torch.zeros(1), (torch.zeros(1), torch.zeros(1)), verify=3)
     assert [c.predicted for c in choices] == pytest.approx([0.5, 0.4, 0.3])
     assert [c.measured for c in choices] == [0.1, 0.5, 0.9]
+
+
+def test_parameters_saved_count_the_bias_a_tied_layer_stops_storing():
+    """A tied use site applies its owner's weight and bias, so a group of biased convolutions saves both:
+    the table's count is what the model's accounting says the tie saved."""
+    from wsviz.analysis.opportunities import group_saving
+    from wsviz.models import summarize
+    from wsviz.models.tie import tie
+
+    from wsviz.models.adopt import adopt
+
+    model = adopt(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), *[nn.Conv2d(8, 8, 3, padding=1, bias=True)
+                                                                 for _ in range(3)],
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten()), input_shape=(1, 8, 8))
+    group = ["1", "2", "3"]
+    tied = tie(model, [group], init="mean")
+    saved = summarize(model).unique_params - summarize(tied).unique_params
+    assert group_saving(model, group) == saved == 2 * (8 * 8 * 9 + 8)
+    plain = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(2)])
+    assert group_saving(plain, ["0", "1"]) == 8 * 8 * 9
+
+
+def test_the_most_a_choice_can_save_counts_every_layer_once(twin):
+    """Candidate groups overlap (a run of three holds two runs of two), so adding up their savings
+    overstates what any choice saves; most_saved is the best disjoint choice (brute force on small
+    chains, hypothesis), and on the twin what tying every lane whole saves by the model's accounting."""
+    import itertools
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from wsviz.analysis.opportunities import candidate_groups, most_saved, selection_saving
+    from wsviz.models import summarize
+    from wsviz.models.tie import tie
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.integers(2, 5), st.integers(1, 9)), min_size=1, max_size=3))
+    def check(chains):
+        rows = []
+        for c, (n, size) in enumerate(chains):  # every contiguous run of each chain, as candidate_groups gives
+            layers = [f"c{c}.{i}" for i in range(n)]
+            rows += [(layers[a:b], (b - a - 1) * size) for a in range(n) for b in range(a + 2, n + 1)]
+        rows = _rows(rows)
+        best = 0
+        for k in range(1, min(len(rows), 4) + 1):
+            for combo in itertools.combinations(rows, k):
+                if all(not set(a.group) & set(b.group) for a, b in itertools.combinations(combo, 2)):
+                    best = max(best, sum(r.params_saved for r in combo))
+        assert most_saved(rows) == best == sum((n - 1) * size for n, size in chains)
+        assert most_saved(rows) <= sum(r.params_saved for r in rows)
+
+    check()
+    rows = _rows([(g, 0) for g in candidate_groups(twin)])
+    rows = [type(r)(r.group, (len(r.group) - 1) * twin.get_submodule(r.group[0]).weight.numel(), 0.0, 0.0, 0.0, 0.0)
+            for r in rows]
+    lanes: dict[tuple[str, str], tuple[str, ...]] = {}  # (stage, conv) -> its longest run
+    for r in rows:
+        lane = (r.group[0].split(".")[1], r.group[0].split(".")[-1])
+        lanes[lane] = max(lanes.get(lane, ()), r.group, key=len)
+    whole = [list(g) for g in lanes.values()]
+    saved = summarize(twin).unique_params - summarize(tie(twin, whole, init="mean")).unique_params
+    assert most_saved(rows) == saved < sum(r.params_saved for r in rows)
+    # a picked selection that overlaps is said to, and counts only its disjoint part
+    a, b, c = (next(r for r in rows if r.group == g) for g in (("stages.0.0.conv2", "stages.0.1.conv2"),
+                                                              ("stages.0.1.conv2", "stages.0.2.conv2"),
+                                                              ("stages.1.1.conv1", "stages.1.2.conv1")))
+    assert selection_saving([a, c]) == (a.params_saved + c.params_saved, [])
+    assert selection_saving([a, b, c]) == (c.params_saved, ["stages.0.1.conv2"])

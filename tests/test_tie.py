@@ -100,6 +100,7 @@ def test_batchnorm_reestimation_changes_statistics_only(twin, calib):
     ([["stages.0.1.conv2", "stages.0.1.bn2"]], "not a convolution"),
     ([["stages.0.1.conv2"]], "two or more"),
     ([["stages.0.1.conv2", "stages.0.2.conv2"], ["stages.0.2.conv2", "stages.0.1.conv1"]], "already in group 1"),
+    ([["stages.0.1.conv2", "stages.0.1.conv2"]], "'stages.0.1.conv2' is twice in this group"),
     ([], "No groups"),
 ])
 def test_bad_groups_are_refused_with_the_group_named(twin, groups, words):
@@ -109,7 +110,9 @@ def test_bad_groups_are_refused_with_the_group_named(twin, groups, words):
 
 def test_an_already_shared_layer_and_a_missing_calibration_are_refused(twin):
     shared = tie(twin, GROUPS, init="mean")
-    with pytest.raises(WsvizError, match="already shares"):
+    # the message names the owner, and does not send the user to tie it (it lends its weight already)
+    with pytest.raises(WsvizError, match=r"'stages.0.2.conv2' already shares the weight of 'stages.0.1.conv2'; a "
+                                         r"layer shares one weight at most, so leave it out"):
         tie(shared, [["stages.0.2.conv2", "stages.0.0.conv2"]], init="mean")
     with pytest.raises(WsvizError, match="calibration images"):
         tie(twin, GROUPS, init="lstsq")

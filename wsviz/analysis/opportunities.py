@@ -323,7 +323,7 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         if held_out is not None:
             costs = _tying_costs(tie(model, [g], init="lstsq", covariances=covs), images, held_out, baseline)
         out.append(Opportunity(
-            g, (len(g) - 1) * ws[0].numel(), _pairwise_mean(ws, _cosine),
+            g, group_saving(model, g), _pairwise_mean(ws, _cosine),
             float(np.mean([_cka_from_grams(grams[a], grams[b]) for a, b in itertools.combinations(g, 2)])),
             1.0 - _pairwise_mean([grads[n] for n in g], _cosine), **costs))
     if progress:
@@ -399,6 +399,50 @@ class Choice:
 BUDGET_COSTS = ("measured_kl", "measured_loss", "measured_drop")
 
 
+def group_saving(model: nn.Module, group: Sequence[str]) -> int:
+    """Parameters saved by tying ``group``: every member but the first stops storing its weight and,
+    where the convolutions have one, its bias (a tied use site applies the owner's both)."""
+    conv = model.get_submodule(group[0])
+    per_layer = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+    return (len(group) - 1) * per_layer
+
+
+def most_saved(rows: Sequence[Opportunity]) -> int:
+    """The most that any disjoint choice of ``rows``' groups can save. Groups that share a layer join
+    one chain of layers (of one shape, so one per-layer size); disjoint groups inside a chain of ``n``
+    layers save at most ``n - 1`` layers' parameters, which tying the whole chain attains. (Adding up
+    the rows would count a layer once for every group it is in.)"""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    per_layer: dict[str, int] = {}
+    for r in rows:
+        for n in r.group[1:]:
+            parent[root(n)] = root(r.group[0])
+        per_layer[r.group[0]] = r.params_saved // max(len(r.group) - 1, 1)
+    chains: dict[str, set[str]] = {}
+    for r in rows:
+        chains.setdefault(root(r.group[0]), set()).update(r.group)
+    size = {root(n): k for n, k in per_layer.items()}
+    return sum((len(layers) - 1) * size[c] for c, layers in chains.items())
+
+
+def selection_saving(rows: Sequence[Opportunity]) -> tuple[int, list[str]]:
+    """(parameters saved, layers in more than one group) of tying the groups of ``rows`` together; with
+    overlaps the choice cannot be tied as it is, and the saving is that of its disjoint part only."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        for n in r.group:
+            seen[n] = seen.get(n, 0) + 1
+    twice = [n for n, k in seen.items() if k > 1]
+    return sum(r.params_saved for r in rows if not set(r.group) & set(twice)), twice
+
+
 def _disjoint_sets(rows: Sequence[Opportunity], budget: int, limit: int = 200_000) -> list[tuple[int, ...]]:
     """Every set of rows no two of which share a layer and that saves at least ``budget`` parameters,
     minimal (dropping any member would miss the budget), found by depth-first search over the rows;
@@ -450,7 +494,7 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
         raise WsvizError(f"The parameter budget must be a positive number of parameters to save, got {budget}.")
     sets = _disjoint_sets(rows, budget)
     if not sets:
-        most = sum(r.params_saved for r in rows)
+        most = most_saved(rows)
         raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save at "
                          f"most {most:,}); lower the budget or pass larger groups.")
 

@@ -61,6 +61,15 @@ def adoption(module: nn.Module) -> Adoption | None:
         return None
 
 
+def carry_adoption(source: nn.Module, copy: nn.Module) -> nn.Module:
+    """``copy`` (a deep copy of ``source``, same module paths) known to wsviz as ``source`` is, when
+    ``source`` was adopted; returns ``copy``."""
+    record = adoption(source)
+    if record is not None:
+        _ADOPTED[copy] = record
+    return copy
+
+
 def find_taps(module: nn.Module) -> dict[str, tuple[str, str]]:
     """{module path: (kind, label)} found from the structure: a torchvision / timm ResNet's
     stages (``level``) and global pooling (``embedding``); empty for anything else."""

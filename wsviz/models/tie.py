@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsviz.errors import WsvizError
+from wsviz.models.adopt import carry_adoption
 from wsviz.models.sharing import SharedConv2d, set_submodule
 
 INITS = ("mean", "medoid", "lstsq", "lstsq-bn")
@@ -53,8 +54,9 @@ def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, 
     except AttributeError:
         raise WsvizError(f"Group {list(group)}: the model has no layer {path!r}.") from None
     if isinstance(mod, SharedConv2d):
-        raise WsvizError(f"Group {list(group)}: {path!r} already shares another layer's weight; tie the layer that "
-                         "owns it instead.")
+        owner = next((n for n, m in model.named_modules() if m is mod.source), "another layer")
+        raise WsvizError(f"Group {list(group)}: {path!r} already shares the weight of {owner!r}; a layer shares one "
+                         "weight at most, so leave it out.")
     if not isinstance(mod, nn.Conv2d):
         raise WsvizError(f"Group {list(group)}: {path!r} is a {type(mod).__name__}, not a convolution.")
     users = (lenders or {}).get(id(mod))
@@ -86,7 +88,8 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
             raise WsvizError(f"Group {group}: a group needs two or more layers.")
         for path in group:
             if path in seen:
-                raise WsvizError(f"Group {group}: {path!r} is already in group {seen[path] + 1}.")
+                where = "twice in this group" if seen[path] == g else f"already in group {seen[path] + 1}"
+                raise WsvizError(f"Group {group}: {path!r} is {where}; a layer shares one weight at most.")
             seen[path] = g
         convs = [_conv(model, p, group, lenders) for p in group]
         shapes = {tuple(c.weight.shape) for c in convs}
@@ -327,7 +330,7 @@ def tie(model: nn.Module, groups: Sequence[Sequence[str]], init: str = "lstsq", 
         flat = _input_covariances(model, [c for convs in member_groups for c in convs], images)  # one pass, all groups
         it = iter(flat)
         covs = [[next(it) for _ in convs] for convs in member_groups]
-    tied = copy.deepcopy(model)
+    tied = carry_adoption(model, copy.deepcopy(model))  # an adopted model's copy stays adopted (input, taps)
     if init == "lstsq-bn":
         _need_images(images, init)  # the BNs are found by running images
         norms = absorbing_norms(tied, [tied.get_submodule(p) for g in groups for p in g], images)
