@@ -59,6 +59,7 @@ from wsviz.analysis.opportunities import (
     candidate_groups,
     choose_groups,
     find_opportunities,
+    group_saving,
     predicted_costs,
     sharesnet_rule,
 )
@@ -225,7 +226,7 @@ def tied_model(model, groups, init, cal):
 
 
 def saving(model, groups) -> int:
-    return sum((len(g) - 1) * model.get_submodule(g[0]).weight.numel() for g in groups)
+    return sum(group_saving(model, g) for g in groups)
 
 
 def main() -> None:
