@@ -359,9 +359,8 @@ def test_parameters_saved_count_the_bias_a_tied_layer_stops_storing():
     the table's count is what the model's accounting says the tie saved."""
     from wsviz.analysis.opportunities import group_saving
     from wsviz.models import summarize
-    from wsviz.models.tie import tie
-
     from wsviz.models.adopt import adopt
+    from wsviz.models.tie import tie
 
     model = adopt(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), *[nn.Conv2d(8, 8, 3, padding=1, bias=True)
                                                                  for _ in range(3)],
