@@ -180,6 +180,14 @@ def test_stage_similarity_matrices(twin):
         h.remove()
     assert s.output_cka[0, 1] == pytest.approx(linear_cka(outs[s.layers[0]].numpy(), outs[s.layers[1]].numpy()))
     assert ("stages.1", "conv1") in by and len(by[("stages.1", "conv1")].layers) == 2  # block 0's conv1 differs
+    # the page's heatmaps label the axes by block index, as categories: a two-block stage shows ticks
+    # "1" and "2", not a numeric axis with ticks at 1.5 and 2.5
+    from wsviz.figures import stage_similarity_figure
+
+    fig = stage_similarity_figure(sims)
+    two = next(i for i, t in enumerate(fig.data) if list(t.x) == ["1", "2"])
+    axis = "xaxis" if two == 0 else f"xaxis{two + 1}"
+    assert fig.layout[axis].type == "category" and fig.layout["y" + axis[1:]].type == "category"
 
 
 def test_tied_layers_are_not_offered_again(twin):

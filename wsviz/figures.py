@@ -315,6 +315,8 @@ def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
                                  coloraxis="coloraxis", customdata=[[f"{a} vs {b}" for b in s.layers] for a in s.layers],
                                  hovertemplate="%{customdata}: %{z:.3f}<extra></extra>"),
                       row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(type="category")  # block indices: "1", "2" would otherwise get ticks at 1.5, 2.5
+    fig.update_yaxes(type="category")
     title = "Output CKA between blocks" if kind == "output_cka" else "Kernel cosine similarity between blocks"
     fig.update_layout(title=title + " (axes: block index)", height=260 * rows + 80,
                       coloraxis=dict(colorscale="Viridis", cmin=lo, cmax=1, colorbar=dict(title=kind)))
