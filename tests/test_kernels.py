@@ -5,6 +5,7 @@ layer lists made by hand, blending marks and the pruning curve against a loop. F
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,3 +460,33 @@ def test_blending_pruning_curve_restores_the_weights_on_error():
     with pytest.raises(RuntimeError):  # 2.0 asks for more weights than there are, after 0.5 pruned half
         blending_pruning_curve(m, torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long), (0.5, 2.0))
     assert all(torch.equal(layer.weight, w) for layer, w in zip(m.blending_layers(), before))
+
+
+@pytest.mark.parametrize("name", ["scale-sharesnet", "scale-wsms-1x1", "scale-msws-shared", "scale-repeatnet-linear"])
+def test_the_layer_menu_is_in_forward_order(name):
+    """The Kernels page's menu says "places in forward order", and default_layers counts depth from its
+    end: the order must be the order the forward pass reaches each place (pre-hooks record it), not
+    the order the parameters were registered in (which put ShaResNet's conv2 before conv1)."""
+    from wsviz.models import input_shape
+    from wsviz.training.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "checkpoints" / name)
+    names = [k.name for k in kernel_layers(model)]
+    modules, reached = dict(model.named_modules()), []
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: reached.append(n) if n not in reached else None)
+             for n in names]
+    c, h, w = input_shape(model)
+    with torch.no_grad():
+        model.eval()(torch.rand(2, c, h, w))
+    for hk in hooks:
+        hk.remove()
+    assert names == reached
+
+
+def test_default_layers_pick_the_last_shared_conv_of_each_variant():
+    """ShaResNet's last conv is stages.2.2.conv2 (shared); msws's last shared 3x3 is trunk.stages.2.1.conv2."""
+    from wsviz.training.checkpoint import load_checkpoint
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints"
+    models = {k: load_checkpoint(ckpt / k)[0] for k in ("scale-sharesnet", "scale-msws-shared")}
+    assert default_layers(models) == {"scale-sharesnet": "stages.2.2.conv2", "scale-msws-shared": "trunk.stages.2.1.conv2"}

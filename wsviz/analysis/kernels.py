@@ -76,16 +76,19 @@ class KernelLayer:
 
 def kernel_layers(model: nn.Module, min_size: int = 2) -> list[KernelLayer]:
     """Every place that applies conv kernels of at least ``min_size`` x ``min_size``, in forward order."""
-    from wsviz.models import reuse_report
+    from wsviz.models.accounting import _reuse, sharing_report
 
-    reuse = reuse_report(model)
+    traced, _, _ = sharing_report(model)  # the uses in the order the forward pass made them
+    reuse = _reuse(traced, {n: tuple(p.shape) for n, p in model.named_parameters()})
     by_site: dict[str, list] = {}
     for r in reuse.values():
         for u in r.uses:
             if (u.op == "conv2d" and u.applied and len(u.applied_shape) == 4
                     and min(u.applied_shape[2:]) >= min_size):
                 by_site.setdefault(u.site, []).append(u)
-    order = {u.site: i for i, u in reversed(list(enumerate(u for r in reuse.values() for u in r.uses)))}
+    order: dict[str, int] = {}
+    for i, u in enumerate(traced):  # a place's first use in the trace: forward order, not parameter order
+        order.setdefault(u.site, i)
     out = []
     for site in sorted(by_site, key=order.__getitem__):
         uses = by_site[site]
