@@ -136,6 +136,35 @@ def test_scale_page_slider_and_sweep():
     wait_for_charts(at, 3)
 
 
+def test_scale_sweep_survives_a_model_without_level_outputs():
+    """ShaRDNet-S has only iteration outputs: its per-layer invariance cannot be measured, which the page
+    says by name, while the sweep of both models and the other's invariance are still drawn."""
+    if not {"scale-resnet20", "scale-shardnet-S"} <= set(SHIPPED):
+        pytest.skip("needs the shipped scale-resnet20 and scale-shardnet-S")
+    at = app("pages/scale.py", ["scale-resnet20", "scale-shardnet-S"])
+    at.slider[1].set_value(100).run()
+    next(m for m in at.multiselect if m.label == "Scales").set_value([0.5, 1.0]).run()
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    wait_for_charts(at, 3)
+    assert any("No per-layer invariance for scale-shardnet-S" in i.value for i in at.info)
+    assert not at.error
+
+
+def test_the_invariance_images_are_spread_over_the_set():
+    """The digits are sorted by class: the first 64 of 1,000 are all zeros. The sample spans the set."""
+    source = (ROOT / "pages" / "scale.py").read_text()
+    code = source[source.index("def invariance_sample"):].split("\n\n\n")[0]
+    scope: dict = {}
+    exec(code, scope)  # the page's helper alone, without running the page
+    idx = scope["invariance_sample"](1000)
+    assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 999
+    assert scope["invariance_sample"](10) == list(range(10))
+    from wsviz.data.stream import eval_data, take
+
+    _, labels = take(eval_data("mnist5k", "test", limit=1000), idx)
+    assert len(set(labels.tolist())) == 10
+
+
 def wait_for_charts(at: AppTest, n: int, timeout: float = 240) -> None:
     """Background work ends while the page shows its progress: rerun until its figures are drawn."""
     t0 = time.time()
