@@ -70,13 +70,15 @@ if variants:
         c = read_card(path)
         fp = card_float_params(c)
         vrows.append({"variant": label, "model": c["model"], "family": c.get("family"), "dataset": c.get("dataset"),
-                      "test accuracy": c.get("test_accuracy"),
+                      "test accuracy (this checkpoint)": c.get("test_accuracy"),
                       "params": fp, "sign-mask bits": c.get("sign_mask_params", 0),
                       "effective params": c.get("effective_params"),
                       "compression": round(c.get("effective_params", 0) / max(fp or 1, 1), 2),
                       "MFLOPs": round(c.get("flops", 0) / 1e6, 1), "epochs": c.get("epochs_done")})
     st.dataframe(pd.DataFrame(vrows), hide_index=True, column_config={
-        "test accuracy": st.column_config.NumberColumn(format="percent"),
+        "test accuracy (this checkpoint)": st.column_config.NumberColumn(
+            format="percent", help="this checkpoint's last epoch on its test split (for the zoo: seed 0); "
+                                   "checkpoints/REPORT.md gives the mean over 3 seeds"),
         "params": st.column_config.NumberColumn(format="localized", help="real-valued, shared counted once"),
         "sign-mask bits": st.column_config.NumberColumn(format="localized"),
         "effective params": st.column_config.NumberColumn(format="localized"),
@@ -103,6 +105,21 @@ else:
     names = [r["name"] for r in load_catalog()]
     name = st.selectbox("Architecture", names, key="map-arch", index=None,
                         placeholder="Choose an architecture to trace its sharing…")
+
+
+def sharing_sentence(s, n_reused: int, stored: int, applied: int) -> str:
+    """The sharing map in words; its numbers add up to the metrics above it: effective − params
+    (real-valued, what the compression divides by) = applied − stored − the real parameters applied 0×.
+    Sign-mask latents are bits, not parameters (f-RepeatNet), so they are said apart."""
+    real_rest = s.others + s.mask_params  # modulators applied 0x that are real parameters (swish pairs)
+    return (f"**{n_reused}** stored weights ({stored:,} parameters) are reused: the network applies "
+            f"**{applied:,}** weights through them, {applied - stored:,} more than it stores"
+            + (f"; {-real_rest:,} parameters only modulate weights carried by others (swish pairs) and are "
+               "applied 0×" if real_rest else "")
+            + (f"; its {s.mask_params:,} sign-mask latents are stored as bits, not parameters, and applied 0×"
+               if s.mask_params else "")
+            + f". Together: effective − params = {s.effective_params - s.float_params:,}, so "
+            f"{s.effective_params:,} / {s.float_params:,} = {s.compression:.2f}× compression.")
 
 
 def sharing_map(label: str | None, name: str | None) -> None:
@@ -140,12 +157,7 @@ def sharing_map(label: str | None, name: str | None) -> None:
         return
     stored = sum(r.numel for r in reused)
     applied = sum(r.applied for r in reused)
-    rest = s.others  # modulators: applied 0x
-    st.write(f"**{len(reused)}** stored weights ({stored:,} parameters) are reused: the network applies "
-             f"**{applied:,}** weights through them, {applied - stored:,} more than it stores"
-             + (f"; {-rest:,} parameters only modulate weights carried by others (swish pairs, sign-mask latents) "
-                "and are applied 0×" if rest else "")
-             + f". Together: effective − unique = {s.effective_params - s.unique_params:,}.")
+    st.write(sharing_sentence(s, len(reused), stored, applied))
     figure(sharing_map_figure(s), "sharing_map_picture")
     map_rows = [{"parameter": r.param, "stored shape": "x".join(map(str, r.shape)), "reuse": ", ".join(r.kinds),
                  "applications": sum(1 for u in r.uses if u.applied), "applied per stored": round(r.factor, 3),

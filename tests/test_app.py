@@ -234,3 +234,24 @@ def _no_stray_jobs():
     """No training launched from the Train page outlives this module, even if a test fails."""
     yield
     kill_active_runs(RUNS)
+
+
+@pytest.mark.parametrize("name", ["scale-repeatnet-f", "rot-repeat-swish-c8", "scale-msws-shared"])
+def test_the_sharing_sentence_adds_up_to_the_compression_shown(name):
+    """The Models page's sharing map in words: effective − params is never negative (f-RepeatNet's sign
+    masks are bits, said apart, not parameters) and is what the compression metric divides."""
+    from wsviz.models import summarize
+    from wsviz.sharingmap import SharingMap
+    from wsviz.training.checkpoint import load_checkpoint
+
+    source = (ROOT / "pages" / "models.py").read_text()
+    scope: dict = {}
+    exec(source[source.index("def sharing_sentence"):].split("\n\n\n")[0], scope)  # the helper alone
+    s = SharingMap.from_summary(summarize(load_checkpoint(ROOT / "checkpoints" / name)[0]))
+    stored, applied = sum(r.numel for r in s.reused), sum(r.applied for r in s.reused)
+    text = scope["sharing_sentence"](s, len(s.reused), stored, applied)
+    gap = s.effective_params - s.float_params
+    assert gap > 0 and f"effective − params = {gap:,}" in text and f"{s.compression:.2f}× compression" in text
+    assert gap == applied - stored + s.others + s.mask_params  # the sentence's parts add up to it
+    assert ("sign-mask latents are stored as bits" in text) == (s.mask_params > 0)
+    assert ("swish pairs" in text) == name.startswith("rot-repeat-swish")
