@@ -269,6 +269,9 @@ BAD: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "truncated-png": (lambda: _half(encode(Image.fromarray(NOISE), "PNG")), "cut.png", "damaged or incomplete PNG"),
     "truncated-jpeg": (lambda: _half(encode(Image.fromarray(NOISE), "JPEG")), "cut.jpg", "damaged or incomplete JPEG"),
     "png-signature-then-garbage": (lambda: b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, "bad.png", "cannot be read"),
+    # cut inside the header (40 bytes): PIL cannot even identify it, yet it is a PNG, not "not an image"
+    "png-cut-in-its-header": (lambda: encode(Image.fromarray(NOISE), "PNG")[:40], "cut.png",
+                              "starts like a PNG file but cannot be read: it is cut short or damaged (40 bytes)"),
 }
 
 
@@ -549,8 +552,10 @@ def test_formats_outside_the_list_are_never_opened():
 
 
 def test_a_header_claiming_zero_width_is_not_an_image():
-    assert refusal(png_with_header_size(0, 8), "zero.png") == not_an_image(
-        "Upload one of those.", "zero.png")  # Pillow refuses a zero size before wsviz sees it
+    # Pillow refuses a zero size before wsviz sees it; the signature says what it was meant to be
+    assert refusal(png_with_header_size(0, 8), "zero.png") == (
+        "The file 'zero.png' starts like a PNG file but cannot be read: it is cut short or damaged (73 bytes). "
+        "Upload it again, or re-save it with an image editor.")
 
 
 def gif_with_screen_size(width: int, height: int) -> bytes:

@@ -74,10 +74,18 @@ def _num(x: float) -> str:
     return s[:-2] if s.endswith(".0") else s
 
 
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WebP"))
+
+
 def _not_an_image(data: bytes, filename: str | None) -> WsvizError:
     """Say the data is no supported image, with a hint when it is plainly something else."""
     head = data[:512].lstrip().lower()
     advice = "Upload one of those."
+    kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
+    if kind and not (kind == "WebP" and data[8:12] != b"WEBP"):
+        return WsvizError(f"{_what(filename)} starts like a {kind} file but cannot be read: it is cut short or damaged "
+                          f"({_human_bytes(len(data))}). Upload it again, or re-save it with an image editor.")
     if data.startswith(b"PK\x03\x04"):
         advice = "It looks like a ZIP archive; unpack it and upload one image from it."
     elif head.startswith(b"<!doctype html") or b"<html" in head:
