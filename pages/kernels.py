@@ -103,8 +103,10 @@ if not sl:
 else:
     label = st.selectbox("SL variant", sl)
     model, card = get_variant(label)
-    n = st.slider("highlight per row (lowest in blue, highest in red)", 1, 32, 8)
     weights = blending_weights(model)
+    most = max(1, min(w.shape[1] // 2 for w in weights))  # each side holds at most half a row
+    n = st.slider("highlight per row (lowest in blue, highest in red)", 1, most, min(8, most),
+                  help=f"at most {most}: half of a row's {2 * most} inputs on each side")
     marks = [blending_extremes(w, n) for w in weights]
     figure(blending_figure(marks, weights=weights, n=n), "blending")
     if st.button("Compute the pruning curve (accuracy vs pruned blending weights)"):

@@ -47,17 +47,31 @@ def test_models_page_lists_models_variants_and_sharing_map():
 
 def test_kernels_page(monkeypatch):
     import wsviz.models
+    import wsviz.models.accounting
 
     at = app("pages/kernels.py", pair())
     assert not at.error
     traced = []  # listing a model's kernel layers and collecting a layer's kernels each trace the model
-    for fn in ("reuse_report", "applied_weights"):
-        real = getattr(wsviz.models, fn)
-        monkeypatch.setattr(wsviz.models, fn, lambda *a, _f=real, _n=fn, **k: traced.append(_n) or _f(*a, **k))
+    for module, fn in ((wsviz.models, "reuse_report"), (wsviz.models, "applied_weights"),
+                       (wsviz.models.accounting, "sharing_report")):  # kernel_layers traces through the last
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=real, _n=fn, **k: traced.append(_n) or _f(*a, **k))
     at.slider[0].set_value(32).run()
     assert not at.exception
     assert len(at.get("plotly_chart")) >= 1
     assert traced == [], f"moving k re-traced the models ({traced}): seconds per rerun for a ResNet-152"
+
+
+def test_blending_highlight_stops_at_half_a_row():
+    """ShaRDNet-SL's blending layers have 32 inputs per row: at most 16 per side can be marked, so the
+    slider stops there and the legend never claims more than is drawn."""
+    if "scale-shardnet-SL" not in SHIPPED:
+        pytest.skip("needs the shipped scale-shardnet-SL")
+    at = app("pages/kernels.py", ["scale-shardnet-SL"])
+    slider = next(s for s in at.slider if s.label.startswith("highlight per row"))
+    assert slider.max == 16 and slider.value == 8
+    slider.set_value(16).run()
+    assert not at.exception
 
 
 def shown_predictions(at: AppTest) -> dict[str, tuple[int, float]]:
