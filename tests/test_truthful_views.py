@@ -122,6 +122,16 @@ def test_sharing_map_picture_shows_which_layers_share_which_weight():
     rep = sharing_map_figure(summarize(create_model("repeatnet_rotmnist_cnn", mode="linear", match="c4", width=0.25)))
     tiled = next(t for t in rep.data if t.name == "tiled")
     assert all(re.fullmatch(r"×[0-9.]+", t) and float(t[1:]) > 1 for t in tiled.text)
+    # msws applies each shared kernel at two rates in one place: one marker there, labelled ×2 (two
+    # stacked unlabelled markers read "applied once", against the table's ×2)
+    s = summarize(create_model("msws_resnet_digits"))
+    msws = next(t for t in sharing_map_figure(s).data if t.name == "direct")
+    points = list(zip(msws.x, msws.y))
+    assert len(points) == len(set(points))
+    for (site, param), label in zip(points, msws.text):
+        times = sum(u.applied for u in s.reuse()[param].uses if (u.site or "(model)") == site) / s.reuse()[param].numel
+        assert label == (f"×{times:.3g}" if abs(times - 1) > 1e-9 else "")
+    assert "×2" in msws.text
 
 
 # ------------------------------------------------------------------ like-for-like kernel views

@@ -87,16 +87,19 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
     for kind, colour in REUSE_COLOURS.items():
         xs, ys, texts, hover = [], [], [], []
         for r in reuse:
-            for u in r.uses:
-                if u.kind != kind or not u.applied:
-                    continue
-                xs.append(u.site or "(model)")
+            at: dict[str, list] = {}  # one marker per place: a weight applied there several times (msws's
+            for u in r.uses:          # rates) is one marker labelled with the total, not stacked markers
+                if u.kind == kind and u.applied:
+                    at.setdefault(u.site or "(model)", []).append(u)
+            for site, us in at.items():
+                xs.append(site)
                 ys.append(r.param)
-                f = u.applied / max(r.numel, 1)
+                f = sum(u.applied for u in us) / max(r.numel, 1)
                 texts.append(f"×{f:.3g}" if abs(f - 1) > 1e-9 else "")
-                hover.append(f"{r.param} ({'x'.join(map(str, r.shape))})<br>at {u.site or '(model)'}"
-                             f"<br>{u.op} {u.detail}<br>applied as {'x'.join(map(str, u.applied_shape))}"
-                             f"<br>{kind}")
+                hover.append(f"{r.param} ({'x'.join(map(str, r.shape))})<br>at {site}"
+                             + "".join(f"<br>{u.op} {u.detail}, applied as {'x'.join(map(str, u.applied_shape))}"
+                                       for u in us) + f"<br>{kind}" + (f", {len(us)} times here" if len(us) > 1
+                                                                      else ""))
         if xs:
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name=kind, text=texts,
                                      textposition="middle right", textfont=dict(size=10),
