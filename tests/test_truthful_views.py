@@ -132,6 +132,11 @@ def test_sharing_map_picture_shows_which_layers_share_which_weight():
         times = sum(u.applied for u in s.reuse()[param].uses if (u.site or "(model)") == site) / s.reuse()[param].numel
         assert label == (f"×{times:.3g}" if abs(times - 1) > 1e-9 else "")
     assert "×2" in msws.text
+    # and the table's words count places as places, rates as times
+    shared = next(r for r in s.reuse().values() if r.reused)
+    assert shared.describe().startswith("the same weight applied 2 times at 1 place (")
+    sh = summarize(create_model("sharesnet_wrn_digits")).reuse()["stages.2.1.conv2.weight"]
+    assert sh.describe() == "the same weight applied at 2 places"
 
 
 # ------------------------------------------------------------------ like-for-like kernel views

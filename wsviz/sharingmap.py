@@ -59,13 +59,15 @@ class ParamReuse:
         return self.applied > self.numel or sum(u.applied > 0 for u in self.uses) > 1
 
     def describe(self) -> str:
-        """One line a reader can check against the picture, e.g. 'applied at 2 places (dilation 1, 2)'."""
+        """One line a reader can check against the picture, e.g. 'applied 2 times at 1 place (dilation=1; dilation=2)'."""
         direct = [u for u in self.uses if u.kind == "direct"]
         parts = []
         if len(direct) > 1:
             how = sorted({u.detail for u in direct if u.detail})
-            parts.append(f"the same weight applied at {len(direct)} places" + (f" ({'; '.join(how)})" if len(how) > 1
-                                                                                else ""))
+            places = len({u.site for u in direct})  # msws applies one kernel at several rates in one place
+            where = (f"at {places} places" if places == len(direct) else
+                     f"{len(direct)} times at {places} place{'s' if places > 1 else ''}")
+            parts.append(f"the same weight applied {where}" + (f" ({'; '.join(how)})" if len(how) > 1 else ""))
         for kind, verb in (("tiled", "tiled"), ("expanded", "basis-expanded"), ("derived", "transformed")):
             ks = [u for u in self.uses if u.kind == kind]
             if ks:
