@@ -37,7 +37,8 @@ def texts(at: AppTest) -> str:
     return "\n".join(str(p) for p in parts)
 
 
-@pytest.mark.parametrize("variant", ["scale-repeatnet-linear", "rot-steerable-c8", "scale-sharesnet"])
+@pytest.mark.parametrize("variant", ["scale-repeatnet-linear", "rot-steerable-c8", "scale-sharesnet",
+                                     "scale-repeatnet-f"])
 def test_sharing_map_agrees_with_the_compression_it_prints(variant):
     needs(variant)
     at = app(None, needs("scale-msws-vanilla", "scale-msws-shared"))
@@ -47,9 +48,13 @@ def test_sharing_map_agrees_with_the_compression_it_prints(variant):
     assert s.compression > 1
     shown = texts(at)
     assert "shares nothing" not in shown
-    assert f"effective − unique = {s.effective_params - s.unique_params:,}" in shown
+    # effective − the real-valued params (what the compression divides; f-RepeatNet's sign masks are bits)
+    real = s.unique_params - s.mask_params
+    assert f"effective − params = {s.effective_params - real:,}, so {s.effective_params:,} / {real:,} = " \
+           f"{s.effective_params / real:.2f}× compression" in shown
     table = at.dataframe[-1].value
-    kind = {"scale-repeatnet-linear": "tiled", "rot-steerable-c8": "expanded", "scale-sharesnet": "direct"}[variant]
+    kind = {"scale-repeatnet-linear": "tiled", "rot-steerable-c8": "expanded", "scale-sharesnet": "direct",
+            "scale-repeatnet-f": "tiled"}[variant]
     assert table["reuse"].str.contains(kind).all() and len(table) == len(s.shared_params())
     assert any(c.proto.spec and "Sharing map" in c.proto.spec for c in at.get("plotly_chart"))
 
