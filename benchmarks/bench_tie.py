@@ -111,6 +111,24 @@ def load_plain(checkpoint):
             (card.get("train_config") or {}).get("augment", "none"))
 
 
+def calibration_indices(n_train: int, seed: int) -> torch.Tensor:
+    """The seed's calibration sample: ``CALIBRATION`` training indices in a fixed random order."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:CALIBRATION]
+
+
+def budget_steps(original: int) -> int:
+    """The issue's fine-tuning budget: 10% of the original training steps (at least one)."""
+    return max(1, original // 10)
+
+
+def run_arguments(ap) -> None:
+    """The options every tying benchmark takes: seeds, fine-tuning steps, torch threads, output folder."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 10%% of the original)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+
+
 def write_results(out, stem: str, res: dict, lines: list[str]) -> None:
     """``res`` as ``out/stem.json`` and the report ``lines`` as ``out/stem.md`` (also printed)."""
     out = Path(out)
@@ -269,7 +287,7 @@ def main() -> None:
     train_data = (tr.images, tr.labels)
     val, test = ((fit_to(x, c, h), y) for x, y in halves(dataset, card.get("test_split", "test"), args.data_root))
     ORIGINAL_STEPS = original_steps(card, len(tr.labels))
-    FT_STEPS = max(1, ORIGINAL_STEPS // 10)  # the issue's budget: at most 10% of the original steps
+    FT_STEPS = budget_steps(ORIGINAL_STEPS)  # the issue's budget: at most 10% of the original steps
     AUGMENT = (card.get("train_config") or {}).get("augment", "none")
     BUDGET_CURVE, LRS = tuple(args.curve), tuple(args.lrs)
     rule = sharesnet_rule(plain, imagenet=args.rule == "imagenet")
@@ -288,7 +306,7 @@ def main() -> None:
            "params": {"untied": summarize(plain).unique_params}}
 
     # -- choose the fine-tuning learning rate on val (seed 0, ShaResNet's rule, lstsq) --------------
-    cal0 = tr.images[torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(0))[:CALIBRATION]]
+    cal0 = tr.images[calibration_indices(len(tr.labels), 0)]
     lr_val = {}
     for lr in LRS:
         m = finetune(tied_model(plain, rule, "lstsq", cal0), train_data, val, FT_STEPS, lr, 0, plain)
@@ -301,8 +319,7 @@ def main() -> None:
     right = {"untied": correct(plain, test), "tied": [], "untied_ft": []}  # per test image, per seed
     for seed in args.seeds:
         s = {"seed": seed}
-        gen = torch.Generator().manual_seed(seed)
-        cal_idx = torch.randperm(len(tr.labels), generator=gen)[:CALIBRATION]
+        cal_idx = calibration_indices(len(tr.labels), seed)
         cal, cal_y = tr.images[cal_idx], tr.labels[cal_idx]
 
         # 1. ShaResNet's rule ------------------------------------------------------------------
@@ -396,8 +413,7 @@ def main() -> None:
     budget = saving(plain, rule)
     for s, rows, _ in per_seed:
         seed = s["seed"]
-        gen = torch.Generator().manual_seed(seed)
-        cal = tr.images[torch.randperm(len(tr.labels), generator=gen)[:CALIBRATION]]
+        cal = tr.images[calibration_indices(len(tr.labels), seed)]
         # the library's choice: KL measured on val added up, the best sets tied together and measured on val
         choices = choose_groups(plain, rows, budget, cal, val, verify=VERIFY)
         s["budget_candidates"] = [{"groups": [list(g) for g in c.groups], "saving": c.params_saved,

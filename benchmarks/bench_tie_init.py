@@ -42,19 +42,16 @@ ADOPT = 0.2  # points on val after fine-tuning that lstsq-bn must gain to replac
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=0.03, help="fine-tuning rate (bench_tie chose 0.03 on val for the "
                                                            "Fashion twin)")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 10%% of the original)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    B.run_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0, wall0 = time.process_time(), time.time()
     ckpt = Path(args.checkpoint)
     plain, card, train_data, val, test, B.AUGMENT = B.load_plain(ckpt)
     dataset, n_train = card["dataset"], len(train_data[1])
-    steps = args.steps or max(1, B.original_steps(card, n_train) // 10)
+    steps = args.steps or B.budget_steps(B.original_steps(card, n_train))
     rule = sharesnet_rule(plain)
     res = {"checkpoint": ckpt.name, "dataset": dataset, "rule_groups": [list(g) for g in rule], "steps": steps,
            "lr": args.lr, "seeds": args.seeds, "calibration": B.CALIBRATION, "untied": {"val": B.acc(plain, val),
@@ -62,7 +59,7 @@ def main(argv=None) -> dict:
            "per_seed": []}
     right = {init: {"val": [], "test": []} for init in INITS}  # per image, per seed, after fine-tuning
     for seed in args.seeds:
-        cal = train_data[0][torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:B.CALIBRATION]]
+        cal = train_data[0][B.calibration_indices(n_train, seed)]
         s = {"seed": seed}
         for init in INITS:
             m = B.tied_model(plain, rule, init, cal)

@@ -107,17 +107,14 @@ def ramp_in(tied, plain, groups, steps: int):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "benchmarks" / "checkpoints" / "fashion-sharesnet-unshared"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--lr", type=float, default=0.03, help="the recipe's rate (bench_tie chose 0.03 on the Fashion "
                                                            "twin's val half)")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 10%% of the original)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scratch", nargs="*", default=[],
                     help="checkpoints of the tied (shared) architecture trained from scratch with the plain model's "
                          "own recipe and steps, one per seed: what the shared architecture reaches with 10x the budget")
     ap.add_argument("--tag", default="", help="appended to the result files' names")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    B.run_arguments(ap)
     args = ap.parse_args(argv)
     if "base" not in args.variants:
         args.variants.insert(0, "base")
@@ -128,7 +125,7 @@ def main(argv=None) -> dict:
     dataset, n_train = card["dataset"], len(train_data[1])
     per_epoch = max(1, n_train // TrainConfig.batch_size)
     original = B.original_steps(card, n_train)
-    steps = args.steps or max(1, original // 10)
+    steps = args.steps or B.budget_steps(original)
     if steps > per_epoch:
         raise SystemExit(f"{steps} steps are more than one epoch ({per_epoch}): this benchmark fine-tunes within one")
     rule = sharesnet_rule(plain)
@@ -151,8 +148,7 @@ def main(argv=None) -> dict:
         scratch_models.append((Path(d).name, m, sc))
     right = {v: {"val": [], "test": []} for v in args.variants}
     for seed in args.seeds:
-        g = torch.Generator().manual_seed(seed)
-        cal = train_data[0][torch.randperm(n_train, generator=g)[:B.CALIBRATION]]
+        cal = train_data[0][B.calibration_indices(n_train, seed)]
         tied = B.tied_model(plain, rule, "lstsq", cal)
         s = {"seed": seed, "tied_val": B.acc(tied, val)}
         for v in args.variants:

@@ -37,13 +37,13 @@ def measure(checkpoint, lr: float, seeds, steps: int | None = None) -> dict:
     and per seed of the tie (lstsq, fine-tuned) and of the untied control fine-tuned the same way."""
     plain, card, train_data, val, test, B.AUGMENT = B.load_plain(checkpoint)
     n_train = len(train_data[1])
-    steps = steps or max(1, B.original_steps(card, n_train) // 10)
+    steps = steps or B.budget_steps(B.original_steps(card, n_train))
     rule = [list(g) for g in sharesnet_rule(plain)]
     every = (torch.cat([val[0], test[0]]), torch.cat([val[1], test[1]]))
     out = {"checkpoint": Path(checkpoint).name, "steps": steps, "untied": B.correct(plain, every), "tied": [],
            "control": []}
     for seed in seeds:
-        cal = train_data[0][torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:B.CALIBRATION]]
+        cal = train_data[0][B.calibration_indices(n_train, seed)]
         tied = B.finetune(B.tied_model(plain, rule, "lstsq", cal), train_data, val, steps, lr, seed, plain)
         out["tied"].append(B.correct(tied, every))
         control = B.finetune(reestimate_batchnorm(B.tie_free_copy(plain), cal), train_data, val, steps, lr, seed, plain)
@@ -70,10 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fresh", nargs="+", default=[str(p) for p in FRESH], help="twins nothing was chosen on (pooled)")
     ap.add_argument("--not-fresh", nargs="*", default=[str(p) for p in NOT_FRESH], help="twins reported beside")
     ap.add_argument("--lr", type=float, default=LR)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 10%% of the original)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    B.run_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0, wall0 = time.process_time(), time.time()

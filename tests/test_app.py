@@ -164,15 +164,21 @@ def test_scale_sweep_survives_a_model_without_level_outputs():
     assert not at.error
 
 
+def page_function(page: str, name: str):
+    """A top-level function of a page script, defined alone (running the page would draw it): its
+    source runs from ``def name`` to the next blank-line pair; it imports what it needs itself."""
+    source = (ROOT / "pages" / page).read_text()
+    scope: dict = {}
+    exec(source[source.index(f"def {name}"):].split("\n\n\n")[0], scope)
+    return scope[name]
+
+
 def test_the_invariance_images_are_spread_over_the_set():
     """The digits are sorted by class: the first 64 of 1,000 are all zeros. The sample spans the set."""
-    source = (ROOT / "pages" / "scale.py").read_text()
-    code = source[source.index("def invariance_sample"):].split("\n\n\n")[0]
-    scope: dict = {}
-    exec(code, scope)  # the page's helper alone, without running the page
-    idx = scope["invariance_sample"](1000)
+    invariance_sample = page_function("scale.py", "invariance_sample")
+    idx = invariance_sample(1000)
     assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 999
-    assert scope["invariance_sample"](10) == list(range(10))
+    assert invariance_sample(10) == list(range(10))
     from wsviz.data.stream import eval_data, take
 
     _, labels = take(eval_data("mnist5k", "test", limit=1000), idx)
@@ -258,12 +264,9 @@ def test_the_sharing_sentence_adds_up_to_the_compression_shown(name):
     from wsviz.sharingmap import SharingMap
     from wsviz.training.checkpoint import load_checkpoint
 
-    source = (ROOT / "pages" / "models.py").read_text()
-    scope: dict = {}
-    exec(source[source.index("def sharing_sentence"):].split("\n\n\n")[0], scope)  # the helper alone
     s = SharingMap.from_summary(summarize(load_checkpoint(ROOT / "checkpoints" / name)[0]))
     stored, applied = sum(r.numel for r in s.reused), sum(r.applied for r in s.reused)
-    text = scope["sharing_sentence"](s, len(s.reused), stored, applied)
+    text = page_function("models.py", "sharing_sentence")(s, len(s.reused), stored, applied)
     gap = s.effective_params - s.float_params
     assert gap > 0 and f"effective − params = {gap:,}" in text and f"{s.compression:.2f}× compression" in text
     assert gap == applied - stored + s.others + s.mask_params  # the sentence's parts add up to it
