@@ -18,8 +18,7 @@ from wsviz.analysis.kernels import (
     blending_pruning_curve,
     blending_weights,
     default_layers,
-    kernel_set_similarity,
-    random_kernel_similarity,
+    kernel_set_comparisons,
     top_k_kernels,
 )
 from wsviz.figures import blending_figure, pruning_figure, top_kernels_figure
@@ -41,6 +40,11 @@ scale = st.radio("Colour scale", ["one scale for all panels (weight values)", "e
                  horizontal=True, key="kernel-scale",
                  help="One scale keeps magnitudes comparable across kernels and variants (the ranking is by "
                       "magnitude); the second stretches every kernel to ±1 to show its pattern only.")
+distinct = st.checkbox("Each kernel once", True, key="kernel-distinct",
+                       help="A tiled layer (RepeatNet) applies each stored kernel at several (out, in) positions, so "
+                            "its strongest positions repeat the same kernel. On: the k strongest different kernels, "
+                            "the table saying at how many positions each is applied. Off: the k strongest positions, "
+                            "copies included.")
 layers, loaded = {}, {}
 for label in variants:
     try:
@@ -61,12 +65,21 @@ for col, (label, (_model, card)) in zip(cols, loaded.items()):
                              help="Places in forward order. 'shared ×n': its kernels are applied n times per "
                                   "forward pass; 'tiled'/'basis': realised from fewer stored weights.")
         layer = by_name[name]
-        top = top_k_kernels(variant_layer_weight(label, name), k)
+        top = top_k_kernels(variant_layer_weight(label, name), k, distinct=distinct)
         panels[label] = top.kernels
         chosen[label] = name
-        rows += [{"variant": label, "layer": name, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(m)}
-                 for i, (o, c, m) in enumerate(zip(top.out_index, top.in_index, top.magnitude))]
+        rows += [{"variant": label, "layer": name, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(m),
+                  "positions": int(n)}
+                 for i, (o, c, m, n) in enumerate(zip(top.out_index, top.in_index, top.magnitude, top.copies))]
         col.caption(f"{card['model']} · {layer.describe()}")
+        if distinct and len(top.kernels) < k:
+            col.caption(f"{len(top.kernels)} different kernels in this layer, fewer than k = {k}.")
+        elif distinct and top.copies.max() > 1:
+            col.caption(f"{int((top.copies > 1).sum())} of these {len(top.kernels)} kernels are applied at several "
+                        f"positions (up to {int(top.copies.max())}): see 'positions' in the table.")
+        elif not distinct and top.repeated:
+            col.caption(f"{top.repeated} of these {len(top.kernels)} positions repeat a kernel shown at another: "
+                        "tick 'Each kernel once' to see different kernels only.")
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 if panels:
@@ -74,25 +87,16 @@ if panels:
         st.warning("The panels show different places in the network: "
                    + "; ".join(f"{v}: `{n}`" for v, n in chosen.items())
                    + ". Matching defaults pick the same place where the variants share a skeleton.")
-    figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} kernels",
+    figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} {'different kernels' if distinct else 'kernels'}",
                               scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
     download_table(rows, "top_kernels")
-    labels = list(panels)
-    sims = []
-    for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            if panels[a].shape[1:] == panels[b].shape[1:] and len(panels[a]) == len(panels[b]):
-                kk, kh, kw = panels[a].shape
-                base = random_kernel_similarity(kk, kh, kw)
-                score = kernel_set_similarity(panels[a], panels[b])
-                sims.append({"A": a, "B": b, "similarity": round(score, 4), "two random sets": round(base, 4),
-                             "reading": "more alike than chance" if score > base else
-                             "no more alike than two random sets"})
+    sims = kernel_set_comparisons(panels)
     if sims:
         st.subheader("How alike are the kernel sets?")
         st.dataframe(sims, hide_index=True)
         st.caption("Similarity: mean |cosine| of the best one-to-one matching (1 = the same set up to sign and "
-                   "order). 'Two random sets' is the score of two independent Gaussian sets of the same size and "
+                   "order) of the strongest kernels both panels have ('kernels compared': the smaller panel's "
+                   "count). 'Two random sets' is the score of two independent Gaussian sets of the same size and "
                    "kernel shape: the level that means *unrelated*, not 0. A score at or below it says the two "
                    "sets share no more structure than chance would give.")
 

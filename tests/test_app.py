@@ -62,6 +62,22 @@ def test_kernels_page(monkeypatch):
     assert traced == [], f"moving k re-traced the models ({traced}): seconds per rerun for a ResNet-152"
 
 
+def test_kernels_page_shows_a_tiled_layers_kernels_once():
+    """scale-repeatnet-linear tiles its stored kernels 4 times: by default the page shows 64 different kernels
+    and says each is applied at 4 positions; with 'Each kernel once' off it says 48 of the 64 repeat."""
+    if "scale-repeatnet-linear" not in SHIPPED:
+        pytest.skip("needs the shipped scale-repeatnet-linear")
+    at = app("pages/kernels.py", ["scale-repeatnet-linear", "scale-resnet20"])
+    assert not at.exception and not at.error
+    said = [c.value for c in at.caption]
+    assert "64 of these 64 kernels are applied at several positions (up to 4): see 'positions' in the table." in said
+    assert any(t.value.startswith("How alike") for t in at.subheader)
+    at.checkbox(key="kernel-distinct").uncheck().run()
+    assert not at.exception
+    said = [c.value for c in at.caption]
+    assert any(c.startswith("48 of these 64 positions repeat a kernel shown at another") for c in said)
+
+
 def test_blending_highlight_stops_at_half_a_row():
     """ShaRDNet-SL's blending layers have 32 inputs per row: at most 16 per side can be marked, so the
     slider stops there and the legend never claims more than is drawn."""

@@ -22,6 +22,7 @@ from wsviz.analysis.kernels import (
     blending_weights,
     default_layers,
     kernel_layers,
+    kernel_set_comparisons,
     kernel_set_similarity,
     layer_weight,
     random_kernel_similarity,
@@ -316,6 +317,66 @@ def test_top_k_kernels_against_sorting():
         [m for m in mags if m[1] < 2], reverse=True)]  # fewer than k kernels: all of them
 
 
+def tiled(stored: torch.Tensor, reps: tuple[int, int]) -> torch.Tensor:
+    """A RepeatNet-style layer: the stored (o, i, kh, kw) kernels repeated over (out, in) blocks."""
+    return stored.repeat(reps[0], reps[1], 1, 1)
+
+
+def test_top_k_distinct_kernels_of_a_tiled_layer():
+    """Tiling repeats each stored kernel: the k strongest positions show the same kernel several times, the
+    distinct view each one once, at its first position, with how many positions apply it."""
+    g = torch.Generator().manual_seed(1)
+    stored = torch.randn(3, 2, 3, 3, generator=g)
+    w = tiled(stored, (2, 3))  # 6 x 6 positions, 6 different kernels, each at 6 positions
+    plain = top_k_kernels(w, 12)
+    assert plain.repeated == 10 and plain.copies.tolist() == [1] * 12  # 12 positions, 2 different kernels
+    top = top_k_kernels(w, 12, distinct=True)
+    assert len(top.kernels) == 6 and top.repeated == 0 and top.copies.tolist() == [6] * 6
+    mags = sorted(((float(stored[o, i].abs().sum()), o, i) for o in range(3) for i in range(2)), reverse=True)
+    assert top.out_index.tolist() == [o for _, o, _ in mags] and top.in_index.tolist() == [i for _, _, i in mags]
+    for j, (_, o, i) in enumerate(mags):  # the first position of each kernel is its stored one
+        np.testing.assert_array_equal(top.kernels[j], stored[o, i].numpy())
+    np.testing.assert_allclose(top.magnitude, [m for m, _, _ in mags], rtol=1e-6)
+
+
+def test_top_k_distinct_is_top_k_of_the_unique_kernels():
+    """Against brute force on a weight mixing unique and repeated kernels, zeros of both signs included."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 4, 2, 2, generator=g)
+    w[1, 1], w[3, 2], w[4, 0] = w[0, 0], w[0, 0], w[2, 3]  # three copies of one kernel, two of another
+    w[0, 3], w[2, 0] = torch.zeros(2, 2), -torch.zeros(2, 2)  # 0.0 and -0.0: one kernel
+    positions = {}
+    for o in range(5):
+        for i in range(4):
+            positions.setdefault(tuple((w[o, i] + 0.0).flatten().tolist()), []).append((o, i))
+    want = sorted(((sum(map(abs, key)), -p[0][0], -p[0][1], len(p)) for key, p in positions.items()), reverse=True)
+    top = top_k_kernels(w, 100, distinct=True)
+    assert len(top.kernels) == len(positions) == 16  # 20 positions, 4 of them copies
+    np.testing.assert_allclose(top.magnitude, [m for m, *_ in want], rtol=1e-6)
+    assert sorted(top.copies.tolist()) == sorted(len(p) for p in positions.values())
+    assert top.copies.sum() == 20
+    by_first = {(int(o), int(i)): int(n) for o, i, n in zip(top.out_index, top.in_index, top.copies)}
+    assert by_first[(0, 0)] == 3 and by_first[(2, 3)] == 2 and by_first[(0, 3)] == 2
+    assert top_k_kernels(w, 4, distinct=True).magnitude.tolist() == top.magnitude[:4].tolist()
+
+
+def test_top_k_distinct_on_the_shipped_tiled_repeatnet():
+    """The claim the Kernels page's caption rests on: on scale-repeatnet-linear's default layer only 16 of the
+    64 strongest positions hold different kernels; the distinct view shows 64 different ones, each applied at
+    4 positions (the layer tiles its stored block 4 times)."""
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "scale-repeatnet-linear"
+    if not (folder / "card.json").is_file():
+        pytest.skip("needs the shipped scale-repeatnet-linear")
+    from wsviz.training.checkpoint import load_checkpoint
+
+    m, _ = load_checkpoint(folder)
+    w = layer_weight(m, "trunk.stages.3.1.conv2")
+    assert top_k_kernels(w, 64).repeated == 48
+    top = top_k_kernels(w, 64, distinct=True)
+    flat = top.kernels.reshape(64, -1)
+    assert len(np.unique(flat, axis=0)) == 64 and set(top.copies.tolist()) == {4}
+
+
 def test_top_k_kernels_message():
     with pytest.raises(WsvizError) as e:
         top_k_kernels(torch.zeros(3, 3, 3))
@@ -323,6 +384,22 @@ def test_top_k_kernels_message():
 
 
 # ---------------------------------------------------------------------------- similarity
+def test_kernel_set_comparisons_say_why_a_pair_is_not_compared():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.standard_normal((8, 3, 3)), rng.standard_normal((5, 3, 3)), rng.standard_normal((8, 5, 5))
+    rows = {(r["A"], r["B"]): r for r in kernel_set_comparisons({"a": a, "b": b, "c": c})}
+    assert set(rows) == {("a", "b"), ("a", "c"), ("b", "c")}  # every pair has a row
+    ab = rows[("a", "b")]  # a distinct view may show fewer kernels: the strongest 5 of each are compared
+    assert ab["kernels compared"] == 5
+    assert ab["similarity"] == round(kernel_set_similarity(a[:5], b), 4)
+    assert ab["two random sets"] == round(random_kernel_similarity(5, 3, 3), 4)
+    assert rows[("a", "c")]["similarity"] is None and rows[("a", "c")]["reading"] == \
+        "not compared: 3x3 kernels against 5x5"
+    same = kernel_set_comparisons({"x": a, "y": -a[::-1]})[0]
+    assert same["similarity"] == 1.0 and same["reading"] == "more alike than chance"
+
+
+
 def _brute_similarity(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     cos = np.abs((a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T)

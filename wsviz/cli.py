@@ -205,9 +205,8 @@ def _kernels(args: argparse.Namespace) -> int:
     from wsviz.analysis.kernels import (
         default_layers,
         kernel_layers,
-        kernel_set_similarity,
+        kernel_set_comparisons,
         layer_weight,
-        random_kernel_similarity,
         top_k_kernels,
     )
     from wsviz.figures import top_kernels_figure
@@ -219,19 +218,17 @@ def _kernels(args: argparse.Namespace) -> int:
     panels, rows = {}, []
     for name, m in models.items():
         layer = args.layer or defaults[name]
-        top = top_k_kernels(layer_weight(m, layer), args.k)
+        top = top_k_kernels(layer_weight(m, layer), args.k, distinct=args.distinct)
         panels[f"{name} · {layer}"] = top.kernels
-        rows += [{"model": name, "layer": layer, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(g)}
-                 for i, (o, c, g) in enumerate(zip(top.out_index, top.in_index, top.magnitude))]
+        rows += [{"model": name, "layer": layer, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(g),
+                  "positions": int(n)}
+                 for i, (o, c, g, n) in enumerate(zip(top.out_index, top.in_index, top.magnitude, top.copies))]
     _write_csv(out / "top_kernels.csv", rows)
-    names = list(panels)
-    sims = [{"a": a, "b": b, "similarity": kernel_set_similarity(panels[a], panels[b]),
-             "two_random_sets": random_kernel_similarity(*panels[a].shape)}
-            for i, a in enumerate(names) for b in names[i + 1:]
-            if panels[a].shape[1:] == panels[b].shape[1:] and len(panels[a]) == len(panels[b])]
+    sims = kernel_set_comparisons(panels)
     if sims:
         _write_csv(out / "kernel_similarity.csv", sims)
-    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} kernels by magnitude",
+    what = "different kernels" if args.distinct else "kernels"
+    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} {what} by magnitude",
                                                             scale=args.scale))
     return 0
 
@@ -563,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel layer, a module path (default: the same place in every model, preferring the "
                         "deepest shared 3x3 layer)")
     q.add_argument("--k", type=int, default=256)
+    q.add_argument("--distinct", action=argparse.BooleanOptionalAction, default=True,
+                   help="each different kernel once, with the number of (out, in) positions applying it (a tiled "
+                        "RepeatNet layer repeats its stored kernels); --no-distinct: the k strongest positions")
     q.add_argument("--scale", default="shared", choices=["shared", "per_kernel"],
                    help="one colour scale in weight units for all panels, or each kernel to its own max")
     q = evaluation(analysis("scale", "accuracy and agreement vs input scale (torchrun: split over processes)",

@@ -59,7 +59,7 @@ def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, t
     bar = dict(title="w / max|w| of its kernel" if per_kernel else "weight", thickness=12)
     for j, name in enumerate(names, start=1):
         mosaic = kernel_mosaic(panels[name], cols, per_kernel=per_kernel)
-        aspect = mosaic.shape[0] / mosaic.shape[1]
+        aspect = max(aspect if j > 1 else 0.0, mosaic.shape[0] / mosaic.shape[1])  # the tallest panel fits
         fig.add_trace(go.Heatmap(z=mosaic, colorscale=DIVERGING, zmin=-vmax, zmax=vmax, zmid=0,
                                  showscale=j == len(names), colorbar=bar,
                                  hovertemplate="%{z:.3g}<extra>" + name + "</extra>"), 1, j)

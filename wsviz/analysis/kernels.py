@@ -188,21 +188,44 @@ class TopKernels:
     """The ``k`` 2-D kernels of largest aggregate magnitude (sum of |w|), largest first."""
 
     kernels: np.ndarray  # (k, kh, kw)
-    out_index: np.ndarray  # (k,) output channel of each kernel
+    out_index: np.ndarray  # (k,) output channel of each kernel (its first position when ``distinct``)
     in_index: np.ndarray  # (k,) input channel of each kernel
     magnitude: np.ndarray  # (k,) sum of |w| over the kernel
+    copies: np.ndarray | None = None  # (k,) (out, in) positions holding exactly this kernel (1 = unique)
+
+    @property
+    def repeated(self) -> int:
+        """Positions among those shown that hold a copy of a kernel shown elsewhere (0 with ``distinct``)."""
+        return int(len(self.kernels) - len(np.unique(self.kernels.reshape(len(self.kernels), -1), axis=0)))
 
 
-def top_k_kernels(weight: torch.Tensor, k: int = 256) -> TopKernels:
-    """Aich et al. Fig. 3/4: the ``k`` kernels (of out x in) with the highest sum of |w|."""
+def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False) -> TopKernels:
+    """Aich et al. Fig. 3/4: the ``k`` kernels (of out x in) with the highest sum of |w|.
+
+    ``distinct``: every kernel once. A tiled layer (RepeatNet) applies each stored kernel at
+    several (out, in) positions, so its top-k by position repeats the same kernel: on
+    ``scale-repeatnet-linear`` only 16 of the top 64 positions hold different kernels. With
+    ``distinct`` the k strongest *different* kernels are shown, each at its first position,
+    with ``copies`` saying at how many positions it is applied (exact copies; 1 = unique).
+    """
     if weight.ndim != 4:
         raise WsvizError(f"Expected a (out, in, kh, kw) conv weight, got shape {tuple(weight.shape)}.")
     o, i, kh, kw = weight.shape
     flat = weight.reshape(o * i, kh, kw).float()
     mag = flat.abs().sum((1, 2))
-    k = min(k, o * i)
-    top = torch.topk(mag, k).indices
-    return TopKernels(flat[top].numpy(), (top // i).numpy(), (top % i).numpy(), mag[top].numpy())
+    if distinct:
+        _, inverse, counts = torch.unique(flat.reshape(o * i, -1) + 0.0, dim=0, return_inverse=True,
+                                          return_counts=True)  # + 0.0: -0.0 and 0.0 are one value
+        first = torch.full((len(counts),), o * i, dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(o * i), reduce="amin")
+        candidates, copies = first, counts
+    else:
+        candidates, copies = torch.arange(o * i), torch.ones(o * i, dtype=torch.long)
+    k = min(k, len(candidates))
+    pick = torch.topk(mag[candidates], k).indices
+    top = candidates[pick]
+    return TopKernels(flat[top].numpy(), (top // i).numpy(), (top % i).numpy(), mag[top].numpy(),
+                      copies[pick].numpy())
 
 
 def kernel_set_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -227,6 +250,31 @@ def random_kernel_similarity(k: int, kh: int, kw: int, seed: int = 0, trials: in
     rng = np.random.default_rng(seed)
     return float(np.mean([kernel_set_similarity(rng.standard_normal((k, kh, kw)), rng.standard_normal((k, kh, kw)))
                           for _ in range(trials)]))
+
+
+def kernel_set_comparisons(panels: dict[str, np.ndarray]) -> list[dict]:
+    """Every pair of kernel sets (each strongest first, as :func:`top_k_kernels` gives them): the
+    similarity of the ``n`` strongest kernels both sets have (``n`` the smaller set's size), next to
+    two random sets of that size and shape. A pair whose kernels differ in size cannot be matched:
+    its row says so (``similarity`` None) instead of being left out."""
+    names, out = list(panels), []
+    for j, a in enumerate(names):
+        for b in names[j + 1:]:
+            pa, pb = np.asarray(panels[a]), np.asarray(panels[b])
+            row = {"A": a, "B": b, "kernels compared": 0, "similarity": None, "two random sets": None}
+            if pa.shape[1:] != pb.shape[1:]:
+                size = lambda p: "x".join(map(str, p.shape[1:]))  # noqa: E731
+                row["reading"] = f"not compared: {size(pa)} kernels against {size(pb)}"
+            elif min(len(pa), len(pb)) < 2:
+                row["reading"] = "not compared: fewer than 2 kernels"
+            else:
+                n = min(len(pa), len(pb))
+                score, base = kernel_set_similarity(pa[:n], pb[:n]), random_kernel_similarity(n, *pa.shape[1:])
+                row.update({"kernels compared": n, "similarity": round(score, 4), "two random sets": round(base, 4),
+                            "reading": "more alike than chance" if score > base else
+                            "no more alike than two random sets"})
+            out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------- ShaRDNet
