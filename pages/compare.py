@@ -45,6 +45,10 @@ pick = st.selectbox("Image for feature maps and attributions", names, key="compa
 name, data = images[names.index(pick)]
 # the predictions above have said what is wrong with this image, if anything: not again here
 inputs = {label: x[0] for label, x in model_inputs_for(name, data, variants, quiet=True).items() if x is not None}
+if not inputs:  # no empty sections under headers: say once why there is nothing more, and what to do
+    st.info(f"No feature maps or attributions for {name}: none of the chosen variants could read it (said above). "
+            "Upload another image or remove this one to see a sample.")
+    st.stop()
 
 st.header("Feature maps")
 kinds = sorted({t.kind for v in variants for t in list_taps(get_variant(v)[0])} - {"embedding"})

@@ -133,6 +133,10 @@ def test_compare_page_reports_a_corrupt_upload():
     at.file_uploader[0].upload("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png").run()
     assert not at.exception
     assert len([e for e in at.error if "broken.png" in e.value]) == 1  # said once, not once per section
+    assert not [h.value for h in at.header]  # no 'Feature maps' or 'Attributions' headers over nothing
+    assert [i.value for i in at.info] == ["No feature maps or attributions for broken.png: none of the chosen "
+                                          "variants could read it (said above). Upload another image or remove this "
+                                          "one to see a sample."]
 
 
 def test_compare_page_with_real_photo_uploads():
