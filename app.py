@@ -21,10 +21,6 @@ else:
     from pages._shared import available_variants, plain, refused_checkpoints, run_store_notice
 
     st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
-    # Before anything else is drawn: a session that has not signed in sees the sign-in prompt only
-    # (no page, no sidebar); a non-loopback address without configured access control stops the server.
-    actor = require_access()
-
     PAGES = [
         st.Page("pages/models.py", title="Models", icon=":material/view_module:", default=True),
         st.Page("pages/kernels.py", title="Kernels", icon=":material/grid_on:"),
@@ -35,6 +31,10 @@ else:
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/share.py", title="Share weights", icon=":material/join_inner:"),
     ]
+
+    # Before anything else is drawn: a session that has not signed in sees the sign-in prompt only
+    # (no page, no sidebar); a non-loopback address without configured access control stops the server.
+    actor = require_access([p.url_path for p in PAGES])  # a page's link survives the sign-in
 
     nav = st.navigation(PAGES)
     with st.sidebar:

@@ -99,8 +99,13 @@ def current_actor() -> auth.Actor:
     return auth.local_actor() if auth.load_config(secrets=_secrets()).off else auth.Actor("anonymous", "viewer")
 
 
-def require_access() -> auth.Actor:
-    """The session's user, or stop the script after drawing the sign-in prompt (and nothing else)."""
+def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
+    """The session's user, or stop the script after drawing the sign-in prompt (and nothing else).
+
+    ``paths``: the app's page addresses (``kernels``, ``share``, ...). While signed out each of them
+    shows the same prompt, so a link to a page neither says "Page not found" nor loses the page:
+    once signed in, the session is on the page the address named (Streamlit knows a page by its
+    address), as Jupyter's login returns to ``/lab/tree/...``."""
     # Checked at server start already (app.py); again here for a server that did not start through
     # app.py's st.App (AppTest, an embedding host), and because the secrets file may have changed.
     address, base = server_address()
@@ -127,12 +132,16 @@ def require_access() -> auth.Actor:
             error = st.session_state["_signin_error"] = str(exc)  # kept: removing the token may rerun the page
     if actor is None:
         # The only page while signed out: replaces every page and the sidebar's list of them.
-        st.navigation([st.Page(lambda: _sign_in(cfg, client, error), title="Sign in", url_path="sign-in")],
-                      position="hidden").run()
+        prompt = lambda: _sign_in(cfg, client, error)  # noqa: E731
+        st.navigation([st.Page(prompt, title="Sign in", url_path="sign-in", default=True)]
+                      + [st.Page(prompt, title="Sign in", url_path=p) for p in dict.fromkeys(paths) if p
+                         and p != "sign-in"], position="hidden").run()
         st.stop()
     st.session_state[_KEY] = actor
     st.session_state.pop("_signin_error", None)
-    st.rerun()  # draw the app without the form
+    # Signed in by the address's token: nothing is drawn yet, so the app draws in this very run, on
+    # the page the address names (a rerun here could lose it to the address losing its token).
+    return actor
 
 
 def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:

@@ -1,7 +1,7 @@
 """The access control in a browser, against a real server bound to 127.0.0.2 (loopback only).
 
 Without the token: the sign-in prompt and nothing else (no page, no sidebar, no Launch), even for a
-page's address on a fresh server. A wrong token: refused, and slowed after repeated tries. The
+page's address on a fresh server; signing in (token link or form) then opens the page the address named. A wrong token: refused, and slowed after repeated tries. The
 token: every page works, moving between pages keeps the session signed in, and XSRF stays on.
 """
 
@@ -70,6 +70,32 @@ def test_with_the_token_every_page_works_and_xsrf_stays_on(server, browser):
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 403
     ctx.close()
+
+
+def _on_page(page, path: str, heading: str) -> None:
+    page.wait_for_url(lambda url: urlparse(url).path.rstrip("/").endswith(f"/{path}"), timeout=60_000)
+    _settle(page)
+    assert "token" not in page.url
+    assert page.get_by_text("wsviz: sign in").count() == 0
+    assert heading in page.get_by_role("heading").all_inner_texts()
+
+
+def test_a_link_to_a_page_with_the_token_opens_that_page(server, browser):
+    """As Jupyter's ``/lab/tree/x?token=``: the link names a page, and signing in lands there, not on Models."""
+    page = browser.new_page()
+    page.goto(f"{server}/share?token={TOKEN}")
+    _on_page(page, "share", "Share weights")
+    page.close()
+
+
+def test_signing_in_by_the_form_opens_the_page_the_address_asked_for(server, browser):
+    page = browser.new_page()
+    page.goto(f"{server}/kernels")
+    _signed_out(page)
+    page.get_by_label("Token or password").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    _on_page(page, "kernels", "Kernels")
+    page.close()
 
 
 def _refusal(page) -> str:
