@@ -365,6 +365,13 @@ def test_fair_comparison_groups_by_test_set_and_says_what_it_skipped():
     assert len(fig.data) == 2 and {tuple(t.text) for t in fig.data} == {("rot-cnn", "rot-steerable-c8"),
                                                                         ("scale-msws-shared",)}
     assert fig.data[0].xaxis != fig.data[1].xaxis  # separate panels, separate accuracy axes
+    # the title says marker area ∝ FLOPs: plotly's area mode, the FLOPs themselves as sizes, one sizeref
+    assert "marker area ∝ FLOPs" in fig.layout.title.text
+    by_name = {r["name"]: r["flops"] for r in table}
+    for t in fig.data:
+        assert t.marker.sizemode == "area" and list(t.marker.size) == [by_name[n] for n in t.text]
+    assert len({t.marker.sizeref for t in fig.data}) == 1
+    assert fig.data[0].marker.sizeref == 2 * max(by_name.values()) / 40 ** 2  # the largest: 40 px across
 
 
 def test_test_sets_with_one_name_but_other_labels_are_not_paired():

@@ -275,6 +275,9 @@ def cka_figure(matrix: np.ndarray, labels_a: Sequence[str], labels_b: Sequence[s
     return fig
 
 
+FAIR_MARKER, MIN_MARKER = 40, 5  # px across: the model with the most FLOPs, and the least any is drawn
+
+
 def fair_figure(rows: Sequence[dict], x: str = "params") -> go.Figure:
     """Accuracy vs parameters (or FLOPs), marker size ~ FLOPs; the fair-comparison picture.
 
@@ -287,17 +290,22 @@ def fair_figure(rows: Sequence[dict], x: str = "params") -> go.Figure:
                         else None, horizontal_spacing=0.08)
     flops_all = np.array([r["flops"] or 0 for r in rows], dtype=float)
     fmax = flops_all.max() if len(rows) else 0
+    # marker AREA proportional to FLOPs (plotly's area mode), the largest 40 px across, one sizeref for
+    # every panel so areas compare across them; a model too small to see is drawn at MIN_MARKER px
+    sizeref = 2.0 * fmax / FAIR_MARKER ** 2 if fmax > 0 else 1.0
     for c, g in enumerate(groups, start=1):
         sub = [r for r in rows if r.get("test_set", r.get("dataset", "")) == g]
         flops = np.array([r["flops"] or 0 for r in sub], dtype=float)
-        size = 10 + 30 * np.sqrt(flops / fmax) if len(sub) and fmax > 0 else 12
+        marker = dict(size=flops, sizemode="area", sizeref=sizeref, sizemin=MIN_MARKER, opacity=0.7) if fmax > 0 \
+            else dict(size=12, opacity=0.7)
         fig.add_trace(go.Scatter(
             x=[r[x] for r in sub], y=[100 * r["accuracy"] for r in sub], mode="markers+text", name=str(g),
-            text=[r["name"] for r in sub], textposition="top center", marker=dict(size=size, opacity=0.7),
-            hovertemplate="%{text}<br>%{x:,}<br>acc %{y:.2f}%<extra>" + str(g) + "</extra>"), 1, c)
+            text=[r["name"] for r in sub], textposition="top center", marker=marker, customdata=flops,
+            hovertemplate="%{text}<br>%{x:,}<br>acc %{y:.2f}%<br>%{customdata:,.0f} FLOPs<extra>" + str(g)
+                          + "</extra>"), 1, c)
         fig.update_xaxes(title=x.replace("_", " "), type="log", row=1, col=c)
         fig.update_yaxes(title="test accuracy (%)" if c == 1 else None, row=1, col=c)
-    title = "Accuracy vs " + x.replace("_", " ") + " (marker area ~ FLOPs)"
+    title = "Accuracy vs " + x.replace("_", " ") + " (marker area ∝ FLOPs)"
     if len(groups) > 1:
         title += ": one panel per test set"
     fig.update_layout(title=title, height=460, showlegend=False)
