@@ -101,8 +101,9 @@ if result is not None:
     download_table(res.rows(), "scale_sweep")
     if inv:
         st.caption("Per-layer invariance on 64 of the images spread over the set: each level's features for the "
-                   "image rescaled by 0.5, against its features rescaled by 0.5 (zero-filled outside, as the images "
-                   "are).")
+                   "image rescaled by 0.5, against its features rescaled by 0.5, both less the level's answer to a "
+                   "blank image (the border a shrunk image leaves is blank, and a network answers it with its "
+                   "biases, not with 0). 0 = the level commutes with rescaling.")
         figure(invariance_figure(inv), "scale-invariance")
     if skipped:
         st.info(f"No per-layer invariance for {', '.join(skipped)}: no level or stage outputs to compare.")

@@ -330,13 +330,35 @@ def test_layer_scale_invariance_by_hand():
     assert layer_scale_invariance(m, x, s).taps == both.taps  # level and stage by default
 
 
+class Offset(Tapped):
+    """Tapped with a background: the pointwise map is 3x + 1, so a blank image answers 1, not 0."""
+
+    def forward(self, x):
+        a = self.pointwise(self.gain * x + 1.0)
+        self.shifted(torch.roll(a, 1, dims=3))
+        self.stage(nn.functional.avg_pool2d(a, 2))
+        return self.embedding(a.flatten(1))[:, :2]
+
+
+def test_layer_scale_invariance_is_measured_from_the_blank_images_answer():
+    """3x + 1 commutes with rescaling once its background (the answer 1 to the blank border a shrunk
+    image leaves) is taken off: 0 centred. Zero-filling the raw features counts the background as error."""
+    x, s = images(5, seed=6), 0.6
+    inv = layer_scale_invariance(Offset(), x, s, kinds=["level"])
+    assert inv.error[0] == pytest.approx(0.0, abs=1e-6)
+    a, ta = 3 * x, 3 * rescale(x, s)  # centred: exactly the unbiased map's numbers
+    assert inv.error[1] == pytest.approx(_relative(torch.roll(a, 1, 3), torch.roll(ta, 1, 3), s), rel=1e-5)
+    raw = layer_scale_invariance(Offset(), x, s, kinds=["level"], centre=False)
+    assert raw.error[0] == pytest.approx(_relative(a + 1, ta + 1, s), rel=1e-5) and raw.error[0] > 0.1
+
+
 def test_layer_scale_invariance_reads_uint8_and_batches_of_64():
     m = Tapped()
     q = (images(70, seed=4) * 255).round().to(torch.uint8)
     seen = []
     m.shifted.register_forward_hook(lambda mod, a, out: seen.append(len(out)))
     inv = layer_scale_invariance(m, q, 0.5, kinds=["level"])
-    assert seen == [64, 64, 6, 6]  # every batch once as it is, once rescaled
+    assert seen == [1, 64, 64, 6, 6]  # the blank image once, then every batch once as it is, once rescaled
     ref = layer_scale_invariance(m, q.float() / 255, 0.5, kinds=["level"])
     np.testing.assert_allclose(inv.error, ref.error, rtol=1e-6)
 

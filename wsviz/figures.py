@@ -168,7 +168,7 @@ def invariance_figure(per_model: dict[str, object]) -> go.Figure:
     fig = go.Figure()
     for name, inv in per_model.items():
         fig.add_trace(go.Bar(x=inv.labels, y=inv.error, name=name))
-    fig.update_layout(barmode="group", yaxis_title="||f(Tx) - T f(x)|| / ||T f(x)||", height=380,
+    fig.update_layout(barmode="group", yaxis_title="||g(Tx) - T g(x)|| / ||T g(x)||, g = f - f(blank)", height=380,
                       title="How far each layer is from commuting with rescaling (0 = commutes: equivariant to scale)")
     return fig
 

@@ -162,14 +162,22 @@ class LayerInvariance:
 
 @torch.no_grad()
 def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterable[str] = ("level", "stage"),
-                           batch_size: int = 64, *, workers: int = 0, loader: str = "auto") -> LayerInvariance:
+                           batch_size: int = 64, *, workers: int = 0, loader: str = "auto",
+                           centre: bool = True) -> LayerInvariance:
     """How far each layer's features for the rescaled input are from its rescaled features.
 
-    error = ||f(T_s x) - T_s f(x)|| / ||T_s f(x)||, with T_s the sweep's operator applied to the
+    error = ||g(T_s x) - T_s g(x)|| / ||T_s g(x)||, with T_s the sweep's operator applied to the
     feature map at the exact factor (it keeps the map's size and centre, so a 7x7 map is scaled
     by 0.5, not resized to 4x4), averaged over the images. 0 means the layer commutes with
     rescaling. ``images``: a tensor or a dataset, read in batches of ``batch_size`` (only the
     per-image errors are kept).
+
+    ``centre`` (default): g(x) = f(x) - f(blank), the features less the layer's response to a blank
+    image. T_s fills the border a shrunk input leaves with blank (0), where the network answers
+    f(blank), not 0 (biases, BatchNorm shifts); zero-filling the shrunk *features* would count that
+    background as a failure to commute (scale-resnet20 at 0.5 on 64 mnist5k test images spread over
+    the set: stage 1 / 2 / 3 score 0.84 / 1.55 / 1.60 raw, 0.74 / 1.29 / 1.61 centred). With g, a
+    layer that commutes up to its background scores 0. ``centre=False``: g = f, zero-filled.
     """
     taps = [t for t in select_taps(model, kinds)]
     if not taps:
@@ -178,6 +186,11 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
     device = next(model.parameters()).device
     errs: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model):
+        blank = {}
+        if centre:  # the layers' answer to a blank image: what the zero-filled border of T_s x gets
+            with capture(model, taps) as z:
+                model(torch.zeros(1, c, s, s, device=device))
+            blank = {k: v.float() for k, v in dict(z).items()}
         for b in batches(images, batch_size=batch_size, workers=workers, loader=loader):
             xb = b.images.to(device)
             x = fit_to(xb.float().div(255) if xb.dtype == torch.uint8 else xb, c, s)
@@ -191,8 +204,9 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
                 u, v = fa.get(t.name), fb.get(t.name)
                 if u is None or v is None or u.ndim != 4:
                     continue
-                tu = rescale(u.float(), scale)
-                err = (v.float() - tu).flatten(1).norm(dim=1) / tu.flatten(1).norm(dim=1).clamp_min(1e-12)
+                f0 = blank.get(t.name, 0.0)
+                tu = rescale(u.float() - f0, scale)
+                err = (v.float() - f0 - tu).flatten(1).norm(dim=1) / tu.flatten(1).norm(dim=1).clamp_min(1e-12)
                 errs.setdefault(t.name, []).append(err.cpu())
     names = [t.name for t in taps if t.name in errs]
     labels = [t.label for t in taps if t.name in errs]
