@@ -13,11 +13,16 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 if get_script_run_ctx(suppress_warning=True) is None:  # the server is starting: no session yet
-    from pages._access import server_lifespan
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
 
-    app = st.App(__file__, lifespan=server_lifespan)
+    from pages._access import SIGN_OUT_PATH, TokenLinks, server_lifespan, sign_out
+
+    # TokenLinks: a link with ?token= signs the browser in with a session cookie (as Jupyter does)
+    app = st.App(__file__, lifespan=server_lifespan, middleware=[Middleware(TokenLinks)],
+                 routes=[Route(SIGN_OUT_PATH, sign_out)])
 else:
-    from pages._access import require_access
+    from pages._access import SIGN_OUT_PATH, access_on, require_access
     from pages._shared import available_variants, plain, refused_checkpoints, run_store_notice
 
     st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
@@ -65,6 +70,8 @@ else:
                     st.markdown(f"**{plain(label)}**: {plain(reason)}")
         run_store_notice()  # a damaged or read-only run store: what happened and what to do
         st.caption(f"Signed in as **{plain(actor.name)}** ({actor.role}).")
+        if access_on():  # a link in this tab (markdown links open a new one); the server forgets the cookie
+            st.caption(f'<a href="{SIGN_OUT_PATH}" target="_self">Sign out</a>', unsafe_allow_html=True)
         st.caption("wsviz: multi-scale atrous sharing, WSMS-Net, RepeatNet, ShaRDNet, ShaResNet and e2cnn "
                    "steerable baselines, compared honestly.")
     nav.run()

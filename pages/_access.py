@@ -18,6 +18,12 @@ from wsviz import auth
 from wsviz.errors import WsvizError
 
 _KEY = "_wsviz_actor"
+_ON = "_wsviz_access_on"
+
+
+def access_on() -> bool:
+    """Whether this session went through a sign-in (access control on): the sidebar offers Sign out."""
+    return bool(st.session_state.get(_ON))
 
 
 def _secrets() -> dict:
@@ -89,6 +95,63 @@ async def server_lifespan(_app):
     yield {}
 
 
+SIGN_OUT_PATH = "/wsviz-sign-out"
+_PASS = ("/_stcore/", "/static/", "/media/", "/component/", SIGN_OUT_PATH)
+
+
+class TokenLinks:
+    """ASGI middleware (app.py's ``st.App``): a page address carrying ``?token=`` signs the browser in
+    the way Jupyter does. The token is checked (and a wrong one counted, as by the sign-in form); the
+    browser is sent on to the same address without it, with a session cookie when it was right, so
+    a reload or a new tab stays signed in; when it was wrong, with a one-use key under which the
+    sign-in prompt finds the refusal. Only page addresses are handled; Streamlit's own routes and
+    every other request pass through untouched, and the session gate (:func:`require_access`) still
+    decides who is signed in."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        from urllib.parse import parse_qsl, urlencode
+
+        path = scope.get("path", "/") if scope["type"] == "http" else ""
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        token = [v for k, v in pairs if k == "token"]
+        if (scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD") or not token
+                or any(path.startswith(p) for p in _PASS)):
+            return await self.app(scope, receive, send)
+        try:
+            cfg = auth.load_config(secrets=_secrets_file())
+        except WsvizError:  # the gate says what is wrong with the configuration
+            return await self.app(scope, receive, send)
+        if cfg.off:
+            return await self.app(scope, receive, send)
+        rest = [(k, v) for k, v in pairs if k not in ("token", "signin")]
+        headers = [(b"cache-control", b"no-store")]
+        try:
+            actor = auth.attempt(cfg, token[-1], auth.client_key((scope.get("client") or (None,))[0]))
+        except WsvizError as exc:
+            rest.append(("signin", auth.keep_refusal(str(exc))))
+        else:
+            secure = "; Secure" if scope.get("scheme") == "https" else ""
+            cookie = (f"{auth.SESSION_COOKIE}={auth.session_cookie(actor, token[-1])}; Path=/; HttpOnly; "
+                      f"SameSite=Strict; Max-Age={int(3600 * auth.session_hours())}{secure}")
+            headers.append((b"set-cookie", cookie.encode("latin-1")))
+        location = path + ("?" + urlencode(rest) if rest else "")
+        await send({"type": "http.response.start", "status": 303,
+                    "headers": [(b"location", location.encode("latin-1")), *headers]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def sign_out(_request):
+    """``/wsviz-sign-out``: forget this browser's session cookie and go to the sign-in prompt."""
+    from starlette.responses import RedirectResponse
+
+    response = RedirectResponse("/", status_code=303, headers={"cache-control": "no-store"})
+    response.delete_cookie(auth.SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
 def current_actor() -> auth.Actor:
     """The signed-in user of this session (the local account when access control is off)."""
     actor = st.session_state.get(_KEY)
@@ -115,14 +178,25 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
     except WsvizError as exc:
         _stop_server(str(exc))
     auth.announce(cfg, base)
+    st.session_state[_ON] = not cfg.off
     if cfg.off:
         st.session_state[_KEY] = auth.local_actor()
         return st.session_state[_KEY]
     actor = st.session_state.get(_KEY)
     if isinstance(actor, auth.Actor):
         return actor
-    client = str(st.context.ip_address or "unknown")
+    client = auth.client_key(st.context.ip_address)
     error = None
+    refusal = st.query_params.get("signin")  # a wrong token link, refused by TokenLinks: say why here
+    if refusal is not None:
+        del st.query_params["signin"]
+        error = auth.take_refusal(refusal)
+        if error:
+            st.session_state["_signin_error"] = error
+    actor = auth.cookie_actor(cfg, st.context.cookies.get(auth.SESSION_COOKIE))
+    if actor is not None:  # signed in by a token link earlier in this browser (a reload, a new tab)
+        st.session_state[_KEY] = actor
+        return actor
     token = st.query_params.get("token")
     if token is not None:
         del st.query_params["token"]  # used once; the address can then be shared without it

@@ -247,3 +247,94 @@ def test_viewer_calls_and_other_users_runs_are_refused_and_the_audit_names_every
         assert {r.id: r.user for r in store.list()} == {run_a.id: "alice", run_b.id: "bob"}
     finally:
         kill_active_runs(tmp_path / "runs")
+
+
+# ------------------------------------------------------------------ staying signed in (the session cookie)
+def test_a_session_cookie_signs_in_only_who_its_token_still_signs_in():
+    cfg = auth.load_config(ENV)
+    trainer = auth.verify(cfg, TRAINER)
+    key, now = b"k" * 32, 1_000_000.0
+    value = auth.session_cookie(trainer, TRAINER, now=now, key=key)
+    assert TRAINER not in value and auth.cookie_actor(cfg, value, now=now + 60, key=key, hours=24) == trainer
+    viewer = auth.session_cookie(auth.verify(cfg, VIEWER), VIEWER, now=now, key=key)
+    assert auth.cookie_actor(cfg, viewer, now=now, key=key, hours=24) == auth.Actor("viewer", "viewer")
+    data, signature = value.split(".")
+    refused = {
+        "another server (or a restart)": (value, b"o" * 32, now),
+        "expired": (value, key, now + 24 * 3600 + 1),
+        "issued in the future": (value, key, now - 1),
+        "tampered data": (data[:-1] + ("A" if data[-1] != "A" else "B") + "." + signature, key, now),
+        "tampered signature": (data + "." + signature[::-1], key, now),
+        "no signature": (data, key, now),
+        "empty": ("", key, now),
+        "two dots": (value + ".x", key, now),
+    }
+    for why, (v, k, t) in refused.items():
+        assert auth.cookie_actor(cfg, v, now=t, key=k, hours=24) is None, why
+    # the token changed (rotated, removed) or now signs in someone else: the cookie no longer counts
+    rotated = auth.load_config({**ENV, "WSVIZ_TOKEN": "n" * 20})
+    assert auth.cookie_actor(rotated, value, now=now, key=key, hours=24) is None
+    swapped = auth.load_config({"WSVIZ_TOKEN": VIEWER, "WSVIZ_VIEWER_TOKEN": TRAINER})
+    assert auth.cookie_actor(swapped, value, now=now, key=key, hours=24) is None
+    assert auth.cookie_actor(auth.load_config({"WSVIZ_AUTH": "off"}), value, now=now, key=key, hours=24) is None
+    # a forged body with a valid-looking shape but signed with another key
+    forged = auth.session_cookie(auth.Actor(trainer.name, "trainer"), "guess" * 4, now=now, key=key)
+    assert auth.cookie_actor(cfg, forged, now=now, key=key, hours=24) is None  # right signature, wrong token
+
+
+def test_a_refusal_is_kept_for_one_use_and_clients_are_named_as_the_form_names_them():
+    key = auth.keep_refusal("Wrong token or password.")
+    assert auth.take_refusal(key) == "Wrong token or password." and auth.take_refusal(key) is None
+    assert auth.take_refusal("made-up") is None
+    assert [auth.client_key(h) for h in (None, "", "127.0.0.1", "::1", "127.0.0.2", "10.0.0.5")] == \
+        ["unknown"] * 4 + ["127.0.0.2", "10.0.0.5"]
+
+
+def _asgi(middleware, path: str, query: str, method: str = "GET", kind: str = "http", host: str = "10.9.9.9"):
+    """Run one request through ``middleware`` around an app that answers 200: (status, headers, app called)."""
+    import asyncio
+
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"page"})
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": kind, "method": method, "path": path, "query_string": query.encode(), "client": (host, 1),
+             "scheme": "http", "headers": []}
+    asyncio.run(middleware(app)(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, bool(called)
+
+
+def test_a_token_link_becomes_a_cookie_and_leaves_the_address(monkeypatch):
+    from pages._access import TokenLinks
+
+    monkeypatch.setenv("WSVIZ_AUTH", "on")
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    status, headers, passed = _asgi(TokenLinks, "/share", f"variants=a%2Cb&token={TRAINER}")
+    assert (status, passed) == (303, False) and headers["location"] == "/share?variants=a%2Cb"
+    cookie = headers["set-cookie"]
+    assert cookie.startswith("wsviz_session=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert TRAINER not in cookie and "Secure" not in cookie  # plain http here: a Secure cookie would be dropped
+    value = cookie.split(";")[0].split("=", 1)[1]
+    assert auth.cookie_actor(auth.load_config(ENV), value) == auth.verify(auth.load_config(ENV), TRAINER)
+
+    status, headers, passed = _asgi(TokenLinks, "/", "token=wrong-token-0123456789", host="10.9.9.8")
+    assert status == 303 and "set-cookie" not in headers and headers["location"].startswith("/?signin=")
+    assert auth.take_refusal(headers["location"].split("=", 1)[1]) == "Wrong token or password."
+    for path, query, method, kind in [("/", "variants=a", "GET", "http"),  # no token: untouched
+                                      ("/_stcore/health", f"token={TRAINER}", "GET", "http"),
+                                      ("/share", f"token={TRAINER}", "POST", "http")]:
+        status, headers, passed = _asgi(TokenLinks, path, query, method, kind)
+        assert (status, passed) == (200, True), (path, method)
+    monkeypatch.setenv("WSVIZ_AUTH", "off")  # no access control: nothing to sign in
+    assert _asgi(TokenLinks, "/", f"token={TRAINER}")[::2] == (200, True)

@@ -98,6 +98,41 @@ def test_signing_in_by_the_form_opens_the_page_the_address_asked_for(server, bro
     page.close()
 
 
+def test_a_token_link_keeps_the_browser_signed_in_until_it_signs_out(server, browser):
+    """Jupyter's model: the link's token becomes a session cookie the server signed (HttpOnly: page scripts
+    cannot read it), so a reload and a new tab stay signed in; a tampered cookie signs nobody in; Sign out
+    forgets it."""
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(f"{server}/kernels?token={TOKEN}")
+    _on_page(page, "kernels", "Kernels")
+    cookie = next(c for c in ctx.cookies() if c["name"] == "wsviz_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+    assert "wsviz_session" not in page.evaluate("() => document.cookie")
+    page.reload()  # a new Streamlit session: signed in by the cookie, on the same page
+    _on_page(page, "kernels", "Kernels")
+    other = ctx.new_page()  # a new tab
+    other.goto(f"{server}/train")
+    _on_page(other, "train", "Train")
+    other.close()
+
+    tampered = browser.new_context()
+    data, signature = cookie["value"].split(".")
+    forged = data[:-2] + ("AA" if data[-2:] != "AA" else "BB")
+    tampered.add_cookies([{**cookie, "value": f"{forged}.{signature}"}])
+    t = tampered.new_page()
+    t.goto(f"{server}/")
+    _signed_out(t)
+    tampered.close()
+
+    page.get_by_role("link", name="Sign out").click()
+    _signed_out(page)
+    assert "wsviz_session" not in {c["name"] for c in ctx.cookies()}
+    page.goto(f"{server}/")
+    _signed_out(page)
+    ctx.close()
+
+
 def _refusal(page) -> str:
     """The sign-in page's refusal message, once shown."""
     page.wait_for_function("() => /Wrong token|Too many wrong tries/.test(document.body.innerText)",

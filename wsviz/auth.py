@@ -31,6 +31,7 @@ import getpass
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets as _secrets
 import sys
@@ -321,6 +322,80 @@ def attempt(cfg: AuthConfig, secret: str, client: str, user: str = "", throttle:
                                                         if left > 0 else ""))
     throttle.succeeded(client)
     return actor
+
+
+# ------------------------------------------------------------------------ staying signed in
+# As Jupyter does: a link carrying the token signs the browser in with a cookie the server signs, so a
+# reload or a new tab stays signed in. The cookie is HttpOnly (page scripts cannot read it), names who
+# and which token, and is refused once the token is no longer in force, after WSVIZ_SESSION_HOURS
+# (default 24), or after a server restart (the key below lives in the server process only).
+SESSION_COOKIE = "wsviz_session"
+_COOKIE_KEY = _secrets.token_bytes(32)
+_REFUSALS: dict[str, str] = {}  # one-use keys -> a refusal for the sign-in prompt to show
+_REFUSALS_LOCK = threading.Lock()
+
+
+def session_hours(env: Mapping[str, str] | None = None) -> float:
+    from wsviz.envsettings import positive_number
+
+    return positive_number(os.environ if env is None else env, "WSVIZ_SESSION_HOURS", float, default=24.0)
+
+
+def _mark(token: str) -> str:
+    """Which token signed a cookie in, without the token (a cookie never carries a secret)."""
+    return hashlib.sha256(b"wsviz-session:" + token.encode()).hexdigest()[:32]
+
+
+def client_key(host: str | None) -> str:
+    """The throttle's name for a client, as the app's sign-in form names it (Streamlit reports no
+    address for 127.0.0.1 and ::1), so the link and the form share one count of wrong tries."""
+    return "unknown" if host in (None, "", "127.0.0.1", "::1") else str(host)
+
+
+def session_cookie(actor: Actor, token: str, now: float | None = None, key: bytes | None = None) -> str:
+    """The cookie value that signs ``actor`` in, as signed in by ``token``: data.signature (HMAC-SHA256)."""
+    body = json.dumps([actor.name, actor.role, int(time.time() if now is None else now), _mark(token)])
+    data = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+    return f"{data}.{hmac.new(key or _COOKIE_KEY, data.encode(), hashlib.sha256).hexdigest()}"
+
+
+def cookie_actor(cfg: AuthConfig, value: str | None, now: float | None = None, key: bytes | None = None,
+                 hours: float | None = None) -> Actor | None:
+    """Who a session cookie signs in, or None: not signed by this server, expired, or its token no
+    longer in force (changed, removed) or no longer signing in the same user and role."""
+    if cfg.off or not value or value.count(".") != 1:
+        return None
+    data, signature = value.split(".")
+    if not hmac.compare_digest(signature, hmac.new(key or _COOKIE_KEY, data.encode(), hashlib.sha256).hexdigest()):
+        return None
+    try:
+        name, role, issued, mark = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+        age = (time.time() if now is None else now) - float(issued)
+    except (ValueError, TypeError):
+        return None
+    if not 0 <= age <= 3600 * (session_hours() if hours is None else hours):
+        return None
+    found = None
+    for token, actor in cfg.tokens.items():  # every token compared, constant-time
+        if hmac.compare_digest(_mark(token), str(mark)) and actor == Actor(str(name), str(role)):
+            found = actor
+    return found
+
+
+def keep_refusal(message: str) -> str:
+    """Keep a refusal for the sign-in prompt under a one-use key (the address carries the key, not
+    the message: a link cannot make the prompt say something else)."""
+    key = _secrets.token_urlsafe(12)
+    with _REFUSALS_LOCK:
+        while len(_REFUSALS) >= 1000:
+            _REFUSALS.pop(next(iter(_REFUSALS)))
+        _REFUSALS[key] = message
+    return key
+
+
+def take_refusal(key: str) -> str | None:
+    with _REFUSALS_LOCK:
+        return _REFUSALS.pop(key, None)
 
 
 def main(argv: list[str] | None = None) -> int:
