@@ -144,7 +144,9 @@ def sharing_map(label: str | None, name: str | None) -> None:
             from wsviz.sharingmap import SharingMap
 
             s = SharingMap.from_summary(summarize(create_model(name)))
-    c1, c2, c3, c4 = st.columns(4)
+    # two by two: four columns cut a ResNet's counts to "11,2…" on a laptop-width page
+    c1, c2 = st.columns(2)
+    c3, c4 = st.columns(2)
     c1.metric("params", f"{s.float_params:,}", help="stored real-valued parameters"
               + (f"; plus {s.mask_params:,} sign-mask bits ({s.mask_params / 8 / 1024:.1f} KiB)" if s.mask_params else ""))
     c2.metric("effective params", f"{s.effective_params:,}")

@@ -110,8 +110,10 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
         title="Sharing map: stored weights (rows) applied at layers (columns)"
               + (f" — the first {len(reuse)} of {len(everything)}, all in the table" if len(everything) > len(reuse)
                  else ""),
-        height=int(min(1400, 160 + 22 * rows)), margin=dict(l=10, r=10, t=60, b=10), showlegend=True,
-        legend=dict(title="reuse", orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+        height=int(min(1400, 190 + 22 * rows)), margin=dict(l=10, r=10, t=95, b=10), showlegend=True,
+        # the legend on its own line between the title and the plot, left: at the right it ran into a
+        # long title on a narrow page
+        legend=dict(title="reuse", orientation="h", y=1.0, yanchor="bottom", x=0, xanchor="left"))
     fig.update_xaxes(categoryorder="array", categoryarray=sites, tickangle=-60, tickfont=dict(size=9),
                      title="layer (forward order)")
     fig.update_yaxes(categoryorder="array", categoryarray=[r.param for r in reuse][::-1], tickfont=dict(size=9),
