@@ -74,6 +74,9 @@ for col, (label, (_model, card)) in zip(cols, loaded.items()):
         col.caption(f"{card['model']} · {layer.describe()}")
         if distinct and len(top.kernels) < k:
             col.caption(f"{len(top.kernels)} different kernels in this layer, fewer than k = {k}.")
+        elif distinct and top.copies.min() > 1 and top.copies.min() == top.copies.max():
+            col.caption(f"Each of these {len(top.kernels)} kernels is applied at {int(top.copies[0])} (out, in) "
+                        "positions: the layer repeats its stored kernels ('positions' in the table).")
         elif distinct and top.copies.max() > 1:
             col.caption(f"{int((top.copies > 1).sum())} of these {len(top.kernels)} kernels are applied at several "
                         f"positions (up to {int(top.copies.max())}): see 'positions' in the table.")

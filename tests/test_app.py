@@ -70,7 +70,8 @@ def test_kernels_page_shows_a_tiled_layers_kernels_once():
     at = app("pages/kernels.py", ["scale-repeatnet-linear", "scale-resnet20"])
     assert not at.exception and not at.error
     said = [c.value for c in at.caption]
-    assert "64 of these 64 kernels are applied at several positions (up to 4): see 'positions' in the table." in said
+    assert "Each of these 64 kernels is applied at 4 (out, in) positions: the layer repeats its stored kernels " \
+           "('positions' in the table)." in said
     assert any(t.value.startswith("How alike") for t in at.subheader)
     at.checkbox(key="kernel-distinct").uncheck().run()
     assert not at.exception
