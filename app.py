@@ -16,13 +16,13 @@ if get_script_run_ctx(suppress_warning=True) is None:  # the server is starting:
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    from pages._access import SIGN_OUT_PATH, TokenLinks, server_lifespan, sign_out
+    from pages._access import TokenLinks, server_lifespan, sign_out, sign_out_path
 
     # TokenLinks: a link with ?token= signs the browser in with a session cookie (as Jupyter does)
     app = st.App(__file__, lifespan=server_lifespan, middleware=[Middleware(TokenLinks)],
-                 routes=[Route(SIGN_OUT_PATH, sign_out)])
+                 routes=[Route(sign_out_path(), sign_out)])
 else:
-    from pages._access import SIGN_OUT_PATH, access_on, require_access
+    from pages._access import access_on, require_access, sign_out_path
     from pages._shared import available_variants, plain, refused_checkpoints, run_store_notice
 
     st.set_page_config(page_title="wsviz — weight-sharing CNNs", page_icon=":material/repeat:", layout="wide")
@@ -71,7 +71,7 @@ else:
         run_store_notice()  # a damaged or read-only run store: what happened and what to do
         st.caption(f"Signed in as **{plain(actor.name)}** ({actor.role}).")
         if access_on():  # a link in this tab (markdown links open a new one); the server forgets the cookie
-            st.caption(f'<a href="{SIGN_OUT_PATH}" target="_self">Sign out</a>', unsafe_allow_html=True)
+            st.caption(f'<a href="{sign_out_path()}" target="_self">Sign out</a>', unsafe_allow_html=True)
         st.caption("wsviz: multi-scale atrous sharing, WSMS-Net, RepeatNet, ShaRDNet, ShaResNet and e2cnn "
                    "steerable baselines, compared honestly.")
     nav.run()

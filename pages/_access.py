@@ -9,6 +9,7 @@ used so shared links never carry it) or from the sign-in form, and the session's
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import asynccontextmanager
 
@@ -78,6 +79,7 @@ def check_server_start() -> auth.AuthConfig:
     address, base = server_address()
     cfg = auth.load_config(secrets=_secrets_file())
     auth.check_bind(address, cfg)
+    auth.session_hours()  # WSVIZ_SESSION_HOURS: a finite, positive number, or the server does not start
     auth.announce(cfg, base)
     return cfg
 
@@ -95,8 +97,30 @@ async def server_lifespan(_app):
     yield {}
 
 
-SIGN_OUT_PATH = "/wsviz-sign-out"
-_PASS = ("/_stcore/", "/static/", "/media/", "/component/", SIGN_OUT_PATH)
+SIGN_OUT = "wsviz-sign-out"
+_PAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a page's address: one plain path segment
+
+
+def base_path() -> str:
+    """The server's ``baseUrlPath`` as ``/base`` ("" when served at the root)."""
+    base = (st.get_option("server.baseUrlPath") or "").strip("/")
+    return f"/{base}" if base else ""
+
+
+def sign_out_path() -> str:
+    return f"{base_path()}/{SIGN_OUT}"
+
+
+def page_address(path: str, base: str = "") -> bool:
+    """Whether ``path`` is an address a page could have (``/``, ``/share``, under ``base``): the only
+    requests TokenLinks handles. Anything else, Streamlit's own routes, odd or protocol-relative
+    paths (``//host``), passes through untouched, so a redirect can only go to the same path here."""
+    if base:
+        if not (path == base or path.startswith(base + "/")):
+            return False
+        path = path[len(base):] or "/"
+    rest = path.strip("/") if path.startswith("/") and not path.startswith("//") else None
+    return rest is not None and (rest == "" or (_PAGE.fullmatch(rest) is not None and rest != SIGN_OUT))
 
 
 class TokenLinks:
@@ -118,10 +142,10 @@ class TokenLinks:
         pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         token = [v for k, v in pairs if k == "token"]
         if (scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD") or not token
-                or any(path.startswith(p) for p in _PASS)):
+                or not page_address(path, base_path())):
             return await self.app(scope, receive, send)
         try:
-            cfg = auth.load_config(secrets=_secrets_file())
+            cfg, hours = auth.load_config(secrets=_secrets_file()), auth.session_hours()
         except WsvizError:  # the gate says what is wrong with the configuration
             return await self.app(scope, receive, send)
         if cfg.off:
@@ -135,7 +159,7 @@ class TokenLinks:
         else:
             secure = "; Secure" if scope.get("scheme") == "https" else ""
             cookie = (f"{auth.SESSION_COOKIE}={auth.session_cookie(actor, token[-1])}; Path=/; HttpOnly; "
-                      f"SameSite=Strict; Max-Age={int(3600 * auth.session_hours())}{secure}")
+                      f"SameSite=Strict; Max-Age={int(3600 * hours)}{secure}")
             headers.append((b"set-cookie", cookie.encode("latin-1")))
         location = path + ("?" + urlencode(rest) if rest else "")
         await send({"type": "http.response.start", "status": 303,
@@ -144,10 +168,10 @@ class TokenLinks:
 
 
 async def sign_out(_request):
-    """``/wsviz-sign-out``: forget this browser's session cookie and go to the sign-in prompt."""
+    """``/wsviz-sign-out`` (under the server's base path): forget this browser's session cookie and go to the sign-in prompt."""
     from starlette.responses import RedirectResponse
 
-    response = RedirectResponse("/", status_code=303, headers={"cache-control": "no-store"})
+    response = RedirectResponse(f"{base_path()}/", status_code=303, headers={"cache-control": "no-store"})
     response.delete_cookie(auth.SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response
 
@@ -175,6 +199,7 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
     try:
         cfg = auth.load_config(secrets=_secrets())
         auth.check_bind(address, cfg)
+        auth.session_hours()  # a bad WSVIZ_SESSION_HOURS is said here, not as a crash at the first cookie
     except WsvizError as exc:
         _stop_server(str(exc))
     auth.announce(cfg, base)

@@ -277,9 +277,28 @@ def test_a_session_cookie_signs_in_only_who_its_token_still_signs_in():
     swapped = auth.load_config({"WSVIZ_TOKEN": VIEWER, "WSVIZ_VIEWER_TOKEN": TRAINER})
     assert auth.cookie_actor(swapped, value, now=now, key=key, hours=24) is None
     assert auth.cookie_actor(auth.load_config({"WSVIZ_AUTH": "off"}), value, now=now, key=key, hours=24) is None
+    # planted cookies with characters no server-made cookie has: nobody, not a crash (compare_digest on
+    # non-ASCII str raises TypeError)
+    for odd in ("x.\u00e9", "\u00e9.abc", data + "." + signature[:-1] + "\u00e9"):
+        assert auth.cookie_actor(cfg, odd, now=now, key=key, hours=24) is None
+    # the cookie names its token by a mark keyed with the server's secret: not a hash anyone can test guesses on
+    import base64
+    import hashlib
+    import json
+
+    mark = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))[3]
+    assert mark != hashlib.sha256(b"wsviz-session:" + TRAINER.encode()).hexdigest()[:32]
+    assert mark not in auth.session_cookie(trainer, TRAINER, now=now, key=b"o" * 32)
     # a forged body with a valid-looking shape but signed with another key
     forged = auth.session_cookie(auth.Actor(trainer.name, "trainer"), "guess" * 4, now=now, key=key)
     assert auth.cookie_actor(cfg, forged, now=now, key=key, hours=24) is None  # right signature, wrong token
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "many"])
+def test_session_hours_must_be_a_finite_positive_number(value):
+    with pytest.raises(WsvizError, match="WSVIZ_SESSION_HOURS"):
+        auth.session_hours({"WSVIZ_SESSION_HOURS": value})
+    assert auth.session_hours({}) == 24.0 and auth.session_hours({"WSVIZ_SESSION_HOURS": "0.5"}) == 0.5
 
 
 def test_a_refusal_is_kept_for_one_use_and_clients_are_named_as_the_form_names_them():
@@ -336,5 +355,16 @@ def test_a_token_link_becomes_a_cookie_and_leaves_the_address(monkeypatch):
                                       ("/share", f"token={TRAINER}", "POST", "http")]:
         status, headers, passed = _asgi(TokenLinks, path, query, method, kind)
         assert (status, passed) == (200, True), (path, method)
+    # only a page's address is handled: a protocol-relative or odd path is Streamlit's to refuse, so the
+    # redirect can never leave this server (an open redirect) nor fail to encode
+    for path in ("//evil.example/x", "/\\evil.example", "/%E9", "/\u00e9", "/a/b", "/_stcore/health", "/wsviz-sign-out",
+                 "/share\r\nX-Injected: 1"):
+        assert _asgi(TokenLinks, path, f"token={TRAINER}")[::2] == (200, True), path
+    from pages._access import page_address
+
+    assert page_address("/") and page_address("/share") and page_address("/share/")
+    assert page_address("/wsviz/kernels", "/wsviz") and page_address("/wsviz", "/wsviz")
+    assert not page_address("/kernels", "/wsviz") and not page_address("/wsvizzy/kernels", "/wsviz")
+    assert not page_address("/wsviz/_stcore", "/wsviz")
     monkeypatch.setenv("WSVIZ_AUTH", "off")  # no access control: nothing to sign in
     assert _asgi(TokenLinks, "/", f"token={TRAINER}")[::2] == (200, True)

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import secrets as _secrets
 import sys
@@ -338,12 +339,16 @@ _REFUSALS_LOCK = threading.Lock()
 def session_hours(env: Mapping[str, str] | None = None) -> float:
     from wsviz.envsettings import positive_number
 
-    return positive_number(os.environ if env is None else env, "WSVIZ_SESSION_HOURS", float, default=24.0)
+    hours = positive_number(os.environ if env is None else env, "WSVIZ_SESSION_HOURS", float, default=24.0)
+    if not math.isfinite(hours):
+        raise WsvizError(f"WSVIZ_SESSION_HOURS must be a finite number of hours, got {hours!r}.")
+    return hours
 
 
-def _mark(token: str) -> str:
-    """Which token signed a cookie in, without the token (a cookie never carries a secret)."""
-    return hashlib.sha256(b"wsviz-session:" + token.encode()).hexdigest()[:32]
+def _mark(token: str, key: bytes) -> str:
+    """Which token signed a cookie in, without the token: keyed by this server's secret, so a leaked
+    cookie gives nothing to test token guesses against offline."""
+    return hmac.new(key, b"wsviz-session:" + token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def client_key(host: str | None) -> str:
@@ -354,19 +359,21 @@ def client_key(host: str | None) -> str:
 
 def session_cookie(actor: Actor, token: str, now: float | None = None, key: bytes | None = None) -> str:
     """The cookie value that signs ``actor`` in, as signed in by ``token``: data.signature (HMAC-SHA256)."""
-    body = json.dumps([actor.name, actor.role, int(time.time() if now is None else now), _mark(token)])
+    key = key or _COOKIE_KEY
+    body = json.dumps([actor.name, actor.role, int(time.time() if now is None else now), _mark(token, key)])
     data = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-    return f"{data}.{hmac.new(key or _COOKIE_KEY, data.encode(), hashlib.sha256).hexdigest()}"
+    return f"{data}.{hmac.new(key, data.encode(), hashlib.sha256).hexdigest()}"
 
 
 def cookie_actor(cfg: AuthConfig, value: str | None, now: float | None = None, key: bytes | None = None,
                  hours: float | None = None) -> Actor | None:
     """Who a session cookie signs in, or None: not signed by this server, expired, or its token no
     longer in force (changed, removed) or no longer signing in the same user and role."""
-    if cfg.off or not value or value.count(".") != 1:
+    if cfg.off or not value or not value.isascii() or value.count(".") != 1:  # a planted odd cookie: nobody
         return None
+    key = key or _COOKIE_KEY
     data, signature = value.split(".")
-    if not hmac.compare_digest(signature, hmac.new(key or _COOKIE_KEY, data.encode(), hashlib.sha256).hexdigest()):
+    if not hmac.compare_digest(signature.encode(), hmac.new(key, data.encode(), hashlib.sha256).hexdigest().encode()):
         return None
     try:
         name, role, issued, mark = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
@@ -377,7 +384,7 @@ def cookie_actor(cfg: AuthConfig, value: str | None, now: float | None = None, k
         return None
     found = None
     for token, actor in cfg.tokens.items():  # every token compared, constant-time
-        if hmac.compare_digest(_mark(token), str(mark)) and actor == Actor(str(name), str(role)):
+        if hmac.compare_digest(_mark(token, key).encode(), str(mark).encode()) and actor == Actor(str(name), str(role)):
             found = actor
     return found
 
