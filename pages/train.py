@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pandas as pd
@@ -20,17 +21,25 @@ from wsviz.errors import WsvizError
 from wsviz.models import list_models
 from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, gpu_slots, launch, list_runs, resumable, resume
 from wsviz.training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from wsviz.training.runstore import LIVE_LOSS, LIVE_LOSS_IN_EPOCH
+from wsviz.training.watch import loss_figure, overlay_figure, progress, tensorboard_hint
 
 st.title("Train")
-gpu = torch.cuda.is_available()
-slots = gpu_slots() if gpu else []
-limit = f"one job per GPU ({len(slots)} visible, each pinned to its own)" if slots else \
-    f"at most {DEFAULT_MAX_RUNNING} job(s) at once"
-st.caption(f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else 'CPU'}** (jobs use CUDA with mixed "
-           f"precision when a GPU is visible): {limit}; the rest queue. Jobs are separate processes: they keep "
-           "running if you reload the page or restart the app. A failed or cancelled run can be resumed from its "
-           "last finished epoch. TensorBoard: `tensorboard --logdir runs`.")
 store = open_run_store()
+backend = os.environ.get("WSVIZ_BACKEND", "process")  # launch refuses an unknown one, saying so
+if backend == "slurm":
+    where = "Jobs run on the SLURM cluster's nodes (WSVIZ_SLURM), with CUDA and mixed precision where a GPU is " \
+            "given; the cluster's scheduler decides how many run at once."
+else:
+    gpu = torch.cuda.is_available()
+    slots = gpu_slots() if gpu and backend == "process" else []
+    limit = f"one job per GPU ({len(slots)} visible, each pinned to its own); the rest queue" if slots else \
+        f"at most {DEFAULT_MAX_RUNNING} job(s) at once; the rest queue" if backend == "process" else \
+        "submitit's local executor runs every job at once"
+    where = (f"Device: **{'GPU — ' + torch.cuda.get_device_name(0) if gpu else 'CPU'}** (jobs use CUDA with mixed "
+             f"precision when a GPU is visible): {limit}.")
+st.caption(f"{where} Jobs are separate processes: they keep running if you reload the page or restart the app. A "
+           f"failed or cancelled run can be resumed from its last finished epoch. {tensorboard_hint(store.root, backend)}")
 actor = current_actor()  # launch, cancel and resume refuse a viewer, and check this user's quotas
 usage_panel(store, actor)
 
@@ -105,19 +114,12 @@ def runs_panel() -> None:
                          format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {i[-6:]}")
     run = store.get(watch)
     m = store.metrics(watch)
-    epochs = int((run.spec.get("train_config") or {}).get("epochs") or 0)
-    done = len(m.get("test_acc", []))
-    if run.status == "running" and run.started and done:
-        elapsed = time.time() - run.started
-        left = elapsed / done * max(epochs - done, 0)
-        st.caption(f"Epoch {done} of {epochs} done after {elapsed:.0f} s; about {left:.0f} s left.")
+    shown = progress(run, store.metric_times(watch, "test_acc"), time.time())
+    if shown is not None:
+        st.caption(shown.caption())
     c1, c2, c3 = st.columns(3)
-    if m.get("step_loss"):
-        fig = go.Figure(go.Scatter(x=[s for _, s, _ in m["step_loss"]], y=[v for _, _, v in m["step_loss"]],
-                                   mode="lines", name="loss (live)"))
-        fig.update_layout(height=280, title="Training loss", xaxis_title="step", yaxis_title="loss",
-                          margin=dict(t=40, b=10))
-        c1.plotly_chart(fig, key=f"loss-{watch}")
+    if m.get(LIVE_LOSS) or m.get(LIVE_LOSS_IN_EPOCH):
+        c1.plotly_chart(loss_figure(m), key=f"loss-{watch}")
     if m.get("test_acc"):
         fig = go.Figure()
         for key in ("train_acc", "test_acc"):
@@ -140,14 +142,9 @@ def runs_panel() -> None:
         c3.plotly_chart(fig, key=f"lr-{watch}")
     overlay = st.multiselect("Overlay the test accuracy of several runs", ids, default=[],
                              format_func=lambda i: f"{by_id[i].name} · {i[-6:]}", key="overlay-runs")
-    if overlay:
-        fig = go.Figure()
-        for rid in overlay:
-            acc = store.metrics(rid).get("test_acc", [])
-            fig.add_trace(go.Scatter(x=[e for e, _, _ in acc], y=[100 * v for _, _, v in acc], mode="lines+markers",
-                                     name=by_id[rid].name))
-        fig.update_layout(height=320, title="Test accuracy per epoch", xaxis_title="epoch",
-                          yaxis_title="accuracy (%)", margin=dict(t=40, b=10))
+    if overlay:  # one panel per dataset: accuracies on different test sets never share an axis
+        fig = overlay_figure([by_id[rid] for rid in overlay],
+                             {rid: store.metrics(rid).get("test_acc", []) for rid in overlay})
         st.plotly_chart(fig, key="overlay")
     st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
     if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):

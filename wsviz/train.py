@@ -330,6 +330,9 @@ def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
         print(f"pinned to GPU slot {slot}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 
 
+LIVE_LOSS_EVERY_S = 1.0  # a background job records its live loss (and checks for a cancel) at most this often
+
+
 def tensorboard_dir(out: str) -> str:
     """The default TensorBoard folder of checkpoint folder ``out``: beside it (``OUT.tensorboard``),
     like its training state, so the checkpoint folder holds exactly its weights and card."""
@@ -358,10 +361,12 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
 
     last = [0.0]
 
-    def on_step(epoch, step, loss):
-        if store is not None and time.monotonic() - last[0] > 1.0:  # live loss, at most once a second
+    def on_step(epoch, step, loss):  # step: the optimiser step since the run's start (a resume continues it)
+        if store is not None and time.monotonic() - last[0] > LIVE_LOSS_EVERY_S:  # live loss, at most once a second
+            from wsviz.training.runstore import LIVE_LOSS
+
             last[0] = time.monotonic()
-            store.log_metrics(args.run_id, epoch, {"step_loss": loss}, step=step)
+            store.log_metrics(args.run_id, epoch, {LIVE_LOSS: loss}, step=step)
             run = store.get(args.run_id)
             if run.cancel_requested:
                 raise Cancelled()

@@ -219,6 +219,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     After every epoch the full training state is also written beside the checkpoint
     (:func:`wsviz.training.state.state_path`); it is removed once the run is complete.
     ``resume=True`` continues from it (from scratch, with a log message, if there is none yet).
+    ``on_step(epoch, step, loss)`` after every optimiser step: ``step`` counts the run's optimiser
+    steps from its start (continued by a resume), not the batches of the epoch.
     ``tensorboard``: a folder for TensorBoard event files (loss per step; losses, accuracies,
     learning rate and images/s per epoch). Returns the final card. Only rank 0 writes.
     ``init_from``: a checkpoint folder to start from instead of fresh weights (a fine-tune; its
@@ -284,7 +286,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         if writer is not None:
             writer.add_scalar("train/loss_step", loss, global_step[0])
         if on_step:
-            on_step(epoch, step, loss)
+            on_step(epoch, global_step[0], loss)
 
     def epoch_done(m: EpochMetrics) -> None:
         result.epochs.append(m)

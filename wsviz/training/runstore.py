@@ -36,6 +36,11 @@ from wsviz.errors import WsvizError
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+# The live training loss (at most once a second): its step is the optimiser step counted from the
+# run's start (continued across a resume, as TensorBoard's x axis). Runs recorded before it was kept
+# under LIVE_LOSS_IN_EPOCH, whose step is the batch within its epoch (1, 2, ... again every epoch).
+LIVE_LOSS = "live_loss"
+LIVE_LOSS_IN_EPOCH = "step_loss"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, model TEXT NOT NULL, dataset TEXT NOT NULL,
@@ -589,6 +594,14 @@ class RunStore:
             q = f"SELECT {_SELECT} FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY created DESC"
             rows = con.execute(q, (status,) if status else ()).fetchall()
         return [self._row(r) for r in rows]
+
+    def metric_times(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """[(epoch, when it was recorded), ...] of one metric, in insertion order: an epoch metric's
+        times say when each epoch finished (the Train page's time left after a resume)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT epoch, time FROM metrics WHERE run_id=? AND key=? ORDER BY rowid",
+                               (run_id, key)).fetchall()
+        return [(epoch, t) for epoch, t in rows]
 
     def metrics(self, run_id: str) -> dict[str, list[tuple[int, int | None, float]]]:
         """{key: [(epoch, step, value), ...]} in insertion order."""
