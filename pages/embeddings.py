@@ -1,12 +1,21 @@
-"""Embeddings: penultimate features projected with PCA, t-SNE or UMAP, coloured by class, angle or scale;
-two variants side by side, aligned (Procrustes) so their layouts compare."""
+"""Embeddings: the features the classifier head reads (the ``embedding`` tap; each panel says which layer that
+is) projected with PCA, t-SNE or UMAP, coloured by class, angle or scale; two variants side by side, aligned
+(Procrustes) so their layouts compare."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import chosen_variants, download_table, figure, get_variant, show_error
-from wsviz.analysis.embeddings import align, penultimate_features, project
+from pages._shared import (
+    _stamp,
+    available_variants,
+    chosen_variants,
+    download_table,
+    figure,
+    get_variant,
+    show_variant_error,
+)
+from wsviz.analysis.embeddings import align, embedded_layer, penultimate_features, project
 from wsviz.concurrency import heavy_slot
 from wsviz.figures import embedding_figure
 
@@ -26,9 +35,12 @@ n = st.slider("Points", 200, 1000, 500, 100)
 
 
 @st.cache_data(show_spinner="Projecting…", max_entries=16)
-def embed(label: str, dataset: str, method: str, n: int):
+def embed(label: str, stamp: tuple | None, dataset: str, method: str, n: int):
     """Project a seeded subset of ``n`` test images: only those are read and only their features kept
-    (the points ``project`` would pick from the whole split, so the picture is the same)."""
+    (the points ``project`` would pick from the whole split, so the picture is the same).
+
+    ``stamp`` (the checkpoint files' modification times and sizes) is part of the cache key only: a
+    checkpoint retrained at the same folder is embedded again, not served from the cache."""
     import dataclasses
 
     from wsviz.data.stream import eval_data, sample_indices
@@ -36,21 +48,25 @@ def embed(label: str, dataset: str, method: str, n: int):
     full = eval_data(dataset, "test")
     rows = sample_indices(len(full), n)
     model = get_variant(label)[0]
+    layer = embedded_layer(model).describe()
     with heavy_slot():  # long analyses take turns across sessions
         feats = penultimate_features(model, full.subset(rows))
         proj = project(feats, method, max_points=max(3, len(feats)))
     proj = dataclasses.replace(proj, index=rows[proj.index])  # rows of the whole split, as the colours are
-    return proj, full.labels.numpy(), None if full.angles is None else full.angles.numpy(), \
+    return proj, layer, full.labels.numpy(), None if full.angles is None else full.angles.numpy(), \
         None if full.scales is None else full.scales.numpy()
 
 
-try:
-    results = {label: embed(label, dataset, method, n) for label in shown}
-except Exception as exc:  # noqa: BLE001 - a variant that cannot be embedded: say why, keep the page
-    show_error(exc)
+results = {}
+for label in shown:
+    try:
+        results[label] = embed(label, _stamp(available_variants()[label]), dataset, method, n)
+    except Exception as exc:  # noqa: BLE001 - a variant that cannot be embedded: say why, go on with the others
+        show_variant_error(label, exc)
+if not results:
     st.stop()
-first = next(iter(results.values()))
-proj0, labels, angles, scales = first
+reference = next(iter(results))
+proj0, _, labels, angles, scales = results[reference]
 color = {"class": labels, "angle": angles, "scale": scales}[color_by]
 if color is None:
     st.warning(f"{dataset} has no {color_by}; colouring by class.")
@@ -58,17 +74,20 @@ if color is None:
 color = color[proj0.index]
 cols = st.columns(len(results))
 rows = {"index": proj0.index, color_by: color}
-for col, (label, (proj, *_)) in zip(cols, results.items()):
+for col, (label, (proj, layer, *_)) in zip(cols, results.items()):
     coords, note = proj.coords, ""
     if proj is not proj0:
         al = align(proj0, proj)
         coords = al.coords
-        note = (f"Rotated, reflected and scaled onto {shown[0]}'s layout (orthogonal Procrustes); disparity "
+        note = (f"Rotated, reflected and scaled onto {reference}'s layout (orthogonal Procrustes); disparity "
                 f"{al.disparity:.3f} (0 = the same shape, 1 = unrelated).")
     with col:
         figure(embedding_figure(coords, color, color_by, f"{label}: {method.upper()}"), f"embedding-{label}")
+        st.caption(layer)
         if proj.explained_variance is not None:
-            st.caption("PCA explained variance: " + ", ".join(f"{100 * v:.1f}%" for v in proj.explained_variance))
+            share = ", ".join(f"{100 * v:.1f}%" for v in proj.explained_variance)
+            st.caption(f"PCA explained variance of {label}'s own components: {share}" + (
+                " (before the alignment: the rotated axes drawn here are not those components)" if note else ""))
         if note:
             st.caption(note)
     rows[f"{label} x"], rows[f"{label} y"] = coords[:, 0], coords[:, 1]

@@ -6,6 +6,8 @@ import numpy as np
 import streamlit as st
 
 from pages._shared import (
+    CHECKPOINTS,
+    _stamp,
     available_variants,
     background_result,
     chosen_variants,
@@ -13,26 +15,79 @@ from pages._shared import (
     figure,
     get_variant,
     pick_images,
+    plain,
     prepared,
+    refused_checkpoints,
     run_in_background,
     show_error,
     show_predictions,
+    show_variant_error,
 )
+from wsviz.analysis.rotation import flops_matches, rotation_summary
 from wsviz.analysis.sweeps import rotation_sweep, single_image_stability
 from wsviz.concurrency import heavy_slot
 from wsviz.data.digits import rotate
+from wsviz.errors import WsvizError
 from wsviz.figures import stability_figure, sweep_figure
 
 st.title("Rotation")
 st.write("RepeatNet's Table 4 asks how much of a rotation-equivariant model's gain comes from weight "
-         "repetition alone. The rotation zoo holds a plain CNN, RepeatNet variants matched in inference FLOPs "
-         "to e2cnn's steerable C4 / C8 / C16 models, and those models (all at a quarter of the paper's width).")
+         "repetition alone. The rotation zoo holds a plain CNN, RepeatNet variants sized towards the inference "
+         "FLOPs of e2cnn's steerable C4 / C8 / C16 models, and those models (all at a quarter of the paper's "
+         "width, where the sizes round: the table below gives each chosen model's parameters and FLOPs as "
+         "wsviz counts them, and how far each RepeatNet variant is from its steerable model).")
 
 ROT_ZOO = ("rot-cnn", "rot-repeat-swish-c8", "rot-steerable-c8")
 
 
 def use_rotation_zoo() -> None:
-    st.session_state["variants"] = [v for v in ROT_ZOO if v in available_variants()]
+    usable, refused = available_variants(), refused_checkpoints()
+    st.session_state["variants"] = [v for v in ROT_ZOO if v in usable]
+    st.session_state["rot-zoo-left-out"] = {
+        v: refused.get(v, f"there is no checkpoint {v} in {CHECKPOINTS} (or among the finished runs)")
+        for v in ROT_ZOO if v not in usable}
+
+
+def say_left_out() -> None:
+    """Each rotation-zoo checkpoint the button could not put in the sidebar, and why (said once)."""
+    for v, why in st.session_state.pop("rot-zoo-left-out", {}).items():
+        st.warning(f"{plain(v)} is left out of the rotation zoo: {plain(why)}", icon=":material/warning:")
+
+
+@st.cache_data(show_spinner="Counting parameters and FLOPs…", max_entries=64)
+def model_costs(label: str, path: str, stamp: tuple | None) -> dict:
+    """Parameters and FLOPs of a checkpoint as :func:`wsviz.models.summarize` counts them (cached per
+    checkpoint folder and its files' stamp, so a retrained checkpoint is counted again)."""
+    from wsviz.models import summarize
+
+    model, card = get_variant(label)
+    s = summarize(model)
+    return {"card": {"model": card.get("model"), "config": dict(card.get("config") or {})},
+            "row": {"model": label, "params": s.float_params, "effective params": s.effective_params,
+                    "FLOPs per image": s.flops}}
+
+
+def show_costs(chosen: list[str]) -> None:
+    costs = {}
+    for label in chosen:
+        try:
+            path = available_variants()[label]
+            costs[label] = model_costs(label, path, _stamp(path))
+        except Exception as exc:  # noqa: BLE001 - the others are still counted
+            show_variant_error(label, exc)
+    if not costs:
+        return
+    st.dataframe([c["row"] for c in costs.values()], hide_index=True,
+                 column_config={"params": st.column_config.NumberColumn(format="localized"),
+                                "effective params": st.column_config.NumberColumn(format="localized"),
+                                "FLOPs per image": st.column_config.NumberColumn(format="localized")})
+    matches = flops_matches({k: c["card"] for k, c in costs.items()},
+                            {k: c["row"]["FLOPs per image"] for k, c in costs.items()})
+    for m in matches:
+        st.caption(m.sentence())
+    if not matches:
+        st.caption("No chosen RepeatNet variant faces a chosen steerable model of the group it was sized to, so "
+                   "no FLOPs match is claimed.")
 
 
 chosen = chosen_variants()  # the sidebar's choice, as on every page
@@ -40,9 +95,11 @@ if not any(v.startswith("rot-") for v in chosen):
     st.info("None of the variants chosen in the sidebar was trained on rotated digits (the rot-* zoo); they are "
             "compared all the same, but the Table 4 question needs the rotation zoo.")
     st.button("Compare the rotation zoo instead: " + ", ".join(ROT_ZOO), on_click=use_rotation_zoo)
+say_left_out()
 if not chosen:
     st.info("Choose variants in the sidebar.")
     st.stop()
+show_costs(chosen)
 
 
 def run_sweep(progress, models: dict, n: int, angles: tuple[float, ...]):
@@ -62,13 +119,28 @@ n = st.slider("Test digits", 100, 1000, 300, 100)
 step = st.select_slider("Angle step (degrees)", [5, 10, 15, 22.5, 30, 45], value=15)
 key = (tuple(chosen), n, tuple(float(a) for a in np.arange(0, 360 + 1e-9, step)))
 if st.button("Run the rotation sweep", type="primary"):  # only the button starts one
-    run_in_background("rot-work", key, run_sweep, {v: get_variant(v)[0] for v in chosen}, *key[1:])
+    models = {}
+    for v in chosen:
+        try:
+            models[v] = get_variant(v)[0]
+        except Exception as exc:  # noqa: BLE001 - e.g. its files went since the page loaded: said, not dropped
+            st.warning(f"{plain(v)} is left out of the sweep: "
+                       f"{plain(exc if isinstance(exc, WsvizError) else f'{type(exc).__name__}: {exc}')}",
+                       icon=":material/warning:")
+    if models:  # a checkpoint left out is listed as refused from now on, so the page's choice is this one
+        key = (tuple(models), *key[1:])
+        run_in_background("rot-work", key, run_sweep, models, *key[1:])
 res = background_result("rot-work", key, "rotation sweep")
 if res is not None:
     figure(sweep_figure(res, "accuracy", "Accuracy vs rotation of the upright test digits"), "rot-accuracy")
-    mean = [{"model": m, "mean accuracy over angles": float(np.mean(a))} for m, a in res.accuracy.items()]
-    st.dataframe(sorted(mean, key=lambda r: -r["mean accuracy over angles"]), hide_index=True,
-                 column_config={"mean accuracy over angles": st.column_config.NumberColumn(format="percent")})
+    summary = rotation_summary(res)
+    st.caption(f"Over the {summary[0].angles} distinct angles (360° is 0°: drawn to close the curve, counted "
+               "once). Agreement: the share of digits predicted as at 0°, averaged over the other angles.")
+    pct = st.column_config.NumberColumn(format="percent")
+    st.dataframe([s.row() for s in summary], hide_index=True,
+                 column_config={"mean accuracy": pct, "accuracy at the worst angle": pct,
+                                "agreement with 0° (mean over the other angles)": pct,
+                                "worst angle": st.column_config.NumberColumn(format="%.1f°")})
     download_table(res.rows(), "rotation_sweep")
 
 st.header("One image under rotation")

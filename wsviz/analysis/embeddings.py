@@ -1,7 +1,9 @@
 """Penultimate features of any wsviz model and their 2-D (or n-D) projections.
 
 :func:`penultimate_features` reads the model's ``embedding`` :class:`~wsviz.models.sharing.Tap`
-(the vector the classifier sees); :func:`project` maps it to a few dimensions with PCA, t-SNE
+(the vector the classifier head reads; :func:`embedded_layer` says which layer that is and what head
+follows it: for the Rot-MNIST models it is the pooled features before a 64-unit hidden layer, not the
+network's last hidden layer); :func:`project` maps it to a few dimensions with PCA, t-SNE
 or UMAP on a seeded subsample, returning the row indices used so the caller can colour the
 points by class, rotation angle or scale.
 
@@ -137,6 +139,60 @@ def embedding_tap(model: nn.Module) -> str:
                          f"({', '.join(t.name for t in taps) or 'none'}); for a model of your own, name the module whose "
                          "output the classifier reads: wsviz.adopt(model, input_shape, taps={PATH: 'embedding'}).")
     return taps[0].name
+
+
+@dataclass(frozen=True)
+class EmbeddedLayer:
+    """What :func:`penultimate_features` reads: the ``embedding`` tap and the linear layers after it."""
+
+    name: str  # module path of the tap
+    label: str  # the tap's own label
+    features: int  # values per image
+    head: tuple[int, ...]  # output widths of the linear layers that run after the tap, in order (64, 10)
+
+    def describe(self) -> str:
+        """One sentence naming the layer exactly: for a head with a hidden layer (the Rot-MNIST CNN and the
+        steerable models: pooled features -> 64 -> classes), it says the hidden layer is not what is embedded."""
+        widths = "→".join(str(w) for w in (self.features, *self.head))
+        where = f"the {self.features} values per image at the `{self.name}` tap"
+        if len(self.head) > 1:
+            hidden = " and ".join(f"{w}-unit" for w in self.head[:-1])
+            return (f"Embedded: {where}, the input of the classifier head ({widths}): read before its "
+                    f"{hidden} hidden layer, not that layer's output.")
+        if self.head:
+            return f"Embedded: {where}, the input of the final linear layer ({widths})."
+        return f"Embedded: {where}."
+
+
+@torch.no_grad()
+def embedded_layer(model: nn.Module) -> EmbeddedLayer:
+    """The layer :func:`penultimate_features` reads, traced on one blank image: the tap, its width and the
+    widths of the linear layers that run after it (the classifier head)."""
+    name = embedding_tap(model)
+    label = next((t.label for t in list_taps(model, "embedding") if t.name == name), name)
+    events: list[tuple[str, int]] = []
+    tap = model.get_submodule(name)
+
+    def on_tap(module: nn.Module, args: object, output: object) -> None:
+        out = _tensor_of(output, name)
+        events.append(("tap", int(out.reshape(out.shape[0], -1).shape[1])))
+
+    def on_linear(module: nn.Module, args: object, output: object) -> None:
+        events.append(("linear", int(module.out_features)))
+
+    handles = [tap.register_forward_hook(on_tap)]
+    handles += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    c, s, _ = input_shape(model)
+    try:
+        with eval_mode(model):
+            model(torch.zeros(1, c, s, s, device=model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    at = next((i for i, (kind, _) in enumerate(events) if kind == "tap"), None)
+    if at is None:
+        raise WsvizError(f"The embedding tap {name!r} did not run in a forward pass.")
+    return EmbeddedLayer(name, label, events[at][1], tuple(w for kind, w in events[at + 1:] if kind == "linear"))
 
 
 def penultimate_features(model: nn.Module, images, batch_size: int = 256, *, workers: int = 0) -> np.ndarray:
