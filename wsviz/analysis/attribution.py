@@ -30,6 +30,7 @@ from torch import nn
 from wsviz.analysis.embeddings import check_batch_size, model_inputs
 from wsviz.device import model_device
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import private_copy, this_thread
 from wsviz.models.modes import eval_mode
 from wsviz.models.taps import list_taps
 
@@ -91,7 +92,7 @@ def cam_candidates(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
         def hook(m, args, out, info=info) -> None:
             if isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
                 seen.append((info.name, info.label, tuple(out.shape[1:])))
-        handles.append(mod.register_forward_hook(hook))
+        handles.append(mod.register_forward_hook(this_thread(hook)))
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, c, s, s, device=model_device(model)))
@@ -184,6 +185,9 @@ def attribute(model: nn.Module, images, method: str, target: int | torch.Tensor 
     x_all = model_inputs(model, images).detach()
     h, w = x_all.shape[-2:]
     device = model_device(model)
+    # captum hooks the Grad-CAM layer and the body switches modes: all of it on a private copy, never on
+    # a model other threads run at the same time (the app shares one object per checkpoint)
+    model = private_copy(model)
     layer_name, layer_module = _resolve_layer(model, layer) if method == "grad_cam" else (None, None)
     maps, raws, deltas = [], [], []
     with eval_mode(model), _no_new_hooks(model), torch.enable_grad():

@@ -26,6 +26,7 @@ from torch import nn
 from wsviz.data.datasets import fit_to
 from wsviz.device import model_device
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import this_thread
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
 from wsviz.models.taps import list_taps
@@ -110,7 +111,7 @@ def capture_outputs(model: nn.Module, images, names: Sequence[str], batch_size: 
             seen.setdefault(name, []).append(_tensor_of(output, name).detach())
         return hook
 
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    handles = [m.register_forward_hook(this_thread(hook_for(name))) for name, m in modules.items()]
     try:
         with eval_mode(model), torch.no_grad():
             for x in _input_batches(model, images, batch_size, workers):
@@ -180,8 +181,8 @@ def embedded_layer(model: nn.Module) -> EmbeddedLayer:
     def on_linear(module: nn.Module, args: object, output: object) -> None:
         events.append(("linear", int(module.out_features)))
 
-    handles = [tap.register_forward_hook(on_tap)]
-    handles += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [tap.register_forward_hook(this_thread(on_tap))]
+    handles += [m.register_forward_hook(this_thread(on_linear)) for m in model.modules() if isinstance(m, nn.Linear)]
     c, s, _ = input_shape(model)
     try:
         with eval_mode(model):

@@ -16,6 +16,7 @@ from torch import nn
 
 from wsviz.data.datasets import fit_to
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import this_thread
 from wsviz.models.registry import input_shape
 from wsviz.models.taps import TapInfo, list_taps, tap_modules
 
@@ -44,7 +45,7 @@ def capture(model: nn.Module, taps: Iterable[TapInfo]):
 
             def hook(mod, args, out, _n=t.name):
                 got[_n] = out.detach()
-            handles.append(mod.register_forward_hook(hook))
+            handles.append(mod.register_forward_hook(this_thread(hook)))
         yield got
     finally:
         for h in handles:

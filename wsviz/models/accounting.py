@@ -228,9 +228,13 @@ def _traced_forward(model: nn.Module, shape: tuple[int, int, int], make_tracer) 
     """Run one forward of two random images under the tracer ``make_tracer(names, stack, numel)``.
 
     Training mode (so e2cnn expands its filters from the basis coefficients on the fly),
-    gradients on for every parameter (so derived weights can be followed back to them);
-    BatchNorm running statistics, ``requires_grad`` flags and the model's modes are restored.
+    gradients on for every parameter (so derived weights can be followed back to them), hooks on
+    every module: all on a private deep copy, so ``model`` (its BatchNorm running statistics,
+    ``requires_grad`` flags and modes) is never touched, even while other threads run it.
     """
+    from wsviz.models.hooks import private_copy  # the app shares one model object per checkpoint among threads
+
+    model = private_copy(model)
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     stack: list[str] = []
@@ -247,8 +251,6 @@ def _traced_forward(model: nn.Module, shape: tuple[int, int, int], make_tracer) 
     for name, mod in model.named_modules():
         handles.append(mod.register_forward_pre_hook(enter(name)))
         handles.append(mod.register_forward_hook(leave, always_call=True))
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    grad_flags = {n: p.requires_grad for n, p in params.items()}
     device = next(iter(params.values())).device if params else torch.device("cpu")
     try:
         for p in params.values():
@@ -260,11 +262,6 @@ def _traced_forward(model: nn.Module, shape: tuple[int, int, int], make_tracer) 
     finally:
         for h in handles:
             h.remove()
-        for n, p in params.items():
-            p.requires_grad_(grad_flags[n])
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
     return tracer
 
 

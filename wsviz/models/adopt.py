@@ -35,6 +35,7 @@ from torch import nn
 
 from wsviz.device import model_device
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import this_thread
 from wsviz.models.sharing import TAP_KINDS
 
 
@@ -130,7 +131,7 @@ def _probe(module: nn.Module, shape: tuple[int, int, int], taps: dict[str, tuple
                 bad[path] = type(out).__name__
         return hook
 
-    handles = [module.get_submodule(p).register_forward_hook(hook_for(p)) for p in taps]
+    handles = [module.get_submodule(p).register_forward_hook(this_thread(hook_for(p))) for p in taps]
     try:
         with eval_mode(module), torch.no_grad():
             out = module(torch.zeros(1, *shape, device=model_device(module)))
