@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from pages._shared import (
+    _stamp,
     available_variants,
     background_result,
     chosen_variants,
@@ -12,13 +15,13 @@ from pages._shared import (
     figure,
     get_variant,
     pick_images,
+    plain,
     run_in_background,
     show_predictions,
 )
-from wsviz.analysis.sweeps import layer_scale_invariance, scale_sweep
+from wsviz.analysis.sweeps import invariance_per_model, model_label_mismatch, scale_sweep
 from wsviz.concurrency import heavy_slot
 from wsviz.data.resample import rescale
-from wsviz.errors import WsvizError
 from wsviz.figures import invariance_figure, sweep_figure
 
 st.title("Scale")
@@ -43,11 +46,14 @@ def live_scale(images, variants) -> None:
 live_scale(images, variants)
 
 
-def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...]):
+def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...], blind: dict[str, str]):
     """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``).
 
     The test data are read in batches (an image folder is decoded image by image, never whole);
-    predictions known from an earlier sweep or comparison come from the prediction cache."""
+    predictions known from an earlier sweep or comparison come from the prediction cache. ``blind``:
+    {model: why the data's labels are not its classes}; those models get no accuracy (NaN), only agreement."""
+    import numpy as np
+
     from wsviz.analysis.cache import default_cache
     from wsviz.data.stream import eval_data, take
     from wsviz.models import input_shape
@@ -56,15 +62,15 @@ def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float,
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         res = scale_sweep(models, data, scales=scales, cache=default_cache(),
                           progress=lambda done, total, text: progress(0.9 * done / max(total, 1), text))
-        progress(0.9, "per-layer invariance at 0.5")
+        for label in blind:
+            res.accuracy[label] = np.full(len(res.values), np.nan)
         x, _ = take(data, invariance_sample(len(data)))
-        inv, skipped = {}, []
-        for label, m in models.items():  # a model without level/stage outputs is named, not fatal to the sweep
-            try:
-                inv[label] = layer_scale_invariance(m, x, 0.5)
-            except WsvizError:
-                skipped.append(label)
-    return res, inv, skipped
+        # one model at a time, each checked for Cancel; a model without level/stage outputs, or whose
+        # measurement fails, is named, not fatal to the finished sweep or to the other models
+        inv, skipped, failed = invariance_per_model(
+            models, x, 0.5, progress=lambda i, total, label: progress(
+                0.9 + 0.1 * i / max(total, 1), f"per-layer invariance at 0.5{': ' + label if label else ''}"))
+    return res, inv, skipped, failed, blind
 
 
 def invariance_sample(n: int, k: int = 64) -> list[int]:
@@ -89,14 +95,26 @@ dataset = f"folder:{folder.strip()}" if folder.strip() else dataset
 n = c2.slider("Images", 100, 1000, 500, 100)
 scales = st.multiselect("Scales", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6],
                         default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4])
-labels = tuple(v for v in variants if v in available_variants())
-key = (labels, dataset, n, tuple(sorted(scales)) or (1.0,))
+chosen = available_variants()
+labels = tuple(v for v in variants if v in chosen)
+if not scales:  # a sweep over no scale would be the identity alone: 100% agreement by definition
+    st.info("Choose at least one scale.")
+    st.stop()
+# the checkpoints' content stamps: a checkpoint retrained or overwritten in place is a new sweep
+key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v in labels))
 if st.button("Run the sweep", type="primary"):  # only the button starts one
-    run_in_background("scale-work", key, run_sweep, {v: get_variant(v)[0] for v in labels}, *key[1:])
+    loaded = {v: get_variant(v) for v in labels}
+    blind = {v: why for v, (m, card) in loaded.items() if (why := model_label_mismatch(m, card, dataset))}
+    run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind)
 result = background_result("scale-work", key, "scale sweep")
 if result is not None:
-    res, inv, skipped = result
-    figure(sweep_figure(res, "accuracy"), "scale-accuracy")
+    res, inv, skipped, failed, blind = result
+    for m, why in blind.items():  # an accuracy against labels the model never learned would read as 0%
+        st.warning(plain(f"{dataset}: labels not comparable with {m}'s classes: agreement only. "
+                         f"{why[:1].upper()}{why[1:]}."))
+    scored = {m: a for m, a in res.accuracy.items() if m not in blind}
+    if scored:
+        figure(sweep_figure(replace(res, accuracy=scored), "accuracy"), "scale-accuracy")
     figure(sweep_figure(res, "agreement", "Agreement with each model's own prediction at scale 1"), "scale-agreement")
     download_table(res.rows(), "scale_sweep")
     if inv:
@@ -107,3 +125,5 @@ if result is not None:
         figure(invariance_figure(inv), "scale-invariance")
     if skipped:
         st.info(f"No per-layer invariance for {', '.join(skipped)}: no level or stage outputs to compare.")
+    for m, why in failed.items():
+        st.warning(plain(f"No per-layer invariance for {m}: {why}"))

@@ -3,6 +3,8 @@ brute-force loop (transform, run the model, compare) or a closed form. Fast: no 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,10 @@ from wsviz.analysis.cache import PredictionCache, model_hash
 from wsviz.analysis.streaming import data_ident
 from wsviz.analysis.sweeps import (
     SweepResult,
+    invariance_per_model,
+    label_mismatch,
     layer_scale_invariance,
+    model_label_mismatch,
     predict,
     rotation_sweep,
     scale_sweep,
@@ -429,3 +434,191 @@ def test_a_dataset_is_read_once_in_this_process_by_default(sweep, values):
     ref = sweep({"m": Linear()}, x, y, **values)
     assert np.array_equal(res.predictions["m"], ref.predictions["m"])
     np.testing.assert_allclose(res.accuracy["m"], ref.accuracy["m"])
+
+
+# ------------------------------------------------------ a model shared with other threads (the app)
+class Crowded(Tapped):
+    """Tapped in eval mode (as the app's loaded checkpoints are), shared with another thread that predicts
+    through it: each pass of the ``owner`` thread waits, before returning (inside whatever capture it
+    runs in), until the other thread has made a whole pass of its own through the same object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval()
+        self.owner: int | None = None
+        self.others = 0
+        self.turn = threading.Condition()
+
+    def forward(self, x):
+        out = super().forward(x)
+        if threading.get_ident() == self.owner:
+            with self.turn:
+                seen = self.others
+                assert self.turn.wait_for(lambda: self.others > seen, timeout=30), "the other thread stopped"
+        else:
+            with self.turn:
+                self.others += 1
+                self.turn.notify_all()
+        return out
+
+
+def test_layer_scale_invariance_records_only_its_own_threads_passes():
+    """The live slider predicts through the object a sweep is measuring (the app shares one per
+    checkpoint): those passes must not land in the measurement's captured features."""
+    m, x = Crowded(), images(9, seed=8)
+    alone = layer_scale_invariance(m, x, 0.6, batch_size=4)
+    stop = threading.Event()
+    theirs = torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 5
+
+    def other():
+        while not stop.is_set():
+            predict(m, theirs)
+
+    m.owner = threading.get_ident()
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    try:
+        crowded = [layer_scale_invariance(m, x, 0.6, batch_size=4) for _ in range(3)]
+    finally:
+        stop.set()
+        m.owner = None
+        t.join(30)
+    assert m.others > 3 * 7  # a pass of theirs inside each of ours (1 blank + 3 batches x 2)
+    for inv in crowded:
+        assert inv.taps == alone.taps
+        np.testing.assert_array_equal(inv.error, alone.error)
+
+
+class Normed(nn.Module):
+    """A conv, BatchNorm and a tap, then a linear classifier: eval mode reads the running statistics,
+    training mode the batch's (and updates the running ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.bn.running_mean.fill_(0.3)
+        self.bn.running_var.fill_(2.0)
+        self.level = Tap("level", "normed")
+        self.head = nn.Linear(2 * SIZE * SIZE, 3)
+        self.wsviz_config = {"in_channels": 1, "input_size": SIZE, "num_classes": 3}
+
+    def forward(self, x):
+        return self.head(self.level(self.bn(self.conv(x))).flatten(1))
+
+
+def _sweep_path(m: nn.Module, x: torch.Tensor) -> None:
+    """Everything the Scale page and the sweeps run through a model."""
+    predict(m, x)
+    scale_sweep({"m": m}, x, scales=(0.5, 1.0), batch_size=3)
+    rotation_sweep({"m": m}, x, angles=(90,), batch_size=3)
+    single_image_stability(m, x[0], [0.5, 1.0], "scale")
+    layer_scale_invariance(m, x, 0.5, batch_size=3)
+
+
+def test_the_sweep_path_never_changes_an_eval_mode_model():
+    """The app's models are loaded in eval mode and shared with other threads: the sweeps, predictions and
+    invariance never switch their mode (not even for a moment), nor touch BatchNorm statistics or weights."""
+    m, x = Normed().eval(), images(7, seed=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    switched = []
+    for mod in m.modules():
+        mod.train = lambda mode=True, _m=mod: switched.append((_m, mode))
+    seen = []  # at every pass: whether any module was in training mode
+    m.register_forward_pre_hook(lambda mod, args: seen.append(any(mm.training for mm in m.modules())))
+    _sweep_path(m, x)
+    assert switched == [] and seen and not any(seen)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_the_sweep_path_runs_a_training_mode_model_in_eval_mode_and_restores_it():
+    m, x = Normed().train(), images(7, seed=2)
+    m.head.eval()  # a frozen part keeps its own flag
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [mod.training for mod in m.modules()]
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(any(mm.training for mm in m.modules())))
+    _sweep_path(m, x)
+    assert seen and not any(seen) and [mod.training for mod in m.modules()] == flags
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # running statistics read, not updated
+    with torch.no_grad():
+        assert torch.equal(predict(m, x)[0], Normed().eval()(x).argmax(1))
+
+
+# ------------------------------------------------------------------- invariance of several models
+class Broken(Tapped):
+    def forward(self, x):
+        raise RuntimeError("out of memory")
+
+
+def test_invariance_per_model_names_a_failure_and_goes_on():
+    x = images(5, seed=4)
+    inv, no_taps, failed = invariance_per_model({"broken": Broken(), "plain": Linear(), "ok": Tapped()}, x, 0.5)
+    assert list(inv) == ["ok"] and no_taps == ["plain"] and failed == {"broken": "RuntimeError: out of memory"}
+    ref = layer_scale_invariance(Tapped(), x, 0.5)
+    assert inv["ok"].taps == ref.taps
+    np.testing.assert_array_equal(inv["ok"].error, ref.error)
+    # a WsvizError reads as its message
+    _, _, failed = invariance_per_model({"m": Tapped()}, x, 0.5, loader="nope")
+    assert failed["m"].startswith("loader must be one of")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_invariance_per_model_asks_progress_before_each_model_and_a_cancel_stops_it():
+    models = {"a": Tapped(), "b": Tapped(), "c": Tapped()}
+    ran = []
+    for name, m in models.items():
+        m.pointwise.register_forward_hook(lambda mod, a, out, _n=name: ran.append(_n))
+    calls = []
+    invariance_per_model(models, images(3), 0.5, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 3, "a"), (1, 3, "b"), (2, 3, "c"), (3, 3, "")]
+
+    def cancel(done, total, label):
+        if label == "b":
+            raise Stop()  # the page's Cancel raises from its progress call
+    ran.clear()
+    with pytest.raises(Stop):
+        invariance_per_model(models, images(3), 0.5, progress=cancel)
+    assert set(ran) == {"a"}  # not caught as the model's failure: b and c never measured
+
+
+# -------------------------------------------------------------------------- comparable labels
+@pytest.mark.parametrize("dataset,trained_on", [
+    ("mnist5k", "mnist5k-scale"), ("mnist5k-rot", "mnist-scale"), ("mnist", "mnist5k"),
+    ("fashion-mnist", "fashion-mnist"), ("cifar10", "cifar10")])
+def test_labels_of_the_same_classes_are_comparable(dataset, trained_on):
+    assert label_mismatch(dataset, trained_on, 10) is None
+
+
+def test_labels_of_other_classes_are_not_comparable(tmp_path):
+    folder = tmp_path / "pets"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+    pets = f"folder:{folder}"
+    assert label_mismatch(pets, "mnist5k-scale", 10) == (f"it was trained on mnist5k-scale, whose classes are "
+                                                          f"not those of {pets}")
+    assert label_mismatch("fashion-mnist", "mnist5k", 10) == ("it was trained on mnist5k, whose classes are not "
+                                                              "those of fashion-mnist")
+    assert label_mismatch("mnist5k", "cifar10", 10) is not None
+    assert label_mismatch("cifar100", "cifar100", 10) == "it has 10 classes, cifar100 has 100"
+    assert label_mismatch("mnist5k", "mnist5k", 2) == "it has 2 classes, mnist5k has 10"
+    assert label_mismatch("mnist5k", None, 10) == ("its card names no training set wsviz knows the classes of "
+                                                   "(none)")
+    assert label_mismatch(pets, "folder:/elsewhere", 2) is not None
+    assert label_mismatch(pets, pets, 2) is None  # a model trained on that very folder: its sub-folders, sorted
+    assert label_mismatch(pets, pets, 3) == f"it has 3 classes, {pets} has 2"
+    gone = f"folder:{tmp_path / 'gone'}"
+    assert label_mismatch(gone, gone, 2).startswith(f"the classes of {gone} cannot be read")
+
+
+def test_model_label_mismatch_reads_the_models_classes_and_the_cards_dataset():
+    assert model_label_mismatch(Linear(classes=10), {"dataset": "mnist5k-scale"}, "mnist5k") is None
+    assert model_label_mismatch(Linear(classes=3), {"dataset": "mnist5k-scale"}, "mnist5k") == \
+        "it has 3 classes, mnist5k has 10"
+    assert model_label_mismatch(Linear(classes=10), {}, "mnist5k") is not None
+    plain = nn.Linear(2, 2)  # a model wsviz does not size: the card's count
+    assert model_label_mismatch(plain, {"dataset": "mnist5k", "config": {"num_classes": 10}}, "mnist5k") is None

@@ -16,7 +16,8 @@ as the Rot-MNIST protocol does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,14 +25,39 @@ import torch
 from torch import nn
 
 from wsviz.analysis.cache import PredictionCache
-from wsviz.analysis.features import capture, select_taps
+from wsviz.analysis.features import select_taps
 from wsviz.analysis.streaming import IDENTITY, Variant, predict_variants
 from wsviz.data.datasets import fit_to
 from wsviz.data.resample import rescale, rotate
 from wsviz.data.stream import batches
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import this_thread
 from wsviz.models.modes import eval_mode
-from wsviz.models.registry import input_shape
+from wsviz.models.registry import input_shape, num_classes
+from wsviz.models.taps import TapInfo, tap_modules
+
+
+# The app keeps one model object per checkpoint for all its sessions (st.cache_resource), each session in
+# a thread of its own, and the Scale page's live slider predicts through the object a sweep is using.
+# So every hook set here records only its own thread's passes, and nothing here changes a model loaded
+# in eval mode (as the app's are): eval_mode switches nothing then, weights and BatchNorm statistics are
+# only read. (A model given in training mode is switched to eval for the call and restored after.)
+@contextmanager
+def _capture(model: nn.Module, taps: Iterable[TapInfo]) -> Iterator[dict[str, torch.Tensor]]:
+    """The outputs of ``taps`` in this thread's passes during the ``with`` block (another thread's pass
+    through the same object goes unrecorded); the hooks are removed even on error."""
+    got: dict[str, torch.Tensor] = {}
+    modules = {info.name: m for info, m in tap_modules(model)}
+    handles = []
+    try:
+        for t in taps:
+            def hook(mod, args, out, _n=t.name):
+                got[_n] = out.detach()
+            handles.append((modules.get(t.name) or model.get_submodule(t.name)).register_forward_hook(this_thread(hook)))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -188,16 +214,16 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
     with eval_mode(model):
         blank = {}
         if centre:  # the layers' answer to a blank image: what the zero-filled border of T_s x gets
-            with capture(model, taps) as z:
+            with _capture(model, taps) as z:
                 model(torch.zeros(1, c, s, s, device=device))
             blank = {k: v.float() for k, v in dict(z).items()}
         for b in batches(images, batch_size=batch_size, workers=workers, loader=loader):
             xb = b.images.to(device)
             x = fit_to(xb.float().div(255) if xb.dtype == torch.uint8 else xb, c, s)
-            with capture(model, taps) as a:
+            with _capture(model, taps) as a:
                 model(x)
             fa = dict(a)
-            with capture(model, taps) as bb:
+            with _capture(model, taps) as bb:
                 model(rescale(x, scale))
             fb = dict(bb)
             for t in taps:
@@ -211,3 +237,77 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
     names = [t.name for t in taps if t.name in errs]
     labels = [t.label for t in taps if t.name in errs]
     return LayerInvariance(scale, names, labels, np.asarray([float(torch.cat(errs[n]).mean()) for n in names]))
+
+
+def invariance_per_model(models: Mapping[str, nn.Module], images, scale: float,
+                         kinds: Iterable[str] = ("level", "stage"), progress: Callable | None = None,
+                         **kw) -> tuple[dict[str, LayerInvariance], list[str], dict[str, str]]:
+    """:func:`layer_scale_invariance` of each model: ({model: its invariance}, [models without taps of
+    those kinds], {model: why it failed}). One model's failure is reported, not fatal to the others.
+
+    ``progress(done, total, model)`` is called before each model (outside the failure handling: an
+    exception it raises, a page's Cancel, stops the loop); ``kw`` go to :func:`layer_scale_invariance`."""
+    kinds = tuple(kinds)
+    inv: dict[str, LayerInvariance] = {}
+    no_taps: list[str] = []
+    failed: dict[str, str] = {}
+    for i, (label, model) in enumerate(models.items()):
+        if progress is not None:
+            progress(i, len(models), label)
+        try:
+            if not select_taps(model, kinds):
+                no_taps.append(label)
+                continue
+            inv[label] = layer_scale_invariance(model, images, scale, kinds, **kw)
+        except Exception as exc:  # noqa: BLE001 - named with its model; the others' results stand
+            failed[label] = str(exc) if isinstance(exc, WsvizError) else f"{type(exc).__name__}: {exc}"
+    if progress is not None and models:
+        progress(len(models), len(models), "")
+    return inv, no_taps, failed
+
+
+# ------------------------------------------------------------------------ comparable labels
+def label_space(dataset: str | None) -> str | None:
+    """What a dataset's label k means, as a name two datasets share when their labels mean the same
+    classes: all the digit sets (mnist, mnist5k and their -rot / -scale protocols) share "digits";
+    an image folder's labels are its own sorted sub-folders (only the same folder shares them); None
+    for a dataset wsviz does not know."""
+    name = (dataset or "").strip()
+    if name.startswith("folder:"):
+        return name
+    low = name.lower()
+    if low.partition("-")[0] in ("mnist", "mnist5k") and low.partition("-")[2] in ("", "rot", "scale"):
+        return "digits"
+    if low in ("fashion-mnist", "cifar10", "cifar100"):
+        return low
+    return None
+
+
+def label_mismatch(dataset: str, trained_on: str | None, classes: int | None) -> str | None:
+    """Why the labels of ``dataset`` cannot score a model trained on ``trained_on`` (its card's dataset)
+    with ``classes`` outputs, or None when they can: the same label space (:func:`label_space`) and as
+    many classes as the model has. An accuracy against labels the model never learned means nothing."""
+    from wsviz.data.datasets import dataset_info
+
+    space, own = label_space(dataset), label_space(trained_on)
+    if own is None:
+        return f"its card names no training set wsviz knows the classes of ({trained_on or 'none'})"
+    if space != own:
+        return f"it was trained on {trained_on}, whose classes are not those of {dataset}"
+    try:
+        have = dataset_info(dataset).num_classes
+    except (WsvizError, OSError) as exc:
+        return f"the classes of {dataset} cannot be read ({exc})"
+    if classes != have:
+        return f"it has {classes} classes, {dataset} has {have}"
+    return None
+
+
+def model_label_mismatch(model: nn.Module, card: Mapping | None, dataset: str) -> str | None:
+    """:func:`label_mismatch` for a loaded model and its card (the card's dataset; the model's classes,
+    else the card's)."""
+    card = card or {}
+    classes = num_classes(model)
+    if classes is None:
+        classes = (card.get("config") or {}).get("num_classes")
+    return label_mismatch(dataset, card.get("dataset"), classes)
