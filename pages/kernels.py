@@ -14,6 +14,8 @@ from pages._shared import (
     variant_layer_weight,
 )
 from wsviz.analysis.kernels import (
+    NULL_DRAWS,
+    NULL_LEVEL,
     blending_extremes,
     blending_pruning_curve,
     blending_weights,
@@ -27,8 +29,8 @@ st.title("Kernels")
 st.write("The 2-D kernels with the largest aggregate magnitude (sum of |w|) of a chosen layer, as in "
          "Aich et al. Fig. 3/4, for each chosen variant side by side. By default every variant shows the same "
          "place in the network, preferring a shared layer. The similarity score matches the two sets one-to-one "
-         "(Hungarian) and averages |cosine|, so sign and order do not matter; it is shown next to the score of "
-         "two random kernel sets of the same size.")
+         "(Hungarian) and averages |cosine|, so sign and order do not matter; it is tested against the scores of "
+         f"{NULL_DRAWS} pairs of random kernel sets of the same size and shape.")
 
 variants = chosen_variants()
 if not variants:
@@ -93,15 +95,21 @@ if panels:
     figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} {'different kernels' if distinct else 'kernels'}",
                               scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
     download_table(rows, "top_kernels")
-    sims = kernel_set_comparisons(panels)
+    with st.spinner(f"Scoring {NULL_DRAWS} pairs of random kernel sets (once per size)…"):
+        sims = kernel_set_comparisons(panels)
     if sims:
         st.subheader("How alike are the kernel sets?")
         st.dataframe(sims, hide_index=True)
         st.caption("Similarity: mean |cosine| of the best one-to-one matching (1 = the same set up to sign and "
                    "order) of the strongest kernels both panels have ('kernels compared': the smaller panel's "
-                   "count). 'Two random sets' is the score of two independent Gaussian sets of the same size and "
-                   "kernel shape: the level that means *unrelated*, not 0. A score at or below it says the two "
-                   "sets share no more structure than chance would give.")
+                   f"count). Unrelated sets do not score 0: {NULL_DRAWS} pairs of independent Gaussian sets of the "
+                   "same size and kernel shape give the null distribution, whose mean is 'two random sets' and "
+                   "whose 95th percentile is 'random, 95th percentile'. 'More alike than chance' is a one-sided "
+                   f"test at level {NULL_LEVEL:g}: the score is above that percentile, i.e. p (the share of random pairs "
+                   f"scoring at least as high, counting the score itself) is at most {NULL_LEVEL:g}, so two "
+                   "unrelated random sets are called alike about 1 time in 20. Otherwise the two sets show no more "
+                   "shared structure than chance would give. The null is isotropic Gaussian kernels: two trained "
+                   "layers with the same generic structure (e.g. smooth kernels) can beat it without being related.")
 
 st.header("ShaRDNet blending layers")
 sl = [v for v in variants if hasattr(get_variant(v)[0], "blending_layers") and get_variant(v)[0].blending_layers()]

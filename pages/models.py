@@ -5,7 +5,16 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages._shared import available_variants, chosen_variants, download_table, figure, get_variant, show_error
+from pages._shared import (
+    _stamp,
+    available_variants,
+    chosen_variants,
+    download_table,
+    figure,
+    get_variant,
+    plain,
+    show_error,
+)
 from wsviz.catalog import families as catalog_families
 from wsviz.catalog import load_catalog
 
@@ -265,15 +274,33 @@ def show_fair(result: dict) -> None:
                          + sp.reason.replace(rows[sp.i].name, chosen[sp.i]).replace(rows[sp.j].name, chosen[sp.j]))
 
 
-# The result stays on the page (session state) until the chosen variants change: other widgets,
-# downloads and page switches do not clear it.
+def checkpoint_stamps(chosen: list[str]) -> tuple:
+    """The chosen variants' checkpoint files as they are now (modification times and sizes of card and
+    weights; None for one that is gone): a result evaluated from other files is not theirs."""
+    return tuple(_stamp(variants[v]) if v in variants else None for v in chosen)
+
+
+# The result stays on the page (session state) until the chosen variants change or one of their
+# checkpoints is rewritten (retrained in place): other widgets, downloads and page switches do not
+# clear it. The stamps are taken before evaluating, so files rewritten meanwhile also void it.
 if len(chosen) >= 1 and st.button("Evaluate the chosen variants"):
     try:
-        st.session_state["fair-result"] = evaluate_fair(chosen)
+        stamps = checkpoint_stamps(chosen)
+        st.session_state["fair-result"] = {**evaluate_fair(chosen), "stamps": stamps}
     except Exception as exc:  # noqa: BLE001 - a checkpoint that cannot be loaded: say which, keep the page
         show_error(exc)
 kept = st.session_state.get("fair-result")
 if kept is not None and list(kept["chosen"]) == chosen:
-    show_fair(kept)
+    if "stale" not in kept:
+        changed = [v for v, old, now in zip(chosen, kept.get("stamps", ()), checkpoint_stamps(chosen)) if old != now]
+        if changed or "stamps" not in kept:  # the rows belong to files that are gone: drop them, keep why
+            kept = st.session_state["fair-result"] = {"chosen": kept["chosen"], "stale": changed or list(chosen)}
+    if "stale" in kept:
+        stale = kept["stale"]
+        st.caption(f"The checkpoint{'s' if len(stale) != 1 else ''} of {', '.join(plain(v) for v in stale)} "
+                   f"{'have' if len(stale) != 1 else 'has'} changed since the last evaluation (retrained or "
+                   "replaced): evaluate again to compare them as they are now.")
+    else:
+        show_fair(kept)
 elif kept is not None:
     st.caption("The variants changed since the last evaluation: evaluate again to compare these.")

@@ -26,6 +26,7 @@ from wsviz.analysis.kernels import (
     kernel_set_similarity,
     layer_weight,
     random_kernel_similarity,
+    random_similarity_null,
     top_k_kernels,
 )
 
@@ -392,7 +393,10 @@ def test_kernel_set_comparisons_say_why_a_pair_is_not_compared():
     ab = rows[("a", "b")]  # a distinct view may show fewer kernels: the strongest 5 of each are compared
     assert ab["kernels compared"] == 5
     assert ab["similarity"] == round(kernel_set_similarity(a[:5], b), 4)
-    assert ab["two random sets"] == round(random_kernel_similarity(5, 3, 3), 4)
+    null = random_similarity_null(5, 3, 3)  # the null of 200 random pairs of 5 kernels: its mean and 95th percentile
+    assert ab["two random sets"] == round(null.mean, 4) and ab["random, 95th percentile"] == round(null.critical, 4)
+    assert ab["p (one-sided)"] == round(null.p_value(kernel_set_similarity(a[:5], b)), 4)
+    assert rows[("a", "c")]["two random sets"] is None and rows[("a", "c")]["p (one-sided)"] is None
     assert rows[("a", "c")]["similarity"] is None and rows[("a", "c")]["reading"] == \
         "not compared: 3x3 kernels against 5x5"
     same = kernel_set_comparisons({"x": a, "y": -a[::-1]})[0]
@@ -531,12 +535,12 @@ def test_blending_pruning_curve_against_a_loop():
     assert default.pruned_weights.tolist() == [0, 12, 24, 36, 48, 54, 57]
 
 
-def test_blending_pruning_curve_restores_the_weights_on_error():
+def test_blending_pruning_curve_leaves_the_weights_alone_on_error():
     m = Blended()
-    before = [layer.weight.detach().clone() for layer in m.blending_layers()]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(RuntimeError):  # 2.0 asks for more weights than there are, after 0.5 pruned half
         blending_pruning_curve(m, torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long), (0.5, 2.0))
-    assert all(torch.equal(layer.weight, w) for layer, w in zip(m.blending_layers(), before))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("name", ["scale-sharesnet", "scale-wsms-1x1", "scale-msws-shared", "scale-repeatnet-linear"])

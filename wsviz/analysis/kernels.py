@@ -9,6 +9,7 @@ so :func:`default_layers` can put the same place side by side.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,22 +247,87 @@ def kernel_set_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def random_kernel_similarity(k: int, kh: int, kw: int, seed: int = 0, trials: int = 5) -> float:
-    """The same score for two independent Gaussian kernel sets: what "unrelated" looks like."""
+    """The mean score of ``trials`` pairs of independent Gaussian kernel sets: where "unrelated" sits on
+    average. A mean is not a test (about half of all unrelated pairs score above it): to call a score
+    more alike than chance use :func:`random_similarity_null`."""
     rng = np.random.default_rng(seed)
     return float(np.mean([kernel_set_similarity(rng.standard_normal((k, kh, kw)), rng.standard_normal((k, kh, kw)))
                           for _ in range(trials)]))
 
 
-def kernel_set_comparisons(panels: dict[str, np.ndarray]) -> list[dict]:
+NULL_DRAWS = 200  # pairs of random kernel sets per (k, kernel shape) in the null distribution
+NULL_LEVEL = 0.05  # one-sided level of "more alike than chance"
+
+
+@dataclass(frozen=True, eq=False)
+class SimilarityNull:
+    """The scores of ``draws`` pairs of independent Gaussian sets of ``k`` kernels of one shape: what
+    :func:`kernel_set_similarity` gives two *unrelated* sets, as a distribution (a Monte Carlo test).
+
+    A score is "more alike than chance" at one-sided level ``level`` when its Monte Carlo p-value
+    ``(1 + #{null >= score}) / (draws + 1)`` is at most ``level``; that is, when it is above
+    :attr:`critical`, the null's 95th percentile for level 0.05 (with 200 draws its 191st smallest
+    score, ``np.quantile(scores, 0.95, method="higher")``). Two unrelated sets are then called alike
+    in at most ``level`` of cases, whatever ``draws`` is.
+    """
+
+    k: int
+    kh: int
+    kw: int
+    scores: np.ndarray  # (draws,) sorted ascending, read-only
+    level: float = NULL_LEVEL
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean())
+
+    @property
+    def critical(self) -> float:
+        """The null score a similarity must exceed: the (1 - level) percentile, taken so that exceeding it
+        is exactly p <= level."""
+        n = len(self.scores)
+        m = int(np.floor(self.level * (n + 1) + 1e-9)) - 1  # null scores allowed at or above a significant score
+        return float(self.scores[n - 1 - m]) if m >= 0 else float("inf")
+
+    def p_value(self, score: float) -> float:
+        """One-sided Monte Carlo p-value of ``score``: how often unrelated sets score at least as high."""
+        at_least = len(self.scores) - int(np.searchsorted(self.scores, score, side="left"))
+        return (1 + at_least) / (len(self.scores) + 1)
+
+    def alike(self, score: float) -> bool:
+        """``score`` is more alike than chance at one-sided level :attr:`level`."""
+        return self.p_value(score) <= self.level + 1e-12
+
+
+@functools.lru_cache(maxsize=128)
+def random_similarity_null(k: int, kh: int, kw: int, draws: int = NULL_DRAWS, seed: int = 0,
+                           level: float = NULL_LEVEL) -> SimilarityNull:
+    """The null distribution of :func:`kernel_set_similarity` for two independent sets of ``k`` Gaussian
+    ``kh`` x ``kw`` kernels (the score is scale-free, so any isotropic distribution gives the same
+    null): ``draws`` pairs, deterministic for a ``seed`` (each (k, kh, kw) its own stream), computed
+    once per process and kept (about a second for k = 256)."""
+    if k < 1 or draws < 1:
+        raise WsvizError(f"A null distribution needs at least one kernel and one draw (got k={k}, draws={draws}).")
+    rng = np.random.default_rng([seed, k, kh, kw])
+    sets = rng.standard_normal((draws, 2, k, kh * kw))
+    scores = np.sort([kernel_set_similarity(a, b) for a, b in sets])
+    scores.setflags(write=False)
+    return SimilarityNull(k, kh, kw, scores, level)
+
+
+def kernel_set_comparisons(panels: dict[str, np.ndarray], draws: int = NULL_DRAWS, seed: int = 0) -> list[dict]:
     """Every pair of kernel sets (each strongest first, as :func:`top_k_kernels` gives them): the
-    similarity of the ``n`` strongest kernels both sets have (``n`` the smaller set's size), next to
-    two random sets of that size and shape. A pair whose kernels differ in size cannot be matched:
-    its row says so (``similarity`` None) instead of being left out."""
+    similarity of the ``n`` strongest kernels both sets have (``n`` the smaller set's size), tested
+    against the null of :func:`random_similarity_null` for that ``n`` and kernel shape: its mean
+    ("two random sets"), its 95th percentile and the one-sided p-value. "More alike than chance"
+    means p <= 0.05 (the score above the null's 95th percentile). A pair whose kernels differ in
+    size cannot be matched: its row says so (``similarity`` None) instead of being left out."""
     names, out = list(panels), []
     for j, a in enumerate(names):
         for b in names[j + 1:]:
             pa, pb = np.asarray(panels[a]), np.asarray(panels[b])
-            row = {"A": a, "B": b, "kernels compared": 0, "similarity": None, "two random sets": None}
+            row = {"A": a, "B": b, "kernels compared": 0, "similarity": None, "two random sets": None,
+                   "random, 95th percentile": None, "p (one-sided)": None}
             if pa.shape[1:] != pb.shape[1:]:
                 size = lambda p: "x".join(map(str, p.shape[1:]))  # noqa: E731
                 row["reading"] = f"not compared: {size(pa)} kernels against {size(pb)}"
@@ -269,9 +335,12 @@ def kernel_set_comparisons(panels: dict[str, np.ndarray]) -> list[dict]:
                 row["reading"] = "not compared: fewer than 2 kernels"
             else:
                 n = min(len(pa), len(pb))
-                score, base = kernel_set_similarity(pa[:n], pb[:n]), random_kernel_similarity(n, *pa.shape[1:])
-                row.update({"kernels compared": n, "similarity": round(score, 4), "two random sets": round(base, 4),
-                            "reading": "more alike than chance" if score > base else
+                score = kernel_set_similarity(pa[:n], pb[:n])
+                null = random_similarity_null(n, *pa.shape[1:], draws=draws, seed=seed)
+                row.update({"kernels compared": n, "similarity": round(score, 4), "two random sets": round(null.mean, 4),
+                            "random, 95th percentile": round(null.critical, 4),
+                            "p (one-sided)": round(null.p_value(score), 4),
+                            "reading": "more alike than chance" if null.alike(score) else
                             "no more alike than two random sets"})
             out.append(row)
     return out
@@ -311,26 +380,27 @@ def blending_pruning_curve(model: nn.Module, images: torch.Tensor, labels: torch
                            fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95)) -> PruningCurve:
     """ShaRDNet Fig. 5: accuracy when the smallest-|w| fraction of all blending weights is zeroed.
 
-    No retraining; the model's weights are restored afterwards, even on error.
+    No retraining. The weights are zeroed in a private copy of ``model``
+    (:func:`wsviz.models.hooks.private_copy`), never in ``model`` itself: the app shares one model
+    object per checkpoint with every session, whose predictions must not see a pruned network, even
+    for a moment, and two curves computed at once must not restore each other's pruned weights.
     """
+    from wsviz.models.hooks import private_copy
     from wsviz.training.loop import evaluate
 
-    layers = model.blending_layers() if hasattr(model, "blending_layers") else []
-    if not layers:
+    if not (model.blending_layers() if hasattr(model, "blending_layers") else []):
         blending_weights(model)  # raises the explanatory error
+    work = private_copy(model)
+    layers = work.blending_layers()
     saved = [m.weight.detach().clone() for m in layers]
     allw = torch.cat([w.abs().flatten() for w in saved])
     accs, counts = [], []
-    try:
-        for f in fractions:
-            n = int(round(f * allw.numel()))
-            thresh = torch.kthvalue(allw, n).values if n > 0 else None
-            for m, w in zip(layers, saved):
-                m.weight.copy_(w if thresh is None else torch.where(w.abs() <= thresh, torch.zeros_like(w), w))
-            _, acc, _ = evaluate(model, images, labels)
-            accs.append(acc)
-            counts.append(n)
-    finally:
+    for f in fractions:
+        n = int(round(f * allw.numel()))
+        thresh = torch.kthvalue(allw, n).values if n > 0 else None
         for m, w in zip(layers, saved):
-            m.weight.copy_(w)
+            m.weight.copy_(w if thresh is None else torch.where(w.abs() <= thresh, torch.zeros_like(w), w))
+        _, acc, _ = evaluate(work, images, labels)
+        accs.append(acc)
+        counts.append(n)
     return PruningCurve(np.asarray(fractions, dtype=float), np.asarray(accs), np.asarray(counts))
