@@ -24,7 +24,7 @@ from pages._shared import (
     show_variant_error,
 )
 from wsviz.analysis.rotation import flops_matches, rotation_summary
-from wsviz.analysis.sweeps import rotation_sweep, single_image_stability
+from wsviz.analysis.sweeps import model_label_mismatch, rotation_sweep, single_image_stability
 from wsviz.concurrency import heavy_slot
 from wsviz.data.digits import rotate
 from wsviz.errors import WsvizError
@@ -117,10 +117,32 @@ def run_sweep(progress, models: dict, n: int, angles: tuple[float, ...]):
 st.caption("The sweep runs in the background: the rest of the page keeps answering, and it can be cancelled.")
 n = st.slider("Test digits", 100, 1000, 300, 100)
 step = st.select_slider("Angle step (degrees)", [5, 10, 15, 22.5, 30, 45], value=15)
-key = (tuple(chosen), n, tuple(float(a) for a in np.arange(0, 360 + 1e-9, step)))
+angles = tuple(float(a) for a in np.arange(0, 360 + 1e-9, step))
+paths = available_variants()
+
+
+def comparable(label: str) -> bool:
+    """Whether the test digits' labels can score ``label`` (a model of other classes is left out, said)."""
+    try:
+        model, card = get_variant(label)
+    except Exception:  # noqa: BLE001 - not loadable: the table above and the button say why
+        return True
+    why = model_label_mismatch(model, card, "mnist5k")
+    if why:  # an accuracy on digits means nothing for a model of other classes
+        st.warning(f"{plain(label)} is left out of the sweep: the test digits' labels are not comparable with its "
+                   f"classes ({plain(why)}).", icon=":material/warning:")
+    return not why
+
+
+def sweep_key(labels) -> tuple:
+    """The result's inputs, the checkpoints' content among them: one retrained in place is swept again."""
+    return (tuple(labels), n, angles, tuple(_stamp(paths[v]) if v in paths else None for v in labels))
+
+
+key = sweep_key([v for v in chosen if comparable(v)])
 if st.button("Run the rotation sweep", type="primary"):  # only the button starts one
     models = {}
-    for v in chosen:
+    for v in key[0]:
         try:
             models[v] = get_variant(v)[0]
         except Exception as exc:  # noqa: BLE001 - e.g. its files went since the page loaded: said, not dropped
@@ -128,8 +150,8 @@ if st.button("Run the rotation sweep", type="primary"):  # only the button start
                        f"{plain(exc if isinstance(exc, WsvizError) else f'{type(exc).__name__}: {exc}')}",
                        icon=":material/warning:")
     if models:  # a checkpoint left out is listed as refused from now on, so the page's choice is this one
-        key = (tuple(models), *key[1:])
-        run_in_background("rot-work", key, run_sweep, models, *key[1:])
+        key = sweep_key(models)
+        run_in_background("rot-work", key, run_sweep, models, n, angles)
 res = background_result("rot-work", key, "rotation sweep")
 if res is not None:
     figure(sweep_figure(res, "accuracy", "Accuracy vs rotation of the upright test digits"), "rot-accuracy")

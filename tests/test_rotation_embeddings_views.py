@@ -240,3 +240,46 @@ def test_rotation_zoo_button_names_each_checkpoint_it_leaves_out(checkpoints):
                             "rot-repeat-swish-c8 in ") for w in warnings), warnings
     at.run()
     assert not any("left out of the rotation zoo" in unescaped(w.value) for w in at.warning)  # said once
+
+
+# ------------------------------------------------------------------------- rotation: what a result belongs to
+def _run_rotation(at, digits: int = 100, step: float = 45):
+    at.slider[0].set_value(digits).run()
+    at.select_slider[0].set_value(step).run()
+    next(b for b in at.button if b.label == "Run the rotation sweep").click().run()
+    assert not at.exception, at.exception
+    wait_for(at, lambda a: any("mean accuracy" in d.value.columns for d in a.dataframe), "the rotation sweep")
+
+
+def test_rotation_page_drops_a_result_when_its_checkpoint_is_retrained_in_place(checkpoints):
+    import torch
+
+    needs("rot-cnn")
+    folder = copy_checkpoint("rot-cnn", checkpoints / "rot-cnn-retrained")
+    at = open_app("pages/rotation.py", ["rot-cnn-retrained"])
+    _run_rotation(at)
+    rewrite_weights(folder, lambda k, v: torch.zeros_like(v) if k == "features.0.weight" else v)
+    at.run()
+    assert not at.exception, at.exception
+    assert not any("mean accuracy" in d.value.columns for d in at.dataframe), "the old checkpoint's sweep is shown"
+    assert "The settings changed since the last rotation sweep" in texts(at)
+
+
+def test_rotation_page_leaves_out_a_model_of_other_classes_and_says_why(checkpoints):
+    import json
+
+    needs("rot-cnn")
+    copy_checkpoint("rot-cnn", checkpoints / "digits")
+    other = copy_checkpoint("rot-cnn", checkpoints / "clothes")
+    card = json.loads((other / "card.json").read_text())
+    card["dataset"] = "fashion-mnist"  # the same network, trained on ten classes that are not digits
+    (other / "card.json").write_text(json.dumps(card))
+    at = open_app("pages/rotation.py", ["clothes", "digits"])
+    assert any(unescaped(w.value).startswith("clothes is left out of the sweep: the test digits' labels are not "
+                                             "comparable with its classes (it was trained on fashion-mnist")
+               for w in at.warning), [w.value for w in at.warning]
+    _run_rotation(at)
+    res = at.session_state["rot-work"].future.result()
+    assert list(res.accuracy) == ["digits"]
+    table = next(d.value for d in at.dataframe if "mean accuracy" in d.value.columns)
+    assert list(table.iloc[:, 0]) == ["digits"]
