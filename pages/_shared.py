@@ -303,15 +303,16 @@ def pick_images(key: str, multiple: bool = True) -> list[tuple[str, bytes]]:
     return [(n, samples[n]) for n in pick]
 
 
-def prepared(name: str, data: bytes, model, quiet: bool = False):
-    """The image as this model's input, or None after showing why it cannot be used (unless ``quiet``:
-    the page has said so already)."""
+def prepared(name: str, data: bytes, model, quiet: bool = False, dataset: str | None = None):
+    """The image as this model's input (laid out as its training set ``dataset``, the card's, was:
+    :func:`wsviz.data.uploads.default_layout`), or None after showing why it cannot be used (unless
+    ``quiet``: the page has said so already)."""
     from wsviz.data.uploads import load_upload
     from wsviz.models import input_shape
 
     c, s, _ = input_shape(model)
     try:
-        return load_upload(data, name, c, s)
+        return load_upload(data, name, c, s, dataset=dataset)
     except WsvizError as exc:
         if not quiet:
             st.error(str(exc))
@@ -324,6 +325,7 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
     shape, and an error about it (or a note that it is far from the training data) said once —
     not at all with ``quiet``, for a page that has shown the same image's predictions already."""
     from wsviz.data.inputs import input_note
+    from wsviz.data.uploads import default_layout
     from wsviz.models import input_shape
 
     inputs, by_shape, noted = {}, {}, set()
@@ -335,15 +337,16 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
                 show_variant_error(label, exc)
             continue
         c, size, _ = input_shape(model)
-        if (c, size) not in by_shape:
-            x = prepared(name, data, model, quiet)
-            by_shape[(c, size)] = None if x is None else (x.unsqueeze(0) if transform is None
-                                                          else transform(x.unsqueeze(0)))
-        note = input_note(data, c, size, card.get("dataset")) if by_shape[(c, size)] is not None else None
+        shape = (c, size, default_layout(c, card.get("dataset")))  # a digit model and a Fashion one differ
+        if shape not in by_shape:
+            x = prepared(name, data, model, quiet, card.get("dataset"))
+            by_shape[shape] = None if x is None else (x.unsqueeze(0) if transform is None
+                                                      else transform(x.unsqueeze(0)))
+        note = input_note(data, c, size, card.get("dataset")) if by_shape[shape] is not None else None
         if note and note not in noted and not quiet:
             noted.add(note)
             st.warning(note, icon=":material/info:")
-        inputs[label] = by_shape[(c, size)]
+        inputs[label] = by_shape[shape]
     return inputs
 
 

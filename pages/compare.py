@@ -16,7 +16,10 @@ from pages._shared import (
 from wsviz.analysis.attribution import METHODS, attribute, cam_candidates, default_cam_layer
 from wsviz.analysis.features import feature_maps
 from wsviz.data.classes import class_names
-from wsviz.figures import SIGNED_METHODS, attribution_figure, feature_maps_figure
+from wsviz.data.uploads import explain_upload
+from wsviz.errors import WsvizError
+from wsviz.figures import SIGNED_METHODS, attribution_figure, feature_map_range, feature_maps_figure
+from wsviz.models import input_shape
 from wsviz.models.taps import list_taps
 
 st.title("Compare on images")
@@ -30,10 +33,31 @@ if not images:
     st.info("Upload an image or pick a sample.")
     st.stop()
 
+
+def explain_inputs(name: str, data: bytes) -> None:
+    """Say how the image became each distinct model input (as ``load_upload`` prepares it for the
+    predictions above: digit models get the MNIST layout, other models the image fit in a square)."""
+    shapes: dict[tuple[int, int, str | None], list[str]] = {}
+    for label in variants:
+        try:
+            model, card = get_variant(label)
+            c, size, _ = input_shape(model)
+        except Exception:  # noqa: BLE001 - show_predictions has said why this variant is unavailable
+            continue
+        shapes.setdefault((c, size, card.get("dataset")), []).append(label)
+    for (c, size, dataset), labels in shapes.items():
+        try:
+            text = explain_upload(data, name, c, size, dataset=dataset)
+        except WsvizError:  # said above, with the predictions
+            continue
+        st.caption(f"Input for {', '.join(labels)}: {text}" if len(shapes) > 1 else text)
+
+
 rows = []
 for name, data in images:
     st.subheader(name)
     rows += show_predictions(name, data, variants)
+    explain_inputs(name, data)
 if rows:
     st.dataframe(rows, hide_index=True, column_config={
         "confidence": st.column_config.NumberColumn(format="percent"),
@@ -56,6 +80,7 @@ KIND_LABELS = {"per dilation rate": "rate", "per WSMS stage": "stage", "per shar
                "per stage of blocks / level": "level"}
 shown = [label for label, k in KIND_LABELS.items() if k in kinds]
 kind = KIND_LABELS[st.radio("Named outputs", shown, horizontal=True)] if shown else "level"
+all_maps = {}
 for label, x in inputs.items():
     model, _ = get_variant(label)
     try:
@@ -66,22 +91,51 @@ for label, x in inputs.items():
     if not maps:
         st.caption(f"{label} has no '{kind}' outputs.")
         continue
-    figure(feature_maps_figure(maps[:24], title=f"{label}: channel-mean of each {kind} output"
-                                                 + (" (first 24)" if len(maps) > 24 else "")),
+    all_maps[label] = (maps[:24], len(maps))
+if all_maps:
+    # one colour scale over every variant's figure, so one colour is one value in all of them
+    zrange = feature_map_range(*(maps for maps, _ in all_maps.values()))
+    scale_text = f"values {zrange[0]:.3g} to {zrange[1]:.3g}" + (
+        f"; these outputs go negative, so the scale is diverging, white at 0, ±{max(-zrange[0], zrange[1]):.3g}"
+        if zrange[0] < 0 else "")
+    st.caption(f"The {len(all_maps)} figures share one colour scale ({scale_text}): one colour is one value in all "
+                "of them." if len(all_maps) > 1 else f"Colour scale: {scale_text}.")
+for label, (maps, n_all) in all_maps.items():
+    figure(feature_maps_figure(maps, title=f"{label}: channel-mean of each {kind} output"
+                                           + (f" (first 24 of {n_all})" if n_all > 24 else ""), zrange=zrange),
            f"maps-{label}-{kind}")
 
 st.header("Attributions")
 c1, c2, c3 = st.columns(3)
 method = c1.selectbox("Method", METHODS)
-_, first_card = get_variant(variants[0])
-n_classes = min(get_variant(v)[0].wsviz_config.get("num_classes", 10) for v in variants)
-class_labels = class_names(first_card.get("dataset"), n_classes)
-target_choice = c2.selectbox("Class to explain", ["the predicted class"] + [f"{i}: {n}" if n != str(i) else n
-                                                                          for i, n in enumerate(class_labels)],
-                             key="compare-target",
-                             help="Explain the predicted class of each variant, or the same class for all.")
+# each variant's own class names: variants trained on different datasets share no class to explain
+names_of = {}
+for label in inputs:
+    model, card = get_variant(label)
+    names_of[label] = class_names(card.get("dataset"), model.wsviz_config.get("num_classes", 10))
+same_classes = len({tuple(n) for n in names_of.values()}) == 1
+class_labels = next(iter(names_of.values()))
+if same_classes:
+    target_choice = c2.selectbox("Class to explain", ["the predicted class"] + [f"{i}: {n}" if n != str(i) else n
+                                                                              for i, n in enumerate(class_labels)],
+                                 key="compare-target",
+                                 help="Explain the predicted class of each variant, or the same class for all.")
+else:
+    target_choice = c2.selectbox("Class to explain", ["the predicted class"], key="compare-target-mixed",
+                                 help="The chosen variants were trained on datasets with different classes, so "
+                                      "each explains its own predicted class.")
 opacity = c3.slider("Overlay on the input (opacity)", 0.0, 1.0, 0.0, 0.1,
                     help="0 draws the maps alone; above 0 each map is drawn over the input with that opacity.")
+SCALES = {"each map to its own maximum": "per_panel", "one scale for all maps": "shared"}
+attr_scale = SCALES[st.radio(
+    "Attribution colour scale", list(SCALES), horizontal=True, key="attr-scale",
+    help="Saliency and Grad-CAM values grow with each model's logit scale, so on one scale a model with small "
+         "logits looks blank. Each panel's title gives its maximum.")]
+if not same_classes:
+    st.caption("The chosen variants were trained on datasets with different classes ("
+               + "; ".join(f"{label}: {', '.join(n[:4])}{', …' if len(n) > 4 else ''}"
+                           for label, n in names_of.items())
+               + "), so each explains its own predicted class, named in its panel's title.")
 if method == "grad_cam":
     st.caption("Grad-CAM explains through one layer. The default is the deepest spatial map the classifier reads "
                "(WSMS: the integrated features of all stages; ShaRDNet: the last shared-conv iteration; e2cnn: the "
@@ -106,8 +160,9 @@ for i, (label, x) in enumerate(inputs.items()):
         show_error(exc)
         continue
     image = x.mean(0).numpy() if image is None else image
-    maps[f"{label} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
+    t = int(res.targets[0])
+    maps[f"{label} → {names_of[label][t]}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
 if maps:
     what = "the predicted class" if target is None else f"class {class_labels[target]}"
     figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for {what}", signed=method in SIGNED_METHODS,
-                              opacity=opacity), f"attr-{method}")
+                              opacity=opacity, scale=attr_scale), f"attr-{method}")

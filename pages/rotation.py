@@ -182,8 +182,8 @@ if images:
     name, data = images[0]
     label = st.selectbox("Stability over all angles for", chosen)
     try:
-        model, _ = get_variant(label)
-        x = prepared(name, data, model)
+        model, card = get_variant(label)
+        x = prepared(name, data, model, dataset=card.get("dataset"))
         if x is not None:
             figure(stability_figure(single_image_stability(model, x, list(range(0, 360, 10)), "angle")),
                    "rot-stability")

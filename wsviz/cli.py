@@ -318,7 +318,8 @@ def _attribution(args: argparse.Namespace) -> int:
     maps, rows, image = {}, [], None
     for name, m in models.items():
         c, s, _ = input_shape(m)
-        x = load_upload(data, Path(args.image).name, c, s).unsqueeze(0) if data is not None else gallery
+        x = (load_upload(data, Path(args.image).name, c, s, dataset=(cards.get(name) or {}).get("dataset")).unsqueeze(0)
+             if data is not None else gallery)
         res = attribute(m, x, args.method, layer=args.layer)
         if image is None:
             from wsviz.data.stream import take

@@ -184,21 +184,38 @@ def stability_figure(st) -> go.Figure:
     return fig
 
 
-def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool = True) -> go.Figure:
+def feature_map_range(*map_lists) -> tuple[float, float]:
+    """(min, max) of the channel-mean maps over every list of taps given: pass it to each
+    ``feature_maps_figure`` that is to be compared, so one colour means one value in all of them."""
+    means = [f.mean_activation() for maps in map_lists for f in maps]
+    return (float(min((float(m.min()) for m in means), default=0.0)),
+            float(max((float(m.max()) for m in means), default=1.0)))
+
+
+def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool = True,
+                        zrange: tuple[float, float] | None = None) -> go.Figure:
     """Channel-mean activation of each tap, one small heatmap per tap, titled by its layer (module
-    path) and label, on one colour scale for all panels with a colour bar, so panels compare."""
+    path) and label, on one colour scale for all panels with a colour bar, so panels compare.
+
+    ``zrange``: the (min, max) the scale spans, ``feature_map_range`` of several figures so they
+    compare with each other too; default this figure's own. When the minimum is below 0 (signed
+    maps) the scale is diverging (RdBu_r), symmetric about 0 so zero is white; else Viridis.
+    """
     n = len(maps)
     cols = max(1, min(cols, n))
     rows = math.ceil(n / cols) if n else 1
     means = [f.mean_activation().numpy() for f in maps]
-    lo = float(min((m.min() for m in means), default=0.0))
-    hi = float(max((m.max() for m in means), default=1.0))
+    lo, hi = zrange if zrange is not None else feature_map_range(maps)
+    signed = lo < 0
+    if signed:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    colours = dict(colorscale=DIVERGING, zmid=0) if signed else dict(colorscale="Viridis")
     titles = [f"{f.label}<br><sup>{f.name}</sup>" if layer_names else f.label for f in maps]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
                         vertical_spacing=0.12)
     for i, (f, z) in enumerate(zip(maps, means)):
         r, c = divmod(i, cols)
-        fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", zmin=lo, zmax=hi, showscale=i == 0,
+        fig.add_trace(go.Heatmap(z=z, **colours, zmin=lo, zmax=hi, showscale=i == 0,
                                  colorbar=dict(title="mean activation", thickness=12),
                                  hovertemplate="%{z:.3g}<extra>" + f.name + "</extra>"), r + 1, c + 1)
         fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{i + 1 if i else ''}",
@@ -212,34 +229,54 @@ def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool 
 SIGNED_METHODS = ("integrated_gradients",)
 
 
-def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "", signed: bool = False,
-                       opacity: float = 0.0) -> go.Figure:
-    """The input and one attribution map per model, side by side, on one colour scale with a colour bar.
+ATTRIBUTION_SCALES = ("per_panel", "shared")
 
-    ``signed`` (Integrated Gradients): a diverging scale centred at zero, so zero is the same
-    neutral colour in every panel. Otherwise (Saliency, Grad-CAM, never negative) a sequential
-    scale from white at zero. ``opacity`` > 0 draws each map over the input (in grey) with that
-    opacity, so it can be read against the digit or photo.
+
+def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "", signed: bool = False,
+                       opacity: float = 0.0, scale: str = "per_panel") -> go.Figure:
+    """The input and one attribution map per model, side by side, each titled with its maximum.
+
+    ``scale="per_panel"`` (default): each map drawn on its own scale, from 0 to its own maximum
+    (|max| for signed maps), with one colour bar in fractions of each panel's maximum and the
+    value itself on hover. Saliency and Grad-CAM magnitudes follow each model's logit scale, so
+    on one scale a model with small logits looks blank. ``scale="shared"``: one scale, in
+    attribution units, for all maps. ``signed`` (Integrated Gradients): a diverging scale
+    centred at zero, so zero is the same neutral colour in every panel. Otherwise (Saliency,
+    Grad-CAM, never negative) a sequential scale from white at zero. ``opacity`` > 0 draws each
+    map over the input (in grey) with that opacity, so it can be read against the digit or photo.
     """
-    panels = {"input": image, **maps}
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02)
-    values = [np.abs(z) if signed else z for z in maps.values()]
-    vmax = float(max((np.nanmax(v) for v in values), default=1.0)) or 1.0
-    scale = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
-                                      [1, "#7a0403"]]
+    if scale not in ATTRIBUTION_SCALES:
+        raise ValueError(f"scale must be one of {ATTRIBUTION_SCALES}, got {scale!r}")
+    per_panel = scale == "per_panel"
+    peaks = {name: float(np.nanmax(np.abs(z) if signed else z)) if np.size(z) and not np.isnan(z).all() else 0.0
+             for name, z in maps.items()}
+    shared = max(peaks.values(), default=1.0) or 1.0
+    mark = "max |a|" if signed else "max"
+    titles = ["input"] + [f"{name}<br><sup>{mark} {peaks[name]:.3g}</sup>" for name in maps]
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
+    colours = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
+                                        [1, "#7a0403"]]
+    bar = dict(title="÷ its panel's max" if per_panel else "attribution", thickness=12)
     alpha = 1.0 if opacity <= 0 else float(opacity)
-    for j, (name, z) in enumerate(panels.items(), start=1):
+    for j, name in enumerate(["input", *maps], start=1):
         if name == "input" or opacity > 0:
             fig.add_trace(go.Heatmap(z=image, colorscale="gray", showscale=False, hoverinfo="skip"), 1, j)
         if name != "input":
-            fig.add_trace(go.Heatmap(z=z, colorscale=scale, zmin=-vmax if signed else 0, zmax=vmax,
-                                     zmid=0 if signed else None, opacity=alpha, showscale=j == len(panels),
-                                     colorbar=dict(title="attribution", thickness=12),
-                                     hovertemplate="%{z:.3g}<extra>" + name + "</extra>"), 1, j)
+            z = np.asarray(maps[name], dtype=float)
+            vmax = (peaks[name] or 1.0) if per_panel else shared
+            shown = z / vmax if per_panel else z
+            top = 1.0 if per_panel else vmax
+            fig.add_trace(go.Heatmap(z=shown, customdata=z, colorscale=colours, zmin=-top if signed else 0, zmax=top,
+                                     zmid=0 if signed else None, opacity=alpha, showscale=j == len(titles),
+                                     colorbar=bar,
+                                     hovertemplate="%{customdata:.3g}"
+                                                   + (" (%{z:.0%} of this panel's max)" if per_panel else "")
+                                                   + "<extra>" + name + "</extra>"), 1, j)
         fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{j if j > 1 else ''}",
                          row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
-    fig.update_layout(title=title, height=340, margin=dict(l=10, r=10, t=70, b=10))
+    fig.update_layout(title=title + (" (each map on its own scale)" if per_panel and len(maps) > 1 else ""),
+                      height=360, margin=dict(l=10, r=10, t=90, b=10))
     return fig
 
 
@@ -316,7 +353,8 @@ def fair_figure(rows: Sequence[dict], x: str = "params") -> go.Figure:
 
 def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
     """One heatmap per stage and conv role: ``kind`` ("output_cka" or "weight_similarity") between its
-    same-shape convolutions, on one colour scale (0..1 for CKA, -1..1 for the kernels' cosine)."""
+    same-shape convolutions, on one colour scale (0..1 for CKA, -1..1 for the kernels' cosine). The CKA
+    is of the convolutions' own outputs (what their hooks see), before any BatchNorm."""
     cols = min(3, len(sims)) or 1
     rows = -(-len(sims) // cols) or 1
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{s.stage} · {s.role}" for s in sims],
@@ -330,7 +368,8 @@ def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
                       row=i // cols + 1, col=i % cols + 1)
     fig.update_xaxes(type="category")  # block indices: "1", "2" would otherwise get ticks at 1.5, 2.5
     fig.update_yaxes(type="category")
-    title = "Output CKA between blocks" if kind == "output_cka" else "Kernel cosine similarity between blocks"
+    title = ("Linear CKA of the convolutions' outputs (before BatchNorm) between blocks" if kind == "output_cka"
+             else "Kernel cosine similarity between blocks")
     fig.update_layout(title=title + " (axes: block index)", height=260 * rows + 80,
                       coloraxis=dict(colorscale="Viridis", cmin=lo, cmax=1, colorbar=dict(title=kind)))
     return fig

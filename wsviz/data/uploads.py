@@ -9,20 +9,27 @@ Ghostscript) never see an upload. Decoding works on an in-memory buffer; no temp
 files, and no change to PIL's global settings (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays
 as it is, so a truncated file is an error, not a half-grey image).
 
-``prepare_image`` makes a tensor the way wsviz's training data looks: the image fit inside
-a ``size`` x ``size`` square keeping its aspect ratio, centred, zero (black) padded, with
-values in [0, 1]. The digit models are trained on white-on-black MNIST digits while people
-photograph dark ink on white paper, so for one channel ``invert="auto"`` inverts an image
-whose border is mostly bright.
+``prepare_image`` makes a tensor the way wsviz's training data looks, values in [0, 1]. Its
+``"fit"`` layout fits the image inside a ``size`` x ``size`` square keeping its aspect ratio,
+centred, zero (black) padded; for one channel ``invert="auto"`` inverts an image whose border
+is mostly bright. Its ``"digit"`` layout, what ``load_upload`` uses for one-channel digit
+models, makes an upload look like the MNIST digits they were trained on: white ink on an
+exactly black background, contrast stretched, the digit in a 20x20 box of the 28x28 input
+with its centre of mass at the centre (measured on the training data: see ``DIGIT_BOX``).
+People photograph dark ink on off-white paper and crop tightly; without this, the paper
+arrives as a grey haze and the digit 1.4x the training scale, and the predictions are
+mostly wrong.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -297,26 +304,110 @@ def _scale_deep(img: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------
 # model input
 
+LAYOUTS = ("fit", "digit")
 
-def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | str = "auto") -> torch.Tensor:
+# Measured on the training images of the shipped digit models (mnist5k train, 4,000 digits at 28x28;
+# tests/test_uploads.py re-measures it): the unrotated, unscaled digits mnist5k-rot and mnist5k-scale are
+# made from have a bounding box (pixels above 0) whose long side is 20 of the 28 pixels in 3,999 of them
+# (19 in the other), and their centre of mass at pixel (14.0, 14.0) (median, rows and columns; 13.55..14.45 for
+# 90% of them): MNIST's own layout, a 20x20 box centred by centre of mass in 28x28. mnist5k-scale shrinks
+# that about the image centre by a factor in [0.3, 1] (long side 7..20, median 14) and mnist5k-rot rotates
+# it, so the unscaled upright layout is the one both protocols start from (the Scale page's factor 1).
+DIGIT_BOX = 20 / 28  # long side of the digit's bounding box, as a fraction of the model's input size
+DIGIT_CENTRE = 14 / 28  # where its centre of mass goes (row and column, pixel index), as a fraction
+DIGIT_DATASETS = ("mnist", "mnist5k")  # these and their -rot / -scale protocols
+_WORK = 8  # the digit layout works on the upload shrunk to at most 8x the input size (long side)
+# A pixel is part of the digit (its bounding box) when it, and the mean of its 3x3 neighbourhood, are above
+# this fraction of the brightest neighbourhood: that finds the 20-pixel box in 3,991 of the 4,000 training
+# digits, while paper noise and lone specks stay out.
+_INK = 0.1
+_BLANK = 4 / 255  # nothing on the image: no pixel this much brighter than the background
+
+
+def is_digit_dataset(dataset: str | None) -> bool:
+    """Whether ``dataset`` is one of MNIST's digit datasets (``mnist``, ``mnist5k`` and their ``-rot`` /
+    ``-scale`` protocols); Fashion-MNIST is not."""
+    return bool(dataset) and dataset.partition("-")[0] in DIGIT_DATASETS
+
+
+def default_layout(channels: int, dataset: str | None = None) -> str:
+    """``"digit"`` for a one-channel model trained on digits, or one whose dataset is not given (every
+    shipped one-channel checkpoint is a digit model); ``"fit"`` otherwise (RGB, Fashion-MNIST)."""
+    return "digit" if channels == 1 and (dataset is None or is_digit_dataset(dataset)) else "fit"
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What ``prepare_image`` did to an image, for the page to say (``text()``)."""
+
+    layout: str
+    channels: int
+    size: int
+    inverted: bool
+    background: float | None = None  # digit layout: the paper's / background's brightness in the upload, 0..1
+    contrast: float | None = None  # digit layout: how much brighter than the background the strongest ink was
+    box: tuple[int, int] | None = None  # digit layout: the digit's bounding box (width, height), upload pixels
+    blank: bool = False  # digit layout: nothing brighter than the background
+
+    def text(self) -> str:
+        s = self.size
+        if self.layout == "fit":
+            return (f"The image was fit inside {s}×{s} pixels keeping its aspect ratio, padded with black"
+                    + (", and inverted." if self.inverted else "."))
+        box = max(1, round(DIGIT_BOX * s))
+        flip = " (dark on light, so inverted: MNIST digits are white on black)" if self.inverted else ""
+        if self.blank:
+            return (f"No digit found{flip}: nothing on the image stands out from its background (brightness "
+                    f"{self.background:.2f}), so the model sees a black {s}×{s} input.")
+        w, h = self.box
+        return (f"Prepared like the training digits{flip}: the {'paper' if self.inverted else 'background'} "
+                f"(brightness {self.background:.2f}) was set to black and the contrast stretched so the "
+                f"strongest stroke is white; the digit ({w}×{h} pixels in the upload) was scaled to fit a "
+                f"{box}×{box} box and moved so its centre of mass is at the centre of the {s}×{s} input, as "
+                "in MNIST.")
+
+
+def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | str = "auto",
+                  layout: str = "fit") -> torch.Tensor:
     """A float tensor (channels, size, size) in [0, 1], laid out like wsviz's training data.
 
-    The image is fit inside a ``size`` x ``size`` square keeping its aspect ratio (bilinear,
-    antialiased when shrinking), centred and padded with black. ``channels`` 1 gives
-    luminance, 3 gives RGB (grayscale repeated). ``invert``: True / False, or ``"auto"``,
-    which for one channel inverts an image whose 1-pixel border averages above 0.5 (dark
-    ink on white paper becomes white-on-black like MNIST) and never inverts RGB. Inversion
-    is applied before padding, so the padding stays black.
+    ``layout="fit"``: the image is fit inside a ``size`` x ``size`` square keeping its aspect
+    ratio (bilinear, antialiased when shrinking), centred and padded with black. ``channels`` 1
+    gives luminance, 3 gives RGB (grayscale repeated). ``invert``: True / False, or ``"auto"``,
+    which for one channel inverts an image whose 1-pixel border averages above 0.5 (dark ink on
+    white paper becomes white-on-black like MNIST) and never inverts RGB. Inversion is applied
+    before padding, so the padding stays black.
+
+    ``layout="digit"`` (one channel only) makes an upload look like the digits the models were
+    trained on (see ``DIGIT_BOX``): ``"auto"`` inverts when the ink is darker than the paper
+    (the darkest spot is further below the border's median than the brightest is above it, so
+    grey paper counts too); the background (the border's median) becomes 0, exactly as in
+    MNIST, and the contrast is stretched so the brightest pixel is 1 (ink on off-white paper
+    otherwise arrives as a grey haze); the digit is scaled so the long side of its bounding box
+    is ``DIGIT_BOX`` of the input and shifted (whole pixels) so its centre of mass lies at
+    ``DIGIT_CENTRE``, like MNIST's 20x20 box in 28x28 (a tightly cropped digit otherwise
+    arrives 1.4x the training scale). An MNIST digit comes back as it was (where its brightest
+    pixel is 254, stretched to 255).
     """
+    return _prepare(img, channels, size, invert, layout)[0]
+
+
+def _prepare(img: Image.Image, channels: int, size: int, invert: bool | str,
+             layout: str) -> tuple[torch.Tensor, Preparation]:
     if isinstance(channels, bool) or channels not in (1, 3):
         raise WsvizError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}; use the model's input channels.")
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise WsvizError(f"size must be a whole number of pixels >= 1, got {size!r}; use the model's input size.")
     if not (isinstance(invert, bool) or invert == "auto"):
         raise WsvizError(f"invert must be True, False or 'auto', got {invert!r}.")
+    if layout not in LAYOUTS or (layout == "digit" and channels != 1):
+        raise WsvizError(f"layout must be one of {', '.join(LAYOUTS)} ('digit' for one channel only), got {layout!r}.")
     size = int(size)
 
     img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+    if layout == "digit":
+        canvas, how = _digit_layout(img, size, invert)
+        return torch.from_numpy(canvas).unsqueeze(0), how
     w, h = img.size
     scale = size / max(w, h)
     new_w, new_h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
@@ -337,20 +428,99 @@ def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | 
     top, left = (size - new_h) // 2, (size - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = arr
     t = torch.from_numpy(canvas)
-    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+    how = Preparation("fit", channels, size, do_invert)
+    return (t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()), how
+
+
+def _digit_layout(img: Image.Image, size: int, invert: bool | str) -> tuple[np.ndarray, Preparation]:
+    """An ``"L"`` image as a (size, size) MNIST-style digit in [0, 1] (see ``prepare_image``)."""
+    w, h = img.size
+    shrink = min(1.0, _WORK * size / max(w, h))
+    if shrink < 1.0:  # big photos: work at 8x the input size, plenty to find and measure the digit
+        img = img.resize((max(1, round(w * shrink)), max(1, round(h * shrink))), Image.Resampling.BILINEAR,
+                         reducing_gap=3.0)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    smooth = _box3(a)  # a lone noisy pixel neither decides the inversion nor widens the digit's box
+    paper = float(np.median(_ring(a)))
+    inverted = (paper - float(smooth.min()) > float(smooth.max()) - paper) if invert == "auto" else bool(invert)
+    if inverted:
+        a, smooth = 1.0 - a, 1.0 - smooth
+    background = float(np.median(_ring(a)))
+    v = np.clip(a - background, 0.0, None)
+    sv = smooth - background
+    peak = float(sv.max())
+    how = dict(layout="digit", channels=1, size=size, inverted=inverted, background=paper)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    if peak < _BLANK:
+        return canvas, Preparation(**how, contrast=max(peak, 0.0), blank=True)
+
+    ys, xs = np.nonzero((v > _INK * peak) & (sv > _INK * peak))
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    box = max(1, round(DIGIT_BOX * size))
+    f = box / max(bottom - top, right - left)
+    # everything that can land on the canvas: the bounding box and a canvas-wide margin around it
+    m = math.ceil(size / f) + 1
+    win = v[max(0, top - m):bottom + m, max(0, left - m):right + m]
+    if f != 1.0:
+        wh, ww = win.shape
+        win = np.asarray(Image.fromarray(win, "F").resize((max(1, round(ww * f)), max(1, round(wh * f))),
+                                                          Image.Resampling.BILINEAR), dtype=np.float32)
+        win = np.clip(win, 0.0, None)
+    total = float(win.sum())
+    if total <= 0.0:
+        return canvas, Preparation(**how, contrast=peak, blank=True)
+    rows, cols = np.indices(win.shape)
+    target = DIGIT_CENTRE * size
+    dy = int(np.rint(target - float((win * rows).sum()) / total))
+    dx = int(np.rint(target - float((win * cols).sum()) / total))
+    # paste win at (dy, dx), clipped to the canvas
+    y0, x0 = max(0, dy), max(0, dx)
+    y1, x1 = min(size, dy + win.shape[0]), min(size, dx + win.shape[1])
+    if y1 > y0 and x1 > x0:
+        canvas[y0:y1, x0:x1] = win[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    top_value = float(canvas.max())
+    if top_value > 0.0 and top_value != 1.0:
+        canvas = np.clip(canvas / top_value, 0.0, 1.0)
+    box_wh = (round((right - left) / shrink), round((bottom - top) / shrink))
+    return canvas, Preparation(**how, contrast=peak, box=box_wh, blank=top_value <= 0.0)
+
+
+def _ring(arr: np.ndarray) -> np.ndarray:
+    """The outermost 1-pixel ring of a 2-D array, every pixel once (all of it when 1 or 2 wide)."""
+    h, w = arr.shape
+    if h <= 2 or w <= 2:
+        return arr.ravel()
+    return np.concatenate([arr[0].ravel(), arr[-1].ravel(), arr[1:-1, 0].ravel(), arr[1:-1, -1].ravel()])
+
+
+def _box3(arr: np.ndarray) -> np.ndarray:
+    """3x3 mean with the edges repeated."""
+    p = np.pad(arr, 1, mode="edge")
+    h, w = arr.shape
+    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
 
 
 def _border_mean(arr: np.ndarray) -> float:
     """Mean of the outermost 1-pixel ring of a 2-D array (one channel: only those are inverted)."""
-    h, w = arr.shape
-    if h <= 2 or w <= 2:
-        return float(arr.mean())
-    ring = np.concatenate([arr[0].ravel(), arr[-1].ravel(), arr[1:-1, 0].ravel(), arr[1:-1, -1].ravel()])
-    return float(ring.mean())
+    return float(_ring(arr).mean())
 
 
 def load_upload(
-    data: bytes, filename: str | None, channels: int, size: int, invert: bool | str = "auto"
+    data: bytes, filename: str | None, channels: int, size: int, invert: bool | str = "auto", *,
+    dataset: str | None = None, layout: str | None = None,
 ) -> torch.Tensor:
-    """Uploaded bytes to a model input tensor (channels, size, size): decode + prepare."""
-    return prepare_image(decode_image(data, filename), channels, size, invert=invert)
+    """Uploaded bytes to a model input tensor (channels, size, size): decode + prepare.
+
+    ``layout`` None: ``default_layout(channels, dataset)``, the digit layout for a one-channel
+    digit model (or one whose ``dataset`` is not given), else fit."""
+    return prepare_image(decode_image(data, filename), channels, size, invert=invert,
+                         layout=layout or default_layout(channels, dataset))
+
+
+def explain_upload(
+    data: bytes, filename: str | None, channels: int, size: int, invert: bool | str = "auto", *,
+    dataset: str | None = None, layout: str | None = None,
+) -> str:
+    """What ``load_upload`` with the same arguments does to this upload, in a sentence for the page."""
+    img = decode_image(data, filename)
+    return _prepare(img, channels, size, invert, layout or default_layout(channels, dataset))[1].text()
