@@ -249,7 +249,8 @@ def test_measured_loss_is_the_rise_of_the_held_out_cross_entropy(twin):
     cal = load_split("mnist5k-scale", "train").spread(128)
     held = load_split("mnist5k-scale", "test").spread(200)
     group = SHARESNET_RULE[0]
-    (row,) = find_opportunities(twin, cal.images, cal.labels, groups=[group], held_out=(held.images, held.labels)).rows
+    found = find_opportunities(twin, cal.images, cal.labels, groups=[group], held_out=(held.images, held.labels))
+    (row,) = found.rows
 
     def loss_acc(m):
         with torch.no_grad():
@@ -264,6 +265,12 @@ def test_measured_loss_is_the_rise_of_the_held_out_cross_entropy(twin):
     p, q = base[2], tied[2]  # KL(untied || tied), image by image, then the mean
     assert row.measured_kl == pytest.approx(float(np.mean((p * (np.log(p) - np.log(q))).sum(1))), rel=1e-4)
     assert row.measured_loss > 0 and row.measured_kl > 0  # tying trained kernels costs something on this model
+    # what the costs were measured against is returned (the page says it): the untied model re-estimated
+    # on the calibration images, and as trained, on the same held-out images
+    assert found.baseline.accuracy == pytest.approx(base[1], abs=1e-12)
+    assert found.baseline.as_trained == pytest.approx(loss_acc(twin)[1], abs=1e-12)
+    assert (found.baseline.n_calibration, found.baseline.n_held_out) == (128, 200)
+    assert find_opportunities(twin, cal.images, cal.labels, groups=[group]).baseline is None  # nothing measured
 
 
 def _rows(groups_and_savings, drops=None):
@@ -275,8 +282,6 @@ def _rows(groups_and_savings, drops=None):
 
 
 def test_disjoint_sets_are_every_minimal_disjoint_set_meeting_the_budget():
-    import itertools
-
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -289,19 +294,105 @@ def test_disjoint_sets_are_every_minimal_disjoint_set_meeting_the_budget():
                               st.integers(1, 9)), min_size=1, max_size=7), st.integers(1, 20))
     def check(spec, budget):
         rows = _rows(spec)
-        got = sorted(_disjoint_sets(rows, budget))
-        want = []
-        for k in range(1, len(rows) + 1):
-            for combo in itertools.combinations(range(len(rows)), k):
-                sets = [set(rows[i].group) for i in combo]
-                if any(a & b for a, b in itertools.combinations(sets, 2)):
-                    continue
-                total = sum(rows[i].params_saved for i in combo)
-                if total >= budget and all(total - rows[i].params_saved < budget for i in combo):
-                    want.append(combo)
-        assert got == sorted(want)
+        got, complete = _disjoint_sets(rows, budget)
+        assert complete and got == sorted(_minimal_sets_by_brute_force(rows, budget))
 
     check()
+
+
+def _minimal_sets_by_brute_force(rows, budget):
+    """Every minimal disjoint set of ``rows`` saving ``budget``, in lexicographic order, by trying every subset."""
+    import itertools
+
+    want = []
+    for k in range(1, len(rows) + 1):
+        for combo in itertools.combinations(range(len(rows)), k):
+            sets = [set(rows[i].group) for i in combo]
+            if any(a & b for a, b in itertools.combinations(sets, 2)):
+                continue
+            total = sum(rows[i].params_saved for i in combo)
+            if total >= budget and all(total - rows[i].params_saved < budget for i in combo):
+                want.append(combo)
+    return sorted(want)
+
+
+def test_the_cheapest_disjoint_sets_are_the_first_of_every_set_sorted_by_cost():
+    """The budgeted choice asks for the few cheapest sets only (branch and bound, largest saving first):
+    they are exactly the first of every minimal set sorted by (summed cost, saved), ties in lexicographic
+    order, as when every set was listed and sorted; with negative costs (a measured drop can be), zero
+    savings and ties too."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from wsviz.analysis.opportunities import _disjoint_sets
+
+    layers = [f"l{i}" for i in range(7)]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.lists(st.sampled_from(layers), min_size=2, max_size=3, unique=True),
+                              st.integers(0, 9), st.sampled_from([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5, 0.7, 1.0])),
+                    min_size=1, max_size=8), st.integers(1, 25), st.integers(1, 5))
+    def check(spec, budget, keep):
+        rows = _rows([(g, s) for g, s, _ in spec])
+        costs = [c for _, _, c in spec]
+        want = sorted(_minimal_sets_by_brute_force(rows, budget),
+                      key=lambda s: (sum(costs[i] for i in s), sum(rows[i].params_saved for i in s)))
+        got, complete = _disjoint_sets(rows, budget, costs, keep)
+        assert complete and got == want[:keep]
+
+    check()
+
+
+def _deep_rows():
+    """Every candidate group of the zoo's ResNet-110 (884, overlapping), each costing 0.01 per layer."""
+    from wsviz.analysis.opportunities import Opportunity, group_saving
+
+    model = create_model("resnet110")
+    return model, [Opportunity(g, group_saving(model, g), 0.0, 0.0, 0.0, 0.0, measured_kl=0.01 * len(g))
+                   for g in candidate_groups(model)]
+
+
+def test_a_budget_one_group_meets_is_found_among_many_groups():
+    """ResNet-110 has 884 candidate groups; at a budget of 199,872 the search used to count every set
+    reaching it, minimal or not, stop at 200,000 and say that no disjoint groups save it, although one
+    group alone saves 626,688. The cheapest set is one run of 7 stage-3 convolutions (6 x 36,864)."""
+    from wsviz.analysis.opportunities import choose_groups, most_saved
+
+    model, rows = _deep_rows()
+    assert len(rows) == 884 and max(r.params_saved for r in rows) == 626_688 and most_saved(rows) == 1_598_976
+    (best,) = choose_groups(model, rows, 199_872, None, None, verify=0)
+    assert best.complete and best.params_saved == 221_184 and len(best.groups) == 1 and len(best.groups[0]) == 7
+    assert best.predicted == pytest.approx(0.07)
+    (whole,) = choose_groups(model, rows, most_saved(rows), None, None, verify=0)  # the most: every lane whole
+    assert whole.complete and whole.params_saved == 1_598_976 and len(whole.groups) == 6
+
+
+@pytest.mark.timeout(120)  # a search that never calls progress cannot be cancelled: it ran for minutes
+def test_the_budget_search_can_be_cancelled_and_says_when_it_was_cut_short():
+    """Where too many sets save the budget to look at them all, the search calls ``progress`` as it goes
+    (the page's Cancel raises there) and stops after ``max_nodes`` sets: what it found is returned marked
+    incomplete, and with nothing found it says the search was cut short, not that no set exists."""
+    from wsviz.analysis.opportunities import choose_groups, most_saved
+
+    model, rows = _deep_rows()
+    budget = most_saved(rows) - 2304  # one stage-1 layer short of the most: very many near-whole sets
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(i, n, what):
+        assert "looking for disjoint groups" in what and 0 < i <= n
+        raise Cancel
+
+    with pytest.raises(Cancel):
+        choose_groups(model, rows, budget, None, None, verify=0, progress=cancel)
+    seen = []
+    (found,) = choose_groups(model, rows, budget, None, None, verify=0, max_nodes=20_000,
+                             progress=lambda i, n, what: seen.append(i))
+    assert not found.complete and found.params_saved >= budget and seen and max(seen) <= 20_000
+    with pytest.raises(WsvizError, match="was cut short after looking at 3 sets") as err:
+        choose_groups(model, rows, budget, None, None, verify=0, max_nodes=3)  # the first set takes 6 groups
+    assert "No disjoint" not in str(err.value)
 
 
 def test_budgeted_choice_adds_measured_costs_then_measures_the_best_sets_tied_together(twin):

@@ -111,3 +111,72 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs, monkeypatch)
     assert model.get_submodule("stages.2.2.conv2").source is model.get_submodule("stages.2.1.conv2")
     models_page = open_app("pages/models.py", [TWIN, label])
     assert not models_page.exception
+
+
+def _score(at, n_cal: int = 64, n_held: int = 100):
+    at.slider[0].set_value(n_cal).run()
+    at.slider[1].set_value(n_held).run()
+    next(b for b in at.button if b.label == "Score candidate groups").click().run()
+    _wait(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
+
+
+def test_share_page_says_what_the_drops_are_measured_against_and_forgets_a_rewritten_checkpoint(
+        runs, monkeypatch, tmp_path):
+    """The drops now are measured against the untied model with its BatchNorm re-estimated on the
+    calibration images, which alone may cost accuracy: the page says that baseline's accuracy and the
+    as-trained one on the same held-out images. A checkpoint rewritten in place (a retrain into the same
+    folder) is another model: the table scored on the old weights is not shown for it (nor its groups
+    offered to tie and fine-tune from the new weights)."""
+    if not (CKPT / TWIN / "card.json").is_file():
+        pytest.skip("needs the shipped ShaResNet twin")
+    import copy
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import pages._shared as shared
+    from wsviz.data.datasets import fit_to, load_split
+    from wsviz.models.tie import reestimate_batchnorm
+    from wsviz.training.checkpoint import load_checkpoint
+
+    folder = tmp_path / "checkpoints" / TWIN
+    folder.mkdir(parents=True)
+    for name in ("card.json", "weights.safetensors"):
+        shutil.copy(CKPT / TWIN / name, folder / name)
+    monkeypatch.setattr(shared, "CHECKPOINTS", tmp_path / "checkpoints")
+    shared.scan_checkpoints.clear()
+
+    at = open_app("pages/share.py", [TWIN])
+    _score(at)
+    assert len(at.dataframe[0].value) == 14
+
+    # the baseline, measured here by hand on the images the page chose (its card's data seed)
+    model, card = load_checkpoint(folder)
+    seed = int(card.get("data_seed", 0))
+    cal = load_split(card["dataset"], "train", seed=seed).spread(64)
+    held = load_split(card["dataset"], "test", seed=seed).spread(100)
+    x, hx = fit_to(cal.images, 1, 28), fit_to(held.images, 1, 28)
+
+    def accuracy(m):
+        with torch.no_grad():
+            return 100 * float((m.eval()(hx).argmax(1) == held.labels).double().mean())
+
+    untied, trained = accuracy(reestimate_batchnorm(copy.deepcopy(model), x)), accuracy(model)
+    said = (f"untied, BN re-estimated on 64 images: {untied:.1f}% on the 100 held-out images (as trained: "
+            f"{trained:.1f}%); one image = 1 point")
+    assert any(said in c.value for c in at.caption), [c.value for c in at.caption]
+    assert untied < trained  # 64 images re-estimate the statistics worse than training did, on this twin
+
+    # the weights rewritten in place: the old table is not shown, nor anything to tie from it
+    weights = load_file(folder / "weights.safetensors")
+    save_file({k: v * 0.5 if k.endswith("conv2.weight") else v for k, v in weights.items()},
+              folder / "weights.safetensors")
+    shared.scan_checkpoints.clear()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.dataframe and not at.get("plotly_chart")
+    assert any("The settings changed since the last scoring" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.label == SUBMIT]
+    _score(at)  # scored again: the new weights' table
+    assert len(at.dataframe[0].value) == 14

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsviz.errors import WsvizError
+from wsviz.models.hooks import this_thread
 from wsviz.models.sharing import SharedConv2d
 
 
@@ -207,21 +208,33 @@ def _cka_from_grams(ka: torch.Tensor, kb: torch.Tensor) -> float:
     return float((ka * kb).sum()) / den if den > 0 else float("nan")
 
 
+def eval_view(model: nn.Module) -> nn.Module:
+    """``model`` itself when every module of it is in eval mode (as the app's cached models are), else an
+    eval-mode copy: an analysis never flips the mode of a model that other threads may be using."""
+    if any(m.training for m in model.modules()):
+        return copy.deepcopy(model).eval()
+    return model
+
+
 def _one_pass(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, layers: Sequence[str],
               grad_layers: Sequence[str], cov_layers: Sequence[str]):
     """One forward pass of ``images`` (eval mode) recording the centred output Gram matrix of every
     layer in ``layers`` and the input covariance of every layer in ``cov_layers``; with ``labels``,
     one backward pass for the loss gradients of the weights of ``grad_layers`` only (no other
-    weight's gradient is computed). Returns (grams, grads, covs)."""
+    weight's gradient is computed). Returns (grams, grads, covs).
+
+    ``model`` is not changed: not its mode (:func:`eval_view`), weights or statistics, and no
+    gradient is left on it. Its hooks act in this thread only (:func:`wsviz.models.hooks.this_thread`),
+    so another session's forward pass through the same cached model meanwhile is not recorded."""
     from wsviz.models.tie import _input_covariance_hook
 
+    model = eval_view(model)
     grams: dict[str, torch.Tensor] = {}
     covs: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_hook(lambda mod, a, o, n=n: grams.__setitem__(n, _gram(o)))
-               for n in layers]
-    handles += [model.get_submodule(n).register_forward_pre_hook(_input_covariance_hook(covs, n)) for n in cov_layers]
-    was = model.training
-    model.eval()
+    handles = [model.get_submodule(n).register_forward_hook(
+        this_thread(lambda mod, a, o, n=n: grams.__setitem__(n, _gram(o)))) for n in layers]
+    handles += [model.get_submodule(n).register_forward_pre_hook(this_thread(_input_covariance_hook(covs, n)))
+                for n in cov_layers]
     grads: dict[str, torch.Tensor] = {}
     try:
         if labels is None:
@@ -236,14 +249,14 @@ def _one_pass(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | Non
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return grams, grads, covs
 
 
 @torch.no_grad()
 def _log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The log-softmax outputs of ``model`` in eval mode on ``images`` (float64)."""
-    model.eval()
+    """The log-softmax outputs of ``model`` in eval mode on ``images`` (float64); ``model``'s own mode is
+    left as it is (:func:`eval_view`)."""
+    model = eval_view(model)
     return torch.cat([F.log_softmax(model(images[i:i + batch_size]).double(), 1)
                       for i in range(0, len(images), batch_size)])
 
@@ -278,11 +291,32 @@ def _tying_costs(tied: nn.Module, images: torch.Tensor, held_out: tuple[torch.Te
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """What every measured cost is measured against (:func:`find_opportunities` with held-out images):
+    the untied model with its BatchNorm re-estimated on the ``n_calibration`` calibration images, as
+    each tied model's is, and its accuracy on the ``n_held_out`` held-out images; ``as_trained``, the
+    untied model's accuracy on the same images with the statistics it was trained with. Re-estimating
+    on a small calibration batch alone may cost accuracy (the difference of the two: 4 points, 96% to
+    92%, on 100 held-out images of scale-sharesnet-unshared at 64 calibration images; none at 256); the
+    drops are the tying's alone because both sides of them are re-estimated on the same images (a tied
+    model's trained statistics no longer fit its outputs, so it is re-estimated in any case). Measured
+    from the as-trained accuracy instead, every drop would be larger by that same difference, so the
+    ranking would not change."""
+
+    accuracy: float  # fraction, untied with BatchNorm re-estimated on the calibration images
+    as_trained: float  # fraction, untied with its trained BatchNorm statistics
+    n_calibration: int
+    n_held_out: int
+
+
+@dataclass(frozen=True)
 class Opportunities:
-    """What :func:`find_opportunities` returns: the ranked groups and the per-stage similarity matrices."""
+    """What :func:`find_opportunities` returns: the ranked groups, the per-stage similarity matrices and,
+    when costs were measured, what they were measured against."""
 
     rows: list[Opportunity]
     stages: list[StageSimilarity]
+    baseline: Baseline | None = None
 
 
 def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -298,6 +332,7 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     The pass gives every layer's output Gram matrix (CKA), the group members' weight gradients and
     input covariances (the least-squares kernels) at once; each measured cost then takes one tie,
     one BatchNorm re-estimation and one evaluation. ``progress(i, n, what)`` is called as it goes.
+    With ``held_out``, ``baseline`` (:class:`Baseline`) says what the costs were measured against.
     """
     from wsviz.models.tie import check_groups, tie
 
@@ -314,6 +349,10 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         progress(0, n_steps, "one forward and backward pass for all groups")
     grams, grads, covs = _one_pass(model, images, labels, layers, members, members if held_out is not None else [])
     baseline = _untied_baseline(model, images, held_out) if held_out is not None else None
+    said = None
+    if baseline is not None:
+        _, as_trained, _ = _measure(_log_probs(model, held_out[0]), held_out[1])
+        said = Baseline(baseline[1][1], as_trained, len(images), len(held_out[0]))
     out = []
     for i, g in enumerate(groups):
         if progress:
@@ -330,7 +369,7 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         progress(n_steps, n_steps, "done")
     out = [replace(o, predicted_cost=c) for o, c in zip(out, predicted_costs(out, weights))]
     rows = sorted(out, key=lambda o: (o.predicted_cost, -o.params_saved))
-    return Opportunities(rows, _stage_matrices(model, lanes, grams))
+    return Opportunities(rows, _stage_matrices(model, lanes, grams), said)
 
 
 def score_groups(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -394,6 +433,7 @@ class Choice:
     measured_drop: float | None = None  # all tied at once: accuracy points lost,
     measured_loss: float | None = None  # the rise of the held-out cross-entropy,
     measured_kl: float | None = None  # and the mean KL from the untied predictions
+    complete: bool = True  # False: the search was cut short, so a cheaper set than these may exist
 
 
 BUDGET_COSTS = ("measured_kl", "measured_loss", "measured_drop")
@@ -443,45 +483,139 @@ def selection_saving(rows: Sequence[Opportunity]) -> tuple[int, list[str]]:
     return sum(r.params_saved for r in rows if not set(r.group) & set(twice)), twice
 
 
-def _disjoint_sets(rows: Sequence[Opportunity], budget: int, limit: int = 200_000) -> list[tuple[int, ...]]:
-    """Every set of rows no two of which share a layer and that saves at least ``budget`` parameters,
-    minimal (dropping any member would miss the budget), found by depth-first search over the rows;
-    at most ``limit`` sets are looked at."""
-    layers = [set(r.group) for r in rows]
+SEARCH_NODES = 1_000_000  # sets of groups the budget search looks at before it stops and says it was cut short
+SEARCH_KEPT = 200_000  # minimal sets it keeps when asked for all of them
+
+
+def _disjoint_sets(rows: Sequence[Opportunity], budget: int, costs: Sequence[float] | None = None,
+                   keep: int | None = None, *, limit: int = SEARCH_KEPT, max_nodes: int = SEARCH_NODES,
+                   progress: Callable[[int, int, str], None] | None = None) -> tuple[list[tuple[int, ...]], bool]:
+    """(sets, complete): sets of rows no two of which share a layer and that save at least ``budget``
+    parameters, minimal (dropping any member would miss the budget), as sorted tuples of row indices,
+    found by depth-first search.
+
+    Without ``costs``: every such set, in lexicographic order (at most ``limit`` kept). With ``costs``
+    (one per row) and ``keep``: the ``keep`` sets with the least summed cost (ties: fewer parameters
+    saved, then lexicographic), best first: exactly the first ``keep`` of every set sorted that way,
+    found by branch and bound (a branch is left once even the negative costs of the rows after it
+    cannot bring it under the ``keep``-th best so far).
+
+    The rows are walked largest saving first, so a set is only ever extended while it is short of the
+    budget and the row that crosses it is its smallest: every set reached is minimal, and the count
+    of sets looked at is not spent on the many that are not. A branch is also left once the layers it
+    has not used cannot save the rest of the budget (each layer counted at the best saving per layer
+    of any row holding it). Neither drops a set.
+    ``complete`` is False when the search stopped early: ``max_nodes`` sets looked at, or ``limit``
+    sets kept; the sets are then those found so far. ``progress(looked at, max_nodes, what)`` is
+    called every few thousand sets, so a caller can cancel (by raising) mid-search."""
+    import bisect
+
+    n = len(rows)
+    layers = [frozenset(r.group) for r in rows]
     saved = [r.params_saved for r in rows]
-    out: list[tuple[int, ...]] = []
-    seen = 0
+    per_layer: dict[str, float] = {}  # the most any row saves per layer it uses: an upper bound per free layer
+    for r in rows:
+        for name in r.group:
+            per_layer[name] = max(per_layer.get(name, 0.0), r.params_saved / len(r.group))
+    row_bound = [sum(per_layer[name] for name in layers[i]) for i in range(n)]
+    slack = 1e-9 * max(budget, 1)  # bounds are floats: leave a branch only when clearly out of reach
+    ranked = costs is not None and keep is not None
+    # Largest saving first: the row that crosses the budget is then a set's smallest, so every set that
+    # crosses it is minimal and no time goes into the many that are not; equal savings cheapest first.
+    order = sorted(range(n), key=lambda i: (-saved[i], float(costs[i]) if ranked else 0.0, i))
+    # From position p on: the negative costs added up, the saving of the rows that cost nothing or less,
+    # and the least cost per parameter saved of the others: any completion that saves R more costs at
+    # least neg + rate * (R - free_saving) (a fractional knapsack's bound; disjointness ignored).
+    neg_after, free_after, rate_after = [0.0] * (n + 1), [0] * (n + 1), [float("inf")] * (n + 1)
+    if ranked:
+        for p in range(n - 1, -1, -1):
+            c, sv = float(costs[order[p]]), saved[order[p]]
+            neg_after[p] = neg_after[p + 1] + min(0.0, c)
+            free_after[p] = free_after[p + 1] + (sv if c <= 0 else 0)
+            rate_after[p] = min(rate_after[p + 1], c / sv) if c > 0 and sv > 0 else rate_after[p + 1]
 
-    def walk(start: int, chosen: tuple[int, ...], used: set[str], total: int) -> None:
-        nonlocal seen
-        if seen >= limit:
-            return
-        if total >= budget:
-            seen += 1
-            if all(total - saved[i] < budget for i in chosen):
-                out.append(chosen)
-            return
-        for i in range(start, len(rows)):
-            if not layers[i] & used:
-                walk(i + 1, chosen + (i,), used | layers[i], total + saved[i])
+    def least_more(p: int, rest: int) -> float:
+        """The least cost that rows from position p on can add while saving ``rest`` more parameters."""
+        short = rest - free_after[p]
+        if short <= 0:
+            return neg_after[p]
+        return neg_after[p] + (rate_after[p] * short if rate_after[p] < float("inf") else float("inf"))
+    best: list[tuple[float, int, tuple[int, ...]]] = []  # (cost, saved, set), ascending; at most ``keep``
+    found: list[tuple[int, ...]] = []
+    nodes = 0
+    stopped = False
+    every = 5_000
 
-    walk(0, (), set(), 0)
-    return out
+    def cut_off(cost: float) -> bool:
+        if len(best) < keep:
+            return False
+        worst = best[-1][0]
+        return cost > worst + 1e-9 * max(1.0, abs(worst))
+
+    def walk(start: int, chosen: tuple[int, ...], used: frozenset, total: int, free: float, cost: float) -> None:
+        nonlocal nodes, stopped
+        for p in range(start, n):
+            if stopped:
+                return
+            i = order[p]
+            if layers[i] & used:
+                continue
+            nodes += 1
+            if progress and nodes % every == 0:
+                progress(nodes, max_nodes, f"looking for disjoint groups: {nodes:,} sets looked at, "
+                                           f"{len(best) if ranked else len(found):,} kept")
+            if nodes >= max_nodes:
+                stopped = True
+                return
+            now = total + saved[i]
+            if now >= budget:
+                s = tuple(sorted(chosen + (i,)))
+                if all(now - saved[j] < budget for j in s):
+                    if ranked:
+                        entry = (sum(float(costs[j]) for j in s), now, s)
+                        if len(best) < keep or entry < best[-1]:
+                            bisect.insort(best, entry)
+                            del best[keep:]
+                    else:
+                        found.append(s)
+                        if len(found) >= limit:
+                            stopped = True
+                            return
+                continue
+            left = free - row_bound[i]
+            if now + left < budget - slack:
+                continue  # the unused layers cannot make up the rest
+            c = cost + float(costs[i]) if ranked else 0.0
+            if ranked and cut_off(c + least_more(p + 1, budget - now)):
+                continue
+            walk(p + 1, chosen + (i,), used | layers[i], now, left, c)
+
+    walk(0, (), frozenset(), 0, sum(per_layer.values()), 0.0)
+    if ranked:
+        return [s for _, _, s in best], not stopped
+    return sorted(found), not stopped
 
 
 def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, images: torch.Tensor,
                   held_out: tuple[torch.Tensor, torch.Tensor], *, by: str = "measured_kl", verify: int = 8,
-                  progress: Callable[[int, int, str], None] | None = None) -> list[Choice]:
+                  progress: Callable[[int, int, str], None] | None = None,
+                  max_nodes: int = SEARCH_NODES) -> list[Choice]:
     """Disjoint groups among ``rows`` (scored with held-out data) that save at least ``budget``
     parameters at the least measured cost ``by``, best first.
 
     Ranks cannot be added up, measured costs can (to first order): every minimal disjoint set saving
     the budget is ranked by the sum of its groups' costs, each measured alone (ties: fewer parameters
-    saved). Costs do not add exactly (tying one group changes what the next sees), so the ``verify``
-    best sets are then tied together, BatchNorm re-estimated on ``images``, and measured on
-    ``held_out``; the list is then sorted by that measurement. The default cost is the KL divergence
+    saved; :func:`_disjoint_sets` finds the best without listing them all). Costs do not add exactly
+    (tying one group changes what the next sees), so the ``verify`` best sets are then tied together,
+    BatchNorm re-estimated on ``images``, and measured on ``held_out``; the list is then sorted by
+    that measurement. The default cost is the KL divergence
     from the untied model's predictions, the measured cost that best predicted the accuracy lost
     after fine-tuning in ``benchmarks/bench_tie.py`` (``checkpoints/REPORT.md``).
+
+    The search looks at ``max_nodes`` sets of groups at most; when it stops there, the best sets it
+    found are returned with ``complete`` False (a cheaper set may exist), and with none found it
+    says the search was cut short, not that no set exists. ``progress`` is called during the search
+    too (raising in it stops the search).
     """
     from wsviz.models.tie import tie
 
@@ -492,23 +626,26 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
                          "held-out data.")
     if budget <= 0:
         raise WsvizError(f"The parameter budget must be a positive number of parameters to save, got {budget}.")
-    sets = _disjoint_sets(rows, budget)
-    if not sets:
+    best, complete = _disjoint_sets(rows, budget, [getattr(r, by) for r in rows], max(verify, 1),
+                                    max_nodes=max_nodes, progress=progress)
+    if not best:
         most = most_saved(rows)
-        raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save at "
-                         f"most {most:,}); lower the budget or pass larger groups.")
+        if complete:
+            raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save "
+                             f"at most {most:,}); lower the budget or pass larger groups.")
+        raise WsvizError(f"The search for disjoint groups saving {budget:,} parameters was cut short after "
+                         f"looking at {max_nodes:,} sets of groups without finding one; such sets may exist (all "
+                         f"the groups together save at most {most:,}): pass fewer or larger groups.")
 
     def predicted(s):
         return sum(getattr(rows[i], by) for i in s), sum(rows[i].params_saved for i in s)
 
-    sets.sort(key=predicted)
-    best = sets[:max(verify, 1)]
     baseline = _untied_baseline(model, images, held_out) if verify else None
     out = []
     for k, s in enumerate(best):
         groups = tuple(rows[i].group for i in s)
         cost, saved = predicted(s)
-        choice = Choice(groups, saved, by, cost)
+        choice = Choice(groups, saved, by, cost, complete=complete)
         if verify:
             if progress:
                 progress(k, len(best), " | ".join(" + ".join(g) for g in groups))

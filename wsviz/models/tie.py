@@ -42,6 +42,7 @@ from torch import nn
 
 from wsviz.errors import WsvizError
 from wsviz.models.adopt import carry_adoption
+from wsviz.models.hooks import this_thread
 from wsviz.models.sharing import SharedConv2d, set_submodule
 
 INITS = ("mean", "medoid", "lstsq", "lstsq-bn")
@@ -108,18 +109,25 @@ def _input_covariances(model: nn.Module, convs: list[nn.Conv2d], images, batch_s
 
     One pass over ``images`` serves every conv (hooks on all of them). ``images``: a tensor (run in
     chunks of ``batch_size``) or an iterable of batches (tensors, or (images, labels) pairs).
+
+    ``model`` is not changed: in eval mode it is run as it is, else an eval-mode copy is (a model the
+    app caches is shared by every session's thread), and the hooks act in this thread only
+    (:func:`wsviz.models.hooks.this_thread`): another thread's pass meanwhile is not counted.
     """
     found: dict[int, torch.Tensor] = {}
-    handles = [conv.register_forward_pre_hook(_input_covariance_hook(found, i)) for i, conv in enumerate(convs)]
-    was = model.training
-    model.eval()
+    if any(m.training for m in model.modules()):
+        index = {id(m): n for n, m in model.named_modules()}
+        paths = [index[id(c)] for c in convs]
+        model = copy.deepcopy(model).eval()
+        convs = [model.get_submodule(p) for p in paths]
+    handles = [conv.register_forward_pre_hook(this_thread(_input_covariance_hook(found, i)))
+               for i, conv in enumerate(convs)]
     try:
         for batch in calibration_batches(images, batch_size):
             model(batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return [found[i] for i in range(len(convs))]
 
 
@@ -244,14 +252,16 @@ def absorbing_norms(model: nn.Module, convs: list[nn.Conv2d], images) -> list[st
 
     Found on a few calibration images: the conv's input must equal ``relu(bn_out)`` (or ``bn_out``)
     of exactly one BN, and a trial rescaling by random positive factors must leave the outputs
-    unchanged (a BN that also feeds a shortcut or another conv fails it); the trial is undone."""
+    unchanged (a BN that also feeds a shortcut or another conv fails it); the trial is undone, but it
+    changes ``model``'s weights and mode while it runs, so give it a copy no other thread uses (as
+    :func:`tie` does: its own copy). Its hooks act in this thread only."""
     batch = next(calibration_batches(images, 8))
     bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
     outs: dict[str, torch.Tensor] = {}
     ins: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, a, out, n=n: outs.__setitem__(n, out.detach().clone()))
+    handles = [m.register_forward_hook(this_thread(lambda mod, a, out, n=n: outs.__setitem__(n, out.detach().clone())))
                for n, m in bns.items()]
-    handles += [c.register_forward_pre_hook(lambda mod, a, i=i: ins.__setitem__(i, a[0].detach().clone()))
+    handles += [c.register_forward_pre_hook(this_thread(lambda mod, a, i=i: ins.__setitem__(i, a[0].detach().clone())))
                 for i, c in enumerate(convs)]
     was = model.training
     model.eval()
