@@ -448,6 +448,9 @@ def _opportunities(args: argparse.Namespace) -> int:
                     if best.measured is not None else f"KL {best.predicted:.4f} predicted")
         print(f"to save {args.budget:,} parameters: tie {' | '.join(' + '.join(g) for g in best.groups)} "
               f"(saves {best.params_saved:,}; {measured}); pass these as --group to `python -m wsviz tie`")
+        if not best.complete:
+            print("the search for disjoint sets was cut short (too many candidates): a cheaper set than these may "
+                  "exist; pass fewer candidate groups (--group) to search them all", file=sys.stderr)
     return 0
 
 
