@@ -8,6 +8,7 @@ import streamlit as st
 
 from pages._access import current_actor
 from pages._shared import (
+    ROOT,
     _stamp,
     available_variants,
     background_result,
@@ -35,17 +36,39 @@ def _weights_said() -> str:
     return " and ".join(parts)
 
 
-st.caption("For a trained model: every group of same-shape 3x3-or-larger convolutions (1x1 convolutions are left "
-           "out) of the same role in consecutive blocks of a stage, scored by how alike the kernels are (cosine, "
-           "higher: more alike), how alike the convolutions' outputs are (their own outputs, before BatchNorm; linear "
-           "CKA, higher: more alike), how much their gradients conflict (higher: more conflict), and what tying the "
-           "group now costs on held-out images (least-squares kernel, BatchNorm re-estimated, no fine-tuning). The "
-           f"predicted cost is the weighted mean of the groups' ranks by {_weights_said()}, from 0 (cheapest) to 1 "
-           "(costliest). Those weights were chosen on one half of the test split (val) over the 14 candidate groups "
-           "of scale-sharesnet-unshared (3 seeds), against the accuracy each group lost after an 8-step fine-tune: "
-           "Spearman ρ 0.75 on val, 0.81 on the other half, where the KL alone reached 0.86 (checkpoints/REPORT.md, "
-           "\"Ranking\"); measured on that one model only. The three similarity "
-           "scores are shown, not counted. Tie the cheapest, then fine-tune: the result is a variant like any other.")
+def _evidence_said() -> str:
+    """How far the predicted cost is tested, read from bench_tie's published results (the source of
+    checkpoints/REPORT.md's "Ranking" section), not restated by hand."""
+    import json
+
+    from wsviz.zoo import ranking_evidence
+
+    try:
+        ev = ranking_evidence(json.loads((ROOT / "checkpoints" / "tying.json").read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        return f"How well it predicts is not known here: checkpoints/tying.json cannot be read ({exc})."
+    if not ev["current"]:
+        return ("checkpoints/REPORT.md's \"Ranking\" tested other weights than these; how well these predict is "
+                "not measured.")
+    return (f"Those weights were chosen on one half of the test split (val) over the {ev['groups']} candidate groups "
+            f"of {ev['model']} ({ev['seeds']} seeds), against the accuracy each group lost after a {ev['steps']}-step "
+            f"fine-tune: Spearman ρ {ev['rho_val']:.2f} on val, {ev['rho_test']:.2f} on the other half, where the KL "
+            f"alone reached {ev['kl_test']:.2f} (checkpoints/REPORT.md, \"Ranking\"); measured on that one model only.")
+
+
+st.write("Where could this trained model share weights, and what would it cost? Every group of same-shape "
+         "3x3-or-larger convolutions with the same role in consecutive blocks of a stage is scored, cheapest first. "
+         "Tie the cheapest, then fine-tune: the result is a variant like any other.")
+with st.expander("What the scores are, and how far the predicted cost is tested"):
+    st.markdown(
+        "- **Kernel similarity** (cosine, higher: more alike) and **output CKA** (linear CKA of the convolutions' "
+        "own outputs, before BatchNorm; higher: more alike): how alike the members are.\n"
+        "- **Gradient conflict** (higher: more conflict): how much the members' gradients pull apart.\n"
+        "- **Measured now**: what tying the group costs on held-out images right away (least-squares kernel, "
+        "BatchNorm re-estimated, no fine-tuning): accuracy lost, KL from the untied model's predictions, loss rise.\n"
+        f"- **Predicted cost**: the weighted mean of the groups' ranks by {_weights_said()}, from 0 (cheapest) to 1 "
+        "(costliest). The three similarity scores are shown, not counted.\n\n"
+        + _evidence_said() + " 1x1 convolutions are left out.")
 variants = chosen_variants(load=False)
 if not variants:
     st.info("Choose a trained variant in the sidebar.")

@@ -161,3 +161,31 @@ def test_a_model_in_training_mode_is_analysed_on_a_copy_not_switched(twin, data)
         tie(training, GROUPS, "lstsq", x)
     assert other.passes >= 2 and other.modes == {True}  # every pass of the other thread ran in training mode
     assert all(m.training for m in training.modules())
+
+
+# ------------------------------------------------------------------------- the page quotes REPORT.md's ranking
+def test_the_share_page_quotes_the_ranking_evidence_report_md_shows():
+    """The explanation's ρ values are REPORT.md's "Ranking" table (both rendered from checkpoints/tying.json),
+    for the weights the library uses: a number restated by hand would drift from the report."""
+    import json
+    import re
+
+    from conftest import open_app
+
+    from wsviz.zoo import ranking_evidence
+
+    root = Path(__file__).resolve().parents[1]
+    ev = ranking_evidence(json.loads((root / "checkpoints" / "tying.json").read_text()))
+    report = (root / "checkpoints" / "REPORT.md").read_text()
+    combined = re.search(r"\| combined \(chosen on val\) \|(?: [-\d.]+ \|){3} ([-\d.]+) \| ([-\d.]+) \|", report)
+    kl = re.search(r"\| measured_kl \|(?: [-\d.]+ \|){3} ([-\d.]+) \|", report)
+    assert combined and kl
+    assert f"{ev['rho_test']:.2f}" == combined.group(1) and f"{ev['kl_test']:.2f}" == kl.group(1)
+    assert f"{ev['rho_val']:.2f}" == combined.group(2) and ev["current"]
+    at = open_app("pages/share.py", ["scale-sharesnet-unshared"])
+    assert not at.exception
+    said = "\n".join(str(m.value) for m in at.markdown)
+    assert (f"over the {ev['groups']} candidate groups of {ev['model']} ({ev['seeds']} seeds), against the accuracy "
+            f"each group lost after a {ev['steps']}-step fine-tune: Spearman ρ {combined.group(2)} on val, "
+            f"{combined.group(1)} on the other half, where the KL alone reached {kl.group(1)}") in said
+    assert "3x3-or-larger" in said and "before BatchNorm" in said

@@ -492,6 +492,22 @@ def _default_weights() -> dict:
     return DEFAULT_WEIGHTS
 
 
+def ranking_evidence(res: dict) -> dict:
+    """What bench_tie's published results (``checkpoints/tying.json``) say of the combined score's
+    weights, for a page to quote: the model and number of candidate groups and seeds they were chosen
+    on, the short fine-tune's steps, the mean ρ on val (where the weights were chosen) and on the test
+    half for the combined score and for the KL alone, and whether ``DEFAULT_WEIGHTS`` are still the
+    weights chosen there (``current``)."""
+    import statistics
+
+    seeds = res["per_seed"]
+    test = {k: statistics.mean(s["spearman_test"][k] for s in seeds) for k in seeds[0]["spearman_test"]}
+    return {"model": res["checkpoint"], "groups": len(res["candidate_groups"]), "seeds": len(seeds),
+            "steps": res["short_steps"], "rho_val": float(res["val_rho_chosen"]),
+            "rho_test": test["combined (chosen on val)"], "kl_test": test["measured_kl"],
+            "current": _nonzero(res["weights_chosen_on_val"]) == _nonzero(_default_weights())}
+
+
 def tying_results(out: str | Path = "checkpoints") -> list[Path]:
     """bench_tie's published results in ``out``: the shipped twin's ``tying.json`` first, then every other
     checkpoint's ``tying-NAME.json`` (``bench_tie --checkpoint DIR --publish``)."""
