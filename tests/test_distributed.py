@@ -47,6 +47,9 @@ def test_three_processes_with_uneven_shares_finish_and_save_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = _saved_once(out, proc.stdout)
     assert card["metrics"][0]["epoch"] == 1
+    # the card says how it was trained: 3 processes, each with its own --batch-size
+    assert card["world_size"] == 3 and card["effective_batch_size"] == 667
+    assert card["command"].startswith("torchrun --nproc_per_node 3 -m wsviz.train ")
 
 
 def test_two_nodes_on_localhost_train_one_model_and_save_it_once(tmp_path):

@@ -11,8 +11,9 @@ Examples::
         --epochs 1 --lr 0.01 --out runs/tied   # tie two convolutions of a trained model, then fine-tune
 
 Explicit options override the recipe's. The training state is saved beside --out after every
-epoch (OUT.state.safetensors) so --resume continues a killed run; TensorBoard event files go
-beside it too (OUT.tensorboard, or --tensorboard DIR).
+epoch (OUT.state.safetensors) so --resume continues a killed run (and does nothing, successfully,
+when the run there is already complete); a fresh start into a folder holding a run is refused
+unless --overwrite. TensorBoard event files go beside it too (OUT.tensorboard, or --tensorboard DIR).
 
 With ``--run-id`` the process is a background job of the run store in ``--runs-dir``: it waits
 for a free slot (at most ``--max-running`` jobs run at once), reports status and metrics, and
@@ -103,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download torchvision datasets if missing")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    p.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
+    p.add_argument("--resume", action="store_true", help="continue from the training state beside --out (a run "
+                   "already complete there with the same options: nothing to do, exit 0)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint or a "
+                   "killed run's training state (otherwise refused: --resume continues it)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (a fine-tune); the model, its options and the dataset "
                         "default to its card's")
@@ -239,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         cfg = _config(apply_recipe(args))
+        if args.resume and args.overwrite:
+            raise WsvizError("--resume continues the run in --out, --overwrite starts it again: give one of them.")
         overrides = parse_set(args.set)
         if store is not None:
             _wait_for_slot(store, args, sys.argv[1:] if argv is None else list(argv))
@@ -258,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
         finish("done", test_accuracy=card["test_accuracy"])
         if rank == 0:
+            if card.get("diverged"):
+                print(f"warning: training diverged: {card['diverged_reason']}", file=sys.stderr)
             print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
         return 0
     except OverWallTime as exc:
@@ -385,7 +393,7 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                             data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
                             on_step=on_step, rank=rank, world_size=world, wrap=wrap, resume=args.resume,
                             tensorboard=None if tensorboard.lower() == "none" else tensorboard,
-                            init_from=args.init_from, tie=tie)
+                            init_from=args.init_from, tie=tie, overwrite=args.overwrite)
     finally:
         if bar is not None:
             bar.close()

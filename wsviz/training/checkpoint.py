@@ -7,9 +7,11 @@ microseconds apart), so a crash never leaves a half-written file under its final
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -52,7 +54,8 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
 
     Both files are written and synced under temporary names first and only then renamed into
     place, weights just before the card: a crash while writing (a kill, a full disk) leaves the
-    previous checkpoint whole, and the two renames are microseconds apart. A tied model's groups
+    previous checkpoint whole, and the two renames are microseconds apart, with SIGTERM and SIGINT
+    held back between them (a handler that raises runs after both). A tied model's groups
     (``model.wsviz_tie``, see :func:`wsviz.models.tie.tie`) go into the card's ``tied`` entry, so
     :func:`load_checkpoint` ties them again.
     """
@@ -69,14 +72,32 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
     except BaseException:
         _discard(tmp_w)
         raise
-    try:
-        os.replace(tmp_w, folder / WEIGHTS)
-        os.replace(tmp_c, folder / CARD)
-    except BaseException:
-        _discard(tmp_w)
-        _discard(tmp_c)
-        raise
+    with _signals_held():  # a SIGTERM/SIGINT handler that raises waits until both are in place
+        try:
+            os.replace(tmp_w, folder / WEIGHTS)
+            os.replace(tmp_c, folder / CARD)
+        except BaseException:
+            _discard(tmp_w)
+            _discard(tmp_c)
+            raise
     return folder
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGTERM and SIGINT for the duration (on the main thread, where Python runs its handlers;
+    elsewhere a no-op): one arriving meanwhile is delivered, and its handler run, on leaving, so it
+    cannot fall between the weights' rename and the card's and pair epoch N's weights with epoch
+    N-1's card."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def weights_metadata(card: dict[str, Any]) -> dict[str, str]:

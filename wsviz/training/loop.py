@@ -34,6 +34,7 @@ from wsviz.errors import WsvizError
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "step", "multistep", "cosine", "plateau")
 LOADERS = ("auto", "memory", "stream")
+MAX_ADAM_LR = 1.0
 
 
 @dataclass
@@ -79,6 +80,9 @@ class TrainConfig:
             bad(f"learning rate must be in (0, 10], got {self.lr!r}; the papers use 0.1 (SGD) or 1e-3 (Adam).")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.optimizer == "adam" and self.lr > MAX_ADAM_LR:
+            bad(f"Adam's learning rate must be at most {MAX_ADAM_LR:g}, got {self.lr!r}: Adam's steps are about lr in "
+                "size whatever the gradient, so a larger rate only diverges. 1e-3 is usual.")
         if self.schedule not in SCHEDULES:
             bad(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not 0 <= self.momentum < 1:
@@ -87,6 +91,14 @@ class TrainConfig:
             bad(f"weight decay must be in [0, 1], got {self.weight_decay!r}.")
         if not 0 < self.gamma <= 1:
             bad(f"gamma must be in (0, 1], got {self.gamma!r}.")
+        if isinstance(self.step_size, bool) or not isinstance(self.step_size, int) or self.step_size < 1:
+            bad(f"step size must be a whole number of epochs >= 1 (the step schedule multiplies the rate by gamma "
+                f"every step_size epochs), got {self.step_size!r}.")
+        ms = tuple(self.milestones)
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in ms):
+            bad(f"milestones must be whole numbers of finished epochs >= 1 (the rate drops after each), got {list(ms)}.")
+        if any(b <= a for a, b in itertools.pairwise(ms)):
+            bad(f"milestones must be strictly increasing, got {list(ms)}.")
         if self.max_batches is not None and self.max_batches < 1:
             bad(f"max_batches must be at least 1, got {self.max_batches!r}.")
         if self.augment not in AUGMENTS:
@@ -116,6 +128,14 @@ class TrainConfig:
                 "distillation on (a temperature, e.g. 4), or set the feature weight to 0.")
         if not isinstance(self.average_last, int) or not 0 <= self.average_last <= 1_000_000:
             bad(f"average_last must be a whole number of steps from 0 to 1000000, got {self.average_last!r}.")
+
+    def notes(self) -> list[str]:
+        """Valid but probably unintended settings, worth a warning (a recipe shortened with --epochs)."""
+        late = [m for m in self.milestones if m >= self.epochs] if self.schedule == "multistep" else []
+        if late:
+            return [f"milestone(s) {', '.join(map(str, late))} are at or after the last epoch ({self.epochs}): the "
+                    "rate never drops there."]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -286,8 +306,30 @@ def _snapshot(model, opt, sched, scaler, gen, epoch: int, result: TrainResult, s
             "metrics": [asdict(m) for m in result.epochs], "seconds": seconds}
 
 
-def _restore(state: dict[str, Any], model, opt, sched, scaler, gen, result: TrainResult) -> int:
-    """Put a snapshot back; returns the first epoch still to train."""
+def _refit_cosine(sched, opt, cfg: TrainConfig, steps_per_epoch: int, done_epochs: int) -> None:
+    """After a resume with another length (--epochs, or --max-batches with a per-step schedule): the
+    cosine schedule of the new length, at the run's position in it. The saved scheduler would go on
+    with its old length (and climb back up past its end); each group's rate becomes the new curve's
+    value at the current step, from which torch's recursive update follows the new curve. A resume
+    of the same length is left exactly as saved (bit-for-bit continuation)."""
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return
+    total = cfg.epochs * steps_per_epoch if cfg.step_schedule else cfg.epochs
+    now = done_epochs * steps_per_epoch if cfg.step_schedule else done_epochs
+    if sched.T_max == total and sched.last_epoch == now:
+        return
+    sched.T_max, sched.last_epoch = total, now
+    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * now / total)) / 2
+           for base in sched.base_lrs]
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
+def _restore(state: dict[str, Any], model, opt, sched, scaler, gen, result: TrainResult,
+             cfg: TrainConfig | None = None, steps_per_epoch: int = 1) -> int:
+    """Put a snapshot back; returns the first epoch still to train. With ``cfg``, a cosine schedule
+    is refitted to its length (:func:`_refit_cosine`)."""
     from wsviz.training.state import set_rng_states
 
     net = getattr(model, "module", model)
@@ -304,7 +346,20 @@ def _restore(state: dict[str, Any], model, opt, sched, scaler, gen, result: Trai
     gen.set_state(state["data_generator"])
     result.epochs = [EpochMetrics(**m) for m in state["metrics"]]
     result.seconds = float(state["seconds"])
+    if cfg is not None:
+        _refit_cosine(sched, opt, cfg, steps_per_epoch, int(state["epoch"]))
     return int(state["epoch"]) + 1
+
+
+def _sum_over_ranks(values: list[float], world_size: int) -> list[float]:
+    """``values`` summed over every rank (the epoch's training loss, hits and images of all processes)."""
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _broadcast(value: float, world_size: int) -> float:
@@ -395,7 +450,7 @@ def train(
         averaged = None
         test = _eval_batches(test_data, cfg, h, device) if rank == 0 else None
         result = TrainResult()
-        first = _restore(resume, model, opt, sched, scaler, gen, result) if resume is not None else 1
+        first = _restore(resume, model, opt, sched, scaler, gen, result, cfg, batches.steps) if resume is not None else 1
         start = time.perf_counter() - result.seconds
         for epoch in range(first, cfg.epochs + 1):
             model.train()
@@ -436,12 +491,14 @@ def train(
             if averaged is not None:  # the last N steps' average becomes the model
                 getattr(model, "module", model).load_state_dict(averaged.module.state_dict())
                 averaged = None
+            # the training loss and accuracy of every process's share, as images/s counts them all
+            loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen], world_size)
             test_acc = float("nan")
             if rank == 0:
                 eval_model = getattr(model, "module", model)
                 test_loss, test_acc, _ = evaluate(eval_model, *test, device=device)
                 m = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), test_loss, test_acc, lr,
-                                 time.perf_counter() - t0, seen * world_size / max(train_seconds, 1e-9))
+                                 time.perf_counter() - t0, seen / max(train_seconds, 1e-9))
                 result.epochs.append(m)
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 sched.step(_broadcast(test_acc, world_size))

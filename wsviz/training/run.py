@@ -82,8 +82,12 @@ def finetune_flags(cfg: TrainConfig) -> list[str]:
 
 
 def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides: dict[str, Any],
-                      out: str, data_seed: int, init_from: str | Path | None = None, tie: TieSpec | None = None) -> str:
-    parts = ["python", "-m", "wsviz.train", "--model", model_name, "--dataset", dataset,
+                      out: str, data_seed: int, init_from: str | Path | None = None, tie: TieSpec | None = None,
+                      world_size: int = 1) -> str:
+    """The command line that trains this run again: under torchrun with ``world_size`` processes when
+    there were several (``--batch-size`` is per process)."""
+    launch = ["torchrun", "--nproc_per_node", str(world_size)] if world_size > 1 else ["python"]
+    parts = [*launch, "-m", "wsviz.train", "--model", model_name, "--dataset", dataset,
              "--epochs", str(cfg.epochs), "--out", out, "--batch-size", str(cfg.batch_size),
              "--optimizer", cfg.optimizer, "--lr", repr(cfg.lr), "--momentum", repr(cfg.momentum),
              "--weight-decay", repr(cfg.weight_decay), "--schedule", cfg.schedule, "--seed", str(cfg.seed),
@@ -104,6 +108,8 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
         parts += ["--loader", cfg.loader]
     if cfg.workers:
         parts += ["--workers", str(cfg.workers)]
+    if not cfg.amp:
+        parts.append("--no-amp")
     parts += finetune_flags(cfg)
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else v}"]
@@ -117,8 +123,10 @@ def reproduce_command(model_name: str, dataset: str, cfg: TrainConfig, overrides
 
 
 def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainResult, device: torch.device,
-              data_seed: int, command: str, complete: bool, accounting: dict[str, int],
-              init_from: str | Path | None = None) -> dict[str, Any]:
+              data_seed: int, command: str, complete: bool, accounting: dict[str, Any],
+              init_from: str | Path | None = None, world_size: int = 1) -> dict[str, Any]:
+    """The model card. ``world_size``: the processes that trained it (torchrun), each on its share of
+    every epoch with its own ``--batch-size``; train loss and accuracy are over all of them."""
     spec = get_spec(model.wsviz_name)
     started = {"init_from": str(init_from)} if init_from is not None else {}
     tied = {"tied": dict(model.wsviz_tie)} if getattr(model, "wsviz_tie", None) else {}
@@ -128,7 +136,7 @@ def make_card(model: nn.Module, dataset: str, cfg: TrainConfig, result: TrainRes
         "epochs": cfg.epochs, "epochs_done": len(result.epochs), "complete": complete,
         "train_config": cfg.to_dict(), "metrics": [asdict(m) for m in result.epochs],
         "test_accuracy": result.epochs[-1].test_acc if result.epochs else None,
-        **accounting, "device": str(device), "duration_s": round(result.seconds, 3),
+        **accounting, "device": str(device), "world_size": world_size, "duration_s": round(result.seconds, 3),
         "wsviz_version": wsviz.__version__, "torch_version": torch.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "command": command,
     }
@@ -213,12 +221,17 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                  rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  resume: bool = False, tensorboard: str | Path | None = None,
                  save_state: bool = True, init_from: str | Path | None = None,
-                 tie: TieSpec | None = None) -> dict[str, Any]:
+                 tie: TieSpec | None = None, overwrite: bool = True) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
 
     After every epoch the full training state is also written beside the checkpoint
     (:func:`wsviz.training.state.state_path`); it is removed once the run is complete.
-    ``resume=True`` continues from it (from scratch, with a log message, if there is none yet).
+    ``resume=True`` continues from it (from scratch, with a log message, if there is none yet); when
+    there is none because ``out`` already holds this run complete, nothing is trained and its card is
+    returned (a requeued job that had finished), and a complete run of other options is refused.
+    ``overwrite=False`` refuses a fresh start (no ``resume``) into a folder that holds a checkpoint or
+    a killed run's training state (the command line's default; ``--overwrite`` starts again there).
+    A fresh start with ``overwrite`` removes a stale training state, so no later resume picks it up.
     ``on_step(epoch, step, loss)`` after every optimiser step: ``step`` counts the run's optimiser
     steps from its start (continued by a resume), not the batches of the epoch.
     ``tensorboard``: a folder for TensorBoard event files (loss per step; losses, accuracies,
@@ -227,13 +240,19 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     card names the same model); ``tie``: conv groups of it to tie first (see
     :mod:`wsviz.training.tying`); the card then records the ties and the accuracy right after tying.
     """
+    from wsviz.training.cards import CARD
     from wsviz.training.state import load_state, state_path
     from wsviz.training.state import save_state as write_state
 
     cfg.validate()
+    for note in cfg.notes():
+        log.warning(note)
     overrides = dict(overrides or {})
     dev = pick_device(device)
     out = Path(out)
+    spath = state_path(out)
+    if not resume:
+        _check_fresh(out, spath, overwrite, rank)
     torch.manual_seed(cfg.seed)
     if tie is not None and init_from is None:
         raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (--init-from).")
@@ -248,24 +267,28 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         del start
     else:
         model = build_for_dataset(model_name, dataset, overrides, data_root)
-    s = summarize(model)
-    accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
-                  "flops": s.flops, "sign_mask_params": s.mask_params,
-                  "float_params": s.float_params, "mask_bits": s.mask_bits}
-    train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
-    command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie)
-    if tie is not None:  # what tying alone cost, before any fine-tuning
-        from wsviz.training.loop import _eval_batches, evaluate
-
-        model.wsviz_tie["accuracy_after_tying"] = evaluate(
-            model, *_eval_batches(test_data, cfg, model.wsviz_config["input_size"], torch.device("cpu")))[1]
-    spath = state_path(out)
     identity = {"model": model_name, "config": model.wsviz_config, "dataset": dataset, "data_seed": data_seed,
                 "train_config": {k: v for k, v in cfg.to_dict().items() if k not in _FREE_ON_RESUME}}
     if init_from is not None:
         identity["init_from"] = str(init_from)
     if tie is not None:
         identity["tie"] = tie.to_dict()
+    if resume and not spath.is_file() and (out / CARD).is_file():
+        finished = _finished_run(out, identity, cfg)
+        if finished is not None:
+            return finished
+    s = summarize(model)
+    accounting = {"unique_params": s.unique_params, "effective_params": s.effective_params,
+                  "flops": s.flops, "sign_mask_params": s.mask_params,
+                  "float_params": s.float_params, "mask_bits": s.mask_bits}
+    train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
+    accounting["effective_batch_size"] = _effective_batch(train_data, cfg, world_size, rank)
+    command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie, world_size)
+    if tie is not None:  # what tying alone cost, before any fine-tuning
+        from wsviz.training.loop import _eval_batches, evaluate
+
+        model.wsviz_tie["accuracy_after_tying"] = evaluate(
+            model, *_eval_batches(test_data, cfg, model.wsviz_config["input_size"], torch.device("cpu")))[1]
     state = None
     if resume and spath.is_file():
         state = load_state(spath)
@@ -293,7 +316,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         result.seconds = time.perf_counter() - t0 + resumed_seconds
         if rank == 0:
             save_checkpoint(out, model, make_card(model, dataset, cfg, result, dev, data_seed, command,
-                                                  m.epoch == cfg.epochs, accounting, init_from))
+                                                  m.epoch == cfg.epochs, accounting, init_from, world_size))
         if writer is not None:
             for tag, value in (("train/loss", m.train_loss), ("train/accuracy", m.train_acc),
                                ("test/loss", m.test_loss), ("test/accuracy", m.test_acc), ("lr", m.lr),
@@ -318,12 +341,93 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
         if writer is not None:
             writer.close()
     result.epochs, result.seconds = res.epochs, res.seconds
-    card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting, init_from)
+    card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting, init_from, world_size)
+    diverged = _divergence(result, model.wsviz_config.get("num_classes"))
+    if diverged:
+        card.update(diverged=True, diverged_reason=diverged)
+        if rank == 0:
+            log.warning("training diverged: %s", diverged)
     if rank == 0:
         save_checkpoint(out, model, card)
         spath.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
         log.info("trained %s on %s: test accuracy %.4f", model_name, dataset, card["test_accuracy"])
     return card
+
+
+def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> None:
+    """A fresh start into ``out``: refuse to wipe a checkpoint or a killed run's training state
+    there unless ``overwrite``; with it, remove the stale state (a later --resume must not take it
+    for this run's)."""
+    from wsviz.training.cards import CARD
+
+    held = [str(p) for p in (out / CARD, spath) if p.is_file()]
+    if not held:
+        return
+    if not overwrite:
+        raise WsvizError(f"{out} already holds a run ({', '.join(held)}): starting afresh would overwrite it. "
+                         "Continue a killed run with --resume, start again there with --overwrite, or choose "
+                         "another --out.")
+    if rank == 0:
+        spath.unlink(missing_ok=True)
+
+
+def _finished_run(out: Path, identity: dict[str, Any], cfg: TrainConfig) -> dict[str, Any] | None:
+    """--resume with no training state, into a folder with a card: the card when it is this very run,
+    complete (nothing to do: a job requeued after it finished); a refusal when a complete run of
+    other options (or another length) is there; None for an unfinished checkpoint, which is trained
+    again from the first epoch (there is no state to continue it from)."""
+    from wsviz.training.cards import read_card
+
+    card = read_card(out)
+    if not card.get("complete"):
+        return None
+    saved = {"model": card.get("model"), "config": card.get("config"), "dataset": card.get("dataset"),
+             "data_seed": card.get("data_seed"),
+             "train_config": {k: v for k, v in {**TrainConfig().to_dict(), **(card.get("train_config") or {})}.items()
+                              if k not in _FREE_ON_RESUME}}
+    if "init_from" in identity or card.get("init_from") is not None:
+        saved["init_from"] = card.get("init_from")
+    now = {k: v for k, v in identity.items() if k != "tie"}
+    if _plain(saved) == _plain(now) and card.get("epochs_done") == cfg.epochs:
+        log.warning("%s already holds this run, complete (%s epochs, test accuracy %s): nothing to resume, nothing "
+                    "trained", out, card.get("epochs_done"), card.get("test_accuracy"))
+        return card
+    raise WsvizError(f"The run in {out} is complete ({card.get('epochs_done')} epochs, test accuracy "
+                     f"{card.get('test_accuracy')}) and has no training state left to resume with these options. To "
+                     f"train it further, fine-tune from it (--init-from {out} --out NEW); or choose another --out "
+                     "(or --overwrite without --resume to start again there).")
+
+
+def _effective_batch(train_data: Any, cfg: TrainConfig, world_size: int, rank: int) -> int:
+    """The batch size training really uses: --batch-size, or one process's share of the training
+    set when that is smaller (every epoch is then one batch), which is said on stderr."""
+    import math
+
+    n = len(train_data[1]) if isinstance(train_data, tuple) else len(train_data)
+    share = math.ceil(n / world_size)
+    if cfg.batch_size <= share:
+        return cfg.batch_size
+    if rank == 0:
+        log.warning("--batch-size %d is larger than the training set (%d images%s): every epoch is one batch of %d",
+                    cfg.batch_size, n, f", {share} per process" if world_size > 1 else "", share)
+    return share
+
+
+DIVERGED_FACTOR = 3.0  # a final train loss above this many times chance's (ln of the classes) is a diverged run
+
+
+def _divergence(result: TrainResult, num_classes: int | None) -> str | None:
+    """Why the run diverged (its final train loss far above chance's ln(classes)), or None."""
+    import math
+
+    if not result.epochs or not num_classes or num_classes < 2:
+        return None
+    loss, chance = result.epochs[-1].train_loss, math.log(num_classes)
+    if loss <= DIVERGED_FACTOR * chance:
+        return None
+    return (f"the final train loss {loss:.4g} is over {DIVERGED_FACTOR:g}x chance's ln({num_classes}) = {chance:.3g}: "
+            f"the learning rate ({result.epochs[-1].lr:g} in the last epoch) is probably far too high; "
+            "train again with a lower --lr")
 
 
 def _tensorboard(folder: str | Path, state: dict[str, Any] | None):
