@@ -1,4 +1,4 @@
-"""``python -m wsviz ...``: every analysis headless, writing the tables (CSV/JSON) and the
+r"""``python -m wsviz ...``: every analysis headless, writing the tables (CSV/JSON) and the
 figures (plotly HTML) the app shows.
 
     python -m wsviz models --summary
@@ -71,24 +71,89 @@ def _import(args: argparse.Namespace) -> int:
     from wsviz.train import parse_set
 
     card = import_weights(args.model, args.weights, args.out, parse_set(args.set), dataset=args.dataset)
+    size = (card.get("config") or {}).get("input_size")
     print(f"wrote {Path(args.out)}: {card['model']} ({card['imported_from']['layout']} layout, "
-          f"{card['imported_from']['tensors']} tensors, {card['unique_params']:,} parameters)")
+          f"{card['imported_from']['tensors']} tensors, {_params(card)}"
+          + (f", {size}-px input" if size else "") + ")")
+    print(NORMALISATION_NOTE)
     return 0
 
 
+NORMALISATION_NOTE = (
+    "note: every wsviz analysis feeds the model [0, 1] pixels with no mean/std normalisation; if these weights were "
+    "trained on Normalize(mean, std) inputs, fold the normalisation into the model first (README: own models)")
+
+
+def _params(card: dict) -> str:
+    """A card's parameters as `models --summary` counts them: float parameters, plus sign-mask bits when any."""
+    from wsviz.training.cards import card_float_params
+
+    floats = card_float_params(card)
+    bits = int(card.get("sign_mask_params") or 0)
+    return (f"{floats:,} parameters" if floats is not None else "parameters unknown") + (
+        f" + {bits:,} mask bits" if bits else "")
+
+
 # ------------------------------------------------------------------------- helpers
+def _check_folders(paths: Sequence[str]) -> None:
+    """Refuse a --checkpoint that is a file (a state dict): the CLI reads checkpoint folders."""
+    for p in paths:
+        if Path(p).is_file():
+            raise WsvizError(f"--checkpoint {p} is a file, not a checkpoint folder; the CLI reads folders holding "
+                             "card.json + weights.safetensors. Turn a state dict into one with `python -m wsviz import "
+                             f"--model NAME --weights {p} --out checkpoints/NAME` (python -m wsviz import --help).")
+
+
+def model_names(paths: Sequence[str]) -> list[str]:
+    """A name for each checkpoint folder: the shortest end of its path no other folder's path ends with
+    (``m`` alone; ``a/m`` and ``b/m`` for two folders both called ``m``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    seen: dict[tuple, str] = {}
+    for p, full in zip(paths, parts):
+        if full in seen:
+            raise WsvizError(f"--checkpoint names the same folder twice ({seen[full]} and {p}); give each once.")
+        seen[full] = p
+    names = []
+    for i, full in enumerate(parts):
+        k = 1
+        while k < len(full) and any(other[-k:] == full[-k:] for j, other in enumerate(parts) if j != i):
+            k += 1
+        names.append("/".join(full[-k:]))
+    return names
+
+
+def _file_name(name: str) -> str:
+    """A model name (``a/m``) as part of a file name (``a__m``)."""
+    return name.replace("/", "__")
+
+
 def _load(paths: Sequence[str], device=None, cards: dict | None = None) -> dict[str, object]:
     from wsviz.training.checkpoint import load_checkpoint
 
     if not paths:
         raise WsvizError("Give at least one --checkpoint folder (see checkpoints/README.md).")
+    _check_folders(paths)
     models = {}
-    for p in paths:
+    for p, name in zip(paths, model_names(paths)):
         model, card = load_checkpoint(p, device=device or "cpu")
-        models[Path(p).name] = model
+        models[name] = model
         if cards is not None:
-            cards[Path(p).name] = card
+            cards[name] = card
     return models
+
+
+def _fresh_out(out: str, source: str | None = None) -> None:
+    """Refuse an --out that would overwrite a checkpoint (the source's above all)."""
+    from wsviz.training.cards import CARD, WEIGHTS
+
+    folder = Path(out)
+    if source is not None and folder.resolve() == Path(source).resolve():
+        raise WsvizError(f"--out {out} is the source checkpoint itself; give a new folder for the result "
+                         "(e.g. --out checkpoints/NAME-tied).")
+    for f in (CARD, WEIGHTS):
+        if (folder / f).exists():
+            raise WsvizError(f"--out {out} already holds a checkpoint ({f}); give a new folder, or remove that one "
+                             "first.")
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -234,12 +299,16 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, kind: str) -> int:
-    from wsviz.analysis.sweeps import rotation_sweep, scale_sweep
+    from dataclasses import replace
+
+    from wsviz.analysis.sweeps import model_label_mismatch, rotation_sweep, scale_sweep
     from wsviz.figures import sweep_figure
 
     with _Run(args) as run:
         cards: dict = {}
         models = _load(args.checkpoint, run.device, cards)
+        # an accuracy against labels a model never learned means nothing: those models get agreement only
+        blind = {n: why for n, m in models.items() if (why := model_label_mismatch(m, cards.get(n), args.dataset))}
         data = _data(args, models, cards, args.limit)
         fn = scale_sweep if kind == "scale" else rotation_sweep
         progress, bar = run.bar(f"{kind} sweep", "img×value")
@@ -249,16 +318,22 @@ def _sweep(args: argparse.Namespace, kind: str) -> int:
         bar.close()
         if not run.main:
             return 0
+        for name, why in blind.items():
+            res.accuracy[name] = np.full(len(res.values), np.nan)
+            print(f"note: {name}: no accuracy on {args.dataset} (agreement only): {why}", file=sys.stderr)
         out = _out(args)
         _write_csv(out / f"{kind}_sweep.csv", res.rows())
         _save_predictions(out / f"{kind}_predictions.npz", res)
         info = {"dataset": args.dataset, "data": data.description, "transform": data.transform,
                 "samples": res.samples, "samples_per_rank": res.shares, "ranks": run.world,
-                "results_from_cache": res.cached, "values": res.values.tolist()}
+                "results_from_cache": res.cached, "values": res.values.tolist(),
+                "agreement_only": blind}
         (out / f"{kind}_sweep.json").write_text(json.dumps(info, indent=1))
         print(f"{res.samples:,} images ({' + '.join(map(str, res.shares)) or 'all from the cache'} over "
               f"{run.world} process{'es' if run.world > 1 else ''}); {res.cached} results from the cache")
-        _write_fig(out / f"{kind}_accuracy.html", sweep_figure(res, "accuracy"))
+        scored = {m: a for m, a in res.accuracy.items() if m not in blind}
+        if scored:
+            _write_fig(out / f"{kind}_accuracy.html", sweep_figure(replace(res, accuracy=scored), "accuracy"))
         _write_fig(out / f"{kind}_agreement.html", sweep_figure(res, "agreement"))
     return 0
 
@@ -267,6 +342,13 @@ def _compare(args: argparse.Namespace) -> int:
     from wsviz.analysis.stats import fair_comparison, group_by_test_set, pairwise_significance
     from wsviz.figures import fair_figure
 
+    _check_folders(args.checkpoint)
+    if args.dataset is None:  # said here in the CLI's words (fair_comparison says it in Python's)
+        from wsviz.training.cards import CARD, read_card
+
+        for p in args.checkpoint:
+            if (Path(p) / CARD).is_file() and not read_card(p).get("dataset"):
+                raise WsvizError(f"The card in {p} names no dataset; pass --dataset NAME to say where to evaluate it.")
     with _Run(args) as run:
         progress, bar = run.bar("evaluating")
         rows = fair_comparison(args.checkpoint, dataset=args.dataset, device=str(run.device),
@@ -329,7 +411,7 @@ def _attribution(args: argparse.Namespace) -> int:
         maps[f"{name} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
         rows += [{"model": name, "image": i, "method": args.method, "target": int(t), "layer": res.layer or ""}
                  for i, t in enumerate(res.targets)]
-        np.save(out / f"attribution_{name}.npy", res.maps.numpy() if len(res.maps) > 1 else res.maps[0].numpy())
+        np.save(out / f"attribution_{_file_name(name)}.npy", res.maps.numpy() if len(res.maps) > 1 else res.maps[0].numpy())
     _write_csv(out / "attribution.csv", rows)
     _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}",
                                                            signed=args.method == "integrated_gradients"))
@@ -360,9 +442,9 @@ def _embed(args: argparse.Namespace) -> int:
         elif args.color_by == "scale" and data.scales is not None:
             color, color_name = data.scales.numpy()[proj.index], "scale"
         rows_index = data.indices[proj.index] if data.indices is not None else proj.index
-        _write_csv(out / f"embedding_{name}.csv", [{"index": int(i), "x": float(a), "y": float(b), color_name: float(c)}
+        _write_csv(out / f"embedding_{_file_name(name)}.csv", [{"index": int(i), "x": float(a), "y": float(b), color_name: float(c)}
                                                     for i, (a, b), c in zip(rows_index, proj.coords, color)])
-        _write_fig(out / f"embedding_{name}.html",
+        _write_fig(out / f"embedding_{_file_name(name)}.html",
                    embedding_figure(proj.coords, color, color_name, f"{name}: {args.method.upper()} of penultimate features"))
     return 0
 
@@ -404,6 +486,7 @@ def _opportunities(args: argparse.Namespace) -> int:
     if len(models) != 1:
         raise WsvizError("opportunities scores one --checkpoint folder at a time.")
     (name, model), = models.items()
+    args.dataset = args.dataset or cards[name].get("dataset") or "mnist5k-scale"
     # bounded batches of a dataset of any size: only the chosen images are decoded
     c, size, _ = input_shape(model)
     cal_x, cal_y = take(eval_data(args.dataset, "train", size=size, augment=_eval_transform(args, cards),
@@ -457,13 +540,15 @@ def _opportunities(args: argparse.Namespace) -> int:
 def _tie(args: argparse.Namespace) -> int:
     import shlex
 
-    from wsviz.training.checkpoint import save_checkpoint
+    from wsviz.training.checkpoint import load_checkpoint, save_checkpoint
     from wsviz.training.loop import evaluate
     from wsviz.training.tying import TieSpec, finetune_config, parse_groups, tie_checkpoint, tied_card
 
     if len(args.checkpoint) != 1:
         raise WsvizError("tie takes one --checkpoint folder (the trained model to tie).")
     source = args.checkpoint[0]
+    _check_folders([source])
+    _fresh_out(args.out, source)  # before anything runs: a tied model never replaces a checkpoint
     spec = TieSpec(parse_groups(args.group), args.init, args.calibration)
     if args.finetune_epochs:
         from wsviz.train import tensorboard_dir
@@ -475,22 +560,30 @@ def _tie(args: argparse.Namespace) -> int:
                               seed=args.seed, distill=not args.labels_only)
         card = run_training(card0["model"], args.dataset or card0.get("dataset"), args.out, cfg, init_from=source,
                             tie=spec, data_seed=card0.get("data_seed", 0), tensorboard=tensorboard_dir(args.out))
-        print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {card['unique_params']:,} parameters;"
+        print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {_params(card)};"
               f" test accuracy {card['tied']['source_test_accuracy']} untied, "
               f"{card['tied']['accuracy_after_tying']:.4f} right after tying, {card['test_accuracy']:.4f} after "
               f"{args.finetune_epochs} fine-tuning epoch(s)")
         return 0
-    tied, card0 = tie_checkpoint(source, spec, dataset=args.dataset)
+    model0, card0 = load_checkpoint(source)
+    tied, card0 = tie_checkpoint(source, spec, dataset=args.dataset, loaded=(model0, card0))
     dataset = args.dataset or card0["dataset"]
     from wsviz.data.datasets import load_split
 
-    te = load_split(dataset, "test", seed=card0.get("data_seed", 0)).spread(args.limit)
+    full = load_split(dataset, "test", seed=card0.get("data_seed", 0))
+    te = full.spread(args.limit)
+    limited = len(te.labels) < len(full.labels)
     acc = evaluate(tied, te.images, te.labels)[1]
+    if limited:  # the untied model on the very same images: the card's accuracy is of the whole split
+        untied = f"{evaluate(model0, te.images, te.labels)[1]:.4f} untied"
+        on = f" on {len(te.labels):,} of {len(full.labels):,} test images"
+    else:
+        untied, on = f"{card0.get('test_accuracy')} untied", ""
     command = "python -m wsviz " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tie"] else ""
-    card = tied_card(tied, card0, acc, command)
+    card = tied_card(tied, card0, acc, command, test_limit=len(te.labels) if limited else None)
     save_checkpoint(args.out, tied, card)
-    print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {card['unique_params']:,} parameters "
-          f"(was {card0.get('unique_params', 0):,}); test accuracy {card0.get('test_accuracy')} untied, {acc:.4f} tied "
+    print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {_params(card)} "
+          f"(was {_params(card0)}); test accuracy{on} {untied}, {acc:.4f} tied "
           "(BatchNorm re-estimated, no fine-tuning)")
     return 0
 
@@ -509,14 +602,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="turn a PyTorch state dict (.pt/.pth/.safetensors) into a wsviz checkpoint",
                        description="Read a state dict with torch.load(weights_only=True) (.pt/.pth; no code runs) or "
                                    "safetensors, map torchvision's ResNet keys onto wsviz's, and write a checkpoint "
-                                   "folder (weights.safetensors + card.json) the app lists.")
+                                   "folder (weights.safetensors + card.json) the app lists. Refuses an --out that already holds "
+                                   "a checkpoint. wsviz feeds [0, 1] pixels with no mean/std normalisation: weights "
+                                   "trained on Normalize(mean, std) inputs need it folded into the model first.")
     p.add_argument("--model", required=True, help="a registered model (python -m wsviz models)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model option, e.g. sharing=vanilla or shared=false (repeatable)")
+                   help="model option, e.g. sharing=vanilla or shared=false (repeatable); --set input_size=N: the "
+                        "input size the weights were trained at (default: --dataset's image size when given, else "
+                        "the model's)")
     p.add_argument("--weights", required=True, help="the state dict: a .pt / .pth or .safetensors file")
     p.add_argument("--out", required=True, help="the checkpoint folder to write (e.g. checkpoints/NAME)")
     p.add_argument("--dataset", default=None, help="what the weights were trained on (a wsviz dataset name), so "
-                                                   "the app can evaluate them")
+                                                   "the app can evaluate them; the model takes its image size "
+                                                   "unless --set input_size=N says otherwise")
     p.set_defaults(func=_import)
     p = sub.add_parser("runs", help="the run store: `runs rebuild` brings back runs from their folders")
     p.add_argument("action", choices=["rebuild"],
@@ -525,10 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_runs)
 
     def analysis(name: str, help: str, func, dataset: str | None = "mnist5k", limit: int | None = 1000,
-                 streamed: bool = True, transform: bool = True):
+                 streamed: bool = True, transform: bool = True,
+                 out_help: str = "folder for CSV/JSON and HTML figures"):
         q = sub.add_parser(name, help=help)
         q.add_argument("--checkpoint", nargs="+", default=[], help="checkpoint folders")
-        q.add_argument("--out", required=True, help="folder for CSV/JSON and HTML figures")
+        q.add_argument("--out", required=True, help=out_help)
         if dataset is not None:
             q.add_argument("--dataset", default=dataset,
                            help="test data: a dataset name (mnist5k, cifar10, ...) or folder:PATH (ImageNet's "
@@ -594,7 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
              "mnist5k", 500)
     q = analysis("opportunities", "where sharing costs least: candidate conv groups scored by weight similarity, "
                  "output CKA, gradient conflict and the accuracy lost by tying them now", _opportunities,
-                 "mnist5k-scale", 500)
+                 None, 500)
+    q.add_argument("--dataset", default=None,
+                   help="calibration and test data (default: the checkpoint card's dataset, else mnist5k-scale)")
     q.add_argument("--calibration", type=int, default=512, help="training images for calibration and BatchNorm")
     q.add_argument("--group", action="append", default=[],
                    help="a group to score, as comma-separated conv paths (repeatable; default: every candidate)")
@@ -604,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--verify", type=int, default=8,
                    help="with --budget: how many of the best-predicted sets to tie together and measure (default 8)")
     q = analysis("tie", "make groups of a trained model's convolutions share one weight; optionally fine-tune",
-                 _tie, None, None, streamed=False)
+                 _tie, None, None, streamed=False,
+                 out_help="the new checkpoint folder to write (card.json + weights.safetensors); refused when it "
+                          "already holds a checkpoint or is the source")
     q.add_argument("--dataset", default=None, help="calibration and test data (default: the checkpoint's)")
     q.add_argument("--group", action="append", default=[], required=True,
                    help="conv layers that will share one weight, comma-separated (repeatable)")

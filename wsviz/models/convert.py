@@ -10,9 +10,11 @@
   ``{"model": ...}``, a ``module.`` prefix from ``DataParallel``) is unwrapped.
 * torchvision's (and timm's) ResNet key layout — ``conv1``, ``bn1``, ``layer1.0.conv1``,
   ``downsample``, ``fc`` — is mapped onto wsviz's ResNet skeleton (``trunk.stem``,
-  ``trunk.stages.0.0.conv1``, ``shortcut``, ``head.fc``). wsviz's unshared baselines compute
-  exactly what torchvision's ResNets compute: ``msws_resnet{18,34,50,101,152}`` with
-  ``sharing=vanilla`` and ``sharesnet{34,50,101,152}`` with ``shared=False``.
+  ``trunk.stages.0.0.conv1``, ``shortcut``, ``head.fc``). Given the same input tensor, wsviz's
+  unshared baselines compute what torchvision's ResNets compute: ``msws_resnet{18,34,50,101,152}``
+  with ``sharing=vanilla`` and ``sharesnet{34,50,101,152}`` with ``shared=False``. wsviz's analyses
+  feed [0, 1] pixels with no mean/std normalisation, so weights trained on ``Normalize`` inputs
+  need it folded into the model (README: own models).
 * Keys that do not fit the model (missing, unexpected, another shape) are refused with the
   keys named; nothing is loaded partially.
 
@@ -181,18 +183,36 @@ def import_weights(model_name: str, weights: str | Path, out: str | Path, overri
 
     For torchvision's layout, ``num_classes`` and ``in_channels`` are read from ``fc`` and
     ``conv1`` unless given in ``overrides``. ``dataset`` (optional) records what the weights
-    were trained on, so the app can evaluate them; it must fit the model.
+    were trained on, so the app can evaluate them; it must fit the model, and unless
+    ``overrides`` sets ``input_size`` the model takes the dataset's image size (a model that
+    cannot is refused: give the size the weights were trained at as ``input_size``).
+
+    ``out`` must not hold a checkpoint yet (neither ``card.json`` nor ``weights.safetensors``),
+    and ``weights`` must not be one of the files written there. wsviz feeds models [0, 1] pixels
+    with no normalisation: weights trained on ``Normalize(mean, std)`` inputs need it folded in.
     """
     import wsviz
     from wsviz.models import create_model, get_spec, summarize
-    from wsviz.training.cards import CARD
+    from wsviz.training.cards import CARD, WEIGHTS
     from wsviz.training.checkpoint import save_checkpoint
 
     out = Path(out)
-    if (out / CARD).exists():
-        raise WsvizError(f"{out} already holds a checkpoint; choose another --out or remove it first.")
+    written = [out / CARD, out / WEIGHTS]
+    if Path(weights).resolve() in {f.resolve() for f in written}:
+        raise WsvizError(f"--weights {weights} is a file --out {out} would write; give another --out folder.")
+    for f in written:
+        if f.exists():
+            raise WsvizError(f"--out {out} already holds a checkpoint file ({f.name}); give a new folder (nothing there "
+                             "is replaced), or move that file away first.")
     spec = get_spec(model_name)
     overrides = dict(overrides or {})
+    size_from_dataset = None
+    if dataset is not None:
+        from wsviz.data.datasets import dataset_info
+
+        info = dataset_info(dataset)  # an unknown name is refused before any file is read
+        if "input_size" not in overrides and not dataset.startswith("folder:"):  # folders fit any input size
+            size_from_dataset = overrides["input_size"] = info.size
     state = strip_prefix(read_state_dict(weights))
     layout = "wsviz"
     if is_torchvision_resnet(state):
@@ -202,7 +222,18 @@ def import_weights(model_name: str, weights: str | Path, out: str | Path, overri
             overrides["num_classes"] = int(fc.shape[0])
         if "in_channels" not in overrides and conv1 is not None and conv1.dim() == 4:
             overrides["in_channels"] = int(conv1.shape[1])
-    model = create_model(model_name, **overrides)
+    try:
+        model = create_model(model_name, **overrides)
+    except (WsvizError, TypeError, ValueError, RuntimeError) as exc:
+        if size_from_dataset is None:
+            raise
+        raise WsvizError(f"--dataset {dataset} has {size_from_dataset}-px images, but {model_name} cannot be built "
+                         f"for them ({exc}); give the size the weights were trained at with --set input_size=N."
+                         ) from exc
+    if size_from_dataset is not None and model.wsviz_config.get("input_size") != size_from_dataset:
+        raise WsvizError(f"--dataset {dataset} has {size_from_dataset}-px images, but {model_name} takes "
+                         f"{model.wsviz_config.get('input_size')}-px inputs; give the size the weights were trained "
+                         "at with --set input_size=N.")
     if layout == "torchvision-resnet":
         if "trunk.stem.0.weight" not in model.state_dict():
             raise WsvizError(f"{Path(weights).name} is in torchvision's ResNet layout, but {model_name} is not a "
@@ -222,12 +253,12 @@ def import_weights(model_name: str, weights: str | Path, out: str | Path, overri
         if layout == "torchvision-resnet":
             hint = " torchvision ResNets fit wsviz's unshared baselines: " + "; ".join(
                 f"{k} -> {v}" for k, v in FITS_TORCHVISION.items()) + "."
+        if size_from_dataset is not None:
+            hint += (f" (input_size={size_from_dataset} came from --dataset {dataset}; if the weights were trained at "
+                     "another size, give it with --set input_size=N)")
         raise WsvizError(f"The weights in {Path(weights).name} do not fit {model_name} with "
                          f"{overrides or 'its default options'}: {'; '.join(p for p in parts if p)}.{hint}")
     if dataset is not None:
-        from wsviz.data.datasets import dataset_info
-
-        info = dataset_info(dataset)
         cfg = model.wsviz_config
         if (cfg["in_channels"], cfg["num_classes"]) != (info.channels, info.num_classes):
             raise WsvizError(f"--dataset {dataset} has {info.channels}-channel images of {info.num_classes} classes; "
@@ -242,6 +273,7 @@ def import_weights(model_name: str, weights: str | Path, out: str | Path, overri
                           "tensors": len(state)},
         "test_accuracy": None, "complete": True, "epochs_done": None,
         "unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops,
+        "sign_mask_params": s.mask_params,
         "wsviz_version": wsviz.__version__, "torch_version": torch.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": command or import_command(model_name, weights, out, overrides, dataset),

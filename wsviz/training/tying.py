@@ -150,9 +150,14 @@ def tie_checkpoint(source: str | Path, spec: TieSpec, *, dataset: str | None = N
     return tied, card
 
 
-def tied_card(tied: nn.Module, source_card: dict[str, Any], test_accuracy: float | None, command: str) -> dict[str, Any]:
+def tied_card(tied: nn.Module, source_card: dict[str, Any], test_accuracy: float | None, command: str,
+              test_limit: int | None = None) -> dict[str, Any]:
     """The card of a tied model saved without fine-tuning: the source's model, options and data, the
-    tied model's own counts, and its test accuracy right after tying."""
+    tied model's own counts, and its test accuracy right after tying.
+
+    ``test_limit``: the accuracy was measured on only this many test images (``tie --limit``). It is
+    then kept, with that number, in the ``tied`` record, and the card states no ``test_accuracy``:
+    a subset's accuracy would read as the whole test split's."""
     import datetime as _dt
 
     import wsviz
@@ -163,7 +168,11 @@ def tied_card(tied: nn.Module, source_card: dict[str, Any], test_accuracy: float
     card = {k: source_card[k] for k in keep if k in source_card}
     tie_record = dict(tied.wsviz_tie)
     tie_record["accuracy_after_tying"] = test_accuracy
-    return {**card, "epochs": 0, "epochs_done": 0, "complete": True, "metrics": [], "test_accuracy": test_accuracy,
+    if test_limit is not None:
+        tie_record["test_limit"] = int(test_limit)
+    return {**card, "epochs": 0, "epochs_done": 0, "complete": True, "metrics": [],
+            "test_accuracy": test_accuracy if test_limit is None else None,
+            **({"test_limit": int(test_limit)} if test_limit is not None else {}),
             "unique_params": s.unique_params, "effective_params": s.effective_params, "flops": s.flops,
             "sign_mask_params": s.mask_params, "tied": tie_record, "wsviz_version": wsviz.__version__,
             "torch_version": torch.__version__, "command": command,
