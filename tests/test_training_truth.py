@@ -9,6 +9,8 @@ import math
 import os
 import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,8 +185,14 @@ def test_a_sigterm_between_the_renames_waits_until_the_card_is_in_place(tmp_path
     def replace_then_term(a, b):
         real(a, b)
         if str(b).endswith(ck.WEIGHTS):
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(bystander.ident, signal.SIGTERM)  # delivered to another thread of the process
+            time.sleep(0.2)  # long enough for that thread to take it: no race left for the old code to win
 
+    # a trainer has other threads (DataLoader, TensorBoard, tqdm): the OS may deliver the signal to any
+    # of them, so holding it must not depend on which thread's signal mask is set
+    done = threading.Event()
+    bystander = threading.Thread(target=done.wait, daemon=True)
+    bystander.start()
     old = signal.signal(signal.SIGTERM, raise_stop)
     monkeypatch.setattr(ck.os, "replace", replace_then_term)
     try:
@@ -193,6 +201,8 @@ def test_a_sigterm_between_the_renames_waits_until_the_card_is_in_place(tmp_path
                                                  "epochs_done": 2})
     finally:
         signal.signal(signal.SIGTERM, old)
+        done.set()
+        bystander.join()
     monkeypatch.undo()
     loaded, card = ck.load_checkpoint(tmp_path)
     assert card["epochs_done"] == 2

@@ -85,19 +85,27 @@ def save_checkpoint(folder: str | Path, model: nn.Module, card: dict[str, Any]) 
 
 @contextlib.contextmanager
 def _signals_held():
-    """Block SIGTERM and SIGINT for the duration (on the main thread, where Python runs its handlers;
-    elsewhere a no-op): one arriving meanwhile is delivered, and its handler run, on leaving, so it
-    cannot fall between the weights' rename and the card's and pair epoch N's weights with epoch
-    N-1's card."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold back SIGTERM and SIGINT for the duration: one arriving meanwhile is noted and raised
+    again on leaving, so the handler it was meant for (one that raises, as the trainer's does) runs
+    after both renames and cannot pair epoch N's weights with epoch N-1's card.
+
+    Python runs signal handlers in the main thread whichever thread the OS delivered the signal to
+    (a trainer has DataLoader, TensorBoard and tqdm threads), so blocking the signal in this thread's
+    mask would not hold it; the Python-level handlers are swapped instead. Off the main thread, where
+    handlers cannot be set, nothing is held: a handler then raises in the main thread, not here."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def weights_metadata(card: dict[str, Any]) -> dict[str, str]:
