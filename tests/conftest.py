@@ -335,3 +335,26 @@ def make_checkpoint(tmp_path: Path, name: str, *, src: str = "scale-msws-shared"
     if weights is not None:
         (folder / "weights.safetensors").write_bytes(weights)
     return folder
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    """The pages' checkpoint folder moved to an empty temporary folder (tests copy checkpoints into it
+    with :func:`copy_checkpoint`); the pages' scan cache is cleared before and after."""
+    import pages._shared as shared
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    monkeypatch.setattr(shared, "CHECKPOINTS", folder)
+    shared.scan_checkpoints.clear()
+    yield folder
+    shared.scan_checkpoints.clear()
+
+
+def copy_checkpoint(src: str, dst: Path) -> Path:
+    """The shipped checkpoint ``src`` (card and weights) copied to the new folder ``dst``."""
+    root = Path(__file__).resolve().parents[1] / "checkpoints" / src
+    dst.mkdir(parents=True)
+    for f in ("card.json", "weights.safetensors"):
+        shutil.copy2(root / f, dst / f)
+    return dst

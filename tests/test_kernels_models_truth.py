@@ -19,6 +19,7 @@ from torch import nn
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-kmtruth-runs-"))
 
 from conftest import open_app  # noqa: E402
+from test_kernels import Blended  # noqa: E402 - the same two-blending-layer model
 
 import wsviz.training.loop  # noqa: E402
 from wsviz.analysis.kernels import (  # noqa: E402
@@ -36,23 +37,7 @@ CKPT = ROOT / "checkpoints"
 
 
 # ----------------------------------------------------------------------------- pruning curve
-class Blended(nn.Module):
-    """Two 1x1 blending layers between a conv and a linear head (every pixel counts: no pooling)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.wsviz_config = {"in_channels": 1, "input_size": 6, "num_classes": 4}
-        self.conv = nn.Conv2d(1, 6, 3)
-        self.b1 = nn.Conv2d(6, 5, 1, bias=False)
-        self.b2 = nn.Conv2d(5, 6, 1)
-        self.fc = nn.Linear(6 * 4 * 4, 4)
-
-    def blending_layers(self):
-        return [self.b1, self.b2]
-
-    def forward(self, x):
-        return self.fc(self.b2(self.b1(self.conv(x))).flatten(1))
 
 
 def _data(n: int = 40):
@@ -232,17 +217,6 @@ def test_comparison_rows_show_the_null_mean_and_percentile():
 
 
 # ----------------------------------------------------------------------------- models: fair comparison
-@pytest.fixture
-def checkpoints(tmp_path, monkeypatch):
-    """The pages' checkpoint folder in a temporary folder (copies made by each test)."""
-    import pages._shared as shared
-
-    monkeypatch.setattr(shared, "CHECKPOINTS", tmp_path)
-    shared.scan_checkpoints.clear()
-    yield tmp_path
-    shared.scan_checkpoints.clear()
-
-
 def _fair_table(at):
     tables = [d.value for d in at.dataframe if {"test set", "accuracy"} <= set(d.value.columns)]
     return tables[0] if tables else None

@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-rotemb-runs-"))
 
-from conftest import open_app  # noqa: E402
+from conftest import copy_checkpoint, open_app  # noqa: E402
 
 from wsviz.analysis.rotation import distinct_angles, flops_group, flops_matches, rotation_summary  # noqa: E402
 from wsviz.analysis.sweeps import SweepResult  # noqa: E402
@@ -128,24 +128,6 @@ def test_flops_pairs_come_from_the_cards():
 
 
 # ------------------------------------------------------------------------- a temporary checkpoint folder
-@pytest.fixture
-def checkpoints(tmp_path, monkeypatch):
-    """The pages' checkpoint folder in a temporary folder (copies made by each test)."""
-    import pages._shared as shared
-
-    monkeypatch.setattr(shared, "CHECKPOINTS", tmp_path)
-    shared.scan_checkpoints.clear()
-    yield tmp_path
-    shared.scan_checkpoints.clear()
-
-
-def copy_checkpoint(src: str, dst: Path) -> Path:
-    dst.mkdir()
-    for f in ("card.json", "weights.safetensors"):
-        shutil.copy2(CKPT / src / f, dst / f)
-    return dst
-
-
 def rewrite_weights(folder: Path, change) -> None:
     """The weights rewritten in place (a retraining at the same folder), with a newer modification time."""
     from safetensors.torch import load_file, save_file

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -17,7 +16,7 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-scale-truth-runs-"))
 
-from conftest import open_app  # noqa: E402
+from conftest import copy_checkpoint, open_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints"
@@ -35,24 +34,6 @@ def needs(*names: str) -> list[str]:
 def unescaped(text: object) -> str:
     """Markdown as read: the page escapes names and reasons (pages._shared.plain)."""
     return str(text).replace("\\", "")
-
-
-@pytest.fixture
-def checkpoints(tmp_path, monkeypatch):
-    """The pages' checkpoint folder in a temporary folder (copies made by each test)."""
-    import pages._shared as shared
-
-    monkeypatch.setattr(shared, "CHECKPOINTS", tmp_path / "checkpoints")
-    shared.scan_checkpoints.clear()
-    yield tmp_path / "checkpoints"
-    shared.scan_checkpoints.clear()
-
-
-def copy_checkpoint(src: str, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in ("card.json", "weights.safetensors"):
-        shutil.copy2(CKPT / src / f, dst / f)
-    return dst
 
 
 def charts(at) -> dict[str, dict[str, list[float]]]:
