@@ -358,3 +358,16 @@ def copy_checkpoint(src: str, dst: Path) -> Path:
     for f in ("card.json", "weights.safetensors"):
         shutil.copy2(root / f, dst / f)
     return dst
+
+
+def wait_for(at, pred, what: str, timeout: float = 240) -> None:
+    """Rerun the AppTest ``at`` every half second until ``pred(at)`` holds (background work finished),
+    failing on a page exception or after ``timeout`` seconds, naming ``what`` was awaited."""
+    import time
+
+    t0 = time.time()
+    while not pred(at) and time.time() - t0 < timeout:
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, at.exception
+    assert pred(at), f"{what} did not happen in time"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-rotemb-runs-"))
 
-from conftest import copy_checkpoint, open_app  # noqa: E402
+from conftest import copy_checkpoint, open_app, wait_for  # noqa: E402
 
 from wsviz.analysis.rotation import distinct_angles, flops_group, flops_matches, rotation_summary  # noqa: E402
 from wsviz.analysis.sweeps import SweepResult  # noqa: E402
@@ -42,15 +41,6 @@ def texts(at) -> str:
     parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info]
     parts += [w.value for w in at.warning] + [e.value for e in at.error]
     return unescaped("\n".join(str(p) for p in parts))
-
-
-def wait_for(at, pred, what: str, timeout: float = 240) -> None:
-    t0 = time.time()
-    while not pred(at) and time.time() - t0 < timeout:
-        time.sleep(0.5)
-        at.run()
-        assert not at.exception, at.exception
-    assert pred(at), f"{what} did not happen in time"
 
 
 # ------------------------------------------------------------------------- rotation: each angle once

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_active_runs, open_app
+from tests.conftest import kill_active_runs, open_app, wait_for
 from wsviz import auth
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -30,15 +30,6 @@ def runs(tmp_path, monkeypatch):
     shared.scan_checkpoints.clear()
 
 
-def _wait(at, pred, what: str, timeout: float = 240):
-    t0 = time.time()
-    while not pred(at) and time.time() - t0 < timeout:
-        time.sleep(0.5)
-        at.run()
-        assert not at.exception, at.exception
-    assert pred(at), f"{what} did not happen in time"
-
-
 @pytest.mark.slow  # scores 14 groups and runs a background fine-tune (about a minute on 2 cores)
 def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs, monkeypatch):
     if not (CKPT / TWIN / "card.json").is_file():
@@ -51,7 +42,7 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs, monkeypatch)
     at.slider[0].set_value(64).run()
     at.slider[1].set_value(100).run()
     next(b for b in at.button if b.label == "Score candidate groups").click().run()
-    _wait(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
+    wait_for(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
     table = at.dataframe[0].value
     assert len(table) == 14 and GROUP in set(table["group"])  # every candidate group of this WRN
     assert list(table["predicted cost"]) == sorted(table["predicted cost"])  # cheapest first
@@ -62,7 +53,7 @@ def test_share_page_scores_then_a_trainer_ties_and_fine_tunes(runs, monkeypatch)
     # "Use these groups" ticks them
     next(n for n in at.number_input if n.label == "Parameters to save").set_value(2 * 36_864).run()
     next(b for b in at.button if b.label == "Suggest groups").click().run()
-    _wait(at, lambda a: any(s.value.startswith("Tie ") for s in a.success), "the suggestion")
+    wait_for(at, lambda a: any(s.value.startswith("Tie ") for s in a.success), "the suggestion")
     suggested = at.dataframe[1].value
     assert (suggested["params saved"] >= 2 * 36_864).all() and len(suggested) >= 1
     assert list(suggested["KL, tied together"]) == sorted(suggested["KL, tied together"])
@@ -117,7 +108,7 @@ def _score(at, n_cal: int = 64, n_held: int = 100):
     at.slider[0].set_value(n_cal).run()
     at.slider[1].set_value(n_held).run()
     next(b for b in at.button if b.label == "Score candidate groups").click().run()
-    _wait(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
+    wait_for(at, lambda a: len(a.get("plotly_chart")) >= 2, "scoring")
 
 
 def test_share_page_says_what_the_drops_are_measured_against_and_forgets_a_rewritten_checkpoint(
