@@ -371,3 +371,13 @@ def wait_for(at, pred, what: str, timeout: float = 240) -> None:
         at.run()
         assert not at.exception, at.exception
     assert pred(at), f"{what} did not happen in time"
+
+
+def needs(*names: str) -> list[str]:
+    """``names`` as a list, or skip the test when one of them is not a shipped checkpoint (a checkout
+    without the zoo's weights)."""
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints"
+    missing = [n for n in names if not (shipped / n / "card.json").is_file()]
+    if missing:
+        pytest.skip(f"needs shipped checkpoints {missing}")
+    return list(names)

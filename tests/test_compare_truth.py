@@ -17,21 +17,13 @@ import torch
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-compare-truth-runs-"))
 
-from conftest import open_app  # noqa: E402
+from conftest import needs, open_app  # noqa: E402
 
 from wsviz.analysis.features import FeatureMap  # noqa: E402
 from wsviz.data.classes import FASHION  # noqa: E402
 from wsviz.figures import attribution_figure, feature_map_range, feature_maps_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = {p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file()}
-
-
-def needs(*names: str) -> list[str]:
-    missing = [n for n in names if n not in SHIPPED]
-    if missing:
-        pytest.skip(f"needs shipped checkpoints {missing}")
-    return list(names)
 
 
 def heatmaps(spec: dict) -> list[dict]:

@@ -15,21 +15,13 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-rotemb-runs-"))
 
-from conftest import copy_checkpoint, open_app, wait_for  # noqa: E402
+from conftest import copy_checkpoint, needs, open_app, wait_for  # noqa: E402
 
 from wsviz.analysis.rotation import distinct_angles, flops_group, flops_matches, rotation_summary  # noqa: E402
 from wsviz.analysis.sweeps import SweepResult  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints"
-SHIPPED = {p.name for p in CKPT.iterdir() if (p / "card.json").is_file()}
-
-
-def needs(*names: str) -> list[str]:
-    missing = [n for n in names if n not in SHIPPED]
-    if missing:
-        pytest.skip(f"needs shipped checkpoints {missing}")
-    return list(names)
 
 
 def unescaped(text: str) -> str:

@@ -16,19 +16,11 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-scale-truth-runs-"))
 
-from conftest import copy_checkpoint, open_app  # noqa: E402
+from conftest import copy_checkpoint, needs, open_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints"
-SHIPPED = {p.name for p in CKPT.iterdir() if (p / "card.json").is_file()}
 ACCURACY, AGREEMENT = "Accuracy vs scale", "Agreement with each model's own prediction at scale 1"
-
-
-def needs(*names: str) -> list[str]:
-    missing = [n for n in names if n not in SHIPPED]
-    if missing:
-        pytest.skip(f"needs shipped checkpoints {missing}")
-    return list(names)
 
 
 def unescaped(text: object) -> str:

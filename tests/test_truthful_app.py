@@ -10,21 +10,13 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-truthful-runs-"))
 
-from conftest import open_app  # noqa: E402
+from conftest import needs, open_app  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from wsviz.models import summarize  # noqa: E402
 from wsviz.training.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = {p.name for p in (ROOT / "checkpoints").iterdir() if (p / "card.json").is_file()}
-
-
-def needs(*names: str) -> list[str]:
-    missing = [n for n in names if n not in SHIPPED]
-    if missing:
-        pytest.skip(f"needs shipped checkpoints {missing}")
-    return list(names)
 
 
 def app(page: str | None = None, variants: list[str] | None = None) -> AppTest:
