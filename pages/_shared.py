@@ -390,6 +390,28 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
     return rows
 
 
+def explain_inputs(name: str, data: bytes, variants: list[str]) -> None:
+    """Say how the image became each distinct model input (as ``load_upload`` prepares it for the
+    predictions beside it: digit models get the MNIST layout, other models the image fit in a square)."""
+    from wsviz.data.uploads import explain_upload
+    from wsviz.models import input_shape
+
+    shapes: dict[tuple[int, int, str | None], list[str]] = {}
+    for label in variants:
+        try:
+            model, card = get_variant(label)
+            c, size, _ = input_shape(model)
+        except Exception:  # noqa: BLE001 - show_predictions has said why this variant is unavailable
+            continue
+        shapes.setdefault((c, size, card.get("dataset")), []).append(label)
+    for (c, size, dataset), labels in shapes.items():
+        try:
+            text = explain_upload(data, name, c, size, dataset=dataset)
+        except WsvizError:  # said above, with the predictions
+            continue
+        st.caption(f"Input for {', '.join(labels)}: {text}" if len(shapes) > 1 else text)
+
+
 # ------------------------------------------------------------------ long work off the script thread
 class Cancelled(Exception):
     """Raised inside background work when its Cancel button was pressed."""

@@ -6,6 +6,7 @@ import streamlit as st
 
 from pages._shared import (
     chosen_variants,
+    explain_inputs,
     figure,
     get_variant,
     model_inputs_for,
@@ -16,10 +17,7 @@ from pages._shared import (
 from wsviz.analysis.attribution import METHODS, attribute, cam_candidates, default_cam_layer
 from wsviz.analysis.features import feature_maps
 from wsviz.data.classes import class_names
-from wsviz.data.uploads import explain_upload
-from wsviz.errors import WsvizError
 from wsviz.figures import SIGNED_METHODS, attribution_figure, feature_map_range, feature_maps_figure
-from wsviz.models import input_shape
 from wsviz.models.taps import list_taps
 
 st.title("Compare on images")
@@ -34,30 +32,11 @@ if not images:
     st.stop()
 
 
-def explain_inputs(name: str, data: bytes) -> None:
-    """Say how the image became each distinct model input (as ``load_upload`` prepares it for the
-    predictions above: digit models get the MNIST layout, other models the image fit in a square)."""
-    shapes: dict[tuple[int, int, str | None], list[str]] = {}
-    for label in variants:
-        try:
-            model, card = get_variant(label)
-            c, size, _ = input_shape(model)
-        except Exception:  # noqa: BLE001 - show_predictions has said why this variant is unavailable
-            continue
-        shapes.setdefault((c, size, card.get("dataset")), []).append(label)
-    for (c, size, dataset), labels in shapes.items():
-        try:
-            text = explain_upload(data, name, c, size, dataset=dataset)
-        except WsvizError:  # said above, with the predictions
-            continue
-        st.caption(f"Input for {', '.join(labels)}: {text}" if len(shapes) > 1 else text)
-
-
 rows = []
 for name, data in images:
     st.subheader(name)
     rows += show_predictions(name, data, variants)
-    explain_inputs(name, data)
+    explain_inputs(name, data, variants)
 if rows:
     st.dataframe(rows, hide_index=True, column_config={
         "confidence": st.column_config.NumberColumn(format="percent"),

@@ -12,6 +12,7 @@ from pages._shared import (
     background_result,
     chosen_variants,
     download_table,
+    explain_inputs,
     figure,
     get_variant,
     pick_images,
@@ -180,6 +181,7 @@ def live_rotation(images, chosen) -> None:
 live_rotation(images, chosen)
 if images:
     name, data = images[0]
+    explain_inputs(name, data, chosen)
     label = st.selectbox("Stability over all angles for", chosen)
     try:
         model, card = get_variant(label)

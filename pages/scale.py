@@ -12,6 +12,7 @@ from pages._shared import (
     background_result,
     chosen_variants,
     download_table,
+    explain_inputs,
     figure,
     get_variant,
     pick_images,
@@ -44,6 +45,8 @@ def live_scale(images, variants) -> None:
 
 
 live_scale(images, variants)
+if images:
+    explain_inputs(*images[0], variants)
 
 
 def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...], blind: dict[str, str]):

@@ -241,3 +241,17 @@ def test_a_fashion_model_gets_the_upload_fit_not_the_digit_layout_though_its_inp
     assert torch.equal(got["fashion"][0], load_upload(data, name, 1, 28, dataset="fashion-mnist"))
     assert torch.equal(got["digits"][0], load_upload(data, name, 1, 28, dataset="mnist5k-scale"))
     assert not torch.equal(got["fashion"], got["digits"])
+
+
+@pytest.mark.parametrize("page", ["pages/scale.py", "pages/rotation.py"])
+def test_scale_and_rotation_pages_say_how_an_upload_became_the_models_input(page):
+    """The live scale and rotation views predict on the upload as the Compare page prepares it; a grey
+    page inverted and boxed like the training digits must be said there too, not only on Compare."""
+    pair = needs("scale-msws-vanilla", "scale-resnet20")
+    at = open_app(page, pair)
+    name, data = _digit_png(3, 0.9)
+    at.file_uploader[0].set_value((name, data, "image/png")).run()
+    assert not at.exception and not at.error
+    notes = [c.value for c in at.caption if c.value.startswith("Prepared like the training digits")]
+    assert len(notes) == 1, [c.value for c in at.caption]  # both variants share one 28x28 input
+    assert "inverted" in notes[0] and "brightness 0.90" in notes[0] and "20×20 box" in notes[0]
