@@ -197,3 +197,40 @@ def test_timm_style_resnet_taps_are_found():
                                                         ("layer4", "level"), ("global_pool", "embedding")]
     assert wsviz.num_classes(m) == 4
     assert penultimate_features(m, torch.rand(3, 3, 32, 32)).shape == (3, 512)
+
+
+class _Normalizer(nn.Module):
+    """The wrapper README recommends for a model trained on Normalize(mean, std) inputs."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def test_a_resnet_inside_a_normalisation_wrapper_has_its_taps_found_under_the_wrappers_path(resnet18):
+    net = nn.Sequential(_Normalizer([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), resnet18)
+    m = wsviz.adopt(net, SHAPE)
+    assert [(t.name, t.kind) for t in list_taps(m)] == [("1.layer1", "level"), ("1.layer2", "level"),
+                                                        ("1.layer3", "level"), ("1.layer4", "level"),
+                                                        ("1.avgpool", "embedding")]
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():  # the pooled features of the normalised input, what the classifier reads
+        want = torch.flatten(resnet18.avgpool(resnet18.layer4(resnet18.layer3(resnet18.layer2(resnet18.layer1(
+            resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(net[0](x)))))))))), 1)
+    assert np.allclose(penultimate_features(m, x), want.numpy(), atol=1e-5)
+
+
+def test_two_resnets_in_one_model_are_not_guessed_between(resnet18):
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = resnet18, torchvision.models.resnet18(num_classes=10).eval()
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    assert list_taps(wsviz.adopt(Pair(), SHAPE)) == []  # which one's stages are "the" stages? name them

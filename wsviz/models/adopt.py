@@ -73,14 +73,20 @@ def carry_adoption(source: nn.Module, copy: nn.Module) -> nn.Module:
 
 def find_taps(module: nn.Module) -> dict[str, tuple[str, str]]:
     """{module path: (kind, label)} found from the structure: a torchvision / timm ResNet's
-    stages (``level``) and global pooling (``embedding``); empty for anything else."""
-    children = dict(module.named_children())
-    if not all(name in children for name in _STAGES):
+    stages (``level``) and global pooling (``embedding``), also when the ResNet sits inside a
+    wrapper (``nn.Sequential(Normalizer(...), resnet)``: ``1.layer1``...); empty for anything
+    else, and when the model holds more than one such ResNet (which would be a guess)."""
+    found = [(path, sub) for path, sub in module.named_modules()
+             if all(name in dict(sub.named_children()) for name in _STAGES)]
+    if len(found) != 1:
         return {}
-    taps = {name: ("level", f"stage {i} ({name})") for i, name in enumerate(_STAGES, start=1)}
+    path, sub = found[0]
+    prefix = f"{path}." if path else ""
+    children = dict(sub.named_children())
+    taps = {prefix + name: ("level", f"stage {i} ({prefix}{name})") for i, name in enumerate(_STAGES, start=1)}
     pool = next((name for name in _EMBEDDINGS if name in children), None)
     if pool is not None:
-        taps[pool] = ("embedding", "penultimate features")
+        taps[prefix + pool] = ("embedding", "penultimate features")
     return taps
 
 
