@@ -35,7 +35,9 @@ class FeatureMap:
 
 @contextmanager
 def capture(model: nn.Module, taps: Iterable[TapInfo]):
-    """Record the outputs of the given taps during the ``with`` block; hooks always removed."""
+    """The outputs of ``taps`` in this thread's passes during the ``with`` block (another thread's pass
+    through the same object goes unrecorded: the app shares one model object between sessions); the
+    hooks are removed even on error."""
     got: dict[str, torch.Tensor] = {}
     modules = {info.name: m for info, m in tap_modules(model)}
     handles = []

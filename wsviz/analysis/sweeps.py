@@ -16,8 +16,7 @@ as the Rot-MNIST protocol does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,16 +24,14 @@ import torch
 from torch import nn
 
 from wsviz.analysis.cache import PredictionCache
-from wsviz.analysis.features import select_taps
+from wsviz.analysis.features import capture, select_taps
 from wsviz.analysis.streaming import IDENTITY, Variant, predict_variants
 from wsviz.data.datasets import fit_to
 from wsviz.data.resample import rescale, rotate
 from wsviz.data.stream import batches
 from wsviz.errors import WsvizError
-from wsviz.models.hooks import this_thread
 from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape, num_classes
-from wsviz.models.taps import TapInfo, tap_modules
 
 
 # The app keeps one model object per checkpoint for all its sessions (st.cache_resource), each session in
@@ -42,24 +39,6 @@ from wsviz.models.taps import TapInfo, tap_modules
 # So every hook set here records only its own thread's passes, and nothing here changes a model loaded
 # in eval mode (as the app's are): eval_mode switches nothing then, weights and BatchNorm statistics are
 # only read. (A model given in training mode is switched to eval for the call and restored after.)
-@contextmanager
-def _capture(model: nn.Module, taps: Iterable[TapInfo]) -> Iterator[dict[str, torch.Tensor]]:
-    """The outputs of ``taps`` in this thread's passes during the ``with`` block (another thread's pass
-    through the same object goes unrecorded); the hooks are removed even on error."""
-    got: dict[str, torch.Tensor] = {}
-    modules = {info.name: m for info, m in tap_modules(model)}
-    handles = []
-    try:
-        for t in taps:
-            def hook(mod, args, out, _n=t.name):
-                got[_n] = out.detach()
-            handles.append((modules.get(t.name) or model.get_submodule(t.name)).register_forward_hook(this_thread(hook)))
-        yield got
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted classes, softmax probabilities) in eval mode, batched."""
@@ -214,16 +193,16 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
     with eval_mode(model):
         blank = {}
         if centre:  # the layers' answer to a blank image: what the zero-filled border of T_s x gets
-            with _capture(model, taps) as z:
+            with capture(model, taps) as z:
                 model(torch.zeros(1, c, s, s, device=device))
             blank = {k: v.float() for k, v in dict(z).items()}
         for b in batches(images, batch_size=batch_size, workers=workers, loader=loader):
             xb = b.images.to(device)
             x = fit_to(xb.float().div(255) if xb.dtype == torch.uint8 else xb, c, s)
-            with _capture(model, taps) as a:
+            with capture(model, taps) as a:
                 model(x)
             fa = dict(a)
-            with _capture(model, taps) as bb:
+            with capture(model, taps) as bb:
                 model(rescale(x, scale))
             fb = dict(bb)
             for t in taps:
