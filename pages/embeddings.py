@@ -13,10 +13,12 @@ from pages._shared import (
     download_table,
     figure,
     get_variant,
+    plain,
     show_variant_error,
 )
 from wsviz.analysis.embeddings import align, embedded_layer, penultimate_features, project
 from wsviz.concurrency import heavy_slot
+from wsviz.data.datasets import dataset_names
 from wsviz.figures import embedding_figure
 
 st.title("Embeddings")
@@ -27,8 +29,23 @@ if not chosen:
 shown = chosen[:2]
 if len(chosen) > 2:
     st.caption(f"Showing the first two of the {len(chosen)} variants chosen in the sidebar: {', '.join(shown)}.")
+trained_on = {}  # {variant: the dataset its card says it was trained on}
+for label in shown:
+    try:
+        trained_on[label] = get_variant(label)[1].get("dataset")
+    except Exception:  # noqa: BLE001 - embed() below says why this variant cannot be used
+        pass
+# the shown variants' own training sets first (the first one's is the default), then the shipped digit sets
+options = list(dict.fromkeys([d for d in trained_on.values() if d and d in dataset_names()]
+                             + ["mnist5k-rot", "mnist5k-scale", "mnist5k"]))
 c1, c2, c3 = st.columns(3)
-dataset = c1.selectbox("Data", ["mnist5k-rot", "mnist5k-scale", "mnist5k"])
+dataset = c1.selectbox("Data", options, help="Test images of this set. It opens on the data the first variant was "
+                                            "trained on: features of images from another distribution say less "
+                                            "about what the network learned.")
+elsewhere = {v: d for v, d in trained_on.items() if d and d != dataset}
+if elsewhere:
+    st.warning(plain("; ".join(f"{v} was trained on {d}" for v, d in elsewhere.items())
+                     + f": these are its features of {dataset} test images, not of the data it learned from."))
 method = c2.selectbox("Projection", ["pca", "tsne", "umap"], format_func=str.upper)
 color_by = c3.selectbox("Colour by", ["class", "angle", "scale"])
 n = st.slider("Points", 200, 1000, 500, 100)
@@ -79,8 +96,7 @@ for col, (label, (proj, layer, *_)) in zip(cols, results.items()):
     if proj is not proj0:
         al = align(proj0, proj)
         coords = al.coords
-        note = (f"Rotated, reflected and scaled onto {reference}'s layout (orthogonal Procrustes); disparity "
-                f"{al.disparity:.3f} (0 = the same shape, 1 = unrelated).")
+        note = al.describe(reference)
     with col:
         figure(embedding_figure(coords, color, color_by, f"{label}: {method.upper()}"), f"embedding-{label}")
         st.caption(layer)

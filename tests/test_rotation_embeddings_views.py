@@ -247,3 +247,32 @@ def test_rotation_page_leaves_out_a_model_of_other_classes_and_says_why(checkpoi
     assert list(res.accuracy) == ["digits"]
     table = next(d.value for d in at.dataframe if "mean accuracy" in d.value.columns)
     assert list(table.iloc[:, 0]) == ["digits"]
+
+
+def test_embeddings_open_on_the_data_the_variants_were_trained_on_and_warn_about_other_data():
+    pair = needs("scale-msws-vanilla", "scale-msws-shared")  # both trained on mnist5k-scale
+    at = open_app("pages/embeddings.py", pair)
+    data = next(s for s in at.selectbox if s.label == "Data")
+    assert data.value == "mnist5k-scale"
+    assert not at.warning, [w.value for w in at.warning]
+    data.set_value("mnist5k-rot").run()
+    assert not at.exception
+    warned = [unescaped(w.value) for w in at.warning]
+    assert len(warned) == 1 and "trained on mnist5k-scale" in warned[0] and "mnist5k-rot" in warned[0], warned
+    assert all(v in warned[0] for v in pair)
+
+
+def test_alignment_says_reflected_only_when_it_reflects():
+    from wsviz.analysis.embeddings import Projection, align
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 2))
+    turn = np.array([[np.cos(1.0), -np.sin(1.0)], [np.sin(1.0), np.cos(1.0)]])
+    idx = np.arange(50)
+    ref = Projection(coords=a, index=idx, method="pca", explained_variance=None)
+    rotated = align(ref, Projection(coords=a @ turn * 3.0, index=idx, method="pca", explained_variance=None))
+    mirrored = align(ref, Projection(coords=a * np.array([-1.0, 1.0]), index=idx, method="pca", explained_variance=None))
+    assert rotated.disparity < 1e-9 and mirrored.disparity < 1e-9
+    assert not rotated.reflected and mirrored.reflected
+    assert "reflected" not in rotated.describe("ref") and "Rotated and scaled onto ref's layout" in rotated.describe("ref")
+    assert mirrored.describe("ref").startswith("Rotated, reflected and scaled onto ref's layout")

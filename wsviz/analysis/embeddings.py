@@ -286,6 +286,13 @@ class Alignment:
 
     coords: np.ndarray  # the aligned coordinates of ``other``
     disparity: float  # sum of squared differences after alignment, both sets standardised (0 = same shape)
+    reflected: bool = False  # the best orthogonal map is a reflection (det -1), not a rotation
+
+    def describe(self, reference: str) -> str:
+        """What was done to draw ``other`` beside ``reference``, in a sentence for the page."""
+        how = "Rotated, reflected and scaled" if self.reflected else "Rotated and scaled"
+        return (f"{how} onto {reference}'s layout (orthogonal Procrustes); disparity {self.disparity:.3f} "
+                "(0 = the same shape, 1 = unrelated).")
 
 
 def align(reference: Projection, other: Projection) -> Alignment:
@@ -303,4 +310,4 @@ def align(reference: Projection, other: Projection) -> Alignment:
     r, s = orthogonal_procrustes(b / nb, a / na)
     aligned = (b / nb) @ r * s
     disparity = float(((a / na - aligned) ** 2).sum())
-    return Alignment(aligned * na + reference.coords.mean(0), disparity)
+    return Alignment(aligned * na + reference.coords.mean(0), disparity, bool(np.linalg.det(r) < 0))
