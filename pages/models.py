@@ -82,8 +82,11 @@ if variants:
                       "test accuracy (this checkpoint)": c.get("test_accuracy"),
                       "params": fp, "sign-mask bits": c.get("sign_mask_params", 0),
                       "effective params": c.get("effective_params"),
-                      "compression": round(c.get("effective_params", 0) / max(fp or 1, 1), 2),
-                      "MFLOPs": round(c.get("flops", 0) / 1e6, 1), "epochs": c.get("epochs_done")})
+                      # a card without a count shows a blank, never a ratio over a made-up 1 or 0
+                      "compression": round(c["effective_params"] / fp, 2) if fp and c.get("effective_params")
+                      else None,
+                      "MFLOPs": round(c["flops"] / 1e6, 1) if c.get("flops") is not None else None,
+                      "epochs": c.get("epochs_done")})
     st.dataframe(pd.DataFrame(vrows), hide_index=True, column_config={
         "test accuracy (this checkpoint)": st.column_config.NumberColumn(
             format="percent", help="this checkpoint's last epoch on its test split (for the zoo: seed 0); "
