@@ -175,9 +175,9 @@ def sharing_map(label: str | None, name: str | None) -> None:
     figure(sharing_map_figure(s), "sharing_map_picture")
     map_rows = [{"parameter": r.param, "stored shape": "x".join(map(str, r.shape)), "reuse": ", ".join(r.kinds),
                  "applications": sum(1 for u in r.uses if u.applied), "applied per stored": round(r.factor, 3),
-                 "places": ", ".join(r.sites)[:300], "how": r.describe()} for r in reused]
+                 "places": r.places(300), "how": r.describe()} for r in reused]
     st.dataframe(pd.DataFrame(map_rows).sort_values("applied per stored", ascending=False), hide_index=True)
-    download_table(map_rows, "sharing_map")
+    download_table([{**row, "places": r.places()} for row, r in zip(map_rows, reused)], "sharing_map")  # whole
 
 
 if label is None and name is None:

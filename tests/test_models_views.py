@@ -39,3 +39,52 @@ def test_a_card_missing_its_counts_shows_blanks_not_a_made_up_compression(checkp
     assert _blank(rows["no-unique"]["params"]) and _blank(rows["no-unique"]["compression"])  # was 172218.0
     assert _blank(rows["no-effective"]["compression"]) and _blank(rows["no-effective"]["MFLOPs"])  # were 0.0
     assert _blank(rows["no-effective"]["effective params"])
+
+
+def test_sharing_map_columns_run_in_the_order_the_network_applies_them():
+    from wsviz.figures import sharing_map_figure
+    from wsviz.models import create_model, summarize
+    from wsviz.sharingmap import SharingMap
+
+    s = summarize(create_model("wsms_resnet_digits"))
+    m = SharingMap.from_summary(s)
+    axis = list(sharing_map_figure(m).layout.xaxis.categoryarray)
+    forward = list(dict.fromkeys(u.site or "(model)" for u in s.uses))  # the trace's order
+    assert axis == [site for site in forward if site in axis]
+    assert axis[:2] != ["branches.0.0.0", "branches.1.0.0"]  # not parameter by parameter
+    again = SharingMap.from_dict(json.loads(json.dumps(m.to_dict())))  # the shipped file keeps the order
+    assert list(sharing_map_figure(again).layout.xaxis.categoryarray) == axis
+
+
+def test_a_tiled_weight_says_every_shape_it_is_applied_as_and_its_direct_use():
+    from wsviz.models import create_model, summarize
+
+    r = summarize(create_model("repeatnet_vgg")).reuse()["features.8.weight"]
+    text = r.describe()
+    tiled = [u for u in r.uses if u.kind == "tiled"]
+    shapes = {"x".join(map(str, u.applied_shape)) for u in tiled}
+    assert len(shapes) > 1 and all(sh in text for sh in shapes), text
+    assert "applied directly at 1 place" in text, text
+    assert f"{r.factor:.3g}x" in text or f"{sum(u.applied for u in tiled) / r.numel:.3g}x" in text
+
+
+def test_places_are_listed_whole_in_the_download_and_marked_when_shortened_on_the_page():
+    from wsviz.sharingmap import ParamReuse, ParamUse
+
+    sites = [f"trunk.stage{i}.block{j}.conv" for i in range(3) for j in range(12)]
+    r = ParamReuse("w", (4, 4, 3, 3), tuple(ParamUse("w", x, "conv2d", (4, 4, 3, 3), False, applied=144)
+                                             for x in sites), 144 * len(sites))
+    short = r.places(120)
+    kept = short.split(", … ")[0].split(", ")
+    assert len(short) <= 140 and short.endswith(f", … (+{len(sites) - len(kept)} more)"), short
+    assert kept == sites[:len(kept)]  # cut at a whole name
+    assert r.places() == ", ".join(sites)  # no limit: the whole list
+
+
+def test_the_catalog_keeps_compression_and_flops_unrounded_so_one_model_shows_one_value():
+    from wsviz.catalog import load_catalog, load_sharing_map
+
+    for row in load_catalog():
+        s = load_sharing_map(row["name"])
+        assert f"{row['compression']:.2f}" == f"{s.compression:.2f}", row["name"]
+        assert f"{row['gflops']:.3f}" == f"{s.flops / 1e9:.3f}", row["name"]

@@ -82,7 +82,10 @@ def sharing_map_figure(summary, max_params: int = 80) -> go.Figure:
     shared between layers; one marker labelled ×k is a weight tiled or expanded k-fold."""
     everything = [r for r in summary.reuse().values() if r.reused]
     reuse = everything[:max_params]
-    sites = list(dict.fromkeys(u.site or "(model)" for r in reuse for u in r.uses if u.applied))
+    shown = set(u.site or "(model)" for r in reuse for u in r.uses if u.applied)
+    # columns in the order the network applies them (the trace's order), not parameter by parameter
+    order = [x for x in getattr(summary, "sites", []) if x in shown]
+    sites = order + sorted(shown - set(order))
     fig = go.Figure()
     for kind, colour in REUSE_COLOURS.items():
         xs, ys, texts, hover = [], [], [], []

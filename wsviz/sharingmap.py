@@ -5,7 +5,7 @@ the app draws a registered architecture's map from the precomputed file at once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -58,9 +58,24 @@ class ParamReuse:
         """Applied more than once: at several places, or tiled / expanded into a larger weight."""
         return self.applied > self.numel or sum(u.applied > 0 for u in self.uses) > 1
 
+    def places(self, limit: int | None = None) -> str:
+        """The places it is applied, comma-separated in forward order; with ``limit`` (characters),
+        shortened at a whole name and ending in '(+k more)'."""
+        sites = [x or "(model)" for x in self.sites]
+        text = ", ".join(sites)
+        if limit is None or len(text) <= limit:
+            return text
+        kept: list[str] = []
+        for x in sites:
+            if len(", ".join(kept + [x])) > limit:
+                break
+            kept.append(x)
+        return ", ".join(kept) + f", … (+{len(sites) - len(kept)} more)"
+
     def describe(self) -> str:
         """One line a reader can check against the picture, e.g. 'applied 2 times at 1 place (dilation=1; dilation=2)'."""
         direct = [u for u in self.uses if u.kind == "direct"]
+        others = [u for u in self.uses if u.kind in ("tiled", "expanded", "derived")]
         parts = []
         if len(direct) > 1:
             how = sorted({u.detail for u in direct if u.detail})
@@ -68,12 +83,16 @@ class ParamReuse:
             where = (f"at {places} places" if places == len(direct) else
                      f"{len(direct)} times at {places} place{'s' if places > 1 else ''}")
             parts.append(f"the same weight applied {where}" + (f" ({'; '.join(how)})" if len(how) > 1 else ""))
+        elif direct and others:  # one direct use beside tiles or expansions: said, so the counts add up
+            parts.append("applied directly at 1 place")
         for kind, verb in (("tiled", "tiled"), ("expanded", "basis-expanded"), ("derived", "transformed")):
             ks = [u for u in self.uses if u.kind == kind]
             if ks:
                 f = sum(u.applied for u in ks) / max(self.numel, 1)
+                shapes = list(dict.fromkeys("x".join(map(str, u.applied_shape)) for u in ks))
                 parts.append(f"{verb} into {len(ks)} applied weight{'s' if len(ks) > 1 else ''} "
-                             f"({'x'.join(map(str, ks[0].applied_shape))}), each stored element applied {f:.3g}x")
+                             f"({', '.join(shapes)}), each stored element applied {f:.3g}x by "
+                             f"{'them' if len(ks) > 1 else 'it'}")
         if not parts and any(u.kind == "modulates" for u in self.uses):
             parts.append("shapes a weight carried by another parameter (a transform, not a reuse)")
         return "; ".join(parts) or "applied once"
@@ -89,6 +108,7 @@ class SharingMap:
     mask_params: int
     reused: list[ParamReuse]
     others: int  # sum of (applied - stored) over the parameters that are not reused (modulators: negative)
+    sites: list[str] = field(default_factory=list)  # every place a parameter is applied, in forward order
 
     @property
     def float_params(self) -> int:
@@ -109,7 +129,8 @@ class SharingMap:
         reuse = s.reuse()
         return cls(s.unique_params, s.effective_params, s.flops, s.mask_params,
                    [r for r in reuse.values() if r.reused],
-                   sum(r.applied - r.numel for r in reuse.values() if not r.reused))
+                   sum(r.applied - r.numel for r in reuse.values() if not r.reused),
+                   list(dict.fromkeys(u.site or "(model)" for u in s.uses)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,4 +145,5 @@ class SharingMap:
         reused = [ParamReuse(r["param"], tuple(r["shape"]),
                              tuple(ParamUse(**{**u, "applied_shape": tuple(u["applied_shape"])}) for u in r["uses"]),
                              r["applied"]) for r in d["reused"]]
-        return cls(d["unique_params"], d["effective_params"], d["flops"], d["mask_params"], reused, d["others"])
+        return cls(d["unique_params"], d["effective_params"], d["flops"], d["mask_params"], reused, d["others"],
+                   list(d.get("sites", [])))
