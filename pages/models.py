@@ -20,9 +20,11 @@ from wsviz.catalog import load_catalog
 
 st.title("Model zoo")
 st.write(
-    "Every architecture wsviz can build, exact to its paper. **Params** are the real-valued "
-    "weights stored (a shared weight counts once; f-RepeatNet's sign masks are counted apart, as "
-    "bits, as its paper counts them); **effective** parameters are the weights the "
+    "Every architecture wsviz can build, built to its paper's parameter counts (tested; where a paper counts "
+    "part of the network, the tests compare that part: msws's Table 2 leaves out the classifier, ShaRDNet's "
+    "|W_conv| counts the shared conv and blending weights). **Params** here are all the real-valued "
+    "weights stored, classifier included (a shared weight counts once; f-RepeatNet's sign masks are counted "
+    "apart, as bits, as its paper counts them); **effective** parameters are the weights the "
     "network applies, each use counted (what it would hold unshared). FLOPs are torch's count for "
     "one image at the model's input size (a multiply-add is 2 FLOPs)."
 )
@@ -42,7 +44,8 @@ if rows:
         column_config={
             "float_params": st.column_config.NumberColumn(
                 "params", format="localized",
-                help="Stored real-valued parameters, a shared weight counted once (the papers' count)."),
+                help="Stored real-valued parameters, classifier included, a shared weight counted once "
+                     "(msws's Table 2 and ShaRDNet's |W_conv| count less: see above)."),
             "mask_bits": st.column_config.NumberColumn(
                 "+ sign-mask bits", format="localized",
                 help="f-RepeatNet's learned sign flips: trained through real latent tensors, stored as one bit "
