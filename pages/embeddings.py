@@ -19,7 +19,9 @@ from pages._shared import (
 from wsviz.analysis.embeddings import align, embedded_layer, penultimate_features, project
 from wsviz.concurrency import heavy_slot
 from wsviz.data.datasets import dataset_names
+from wsviz.errors import WsvizError
 from wsviz.figures import embedding_figure
+from wsviz.training.cards import evaluation_seed
 
 st.title("Embeddings")
 chosen = chosen_variants()  # the sidebar's choice, as on every page
@@ -52,19 +54,23 @@ n = st.slider("Points", 200, 1000, 500, 100)
 
 
 @st.cache_data(show_spinner="Projecting…", max_entries=16)
-def embed(label: str, stamp: tuple | None, dataset: str, method: str, n: int):
+def embed(label: str, stamp: tuple | None, dataset: str, method: str, n: int, seed: int = 0):
     """Project a seeded subset of ``n`` test images: only those are read and only their features kept
     (the points ``project`` would pick from the whole split, so the picture is the same).
 
     ``stamp`` (the checkpoint files' modification times and sizes) is part of the cache key only: a
-    checkpoint retrained at the same folder is embedded again, not served from the cache."""
+    checkpoint retrained at the same folder is embedded again, not served from the cache. ``seed``: the
+    data seed of the test split (the one the variants trained on ``dataset`` held out); an image folder is
+    decoded at the model's input size with its card's evaluation transform."""
     import dataclasses
 
     from wsviz.data.stream import eval_data, sample_indices
+    from wsviz.models import input_shape
 
-    full = eval_data(dataset, "test")
+    model, card = get_variant(label)
+    augment = str((card.get("train_config") or {}).get("augment", "none")) if card.get("dataset") == dataset else "none"
+    full = eval_data(dataset, "test", size=input_shape(model)[1], augment=augment, seed=seed)
     rows = sample_indices(len(full), n)
-    model = get_variant(label)[0]
     layer = embedded_layer(model).describe()
     with heavy_slot():  # long analyses take turns across sessions
         feats = penultimate_features(model, full.subset(rows))
@@ -74,10 +80,15 @@ def embed(label: str, stamp: tuple | None, dataset: str, method: str, n: int):
         None if full.scales is None else full.scales.numpy()
 
 
+try:  # one test split for both panels: the one the variants trained on this data held out
+    seed = evaluation_seed({v: get_variant(v)[1] for v in trained_on}, dataset)
+except WsvizError as exc:
+    st.error(str(exc))
+    st.stop()
 results = {}
 for label in shown:
     try:
-        results[label] = embed(label, _stamp(available_variants()[label]), dataset, method, n)
+        results[label] = embed(label, _stamp(available_variants()[label]), dataset, method, n, seed)
     except Exception as exc:  # noqa: BLE001 - a variant that cannot be embedded: say why, go on with the others
         show_variant_error(label, exc)
 if not results:

@@ -23,7 +23,9 @@ from pages._shared import (
 from wsviz.analysis.sweeps import invariance_per_model, model_label_mismatch, scale_sweep
 from wsviz.concurrency import heavy_slot
 from wsviz.data.resample import rescale
+from wsviz.errors import WsvizError
 from wsviz.figures import invariance_figure, sweep_figure
+from wsviz.training.cards import evaluation_seed
 
 st.title("Scale")
 variants = chosen_variants()
@@ -49,19 +51,21 @@ if images:
     explain_inputs(*images[0], variants)
 
 
-def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...], blind: dict[str, str]):
+def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...], blind: dict[str, str],
+              seed: int = 0):
     """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``).
 
     The test data are read in batches (an image folder is decoded image by image, never whole);
     predictions known from an earlier sweep or comparison come from the prediction cache. ``blind``:
-    {model: why the data's labels are not its classes}; those models get no accuracy (NaN), only agreement."""
+    {model: why the data's labels are not its classes}; those models get no accuracy (NaN), only agreement.
+    ``seed``: the data seed of the test split (the one the models trained on ``dataset`` held out)."""
     import numpy as np
 
     from wsviz.analysis.cache import default_cache
     from wsviz.data.stream import eval_data, take
     from wsviz.models import input_shape
 
-    data = eval_data(dataset, "test", size=max(input_shape(m)[1] for m in models.values()), limit=n)
+    data = eval_data(dataset, "test", size=max(input_shape(m)[1] for m in models.values()), limit=n, seed=seed)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         res = scale_sweep(models, data, scales=scales, cache=default_cache(),
                           progress=lambda done, total, text: progress(0.9 * done / max(total, 1), text))
@@ -108,7 +112,12 @@ key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v 
 if st.button("Run the sweep", type="primary"):  # only the button starts one
     loaded = {v: get_variant(v) for v in labels}
     blind = {v: why for v, (m, card) in loaded.items() if (why := model_label_mismatch(m, card, dataset))}
-    run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind)
+    try:  # the test split the variants trained on this data held out (a folder's other seeds overlap training)
+        seed = evaluation_seed({v: card for v, (_, card) in loaded.items()}, dataset)
+    except WsvizError as exc:
+        st.error(str(exc))
+        st.stop()
+    run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind, seed)
 result = background_result("scale-work", key, "scale sweep")
 if result is not None:
     res, inv, skipped, failed, blind = result

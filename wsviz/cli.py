@@ -253,9 +253,11 @@ def _data(args: argparse.Namespace, models: dict, cards: dict, limit: int | None
     """The test split named by --dataset, at most ``limit`` images spread over it, read in batches."""
     from wsviz.data.stream import eval_data
     from wsviz.models import input_shape
+    from wsviz.training.cards import evaluation_seed
 
     size = max(input_shape(m)[1] for m in models.values())
-    return eval_data(args.dataset, "test", size=size, augment=_eval_transform(args, cards), limit=limit or None)
+    return eval_data(args.dataset, "test", size=size, augment=_eval_transform(args, cards), limit=limit or None,
+                     seed=evaluation_seed(cards, args.dataset))
 
 
 def _save_predictions(path: Path, res) -> None:

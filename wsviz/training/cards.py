@@ -151,3 +151,17 @@ def _foreign_format(head: bytes) -> str | None:
     if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:
         return "a Python pickle (the format of older torch.save / .pth / .bin files)"
     return None
+
+
+def evaluation_seed(cards: dict[str, dict[str, Any]], dataset: str) -> int:
+    """The data seed to evaluate ``dataset``'s test split with for these checkpoints: the one those trained
+    on ``dataset`` were trained with (it picks a folder's train/test split and a digit protocol's
+    realisation: another seed's test split overlaps a folder model's training images, or is not the test
+    set its card reports). 0 when none of them was trained on ``dataset``; a WsvizError when they were
+    trained with different seeds (no one test split is held out for all of them)."""
+    seeds = {name: int(c.get("data_seed", 0) or 0) for name, c in cards.items() if c.get("dataset") == dataset}
+    if len(set(seeds.values())) > 1:
+        listed = ", ".join(f"{n} (seed {s})" for n, s in seeds.items())
+        raise WsvizError(f"These checkpoints were trained on {dataset} with different data seeds: {listed}. "
+                         "Each seed holds out another test split; analyse them apart, one seed at a time.")
+    return next(iter(seeds.values()), 0)

@@ -1,0 +1,89 @@
+"""Analyses evaluate a checkpoint on the test split its card's data seed held out (for an image folder,
+another seed's "test" images are partly this model's training images)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-data-seed-runs-"))
+
+from conftest import copy_checkpoint, needs, open_app  # noqa: E402
+
+from wsviz.errors import WsvizError  # noqa: E402
+from wsviz.training.cards import evaluation_seed  # noqa: E402
+
+
+def test_the_evaluation_seed_is_the_cards_and_mixed_seeds_are_refused():
+    cards = {"a": {"dataset": "folder:/d", "data_seed": 1}, "b": {"dataset": "folder:/d", "data_seed": 1},
+             "c": {"dataset": "mnist5k", "data_seed": 4}}
+    assert evaluation_seed(cards, "folder:/d") == 1
+    assert evaluation_seed(cards, "mnist5k") == 4
+    assert evaluation_seed(cards, "mnist5k-rot") == 0  # none trained on it
+    with pytest.raises(WsvizError, match=r"a \(seed 1\), b \(seed 2\)"):
+        evaluation_seed({"a": {"dataset": "folder:/d", "data_seed": 1}, "b": {"dataset": "folder:/d", "data_seed": 2}},
+                        "folder:/d")
+
+
+def test_cli_analyses_read_the_test_split_of_the_cards_seed(monkeypatch):
+    import wsviz.cli as cli
+    import wsviz.data.stream as stream
+
+    seen = {}
+    monkeypatch.setattr(stream, "eval_data", lambda *a, **k: seen.update(k) or "data")
+    models = {"m": __import__("wsviz").create_model("msws_resnet_digits")}
+    args = argparse.Namespace(dataset="mnist5k-scale", eval_transform="auto")
+    assert cli._data(args, models, {"m": {"dataset": "mnist5k-scale", "data_seed": 3}}, 100) == "data"
+    assert seen["seed"] == 3
+
+
+def test_the_scale_sweep_reads_the_test_split_of_the_cards_seed(checkpoints, monkeypatch):
+    import wsviz.data.stream as stream
+
+    needs("scale-msws-vanilla")
+    folder = copy_checkpoint("scale-msws-vanilla", checkpoints / "seed1")
+    card = json.loads((folder / "card.json").read_text())
+    card["data_seed"] = 1
+    (folder / "card.json").write_text(json.dumps(card))
+    real, seen = stream.eval_data, []
+
+    def spy(*a, **k):
+        seen.append((a, k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(stream, "eval_data", spy)
+    at = open_app("pages/scale.py", ["seed1"])
+    next(s for s in at.slider if s.label == "Images").set_value(100).run()
+    next(m for m in at.multiselect if m.label == "Scales").set_value([1.0]).run()
+    next(s for s in at.selectbox if s.label == "Test data").set_value("mnist5k-scale").run()
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    import time
+    t0 = time.time()
+    while not seen and time.time() - t0 < 60:
+        time.sleep(0.5)
+        at.run()
+    assert seen and seen[0][1].get("seed") == 1, seen
+
+
+def test_embeddings_read_the_test_split_of_the_cards_seed(checkpoints, monkeypatch):
+    import wsviz.data.stream as stream
+
+    needs("scale-msws-vanilla")
+    folder = copy_checkpoint("scale-msws-vanilla", checkpoints / "seed1")
+    card = json.loads((folder / "card.json").read_text())
+    card["data_seed"] = 1
+    (folder / "card.json").write_text(json.dumps(card))
+    real, seen = stream.eval_data, []
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(stream, "eval_data", spy)
+    at = open_app("pages/embeddings.py", ["seed1"])
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert seen and all(k.get("seed") == 1 for k in seen), seen
