@@ -87,3 +87,24 @@ def test_embeddings_read_the_test_split_of_the_cards_seed(checkpoints, monkeypat
     at = open_app("pages/embeddings.py", ["seed1"])
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert seen and all(k.get("seed") == 1 for k in seen), seen
+
+
+def test_cli_opportunities_calibrate_on_the_training_split_of_the_cards_seed(monkeypatch, tmp_path):
+    import wsviz.data.stream as stream
+    from wsviz.cli import main
+
+    needs("scale-sharesnet-unshared")
+    folder = copy_checkpoint("scale-sharesnet-unshared", tmp_path / "seed1")
+    card = json.loads((folder / "card.json").read_text())
+    card["data_seed"] = 1
+    (folder / "card.json").write_text(json.dumps(card))
+    real, seen = stream.eval_data, []
+
+    def spy(*a, **k):
+        seen.append((a[1] if len(a) > 1 else k.get("split"), k.get("seed")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(stream, "eval_data", spy)
+    main(["opportunities", "--checkpoint", str(folder), "--calibration", "16", "--limit", "32", "--out",
+          str(tmp_path / "out")])
+    assert ("train", 1) in seen and ("test", 1) in seen and all(s == 1 for _, s in seen), seen

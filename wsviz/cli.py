@@ -491,8 +491,10 @@ def _opportunities(args: argparse.Namespace) -> int:
     args.dataset = args.dataset or cards[name].get("dataset") or "mnist5k-scale"
     # bounded batches of a dataset of any size: only the chosen images are decoded
     c, size, _ = input_shape(model)
+    from wsviz.training.cards import evaluation_seed
+
     cal_x, cal_y = take(eval_data(args.dataset, "train", size=size, augment=_eval_transform(args, cards),
-                                  limit=args.calibration))
+                                  limit=args.calibration, seed=evaluation_seed(cards, args.dataset)))
     calibration = (fit_to(cal_x.float().div(255) if cal_x.dtype == torch.uint8 else cal_x, c, size), cal_y)
     held = take(_data(args, models, cards, args.limit))
     groups = [g.split(",") for g in args.group] if args.group else None
