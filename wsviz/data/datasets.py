@@ -7,10 +7,13 @@ Names (see :func:`dataset_names`):
 * ``mnist``, ``mnist-rot``, ``mnist-scale``, ``fashion-mnist``, ``cifar10``, ``cifar100``:
   torchvision's sets, found under ``data_root`` (or, for Fashion-MNIST, Debian's
   ``/usr/share/datasets/fashion-mnist``), downloaded only when ``download=True``;
-* ``folder:PATH``: an image folder, ``PATH/<class>/*.png`` (split 80/20, stratified and
-  seeded) or ``PATH/train/<class>/...`` and ``PATH/test/<class>/...`` (or ``PATH/val/...``,
-  ImageNet's layout). :func:`load_split` decodes a folder to 32x32 tensors for the app's
-  analyses; training streams it at the model's resolution (:mod:`wsviz.data.loaders`).
+* ``folder:PATH``: an image folder, ``PATH/<class>/*.png`` (each class split 80/20 by its own
+  count, seeded) or ``PATH/train/<class>/...`` and ``PATH/test/<class>/...`` (or
+  ``PATH/val/...``, ImageNet's layout; the test classes must be training classes, and keep their
+  training labels). A class folder's images include its sub-folders'; hidden files and folders
+  are skipped. Every reader uses one listing and one split (:func:`folder_samples`): training
+  streams it (:mod:`wsviz.data.loaders`), :func:`load_split` decodes it whole with training's
+  evaluation transform at a given size (default 32x32) for the app's analyses.
   Only folders under the data roots are read (``WSVIZ_DATA_ROOTS``, folders separated by
   ``:``; none by default): a path, a ``..`` or a symlink (the folder's, a class folder's or an
   image's) that leads out of every root is refused (:func:`folder_path`).
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsviz.data.digits import DigitSplit, mnist5k, rot_protocol, scale_protocol, split_indices
+from wsviz.data.digits import DigitSplit, mnist5k, rot_protocol, scale_protocol
 from wsviz.errors import WsvizError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -79,16 +82,28 @@ def dataset_info(name: str, data_root: str | Path | None = None) -> DatasetInfo:
 
 
 def load_split(name: str, split: str, *, data_root: str | Path | None = None, seed: int = 0,
-               download: bool = False) -> DigitSplit:
-    """The ``train`` or ``test`` split of dataset ``name`` as tensors (images in [0, 1] or uint8)."""
+               download: bool = False, size: int | None = None, augment: str = "none") -> DigitSplit:
+    """The ``train`` or ``test`` split of dataset ``name`` as tensors (images in [0, 1] or uint8).
+
+    An image folder is decoded whole, uint8 (N, 3, size, size), each image exactly as training
+    evaluates it: the ``augment`` preset's evaluation transform at ``size`` pixels (give the
+    model's input size and its recipe's preset; default 32 and ``none``, letterboxed), over the
+    same files and split (:func:`folder_samples`). The other sets come at their own size
+    (``size`` and ``augment`` are not used): :func:`fit_to` fits them to a model.
+    """
     if split not in ("train", "test"):
         raise WsvizError(f"split must be 'train' or 'test', got {split!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1):
+        raise WsvizError(f"size must be a whole number of pixels >= 1 (the model's input size), got {size!r}.")
+    from wsviz.data.loaders import check_augment
+
+    check_augment(augment)
     dataset_info(name)
     base_name, _, protocol = name.partition("-") if name.startswith(("mnist5k-", "mnist-")) else (name, "", "")
     if base_name == "mnist5k":
         base = mnist5k(split)
     elif name.startswith("folder:"):
-        base = _load_folder(Path(name[len("folder:"):]), split, seed)
+        base = _load_folder(Path(name[len("folder:"):]), split, seed, int(size or 32), augment)
     else:
         base = _load_torchvision(base_name, split, Path(data_root) if data_root else DEFAULT_DATA_ROOT, download)
     if protocol:
@@ -187,51 +202,183 @@ def check_in_roots(file: str | Path) -> Path:
     return resolved
 
 
-def _folder_classes(root: Path) -> list[str]:
+def _subdirs(folder: Path) -> list[str]:
+    """The names of ``folder``'s sub-folders, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) skipped."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    except OSError as exc:
+        raise WsvizError(f"Image folder {folder} cannot be read ({exc}): check that it exists and that wsviz may "
+                         "read it.") from exc
+
+
+def _folder_layout(root: str | Path) -> tuple[Path, Path, Path | None, list[str]]:
+    """(the folder resolved, the folder of the training class sub-folders, the folder of the test ones
+    (None: the training folder is split 80/20), the classes: the training class sub-folders, sorted).
+
+    ``PATH/train`` with ``PATH/test`` or ``PATH/val`` (``test`` first) is a split on disk; a test
+    folder's classes must be training classes (a test split may lack some; its labels are the
+    training classes' positions). ``PATH/train`` alone is refused: whether it is the training half
+    of a split whose test half is missing or a class named 'train' cannot be told apart, and
+    splitting it 80/20 would test on images filed as training images. Otherwise the class folders
+    are directly under ``PATH``. Hidden folders are never classes.
+    """
     root = folder_path(root)
     if not root.is_dir():
         raise WsvizError(f"Image folder {root} does not exist. Give folder:PATH with one sub-folder per class.")
-    base = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    test = next((root / t for t in ("test", "val") if (root / t).is_dir()), None)
+    if (root / "train").is_dir():
+        if test is None:
+            raise WsvizError(
+                f"Image folder {root} has train/ but neither test/ nor val/. For a split on disk add {root}/test "
+                "(or val) with one sub-folder per class, as train/ has; for a seeded 80/20 split of each class, "
+                f"move the class folders out of train/ into {root} (in that layout no class may be named 'train').")
+        base = root / "train"
+    else:
+        base, test = root, None
+    classes = _subdirs(base)
     if len(classes) < 2:
         raise WsvizError(f"Image folder {base} needs at least two class sub-folders, found {classes}.")
-    return classes
+    if test is not None:
+        extra = sorted(set(_subdirs(test)) - set(classes))
+        if extra:
+            raise WsvizError(
+                f"{test} has class folder(s) {', '.join(map(repr, extra))} that {base} lacks: a model trained on "
+                f"train/ has no output for them. Add them, with training images, to {base}, or move them out of "
+                f"{test}.")
+    return root, base, test, classes
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """The classes of an image folder: its training class sub-folders, sorted (their positions are the labels)."""
+    return _folder_layout(root)[3]
 
 
 def folder_split_dir(root: Path, split: str) -> tuple[Path, bool]:
     """(folder holding the class sub-folders of ``split``, whether the folder is split on disk).
 
     ``PATH/train`` with ``PATH/test`` or ``PATH/val`` is a split on disk; otherwise the classes
-    are directly under ``PATH`` and split 80/20 by :func:`split_indices`.
+    are directly under ``PATH`` and split 80/20 by :func:`folder_split_indices`.
     """
-    _folder_classes(root)
-    root = folder_path(root)
-    test = next((root / t for t in ("test", "val") if (root / t).is_dir()), None)
-    if (root / "train").is_dir() and test is not None:
-        return (root / "train" if split == "train" else test), True
-    return root, False
+    _, base, test, _ = _folder_layout(root)
+    return (test if split == "test" and test is not None else base), test is not None
 
 
-def _load_folder(root: Path, split: str, seed: int) -> DigitSplit:
-    from wsviz.data.uploads import decode_image, prepare_image
+def _class_images(folder: Path) -> list[str]:
+    """The images of one class folder, in its nested sub-folders too, hidden files and folders skipped.
 
-    classes = _folder_classes(root)
-    base, presplit = folder_split_dir(root, split)
-    files, labels = [], []
+    Ordered as torchvision's ``ImageFolder`` orders them (folders by path, files by name within
+    one); a folder reached twice through symlinks is read once. A folder or image that leads out
+    of the data roots is refused; a sub-folder that cannot be read is an error, not skipped.
+    """
+    check_in_roots(folder)
+
+    def refuse(exc: OSError):
+        raise WsvizError(f"{exc.filename or folder} cannot be read ({exc.strerror or exc}): let wsviz read it, or "
+                         "remove it from the image folder.")
+
+    seen: set[str] = set()
+    found: list[tuple[str, list[str]]] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=refuse, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back to a folder already read (or a loop)
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        check_in_roots(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.append((dirpath, sorted(f for f in filenames
+                                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in _EXTS)))
+    files = [os.path.join(d, f) for d, names in sorted(found) for f in names]
+    for f in files:
+        check_in_roots(f)
+    return files
+
+
+TRAIN_FRACTION = (4, 5)  # of each class's images, for folders without a split on disk
+
+
+def folder_split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """A seeded, stratified 80/20 split: positions of ``labels`` (sorted) in ``train`` and ``test``.
+
+    Each class is shuffled (one ``numpy`` generator seeded with ``seed``, classes in order) and
+    split by its own count: floor(4/5 of it) for training, at least one image in each split from
+    two images on; a class of one image is training only. (Classes of equal size split as
+    :func:`wsviz.data.digits.split_indices` with ``train_per_class`` = floor(0.8 n) does.)
+    """
+    num, den = TRAIN_FRACTION
+    rng = np.random.default_rng(seed)
+    train, test = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        k = n if n < 2 else min(max(num * n // den, 1), n - 1)
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """One split of an image folder: the files every reader of ``folder:PATH`` uses.
+
+    ``classes`` are the training classes (their positions are the labels, in both splits);
+    ``samples`` the split's ``(file, label)`` pairs in listing order; ``base`` the folder holding
+    the split's class sub-folders.
+    """
+
+    base: Path
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+
+
+def folder_samples(root: str | Path, split: str, seed: int = 0) -> FolderSplit:
+    """The ``train`` or ``test`` split of image folder ``root``: one listing and one split, used by
+    :func:`load_split` and :func:`wsviz.data.loaders.folder_dataset` alike.
+
+    Images are the files with an image extension in each class folder and its sub-folders; hidden
+    files and folders are skipped. Without a split on disk each class is split 80/20 by
+    :func:`folder_split_indices` with ``seed``. A class without images, or an empty split, is
+    refused with what to do.
+    """
+    if split not in ("train", "test"):
+        raise WsvizError(f"split must be 'train' or 'test', got {split!r}")
+    exts = ", ".join(sorted(_EXTS))
+    root, base, test, classes = _folder_layout(root)
+    folder = test if split == "test" and test is not None else base
+    samples: list[tuple[str, int]] = []
     for ci, c in enumerate(classes):
-        for f in sorted(check_in_roots(base / c).iterdir()):
-            if f.suffix.lower() in _EXTS:
-                files.append(check_in_roots(f))
-                labels.append(ci)
-    if not files:
-        raise WsvizError(f"No images ({', '.join(sorted(_EXTS))}) under {base}.")
-    lab = np.asarray(labels)
-    if not presplit:
-        per_class = int(np.bincount(lab).min() * 0.8)
-        idx = split_indices(lab, per_class, seed)[split]
-        files, lab = [files[i] for i in idx], lab[idx]
-    images = torch.stack([prepare_image(decode_image(f.read_bytes(), f.name), 3, 32, invert=False) for f in files])
-    return DigitSplit(images, torch.from_numpy(lab.astype(np.int64)))
+        if not (folder / c).is_dir():  # a class the test split lacks
+            continue
+        files = _class_images(folder / c)
+        if not files and folder == base:
+            raise WsvizError(f"Class {c!r} has no images ({exts}) in {folder / c}: add its images, or remove that "
+                             "folder (hidden files and folders are skipped).")
+        samples += [(f, ci) for f in files]
+    if test is None:
+        keep = folder_split_indices(np.asarray([y for _, y in samples], dtype=np.int64), seed)[split]
+        samples = [samples[i] for i in keep]
+        if not samples:
+            raise WsvizError(f"Image folder {root} has no test images: every class has a single image, and each "
+                             "class is split 80/20 (at least one test image from two on). Put at least two images in "
+                             "a class (more in each, to measure anything), or give a train/ and test/ split.")
+    elif not samples:
+        raise WsvizError(f"No images ({exts}) under {folder}: put the {split} images there, in one sub-folder per "
+                         f"class named as in {base}.")
+    return FolderSplit(folder, tuple(classes), tuple(samples))
+
+
+def _load_folder(root: Path, split: str, seed: int, size: int, augment: str) -> DigitSplit:
+    """A folder's split decoded whole, as uint8 (N, 3, size, size): each image read and transformed
+    exactly as training evaluates it (:func:`wsviz.data.loaders.folder_dataset` with the
+    ``augment`` preset's evaluation transform)."""
+    from wsviz.data.loaders import folder_dataset, transforms_for
+
+    ds = folder_dataset(root, split, seed, transforms_for(augment, size, train=False, from_pil=True))
+    images = torch.empty((len(ds), 3, size, size), dtype=torch.uint8)
+    for i in range(len(ds)):
+        images[i] = ds[i][0]
+    return DigitSplit(images, torch.as_tensor(ds.targets, dtype=torch.int64))
 
 
 # ------------------------------------------------------------------------ fitting to a model

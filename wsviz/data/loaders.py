@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wsviz.errors import WsvizError
 
@@ -81,31 +80,54 @@ class TensorImages(Dataset):
         return (self.transform(x) if self.transform is not None else x), self.labels[i]
 
 
-def folder_dataset(root: str | Path, split: str, seed: int, transform=None) -> Dataset:
-    """A ``folder:PATH`` split as a torchvision ``ImageFolder`` (decoded per image, never whole).
-
-    The same files and split as :func:`wsviz.data.datasets.load_split`: ``PATH/train`` and
-    ``PATH/test`` (or ``PATH/val``) when present, else 80/20 per class, stratified and seeded.
-    """
-    from torchvision.datasets import ImageFolder
-
-    from wsviz.data.datasets import IMAGE_EXTS, check_in_roots, folder_split_dir
-    from wsviz.data.digits import split_indices
-
-    base, presplit = folder_split_dir(Path(root), split)  # refused unless under a data root (WSVIZ_DATA_ROOTS)
-
-    def valid(p: str) -> bool:  # an image that a symlink leads out of the data roots is refused
-        return Path(p).suffix.lower() in IMAGE_EXTS and not Path(p).name.startswith(".") and bool(check_in_roots(p))
+def read_image(path: str):
+    """An image file as an RGB PIL image (as torchvision's ``ImageFolder`` reads it); a file that
+    cannot be decoded is a WsvizError naming it."""
+    from PIL import Image
 
     try:
-        ds = ImageFolder(str(base), transform=transform, is_valid_file=valid)
-    except (FileNotFoundError, OSError) as exc:
-        raise WsvizError(f"Image folder {base} cannot be read as one sub-folder per class ({exc}).") from exc
-    if presplit:
-        return ds
-    labels = np.asarray(ds.targets)
-    per_class = int(np.bincount(labels).min() * 0.8)
-    return Subset(ds, split_indices(labels, per_class, seed)[split].tolist())
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise WsvizError(f"{path} cannot be read as an image ({exc}): replace it with a readable copy, or remove "
+                         "it from the image folder.") from exc
+
+
+class FolderImages(Dataset):
+    """One split of an image folder, each image decoded (and transformed) when read.
+
+    Like torchvision's ``ImageFolder`` (``classes``, ``class_to_idx``, ``samples``, ``targets``),
+    but over :func:`wsviz.data.datasets.folder_samples`' listing: the training classes label both
+    splits, and the files and split are those :func:`wsviz.data.datasets.load_split` reads.
+    """
+
+    def __init__(self, split, transform=None) -> None:
+        self.root = str(split.base)
+        self.classes = list(split.classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = list(split.samples)
+        self.targets = [y for _, y in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        x = read_image(path)
+        return (self.transform(x) if self.transform is not None else x), target
+
+
+def folder_dataset(root: str | Path, split: str, seed: int, transform=None) -> Dataset:
+    """A ``folder:PATH`` split as a :class:`FolderImages` (decoded per image, never whole).
+
+    The same classes, files and split as :func:`wsviz.data.datasets.load_split`
+    (:func:`~wsviz.data.datasets.folder_samples`): ``PATH/train`` and ``PATH/test`` (or
+    ``PATH/val``) when present, else each class split 80/20 by its own count, seeded.
+    """
+    from wsviz.data.datasets import folder_samples
+
+    return FolderImages(folder_samples(Path(root), split, seed), transform)  # only under a data root
 
 
 def train_loader(ds: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
