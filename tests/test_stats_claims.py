@@ -177,13 +177,23 @@ def test_equivalence_arguments_fields_and_interval():
             assert r.p_value == pytest.approx(ttost_paired(x.astype(float), y.astype(float), -0.2, 0.2)[0], rel=1e-9)
             assert (r.lo, r.hi) == pytest.approx(DescrStatsW(d).tconfint_mean(alpha=2 * alpha), rel=1e-12)
             assert (r.diff, r.margin, r.alpha) == (pytest.approx(d.mean()), 0.2, alpha)
-    # every pair agrees exactly: the difference is known; equal models are equivalent, opposite ones are not
+    # every pair agrees exactly (sd 0): no t-test; decided by Newcombe's (1 - 2 alpha) paired interval inside
+    # ±margin, so agreement on 40 samples is not equivalence within 2 points, and p is NaN (no t-test ran)
     same = equivalence_test(a, a, margin=0.02, alpha=0.1)
-    assert same == Equivalence(0.0, 0.02, 0.0, 0.0, 0.0, 0.1)
+    ref = newcombe_paired_ci(a, a, alpha=0.2)
+    assert isinstance(same, Equivalence) and (same.diff, same.lo, same.hi, same.method) == (0.0, ref.lo, ref.hi,
+                                                                                            "Newcombe")
+    assert np.isnan(same.p_value) and same.lo < -0.02 and not same.equivalent
+    assert same.verdict(False) == "inconclusive"
     opposite = equivalence_test(np.zeros(5, bool), np.ones(5, bool), margin=0.5)
-    assert opposite == Equivalence(-1.0, 0.5, 1.0, -1.0, -1.0, 0.05) and not opposite.equivalent
+    assert opposite.diff == -1.0 and opposite.hi < -0.5 and not opposite.equivalent
     assert opposite.verdict(True) == "different" and opposite.verdict(False) == "inconclusive"
-    assert same.verdict(False) == "equivalent within ±2 pt"
+    # the reviewer's case: two samples that agree are not "equivalent within 1 pt" (p was 0)
+    tiny = equivalence_test([True, False], [True, False])
+    assert not tiny.equivalent and tiny.verdict(False) == "inconclusive"
+    # many agreeing samples do show equivalence, by the interval
+    many = equivalence_test(np.arange(2000) % 20 > 0, np.arange(2000) % 20 > 0, margin=0.01)
+    assert many.equivalent and -0.01 < many.lo <= 0.0 <= many.hi < 0.01
 
 
 def _sign_flip_exact(d: np.ndarray) -> float:
@@ -260,11 +270,29 @@ def test_seed_comparison_fields_and_both_one_sided_tests():
     r = compare_over_seeds([0.5, 0.625, 0.875], [0.5, 0.5, 0.5])
     assert r.p_value == pytest.approx(sps.ttest_ind([0.5, 0.625, 0.875], [0.5, 0.5, 0.5], equal_var=False).pvalue)
     assert r.lo < r.diff < r.hi
-    # no spread at all: the difference is known exactly; within the margin only if strictly inside it
+    # no spread in either model: equal runs do not mean runs never vary, so nothing is tested (NaN, with why)
     r = compare_over_seeds([0.5, 0.5], [0.25, 0.25], margin=0.25)
-    assert (r.diff, r.lo, r.hi, r.p_value, r.equivalence_p) == (0.25, 0.25, 0.25, 0.0, 1.0)
-    assert compare_over_seeds([0.5, 0.5], [0.25, 0.25], margin=0.3).equivalence_p == 0.0
+    assert r.diff == 0.25 and all(np.isnan(x) for x in (r.lo, r.hi, r.p_value, r.equivalence_p))
+    assert not r.testable and r.reason == "no spread between seeds"
+    assert np.isnan(compare_over_seeds([0.5, 0.5], [0.25, 0.25], margin=0.3).equivalence_p)
     assert compare_over_seeds([0.5, 0.5], [0.25, 0.25]).equivalence_p is None
+    assert compare_over_seeds([0.5, 0.625], [0.25, 0.25]).testable
+
+
+@pytest.mark.parametrize("x,y", [(0.962, 0.961), (0.9, 0.9), (0.951, 0.95), (0.07, 0.03)])
+def test_equal_seed_accuracies_are_not_tested_whatever_their_float_rounding(x, y):
+    """Three equal accuracies k/1000 can have a float sd of ~1e-16 (0.962 does): the no-spread case must
+    not slip through to scipy, which then calls 0.962 vs 0.961 different at p ~ 1e-27."""
+    r = compare_over_seeds([x] * 3, [y] * 3, margin=0.01)
+    assert not r.testable and np.isnan(r.p_value) and np.isnan(r.equivalence_p)
+    assert np.isnan(r.lo) and np.isnan(r.hi) and r.diff == pytest.approx(x - y)
+
+
+def test_holm_leaves_untested_p_values_out_of_the_family():
+    nan = float("nan")
+    got = holm([0.01, nan, 0.04])
+    assert np.isnan(got[1]) and got[0] == pytest.approx(0.02) and got[2] == pytest.approx(0.04)
+    assert holm([nan, nan]) == pytest.approx([nan, nan], nan_ok=True)
 
 
 def _row(name: str, dataset: str, seed: int, labels) -> FairRow:

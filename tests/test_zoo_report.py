@@ -48,8 +48,8 @@ def test_equivalence_over_seeds_needs_a_tight_spread_not_just_no_difference():
     assert loose.p_value > 0.05 and loose.equivalence_p > 0.05  # no difference found, and not "the same"
     with pytest.raises(WsvizError, match="at least two runs"):
         compare_over_seeds([0.9], [0.9, 0.8])
-    exact = compare_over_seeds([0.9, 0.9], [0.9, 0.9], margin=0.01)  # no spread: the difference is known
-    assert (exact.p_value, exact.equivalence_p) == (1.0, 0.0)
+    same = compare_over_seeds([0.9, 0.9], [0.9, 0.9], margin=0.01)  # no spread: nothing to estimate it from
+    assert not same.testable and np.isnan(same.p_value) and np.isnan(same.equivalence_p)
 
 
 def _newcombe_by_hand(both, only_a, only_b, neither, z=sps.norm.ppf(0.975)):
@@ -144,6 +144,27 @@ def test_claims_are_tested_over_seeds_with_one_holm_family(tmp_path, monkeypatch
     assert [s for s, _ in results[1].per_seed] == [0, 1, 2]
     text = zoo.render_report(out)
     assert "Holm over the 5 tests below" in text and "**equivalent within ±1 pt**" in text
+
+
+def test_a_claim_without_spread_between_seeds_is_not_tested_nor_counted_in_holm(tmp_path, monkeypatch):
+    """rot-steerable-c8 scored 96.2, 96.2, 96.1: three equal runs of both models would have given p ~ 1e-27
+    ('supported') from float noise. Such a row says 'cannot test' and leaves the Holm family, said in the report."""
+    monkeypatch.setattr(zoo, "CLAIMS", [("A > B", "a", "b", ">"), ("C ~ D", "c", "d", "~"), ("E > F", "e", "f", ">")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {"a": [0.962] * 3, "b": [0.961] * 3, "c": [0.95] * 3, "d": [0.95] * 3,
+                               "e": [0.97, 0.971, 0.969], "f": [0.90, 0.902, 0.899]})
+    results, m = zoo.claims_table(out)
+    assert m == 1  # only E > F's difference test: the two rows without spread and C ~ D's equivalence are out
+    verdicts = {r.claim: r.verdict() for r in results}
+    assert verdicts == {"A > B": "cannot test: no spread between seeds", "C ~ D": "cannot test: no spread between seeds",
+                        "E > F": "supported (A > B)"}
+    e = results[2]
+    assert e.p_holm == pytest.approx(e.seeds.p_value)  # a family of one: not multiplied by 3
+    assert np.isnan(results[0].p_holm) and np.isnan(results[1].eq_holm)
+    text = zoo.render_report(out)
+    assert "Holm over the 1 test below" in text
+    assert "2 rows could not be tested (no spread between seeds in either model: `a` vs `b`, `c` vs `d`)" in text
+    assert "**cannot test: no spread between seeds**" in text and "nan" not in text
 
 
 def test_a_single_seed_does_not_make_a_claim(tmp_path, monkeypatch):

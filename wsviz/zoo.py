@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,6 +297,8 @@ class ClaimResult:
 
     def verdict(self) -> str:
         s = self.seeds
+        if not s.testable:
+            return f"cannot test: {s.reason}"
         different = self.p_holm < ALPHA
         if self.kind == "~":
             if self.eq_holm is not None and self.eq_holm < ALPHA:
@@ -357,7 +360,8 @@ def claims_table(out: str | Path = "checkpoints",
                                          (o.scale == o.scale_labels[None, :]).ravel(), digits, seed=r.seed)
             per_seed.append((r.seed, t.p_value))
         results.append(ClaimResult(claim, a, b, kind, sc, per_seed))
-    # One family: the difference test of every claim, and the equivalence test of every "~" claim.
+    # One family: the difference test of every claim, and the equivalence test of every "~" claim; a row
+    # that cannot be tested (no spread between seeds: NaN) is left out of it (holm keeps NaN as NaN).
     family = [r.seeds.p_value for r in results] + [r.seeds.equivalence_p for r in results if r.kind == "~"]
     adjusted = holm(family)
     eq = iter(adjusted[len(results):])
@@ -365,7 +369,7 @@ def claims_table(out: str | Path = "checkpoints",
         r.p_holm = p
         if r.kind == "~":
             r.eq_holm = next(eq)
-    return results, len(family)
+    return results, sum(not math.isnan(p) for p in family)
 
 
 def _pct(x: float) -> str:
@@ -373,9 +377,25 @@ def _pct(x: float) -> str:
 
 
 def _p(p: float | None) -> str:
-    if p is None:
+    if p is None or math.isnan(p):  # no such test, or not run (no spread between seeds)
         return "–"
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _interval(s: Any) -> str:
+    return f"[{100 * s.lo:+.1f}, {100 * s.hi:+.1f}]" if s.testable else "[no interval]"
+
+
+def _untested_sentence(results: list[ClaimResult]) -> str:
+    """What the report says of rows that could not be tested (no spread between seeds in either model)."""
+    out = [r for r in results if not r.seeds.testable]
+    if not out:
+        return ("A row whose seeds show no spread in either model would not be tested (equal runs do not show "
+                "that runs never vary) and would be left out of the family; there is none.")
+    rows = ", ".join(f"`{r.a}` vs `{r.b}`" for r in out)
+    return (f"{len(out)} row{'s' if len(out) != 1 else ''} could not be tested (no spread between seeds in either "
+            f"model: {rows}): equal runs do not show that runs never vary, so no p-value or interval is given and "
+            f"{'they are' if len(out) != 1 else 'it is'} left out of the family.")
 
 
 def render_report(out: str | Path = "checkpoints") -> str:
@@ -413,9 +433,9 @@ def render_report(out: str | Path = "checkpoints") -> str:
         f"tests with a margin of ±{100 * MARGIN:g} point, fixed before the seeds were trained. The verdict is "
         f"\"equivalent within ±{100 * MARGIN:g} pt\", \"different\" or \"inconclusive\"; not finding a difference "
         "is never read as \"the same\".",
-        f"- **One correction for all of it**: Holm over the {m} tests below (the difference test of each of the "
-        f"{len(results)} rows, and the equivalence test of each \"~\" row), family-wise error {ALPHA:g}. "
-        "Verdicts use the Holm-adjusted p-values.",
+        f"- **One correction for all of it**: Holm over the {m} test{'s' if m != 1 else ''} below (the difference "
+        f"test of each of the {len(results)} rows, and the equivalence test of each \"~\" row), family-wise error "
+        f"{ALPHA:g}. Verdicts use the Holm-adjusted p-values. " + _untested_sentence(results),
         "- **Per image, per seed pair** (seed k of A against seed k of B): McNemar's test on the 1,000 paired "
         "test images, or for scale-averaged rows a sign-flip test clustered by digit (the 8 rescaled copies of a "
         "digit are one unit, not 8). These test two trained networks each; they are shown, not corrected, "
@@ -433,7 +453,7 @@ def render_report(out: str | Path = "checkpoints") -> str:
         s = r.seeds
         lines.append(
             f"| {r.claim} | `{r.a}` | `{r.b}` | {_pct(s.mean_a)} ± {_pct(s.sd_a)} | {_pct(s.mean_b)} ± {_pct(s.sd_b)} | "
-            f"{100 * s.diff:+.1f} [{100 * s.lo:+.1f}, {100 * s.hi:+.1f}] | {_p(s.p_value)} | {_p(r.p_holm)} | "
+            f"{100 * s.diff:+.1f} {_interval(s)} | {_p(s.p_value)} | {_p(r.p_holm)} | "
             f"{_p(r.eq_holm)} | {', '.join(_p(p) for _, p in r.per_seed)} | **{r.verdict()}** |")
     lines += ["", "## Every variant, per seed", "",
               "| variant | params | sign-mask bits | MFLOPs | test accuracy per seed (%) | mean ± sd | "

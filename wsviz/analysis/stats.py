@@ -235,13 +235,16 @@ class Equivalence:
 
     diff: float  # accuracy of a minus accuracy of b (fraction)
     margin: float  # stated in advance, as a fraction (0.01 = 1 point)
-    p_value: float  # the larger of the two one-sided p-values
+    p_value: float  # the larger of the two one-sided p-values; NaN when no t-test applies (method "Newcombe")
     lo: float  # the (1 - 2 alpha) interval of the difference: equivalence iff it lies inside ±margin
     hi: float
     alpha: float
+    method: str = "paired t"  # "paired t" (TOST), or "Newcombe" when every pair differs by the same amount
 
     @property
     def equivalent(self) -> bool:
+        if self.method == "Newcombe":  # no t-test: the (1 - 2 alpha) interval decides, as TOST's does
+            return -self.margin < self.lo and self.hi < self.margin
         return self.p_value < self.alpha
 
     def verdict(self, different: bool) -> str:
@@ -257,6 +260,12 @@ def equivalence_test(correct_a: Any, correct_b: Any, margin: float = 0.01, alpha
 
     "No significant difference" is not "the same": only this test can say two models are equivalent,
     and only within a margin stated before looking.
+
+    When every pair differs by the same amount (sd 0: most often the two models are right on exactly
+    the same samples) the t statistic is undefined, and agreement on few samples is weak evidence (two
+    agreeing samples are not equivalence within a point). Then no t-test is run (``p_value`` NaN,
+    ``method`` "Newcombe") and the decision is TOST's in interval form: equivalent iff Newcombe's
+    (1 - 2 alpha) paired score interval (:func:`newcombe_paired_ci`) lies inside ±margin.
     """
     a = _as_correct(correct_a, "correct_a").astype(float)
     b = _as_correct(correct_b, "correct_b").astype(float)
@@ -270,9 +279,9 @@ def equivalence_test(correct_a: Any, correct_b: Any, margin: float = 0.01, alpha
     if n < 2:
         raise WsvizError("An equivalence test needs at least two paired samples.")
     mean, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd == 0.0:  # every pair agrees exactly: the difference is known, not estimated
-        p = 0.0 if abs(mean) < margin else 1.0
-        return Equivalence(mean, margin, p, mean, mean, alpha)
+    if sd == 0.0:  # no spread of the differences: no t-test; Newcombe's (1 - 2 alpha) interval decides
+        ci = newcombe_paired_ci(a.astype(bool), b.astype(bool), 2 * alpha)
+        return Equivalence(mean, margin, math.nan, ci.lo, ci.hi, alpha, "Newcombe")
     se = sd / math.sqrt(n)
     p_low = float(_sps.t.sf((mean + margin) / se, n - 1))  # H0: diff <= -margin
     p_high = float(_sps.t.cdf((mean - margin) / se, n - 1))  # H0: diff >= +margin
@@ -354,9 +363,13 @@ def newcombe_paired_ci(correct_a: Any, correct_b: Any, alpha: float = 0.05) -> D
 class SeedComparison:
     """Two architectures compared over independently trained runs (one accuracy per training seed).
 
-    The unit is the training run, so this tests the architectures, not two trained networks.
-    ``p_value``: Welch's two-sided t-test; ``equivalence_p``: two one-sided Welch tests within
-    ``margin`` (None when no margin was given).
+    The unit is the training run, so this tests the architectures on the test set the runs were scored
+    on, not two trained networks; when every run is scored on the same test images, test-set sampling
+    is not in the interval. ``p_value``: Welch's two-sided t-test; ``equivalence_p``: two one-sided
+    Welch tests within ``margin`` (None when no margin was given).
+
+    Not ``testable`` (``reason`` says why) when neither model's accuracies vary between seeds: a few
+    equal runs do not show that runs never vary, so p, interval and equivalence p are NaN.
     """
 
     mean_a: float
@@ -372,12 +385,25 @@ class SeedComparison:
     margin: float | None
     equivalence_p: float | None
     alpha: float
+    df: float = math.nan  # Welch-Satterthwaite degrees of freedom
+    reason: str = ""  # why nothing was tested ("" when tested)
+
+    @property
+    def testable(self) -> bool:
+        return not self.reason
+
+
+NO_SPREAD = 1e-9  # accuracies (fractions) closer than this are equal: 0.962 three times has a float sd of 1e-16
 
 
 def compare_over_seeds(acc_a: Sequence[float], acc_b: Sequence[float], margin: float | None = None,
                        alpha: float = 0.05) -> SeedComparison:
     """Welch's t-test (scipy) on per-seed accuracies, its interval, and with ``margin`` the TOST
-    equivalence test (both one-sided Welch tests, as statsmodels' ``ttost_ind(usevar='unequal')``)."""
+    equivalence test (both one-sided Welch tests, as statsmodels' ``ttost_ind(usevar='unequal')``).
+
+    When neither model's accuracies spread (range under ``NO_SPREAD``) nothing is tested: p, interval
+    and equivalence p are NaN and ``reason`` is "no spread between seeds" (exact float equality would
+    miss equal accuracies with a 1e-16 float sd and let scipy return p ~ 1e-27)."""
     a = np.asarray(acc_a, dtype=float)
     b = np.asarray(acc_b, dtype=float)
     if a.ndim != 1 or b.ndim != 1 or len(a) < 2 or len(b) < 2:
@@ -388,24 +414,26 @@ def compare_over_seeds(acc_a: Sequence[float], acc_b: Sequence[float], margin: f
     if margin is not None and not 0.0 < margin < 1.0:
         raise WsvizError(f"margin must be a fraction between 0 and 1 (0.01 = one point), got {margin!r}.")
     d = float(a.mean() - b.mean())
-    if a.std(ddof=1) == 0 and b.std(ddof=1) == 0:  # no spread at all: the difference is known exactly
-        p, lo, hi = (1.0 if d == 0 else 0.0), d, d
-        eq = None if margin is None else (0.0 if abs(d) < margin else 1.0)
-    else:
-        res = _sps.ttest_ind(a, b, equal_var=False)
-        ci = res.confidence_interval(1 - alpha)
-        p, lo, hi = float(res.pvalue), float(ci.low), float(ci.high)
-        eq = None
-        if margin is not None:
-            p_low = _sps.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
-            p_high = _sps.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
-            eq = float(max(p_low, p_high))
-    return SeedComparison(float(a.mean()), float(a.std(ddof=1)), len(a), float(b.mean()), float(b.std(ddof=1)),
-                          len(b), d, lo, hi, p, margin, eq, alpha)
+    sd_a, sd_b = float(a.std(ddof=1)), float(b.std(ddof=1))
+    if np.ptp(a) < NO_SPREAD and np.ptp(b) < NO_SPREAD:  # equal runs: no estimate of the run-to-run spread
+        nan = math.nan
+        return SeedComparison(float(a.mean()), 0.0, len(a), float(b.mean()), 0.0, len(b), d, nan, nan, nan, margin,
+                              None if margin is None else nan, alpha, nan, "no spread between seeds")
+    res = _sps.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(1 - alpha)
+    p, lo, hi = float(res.pvalue), float(ci.low), float(ci.high)
+    eq = None
+    if margin is not None:
+        p_low = _sps.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
+        p_high = _sps.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
+        eq = float(max(p_low, p_high))
+    return SeedComparison(float(a.mean()), sd_a, len(a), float(b.mean()), sd_b, len(b), d, lo, hi, p, margin, eq,
+                          alpha, float(res.df))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm step-down adjusted p-values: family-wise error over every test given, in their order."""
+    """Holm step-down adjusted p-values: family-wise error over every test given, in their order.
+    A NaN (a test that could not be run) stays NaN and is not counted in the family."""
     return _holm(list(p_values))
 
 
@@ -585,10 +613,12 @@ def group_by_test_set(rows: Sequence[FairRow]) -> tuple[list[TestSetGroup], list
 
 
 def _holm(p: Sequence[float]) -> list[float]:
-    """Holm step-down adjusted p-values (family-wise error over all tests given)."""
-    m = len(p)
-    order = sorted(range(m), key=lambda k: p[k])
-    adjusted = [0.0] * m
+    """Holm step-down adjusted p-values (family-wise error over all tests given); NaN entries (tests
+    not run) stay NaN and are left out of the family."""
+    tested = [k for k in range(len(p)) if not math.isnan(p[k])]
+    m = len(tested)
+    order = sorted(tested, key=lambda k: p[k])
+    adjusted = [math.nan] * len(p)
     running = 0.0
     for rank, k in enumerate(order):
         running = max(running, min(1.0, (m - rank) * p[k]))
