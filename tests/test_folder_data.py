@@ -9,6 +9,8 @@ decoding (no resizing at 32 px) and a split can be compared file by file across 
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,62 @@ def test_empty_splits_are_refused_with_what_to_do(tmp_path):
         folder_dataset(split, "train", 0)
     with pytest.raises(WsvizError, match=r"No images .*val"):
         folder_dataset(split, "test", 0)
+
+
+# ------------------------------------------------------------------------- 4. bad input, WsvizError
+def _idx_gz(path: Path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(head + arr.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "cut_gzip", "empty", "labels_short"])
+def test_a_damaged_fashion_mnist_file_names_the_file_and_what_to_do(tmp_path, monkeypatch, damage):
+    import wsviz.data.datasets as datasets
+
+    fm = tmp_path / "fashion-mnist"
+    fm.mkdir()
+    _idx_gz(fm / "train-images-idx3-ubyte.gz", np.zeros((6, 28, 28)))
+    _idx_gz(fm / "train-labels-idx1-ubyte.gz", np.arange(6))
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION", fm)
+    assert load_split("fashion-mnist", "train").labels.tolist() == list(range(6))  # the fixture itself reads
+    bad = fm / ("train-labels-idx1-ubyte.gz" if damage == "labels_short" else "train-images-idx3-ubyte.gz")
+    if damage == "truncated":  # a whole gzip stream of too few pixels
+        raw = gzip.decompress(bad.read_bytes())
+        bad.write_bytes(gzip.compress(raw[:500]))
+    elif damage == "cut_gzip":  # the download stopped half way
+        bad.write_bytes(bad.read_bytes()[:40])
+    elif damage == "empty":
+        bad.write_bytes(gzip.compress(b""))
+    else:  # 5 labels for 6 images
+        _idx_gz(bad, np.arange(5))
+    with pytest.raises(WsvizError, match=rf"{bad.name}.*(reinstall|download)"):
+        load_split("fashion-mnist", "train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_torchvision_mnist_names_the_folder_and_what_to_do(tmp_path, damage):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for p in ("train", "t10k"):
+        for kind, arr in (("images-idx3", np.zeros((5, 28, 28))), ("labels-idx1", np.zeros(5))):
+            head = bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+            (raw / f"{p}-{kind}-ubyte").write_bytes(head + arr.astype(np.uint8).tobytes())
+    assert len(load_split("mnist", "train", data_root=tmp_path).labels) == 5
+    f = raw / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:1000] if damage == "truncated" else b"garbage" * 10)
+    with pytest.raises(WsvizError, match=r"corrupt.*MNIST.*delete"):
+        load_split("mnist", "train", data_root=tmp_path)
+
+
+def test_take_of_no_samples_and_a_negative_limit_are_refused():
+    data = eval_data("mnist5k", "test", limit=20)
+    with pytest.raises(WsvizError, match="indices"):
+        take(data, [])
+    with pytest.raises(WsvizError, match="indices"):
+        take(data, [0, 20])
+    for k in (-1, -20):
+        with pytest.raises(WsvizError, match="limit"):
+            eval_data("mnist5k", "test", limit=k)
+    assert take(data, [3, 5])[0].shape == (2, 1, 28, 28)
+    assert len(eval_data("mnist5k", "test", limit=0)) == 1000  # 0 (like None) is the whole split

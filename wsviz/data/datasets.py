@@ -25,7 +25,10 @@ generator seed ``2*seed`` and the test split with ``2*seed + 1``.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +121,30 @@ def load_split(name: str, split: str, *, data_root: str | Path | None = None, se
 _TV = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
+def _idx_error(path: Path, why: str) -> WsvizError:
+    return WsvizError(f"{path} cannot be read as an IDX file ({why}): it is truncated or corrupt. Replace it with a "
+                      "complete copy: Debian's Fashion-MNIST with `apt-get install --reinstall dataset-fashion-mnist`, "
+                      "or pass download=True (--download) to download torchvision's copy instead.")
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
-        raw = fh.read()
+    """An IDX file of unsigned bytes (gzipped or not) as an array; any damage is a WsvizError naming the file."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # missing, unreadable, or a cut gzip stream
+        raise _idx_error(path, f"{type(exc).__name__}: {exc}") from exc
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise _idx_error(path, f"{len(raw)} bytes without the header of unsigned bytes, 00 00 08")
     ndim = raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise _idx_error(path, f"{len(raw)} bytes, shorter than its header of {head}")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    need = math.prod(dims)
+    if len(raw) - head != need:
+        raise _idx_error(path, f"{len(raw) - head:,} bytes of data where its header {tuple(dims)} says {need:,}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
 
 
 def _load_torchvision(name: str, split: str, root: Path, download: bool) -> DigitSplit:
@@ -132,13 +153,28 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Digi
     train = split == "train"
     if name == "fashion-mnist" and DEBIAN_FASHION.is_dir() and not download:
         prefix = "train" if train else "t10k"
-        imgs = _read_idx(DEBIAN_FASHION / f"{prefix}-images-idx3-ubyte.gz")
-        labels = _read_idx(DEBIAN_FASHION / f"{prefix}-labels-idx1-ubyte.gz")
+        images_path = DEBIAN_FASHION / f"{prefix}-images-idx3-ubyte.gz"
+        labels_path = DEBIAN_FASHION / f"{prefix}-labels-idx1-ubyte.gz"
+        imgs, labels = _read_idx(images_path), _read_idx(labels_path)
+        if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
+            raise WsvizError(f"{labels_path} holds labels of shape {labels.shape} for the images of shape {imgs.shape} "
+                             f"in {images_path}: one of them is truncated or from another release. Reinstall both "
+                             "(`apt-get install --reinstall dataset-fashion-mnist`), or pass download=True (--download) "
+                             "to download torchvision's copy instead.")
         return DigitSplit(torch.from_numpy(imgs.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     cls = getattr(tvd, _TV[name])
+    folder = root / getattr(cls, "base_folder", cls.__name__)  # where torchvision keeps the set's files
+
+    def corrupt(exc: BaseException) -> WsvizError:
+        return WsvizError(f"Dataset {name!r} is corrupt or truncated under {folder} ({type(exc).__name__}: {exc}): "
+                          f"delete {folder} and download it again (download=True, --download), or copy a complete "
+                          "copy there.")
+
     try:
         ds = cls(str(root), train=train, download=download)
     except RuntimeError as exc:
+        if "not found" not in str(exc).lower():  # torchvision says so when files are missing; else it parsed bad bytes
+            raise corrupt(exc) from exc
         how = ("pass download=True (--download) where the machine has internet"
                if not download else "this machine cannot reach the download server")
         extra = " On Debian, `apt-get install dataset-fashion-mnist` provides Fashion-MNIST offline." if name == "fashion-mnist" else ""
@@ -146,7 +182,11 @@ def _load_torchvision(name: str, split: str, root: Path, download: bool) -> Digi
             f"Dataset {name!r} was not found under {root} ({exc}). Put torchvision's copy there "
             f"(--data-root), or {how}.{extra} The embedded 'mnist5k' sets work offline."
         ) from exc
+    except (ValueError, AssertionError, EOFError, IndexError, pickle.UnpicklingError, zlib.error) as exc:
+        raise corrupt(exc) from exc
     except OSError as exc:  # download failed: no network
+        if not download:
+            raise corrupt(exc) from exc
         raise WsvizError(f"Could not download {name!r} ({exc}). This machine seems offline; copy the dataset "
                          f"under {root} or use the embedded 'mnist5k' sets.") from exc
     data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))

@@ -89,9 +89,15 @@ class EvalData:
         return None
 
 
+def _check_count(k, what: str) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0):
+        raise WsvizError(f"{what} must be a whole number of images >= 0 (0 or None: all of them), got {k!r}.")
+
+
 def spread_indices(n: int, k: int | None) -> np.ndarray:
     """``k`` indices evenly spaced over ``0..n-1`` (all of them if ``k`` is None, 0 or >= n), as
     :meth:`wsviz.data.digits.DigitSplit.spread` picks them: splits in class order keep every class."""
+    _check_count(k, "The number of images (limit)")
     if not k or k >= n:
         return np.arange(n, dtype=np.int64)
     return np.linspace(0, n - 1, k).round().astype(np.int64)
@@ -99,6 +105,7 @@ def spread_indices(n: int, k: int | None) -> np.ndarray:
 
 def sample_indices(n: int, k: int | None, seed: int = 0) -> np.ndarray:
     """A fixed (seeded) random subset of ``k`` of ``n`` indices, sorted; all when ``k`` >= n."""
+    _check_count(k, "The number of images (limit)")
     if not k or k >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)).astype(np.int64)
@@ -128,6 +135,7 @@ def eval_data(name: str, split: str = "test", *, size: int | None = None, augmen
     """
     from wsviz.data.datasets import dataset_info, load_split
 
+    _check_count(limit, "limit")
     info = dataset_info(name)
     if name.startswith("folder:"):
         side = size or 32
@@ -271,13 +279,25 @@ def take(source, indices=None, *, batch_size: int = 256, workers: int = 0) -> tu
     """(images, labels) of the samples at ``indices`` (all: None) as tensors, reading only those.
 
     For a bounded set of a large source (calibration batches, a gallery): the rest of the data
-    is never decoded.
+    is never decoded. ``indices`` must name at least one sample, each a position ``0..n-1``.
     """
+    n = num_samples(source)
     if indices is not None:
-        idx = np.asarray(indices, dtype=np.int64)
+        try:
+            idx = np.asarray(indices, dtype=np.int64)
+        except (TypeError, ValueError) as exc:
+            raise WsvizError(f"take() indices must be whole-number sample positions, got {indices!r}.") from exc
+        if idx.ndim != 1 or not len(idx):
+            raise WsvizError(f"take() needs one or more sample indices (a list of positions, or None for all), got "
+                             f"{indices!r}.")
+        if idx.min() < 0 or idx.max() >= n:
+            raise WsvizError(f"take() indices must be positions 0..{n - 1} of the data, got {int(idx.min())}.."
+                             f"{int(idx.max())}.")
         if isinstance(source, torch.Tensor):
             return source[torch.from_numpy(idx)], None
         source = source.subset(idx) if isinstance(source, EvalData) else Subset(source, idx.tolist())
+    elif not n:
+        raise WsvizError("take() was given data without any sample: there is nothing to read.")
     xs, ys = [], []
     for b in batches(source, batch_size=batch_size, workers=workers):
         xs.append(b.images)
