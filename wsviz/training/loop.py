@@ -259,6 +259,17 @@ class _Batches:
         self.steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.world > 1:
+            # Every process of a torchrun job starts from the same seed, so its augmentation (drawn by the
+            # workers from ``gen``, or in this process from the global generators) would repeat rank 0's crops
+            # and flips on every rank. Reseeded from (seed, rank, epoch): each rank draws its own, and a
+            # resumed run (which restores rank 0's generator states) draws what the uninterrupted one did.
+            # The sampler's order is DistributedSampler's, seeded apart; the model's weights are broadcast.
+            s = (self.cfg.seed * 1_000_003 + self.rank * 10_007 + epoch) % 2**63
+            self.gen.manual_seed(s)
+            torch.manual_seed(s)
+            np.random.seed(s % 2**32)
+            random.seed(s)
         if self.loader is not None:
             self.loader.sampler.set_epoch(epoch)
             yield from itertools.islice(self.loader, self.steps)
