@@ -207,6 +207,38 @@ def test_pairwise_significance_pairs_only_rows_on_the_same_test_set_and_adjusts_
     assert smallest.p_holm == pytest.approx(min(1.0, 3 * smallest.comparison.mcnemar.p_value))
 
 
+def test_pairwise_significance_decides_from_holm_not_the_single_test_p():
+    """Six models, 15 pairs: m1 beats m0 at McNemar p = 0.011 alone, but not after Holm over the 15 tests,
+    so the pair is not called significant and its sentence says so (the page ticks `.significant`, the CLI
+    prints the sentence)."""
+    labels = np.arange(1000) % 10
+    base = labels.copy()
+    base[:100] = (base[:100] + 1) % 10  # wrong on the first 100
+    better = base.copy()
+    better[:20] = labels[:20]  # right on 20 of those
+    better[100:106] = (labels[100:106] + 1) % 10  # and wrong on 6 others
+    rows = [_row("m0", base, labels), _row("m1", better, labels)] + [_row(f"m{k}", base.copy(), labels)
+                                                                     for k in range(2, 6)]
+    pairs = pairwise_significance(rows)
+    assert len(pairs) == 15
+    p = next(p for p in pairs if (p.i, p.j) == (0, 1))
+    c = p.comparison
+    assert c.mcnemar.p_value < 0.05 < p.p_holm
+    assert not c.significant and "significantly" not in c.summary
+    assert c.summary.endswith(f"McNemar p = {_fmt_p(c.mcnemar.p_value)} (chi2; only m0 right on 6, only m1 right on "
+                              f"20 of 1000), Holm-adjusted over 15 tests p = {_fmt_p(p.p_holm)}: no significant "
+                              "difference at 0.05 after Holm.")
+    # the same pair alone is significant, and its sentence says it is one test, not adjusted
+    single = compare_predictions(base, better, labels, ("m0", "m1"))
+    assert single.significant and single.summary.endswith(
+        "m1 is significantly more accurate than m0 at 0.05 (one test, not adjusted for multiple comparisons).")
+    # a difference that survives Holm is called significant after Holm
+    rows[1] = _row("m1", labels.copy(), labels)  # right on all 100 that m0 gets wrong
+    top = next(p for p in pairwise_significance(rows) if (p.i, p.j) == (0, 1))
+    assert top.p_holm < 0.05 and top.comparison.significant
+    assert top.comparison.summary.endswith("m1 is significantly more accurate than m0 at 0.05 after Holm.")
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     from wsviz.training.loop import TrainConfig
@@ -437,11 +469,12 @@ def test_compare_predictions_summary_in_full():
     assert c.summary == (
         f"shared 98.0% vs unshared 92.0% (diff +6.0 pts, 90% CI [{100 * c.diff_ci.lo:+.1f}, {100 * c.diff_ci.hi:+.1f}]); "
         f"McNemar p = {c.mcnemar.p_value:.1e} (chi2; only shared right on 80, only unshared right on 20 of 1000): "
-        "shared is significantly more accurate than unshared at 0.1.")
+        "shared is significantly more accurate than unshared at 0.1 (one test, not adjusted for multiple comparisons).")
     assert 4.0 < 100 * c.diff_ci.lo < 6.0 < 100 * c.diff_ci.hi < 8.0
     # the other way round: the better model is named first in the verdict
     r = compare_predictions(b, a, labels, names=("unshared", "shared"))
-    assert r.summary.endswith("shared is significantly more accurate than unshared at 0.05.")
+    assert r.summary.endswith("shared is significantly more accurate than unshared at 0.05 (one test, not adjusted "
+                              "for multiple comparisons).")
     # significance is p < alpha, strictly
     assert not compare_predictions(a, b, labels, alpha=c.mcnemar.p_value).significant
     # more than 2,000 samples: two decimals; up to 2,000: one
@@ -478,7 +511,12 @@ def test_pairwise_significance_passes_its_options_and_skips_other_test_sets():
     assert [(p.i, p.j) for p in pairs] == [(0, 2), (0, 3), (2, 3)]  # the row on another test set is skipped, not the rest
     assert all((p.dataset, p.data_seed) == ("mnist5k", 0) for p in pairs)
     ref = compare_predictions(good, bad, labels, ("good", "bad"), alpha=0.1)
-    assert pairs[0].comparison == ref and ref.alpha == 0.1
+    got = pairs[0].comparison
+    # the same test and interval; the verdict and its sentence are Holm's over the 3 pairs, at alpha 0.1
+    assert (got.mcnemar, got.diff_ci, got.alpha, got.acc_a, got.acc_b) == (ref.mcnemar, ref.diff_ci, 0.1, ref.acc_a,
+                                                                        ref.acc_b) and ref.alpha == 0.1
+    assert got.significant == (pairs[0].p_holm < 0.1) and got.summary.endswith(" at 0.1 after Holm.")
+    assert f"Holm-adjusted over 3 tests p = {_fmt_p(pairs[0].p_holm)}" in got.summary
 
 
 def test_pareto_front_skips_missing_values_wherever_they_are():

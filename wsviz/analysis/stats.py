@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,7 @@ class Comparison:
     mcnemar: McNemarResult
     diff_ci: DiffCI
     alpha: float
-    significant: bool  # McNemar p < alpha
+    significant: bool  # McNemar p < alpha; from pairwise_significance: the Holm-adjusted p < alpha
     summary: str
 
 
@@ -198,18 +198,28 @@ def compare_predictions(pred_a: Any, pred_b: Any, labels: Any, names: Sequence[s
     mc = mcnemar(ca, cb)
     ci = newcombe_paired_ci(ca, cb, alpha)
     significant = mc.p_value < alpha
+    summary = _summary(name_a, name_b, n, acc_a, acc_b, mc, ci, alpha, significant, None)
+    return Comparison(name_a, name_b, n, acc_a, acc_b, mc, ci, alpha, significant, summary)
+
+
+def _summary(name_a: str, name_b: str, n: int, acc_a: float, acc_b: float, mc: McNemarResult, ci: DiffCI,
+             alpha: float, significant: bool, holm_of: tuple[float, int] | None) -> str:
+    """The readable line of a comparison. ``holm_of`` (Holm-adjusted p, number of tests) when the verdict is
+    decided after Holm; None for a single test, which the line says is not adjusted."""
     d = _pct_decimals(n)
     level = f"{100 * (1 - alpha):g}%"
+    after = " (one test, not adjusted for multiple comparisons)." if holm_of is None else " after Holm."
     if significant:
         better, worse = (name_a, name_b) if mc.n01 > mc.n10 else (name_b, name_a)
-        verdict = f"{better} is significantly more accurate than {worse} at {alpha:g}."
+        verdict = f"{better} is significantly more accurate than {worse} at {alpha:g}{after}"
     else:
-        verdict = f"no significant difference at {alpha:g}."
-    summary = (f"{name_a} {100 * acc_a:.{d}f}% vs {name_b} {100 * acc_b:.{d}f}% "
-               f"(diff {100 * ci.diff:+.{d}f} pts, {level} CI [{100 * ci.lo:+.{d}f}, {100 * ci.hi:+.{d}f}]); "
-               f"McNemar p = {_fmt_p(mc.p_value)} ({mc.method}; only {name_a} right on {mc.n01}, "
-               f"only {name_b} right on {mc.n10} of {n}): {verdict}")
-    return Comparison(name_a, name_b, n, acc_a, acc_b, mc, ci, alpha, significant, summary)
+        verdict = f"no significant difference at {alpha:g}{after}"
+    adjusted = "" if holm_of is None else (f", Holm-adjusted over {holm_of[1]} test{'s' if holm_of[1] != 1 else ''} "
+                                           f"p = {_fmt_p(holm_of[0])}")
+    return (f"{name_a} {100 * acc_a:.{d}f}% vs {name_b} {100 * acc_b:.{d}f}% "
+            f"(diff {100 * ci.diff:+.{d}f} pts, {level} CI [{100 * ci.lo:+.{d}f}, {100 * ci.hi:+.{d}f}]); "
+            f"McNemar p = {_fmt_p(mc.p_value)} ({mc.method}; only {name_a} right on {mc.n01}, "
+            f"only {name_b} right on {mc.n10} of {n}){adjusted}: {verdict}")
 
 
 # ------------------------------------------- intervals at the extremes, equivalence, clusters
@@ -631,7 +641,8 @@ def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05) -> li
 
     Rows on different test sets are never paired: their errors are not on the same samples
     (:func:`group_by_test_set` lists those pairs with the reason). ``p_holm`` corrects for
-    testing many pairs at once.
+    testing many pairs at once, and decides: each pair's ``comparison.significant`` is
+    ``p_holm < alpha`` and its summary gives both p-values and a verdict "after Holm".
     """
     pairs = []
     for i in range(len(rows)):
@@ -642,7 +653,13 @@ def pairwise_significance(rows: Sequence[FairRow], *, alpha: float = 0.05) -> li
             comp = compare_predictions(a.predictions, b.predictions, a.labels, (a.name, b.name), alpha=alpha)
             pairs.append((i, j, a.dataset, a.data_seed, comp))
     adjusted = _holm([c.mcnemar.p_value for *_, c in pairs])
-    return [PairSignificance(i, j, ds, s, c, p) for (i, j, ds, s, c), p in zip(pairs, adjusted)]
+    out = []
+    for (i, j, ds, s, c), p in zip(pairs, adjusted):
+        significant = p < alpha
+        c = replace(c, significant=significant, summary=_summary(
+            c.name_a, c.name_b, c.n, c.acc_a, c.acc_b, c.mcnemar, c.diff_ci, alpha, significant, (p, len(pairs))))
+        out.append(PairSignificance(i, j, ds, s, c, p))
+    return out
 
 
 # ---------------------------------------------------------------------------- Pareto front
