@@ -69,6 +69,18 @@ def test_a_fresh_start_does_not_wipe_a_killed_runs_state(tmp_path, capsys):
     assert not state_path(out).exists() and json.loads((out / "card.json").read_text())["complete"]
 
 
+def test_an_overwrite_that_fails_to_start_keeps_the_killed_runs_state(tmp_path, capsys):
+    out = tmp_path / "ck"
+    save_state(state_path(out), {"epoch": 1, "run": {"model": "resnet_digits"}})
+    state = state_path(out).read_bytes()
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    args = [a if a != "mnist5k" else "cifar10" for a in ARGS]  # a dataset that is not there
+    assert main([*args, "--data-root", str(empty), "--out", str(out), "--overwrite"]) == 2
+    assert "cifar10" in capsys.readouterr().err
+    assert state_path(out).read_bytes() == state  # nothing was started, so nothing is lost
+
+
 # ----------------------------------------------------------------- 2. a resume with another length
 def _data(n: int = 256):
     tr, te = load_split("mnist5k", "train"), load_split("mnist5k", "test")

@@ -282,6 +282,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                   "flops": s.flops, "sign_mask_params": s.mask_params,
                   "float_params": s.float_params, "mask_bits": s.mask_bits}
     train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
+    if not resume:
+        _drop_stale_state(spath, rank)
     accounting["effective_batch_size"] = _effective_batch(train_data, cfg, world_size, rank)
     command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie, world_size)
     if tie is not None:  # what tying alone cost, before any fine-tuning
@@ -356,8 +358,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
 
 def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> None:
     """A fresh start into ``out``: refuse to wipe a checkpoint or a killed run's training state
-    there unless ``overwrite``; with it, remove the stale state (a later --resume must not take it
-    for this run's)."""
+    there unless ``overwrite``. The stale state is removed only once this run's model and data are
+    ready (:func:`_drop_stale_state`): an overwrite that cannot start loses nothing."""
     from wsviz.training.cards import CARD
 
     held = [str(p) for p in (out / CARD, spath) if p.is_file()]
@@ -367,6 +369,11 @@ def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> None:
         raise WsvizError(f"{out} already holds a run ({', '.join(held)}): starting afresh would overwrite it. "
                          "Continue a killed run with --resume, start again there with --overwrite, or choose "
                          "another --out.")
+
+
+def _drop_stale_state(spath: Path, rank: int) -> None:
+    """A fresh start with --overwrite, about to train: the killed run's state goes (a later --resume
+    must not take it for this run's)."""
     if rank == 0:
         spath.unlink(missing_ok=True)
 
