@@ -212,7 +212,8 @@ def evaluate_fair(chosen: list[str]) -> dict:
 
 def over_seeds(chosen: list[str], groups) -> list[dict]:
     """Pairs (on one test set) whose variants both ship several training seeds: the report's test over
-    seeds (Welch, same function), Holm-adjusted over the pairs shown."""
+    seeds (Welch, same function), Holm-adjusted over the pairs shown that could be tested (a pair whose
+    seeds show no spread in either variant is not tested and stays out of the family)."""
     from wsviz.analysis.stats import compare_over_seeds, holm
     from wsviz.zoo import seed_accuracies
 
@@ -260,19 +261,25 @@ def show_fair(result: dict) -> None:
         if len(groups) > 1:
             st.markdown(f"**{g.label}**" + ("" if in_group else ": a single variant, nothing to compare"))
         for p in in_group:
+            # significance and the sentence are Holm's over the pairs shown (pairwise_significance)
             st.write((":material/check_circle: " if p.comparison.significant else ":material/remove: ")
-                     + p.comparison.summary.replace(rows[p.i].name, chosen[p.i]).replace(rows[p.j].name, chosen[p.j])
-                     + f" (Holm-adjusted over the {len(pairs)} tests shown: p = {p.p_holm:.2g})")
+                     + p.comparison.summary.replace(rows[p.i].name, chosen[p.i]).replace(rows[p.j].name, chosen[p.j]))
     if result.get("seeds"):
-        st.markdown("**Over training seeds** (the architectures, not two trained networks: Welch's t-test on the "
-                    "per-seed test accuracies, as in checkpoints/REPORT.md; McNemar above tests the shipped seed-0 "
-                    "networks only)")
+        st.markdown("**Over training seeds** (the architectures on this test set, not two trained networks: every "
+                    "seed is scored on the same test images, so test-set sampling is not in the interval; Welch's "
+                    "t-test on the per-seed test accuracies, as in checkpoints/REPORT.md; McNemar above tests the "
+                    "shipped seed-0 networks only)")
+        tested = sum(r["cmp"].testable for r in result["seeds"])
         for r in result["seeds"]:
             c = r["cmp"]
-            st.write(f"{r['a']} {100 * c.mean_a:.1f} ± {100 * c.sd_a:.1f}% (n = {c.n_a}) vs {r['b']} "
-                     f"{100 * c.mean_b:.1f} ± {100 * c.sd_b:.1f}% (n = {c.n_b}): diff {100 * c.diff:+.1f} pts, "
-                     f"95% CI [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]; Welch p = {c.p_value:.2g} "
-                     f"(Holm over the {len(result['seeds'])} shown: {r['p_holm']:.2g})")
+            head = (f"{r['a']} {100 * c.mean_a:.1f} ± {100 * c.sd_a:.1f}% (n = {c.n_a}) vs {r['b']} "
+                    f"{100 * c.mean_b:.1f} ± {100 * c.sd_b:.1f}% (n = {c.n_b}): diff {100 * c.diff:+.1f} pts")
+            if not c.testable:
+                st.write(f"{head}; cannot test: {c.reason} (equal runs do not show that runs never vary; left out "
+                         "of the Holm adjustment)")
+                continue
+            st.write(f"{head}, 95% CI, unadjusted [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]; Welch p = {c.p_value:.2g} "
+                     f"(Holm over the {tested} tested: {r['p_holm']:.2g})")
     if skipped:
         with st.expander(f"{len(skipped)} pair{'s' if len(skipped) != 1 else ''} not compared, and why"):
             for sp in skipped:

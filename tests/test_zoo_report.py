@@ -295,6 +295,11 @@ def test_fair_comparison_in_the_app_tests_over_seeds_like_the_report():
     from wsviz.analysis.stats import _fmt_p
 
     assert f"McNemar p = {_fmt_p(claim.per_seed[0][1])}" in mc
+    # its verdict is Holm's (one pair here), said once; the test over seeds says what it covers
+    assert mc.endswith("after Holm.") and mc.count("Holm-adjusted") == 1
+    head = next(t for t in texts if t.startswith("**Over training seeds**"))
+    assert "the architectures on this test set" in head and "test-set sampling is not in the interval" in head
+    assert "95% CI, unadjusted" in line
 
 
 def test_the_tying_section_reads_its_verdicts_from_the_benchmark_results():
