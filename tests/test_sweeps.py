@@ -622,3 +622,30 @@ def test_model_label_mismatch_reads_the_models_classes_and_the_cards_dataset():
     assert model_label_mismatch(Linear(classes=10), {}, "mnist5k") is not None
     plain = nn.Linear(2, 2)  # a model wsviz does not size: the card's count
     assert model_label_mismatch(plain, {"dataset": "mnist5k", "config": {"num_classes": 10}}, "mnist5k") is None
+
+
+def test_single_image_and_per_layer_sweeps_transform_at_the_images_size_then_pad_as_the_protocol_does(monkeypatch):
+    """The protocol rotates / rescales a 28-px digit, then pads it to an odd-sized model (29 px); padding
+    first moves the centre half a pixel."""
+    import torch.nn as nn
+
+    import wsviz
+    import wsviz.analysis.sweeps as sw
+    from wsviz.data.datasets import fit_to
+    from wsviz.data.resample import rescale, rotate
+
+    net = wsviz.adopt(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(4, 10)).eval(), (1, 29, 29), taps={"1": "level"})
+    torch.manual_seed(0)
+    x28 = torch.rand(1, 28, 28)
+    seen = []
+    real = sw.predict
+    monkeypatch.setattr(sw, "predict", lambda m, b, **k: seen.append(b) or real(m, b, **k))
+    sw.single_image_stability(net, x28, [0.0, 30.0], "angle")
+    want = torch.cat([fit_to(rotate(x28[None], a), 1, 29) for a in (0.0, 30.0)])
+    assert torch.allclose(seen[0], want, atol=1e-6)
+
+    inputs = []
+    net[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    sw.layer_scale_invariance(net, x28[None], 0.5, centre=False)
+    assert torch.allclose(inputs[-1], fit_to(rescale(x28[None], 0.5), 1, 29), atol=1e-6)

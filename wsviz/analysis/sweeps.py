@@ -143,11 +143,12 @@ def single_image_stability(model: nn.Module, image: torch.Tensor, values: Sequen
     x = image.unsqueeze(0) if image.ndim == 3 else image[:1]
     x = x.float().div(255) if x.dtype == torch.uint8 else x
     c, s, _ = input_shape(model)
-    x = fit_to(x, c, s)
+    # transformed at the image's own size, then fitted to the model's, as the protocols make their data
+    # (padding a 28-px digit to an odd-sized model first would move the centre by half a pixel)
     if parameter == "angle":
-        batch = torch.cat([rotate(x, float(a)) for a in values])
+        batch = torch.cat([fit_to(rotate(x, float(a)), c, s) for a in values])
     elif parameter == "scale":
-        batch = torch.cat([rescale(x, float(f)) for f in values])
+        batch = torch.cat([fit_to(rescale(x, float(f)), c, s) for f in values])
     else:
         raise WsvizError(f"parameter must be 'angle' or 'scale', got {parameter!r}")
     pred, prob = predict(model, batch)
@@ -198,12 +199,13 @@ def layer_scale_invariance(model: nn.Module, images, scale: float, kinds: Iterab
             blank = {k: v.float() for k, v in dict(z).items()}
         for b in batches(images, batch_size=batch_size, workers=workers, loader=loader):
             xb = b.images.to(device)
-            x = fit_to(xb.float().div(255) if xb.dtype == torch.uint8 else xb, c, s)
+            xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb
+            x = fit_to(xb, c, s)
             with capture(model, taps) as a:
                 model(x)
             fa = dict(a)
-            with capture(model, taps) as bb:
-                model(rescale(x, scale))
+            with capture(model, taps) as bb:  # rescaled at the data's size, then fitted (as the sweeps do)
+                model(fit_to(rescale(xb, scale), c, s))
             fb = dict(bb)
             for t in taps:
                 u, v = fa.get(t.name), fb.get(t.name)
