@@ -167,6 +167,30 @@ def test_a_claim_without_spread_between_seeds_is_not_tested_nor_counted_in_holm(
     assert "**cannot test: no spread between seeds**" in text and "nan" not in text
 
 
+def test_how_to_read_it_computes_its_numbers_and_claims_no_more_than_the_tests_give(tmp_path, monkeypatch):
+    """Runs per model, test images and the |t| a row needs are computed, not typed ('n = 3 vs 3',
+    '1,000 paired test images'); the Welch test covers the architectures on this test set only; its
+    intervals are unadjusted; nothing is said of when the margin was fixed, which git cannot show."""
+    monkeypatch.setattr(zoo, "CLAIMS", [("C > D", "c", "d", ">"), ("G vs H", "g", "h", "vs")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {"c": [0.97, 0.975, 0.965], "d": [0.90, 0.91],  # two seeds of d only
+                               "g": [0.93, 0.97, 0.95], "h": [0.96, 0.94, 0.95]}, n=200)
+    results, m = zoo.claims_table(out)
+    text = zoo.render_report(out)
+    assert "n = 3 vs 2 or 3 vs 3 runs" in text and "n = 3 vs 3)" not in text and "With 3 runs each" not in text
+    assert "McNemar's test on the 200 paired test images" in text and "1,000 paired" not in text
+    assert "the architectures on this test set, not two trained networks (test-set sampling is not in the " \
+           "interval: every run is scored on the same test images)" in text
+    assert "fixed before" not in text and "well above the seed-to-seed spread" not in text
+    dfs = sorted(r.seeds.df for r in results)
+    need = [sps.t.ppf(1 - zoo.ALPHA / (2 * m), df) for df in dfs]
+    assert (f"{dfs[0]:.1f} to {dfs[-1]:.1f} degrees of freedom here, so at the first Holm step "
+            f"(p < {zoo.ALPHA:g}/{m}) a row needs |t| ≥ {need[-1]:.1f} (at {dfs[-1]:.1f} df) to {need[0]:.1f} "
+            f"(at {dfs[0]:.1f} df)") in text
+    assert "tested two-sided, not one-sided" in text and "now that the data are seen" in text
+    assert "| diff [95% CI, unadjusted] |" in text and "Welch's 95% interval, not adjusted" in text
+
+
 def test_a_single_seed_does_not_make_a_claim(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "CLAIMS", [("A > B", "a", "b", ">")])
     monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])

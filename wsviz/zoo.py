@@ -235,7 +235,7 @@ SCALE_CLAIMS = [
     ("msws shared ~ vanilla, averaged over scales", "scale-msws-shared", "scale-msws-vanilla", "~"),
 ]
 SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-MARGIN = 0.01  # equivalence margin of the "~" claims, fixed before the seeds were trained: ±1 point
+MARGIN = 0.01  # equivalence margin of the "~" claims: ±1 point
 ALPHA = 0.05
 
 
@@ -386,6 +386,49 @@ def _interval(s: Any) -> str:
     return f"[{100 * s.lo:+.1f}, {100 * s.hi:+.1f}]" if s.testable else "[no interval]"
 
 
+def _runs_per_row(results: list[ClaimResult]) -> str:
+    """'3 vs 3', or every combination the rows have ('3 vs 2 or 3 vs 3')."""
+    ns = sorted({(r.seeds.n_a, r.seeds.n_b) for r in results})
+    return " or ".join(f"{a} vs {b}" for a, b in ns) or "no"
+
+
+def _test_images(results: list[ClaimResult], runs: dict[str, list[SeedRun]]) -> str:
+    """How many test images the per-seed-pair McNemar tests are on (the claims' variants' test splits)."""
+    sizes = sorted({len(r.test) for c in results if (c.claim, c.a, c.b, c.kind) in CLAIMS
+                    for n in (c.a, c.b) for r in runs.get(n, [])})
+    return " or ".join(f"{k:,}" for k in sizes) or "no"
+
+
+def _welch_power_sentence(results: list[ClaimResult], m: int) -> str:
+    """What few runs mean for Welch's test, computed: the rows' degrees of freedom, the |t| a row needs to
+    pass even the first Holm step at them, and the inconclusive row with the largest |t|."""
+    from scipy import stats as sps
+
+    tested = [r for r in results if r.seeds.testable]
+    if not tested or not m:
+        return ""
+    dfs = sorted(r.seeds.df for r in tested)
+
+    def need(df: float) -> float:
+        return float(sps.t.ppf(1 - ALPHA / (2 * m), df))
+
+    text = (f"With so few runs Welch's t has {dfs[0]:.1f} to {dfs[-1]:.1f} degrees of freedom here, so at the first "
+            f"Holm step (p < {ALPHA:g}/{m}) a row needs |t| ≥ {need(dfs[-1]):.1f} (at {dfs[-1]:.1f} df) to "
+            f"{need(dfs[0]):.1f} (at {dfs[0]:.1f} df): a difference of that many standard errors (later steps, "
+            "reached only when every earlier one rejects, need a little less).")
+
+    def t(r: ClaimResult) -> float:
+        s = r.seeds
+        return s.diff / math.sqrt(s.sd_a ** 2 / s.n_a + s.sd_b ** 2 / s.n_b)
+
+    missed = [r for r in tested if r.p_holm >= ALPHA]
+    if missed:
+        r = max(missed, key=lambda r: abs(t(r)))
+        text += (f" The inconclusive row with the largest |t| is `{r.a}` vs `{r.b}`: t = {t(r):.1f} at "
+                 f"{r.seeds.df:.1f} df, where the first step needs {need(r.seeds.df):.1f}.")
+    return text
+
+
 def _untested_sentence(results: list[ClaimResult]) -> str:
     """What the report says of rows that could not be tested (no spread between seeds in either model)."""
     out = [r for r in results if not r.seeds.testable]
@@ -427,25 +470,31 @@ def render_report(out: str | Path = "checkpoints") -> str:
         "(the same networks only up to float-level differences, which training at lr 0.1 can amplify: retrained "
         "on 2026-12-02, `scale-sharesnet-unshared` seed 1 reached 96.5% against the shipped 95.7%).",
         "- **The test of a claim** is over training runs, the independent units: Welch's two-sided t-test on the "
-        "per-seed test accuracies (n = 3 vs 3). This tests the architectures, not two trained networks. With "
-        "3 runs each it has few degrees of freedom: it finds only differences well above the seed-to-seed spread.",
+        f"per-seed test accuracies (n = {_runs_per_row(results)} runs). This tests the architectures on this test "
+        "set, not two trained networks (test-set sampling is not in the interval: every run is scored on the same "
+        f"test images). {_welch_power_sentence(results, m)} Directional (\">\") claims are tested two-sided, not "
+        "one-sided, like every row (a design choice; a one-sided test would halve the p-value of a difference in "
+        "the claimed direction): now that the data are seen, the tests and the family are left as they are.",
         f"- **\"~\" claims** (the paper says A is as good as B) are tested for equivalence: two one-sided Welch "
-        f"tests with a margin of ±{100 * MARGIN:g} point, fixed before the seeds were trained. The verdict is "
+        f"tests with a margin of ±{100 * MARGIN:g} point. The verdict is "
         f"\"equivalent within ±{100 * MARGIN:g} pt\", \"different\" or \"inconclusive\"; not finding a difference "
         "is never read as \"the same\".",
         f"- **One correction for all of it**: Holm over the {m} test{'s' if m != 1 else ''} below (the difference "
         f"test of each of the {len(results)} rows, and the equivalence test of each \"~\" row), family-wise error "
         f"{ALPHA:g}. Verdicts use the Holm-adjusted p-values. " + _untested_sentence(results),
-        "- **Per image, per seed pair** (seed k of A against seed k of B): McNemar's test on the 1,000 paired "
-        "test images, or for scale-averaged rows a sign-flip test clustered by digit (the 8 rescaled copies of a "
-        "digit are one unit, not 8). These test two trained networks each; they are shown, not corrected, "
+        "- **Per image, per seed pair** (seed k of A against seed k of B): McNemar's test on the "
+        f"{_test_images(results, runs)} paired test images, or for scale-averaged rows a sign-flip test clustered by "
+        f"digit (the {len(SCALES)} rescaled copies of a digit are one unit, not {len(SCALES)}). These test two "
+        "trained networks each; they are shown, not corrected, "
         "and do not decide a verdict.",
-        "- **Intervals**: the difference of mean accuracies has Welch's 95% interval; each shipped checkpoint's "
+        "- **Intervals**: the difference of mean accuracies has Welch's 95% interval, not adjusted for the "
+        "multiple tests (the p-values are Holm-adjusted, the intervals are not); each shipped checkpoint's "
         "accuracy has a Wilson 95% interval (it does not collapse at 0% or 100%).",
         "- **Parameters** are real-valued parameters, a shared weight counted once; f-RepeatNet's sign masks are "
         "counted apart, as bits (the paper stores them as one bit per entry).", "",
         "## Claims", "",
-        "| claim | A | B | A mean ± sd | B mean ± sd | diff [95% CI] | p (Welch) | p Holm | equiv. p Holm | "
+        "| claim | A | B | A mean ± sd | B mean ± sd | diff [95% CI, unadjusted] | p (Welch) | p Holm | "
+        "equiv. p Holm | "
         "per-seed-pair p | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
