@@ -210,3 +210,24 @@ def test_cli_sweep_shows_progress_and_writes_the_sample_counts(tmp_path, capsys)
     assert (info["samples"], info["samples_per_rank"], info["results_from_cache"]) == (50, [50], 0)
     saved = np.load(out / "scale_predictions.npz")
     assert saved["model:scale-resnet20"].shape == (2, 50)
+
+
+def test_trimming_leaves_another_writers_unfinished_file_alone_and_clears_abandoned_ones(tmp_path):
+    import os
+    import time
+
+    one = np.arange(1000)
+    cache = PredictionCache(tmp_path / "c", max_bytes=3 * 4200)
+    cache.put(cache.key("model", 0), one)
+    folder = next(p.parent for p, _ in cache.entries())
+    writing = folder / ".tmp-another-writer.npy"  # another process's np.save under way
+    writing.write_bytes(b"\0" * 40_000)  # alone over the budget
+    abandoned = folder / ".tmp-crashed.npy"
+    abandoned.write_bytes(b"\0" * 4_000)
+    old = time.time() - 2 * 3600
+    os.utime(abandoned, (old, old))
+    for k in range(1, 4):
+        cache.put(cache.key("model", k), one)
+    assert writing.exists()  # not an entry: never counted, never removed mid-write
+    assert not abandoned.exists()  # a writer that died hours ago left it: cleared
+    assert len(cache.entries()) == 3 and all(not p.name.startswith(".tmp-") for p, _ in cache.entries())

@@ -36,6 +36,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DEFAULT_MB = 512
+STALE_TMP_SECONDS = 3600  # an unfinished entry this old belongs to a writer that died
 
 
 def model_hash(model: nn.Module) -> str:
@@ -126,8 +127,12 @@ class PredictionCache:
             log.warning("could not write the prediction cache under %s (%s); going on without it", self.root, exc)
 
     def entries(self) -> list[tuple[Path, os.stat_result]]:
+        """Finished entries (another writer's ``.tmp-*`` file under way is not one: pathlib's glob
+        matches dot-files, and trimming it would break that write)."""
         out = []
         for p in self.root.glob("*/*.npy"):
+            if p.name.startswith(".tmp-"):
+                continue
             try:
                 out.append((p, p.stat()))
             except FileNotFoundError:  # removed meanwhile by another process
@@ -139,6 +144,13 @@ class PredictionCache:
 
     def trim(self) -> None:
         """Remove the least recently used entries until the folder holds at most ``max_bytes``."""
+        stale = time.time() - STALE_TMP_SECONDS  # unfinished files of writers that died (a write takes ms)
+        for p in self.root.glob("*/.tmp-*"):
+            try:
+                if p.stat().st_mtime < stale:
+                    p.unlink(missing_ok=True)
+            except OSError:
+                pass
         entries = sorted(self.entries(), key=lambda e: e[1].st_mtime_ns)
         total = sum(st.st_size for _, st in entries)
         for p, st in entries:
