@@ -198,6 +198,16 @@ def show_variant_error(label: str, exc: Exception) -> None:
     st.error(f"Variant {plain(label)} cannot be used: {plain(reason)}")
 
 
+def no_variants_note() -> str:
+    """What a page says when no variant is chosen: where to choose them, or, with none at all, where they
+    come from."""
+    if available_variants():
+        return "Choose variants in the sidebar."
+    return ("No trained variants found: checkpoints/ is empty (or WSVIZ_CHECKPOINTS points at an empty folder). "
+            "Retrain the zoo with `python -m wsviz.zoo retrain`, or train one on the Train page; finished runs "
+            "appear in the sidebar.")
+
+
 def chosen_variants(default_prefix: str | None = None, key: str = "variants", load: bool = True) -> list[str]:
     """The variants chosen in the sidebar (set in app.py), optionally narrowed by prefix.
 

@@ -10,6 +10,7 @@ from pages._shared import (
     figure,
     get_variant,
     model_inputs_for,
+    no_variants_note,
     pick_images,
     show_error,
     show_predictions,
@@ -23,7 +24,7 @@ from wsviz.models.taps import list_taps
 st.title("Compare on images")
 variants = chosen_variants()
 if not variants:
-    st.info("Choose variants in the sidebar.")
+    st.info(no_variants_note())
     st.stop()
 
 images = pick_images("compare")

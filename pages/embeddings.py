@@ -13,6 +13,7 @@ from pages._shared import (
     download_table,
     figure,
     get_variant,
+    no_variants_note,
     plain,
     show_variant_error,
 )
@@ -26,7 +27,7 @@ from wsviz.training.cards import evaluation_seed
 st.title("Embeddings")
 chosen = chosen_variants()  # the sidebar's choice, as on every page
 if not chosen:
-    st.info("Choose variants in the sidebar.")
+    st.info(no_variants_note())
     st.stop()
 shown = chosen[:2]
 if len(chosen) > 2:

@@ -9,6 +9,7 @@ from pages._shared import (
     download_table,
     figure,
     get_variant,
+    no_variants_note,
     show_error,
     variant_kernel_layers,
     variant_layer_weight,
@@ -34,7 +35,7 @@ st.write("The 2-D kernels with the largest aggregate magnitude (sum of |w|) of a
 
 variants = chosen_variants()
 if not variants:
-    st.info("Choose variants in the sidebar.")
+    st.info(no_variants_note())
     st.stop()
 
 k = st.slider("k (kernels per model)", 16, 256, 64, step=16)

@@ -116,6 +116,8 @@ if source == "a trained variant" and variants:
                          placeholder="Choose a trained variant to trace its sharing…")
     name = None
 else:
+    if source == "a trained variant":  # none to trace: said, and the architectures offered instead
+        st.info("No trained variants to trace: choose a registered architecture below.")
     label = None
     names = [r["name"] for r in load_catalog()]
     name = st.selectbox("Architecture", names, key="map-arch", index=None,

@@ -15,6 +15,7 @@ from pages._shared import (
     explain_inputs,
     figure,
     get_variant,
+    no_variants_note,
     pick_images,
     plain,
     prepared,
@@ -98,7 +99,7 @@ if not any(v.startswith("rot-") for v in chosen):
     st.button("Compare the rotation zoo instead: " + ", ".join(ROT_ZOO), on_click=use_rotation_zoo)
 say_left_out()
 if not chosen:
-    st.info("Choose variants in the sidebar.")
+    st.info(no_variants_note())
     st.stop()
 show_costs(chosen)
 

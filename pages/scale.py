@@ -15,6 +15,7 @@ from pages._shared import (
     explain_inputs,
     figure,
     get_variant,
+    no_variants_note,
     pick_images,
     plain,
     run_in_background,
@@ -30,7 +31,7 @@ from wsviz.training.cards import evaluation_seed
 st.title("Scale")
 variants = chosen_variants()
 if not variants:
-    st.info("Choose variants in the sidebar.")
+    st.info(no_variants_note())
     st.stop()
 
 images = pick_images("scale", multiple=False)

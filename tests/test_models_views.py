@@ -88,3 +88,15 @@ def test_the_catalog_keeps_compression_and_flops_unrounded_so_one_model_shows_on
         s = load_sharing_map(row["name"])
         assert f"{row['compression']:.2f}" == f"{s.compression:.2f}", row["name"]
         assert f"{row['gflops']:.3f}" == f"{s.flops / 1e9:.3f}", row["name"]
+
+
+def test_pages_without_any_checkpoint_say_where_variants_come_from(checkpoints):
+    for page in ("pages/compare.py", "pages/embeddings.py", "pages/kernels.py", "pages/rotation.py", "pages/scale.py"):
+        at = open_app(page, [])
+        said = " ".join(i.value for i in at.info)
+        assert "No trained variants" in said and "python -m wsviz.zoo retrain" in said and "Train" in said, (page, said)
+
+
+def test_models_page_says_there_is_no_trained_variant_to_trace(checkpoints):
+    at = open_app("pages/models.py", [])
+    assert any("No trained variants to trace" in i.value for i in at.info), [i.value for i in at.info]
