@@ -126,10 +126,12 @@ else:
     marks = [blending_extremes(w, n) for w in weights]
     figure(blending_figure(marks, weights=weights, n=n), "blending")
     if st.button("Compute the pruning curve (accuracy vs pruned blending weights)"):
-        from wsviz.data.datasets import load_split
+        from wsviz.data.stream import model_sample
+        from wsviz.training.cards import evaluation_transform
 
-        te = load_split(card["dataset"], "test", seed=card.get("data_seed", 0))
+        x, y, _ = model_sample(card["dataset"], "test", model, seed=card.get("data_seed", 0),
+                               augment=evaluation_transform(card))
         with st.spinner("Evaluating at each pruning fraction…"):
-            curve = blending_pruning_curve(model, te.images, te.labels)
+            curve = blending_pruning_curve(model, x, y)
         figure(pruning_figure(curve.fractions, curve.accuracy), "pruning")
         download_table({"fraction": curve.fractions, "accuracy": curve.accuracy}, "pruning")

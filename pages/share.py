@@ -23,6 +23,7 @@ from pages._shared import (
 )
 from wsviz.concurrency import heavy_slot
 from wsviz.errors import WsvizError
+from wsviz.training.cards import evaluation_transform
 
 st.title("Share weights")
 def _weights_said() -> str:
@@ -83,24 +84,21 @@ n_held = c3.slider("Held-out images (test split)", 100, 1000, 300, 100,
                         "benchmarks/bench_tie.py chooses on one half of the test split and reports the other")
 
 
-def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int):
+def score(progress, model, dataset: str, n_cal: int, n_held: int, data_seed: int, augment: str = "none"):
     """The opportunities, the per-stage similarity matrices, what the costs were measured against
     (the untied baseline), the (calibration, held-out) images they were measured on (a budget suggestion
     measures on the same) and the training split's size (the fine-tune's steps per epoch), in a worker
     thread."""
     from wsviz.analysis.opportunities import find_opportunities
-    from wsviz.data.datasets import fit_to, load_split
-    from wsviz.models import input_shape
+    from wsviz.data.stream import model_sample
 
-    c, size, _ = input_shape(model)
-    train = load_split(dataset, "train", seed=data_seed)
-    cal = train.spread(n_cal)
-    held = load_split(dataset, "test", seed=data_seed).spread(n_held)
-    x, hx = fit_to(cal.images, c, size), fit_to(held.images, c, size)
+    # only the chosen images are decoded; a folder at the model's size, as its training evaluated it
+    x, y, n_train = model_sample(dataset, "train", model, n_cal, seed=data_seed, augment=augment)
+    hx, hy, _ = model_sample(dataset, "test", model, n_held, seed=data_seed, augment=augment)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
-        found = find_opportunities(model, x, cal.labels, held_out=(hx, held.labels),
+        found = find_opportunities(model, x, y, held_out=(hx, hy),
                                    progress=lambda i, n, g: progress(i / max(n, 1), g))
-    return found.rows, found.stages, found.baseline, (x, (hx, held.labels)), len(train.labels)
+    return found.rows, found.stages, found.baseline, (x, (hx, hy)), n_train
 
 
 try:
@@ -117,7 +115,8 @@ path = available_variants()[label]
 # another model, whose table (and groups to tie) must not be the old one's.
 key = (label, path, _stamp(path), n_cal, n_held)
 if st.button("Score candidate groups", type="primary"):
-    run_in_background("share-work", key, score, model, dataset, n_cal, n_held, int(card.get("data_seed", 0)))
+    run_in_background("share-work", key, score, model, dataset, n_cal, n_held, int(card.get("data_seed", 0)),
+                      evaluation_transform(card))
 result = background_result("share-work", key, "scoring")
 if result is None:
     st.stop()

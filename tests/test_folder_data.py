@@ -249,3 +249,42 @@ def test_take_of_no_samples_and_a_negative_limit_are_refused():
             eval_data("mnist5k", "test", limit=k)
     assert take(data, [3, 5])[0].shape == (2, 1, 28, 28)
     assert len(eval_data("mnist5k", "test", limit=0)) == 1000  # 0 (like None) is the whole split
+
+
+# ------------------------------------------------------------- 5. what the analyses take of a folder
+def _large_folder(root: Path, side: int = 100) -> None:
+    for c in ("a", "b"):
+        for i in range(10):
+            _img(root / c / f"{i:03d}.png", side)
+
+
+def test_a_models_sample_of_a_folder_is_decoded_at_its_size_not_a_thumbnail_in_a_black_canvas(tmp_path):
+    import torch.nn as nn
+
+    import wsviz
+    from wsviz.data.stream import model_sample
+
+    root = tmp_path / "big"
+    _large_folder(root)
+    net = wsviz.adopt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval(),
+                      (3, 64, 64))
+    x, y, total = model_sample(f"folder:{root}", "train", net, 6)
+    assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32 and total == 16
+    assert float((x.abs().sum(1) > 0).float().mean()) == 1.0  # the whole canvas is image
+    assert sorted(set(y.tolist())) == [0, 1]  # spread over the classes
+    want, _ = take(eval_data(f"folder:{root}", "train", size=64), [0, 3, 6, 9, 12, 15])
+    assert torch.allclose(x, want.float() / 255 if want.dtype == torch.uint8 else want)
+
+
+def test_tying_calibration_takes_a_folder_at_the_models_size(tmp_path):
+    import torch.nn as nn
+
+    import wsviz
+    from wsviz.training.tying import calibration_images
+
+    root = tmp_path / "big"
+    _large_folder(root)
+    net = wsviz.adopt(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval(),
+                      (3, 64, 64))
+    x = calibration_images(f"folder:{root}", 4, net)
+    assert x.shape == (4, 3, 64, 64) and float((x.abs().sum(1) > 0).float().mean()) == 1.0  # was 25%: 32 px padded

@@ -572,19 +572,20 @@ def _tie(args: argparse.Namespace) -> int:
     model0, card0 = load_checkpoint(source)
     tied, card0 = tie_checkpoint(source, spec, dataset=args.dataset, loaded=(model0, card0))
     dataset = args.dataset or card0["dataset"]
-    from wsviz.data.datasets import load_split
+    from wsviz.data.stream import model_sample
+    from wsviz.training.cards import evaluation_transform
 
-    full = load_split(dataset, "test", seed=card0.get("data_seed", 0))
-    te = full.spread(args.limit)
-    limited = len(te.labels) < len(full.labels)
-    acc = evaluate(tied, te.images, te.labels)[1]
+    images, labels, total = model_sample(dataset, "test", tied, args.limit, seed=card0.get("data_seed", 0),
+                                         augment=evaluation_transform(card0, dataset))
+    limited = len(labels) < total
+    acc = evaluate(tied, images, labels)[1]
     if limited:  # the untied model on the very same images: the card's accuracy is of the whole split
-        untied = f"{evaluate(model0, te.images, te.labels)[1]:.4f} untied"
-        on = f" on {len(te.labels):,} of {len(full.labels):,} test images"
+        untied = f"{evaluate(model0, images, labels)[1]:.4f} untied"
+        on = f" on {len(labels):,} of {total:,} test images"
     else:
         untied, on = f"{card0.get('test_accuracy')} untied", ""
     command = "python -m wsviz " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["tie"] else ""
-    card = tied_card(tied, card0, acc, command, test_limit=len(te.labels) if limited else None)
+    card = tied_card(tied, card0, acc, command, test_limit=len(labels) if limited else None)
     save_checkpoint(args.out, tied, card)
     print(f"wrote {args.out}: {len(spec.groups)} group(s) tied ({spec.init}), {_params(card)} "
           f"(was {_params(card0)}); test accuracy{on} {untied}, {acc:.4f} tied "

@@ -336,3 +336,22 @@ def gather(n: int, index: torch.Tensor, arrays: Mapping[str, np.ndarray],
             full[p_idx] = p_arrays[name]
         out[name] = full
     return out, [len(p[0]) for p in parts]
+
+
+def model_sample(dataset: str, split: str, model, n: int | None = None, *, seed: int = 0, augment: str = "none",
+                 data_root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images as ``model``'s input, labels, the whole split's size): ``n`` images spread over the split
+    (all: None), as :meth:`~wsviz.data.digits.DigitSplit.spread` picks them, and only those decoded.
+
+    An image folder is decoded at the model's input size with the ``augment`` preset's evaluation
+    transform, as its training evaluated it (give the card's preset); the in-memory sets come at their
+    own size and are fitted to the model. For the analyses that take a bounded sample (tying
+    calibration, held-out scoring) or a model's whole test split (a pruning curve, a tie's check)."""
+    from wsviz.data.datasets import fit_to
+    from wsviz.models import input_shape
+
+    c, size, _ = input_shape(model)
+    full = eval_data(dataset, split, size=size, augment=augment, seed=seed, data_root=data_root)
+    total = len(full)
+    x, y = take(full, spread_indices(total, n))
+    return fit_to(x.float().div(255) if x.dtype == torch.uint8 else x, c, size), y, total

@@ -165,3 +165,11 @@ def evaluation_seed(cards: dict[str, dict[str, Any]], dataset: str) -> int:
         raise WsvizError(f"These checkpoints were trained on {dataset} with different data seeds: {listed}. "
                          "Each seed holds out another test split; analyse them apart, one seed at a time.")
     return next(iter(seeds.values()), 0)
+
+
+def evaluation_transform(card: dict[str, Any], dataset: str | None = None) -> str:
+    """The augmentation preset whose evaluation transform the checkpoint's training used (an image
+    folder's resize / centre crop), for data of ``dataset`` (default: its own); ``none`` for other data."""
+    if dataset is not None and dataset != card.get("dataset"):
+        return "none"
+    return str((card.get("train_config") or {}).get("augment", "none"))

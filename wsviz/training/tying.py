@@ -114,14 +114,12 @@ def parse_groups(items: list[str]) -> tuple[tuple[str, ...], ...]:
 
 
 def calibration_images(dataset: str, n: int, model: nn.Module, *, data_root: str | None = None,
-                       data_seed: int = 0) -> torch.Tensor:
-    """``n`` training images of ``dataset`` spread over its classes, at the model's input shape."""
-    from wsviz.data.datasets import fit_to, load_split
-    from wsviz.models import input_shape
+                       data_seed: int = 0, augment: str = "none") -> torch.Tensor:
+    """``n`` training images of ``dataset`` spread over its classes, at the model's input shape (an image
+    folder decoded at that size with the ``augment`` preset's evaluation transform; only those read)."""
+    from wsviz.data.stream import model_sample
 
-    c, size, _ = input_shape(model)
-    tr = load_split(dataset, "train", data_root=data_root, seed=data_seed).spread(n)
-    return fit_to(tr.images, c, size)
+    return model_sample(dataset, "train", model, n, seed=data_seed, augment=augment, data_root=data_root)[0]
 
 
 def tie_checkpoint(source: str | Path, spec: TieSpec, *, dataset: str | None = None, data_root: str | None = None,
@@ -142,7 +140,10 @@ def tie_checkpoint(source: str | Path, spec: TieSpec, *, dataset: str | None = N
         raise WsvizError(f"The checkpoint {source} does not say what it was trained on; give the dataset its "
                          "calibration images come from (--dataset).")
     seed = card.get("data_seed", 0) if data_seed is None else data_seed
-    images = calibration_images(dataset, spec.calibration, model, data_root=data_root, data_seed=seed)
+    from wsviz.training.cards import evaluation_transform
+
+    images = calibration_images(dataset, spec.calibration, model, data_root=data_root, data_seed=seed,
+                                augment=evaluation_transform(card, dataset))
     tied = reestimate_batchnorm(tie(model, spec.groups, spec.init, images), images)
     tied.wsviz_tie.update(source=str(source), source_model=card["model"],
                           source_test_accuracy=card.get("test_accuracy"), calibration_images=len(images),
