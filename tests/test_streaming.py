@@ -231,3 +231,22 @@ def test_trimming_leaves_another_writers_unfinished_file_alone_and_clears_abando
     assert writing.exists()  # not an entry: never counted, never removed mid-write
     assert not abandoned.exists()  # a writer that died hours ago left it: cleared
     assert len(cache.entries()) == 3 and all(not p.name.startswith(".tmp-") for p, _ in cache.entries())
+
+
+def test_an_in_memory_set_is_evaluated_with_the_recipes_evaluation_transform_as_training_evaluated_it():
+    """A model trained with --augment imagenet on in-memory images was tested (by the training loop) on
+    Resize(8/7 x size) + CenterCrop(size); the analyses must see the same, not the image zero-padded."""
+    from wsviz.data.stream import eval_data, take
+    from wsviz.training.loop import TrainConfig, _eval_batches
+
+    data = eval_data("mnist5k", "test", size=64, augment="imagenet", limit=8)
+    x, y = take(data)
+    te = load_split("mnist5k", "test")
+    idx = np.linspace(0, len(te.labels) - 1, 8).round().astype(np.int64)
+    loader, _ = _eval_batches((te.images[idx], te.labels[idx]), TrainConfig(augment="imagenet", batch_size=8), 64,
+                              torch.device("cpu"))
+    want = torch.cat([b[0] for b in loader])
+    assert x.shape == want.shape == (8, 1, 64, 64) and torch.allclose(x, want)
+    assert data.transform != eval_data("mnist5k", "test", size=64, limit=8).transform  # a cache key apart
+    plain, _ = take(eval_data("mnist5k", "test", size=64, limit=8))  # no preset: the tensors as they are
+    assert torch.equal(plain, te.images[idx])

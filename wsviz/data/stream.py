@@ -131,7 +131,9 @@ def eval_data(name: str, split: str = "test", *, size: int | None = None, augmen
     ``augment`` preset's evaluation transform at ``size`` pixels (``none``: letterboxed to the
     size; ``imagenet``: resize to 8/7 and centre crop; default size 32, as the app's
     in-memory folders); nothing is decoded here. The other sets are in memory already (the
-    digit sets and torchvision's tensors) and stay tensors, untransformed.
+    digit sets and torchvision's tensors) and stay tensors: untransformed, unless ``augment`` has an
+    evaluation transform for tensors and ``size`` is given (``imagenet``: resize to 8/7 of ``size`` and
+    centre crop), which is what the training loop tested such a model on.
     """
     from wsviz.data.datasets import dataset_info, load_split
 
@@ -145,8 +147,11 @@ def eval_data(name: str, split: str = "test", *, size: int | None = None, augmen
                         f"{name} ({split})")
     else:
         te = load_split(name, split, data_root=data_root, seed=seed, download=download)
-        data = EvalData(TensorImages(te.images, te.labels), f"{name}|{split}|seed={seed}|n={len(te.labels)}",
-                        "none", f"{info.name} ({split})", te.angles, te.scales)
+        tf = None if size is None else transforms_for(augment, size, train=False, from_pil=False,
+                                                      side=te.images.shape[-1])
+        data = EvalData(TensorImages(te.images, te.labels, tf), f"{name}|{split}|seed={seed}|n={len(te.labels)}",
+                        "none" if tf is None else f"eval:{augment}@{size}", f"{info.name} ({split})", te.angles,
+                        te.scales)
     if limit and limit < len(data):
         data = data.subset(spread_indices(len(data), limit))
     return data
