@@ -250,3 +250,14 @@ def test_an_in_memory_set_is_evaluated_with_the_recipes_evaluation_transform_as_
     assert data.transform != eval_data("mnist5k", "test", size=64, limit=8).transform  # a cache key apart
     plain, _ = take(eval_data("mnist5k", "test", size=64, limit=8))  # no preset: the tensors as they are
     assert torch.equal(plain, te.images[idx])
+
+
+def test_two_copies_of_a_dataset_under_different_roots_are_cached_apart(tmp_path, monkeypatch):
+    import wsviz.data.datasets as datasets
+    from wsviz.data.stream import eval_data
+
+    monkeypatch.setattr(datasets, "load_split", lambda name, split, **k: load_split("mnist5k", split))
+    a = eval_data("mnist5k", "test", data_root=tmp_path / "a", limit=10)
+    b = eval_data("mnist5k", "test", data_root=tmp_path / "b", limit=10)
+    assert a.ident != b.ident
+    assert eval_data("mnist5k", "test", limit=10).ident == eval_data("mnist5k", "test", limit=10).ident

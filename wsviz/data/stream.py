@@ -149,7 +149,8 @@ def eval_data(name: str, split: str = "test", *, size: int | None = None, augmen
         te = load_split(name, split, data_root=data_root, seed=seed, download=download)
         tf = None if size is None else transforms_for(augment, size, train=False, from_pil=False,
                                                       side=te.images.shape[-1])
-        data = EvalData(TensorImages(te.images, te.labels, tf), f"{name}|{split}|seed={seed}|n={len(te.labels)}",
+        where = "" if data_root is None else f"|root={Path(data_root).expanduser().resolve()}"  # another copy
+        data = EvalData(TensorImages(te.images, te.labels, tf), f"{name}|{split}|seed={seed}|n={len(te.labels)}{where}",
                         "none" if tf is None else f"eval:{augment}@{size}", f"{info.name} ({split})", te.angles,
                         te.scales)
     if limit and limit < len(data):
