@@ -81,6 +81,12 @@ def embed(label: str, stamp: tuple | None, dataset: str, method: str, n: int, se
         None if full.scales is None else full.scales.numpy()
 
 
+if method == "umap":  # a missing package is said once, not blamed on each variant
+    import importlib.util
+
+    if importlib.util.find_spec("umap") is None:
+        st.error("UMAP needs the package umap-learn: pip install umap-learn (or choose PCA or t-SNE).")
+        st.stop()
 try:  # one test split for both panels: the one the variants trained on this data held out
     seed = evaluation_seed({v: get_variant(v)[1] for v in trained_on}, dataset)
 except WsvizError as exc:

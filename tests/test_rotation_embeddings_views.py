@@ -276,3 +276,15 @@ def test_alignment_says_reflected_only_when_it_reflects():
     assert not rotated.reflected and mirrored.reflected
     assert "reflected" not in rotated.describe("ref") and "Rotated and scaled onto ref's layout" in rotated.describe("ref")
     assert mirrored.describe("ref").startswith("Rotated, reflected and scaled onto ref's layout")
+
+
+def test_a_missing_umap_package_is_said_once_not_blamed_on_each_variant(monkeypatch):
+    import importlib.util
+
+    pair = needs("scale-msws-vanilla", "scale-msws-shared")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "umap" else real(name, *a))
+    at = open_app("pages/embeddings.py", pair)
+    next(s for s in at.selectbox if s.label == "Projection").set_value("umap").run()
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "umap-learn" in errors[0] and "cannot be used" not in errors[0], errors
