@@ -198,6 +198,16 @@ def show_variant_error(label: str, exc: Exception) -> None:
     st.error(f"Variant {plain(label)} cannot be used: {plain(reason)}")
 
 
+def percent_style(rows, columns):
+    """``rows`` (a DataFrame or records) for ``st.dataframe`` with ``columns`` (fractions) shown as
+    percentages to one decimal in every row: Streamlit's "percent" preset drops a trailing zero, so
+    84.0% read "84%" beside "85.2%", as if less precise. The values stay fractions (CSV, tests)."""
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    return df.style.format({c: "{:.1%}" for c in columns if c in df.columns}, na_rep="")
+
+
 def no_variants_note() -> str:
     """What a page says when no variant is chosen: where to choose them, or, with none at all, where they
     come from."""

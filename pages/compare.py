@@ -11,6 +11,7 @@ from pages._shared import (
     get_variant,
     model_inputs_for,
     no_variants_note,
+    percent_style,
     pick_images,
     show_error,
     show_predictions,
@@ -39,8 +40,7 @@ for name, data in images:
     rows += show_predictions(name, data, variants)
     explain_inputs(name, data, variants)
 if rows:
-    st.dataframe(rows, hide_index=True, column_config={
-        "confidence": st.column_config.NumberColumn(format="percent"),
+    st.dataframe(percent_style(rows, ["confidence"]), hide_index=True, column_config={
         "next": st.column_config.TextColumn("next most likely")})
 
 names = [n for n, _ in images]

@@ -12,6 +12,7 @@ from pages._shared import (
     download_table,
     figure,
     get_variant,
+    percent_style,
     plain,
     show_error,
 )
@@ -90,9 +91,9 @@ if variants:
                       else None,
                       "MFLOPs": round(c["flops"] / 1e6, 1) if c.get("flops") is not None else None,
                       "epochs": c.get("epochs_done")})
-    st.dataframe(pd.DataFrame(vrows), hide_index=True, column_config={
+    st.dataframe(percent_style(vrows, ["test accuracy (this checkpoint)"]), hide_index=True, column_config={
         "test accuracy (this checkpoint)": st.column_config.NumberColumn(
-            format="percent", help="this checkpoint's last epoch on its test split (for the zoo: seed 0); "
+            help="this checkpoint's last epoch on its test split (for the zoo: seed 0); "
                                    "checkpoints/REPORT.md gives the mean over 3 seeds"),
         "params": st.column_config.NumberColumn(format="localized", help="real-valued, shared counted once"),
         "sign-mask bits": st.column_config.NumberColumn(format="localized"),
@@ -246,8 +247,9 @@ def show_fair(result: dict) -> None:
                    + "; ".join(f"**{g.label}**: {', '.join(chosen[k] for k in g.rows)}" for g in groups)
                    + ". Accuracies are compared only within a test set (one panel each below); "
                    f"{len(skipped)} cross-set pair{'s are' if len(skipped) != 1 else ' is'} not tested.")
-    st.dataframe([{k: v for k, v in r.items() if k != "test_set"} for r in table], hide_index=True,
-                 column_config={"accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
+    st.dataframe(percent_style([{k: v for k, v in r.items() if k != "test_set"} for r in table], ["accuracy"]),
+                 hide_index=True,
+                 column_config={"accuracy": st.column_config.NumberColumn("accuracy"),
                                 "params": st.column_config.NumberColumn(
                                     "params", format="localized",
                                     help="real-valued parameters, a shared weight counted once; f-RepeatNet's "

@@ -16,6 +16,7 @@ from pages._shared import (
     figure,
     get_variant,
     no_variants_note,
+    percent_style,
     pick_images,
     plain,
     prepared,
@@ -160,11 +161,9 @@ if res is not None:
     summary = rotation_summary(res)
     st.caption(f"Over the {summary[0].angles} distinct angles (360° is 0°: drawn to close the curve, counted "
                "once). Agreement: the share of digits predicted as at 0°, averaged over the other angles.")
-    pct = st.column_config.NumberColumn(format="percent")
-    st.dataframe([s.row() for s in summary], hide_index=True,
-                 column_config={"mean accuracy": pct, "accuracy at the worst angle": pct,
-                                "agreement with 0° (mean over the other angles)": pct,
-                                "worst angle": st.column_config.NumberColumn(format="%.1f°")})
+    st.dataframe(percent_style([s.row() for s in summary], ["mean accuracy", "accuracy at the worst angle",
+                                                            "agreement with 0° (mean over the other angles)"]),
+                 hide_index=True, column_config={"worst angle": st.column_config.NumberColumn(format="%.1f°")})
     download_table(res.rows(), "rotation_sweep")
 
 st.header("One image under rotation")

@@ -13,7 +13,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from pages._access import current_actor
-from pages._shared import available_variants, open_run_store, show_error
+from pages._shared import available_variants, open_run_store, percent_style, show_error
 from pages._usage import usage_panel
 from wsviz.data.datasets import dataset_names
 from wsviz.data.loaders import AUGMENTS
@@ -104,8 +104,7 @@ def runs_panel() -> None:
     df = pd.DataFrame([{"name": r.name, "status": r.status, "model": r.model, "dataset": r.dataset,
                         "test accuracy": accuracy(r), "device": r.device, "id": r.id, "reason": r.reason or ""}
                        for r in runs])
-    st.dataframe(df, hide_index=True,
-                 column_config={"test accuracy": st.column_config.NumberColumn(format="percent")})
+    st.dataframe(percent_style(df, ["test accuracy"]), hide_index=True)
     by_id = {r.id: r for r in runs}
     ids = [r.id for r in runs]  # newest first: the newest run is watched unless another is chosen
     if st.session_state.get("watch-select") not in by_id:
