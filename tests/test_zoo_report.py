@@ -191,6 +191,33 @@ def test_how_to_read_it_computes_its_numbers_and_claims_no_more_than_the_tests_g
     assert "| diff [95% CI, unadjusted] |" in text and "Welch's 95% interval, not adjusted" in text
 
 
+def test_the_report_says_which_variants_seeds_were_trained_by_different_code(tmp_path, monkeypatch):
+    """Seed 0 of most shipped variants was trained days before seeds 1 and 2, by code whose train_config lacks
+    fields added since (augment, warmup_epochs, ...): the report must not say the seeds are runs of the same
+    commands; it names the variants, the fields and the dates, and says how often that seed is the best."""
+    monkeypatch.setattr(zoo, "CLAIMS", [("A > B", "a", "b", ">"), ("C > D", "c", "d", ">")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {"a": [0.97, 0.95, 0.96], "b": [0.90, 0.91, 0.92], "c": [0.93, 0.97, 0.95],
+                               "d": [0.96, 0.94, 0.95]})
+    for name in "abc":  # d's seeds all share one train_config
+        for seed in zoo.SEEDS:
+            card = zoo.seed_folder(out, name, seed) / "card.json"
+            c = json.loads(card.read_text())
+            c["created"] = "2026-11-22T03:00:00+00:00" if seed == 0 else f"2026-12-0{seed}T01:00:00+00:00"
+            if seed:
+                c["train_config"] |= {"augment": "none", "warmup_epochs": 0}
+            card.write_text(json.dumps(c))
+    text = zoo.render_report(out)
+    assert "with the same commands" not in text
+    p = sps.binomtest(1, 3, 1 / 3, alternative="greater").pvalue  # seed 0 is the best of a's seeds only
+    assert ("For 3 of the 4 variants in a claim (`a`, `b`, `c`), seed 0's card records a train_config without "
+            "`augment`, `warmup_epochs`, which its other seeds' cards record: seed 0 trained 2026-11-22, the others "
+            "2026-12-01, 2026-12-02. They were trained by different versions of the training code; `d` has one "
+            "train_config for all its seeds.") in text
+    assert (f"Of those 3, seed 0 is strictly the most accurate of its variant's seeds in 1 (one-sided binomial p = "
+            f"{p:.2g} for 1 of 3 against 1 in 3; exploratory: looked at after seeing the data).") in text
+
+
 def test_a_single_seed_does_not_make_a_claim(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "CLAIMS", [("A > B", "a", "b", ">")])
     monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])

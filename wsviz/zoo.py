@@ -429,6 +429,59 @@ def _welch_power_sentence(results: list[ClaimResult], m: int) -> str:
     return text
 
 
+def _seed_code_bullet(runs: dict[str, list[SeedRun]]) -> list[str]:
+    """A bullet on variants whose seeds' cards record different train_config fields (trained by different
+    versions of the training code), from the cards; none when every variant's seeds agree."""
+    from scipy import stats as sps
+
+    def names(ns: list[str]) -> str:
+        return ", ".join(f"`{n}`" for n in ns)
+
+    mixed: dict[str, list[int]] = {}
+    missing: set[str] = set()
+    for n, rs in runs.items():
+        keys = {r.seed: set(r.card.get("train_config") or {}) for r in rs}
+        every = set().union(*keys.values()) if keys else set()
+        old = [s for s, k in keys.items() if k != every]
+        if old:
+            mixed[n] = old
+            missing |= set().union(*(every - keys[s] for s in old))
+    if not mixed:
+        return []
+    olds = sorted({s for ss in mixed.values() for s in ss})
+    which = f"seed {olds[0]}'s card records" if len(olds) == 1 else \
+        f"the cards of seeds {', '.join(map(str, olds))} record"
+
+    def days(pick) -> str:
+        return ", ".join(sorted({str(r.card["created"])[:10] for n in mixed for r in runs[n]
+                                 if pick(r) and r.card.get("created")})) or "on dates not recorded"
+
+    same = [n for n in runs if n not in mixed and runs[n]]
+    text = (f"- **Seeds may not be interchangeable.** For {len(mixed)} of the {len(runs)} variants in a claim "
+            f"({names(list(mixed))}), {which} a train_config without {names(sorted(missing))}, which its other "
+            f"seeds' cards record: seed{'s' if len(olds) > 1 else ''} {', '.join(map(str, olds))} trained "
+            f"{days(lambda r: r.seed in olds)}, the others {days(lambda r: r.seed not in olds)}. They were trained "
+            "by different versions of the training code"
+            + (f"; {names(same)} {'has' if len(same) == 1 else 'have'} one train_config for all "
+               f"{'its' if len(same) == 1 else 'their'} seeds." if same else "."))
+    if len(olds) == 1 and all(v == olds for v in mixed.values()):
+        def beats(n: str, strict: bool) -> bool:
+            first = next(r for r in runs[n] if r.seed == olds[0])
+            return all(first.accuracy > o.accuracy if strict else first.accuracy >= o.accuracy
+                       for o in runs[n] if o.seed != olds[0])
+
+        best = sum(beats(n, True) for n in mixed)
+        tied = sum(beats(n, False) for n in mixed) - best
+        k = len(SEEDS)
+        p = sps.binomtest(best, len(mixed), 1 / k, alternative="greater").pvalue
+        text += (f" Of those {len(mixed)}, seed {olds[0]} is strictly the most accurate of its variant's seeds in "
+                 f"{best}" + (f" and tied for it in {tied}" if tied else "") + f" (one-sided binomial p = {p:.2g} "
+                 f"for {best} of {len(mixed)} against 1 in {k}; exploratory: looked at after seeing the data).")
+    text += (" The tests below treat every variant's seeds as interchangeable runs of one procedure; if the code "
+             "change altered training, they are not.")
+    return [text]
+
+
 def _untested_sentence(results: list[ClaimResult]) -> str:
     """What the report says of rows that could not be tested (no spread between seeds in either model)."""
     out = [r for r in results if not r.seeds.testable]
@@ -466,9 +519,11 @@ def render_report(out: str | Path = "checkpoints") -> str:
         f"- **Seeds.** Every variant in a claim was trained {', '.join(map(str, seeds_of))} times (training seeds "
         f"{', '.join(map(str, SEEDS))}: initialisation and batch order; the same training digits). Seed 0 ships with "
         "its weights; the others ship as their card and per-image test predictions "
-        "(`<variant>/seeds/seed<k>/`), and `python -m wsviz.zoo retrain` retrains them all with the same commands "
+        "(`<variant>/seeds/seed<k>/`), and `python -m wsviz.zoo retrain` retrains them all with the current code "
         "(the same networks only up to float-level differences, which training at lr 0.1 can amplify: retrained "
         "on 2026-12-02, `scale-sharesnet-unshared` seed 1 reached 96.5% against the shipped 95.7%).",
+        *_seed_code_bullet({n: runs[n] for n in dict.fromkeys([*names, *(v for r in results for v in (r.a, r.b))])
+                            if runs.get(n)}),
         "- **The test of a claim** is over training runs, the independent units: Welch's two-sided t-test on the "
         f"per-seed test accuracies (n = {_runs_per_row(results)} runs). This tests the architectures on this test "
         "set, not two trained networks (test-set sampling is not in the interval: every run is scored on the same "
