@@ -644,6 +644,45 @@ def _interval_sentence(ci: dict, what: str) -> str:
             "(the test half's images resampled, every model's answers on an image together; seeds fixed)")
 
 
+def _judge(point: bool, shown: bool | None, refuted: bool | None, yes: str = "met", no: str = "NOT met") -> str:
+    """A target's verdict: plain only when an interval shows it (``shown``) or rules it out (``refuted``);
+    otherwise said to be the point estimate's. ``shown`` None: no interval."""
+    if shown is None:
+        return f"{yes if point else no} in the point estimate; no interval is given"
+    if shown:
+        return yes
+    if refuted:
+        return no
+    return f"{yes} in the point estimate, not shown" if point else f"{no} in the point estimate, not ruled out"
+
+
+def _wilson_bound(a: list[float], b: list[float], n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) of accuracies in % on the same ``n`` test images, and an interval of it that holds
+    whatever the pairing: every accuracy's Wilson interval at level 1 - (1 - level)/k (Bonferroni over the k
+    accuracies), so all hold together with probability at least ``level``; seeds fixed. Wider than a paired
+    interval, which needs the per-image answers that bench_tie's results do not keep."""
+    import statistics
+
+    from scipy import stats as sps
+
+    alpha = (1 - level) / (len(a) + len(b))
+
+    def ci(acc: float) -> tuple[float, float]:
+        c = sps.binomtest(round(acc * n / 100), n).proportion_ci(1 - alpha, method="wilson")
+        return 100 * c.low, 100 * c.high
+
+    la, ua = zip(*map(ci, a))
+    lb, ub = zip(*map(ci, b))
+    mean = statistics.mean
+    return mean(a) - mean(b), mean(la) - mean(ub), mean(ua) - mean(lb)
+
+
+def _bound_words(k: int, n: int) -> str:
+    return (f"from each accuracy's Wilson interval on the {n:,}-image test half, Bonferroni over the {k} accuracies, "
+            "so it holds whatever the pairing and is wide for it, as bench_tie's results keep no per-image answers "
+            "for a paired interval; seeds fixed")
+
+
 def _compute(res: dict) -> str:
     threads = res.get("threads", 1)
     return (f"Compute: {res['cpu_seconds'] / 60:.1f} CPU minutes, {res['wall_seconds'] / 60:.1f} min wall, "
@@ -713,10 +752,24 @@ def tying_section(res: dict) -> list[str]:
     gap = [res["untied_test"] - s["after_ft"]["lstsq"] for s in seeds]
     beat = [s["after_ft"]["lstsq"] - s["scratch"] for s in seeds]
     control = [s["untied_ft"] - s["after_ft"]["lstsq"] for s in seeds]
+    test_n = int(res.get("test_n", res["val_n"]))  # the test half: the other half of an even split
+    ci = res.get("gap_ci")
+    point = statistics.mean(gap) <= 0.5
+    if ci is None:
+        target = _judge(point, None, None)
+    elif ci["high"] <= 0.5:
+        target = "met (the whole 95% interval below is under 0.5)"
+    elif ci["low"] > 0.5:
+        target = "NOT met (the whole 95% interval below is over 0.5)"
+    else:
+        target = _judge(point, False, False) + (" (the 95% interval below reaches past 0.5)" if point else
+                                                " (the 95% interval below reaches under 0.5)")
+    tied = [s["after_ft"]["lstsq"] for s in seeds]
+    d, lo, hi = _wilson_bound(tied, [s["scratch"] for s in seeds], test_n)
     lines += ["", f"Target \"within 0.5 points of the untied model\": lstsq + fine-tune is {_mean_sd(gap, 2)} points below it "
-              f"— {'met' if statistics.mean(gap) <= 0.5 else 'NOT met'} (below the untied model fine-tuned the same "
-              f"way: {_mean_sd(control)}). Target \"better than from scratch\": "
-              f"{_mean_sd(beat)} points better — {'met' if min(beat) > 0 else 'NOT met'}.", ""]
+              f"— {target}. Below the untied model fine-tuned the same way: {_mean_sd(control)}. Target \"better "
+              f"than from scratch\": {_mean_sd(beat)} points better — {_judge(d > 0, lo > 0, hi < 0)}: 95% interval "
+              f"[{lo:.1f}, {hi:.1f}] ({_bound_words(2 * n, test_n)}).", ""]
     if "gap_ci" in res:
         ci, cc = res["gap_ci"], res["control_ci"]
         lines += [_interval_sentence(ci, "How sure: below the untied model, mean over seeds") + "; "
@@ -744,9 +797,17 @@ def tying_section(res: dict) -> list[str]:
             if reached is None and statistics.mean(below) <= 0.5:
                 reached = k
         first = statistics.mean(gap) <= 0.5
-        lines += ["", "Within 0.5 points: " + ("already at the 10% budget." if first else
-                  f"first at {100 * float(reached):.0f}% of the original steps." if reached else
-                  f"not within {100 * float(shares[-1]):.0f}% of the original steps either."), ""]
+        later = "no interval is given for the longer fine-tunes (bench_tie's results keep no per-image answers)"
+        if first:
+            said = f"already at the {share:.0f}% budget in the point estimate" + (
+                "; no interval is given." if ci is None else
+                ", and shown (the whole 95% interval above is under 0.5)." if ci["high"] <= 0.5 else
+                ", not shown (the 95% interval above reaches past 0.5).")
+        elif reached:
+            said = f"first at {100 * float(reached):.0f}% of the original steps in the point estimate; not shown: {later}."
+        else:
+            said = f"not within {100 * float(shares[-1]):.0f}% of the original steps either, in the point estimate; {later}."
+        lines += ["", "Within 0.5 points: " + said, ""]
     if res.get("only_tie"):
         lines += [f"Ranking and budgeted choice: not run on `{name}` (`bench_tie --only-tie`).",
                   "", _compute(res), ""]
@@ -775,9 +836,17 @@ def tying_section(res: dict) -> list[str]:
     comb = statistics.mean(s["spearman_test"]["combined (chosen on val)"] for s in seeds)
     others = {k: statistics.mean(s["spearman_test"][k] for s in seeds)
               for k in ("weight_similarity", "output_cka", "adjacent blocks")}
+    groups = len(res["candidate_groups"])
+    z, half = math.atanh(comb), 1.959963984540054 * math.sqrt(1.06 / (groups - 3))  # Fieller et al.'s SE for ρ_s
+    r_lo, r_hi = math.tanh(z - half), math.tanh(z + half)
     lines += ["", f"Target ρ ≥ 0.7 for the combined score (its weights chosen on val, ρ on the test half): {comb:.2f} — "
-              f"{'met' if comb >= 0.7 else 'NOT met'}; better than weight similarity, CKA and adjacency alone: "
-              + ("met" if all(comb > v for v in others.values()) else "NOT met") + ".", ""]
+              f"{_judge(comb >= 0.7, r_lo >= 0.7, r_hi < 0.7)}: 95% interval [{r_lo:.2f}, {r_hi:.2f}] (Fisher z, "
+              f"SE √(1.06/(n − 3)) for Spearman's ρ with n = {groups} candidate groups, the mean over seeds taken as "
+              "one ρ; the groups overlap, sharing layers, so they are not independent and the interval is if anything "
+              "too narrow). Better than weight similarity, CKA and adjacency alone: "
+              + ("yes" if all(comb > v for v in others.values()) else "NO") + " in the point estimates ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in others.items()) + "); no interval is given for these differences "
+              f"(scores compared on the same {groups} groups are correlated).", ""]
     lines += ["### Budgeted choice at ShaResNet's parameter saving", "",
               "wsviz (`choose_groups`): the minimal disjoint candidate sets saving at least as much as ShaResNet's rule, "
               f"ranked by the sum of their groups' KL measured on val, the {res['verify']} best tied together "
@@ -793,14 +862,22 @@ def tying_section(res: dict) -> list[str]:
     rule = [s["budget"]["sharesnet rule"]["drop_after_ft"] for s in seeds]
     rnd = [b["drop_after_ft"] for s in seeds for k, b in s["budget"].items() if k.startswith("random")]
     paired = [w - r for w, r in zip(ws, rule)]
-    resolved = n > 1 and abs(statistics.mean(paired)) > statistics.stdev(paired)
-    lines += ["", f"Mean drop: wsviz {_mean_sd(ws)}, ShaResNet's rule {_mean_sd(rule)}, random {_mean_sd(rnd)} — wsviz loses less "
-              f"than the rule: {'yes' if statistics.mean(ws) < statistics.mean(rule) else 'NO'}; than random: "
-              f"{'yes' if statistics.mean(ws) < statistics.mean(rnd) else 'NO'}. Per seed, wsviz minus the rule: "
-              + ", ".join(f"{d:+.1f}" for d in paired) + (" (larger than its spread over seeds)." if resolved else
-              " — within its spread over seeds, so not a resolved difference; wsviz's groups save "
+    # drops are the untied fine-tuned model minus each choice, the same untied model per seed: a difference of
+    # drops is the other way round a difference of the choices' accuracies, which the interval bounds
+    after = {k: [b["after_ft"] for s in seeds for j, b in s["budget"].items() if j == k or (k == "random" and
+                 j.startswith("random"))] for k in ("wsviz", "sharesnet rule", "random")}
+    d_rule, lo_rule, hi_rule = _wilson_bound(after["sharesnet rule"], after["wsviz"], test_n)
+    d_rnd, lo_rnd, hi_rnd = _wilson_bound(after["random"], after["wsviz"], test_n)
+    images = ", ".join(f"{round(x * test_n / 100):+d}" for x in paired)
+    lines += ["", f"Mean drop: wsviz {_mean_sd(ws)}, ShaResNet's rule {_mean_sd(rule)}, random {_mean_sd(rnd)}. "
+              f"wsviz minus the rule: {d_rule:+.1f} points (per seed {images} images of the {test_n}-image test half, "
+              f"every seed on the same images), 95% interval [{lo_rule:+.1f}, {hi_rule:+.1f}] "
+              f"({_bound_words(2 * n, test_n)}) — wsviz loses less than the rule: "
+              f"{_judge(d_rule < 0, hi_rule < 0, lo_rule > 0, 'yes', 'NO')}. wsviz minus random: {d_rnd:+.1f} points, "
+              f"95% interval [{lo_rnd:+.1f}, {hi_rnd:+.1f}] (the same way, over {n + len(rnd)} accuracies) — wsviz "
+              f"loses less than random: {_judge(d_rnd < 0, hi_rnd < 0, lo_rnd > 0, 'yes', 'NO')}. wsviz's groups save "
               f"{statistics.mean(s['budget']['wsviz']['saving'] for s in seeds):,.0f} parameters against the rule's "
-              f"{statistics.mean(s['budget']['sharesnet rule']['saving'] for s in seeds):,.0f}."), "",
+              f"{statistics.mean(s['budget']['sharesnet rule']['saving'] for s in seeds):,.0f}.", "",
               "wsviz's groups per seed: " + "; ".join(
                   f"seed {s['seed']}: " + ", ".join(" + ".join(g) for g in s["budget"]["wsviz"]["groups"])
                   for s in seeds) + ".", "",
