@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-data-seed-runs-"))
 
-from conftest import copy_checkpoint, needs, open_app  # noqa: E402
+from conftest import copy_checkpoint, needs, open_app, wait_for  # noqa: E402
 
 from wsviz.errors import WsvizError  # noqa: E402
 from wsviz.training.cards import evaluation_seed  # noqa: E402
@@ -41,70 +41,56 @@ def test_cli_analyses_read_the_test_split_of_the_cards_seed(monkeypatch):
     assert seen["seed"] == 3
 
 
-def test_the_scale_sweep_reads_the_test_split_of_the_cards_seed(checkpoints, monkeypatch):
-    import wsviz.data.stream as stream
-
-    needs("scale-msws-vanilla")
-    folder = copy_checkpoint("scale-msws-vanilla", checkpoints / "seed1")
+def _seeded_copy(src: str, dst):
+    """The shipped checkpoint ``src`` copied to ``dst`` with its card saying it trained on data seed 1."""
+    needs(src)
+    folder = copy_checkpoint(src, dst)
     card = json.loads((folder / "card.json").read_text())
     card["data_seed"] = 1
     (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def _spy_on_eval_data(monkeypatch) -> list[tuple[str, dict]]:
+    """Every eval_data call from now on, as (split, keyword arguments); the real one still answers."""
+    import wsviz.data.stream as stream
+
     real, seen = stream.eval_data, []
 
     def spy(*a, **k):
-        seen.append((a, k))
+        seen.append((a[1] if len(a) > 1 else k.get("split", "test"), k))
         return real(*a, **k)
 
     monkeypatch.setattr(stream, "eval_data", spy)
+    return seen
+
+
+def test_the_scale_sweep_reads_the_test_split_of_the_cards_seed(checkpoints, monkeypatch):
+    _seeded_copy("scale-msws-vanilla", checkpoints / "seed1")
+    seen = _spy_on_eval_data(monkeypatch)
     at = open_app("pages/scale.py", ["seed1"])
     next(s for s in at.slider if s.label == "Images").set_value(100).run()
     next(m for m in at.multiselect if m.label == "Scales").set_value([1.0]).run()
     next(s for s in at.selectbox if s.label == "Test data").set_value("mnist5k-scale").run()
     next(b for b in at.button if b.label == "Run the sweep").click().run()
-    import time
-    t0 = time.time()
-    while not seen and time.time() - t0 < 60:
-        time.sleep(0.5)
-        at.run()
-    assert seen and seen[0][1].get("seed") == 1, seen
+    wait_for(at, lambda _: seen, "the sweep reading its test data", timeout=60)
+    assert seen[0][1].get("seed") == 1, seen
 
 
 def test_embeddings_read_the_test_split_of_the_cards_seed(checkpoints, monkeypatch):
-    import wsviz.data.stream as stream
-
-    needs("scale-msws-vanilla")
-    folder = copy_checkpoint("scale-msws-vanilla", checkpoints / "seed1")
-    card = json.loads((folder / "card.json").read_text())
-    card["data_seed"] = 1
-    (folder / "card.json").write_text(json.dumps(card))
-    real, seen = stream.eval_data, []
-
-    def spy(*a, **k):
-        seen.append(k)
-        return real(*a, **k)
-
-    monkeypatch.setattr(stream, "eval_data", spy)
+    _seeded_copy("scale-msws-vanilla", checkpoints / "seed1")
+    seen = _spy_on_eval_data(monkeypatch)
     at = open_app("pages/embeddings.py", ["seed1"])
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert seen and all(k.get("seed") == 1 for k in seen), seen
+    assert seen and all(k.get("seed") == 1 for _, k in seen), seen
 
 
 def test_cli_opportunities_calibrate_on_the_training_split_of_the_cards_seed(monkeypatch, tmp_path):
-    import wsviz.data.stream as stream
     from wsviz.cli import main
 
-    needs("scale-sharesnet-unshared")
-    folder = copy_checkpoint("scale-sharesnet-unshared", tmp_path / "seed1")
-    card = json.loads((folder / "card.json").read_text())
-    card["data_seed"] = 1
-    (folder / "card.json").write_text(json.dumps(card))
-    real, seen = stream.eval_data, []
-
-    def spy(*a, **k):
-        seen.append((a[1] if len(a) > 1 else k.get("split"), k.get("seed")))
-        return real(*a, **k)
-
-    monkeypatch.setattr(stream, "eval_data", spy)
+    folder = _seeded_copy("scale-sharesnet-unshared", tmp_path / "seed1")
+    calls = _spy_on_eval_data(monkeypatch)
     main(["opportunities", "--checkpoint", str(folder), "--calibration", "16", "--limit", "32", "--out",
           str(tmp_path / "out")])
+    seen = [(split, k.get("seed")) for split, k in calls]
     assert ("train", 1) in seen and ("test", 1) in seen and all(s == 1 for _, s in seen), seen
