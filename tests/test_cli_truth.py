@@ -68,8 +68,8 @@ def test_tie_refuses_to_overwrite_a_checkpoint(tmp_path, capsys, where, finetune
         out.mkdir()
         (out / ("card.json" if where == "card" else "weights.safetensors")).write_bytes(b"mine")
     before_src, before_out = _md5s(src), _md5s(out)
-    args = ["tie", "--checkpoint", str(src), "--out", str(out), "--group", GROUP, "--calibration", "32",
-            "--limit", "50"] + (["--finetune-epochs", "1", "--max-batches", "1"] if finetune else [])
+    args = ["tie", "--checkpoint", str(src), "--out", str(out), "--group", GROUP, "--calibration", "32"] + (
+        ["--finetune-epochs", "1", "--max-batches", "1"] if finetune else ["--limit", "50"])
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out" in err and ("new folder" in err)
@@ -266,3 +266,40 @@ def test_tie_help_and_module_docstring():
     assert "checkpoint" in out_help and "CSV" not in out_help
     assert "stages.2.2.conv2 \\\n" in wsviz.cli.__doc__  # the example keeps its line continuation
 
+
+
+# ------------------------------------------------------------------------------- --limit
+def test_compare_limit_evaluates_that_many_images_spread_over_the_split(tmp_path, capsys):
+    _need(SMALL, TWIN)
+    assert main(["compare", "--checkpoint", str(SMALL), str(TWIN), "--limit", "60", "--dataset", "mnist5k-scale",
+                 "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(tmp_path / "o" / "fair_comparison.csv")
+    assert [r["images"] for r in rows] == ["60", "60"]
+    from wsviz.data.datasets import load_split
+    from wsviz.training.loop import evaluate
+
+    te = load_split("mnist5k-scale", "test", seed=0).spread(60)
+    for row, folder in zip(rows, (SMALL, TWIN)):  # the accuracy is of those 60 images, not of the whole split
+        assert float(row["accuracy"]) == pytest.approx(evaluate(load_checkpoint(folder)[0], te.images, te.labels)[1])
+    assert "on 60 of 1,000 test images" in printed
+    sig = _rows(tmp_path / "o" / "significance.csv")
+    assert len(sig) == 1
+
+
+def test_compare_without_limit_evaluates_the_whole_split(tmp_path, capsys):
+    _need(SMALL)
+    assert main(["compare", "--checkpoint", str(SMALL), "--out", str(tmp_path / "o")]) == 0
+    row = _rows(tmp_path / "o" / "fair_comparison.csv")[0]
+    assert row["images"] == "1000" and float(row["accuracy"]) == pytest.approx(float(row["card_accuracy"]))
+    assert "test images" not in capsys.readouterr().out.split("McNemar")[0]
+
+
+def test_tie_refuses_a_limit_it_cannot_apply_to_a_fine_tune(tmp_path, capsys):
+    _need(TWIN)
+    out = tmp_path / "t"
+    assert main(["tie", "--checkpoint", str(TWIN), "--out", str(out), "--group", GROUP, "--finetune-epochs", "1",
+                 "--max-batches", "1", "--limit", "60"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--limit" in err and "--finetune-epochs" in err
+    assert not out.exists()  # refused before anything ran or was written

@@ -355,7 +355,7 @@ def _compare(args: argparse.Namespace) -> int:
         progress, bar = run.bar("evaluating")
         rows = fair_comparison(args.checkpoint, dataset=args.dataset, device=str(run.device),
                                batch_size=args.batch_size, workers=args.workers, loader=args.loader,
-                               cache=_cache(args), progress=progress)
+                               cache=_cache(args), progress=progress, limit=args.limit)
         bar.close()
         if not run.main:
             return 0
@@ -363,10 +363,15 @@ def _compare(args: argparse.Namespace) -> int:
         groups, skipped = group_by_test_set(rows)
         test_set = {k: g.label for g in groups for k in g.rows}
         table = [{"name": r.name, "model": r.model, "dataset": r.dataset, "test_set": test_set[k],
-                  "accuracy": r.accuracy, "card_accuracy": r.card_accuracy, "params": r.float_params,
+                  "accuracy": r.accuracy, "images": len(r.labels), "split_images": r.split_images,
+                  "card_accuracy": r.card_accuracy, "params": r.float_params,
                   "unique_params": r.unique_params,
                   "effective_params": r.effective_params, "flops": r.flops} for k, r in enumerate(rows)]
         _write_csv(out / "fair_comparison.csv", table)
+        for r in rows:
+            on = f" on {len(r.labels):,} of {r.split_images:,} test images (the card's is of all)" \
+                if r.split_images and len(r.labels) < r.split_images else ""
+            print(f"{r.name}: {r.accuracy:.4f} on {r.dataset}{on}")
         if skipped:
             _write_csv(out / "skipped_pairs.csv", [{"a": rows[s.i].name, "b": rows[s.j].name, "reason": s.reason}
                                                    for s in skipped])
@@ -551,6 +556,9 @@ def _tie(args: argparse.Namespace) -> int:
     if len(args.checkpoint) != 1:
         raise WsvizError("tie takes one --checkpoint folder (the trained model to tie).")
     source = args.checkpoint[0]
+    if args.finetune_epochs and args.limit:
+        raise WsvizError("--limit applies only without --finetune-epochs: a fine-tune is tested on the whole test "
+                         "split, as any training run; drop --limit (or --finetune-epochs, to measure the tie alone on N images).")
     _check_folders([source])
     _fresh_out(args.out, source)  # before anything runs: a tied model never replaces a checkpoint
     spec = TieSpec(parse_groups(args.group), args.init, args.calibration)
@@ -680,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                             lambda a: _sweep(a, "rotation")))
     q.add_argument("--values", type=float, nargs="*", default=None, help="angles in degrees")
     q = evaluation(analysis("compare", "accuracy vs params vs FLOPs, with McNemar tests and Newcombe paired intervals",
-                            _compare, None, transform=False))
+                            _compare, None, None, transform=False))
     q.add_argument("--dataset", default=None, help="evaluate all on this dataset (default: each card's)")
     q = analysis("attribution", "Integrated Gradients / Saliency / Grad-CAM for one image or a gallery of test "
                  "images", _attribution, "mnist5k", 1)

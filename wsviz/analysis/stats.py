@@ -467,6 +467,7 @@ class FairRow:
     predictions: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
     float_params: int | None = None  # the papers' count: f-RepeatNet's sign masks are bits, not parameters
+    split_images: int | None = None  # the whole test split's size (len(labels) fewer under a limit)
 
 
 @dataclass(frozen=True)
@@ -499,7 +500,7 @@ def _model_fits(model: Any, dataset: str, folder: Path) -> None:
 
 def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = None, device: str = "cpu", *,
                     data_seed: int | None = None, batch_size: int = 512, workers: int = 0, loader: str = "auto",
-                    cache: Any = None, progress: Any = None) -> list[FairRow]:
+                    cache: Any = None, progress: Any = None, limit: int | None = None) -> list[FairRow]:
     """Re-evaluate every checkpoint on a test split and collect accuracy, parameters and FLOPs.
 
     By default each checkpoint is evaluated on its card's dataset with the card's
@@ -513,12 +514,16 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
     loader processes), in-memory sets sliced (``loader`` forces either); only the predictions
     are kept. Under torchrun each rank evaluates its share. ``cache`` (a
     :class:`~wsviz.analysis.cache.PredictionCache`) reuses known predictions;
-    ``progress(done, total, text)`` is called after each batch.
+    ``progress(done, total, text)`` is called after each batch. ``limit``: only that many test
+    images, spread over the split (the same ones for every checkpoint on one test set; the card's
+    accuracy is then of a different, whole split); None or 0: all.
     """
     from wsviz.analysis.streaming import predict_variants
-    from wsviz.data.stream import eval_data
+    from wsviz.data.stream import eval_data, spread_indices
     from wsviz.training.checkpoint import load_checkpoint
 
+    if limit is not None and limit < 0:
+        raise WsvizError(f"limit must be 0 (all) or a positive number of images, not {limit}.")
     folders = [Path(c) for c in checkpoints]
     if not folders:
         raise WsvizError("No checkpoints to compare: give at least one checkpoint folder.")
@@ -529,6 +534,7 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
     names = [f.name for f in folders]
     names = [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
     splits: dict[tuple, Any] = {}
+    sizes: dict[tuple, int] = {}
     split_labels: dict[tuple, np.ndarray] = {}
     rows = []
     for folder, name in zip(folders, names):
@@ -542,8 +548,10 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
         augment = str((card.get("train_config") or {}).get("augment", "none"))
         key = (ds, seed) + ((model.wsviz_config.get("input_size"), augment) if ds.startswith("folder:") else ())
         if key not in splits:
-            splits[key] = eval_data(ds, "test", seed=seed, size=key[2] if len(key) > 2 else None,
-                                    augment=augment if len(key) > 2 else "none")
+            full = eval_data(ds, "test", seed=seed, size=key[2] if len(key) > 2 else None,
+                             augment=augment if len(key) > 2 else "none")
+            sizes[key] = len(full)
+            splits[key] = full.subset(spread_indices(len(full), limit)) if limit and limit < len(full) else full
         ps = predict_variants({name: model}, splits[key], batch_size=batch_size, workers=workers, loader=loader,
                               cache=cache, progress=progress)
         preds = ps.predictions[(name, "identity")]
@@ -562,7 +570,7 @@ def fair_comparison(checkpoints: Sequence[str | Path], dataset: str | None = Non
             name=name, path=str(folder), model=card["model"], dataset=ds, data_seed=seed,
             accuracy=float((preds == labels).mean()), card_accuracy=card.get("test_accuracy"),
             card_dataset=str(card.get("dataset")), complete=bool(card.get("complete", True)), predictions=preds,
-            labels=labels, **counts,
+            labels=labels, split_images=sizes[key], **counts,
         ))
         del model
     return rows
