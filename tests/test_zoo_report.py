@@ -512,3 +512,26 @@ def test_every_published_tying_result_is_a_section_of_the_report():
     report = (CKPT / "REPORT.md").read_text()
     for p in paths:
         assert "\n".join(zoo.tying_section(json.loads(p.read_text()))) in report, p.name
+
+
+def test_flops_matched_labels_say_how_close_the_match_is_at_the_zoo_width():
+    """A rotation-zoo label "(Cn FLOPs)" claims the FLOPs of steerable Cn at the width the zoo trains: within
+    2%, or the label states the ratio (the paper's C8 factor is 6.4% under at width 0.25); the claims use the
+    same words as the table."""
+    from wsviz.models import create_model, summarize
+
+    steerable = {e.overrides["N"]: summarize(create_model(e.model, **e.overrides)).flops
+                 for e in zoo.ZOO if e.model == "steerable_rotmnist"}
+    seen = 0
+    for e in zoo.ZOO:
+        if e.model != "repeatnet_rotmnist_cnn" or e.overrides.get("mode") == "none":
+            continue
+        n = int(e.overrides["match"][1:])
+        ratio = summarize(create_model(e.model, **e.overrides)).flops / steerable[n]
+        want = f"(C{n} FLOPs)" if abs(ratio - 1) <= 0.02 else f"({ratio:.2f}x C{n} FLOPs)"
+        assert e.role.endswith(want), (e.name, e.role, ratio)
+        seen += 1
+        for label, *names in zoo.CLAIMS:
+            if e.name in names and "FLOPs" in label:
+                assert want in label, (label, want)
+    assert seen == 9

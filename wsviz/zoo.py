@@ -46,6 +46,12 @@ def _scale(name, model, group, role, **overrides) -> ZooEntry:
     return ZooEntry(name, model, "mnist5k-scale", overrides, SCALE_RECIPE, group, role)
 
 
+# What a RepeatNet CNN sized by the paper's factor for steerable Cn costs at ROT_WIDTH, against that
+# steerable model at the same width: C4 and C16 within 0.03%, C8 6.4% under (1% at width 1: the
+# steerable C8 model's channels round more coarsely when narrowed). Checked by a test.
+MATCHED = {"c4": "C4 FLOPs", "c8": "0.94x C8 FLOPs", "c16": "C16 FLOPs"}
+
+
 def _rot(name, model, role, **overrides) -> ZooEntry:
     return ZooEntry(name, model, "mnist5k-rot", {**overrides, "width": ROT_WIDTH}, ROT_RECIPE, "rotation", role)
 
@@ -71,7 +77,7 @@ ZOO: list[ZooEntry] = [
     _scale("scale-repeatnet-f", "repeatnet_resnet18", "repeatnet", "f-RepeatNet", mode="bireal", base_width=8,
            scale=2, input_size=28),
     _rot("rot-cnn", "repeatnet_rotmnist_cnn", "CNN", mode="none"),
-    *[_rot(f"rot-repeat-{m}-{c}", "repeatnet_rotmnist_cnn", f"{label} ({c.upper()} FLOPs)", mode=m, match=c)
+    *[_rot(f"rot-repeat-{m}-{c}", "repeatnet_rotmnist_cnn", f"{label} ({MATCHED[c]})", mode=m, match=c)
       for c in ("c4", "c8", "c16") for m, label in (("linear", "linear"), ("swish", "s-RepeatNet"),
                                                   ("bireal", "f-RepeatNet"))],
     *[_rot(f"rot-steerable-c{n}", "steerable_rotmnist", f"steerable C{n}", N=n) for n in (4, 8, 16)],
@@ -221,12 +227,12 @@ CLAIMS = [
     ("ShaRDNet: blending layers help (SL vs S)", "scale-shardnet-SL", "scale-shardnet-S", ">"),
     ("RepeatNet: s-RepeatNet vs linear repetition", "scale-repeatnet-s", "scale-repeatnet-linear", "vs"),
     ("RepeatNet: f-RepeatNet vs linear repetition", "scale-repeatnet-f", "scale-repeatnet-linear", "vs"),
-    ("RepeatNet Table 4: C4 steerable > s-RepeatNet (C4 FLOPs)", "rot-steerable-c4", "rot-repeat-swish-c4", ">"),
-    ("RepeatNet Table 4: C8 steerable > s-RepeatNet (C8 FLOPs)", "rot-steerable-c8", "rot-repeat-swish-c8", ">"),
-    ("RepeatNet Table 4: C16 steerable > s-RepeatNet (C16 FLOPs)", "rot-steerable-c16", "rot-repeat-swish-c16", ">"),
-    ("RepeatNet Table 4: s-RepeatNet (C4 FLOPs) > plain CNN", "rot-repeat-swish-c4", "rot-cnn", ">"),
-    ("RepeatNet Table 4: s-RepeatNet (C8 FLOPs) > plain CNN", "rot-repeat-swish-c8", "rot-cnn", ">"),
-    ("RepeatNet Table 4: s-RepeatNet (C16 FLOPs) > plain CNN", "rot-repeat-swish-c16", "rot-cnn", ">"),
+    (f"RepeatNet Table 4: C4 steerable > s-RepeatNet ({MATCHED['c4']})", "rot-steerable-c4", "rot-repeat-swish-c4", ">"),
+    (f"RepeatNet Table 4: C8 steerable > s-RepeatNet ({MATCHED['c8']})", "rot-steerable-c8", "rot-repeat-swish-c8", ">"),
+    (f"RepeatNet Table 4: C16 steerable > s-RepeatNet ({MATCHED['c16']})", "rot-steerable-c16", "rot-repeat-swish-c16", ">"),
+    (f"RepeatNet Table 4: s-RepeatNet ({MATCHED['c4']}) > plain CNN", "rot-repeat-swish-c4", "rot-cnn", ">"),
+    (f"RepeatNet Table 4: s-RepeatNet ({MATCHED['c8']}) > plain CNN", "rot-repeat-swish-c8", "rot-cnn", ">"),
+    (f"RepeatNet Table 4: s-RepeatNet ({MATCHED['c16']}) > plain CNN", "rot-repeat-swish-c16", "rot-cnn", ">"),
 ]
 # Scale-robustness comparisons (accuracy averaged over SCALES), tested like the claims.
 SCALE_CLAIMS = [
