@@ -53,8 +53,8 @@ def _evidence_said() -> str:
                 "not measured.")
     return (f"Those weights were chosen on one half of the test split (val) over the {ev['groups']} candidate groups "
             f"of {ev['model']} ({ev['seeds']} seeds), against the accuracy each group lost after a {ev['steps']}-step "
-            f"fine-tune: Spearman ρ {ev['rho_val']:.2f} on val, {ev['rho_test']:.2f} on the other half, where the KL "
-            f"alone reached {ev['kl_test']:.2f} (checkpoints/REPORT.md, \"Ranking\"); measured on that one model only.")
+            f"fine-tune: Spearman ρ {ev['rho_val']:.2f} on val, {ev['rho_test']:.2f} on the other half (95% interval "
+            f"[{ev['rho_test_ci'][0]:.2f}, {ev['rho_test_ci'][1]:.2f}]), where the KL alone reached {ev['kl_test']:.2f} (checkpoints/REPORT.md, \"Ranking\"); measured on that one model only.")
 
 
 st.write("Where could this trained model share weights, and what would it cost? Every group of same-shape "

@@ -622,12 +622,18 @@ def _default_weights() -> dict:
     return DEFAULT_WEIGHTS
 
 
+def spearman_interval(rho: float, n: int) -> tuple[float, float]:
+    """95% interval of a Spearman ρ over ``n`` pairs: Fisher z with Fieller et al.'s SE √(1.06/(n − 3))."""
+    z, half = math.atanh(rho), 1.959963984540054 * math.sqrt(1.06 / (n - 3))
+    return math.tanh(z - half), math.tanh(z + half)
+
+
 def ranking_evidence(res: dict) -> dict:
     """What bench_tie's published results (``checkpoints/tying.json``) say of the combined score's
     weights, for a page to quote: the model and number of candidate groups and seeds they were chosen
     on, the short fine-tune's steps, the mean ρ on val (where the weights were chosen) and on the test
-    half for the combined score and for the KL alone, and whether ``DEFAULT_WEIGHTS`` are still the
-    weights chosen there (``current``)."""
+    half for the combined score (with its 95% interval, ``rho_test_ci``, as REPORT.md gives it) and for
+    the KL alone, and whether ``DEFAULT_WEIGHTS`` are still the weights chosen there (``current``)."""
     import statistics
 
     seeds = res["per_seed"]
@@ -635,6 +641,7 @@ def ranking_evidence(res: dict) -> dict:
     return {"model": res["checkpoint"], "groups": len(res["candidate_groups"]), "seeds": len(seeds),
             "steps": res["short_steps"], "rho_val": float(res["val_rho_chosen"]),
             "rho_test": test["combined (chosen on val)"], "kl_test": test["measured_kl"],
+            "rho_test_ci": spearman_interval(test["combined (chosen on val)"], len(res["candidate_groups"])),
             "current": _nonzero(res["weights_chosen_on_val"]) == _nonzero(_default_weights())}
 
 
@@ -843,8 +850,7 @@ def tying_section(res: dict) -> list[str]:
     others = {k: statistics.mean(s["spearman_test"][k] for s in seeds)
               for k in ("weight_similarity", "output_cka", "adjacent blocks")}
     groups = len(res["candidate_groups"])
-    z, half = math.atanh(comb), 1.959963984540054 * math.sqrt(1.06 / (groups - 3))  # Fieller et al.'s SE for ρ_s
-    r_lo, r_hi = math.tanh(z - half), math.tanh(z + half)
+    r_lo, r_hi = spearman_interval(comb, groups)
     lines += ["", f"Target ρ ≥ 0.7 for the combined score (its weights chosen on val, ρ on the test half): {comb:.2f} — "
               f"{_judge(comb >= 0.7, r_lo >= 0.7, r_hi < 0.7)}: 95% interval [{r_lo:.2f}, {r_hi:.2f}] (Fisher z, "
               f"SE √(1.06/(n − 3)) for Spearman's ρ with n = {groups} candidate groups, the mean over seeds taken as "
