@@ -535,3 +535,19 @@ def test_flops_matched_labels_say_how_close_the_match_is_at_the_zoo_width():
             if e.name in names and "FLOPs" in label:
                 assert want in label, (label, want)
     assert seen == 9
+
+
+def test_the_reports_scale_sentence_is_read_from_the_cards(tmp_path, monkeypatch):
+    """"Small models, 4,000 training digits, 12 epochs" was typed: it is now counted from the variants' cards
+    (epochs done, the size of each card's training split), so a retrained zoo cannot leave it stale."""
+    monkeypatch.setattr(zoo, "CLAIMS", [("C > D", "c", "d", ">")])
+    monkeypatch.setattr(zoo, "SCALE_CLAIMS", [])
+    out = _fake_zoo(tmp_path, {"c": [0.97, 0.975, 0.965], "d": [0.90, 0.91, 0.905]})
+    for name, epochs in (("c", 7), ("d", 9)):
+        for seed in range(3):
+            f = zoo.seed_folder(out, name, seed) / "card.json"
+            card = json.loads(f.read_text())
+            f.write_text(json.dumps({**card, "dataset": "mnist5k", "train_split": "train", "data_seed": 0,
+                                     "epochs": 12, "epochs_done": epochs}))
+    text = zoo.render_report(out)
+    assert "Small models, 4,000 training images, 7 or 9 epochs:" in text and "12 epochs" not in text
