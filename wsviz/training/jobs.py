@@ -84,7 +84,7 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
     backend = _backend(backend)
-    check_launch(store, actor.name, cfg.epochs, quotas)
+    check_launch(store, actor.name, cfg.epochs, quotas)  # a quick refusal before anything is built
     overrides = dict(overrides or {})
     spec = {"model": model, "dataset": dataset, "train_config": cfg.to_dict(), "overrides": overrides,
             "data_root": data_root, "device": device, "data_seed": data_seed, "max_seconds": quotas.max_seconds}
@@ -92,7 +92,9 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
         spec["init_from"] = str(Path(init_from).resolve())
     if tie is not None:
         spec["tie"] = tie.to_dict()
-    run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role)
+    # counted again inside the transaction that records the run: launches arriving together cannot all pass
+    run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role,
+                       admit=lambda: check_launch(store, actor.name, cfg.epochs, quotas))
     return _start(store, run, max_running, backend, resume=False)
 
 
@@ -114,9 +116,10 @@ def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNI
     if not path.is_file():
         raise WsvizError(f"Run {run.name} finished no epoch, so there is nothing to resume: launch it again.")
     epoch = int(load_state(path)["epoch"])
-    check_launch(store, actor.name, int(run.spec.get("train_config", {}).get("epochs", 0)),
-                 Quotas.from_env() if quotas is None else quotas)
-    store.requeue(run_id, keep_epochs=epoch)
+    quotas = Quotas.from_env() if quotas is None else quotas
+    epochs = int(run.spec.get("train_config", {}).get("epochs", 0))
+    check_launch(store, actor.name, epochs, quotas)
+    store.requeue(run_id, keep_epochs=epoch, admit=lambda: check_launch(store, actor.name, epochs, quotas))
     store.audit(run_id, "resumed", actor.name, actor.role)
     return _start(store, store.get(run_id), max_running, _backend(backend), resume=True)
 
@@ -249,15 +252,23 @@ def cancel(store: RunStore, run_id: str, *, actor: Actor | None = None) -> Run:
     """Ask a run to stop: a queued run ends before it starts, a running one gets SIGTERM."""
     from wsviz.training.runstore import HOST
 
+    from wsviz.training.runstore import pid_alive
+
     actor = require_trainer(actor, "cancel a run")
-    _check_owner(store.get(run_id), actor, "cancel")
+    run = store.get(run_id)
+    _check_owner(run, actor, "cancel")
+    if not run.active:
+        raise WsvizError(f"Run {run.name} is {run.status}: only a queued or running run can be cancelled.")
     run = store.request_cancel(run_id)
     store.audit(run_id, "cancelled", actor.name, actor.role)  # a job on another machine sees the request within a second
     if run.active and run.pid and run.host in (None, HOST):
-        try:
-            os.kill(run.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        if pid_alive(run.pid, run.pid_start):  # never a process that was given a dead run's pid
+            try:
+                os.kill(run.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        else:
+            store.reconcile()  # its process is gone: settle it now (cancelled, as requested)
     return store.get(run_id)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ class Run:
     slot: str | None = None  # the GPU (CUDA_VISIBLE_DEVICES) a running job holds; None on CPU
     host: str | None = None  # the machine its process runs on
     user: str | None = None  # who launched it (None: a run recorded before the audit trail existed)
+    pid_start: str | None = None  # its process's start time (a pid the OS gave to another process differs)
 
     @property
     def active(self) -> bool:
@@ -385,24 +387,36 @@ class RunStore:
 
     # ------------------------------------------------------------------ writes
     def create(self, model: str, dataset: str, spec: dict[str, Any], name: str | None = None,
-               user: str | None = None, role: str | None = None) -> Run:
-        """Record a queued run (and, with ``user``, who launched it in the audit trail)."""
+               user: str | None = None, role: str | None = None, admit: Callable[[], Any] | None = None) -> Run:
+        """Record a queued run (and, with ``user``, who launched it in the audit trail). ``admit`` (a
+        quota check raising WsvizError) runs inside the write transaction that records the run, so
+        no other launch is recorded between its count and this run's row."""
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = safe_run_name(name) if name else f"{model}-{dataset}"[:64]
         out = self.run_dir(run_id)
         out.mkdir(parents=True)
         created = time.time()
-        with self._connect() as con:
-            con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created, user) "
-                        "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                        (run_id, name, model, dataset, json.dumps(spec), str(out), created, user))
-            if user is not None:
-                con.execute("INSERT INTO audit (run_id, action, user, role, time) VALUES (?, 'launched', ?, ?, ?)",
-                            (run_id, user, role, created))
+        try:
+            with self._connect(immediate=admit is not None) as con:
+                if admit is not None:
+                    admit()
+                self._insert(con, run_id, name, model, dataset, spec, out, created, user, role)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         # Written after the row, so a rebuild never restores a run that is being created.
         _write_json(out / RUN_FILE, {"id": run_id, "name": name, "model": model, "dataset": dataset, "spec": spec,
                                      "created": created, "user": user})
         return self.get(run_id)
+
+    @staticmethod
+    def _insert(con, run_id, name, model, dataset, spec, out, created, user, role) -> None:
+        con.execute("INSERT INTO runs (id, name, model, dataset, spec, status, out_dir, created, user) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (run_id, name, model, dataset, json.dumps(spec), str(out), created, user))
+        if user is not None:
+            con.execute("INSERT INTO audit (run_id, action, user, role, time) VALUES (?, 'launched', ?, ?, ?)",
+                        (run_id, user, role, created))
 
     def claim_slot(self, run_id: str, max_running: int, pid: int, device: str,
                    slots: list[str] | None = None) -> str:
@@ -451,15 +465,18 @@ class RunStore:
             con.execute("UPDATE runs SET pid=?, pid_start=?, host=? WHERE id=?",
                         (pid, process_start_time(pid) if pid else None, host, run_id))
 
-    def requeue(self, run_id: str, keep_epochs: int) -> Run:
+    def requeue(self, run_id: str, keep_epochs: int, admit: Callable[[], Any] | None = None) -> Run:
         """Make a failed or cancelled run queued again, to be resumed after epoch ``keep_epochs``: its
-        metrics of later epochs (the epoch it was killed in) are dropped, the earlier ones kept."""
+        metrics of later epochs (the epoch it was killed in) are dropped, the earlier ones kept.
+        ``admit``: a quota check run inside the same write transaction (see :meth:`create`)."""
         with self._connect(immediate=True) as con:
             row = con.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
             if row is None:
                 raise WsvizError(f"No run {run_id!r} in {self.db_path}.")
             if row[0] not in ("failed", "cancelled"):
                 raise WsvizError(f"Run {run_id} is {row[0]}: only a failed or cancelled run can be resumed.")
+            if admit is not None:
+                admit()
             con.execute("UPDATE runs SET status='queued', reason=NULL, pid=NULL, pid_start=NULL, cancel_requested=0, "
                         "finished=NULL, slot=NULL, host=NULL, created=? WHERE id=?", (time.time(), run_id))
             con.execute("DELETE FROM metrics WHERE run_id=? AND epoch>?", (run_id, keep_epochs))
@@ -577,10 +594,10 @@ class RunStore:
 
     # ------------------------------------------------------------------ reads
     def _row(self, row: tuple) -> Run:
-        (rid, name, model, dataset, spec, status, reason, pid, _start, cancel, device, out, created, started,
+        (rid, name, model, dataset, spec, status, reason, pid, pid_start, cancel, device, out, created, started,
          finished, acc, slot, host, user) = row
         return Run(rid, name, model, dataset, json.loads(spec), status, reason, pid, device, out, created, started,
-                   finished, acc, bool(cancel), slot, host, user)
+                   finished, acc, bool(cancel), slot, host, user, pid_start)
 
     def get(self, run_id: str) -> Run:
         with self._connect() as con:

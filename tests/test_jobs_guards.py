@@ -1,0 +1,86 @@
+"""Runs are only ever stopped, counted and admitted for what they are (review of the training jobs):
+cancel signals a run's own process only, a quota holds when launches arrive together, and a finished
+run is not "cancelled" after the fact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import wsviz.training.jobs as jobs
+import wsviz.training.quotas as quotas_mod
+from wsviz.auth import Actor
+from wsviz.errors import WsvizError
+from wsviz.training.loop import TrainConfig
+from wsviz.training.quotas import Quotas
+from wsviz.training.runstore import RunStore
+
+CFG = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_batches=1)
+SPEC = {"model": "resnet_digits", "dataset": "mnist5k", "train_config": CFG.to_dict(), "overrides": {},
+        "data_root": None, "device": None, "data_seed": 0}
+ALICE = Actor("alice", "trainer")
+
+
+def test_cancel_never_signals_a_process_that_reused_the_runs_pid(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run = store.create("resnet_digits", "mnist5k", SPEC, user="alice", role="trainer")
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        # the run's process died and the OS gave its pid to another process: the start time differs
+        store.claim_slot(run.id, 4, stranger.pid, "cpu")
+        with store._connect() as con:
+            con.execute("UPDATE runs SET pid_start='123.0' WHERE id=?", (run.id,))
+        after = jobs.cancel(store, run.id, actor=ALICE)
+        time.sleep(0.3)
+        assert stranger.poll() is None  # still running: never signalled
+        assert after.status in ("cancelled", "failed")  # the dead run is settled, not left "running"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_cancelling_a_finished_run_is_refused_and_records_nothing(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run = store.create("resnet_digits", "mnist5k", SPEC, user="alice", role="trainer")
+    store.finish(run.id, "done", "finished", 0.9)
+    with pytest.raises(WsvizError, match="is done: only a queued or running run can be cancelled"):
+        jobs.cancel(store, run.id, actor=ALICE)
+    assert [a["action"] for a in store.audit_trail(run.id)] == ["launched"]
+    assert not store.get(run.id).cancel_requested
+
+
+def test_the_runs_quota_holds_when_launches_arrive_together(tmp_path, monkeypatch):
+    """Four launches at once against a limit of one run: exactly one is admitted (the count and the new
+    run's row are one transaction). The usage count is slowed to widen the window a race needs."""
+    store = RunStore(tmp_path / "runs")
+    real_usage = quotas_mod.usage
+
+    def slow_usage(*a, **kw):
+        use = real_usage(*a, **kw)
+        time.sleep(0.3)
+        return use
+
+    monkeypatch.setattr(quotas_mod, "usage", slow_usage)
+    monkeypatch.setattr(jobs, "_start", lambda store, run, *a, **kw: run)  # no training process
+    barrier, results = threading.Barrier(4), []
+
+    def go(i):
+        barrier.wait()
+        try:
+            jobs.launch(RunStore(tmp_path / "runs"), "resnet_digits", "mnist5k", CFG, actor=ALICE,
+                        quotas=Quotas(max_active=1), name=f"race{i}")
+            results.append("ok")
+        except WsvizError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results.count("ok") == 1, results
+    assert all("the limit is 1" in r for r in results if r != "ok")
+    assert len(store.list()) == 1
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 1  # refused launches leave no folder
