@@ -250,9 +250,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def cancel(store: RunStore, run_id: str, *, actor: Actor | None = None) -> Run:
     """Ask a run to stop: a queued run ends before it starts, a running one gets SIGTERM."""
-    from wsviz.training.runstore import HOST
-
-    from wsviz.training.runstore import pid_alive
+    from wsviz.training.runstore import HOST, pid_alive
 
     actor = require_trainer(actor, "cancel a run")
     run = store.get(run_id)

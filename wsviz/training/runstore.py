@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import shutil
 import logging
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import time
