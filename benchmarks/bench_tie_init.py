@@ -17,6 +17,12 @@ on the Fashion twin (val level after fine-tuning, the test half +0.3), so that t
 fresh check of lstsq-bn. Each half gets a 95% paired bootstrap interval of the
 difference (``bench_tie.gap_interval``: its images are the resampled units, the seeds fixed).
 
+The committed results (commits df04c7b and d7157d1) predate commit 8f162bf, which changed wsviz's
+recipe: their fine-tunes learnt from the untied model's predictions alone, with no feature
+distillation. The comparison was not repeated with the current recipe; a run now records the recipe
+it used (``res["recipe"]``), and the report says which one fine-tuned (``OLD_RECIPE`` when none is
+recorded).
+
     python -m benchmarks.bench_tie_init [--checkpoint benchmarks/checkpoints/fashion-sharesnet-unshared]
         [--seeds 0 1 2] [--lr 0.03] [--threads 2]
 """
@@ -37,6 +43,20 @@ from wsviz.analysis.opportunities import sharesnet_rule
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("lstsq", "lstsq-bn")
 ADOPT = 0.2  # points on val after fine-tuning that lstsq-bn must gain to replace lstsq in the recipe
+# What fine-tuned a result that records no recipe: every committed one (df04c7b, d7157d1) ran with wsviz's
+# recipe as it was before commit 8f162bf (finetune_config then: distill 4 from the predictions only, average_last 15)
+OLD_RECIPE = ("These fine-tunes ran before commit 8f162bf (2026-12-02) changed wsviz's recipe, and were not repeated "
+              "after it: they used the recipe as it was then (a cosine annealed every step, the loss from the untied "
+              "model's predictions alone at T = 4, no labels, the last 15 steps' weights averaged, no feature "
+              "distillation), not today's (half the loss from the labels, feature distillation of the tied blocks at "
+              "weight 3).")
+
+
+def recipe_record(n_train: int, steps: int, lr: float) -> dict:
+    """The recipe ``bench_tie.finetune`` fine-tunes a tied model with here, as a result records it."""
+    cfg = B.finetune_settings(n_train, steps, lr)
+    return {"distill": cfg.distill, "distill_weight": cfg.distill_weight, "feature_distill": cfg.feature_distill,
+            "average_last": cfg.average_last}
 
 
 def main(argv=None) -> dict:
@@ -56,7 +76,7 @@ def main(argv=None) -> dict:
     res = {"checkpoint": ckpt.name, "dataset": dataset, "rule_groups": [list(g) for g in rule], "steps": steps,
            "lr": args.lr, "seeds": args.seeds, "calibration": B.CALIBRATION, "untied": {"val": B.acc(plain, val),
                                                                                       "test": B.acc(plain, test)},
-           "per_seed": []}
+           "per_seed": [], "recipe": recipe_record(n_train, steps, args.lr)}
     right = {init: {"val": [], "test": []} for init in INITS}  # per image, per seed, after fine-tuning
     for seed in args.seeds:
         cal = train_data[0][B.calibration_indices(n_train, seed)]
@@ -95,9 +115,14 @@ def report(res: dict) -> list[str]:
         vals = [s[init][key] for s in res["per_seed"]]
         return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals) if n > 1 else 0:.2f}"
 
+    r = res.get("recipe")
+    recipe = ("wsviz's recipe before commit 8f162bf, below" if r is None else
+              f"wsviz's recipe: distillation T = {r['distill']:g} at weight {r['distill_weight']:g} (the rest from the "
+              f"labels), feature distillation {r['feature_distill']:g}, the last {r['average_last']} steps averaged")
     lines = [f"## lstsq vs lstsq-bn: {res['checkpoint']} tied by ShaResNet's rule ({n} seeds)", "",
              f"Untied: val {res['untied']['val']:.2f}, test {res['untied']['test']:.2f}. Fine-tune: "
-             f"{res['steps']} steps at lr {res['lr']} (wsviz's recipe). Mean ± sd over seeds.", "",
+             f"{res['steps']} steps at lr {res['lr']} ({recipe}). Mean ± sd over seeds.", "",
+             *([OLD_RECIPE, ""] if r is None else []),
              "| init | val, right after tying | val, fine-tuned | test, right after tying | test, fine-tuned |",
              "|---|---|---|---|---|"]
     for init in INITS:

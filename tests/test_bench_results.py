@@ -69,3 +69,22 @@ def test_other_tying_benchmarks_md_is_their_report(prefix, report):
     assert paths
     for path in paths:
         assert path.with_suffix(".md").read_text() == _rendered(report(_load(path))), path.name
+
+
+def test_tie_init_results_say_which_recipe_fine_tuned_them():
+    """The committed tie-init results (df04c7b, d7157d1) were fine-tuned before commit 8f162bf changed
+    wsviz's recipe; they record no recipe, and their report must not pass them off as today's."""
+    paths = sorted(RESULTS.glob("tie-init-*.json"))
+    assert len(paths) == 3
+    for path in paths:
+        res = _load(path)
+        assert "recipe" not in res
+        text = _rendered(bench_tie_init.report(res))
+        assert "before commit 8f162bf" in text and "predictions alone" in text and "no feature distillation" in text
+        assert "(wsviz's recipe)" not in text
+    # a run that records its recipe is reported with it, not with the old one's caveat
+    res = _load(paths[0]) | {"recipe": bench_tie_init.recipe_record(4000, 37, 0.01)}
+    assert res["recipe"] == {"distill": 4.0, "distill_weight": 0.5, "feature_distill": 3.0, "average_last": 15}
+    text = _rendered(bench_tie_init.report(res))
+    assert "8f162bf" not in text
+    assert "wsviz's recipe: distillation T = 4 at weight 0.5 (the rest from the labels), feature distillation 3" in text
