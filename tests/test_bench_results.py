@@ -88,3 +88,19 @@ def test_tie_init_results_say_which_recipe_fine_tuned_them():
     text = _rendered(bench_tie_init.report(res))
     assert "8f162bf" not in text
     assert "wsviz's recipe: distillation T = 4 at weight 0.5 (the rest from the labels), feature distillation 3" in text
+
+
+def test_bench_tie_threads_default_and_documented_command_match_the_published_runs():
+    """The published runs recorded how many torch threads they used; the default and the commands
+    bench_tie documents for publishing must reproduce that, not another setting."""
+    recorded = _load(RESULTS / "tie.json")["threads"]  # REPORT.md: "2 torch threads"
+    assert _load(RESULTS / "tie-fashion-sharesnet-unshared.json")["threads"] == recorded
+    assert bench_tie.parser().parse_args([]).threads == recorded
+    doc = bench_tie.__doc__.replace("\\\n", " ")  # a command continued on the next line is one command
+    commands = [line.strip() for line in doc.splitlines() if "benchmarks.bench_tie " in line and "--publish" in line]
+    assert len(commands) == 2  # the shipped twin's and the Fashion twin's
+    for line in commands:
+        words = shlex.split(line.split("#")[0].replace("[", "").replace("]", ""))
+        assert not any(w.startswith("OMP_NUM_THREADS") for w in words), line
+        args = bench_tie.parser().parse_args(words[words.index("benchmarks.bench_tie") + 1:])
+        assert args.threads == recorded, line
