@@ -84,3 +84,18 @@ def test_the_runs_quota_holds_when_launches_arrive_together(tmp_path, monkeypatc
     assert all("the limit is 1" in r for r in results if r != "ok")
     assert len(store.list()) == 1
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 1  # refused launches leave no folder
+
+
+def test_a_dataset_missing_from_this_machine_is_refused_at_launch_in_the_pages_words(tmp_path, monkeypatch):
+    """CIFAR-10 not on the machine used to queue a run that failed seconds later, advising CLI flags
+    (--data-root, --download) the Train page does not have. Now the launch is refused, nothing recorded."""
+    monkeypatch.setattr(jobs, "_start", lambda store, run, *a, **kw: run)
+    store = RunStore(tmp_path / "runs")
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(WsvizError) as err:
+        jobs.launch(store, "resnet_digits", "cifar10", CFG, actor=ALICE, data_root=str(empty))
+    said = str(err.value)
+    assert "cifar10" in said and str(empty) in said and "--" not in said and "download=True" not in said
+    assert store.list() == []
+    jobs.launch(store, "resnet_digits", "mnist5k", CFG, actor=ALICE)  # an embedded set is always there

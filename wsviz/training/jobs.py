@@ -72,6 +72,7 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     get_spec(model)
     dataset_info(dataset, data_root)
     check_trainable(model, dataset, overrides, data_root)
+    _check_data_here(dataset, data_root)
     if tie is not None and init_from is None:
         raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (init_from).")
     if init_from is not None:
@@ -96,6 +97,24 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role,
                        admit=lambda: check_launch(store, actor.name, cfg.epochs, quotas))
     return _start(store, run, max_running, backend, resume=False)
+
+
+def _check_data_here(dataset: str, data_root: str | None) -> None:
+    """Refuse a run whose data is not on this machine now, in words for whoever launched it (the page has
+    no --data-root or --download): a background job never downloads, so it would only fail later."""
+    from wsviz.data.datasets import DEFAULT_DATA_ROOT, dataset_info, load_split
+
+    if dataset.startswith("folder:") or dataset_info(dataset, data_root).offline:
+        return  # folders are checked against the data roots; the embedded sets are always here
+    root = Path(data_root) if data_root else DEFAULT_DATA_ROOT
+    try:
+        load_split(dataset, "train", data_root=root)
+    except WsvizError as exc:
+        if "not found" not in str(exc):
+            raise  # damaged files: that message says what to do
+        raise WsvizError(f"Dataset {dataset!r} is not on this machine under {root}: put torchvision's copy of it "
+                         "there (the folder WSVIZ_DATA_ROOT names), then launch again; the embedded mnist5k sets "
+                         "need nothing.") from None
 
 
 def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNING, backend: str | None = None,
