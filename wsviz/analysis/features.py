@@ -16,7 +16,8 @@ from torch import nn
 
 from wsviz.data.datasets import fit_to
 from wsviz.errors import WsvizError
-from wsviz.models.hooks import this_thread
+from wsviz.models.hooks import private_copy, this_thread
+from wsviz.models.modes import eval_mode
 from wsviz.models.registry import input_shape
 from wsviz.models.taps import TapInfo, list_taps, tap_modules
 
@@ -74,19 +75,17 @@ def feature_maps(model: nn.Module, image: torch.Tensor, kinds: Iterable[str] | N
                  names: Iterable[str] | None = None) -> list[FeatureMap]:
     """The maps of one image (C, H, W) at the chosen taps, in forward order.
 
-    The model runs in eval mode (its mode is restored); hooks are removed even on error.
+    The maps are the eval-mode ones. A model with any module in training mode is run as a private
+    copy in eval mode (:mod:`wsviz.models.hooks`' policy: the object given, which the app shares
+    between sessions, never changes mode, not even for the length of the pass); a model in eval
+    mode throughout (the usual case) runs as it is. Hooks are removed even on error.
     """
     taps = select_taps(model, kinds, names)
     c, h, _ = input_shape(model)
     x = fit_to(image.unsqueeze(0) if image.ndim == 3 else image[:1], c, h)
     x = x.to(next(model.parameters()).device)
-    was = model.training
-    if was:  # switching modes walks every module: only do it when needed
-        model.eval()
-    try:
-        with capture(model, taps) as got:
-            model(x)
-    finally:
-        if was:
-            model.train()
+    if any(m.training for m in model.modules()):
+        model = private_copy(model)
+    with eval_mode(model), capture(model, taps) as got:
+        model(x)
     return [FeatureMap(t.name, t.kind, t.label, got[t.name][0].cpu()) for t in taps if t.name in got]
