@@ -120,8 +120,7 @@ if method == "grad_cam":
     st.caption("Grad-CAM explains through one layer. The default is the deepest spatial map the classifier reads "
                "(WSMS: the integrated features of all stages; ShaRDNet: the last shared-conv iteration; e2cnn: the "
                "last block's map), so the map explains the whole model; choose another layer per variant below.")
-maps = {}
-image = None
+maps, own_inputs = {}, {}  # each map is drawn over the input its model was given, not the first variant's
 target = None if target_choice == "the predicted class" else int(target_choice.split(":")[0])
 layer_cols = st.columns(max(1, len(inputs))) if method == "grad_cam" else []
 for i, (label, x) in enumerate(inputs.items()):
@@ -139,10 +138,10 @@ for i, (label, x) in enumerate(inputs.items()):
     except Exception as exc:  # noqa: BLE001
         show_error(exc)
         continue
-    image = x.mean(0).numpy() if image is None else image
     t = int(res.targets[0])
-    maps[f"{label} → {names_of[label][t]}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
+    panel = f"{label} → {names_of[label][t]}" + (f" @ {res.layer}" if res.layer else "")
+    maps[panel], own_inputs[panel] = res.maps[0].numpy(), x.mean(0).numpy()
 if maps:
     what = "the predicted class" if target is None else f"class {class_labels[target]}"
-    figure(attribution_figure(image, maps, f"{method.replace('_', ' ')} for {what}", signed=method in SIGNED_METHODS,
+    figure(attribution_figure(own_inputs, maps, f"{method.replace('_', ' ')} for {what}", signed=method in SIGNED_METHODS,
                               opacity=opacity, scale=attr_scale), f"attr-{method}")

@@ -176,8 +176,8 @@ def test_attribution_class_names_come_from_each_variants_own_dataset(fashion_var
     assert menu.options == ["the predicted class"]  # no class shared by a digit model and a clothes model
     assert any("different classes" in c.value for c in at.caption)
     spec = next(s for s in charts(at) if title(s).startswith("saliency") or title(s).startswith("integrated"))
-    titles = [a["text"].split("<br>")[0] for a in spec["layout"]["annotations"]][1:]
-    shown = dict(t.split(" → ") for t in titles)
+    titles = [a["text"].split("<br>")[0] for a in spec["layout"]["annotations"]]
+    shown = dict(t.split(" → ") for t in titles if " → " in t)  # the maps' panels, not their inputs
     assert shown["digits"] in [str(i) for i in range(10)]
     assert shown["fashion"] in FASHION  # its own card's names, not the first variant's digits
 
@@ -255,3 +255,55 @@ def test_scale_and_rotation_pages_say_how_an_upload_became_the_models_input(page
     notes = [c.value for c in at.caption if c.value.startswith("Prepared like the training digits")]
     assert len(notes) == 1, [c.value for c in at.caption]  # both variants share one 28x28 input
     assert "inverted" in notes[0] and "brightness 0.90" in notes[0] and "20×20 box" in notes[0]
+
+
+# ------------------------------------------------------------------ each attribution over its own input
+def _panels(spec: dict) -> list[tuple[str, np.ndarray | None, np.ndarray | None]]:
+    """(subplot title, grey input drawn there or None, map drawn there or None) per subplot, in order."""
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    out = []
+    for j, t in enumerate(titles, start=1):
+        axis = "x" if j == 1 else f"x{j}"
+        here = [tr for tr in spec["data"] if tr.get("xaxis", "x") == axis]
+        grey = next((z_of(tr) for tr in here if tr.get("hoverinfo") == "skip"), None)
+        heat = next((z_of(tr, "customdata") for tr in here if tr.get("hoverinfo") != "skip"), None)
+        out.append((t, grey, heat))
+    return out
+
+
+def test_attribution_figure_draws_each_map_over_its_own_input():
+    a, b = np.zeros((4, 4)), np.eye(4)
+    maps = {"A → 3": np.ones((4, 4)), "B → 3": 2 * np.ones((4, 4)), "C → 1": 3 * np.ones((4, 4))}
+    spec = attribution_figure({"A → 3": a, "B → 3": b, "C → 1": a.copy()}, maps, opacity=0.5).to_plotly_json()
+    panels = _panels(spec)
+    assert [t.split("<br>")[0] for t, _, _ in panels] == ["input of A, C", "A → 3", "C → 1", "input of B", "B → 3"]
+    want = {"A": a, "B": b, "C": a}
+    for t, grey, heat in panels:
+        assert grey is not None
+        if heat is not None:  # a map, drawn over its own model's input
+            assert np.array_equal(grey, want[t[0]])
+    one = _panels(attribution_figure(a, {"A → 3": maps["A → 3"], "B → 3": maps["B → 3"]}).to_plotly_json())
+    assert [t.split("<br>")[0] for t, _, _ in one] == ["input", "A → 3", "B → 3"]  # one input: drawn once
+
+
+def test_compare_page_draws_each_variants_attribution_over_its_own_input(fashion_variant):
+    """A digit model and a Fashion-MNIST model read one upload differently (MNIST's layout vs the image fit in a
+    square): each one's map is drawn over the input it explained, not over the first variant's."""
+    from wsviz.data.uploads import load_upload
+
+    at = open_app("pages/compare.py", fashion_variant)
+    name, data = _digit_png(3, 0.9)
+    at.file_uploader[0].set_value([(name, data, "image/png")]).run()
+    next(s for s in at.slider if s.label.startswith("Overlay")).set_value(0.5).run()
+    next(s for s in at.selectbox if s.label == "Method").set_value("saliency").run()
+    assert not at.exception
+    own = {"digits": load_upload(data, name, 1, 28, dataset="mnist5k-scale")[0].numpy(),
+           "fashion": load_upload(data, name, 1, 28, dataset="fashion-mnist")[0].numpy()}
+    assert not np.allclose(own["digits"], own["fashion"])
+    spec = next(s for s in charts(at) if title(s).startswith("saliency"))
+    drawn = [(t.split(" → ")[0], grey) for t, grey, heat in _panels(spec) if heat is not None]
+    assert sorted(v for v, _ in drawn) == ["digits", "fashion"]
+    for variant, grey in drawn:
+        np.testing.assert_allclose(grey, own[variant], atol=1e-6, err_msg=f"{variant}'s map over another input")
+    inputs = [t for t, _, heat in _panels(spec) if heat is None]
+    assert sorted(inputs) == ["input of digits", "input of fashion"]

@@ -235,9 +235,21 @@ SIGNED_METHODS = ("integrated_gradients",)
 ATTRIBUTION_SCALES = ("per_panel", "shared")
 
 
-def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: str = "", signed: bool = False,
-                       opacity: float = 0.0, scale: str = "per_panel") -> go.Figure:
-    """The input and one attribution map per model, side by side, each titled with its maximum.
+def _panel_short(name: str) -> str:
+    """A panel's model: the part of its name before " → " (the class explained), if any."""
+    return name.split(" → ")[0]
+
+
+def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str, np.ndarray], title: str = "",
+                       signed: bool = False, opacity: float = 0.0, scale: str = "per_panel") -> go.Figure:
+    """Each map beside (and with ``opacity`` > 0, over) the input it explains, each titled with its maximum.
+
+    ``image``: the (H, W) input every map explains, or {map name: its own input} when the models
+    were given different inputs (their own size, or their training set's layout of one upload: a
+    digit model and a Fashion-MNIST model read one upload differently). Each distinct input is
+    drawn once, titled "input" (or "input of" the models reading it, a model being a map name's
+    part before " → "), followed by the maps that explain it; a map is only ever drawn over its
+    own input.
 
     ``scale="per_panel"`` (default): each map drawn on its own scale, from 0 to its own maximum
     (|max| for signed maps), with one colour bar in fractions of each panel's maximum and the
@@ -246,31 +258,56 @@ def attribution_figure(image: np.ndarray, maps: dict[str, np.ndarray], title: st
     attribution units, for all maps. ``signed`` (Integrated Gradients): a diverging scale
     centred at zero, so zero is the same neutral colour in every panel. Otherwise (Saliency,
     Grad-CAM, never negative) a sequential scale from white at zero. ``opacity`` > 0 draws each
-    map over the input (in grey) with that opacity, so it can be read against the digit or photo.
+    map over its input (in grey) with that opacity, so it can be read against the digit or photo.
     """
     if scale not in ATTRIBUTION_SCALES:
         raise ValueError(f"scale must be one of {ATTRIBUTION_SCALES}, got {scale!r}")
+    if isinstance(image, dict):
+        missing = [n for n in maps if n not in image]
+        if missing:
+            raise ValueError(f"no input image for the map(s) {missing}")
+        own = {n: np.asarray(image[n], dtype=float) for n in maps}
+    else:
+        own = {n: np.asarray(image, dtype=float) for n in maps}
+    groups: list[tuple[np.ndarray, list[str]]] = []  # each distinct input, with the maps explaining it
+    for n, img in own.items():
+        g = next((g for g in groups if g[0].shape == img.shape and np.array_equal(g[0], img, equal_nan=True)), None)
+        if g is None:
+            groups.append((img, [n]))
+        else:
+            g[1].append(n)
+    if not groups:  # no maps: the input alone
+        groups.append((np.asarray(image, dtype=float) if not isinstance(image, dict) else np.zeros((1, 1)), []))
     per_panel = scale == "per_panel"
     peaks = {name: float(np.nanmax(np.abs(z) if signed else z)) if np.size(z) and not np.isnan(z).all() else 0.0
              for name, z in maps.items()}
     shared = max(peaks.values(), default=1.0) or 1.0
     mark = "max |a|" if signed else "max"
-    titles = ["input"] + [f"{name}<br><sup>{mark} {peaks[name]:.3g}</sup>" for name in maps]
+    panels: list[tuple[str | None, np.ndarray]] = []  # (map name, or None for an input panel; its input)
+    titles = []
+    for img, names in groups:
+        panels.append((None, img))
+        titles.append("input" if len(groups) == 1 else
+                      "input of " + ", ".join(dict.fromkeys(_panel_short(n) for n in names)))
+        for n in names:
+            panels.append((n, img))
+            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>")
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
     colours = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
                                         [1, "#7a0403"]]
     bar = dict(title="÷ its panel's max" if per_panel else "attribution", thickness=12)
     alpha = 1.0 if opacity <= 0 else float(opacity)
-    for j, name in enumerate(["input", *maps], start=1):
-        if name == "input" or opacity > 0:
-            fig.add_trace(go.Heatmap(z=image, colorscale="gray", showscale=False, hoverinfo="skip"), 1, j)
-        if name != "input":
+    last_map = max((j for j, (n, _) in enumerate(panels, start=1) if n is not None), default=0)
+    for j, (name, img) in enumerate(panels, start=1):
+        if name is None or opacity > 0:
+            fig.add_trace(go.Heatmap(z=img, colorscale="gray", showscale=False, hoverinfo="skip"), 1, j)
+        if name is not None:
             z = np.asarray(maps[name], dtype=float)
             vmax = (peaks[name] or 1.0) if per_panel else shared
             shown = z / vmax if per_panel else z
             top = 1.0 if per_panel else vmax
             fig.add_trace(go.Heatmap(z=shown, customdata=z, colorscale=colours, zmin=-top if signed else 0, zmax=top,
-                                     zmid=0 if signed else None, opacity=alpha, showscale=j == len(titles),
+                                     zmid=0 if signed else None, opacity=alpha, showscale=j == last_map,
                                      colorbar=bar,
                                      hovertemplate="%{customdata:.3g}"
                                                    + (" (%{z:.0%} of this panel's max)" if per_panel else "")
