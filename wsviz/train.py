@@ -23,7 +23,6 @@ ends as done, failed (with the reason) or cancelled (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -43,7 +42,8 @@ class Cancelled(Exception):
 
 
 class OverWallTime(Exception):
-    """Raised in a recorded run that has run longer than its wall-time quota (WSVIZ_QUOTA_HOURS)."""
+    """Raised in a recorded run that has run longer than its wall-time quota (WSVIZ_QUOTA_HOURS), over
+    all its attempts: ``OverWallTime(limit, used)`` in seconds."""
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -182,8 +182,9 @@ def list_recipes_text() -> str:
 
 
 def _config(args: argparse.Namespace):
-    from wsviz.training.loop import TrainConfig
+    from wsviz.training.loop import TrainConfig, check_seed
 
+    check_seed(args.data_seed, "data seed")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       step_size=args.step_size, milestones=tuple(args.milestones), gamma=args.gamma,
@@ -241,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()  # the store marks the run failed once this process is gone
 
     signal.signal(signal.SIGTERM, on_term)
+    rank = 0
     try:
         cfg = _config(apply_recipe(args))
         if args.resume and args.overwrite:
             raise WsvizError("--resume continues the run in --out, --overwrite starts it again: give one of them.")
         overrides = parse_set(args.set)
         if store is not None:
+            _check_allowance_left(store, args)
             _wait_for_slot(store, args, sys.argv[1:] if argv is None else list(argv))
         rank, world, wrap = _distributed()
         device = args.device
@@ -269,8 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"test accuracy {card['test_accuracy']:.4f}; checkpoint in {args.out}")
         return 0
     except OverWallTime as exc:
-        finish("cancelled", f"stopped at the wall-time limit of {exc.args[0] / 3600:g} h per run (WSVIZ_QUOTA_HOURS); "
-                            "its finished epochs are kept")
+        limit, used = exc.args
+        if rank == 0:
+            _record_used(args.out, used)
+        finish("cancelled", f"stopped at the wall-time limit of {limit / 3600:g} h per run (WSVIZ_QUOTA_HOURS, counted "
+                            "over all its attempts); its finished epochs are kept")
         print("stopped: wall-time limit", file=sys.stderr)
         return 1
     except Cancelled as exc:
@@ -288,22 +294,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # anything else: record why, keep the traceback in a job's log
         if store is not None or debug_requested(argv):
             traceback.print_exc()
-        reason = failure_reason(exc)
+        reason = failure_reason(exc, getattr(args, "out", None))
         print(f"error: {reason}", file=sys.stderr)
         finish("failed", reason)
         return 3 if reason.startswith(("out of memory", "the disk is full")) else 1
 
 
-def failure_reason(exc: BaseException) -> str:
-    """What the run store says about a failed run: plain words and what to do first."""
+def failure_reason(exc: BaseException, out: str | None = None) -> str:
+    """What the run store says about a failed run: plain words and what to do first. ``out``: the
+    run's checkpoint folder (a full disk's advice depends on the training state kept beside it)."""
+    from wsviz.training.checkpoint import disk_full_errno
+
     text = str(exc)
     low = text.lower()
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    if full or "no space left on device" in low or "disk quota exceeded" in low:  # safetensors' own error too
-        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    if disk_full_errno(exc) is not None:  # safetensors' own error too
+        name = os.fsdecode(exc.filename) if isinstance(getattr(exc, "filename", None), (str, bytes)) else None
+        where = f" writing {name}" if name else ""
         what = (exc.strerror if isinstance(exc, OSError) else None) or text.splitlines()[0][:200]
-        return (f"the disk is full ({what}{where}) while saving the checkpoint; free some space and start the run "
-                "again — the last complete checkpoint, if any, is kept")
+        saving = ("the training state" if name and name.endswith(".state.safetensors") else
+                  "the TensorBoard log" if name and "tfevents" in os.path.basename(name) else "the checkpoint")
+        # Every file is written under a temporary name and renamed once whole: a failed write leaves the
+        # last complete checkpoint and training state as they were, and the state resumes the run.
+        from wsviz.training.state import state_path
+
+        if out is not None and state_path(out).is_file():
+            return (f"the disk is full ({what}{where}) while saving {saving}; free some space, then resume the run "
+                    "(--resume on the command line, Resume on the Train page): its last complete checkpoint and "
+                    "training state are kept")
+        return (f"the disk is full ({what}{where}) while saving {saving}; free some space and start the run again "
+                "(it had no finished epoch to resume from)")
     if "out of memory" in low or "can't allocate memory" in low or "cannot allocate memory" in low:
         return f"out of memory ({text.splitlines()[0][:300]}); use a smaller batch size or model"
     return f"{type(exc).__name__}: {text}"
@@ -338,6 +357,44 @@ def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
         print(f"pinned to GPU slot {slot}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 
 
+def _check_allowance_left(store, args: argparse.Namespace) -> None:
+    """Refuse to resume a recorded run that has used its whole wall-time allowance in earlier attempts
+    (the training state records the seconds used so far)."""
+    if not args.resume:
+        return
+    limit = store.get(args.run_id).spec.get("max_seconds")
+    used = _used_before(args)
+    if limit and used >= limit:
+        raise WsvizError(f"this run has used its {limit / 3600:g} h allowance (WSVIZ_QUOTA_HOURS per run, counted over "
+                         f"all its attempts: {used / 3600:.3g} h); its finished epochs are kept in {args.out}: use that "
+                         "checkpoint as it is, or train it further as a new run (a fine-tune from it)")
+
+
+def _used_before(args: argparse.Namespace) -> float:
+    """The wall-clock seconds the run used in its earlier attempts (0 for a fresh start)."""
+    if not args.resume:
+        return 0.0
+    from wsviz.training.run import recorded_seconds
+    from wsviz.training.state import state_path
+
+    return recorded_seconds(state_path(args.out)) or 0.0
+
+
+def _record_used(out: str, used: float) -> None:
+    """A run stopped at its wall-time limit: the state records all the time used (the epoch cut short
+    too), so a resume is refused rather than given the time that epoch had already spent."""
+    from wsviz.training.run import record_seconds
+    from wsviz.training.state import state_path
+
+    spath = state_path(out)
+    if not spath.is_file():
+        return
+    try:
+        record_seconds(spath, used)
+    except Exception:  # noqa: BLE001 - the stop itself is what matters; the log keeps why
+        traceback.print_exc()
+
+
 LIVE_LOSS_EVERY_S = 1.0  # a background job records its live loss (and checks for a cancel) at most this often
 
 
@@ -368,6 +425,12 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                                                       "lr": m.lr, "images_per_s": m.images_per_s})
 
     last = [0.0]
+    before = _used_before(args) if store is not None else 0.0
+    started = store.get(args.run_id).started if store is not None else None
+    started = time.time() if started is None else started
+
+    def used_seconds() -> float:  # the run's wall-clock seconds over all its attempts
+        return before + time.time() - started
 
     def on_step(epoch, step, loss):  # step: the optimiser step since the run's start (a resume continues it)
         if store is not None and time.monotonic() - last[0] > LIVE_LOSS_EVERY_S:  # live loss, at most once a second
@@ -379,8 +442,9 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
             if run.cancel_requested:
                 raise Cancelled()
             limit = run.spec.get("max_seconds")
-            if limit and run.started and time.time() - run.started > limit:
-                raise OverWallTime(limit)
+            used = used_seconds()
+            if limit and used > limit:
+                raise OverWallTime(limit, used)
 
     tensorboard = args.tensorboard or tensorboard_dir(args.out)
     tie = None
@@ -393,7 +457,8 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                             data_seed=args.data_seed, download=args.download, device=device, on_epoch=on_epoch,
                             on_step=on_step, rank=rank, world_size=world, wrap=wrap, resume=args.resume,
                             tensorboard=None if tensorboard.lower() == "none" else tensorboard,
-                            init_from=args.init_from, tie=tie, overwrite=args.overwrite)
+                            init_from=args.init_from, tie=tie, overwrite=args.overwrite,
+                            used_seconds=used_seconds if store is not None else None)
     finally:
         if bar is not None:
             bar.close()

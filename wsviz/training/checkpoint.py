@@ -8,6 +8,7 @@ microseconds apart), so a crash never leaves a half-written file under its final
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -28,8 +29,24 @@ from wsviz.models.modes import eval_mode
 from wsviz.training.cards import CARD, WEIGHTS, check_weights, read_card
 
 
+def disk_full_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG when ``exc`` says the disk (or the user's quota) is full, else None;
+    safetensors' writer says it in its message only."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return exc.errno
+    low = str(exc).lower()
+    if "no space left on device" in low:
+        return errno.ENOSPC
+    if "disk quota exceeded" in low:
+        return errno.EDQUOT
+    return None
+
+
 def _write_temp(path: Path, write) -> str:
-    """Write a file next to ``path`` under a temporary name (``.NAME.XXXX.tmp``), synced; returns that name."""
+    """Write a file next to ``path`` under a temporary name (``.NAME.XXXX.tmp``), synced; returns that name.
+
+    A full disk raises an OSError (ENOSPC...) naming ``path``, the file that could not be saved (not
+    its discarded temporary name), whichever writer failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -38,8 +55,12 @@ def _write_temp(path: Path, write) -> str:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-    except BaseException:
+    except BaseException as exc:
         _discard(tmp)
+        code = disk_full_errno(exc)
+        if code is not None:
+            words = (exc.strerror if isinstance(exc, OSError) else None) or os.strerror(code)
+            raise OSError(code, words, str(path)) from exc
         raise
     return tmp
 

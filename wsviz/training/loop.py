@@ -35,6 +35,13 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "step", "multistep", "cosine", "plateau")
 LOADERS = ("auto", "memory", "stream")
 MAX_ADAM_LR = 1.0
+MAX_SEED = 2**63 - 1  # torch's generators take at most 2**64 - 1; the data protocols draw with 2 * seed + 1
+
+
+def check_seed(value: Any, what: str = "seed") -> None:
+    """Refuse a seed torch's and NumPy's generators cannot take (a huge one overflowed deep inside torch)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise WsvizError(f"{what} must be a whole number from 0 to 2**63 - 1, got {value!r}.")
 
 
 @dataclass
@@ -99,6 +106,7 @@ class TrainConfig:
             bad(f"milestones must be whole numbers of finished epochs >= 1 (the rate drops after each), got {list(ms)}.")
         if any(b <= a for a, b in itertools.pairwise(ms)):
             bad(f"milestones must be strictly increasing, got {list(ms)}.")
+        check_seed(self.seed)
         if self.max_batches is not None and self.max_batches < 1:
             bad(f"max_batches must be at least 1, got {self.max_batches!r}.")
         if self.augment not in AUGMENTS:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
+import errno
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,7 +24,7 @@ from wsviz.device import pick_device
 from wsviz.errors import WsvizError
 from wsviz.models import create_model, get_spec, summarize
 from wsviz.training.checkpoint import save_checkpoint
-from wsviz.training.loop import EpochMetrics, TrainConfig, TrainResult, train
+from wsviz.training.loop import EpochMetrics, TrainConfig, TrainResult, check_seed, train
 from wsviz.training.tying import TieSpec
 
 log = logging.getLogger(__name__)
@@ -221,7 +224,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                  rank: int = 0, world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  resume: bool = False, tensorboard: str | Path | None = None,
                  save_state: bool = True, init_from: str | Path | None = None,
-                 tie: TieSpec | None = None, overwrite: bool = True) -> dict[str, Any]:
+                 tie: TieSpec | None = None, overwrite: bool = True,
+                 used_seconds: Callable[[], float] | None = None) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
 
     After every epoch the full training state is also written beside the checkpoint
@@ -239,20 +243,25 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     ``init_from``: a checkpoint folder to start from instead of fresh weights (a fine-tune; its
     card names the same model); ``tie``: conv groups of it to tie first (see
     :mod:`wsviz.training.tying`); the card then records the ties and the accuracy right after tying.
+    ``used_seconds()``: the wall-clock seconds the run has used so far over all its attempts (a
+    wall-time quota counts them), recorded in every training state as ``wall_seconds``; by default
+    the resumed state's plus this call's. A save or TensorBoard write that fails because the run's
+    folder was deleted meanwhile raises :class:`RunFolderDeleted`.
     """
     from wsviz.training.cards import CARD
     from wsviz.training.state import load_state, state_path
     from wsviz.training.state import save_state as write_state
 
     cfg.validate()
+    check_seed(data_seed, "data seed")
+    entered = time.time()
     for note in cfg.notes():
         log.warning(note)
     overrides = dict(overrides or {})
     dev = pick_device(device)
     out = Path(out)
     spath = state_path(out)
-    if not resume:
-        _check_fresh(out, spath, overwrite, rank)
+    stale = False if resume else _check_fresh(out, spath, overwrite, rank)
     torch.manual_seed(cfg.seed)
     if tie is not None and init_from is None:
         raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (--init-from).")
@@ -283,7 +292,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                   "float_params": s.float_params, "mask_bits": s.mask_bits}
     train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
     if not resume:
-        _drop_stale_state(spath, rank)
+        _drop_stale_state(spath, rank, tensorboard if stale else None)
     accounting["effective_batch_size"] = _effective_batch(train_data, cfg, world_size, rank)
     command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie, world_size)
     if tie is not None:  # what tying alone cost, before any fine-tuning
@@ -303,79 +312,104 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     net = model.to(dev)
     if wrap is not None:
         net = wrap(net)
-    writer = _tensorboard(tensorboard, state) if rank == 0 and tensorboard else None
-    global_step = [int(state["global_step"]) if state is not None else 0]  # TensorBoard's x axis: optimiser steps
-
-    def step_done(epoch: int, step: int, loss: float) -> None:
-        global_step[0] += 1
+    before = state_seconds(state) if state is not None else 0.0
+    if used_seconds is None:
+        def used_seconds() -> float:
+            return before + time.time() - entered
+    watched = [p for p in (out.parent, out) if p.is_dir()]  # folders whose deletion ends the run
+    # A save or TensorBoard write into a run folder deleted meanwhile: RunFolderDeleted, in one line.
+    with _deleted_folder_said(watched):
+        writer = _tensorboard(tensorboard, state) if rank == 0 and tensorboard else None
         if writer is not None:
-            writer.add_scalar("train/loss_step", loss, global_step[0])
-        if on_step:
-            on_step(epoch, global_step[0], loss)
+            watched.append(Path(writer.log_dir))
+        global_step = [int(state["global_step"]) if state is not None else 0]  # TensorBoard's x axis: optimiser steps
 
-    def epoch_done(m: EpochMetrics) -> None:
-        result.epochs.append(m)
-        result.seconds = time.perf_counter() - t0 + resumed_seconds
+        def step_done(epoch: int, step: int, loss: float) -> None:
+            global_step[0] += 1
+            if writer is not None:
+                writer.add_scalar("train/loss_step", loss, global_step[0])
+            if on_step:
+                on_step(epoch, global_step[0], loss)
+
+        def epoch_done(m: EpochMetrics) -> None:
+            result.epochs.append(m)
+            result.seconds = time.perf_counter() - t0 + resumed_seconds
+            if rank == 0:
+                _check_folders(watched)  # a save would make a deleted run folder again
+                save_checkpoint(out, model, make_card(model, dataset, cfg, result, dev, data_seed, command,
+                                                      m.epoch == cfg.epochs, accounting, init_from, world_size))
+                if out not in watched:
+                    watched.append(out)
+            if writer is not None:
+                for tag, value in (("train/loss", m.train_loss), ("train/accuracy", m.train_acc),
+                                   ("test/loss", m.test_loss), ("test/accuracy", m.test_acc), ("lr", m.lr),
+                                   ("images_per_s", m.images_per_s)):
+                    writer.add_scalar(tag, value, global_step[0])
+                writer.flush()
+            if on_epoch:
+                on_epoch(m)
+
+        def state_done(snapshot: dict[str, Any]) -> None:
+            if save_state and snapshot["epoch"] < cfg.epochs:
+                _check_folders(watched)
+                write_state(spath, {**snapshot, "run": identity, "global_step": global_step[0],
+                                    "wall_seconds": used_seconds()})
+
+        resumed_seconds = float(state["seconds"]) if state is not None else 0.0
+        if state is not None:
+            result.epochs = [EpochMetrics(**m) for m in state["metrics"]]
+        t0 = time.perf_counter()
+        trained = False
+        try:
+            res = train(net, train_data, test_data, cfg, device=dev, on_epoch=epoch_done, on_step=step_done, rank=rank,
+                        world_size=world_size, resume=state, on_state=state_done if rank == 0 else None, teacher=teacher)
+            trained = True
+        finally:
+            if writer is not None:
+                _close_writer(writer, quiet=not trained)
+        result.epochs, result.seconds = res.epochs, res.seconds
+        card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting, init_from, world_size)
+        diverged = _divergence(result, model.wsviz_config.get("num_classes"))
+        if diverged:
+            card.update(diverged=True, diverged_reason=diverged)
+            if rank == 0:
+                log.warning("training diverged: %s", diverged)
         if rank == 0:
-            save_checkpoint(out, model, make_card(model, dataset, cfg, result, dev, data_seed, command,
-                                                  m.epoch == cfg.epochs, accounting, init_from, world_size))
-        if writer is not None:
-            for tag, value in (("train/loss", m.train_loss), ("train/accuracy", m.train_acc),
-                               ("test/loss", m.test_loss), ("test/accuracy", m.test_acc), ("lr", m.lr),
-                               ("images_per_s", m.images_per_s)):
-                writer.add_scalar(tag, value, global_step[0])
-            writer.flush()
-        if on_epoch:
-            on_epoch(m)
-
-    def state_done(snapshot: dict[str, Any]) -> None:
-        if save_state and snapshot["epoch"] < cfg.epochs:
-            write_state(spath, {**snapshot, "run": identity, "global_step": global_step[0]})
-
-    resumed_seconds = float(state["seconds"]) if state is not None else 0.0
-    if state is not None:
-        result.epochs = [EpochMetrics(**m) for m in state["metrics"]]
-    t0 = time.perf_counter()
-    try:
-        res = train(net, train_data, test_data, cfg, device=dev, on_epoch=epoch_done, on_step=step_done, rank=rank,
-                    world_size=world_size, resume=state, on_state=state_done if rank == 0 else None, teacher=teacher)
-    finally:
-        if writer is not None:
-            writer.close()
-    result.epochs, result.seconds = res.epochs, res.seconds
-    card = make_card(model, dataset, cfg, result, dev, data_seed, command, True, accounting, init_from, world_size)
-    diverged = _divergence(result, model.wsviz_config.get("num_classes"))
-    if diverged:
-        card.update(diverged=True, diverged_reason=diverged)
-        if rank == 0:
-            log.warning("training diverged: %s", diverged)
-    if rank == 0:
-        save_checkpoint(out, model, card)
-        spath.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
-        log.info("trained %s on %s: test accuracy %.4f", model_name, dataset, card["test_accuracy"])
-    return card
+            _check_folders(watched)
+            save_checkpoint(out, model, card)
+            spath.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
+            log.info("trained %s on %s: test accuracy %.4f", model_name, dataset, card["test_accuracy"])
+        return card
 
 
-def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> None:
+def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> bool:
     """A fresh start into ``out``: refuse to wipe a checkpoint or a killed run's training state
-    there unless ``overwrite``. The stale state is removed only once this run's model and data are
-    ready (:func:`_drop_stale_state`): an overwrite that cannot start loses nothing."""
+    there unless ``overwrite``; returns whether a run is there (to be overwritten). The stale state
+    and TensorBoard events are removed only once this run's model and data are ready
+    (:func:`_drop_stale_state`): an overwrite that cannot start loses nothing."""
     from wsviz.training.cards import CARD
 
     held = [str(p) for p in (out / CARD, spath) if p.is_file()]
     if not held:
-        return
+        return False
     if not overwrite:
         raise WsvizError(f"{out} already holds a run ({', '.join(held)}): starting afresh would overwrite it. "
                          "Continue a killed run with --resume, start again there with --overwrite, or choose "
                          "another --out.")
+    return True
 
 
-def _drop_stale_state(spath: Path, rank: int) -> None:
+def _drop_stale_state(spath: Path, rank: int, tensorboard: str | Path | None = None) -> None:
     """A fresh start with --overwrite, about to train: the killed run's state goes (a later --resume
-    must not take it for this run's)."""
-    if rank == 0:
-        spath.unlink(missing_ok=True)
+    must not take it for this run's), and so do the old run's TensorBoard event files in
+    ``tensorboard`` (TensorBoard would show both runs' curves as one)."""
+    if rank != 0:
+        return
+    spath.unlink(missing_ok=True)
+    if tensorboard is not None and Path(tensorboard).is_dir():
+        for events in Path(tensorboard).glob("events.out.tfevents.*"):
+            if events.is_file():
+                events.unlink(missing_ok=True)
 
 
 def _finished_run(out: Path, identity: dict[str, Any], cfg: TrainConfig) -> dict[str, Any] | None:
@@ -442,4 +476,111 @@ def _tensorboard(folder: str | Path, state: dict[str, Any] | None):
 
     # Events after the saved epoch were written by the run that was killed: TensorBoard drops them.
     purge = int(state["global_step"]) + 1 if state is not None else None
-    return SummaryWriter(log_dir=str(folder), purge_step=purge)
+    writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
+    writer.wsviz_unhush = _hush_writer_thread()
+    return writer
+
+
+def _hush_writer_thread() -> Callable[[], None]:
+    """Until the returned function is called, a TensorBoard writer thread that dies of a missing file
+    prints no traceback of its own: the writer raises that error again in the training thread at
+    its next write or flush, where :func:`_deleted_folder_said` says what happened in one line."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, FileNotFoundError):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+
+    def unhush() -> None:
+        if threading.excepthook is hook:
+            threading.excepthook = previous
+
+    return unhush
+
+
+def _close_writer(writer, quiet: bool) -> None:
+    """Close the TensorBoard writer; with ``quiet`` (the run is already failing) an error closing it
+    is logged, not raised over the run's own."""
+    try:
+        writer.close()
+    except OSError as exc:
+        if not quiet:
+            raise
+        log.warning("could not close the TensorBoard log in %s: %s", writer.log_dir, exc)
+    finally:
+        writer.wsviz_unhush()
+
+
+class RunFolderDeleted(WsvizError):
+    """The run's folder vanished while it trained (someone deleted it): nothing is left to continue."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"the run folder {folder} was deleted while training; launch the run again")
+        self.folder = folder
+
+
+def _deleted(path: Path) -> Path | None:
+    """The topmost folder of ``path`` (itself or an ancestor) that no longer exists, or None."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_folders(watched: list[Path]) -> None:
+    """Raise :class:`RunFolderDeleted` when a folder the run writes into has been deleted (a save
+    would otherwise make it again, half filled, or fail with a bare FileNotFoundError)."""
+    for folder in watched:
+        gone = _deleted(folder)
+        if gone is not None:
+            raise RunFolderDeleted(gone)
+
+
+@contextlib.contextmanager
+def _deleted_folder_said(watched: list[Path]):
+    """A write that fails with ENOENT because a watched folder vanished becomes :class:`RunFolderDeleted`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            gone = next((g for g in map(_deleted, watched) if g is not None), None)
+            if gone is not None:
+                raise RunFolderDeleted(gone) from exc
+        raise
+
+
+def state_seconds(state: dict[str, Any]) -> float:
+    """The wall-clock seconds a run had used when ``state`` was saved, over all its attempts (a state
+    saved before they were recorded: its training seconds)."""
+    return float(state.get("wall_seconds", state.get("seconds", 0.0)))
+
+
+def recorded_seconds(spath: str | Path) -> float | None:
+    """:func:`state_seconds` of the training state at ``spath``, read from its header alone (no
+    tensors are loaded), or None when there is no readable state there."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(spath), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        pairs = json.loads(meta["state"])["__dict__"]
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None
+    top = {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return state_seconds(top)
+
+
+def record_seconds(spath: str | Path, seconds: float) -> None:
+    """Write into the training state at ``spath`` that the run has used ``seconds`` so far (a run
+    stopped mid-epoch at its wall-time limit: the epoch it lost counts too)."""
+    from wsviz.training.state import load_state, save_state
+
+    state = load_state(spath)
+    if seconds > state_seconds(state):
+        save_state(spath, {**state, "wall_seconds": float(seconds)})
