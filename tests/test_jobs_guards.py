@@ -99,3 +99,21 @@ def test_a_dataset_missing_from_this_machine_is_refused_at_launch_in_the_pages_w
     assert "cifar10" in said and str(empty) in said and "--" not in said and "download=True" not in said
     assert store.list() == []
     jobs.launch(store, "resnet_digits", "mnist5k", CFG, actor=ALICE)  # an embedded set is always there
+
+
+def test_a_run_that_used_its_wall_time_is_not_requeued_by_resume(tmp_path, monkeypatch):
+    """The Resume button on a run stopped at WSVIZ_QUOTA_HOURS: refused before it is queued again (it
+    was requeued, then failed in its worker), the run left as it was."""
+    from wsviz.training.state import save_state, state_path
+
+    monkeypatch.setattr(jobs, "_start", lambda store, run, *a, **kw: run)
+    store = RunStore(tmp_path / "runs")
+    run = store.create("resnet_digits", "mnist5k", {**SPEC, "max_seconds": 36.0}, user="alice", role="trainer")
+    store.finish(run.id, "failed", "stopped: wall-time limit")
+    save_state(state_path(tmp_path / "runs" / run.id / "checkpoint"), {"epoch": 2, "wall_seconds": 40.0})
+    with pytest.raises(WsvizError, match=r"used its 0\.01 h allowance"):
+        jobs.resume(store, run.id, actor=ALICE)
+    assert store.get(run.id).status == "failed"
+    assert [a["action"] for a in store.audit_trail(run.id)] == ["launched"]
+    save_state(state_path(tmp_path / "runs" / run.id / "checkpoint"), {"epoch": 2, "wall_seconds": 20.0})
+    assert jobs.resume(store, run.id, actor=ALICE).status == "queued"  # time left: resumed
