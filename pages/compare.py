@@ -16,7 +16,16 @@ from pages._shared import (
     show_error,
     show_predictions,
 )
-from wsviz.analysis.attribution import METHODS, attribute, cam_candidates, default_cam_layer
+from wsviz.analysis.attribution import (
+    COARSE_CAM,
+    IG_MAX_STEPS,
+    IG_START_STEPS,
+    IG_TOLERANCE,
+    METHODS,
+    attribute,
+    cam_candidates,
+    default_cam_layer,
+)
 from wsviz.analysis.features import feature_maps
 from wsviz.data.classes import class_names
 from wsviz.figures import SIGNED_METHODS, attribution_figure, feature_map_range, feature_maps_figure
@@ -119,8 +128,16 @@ if not same_classes:
 if method == "grad_cam":
     st.caption("Grad-CAM explains through one layer. The default is the deepest spatial map the classifier reads "
                "(WSMS: the integrated features of all stages; ShaRDNet: the last shared-conv iteration; e2cnn: the "
-               "last block's map), so the map explains the whole model; choose another layer per variant below.")
-maps, own_inputs = {}, {}  # each map is drawn over the input its model was given, not the first variant's
+               "last block's map), so the map explains the whole model; choose another layer per variant below. "
+               "Each panel's title gives its layer's grid (e.g. 7x7): the map is that many numbers, upsampled to "
+               "the input.")
+if method == "integrated_gradients":
+    st.caption(f"Integrated Gradients from a black image: exactly integrated, each map adds up to the change of the "
+               f"explained logit, f(x) − f(black). Each panel's title says how far its sum is off (the numerical "
+               f"integration's error) and with how many steps: each image is refined from {IG_START_STEPS} steps "
+               f"until under {IG_TOLERANCE:.0%}, at most {IG_MAX_STEPS}.")
+maps, own_inputs, notes = {}, {}, {}  # each map is drawn over the input its model was given, not the first variant's
+coarse, capped = [], []  # Grad-CAM maps of a 2x2 grid; Integrated Gradients still over the tolerance at the cap
 target = None if target_choice == "the predicted class" else int(target_choice.split(":")[0])
 layer_cols = st.columns(max(1, len(inputs))) if method == "grad_cam" else []
 for i, (label, x) in enumerate(inputs.items()):
@@ -139,9 +156,30 @@ for i, (label, x) in enumerate(inputs.items()):
         show_error(exc)
         continue
     t = int(res.targets[0])
-    panel = f"{label} → {names_of[label][t]}" + (f" @ {res.layer}" if res.layer else "")
+    panel = f"{label} → {names_of[label][t]}" + (f" @ {res.layer}" if res.layer else "") \
+        + (f" ({res.grid[0]}x{res.grid[1]})" if res.grid else "")
     maps[panel], own_inputs[panel] = res.maps[0].numpy(), x.mean(0).numpy()
+    if res.grid and min(res.grid) <= COARSE_CAM:
+        finer = [(n, shp[1:]) for n, _, shp in cands[:layer_names.index(res.layer)] if len(shp) == 3
+                 and min(shp[1:]) > COARSE_CAM]
+        coarse.append(f"{label} at {res.layer}" + (f" (finer: {finer[-1][0]}, {finer[-1][1][0]}x{finer[-1][1][1]})"
+                                                   if finer else ""))
+    if res.relative_delta is not None:
+        n_steps = int(res.ig_steps[0])
+        notes[panel] = f"sum off f(x) − f(black) by {float(res.relative_delta[0]):.1%} ({n_steps} steps)"
+        if res.capped is not None and bool(res.capped[0]):
+            capped.append(f"{label} ({float(res.relative_delta[0]):.1%})")
+if coarse:
+    st.warning(f"Grad-CAM at a 2x2 map: {'; '.join(coarse)}. The map is 4 numbers upsampled into a smooth "
+               "picture, and each of the 4 cells responds to nearly the whole input (in the shipped 28-pixel "
+               "models, all of it), so its quadrants do not say where in the image the evidence is. For a finer "
+               "map choose an earlier layer above; it explains the model up to that layer.",
+               icon=":material/warning:")
+if capped:
+    st.warning(f"Integrated Gradients still off by more than {IG_TOLERANCE:.0%} at {IG_MAX_STEPS} steps, the cap: "
+               f"{', '.join(capped)}. Those maps do not add up to the logit's change; read their totals with care.",
+               icon=":material/warning:")
 if maps:
     what = "the predicted class" if target is None else f"class {class_labels[target]}"
     figure(attribution_figure(own_inputs, maps, f"{method.replace('_', ' ')} for {what}", signed=method in SIGNED_METHODS,
-                              opacity=opacity, scale=attr_scale), f"attr-{method}")
+                              opacity=opacity, scale=attr_scale, notes=notes), f"attr-{method}")

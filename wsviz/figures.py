@@ -241,7 +241,8 @@ def _panel_short(name: str) -> str:
 
 
 def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str, np.ndarray], title: str = "",
-                       signed: bool = False, opacity: float = 0.0, scale: str = "per_panel") -> go.Figure:
+                       signed: bool = False, opacity: float = 0.0, scale: str = "per_panel",
+                       notes: dict[str, str] | None = None) -> go.Figure:
     """Each map beside (and with ``opacity`` > 0, over) the input it explains, each titled with its maximum.
 
     ``image``: the (H, W) input every map explains, or {map name: its own input} when the models
@@ -259,6 +260,7 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
     centred at zero, so zero is the same neutral colour in every panel. Otherwise (Saliency,
     Grad-CAM, never negative) a sequential scale from white at zero. ``opacity`` > 0 draws each
     map over its input (in grey) with that opacity, so it can be read against the digit or photo.
+    ``notes``: {map name: a line added under its title} (Integrated Gradients' completeness error).
     """
     if scale not in ATTRIBUTION_SCALES:
         raise ValueError(f"scale must be one of {ATTRIBUTION_SCALES}, got {scale!r}")
@@ -291,7 +293,8 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
                       "input of " + ", ".join(dict.fromkeys(_panel_short(n) for n in names)))
         for n in names:
             panels.append((n, img))
-            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>")
+            note = (notes or {}).get(n)
+            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>" + (f"<br><sup>{note}</sup>" if note else ""))
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
     colours = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
                                         [1, "#7a0403"]]
@@ -316,7 +319,7 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
                          row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
     fig.update_layout(title=title + (" (each map on its own scale)" if per_panel and len(maps) > 1 else ""),
-                      height=360, margin=dict(l=10, r=10, t=90, b=10))
+                      height=380 if notes else 360, margin=dict(l=10, r=10, t=110 if notes else 90, b=10))
     return fig
 
 
