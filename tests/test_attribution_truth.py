@@ -4,11 +4,15 @@ the mode of the model object the app shares between sessions."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -158,3 +162,117 @@ def test_compare_page_titles_integrated_gradients_with_their_completeness_error(
     assert len(maps) == 2
     for t in maps:
         assert "sum off f(x) − f(black) by " in t and " steps)" in t, t
+
+
+# ------------------------------------------------------------------ the CLI: own inputs, test indices, batches
+@pytest.fixture
+def digit_and_fashion(tmp_path):
+    """Two checkpoint folders: the shipped scale-msws-vanilla, and a copy whose card says Fashion-MNIST."""
+    src = ROOT / "checkpoints" / needs("scale-msws-vanilla")[0]
+    shutil.copytree(src, tmp_path / "digits")
+    shutil.copytree(src, tmp_path / "fashion")
+    card = json.loads((tmp_path / "fashion" / "card.json").read_text())
+    card["dataset"] = "fashion-mnist"
+    (tmp_path / "fashion" / "card.json").write_text(json.dumps(card))
+    return [str(tmp_path / "digits"), str(tmp_path / "fashion")]
+
+
+@pytest.fixture
+def written_figures(monkeypatch):
+    import wsviz.cli as cli
+
+    figs = {}
+    real = cli._write_fig
+
+    def keep(path, fig):
+        figs[Path(path).name] = fig.to_plotly_json()
+        real(path, fig)
+    monkeypatch.setattr(cli, "_write_fig", keep)
+    return figs
+
+
+def _grey_paper_digit(path: Path) -> Path:
+    from PIL import Image
+
+    a = load_split("mnist5k", "test").images[18, 0].numpy()
+    Image.fromarray(np.clip(np.rint((0.9 - 0.8 * a) * 255), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _z(v) -> np.ndarray:
+    if isinstance(v, dict):
+        import base64
+
+        flat = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return flat.reshape([int(n) for n in str(v["shape"]).split(",")]) if "shape" in v else flat
+    return np.asarray(v, dtype=float)
+
+
+def test_cli_attribution_draws_each_model_over_its_own_input(digit_and_fashion, tmp_path, written_figures):
+    from wsviz.cli import main
+    from wsviz.data.uploads import load_upload
+
+    img = _grey_paper_digit(tmp_path / "d.png")
+    assert main(["attribution", "--checkpoint", *digit_and_fashion, "--image", str(img), "--method", "saliency",
+                 "--out", str(tmp_path / "o")]) == 0
+    spec = written_figures["attribution.html"]
+    data = img.read_bytes()
+    own = {"digits": load_upload(data, "d.png", 1, 28, dataset="mnist5k-scale")[0].numpy(),
+           "fashion": load_upload(data, "d.png", 1, 28, dataset="fashion-mnist")[0].numpy()}
+    assert not np.allclose(own["digits"], own["fashion"])
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert sorted(t for t in titles if t.startswith("input")) == ["input of digits", "input of fashion"]
+    for j, t in enumerate(titles, start=1):
+        if t.startswith("input of "):
+            grey = next(tr for tr in spec["data"] if tr.get("xaxis", "x") == ("x" if j == 1 else f"x{j}"))
+            np.testing.assert_allclose(_z(grey["z"]), own[t.removeprefix("input of ")], atol=1e-6)
+    assert "d.png" in spec["layout"]["title"]["text"]
+
+
+def test_cli_attribution_gallery_names_test_images_and_labels_and_reports_errors(tmp_path, written_figures):
+    from wsviz.cli import main
+
+    ck = str(ROOT / "checkpoints" / needs("scale-resnet20")[0])
+    assert main(["attribution", "--checkpoint", ck, "--dataset", "mnist5k", "--limit", "3",
+                 "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "attribution.csv")))
+    te = load_split("mnist5k", "test")
+    assert [r["image"] for r in rows] == ["0", "500", "999"]  # the test split's indices, not 0, 1, 2
+    assert [int(r["label"]) for r in rows] == [int(te.labels[i]) for i in (0, 500, 999)]
+    maps = np.load(tmp_path / "attribution_scale-resnet20.npy")
+    model = _shipped("scale-resnet20")
+    x = te.images[[0, 500, 999]]
+    change = _logit_change(model, x, torch.tensor([int(r["target"]) for r in rows]))
+    rel = np.abs(maps.sum((1, 2)) - change.numpy()) / np.abs(change.numpy())
+    np.testing.assert_allclose([float(r["relative_delta"]) for r in rows], rel, rtol=1e-3, atol=1e-5)
+    assert all(int(r["ig_steps"]) >= 64 for r in rows)
+    title = written_figures["attribution.html"]["layout"]["title"]["text"]
+    assert f"test image 0 of mnist5k (label {int(te.labels[0])})" in title and "first of 3" in title
+    assert main(["attribution", "--checkpoint", ck, "--dataset", "mnist5k", "--limit", "2", "--method", "grad_cam",
+                 "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "attribution.csv")))
+    assert {r["grid"] for r in rows} == {"7x7"} and {r["layer"] for r in rows} == {"trunk.stages.2.3"}
+
+
+def test_cli_attribution_passes_batch_size_and_workers_on(tmp_path, monkeypatch):
+    import wsviz.analysis.attribution as attribution
+    import wsviz.data.stream as stream
+    from wsviz.cli import main
+
+    seen = {"attribute": [], "take": []}
+    real_attribute, real_take = attribution.attribute, stream.take
+
+    def spy_attribute(*a, **kw):
+        seen["attribute"].append(kw.get("batch_size"))
+        return real_attribute(*a, **kw)
+
+    def spy_take(*a, **kw):
+        seen["take"].append((kw.get("batch_size"), kw.get("workers")))
+        return real_take(*a, **kw)
+    monkeypatch.setattr(attribution, "attribute", spy_attribute)
+    monkeypatch.setattr(stream, "take", spy_take)
+    ck = str(ROOT / "checkpoints" / needs("scale-resnet20")[0])
+    assert main(["attribution", "--checkpoint", ck, "--dataset", "mnist5k", "--limit", "2", "--method", "saliency",
+                 "--batch-size", "7", "--workers", "1", "--out", str(tmp_path)]) == 0
+    assert seen["attribute"] == [7]
+    assert (7, 1) in seen["take"]

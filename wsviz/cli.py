@@ -391,9 +391,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _attribution(args: argparse.Namespace) -> int:
-    import torch
-
-    from wsviz.analysis.attribution import attribute
+    from wsviz.analysis import attribution
+    from wsviz.analysis.embeddings import model_inputs
+    from wsviz.data import stream
     from wsviz.data.uploads import load_upload
     from wsviz.figures import attribution_figure
     from wsviz.models import input_shape
@@ -402,26 +402,50 @@ def _attribution(args: argparse.Namespace) -> int:
     models = _load(args.checkpoint, cards=cards)
     out = _out(args)
     data = Path(args.image).read_bytes() if args.image else None
-    # without --image: a gallery of --limit test images spread over the split, only those decoded
-    gallery = _data(args, models, cards, args.limit or 1) if data is None else None
-    maps, rows, image = {}, [], None
+    if data is None:  # a gallery of --limit test images spread over the split, only those decoded (once, for all)
+        gallery = _data(args, models, cards, args.limit or 1)
+        images, labels = stream.take(gallery, batch_size=args.batch_size, workers=args.workers)
+        ids = [int(i) for i in (gallery.indices if gallery.indices is not None else range(len(gallery)))]
+        shown = f"test image {ids[0]} of {args.dataset}" + (f" (label {int(labels[0])})" if labels is not None
+                                                            else "")
+        if len(ids) > 1:
+            shown += f", the first of {len(ids)} explained (all in attribution.csv and the .npy files)"
+    else:
+        ids, labels, shown = [Path(args.image).name], None, Path(args.image).name
+    maps, inputs, notes, rows, warnings = {}, {}, {}, [], []
     for name, m in models.items():
-        c, s, _ = input_shape(m)
-        x = (load_upload(data, Path(args.image).name, c, s, dataset=(cards.get(name) or {}).get("dataset")).unsqueeze(0)
-             if data is not None else gallery)
-        res = attribute(m, x, args.method, layer=args.layer)
-        if image is None:
-            from wsviz.data.stream import take
-
-            first = x[0] if data is not None else take(gallery, [0])[0][0]
-            image = (first.float().div(255) if first.dtype == torch.uint8 else first).mean(0).numpy()
-        maps[f"{name} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "")] = res.maps[0].numpy()
-        rows += [{"model": name, "image": i, "method": args.method, "target": int(t), "layer": res.layer or ""}
+        if data is not None:  # each model's own input: its size, and its training set's layout of the file
+            c, s, _ = input_shape(m)
+            x = load_upload(data, Path(args.image).name, c, s,
+                            dataset=(cards.get(name) or {}).get("dataset")).unsqueeze(0)
+        else:
+            x = model_inputs(m, images)
+        res = attribution.attribute(m, x, args.method, layer=args.layer, batch_size=args.batch_size)
+        grid = f"{res.grid[0]}x{res.grid[1]}" if res.grid else ""
+        panel = f"{name} → {int(res.targets[0])}" + (f" @ {res.layer}" if res.layer else "") + (
+            f" ({grid})" if grid else "")
+        maps[panel], inputs[panel] = res.maps[0].numpy(), x[0].mean(0).numpy()
+        rel = res.relative_delta
+        if rel is not None:
+            notes[panel] = f"sum off f(x) − f(black) by {float(rel[0]):.1%} ({int(res.ig_steps[0])} steps)"
+            if res.capped is not None and res.capped.any():
+                warnings.append(f"{name}: Integrated Gradients of {int(res.capped.sum())} image(s) still off by more "
+                                f"than {attribution.IG_TOLERANCE:.0%} at {attribution.IG_MAX_STEPS} steps (see "
+                                "relative_delta in attribution.csv)")
+        if res.grid and min(res.grid) <= attribution.COARSE_CAM:
+            warnings.append(f"{name}: Grad-CAM at {res.layer} is a {grid} map: a few numbers upsampled, each cell "
+                            "responding to nearly the whole input; --layer an earlier one for a finer map")
+        rows += [{"model": name, "image": ids[i], "label": "" if labels is None else int(labels[i]),
+                  "method": args.method, "target": int(t), "layer": res.layer or "", "grid": grid,
+                  "ig_steps": "" if res.ig_steps is None else int(res.ig_steps[i]),
+                  "relative_delta": "" if rel is None else float(rel[i])}
                  for i, t in enumerate(res.targets)]
         np.save(out / f"attribution_{_file_name(name)}.npy", res.maps.numpy() if len(res.maps) > 1 else res.maps[0].numpy())
+    for w in warnings:
+        print(f"note: {w}", file=sys.stderr)
     _write_csv(out / "attribution.csv", rows)
-    _write_fig(out / "attribution.html", attribution_figure(image, maps, f"{args.method}",
-                                                           signed=args.method == "integrated_gradients"))
+    _write_fig(out / "attribution.html", attribution_figure(inputs, maps, f"{args.method.replace('_', ' ')} of {shown}",
+                                                           signed=args.method == "integrated_gradients", notes=notes))
     return 0
 
 
@@ -698,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer", default=None,
                    help="Grad-CAM layer, a module path (default: the deepest spatial map the classifier reads; "
                         "an unknown path lists the choices)")
+    q.set_defaults(batch_size=16)  # images attributed at once (each with its gradients), not 256
     q = analysis("embed", "PCA / t-SNE / UMAP of penultimate features (of a seeded subset of --limit images)",
                  _embed, "mnist5k-rot", 2000)
     q.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
