@@ -234,3 +234,18 @@ def test_two_resnets_in_one_model_are_not_guessed_between(resnet18):
             return self.a(x) + self.b(x)
 
     assert list_taps(wsviz.adopt(Pair(), SHAPE)) == []  # which one's stages are "the" stages? name them
+
+
+def test_a_model_in_another_float_type_is_told_to_convert_not_to_change_its_input_shape():
+    """A float64 model failed inside the probe pass and was told to 'give the input_shape it takes'."""
+    from torch import nn
+
+    from wsviz import adopt
+    from wsviz.errors import WsvizError
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
+    with pytest.raises(WsvizError) as err:
+        adopt(net, (3, 16, 16), taps=[])
+    said = str(err.value)
+    assert "float32" in said and "model.float()" in said and "input_shape" not in said
+    adopt(net.float(), (3, 16, 16), taps=[])  # converted, it is adopted

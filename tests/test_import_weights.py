@@ -240,3 +240,20 @@ def test_pretrained_picks_the_trained_checkpoint(tmp_path, monkeypatch):
         wsviz.create_model("msws_resnet18", pretrained=True)
     monkeypatch.setenv("WSVIZ_CHECKPOINTS", str(tmp_path))
     assert wsviz.list_models(pretrained=True) == []
+
+
+def test_weights_saved_without_num_batches_tracked_import_as_torchvision_loads_them(tmp_path):
+    """State dicts from before PyTorch 0.4.1 have no BatchNorm num_batches_tracked; torchvision's own
+    load_state_dict(strict=True) accepts them, so import does too (it refused: 'missing 20: ...')."""
+    import torch
+    import torchvision
+
+    from wsviz.models.convert import import_weights
+
+    tv = torchvision.models.resnet18(num_classes=10)
+    sd = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torchvision.models.resnet18(num_classes=10).load_state_dict(sd, strict=True)  # torchvision accepts it
+    path = tmp_path / "old.pt"
+    torch.save(sd, path)
+    card = import_weights("msws_resnet18", path, tmp_path / "ck", overrides={"sharing": "vanilla", "input_size": 32})
+    assert card["unique_params"] == sum(p.numel() for p in tv.parameters())

@@ -191,6 +191,11 @@ def adopt(module: nn.Module, input_shape: tuple[int, int, int], taps: Mapping[st
         raise WsvizError("This model was made by wsviz.create_model: wsviz knows it already; no need to adopt it.")
     if shape[1] != shape[2]:
         raise WsvizError(f"wsviz's analyses fit images to square inputs; give a square input_shape, got {shape}.")
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in [*module.parameters(), *module.buffers()]
+                    if t.is_floating_point() and t.dtype != torch.float32})
+    if other:
+        raise WsvizError(f"The model holds {', '.join(other)} tensors; wsviz runs float32 models: convert it "
+                         "with model.float() (in place), or adopt a float32 copy, copy.deepcopy(model).float().")
     wanted = _normalise_taps(module, find_taps(module) if taps is None else taps)
     classes, order = _probe(module, shape, wanted)  # type: ignore[arg-type]
     if num_classes is not None and num_classes != classes:

@@ -164,9 +164,11 @@ def torchvision_name(key: str) -> str:
 
 
 def fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, wrong-shape descriptions) of ``state`` against ``model``'s state dict."""
+    """(missing, unexpected, wrong-shape descriptions) of ``state`` against ``model``'s state dict. A
+    BatchNorm's ``num_batches_tracked`` may be missing (state dicts saved before PyTorch 0.4.1):
+    ``load_state_dict`` fills it in, as torchvision's own loading does."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (the model's is {tuple(expected[k].shape)})"
              for k in state if k in expected and state[k].shape != expected[k].shape]
