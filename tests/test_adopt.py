@@ -249,3 +249,45 @@ def test_a_model_in_another_float_type_is_told_to_convert_not_to_change_its_inpu
     said = str(err.value)
     assert "float32" in said and "model.float()" in said and "input_shape" not in said
     adopt(net.float(), (3, 16, 16), taps=[])  # converted, it is adopted
+
+
+def test_weights_applied_by_matrix_products_and_attention_are_seen_and_their_sharing_counted():
+    """A weight applied with @ (twice) or one nn.MultiheadAttention applied twice was listed as unused
+    and counted once: the sharing map now sees direct parameter uses in matmul/einsum/attention."""
+    import torch
+    from torch import nn
+
+    from wsviz import adopt, summarize
+
+    class MatmulTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+            self.W = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            h = self.c(x).mean((2, 3))
+            return torch.relu(h @ self.W) @ self.W
+
+    s = summarize(adopt(MatmulTwice(), (3, 8, 8), taps=[]))
+    assert s.unused_params == [] and "W" in s.shared_params()
+    assert s.effective_params == s.unique_params + 16  # W applied twice: 16 more weights applied
+
+    class AttentionTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 16, 3, padding=1)
+            self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.c(x).flatten(2).transpose(1, 2)
+            h = self.att(h, h, h)[0]
+            h = self.att(h, h, h)[0]
+            return self.fc(h.mean(1))
+
+    m = AttentionTwice()
+    s = summarize(adopt(m, (3, 8, 8), taps=[]))
+    att = sum(p.numel() for p in m.att.parameters())
+    assert s.unused_params == [] and s.effective_params == s.unique_params + att
+    assert {"att.in_proj_weight", "att.out_proj.weight"} <= set(s.shared_params())

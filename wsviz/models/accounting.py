@@ -3,8 +3,9 @@
 * unique parameters: ``sum(p.numel() for p in model.parameters())`` — a shared weight is
   one ``nn.Parameter``, so it counts once;
 * the sharing report: one forward pass is traced with a ``TorchFunctionMode``; every
-  layer op (conv, linear, normalisation) is recorded with the module it ran in and the
-  weight tensors it received. A weight that is a parameter is a *direct* use; one computed
+  layer op (conv, linear, normalisation, embedding) is recorded with the module it ran in and the
+  weight tensors it received, and every matrix product (``@``, matmul, mm, bmm, einsum) and
+  attention call with the parameters it received as they are. A weight that is a parameter is a *direct* use; one computed
   from parameters (RepeatNet tiles, e2cnn's basis expansion) is followed back through its
   autograd graph to the parameters it was *derived* from;
 * effective parameters ("as if unshared"): the number of weights the network actually
@@ -48,6 +49,17 @@ _LAYER_OPS = {
     F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
     F.linear: "linear", F.batch_norm: "batch_norm", F.layer_norm: "layer_norm",
     F.group_norm: "group_norm", F.instance_norm: "instance_norm", F.embedding: "embedding",
+}
+
+# Products that apply whatever tensors they get, activations or weights alike (arg 0 may be the
+# weight): only a parameter passed as it is counts as a use of it (a derived operand might be an
+# activation, whose autograd graph leads back to every earlier parameter). The attention op applies
+# its projection weights itself, inside one call the tracer sees as one.
+_PRODUCT_OPS = {
+    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+    torch.Tensor.__rmatmul__: "matmul", torch.mm: "matmul", torch.Tensor.mm: "matmul", torch.bmm: "matmul",
+    torch.Tensor.bmm: "matmul", torch.addmm: "matmul", torch.baddbmm: "matmul", torch.einsum: "einsum",
+    F.multi_head_attention_forward: "multi_head_attention",
 }
 
 
@@ -194,12 +206,32 @@ class _UseTracer(TorchFunctionMode):
         super().__init__()
         self.names, self.stack, self.numel = names, stack, numel
         self.uses: list[ParamUse] = []
-        self.applied = 0  # weights applied, each use counted at its applied size
+        self.applied = 0  # weights applied by layer ops, each use counted at its applied size
+        self.products: set[int] = set()  # indices in ``uses`` of parameters given to a matrix product
         self._cache: dict = {}
+
+    def result(self) -> tuple[list[ParamUse], int]:
+        """(uses in forward order, weights applied). A parameter a layer op applies (directly, or as
+        the source of a weight built from it: e2cnn's basis expansion is an einsum of its
+        coefficients) keeps only those uses; one only products apply (``h @ W``, attention's
+        projections) keeps its product uses."""
+        layered = {u.param for i, u in enumerate(self.uses) if i not in self.products}
+        kept = [u for i, u in enumerate(self.uses) if i not in self.products or u.param not in layered]
+        return kept, self.applied + sum(u.applied for i, u in enumerate(self.uses)
+                                        if i in self.products and u.param not in layered)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = _LAYER_OPS.get(func)
+        product = _PRODUCT_OPS.get(func) if op is None else None
+        if product is not None:
+            site = self.stack[-1] if self.stack else ""
+            operands = [a for x in [*args, *kwargs.values()] for a in (x if isinstance(x, (list, tuple)) else [x])]
+            for t in operands:
+                if isinstance(t, torch.Tensor) and id(t) in self.names:
+                    self.products.add(len(self.uses))
+                    self.uses.append(ParamUse(self.names[id(t)], site, product, tuple(t.shape), False, "", "direct",
+                                              t.numel()))
         if op is not None:
             site = self.stack[-1] if self.stack else ""
             detail = _conv_detail(op, args, kwargs)
@@ -274,10 +306,11 @@ def sharing_report(model: nn.Module, input_shape: tuple[int, int, int] | None = 
     shape = _resolve_shape(model, input_shape)
     tracer = _traced_forward(model, shape, _UseTracer)
     params = dict(model.named_parameters())
-    used = {u.param for u in tracer.uses}
+    uses, applied = tracer.result()
+    used = {u.param for u in uses}
     unused = [n for n in params if n not in used]
-    effective = tracer.applied + sum(params[n].numel() for n in unused)
-    return tracer.uses, effective, unused
+    effective = applied + sum(params[n].numel() for n in unused)
+    return uses, effective, unused
 
 
 class _WeightCapture(_UseTracer):
