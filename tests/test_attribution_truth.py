@@ -276,3 +276,40 @@ def test_cli_attribution_passes_batch_size_and_workers_on(tmp_path, monkeypatch)
                  "--batch-size", "7", "--workers", "1", "--out", str(tmp_path)]) == 0
     assert seen["attribute"] == [7]
     assert (7, 1) in seen["take"]
+
+
+# ------------------------------------------------------------------ taps say where they are taken
+POINTS = ("post-ReLU", "pre-BN", "pre-activation", "pre-ReLU")
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("sharesnet_wrn_digits", {}), ("msws_resnet_digits", {"sharing": "shared"}),
+    ("shardnet_vgg", {"kind": "E", "width": 16}), ("shardnet_vgg", {"kind": "S", "width": 16}),
+    ("shardnet_vgg", {"kind": "SL", "width": 16}), ("sl_resnet34", {"width": 8}),
+    ("sl_resnet50", {"width": 8}),
+])
+def test_tap_labels_say_where_the_output_is_taken_and_the_outputs_agree(name, cfg):
+    """One label ("stage 1", "iteration 3") meant a post-ReLU map in one family and a pre-activation sum or a raw
+    conv output before BatchNorm in another; the labels now say which, and the values bear it out."""
+    from wsviz.models import create_model, list_taps
+
+    torch.manual_seed(0)
+    model = create_model(name, **cfg).eval()
+    wanted = {"rate", "iteration"} if name == "msws_resnet_digits" else {"rate", "iteration", "stage", "level"}
+    taps = [t for t in list_taps(model) if t.kind in wanted]
+    assert taps
+    c, s = model.wsviz_config["in_channels"], model.wsviz_config["input_size"]
+    with torch.no_grad():
+        for m in model.modules():  # BatchNorm with non-trivial statistics, so "post-BN" differs from the conv
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.rand(2, c, s, s)
+    maps = {f.name: f.maps for f in feature_maps(model, x[0], names=[t.name for t in taps])}
+    for t in taps:
+        points = [p for p in POINTS if p in t.label]
+        assert len(points) == 1, f"{name}: tap {t.name} labelled {t.label!r} does not say where it is taken"
+        if points[0] == "post-ReLU":
+            assert maps[t.name].min() >= 0, (t.name, t.label)
+        else:
+            assert maps[t.name].min() < 0, (t.name, t.label)

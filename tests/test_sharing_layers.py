@@ -103,7 +103,7 @@ def test_multirate_conv_is_one_dilated_conv_per_rate(shared, bias):
     out = m(x)
     assert out.shape == (2, 6, 7, 7)
     torch.testing.assert_close(out, _multirate_reference(m, x), rtol=1e-5, atol=1e-6)
-    assert [t.label for t in m.taps] == ["rate 1", "rate 2", "rate 3"]
+    assert [t.label for t in m.taps] == ["rate 1 (conv, pre-BN)", "rate 2 (conv, pre-BN)", "rate 3 (conv, pre-BN)"]
     assert all(t.kind == "rate" for t in m.taps)
 
 

@@ -56,10 +56,10 @@ class ShardVGG(nn.Module):
                 it += 1
                 if kind == "E":
                     conv = nn.Conv2d(in_channels if it == 1 else n, n, 3, padding=1)
-                    tap = Tap("level", f"block {b} conv {i + 1}")
+                    tap = Tap("level", f"block {b} conv {i + 1} (post-ReLU)")
                 else:
                     conv = SharedConv2d(self.shared)
-                    tap = Tap("iteration", f"iteration {it} (block {b})")
+                    tap = Tap("iteration", f"iteration {it} (block {b}, post-ReLU)")
                 layers.append(ConvBNReLU(conv, n, tap))
             if kind == "SL" and b < len(blocks):
                 layers.append(nn.Conv2d(n, n, 1, bias=False))  # blending layer
@@ -106,8 +106,8 @@ class SharedBasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = SharedConv2d(shared), SharedConv2d(shared)
         self.bn1, self.bn2 = nn.BatchNorm2d(n), nn.BatchNorm2d(n)
-        self.tap1 = Tap("iteration", f"{label} conv 1")
-        self.tap2 = Tap("iteration", f"{label} conv 2")
+        self.tap1 = Tap("iteration", f"{label} conv 1 (post-ReLU)")
+        self.tap2 = Tap("iteration", f"{label} conv 2 (post-BN, pre-ReLU)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tap1(F.relu(self.bn1(self.conv1(x))))
@@ -122,7 +122,7 @@ class SharedBottleneck(nn.Module):
         super().__init__()
         self.conv1, self.conv2, self.conv3 = (SharedConv2d(unit[k]) for k in ("reduce", "spatial", "expand"))
         self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(n), nn.BatchNorm2d(n), nn.BatchNorm2d(4 * n)
-        self.tap = Tap("iteration", label)
+        self.tap = Tap("iteration", f"{label} (post-BN, pre-ReLU)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -159,7 +159,7 @@ class SLResNet(nn.Module):
                 label = f"level {level} block {b}"
                 mods.append(SharedBottleneck(self.shared, n, label) if bottleneck
                             else SharedBasicBlock(self.shared, n, label))
-            mods.append(Tap("level", f"level {level}"))
+            mods.append(Tap("level", f"level {level} (post-ReLU)"))
             if level < levels:
                 mods += [nn.Conv2d(c, c, 1, bias=False), nn.MaxPool2d(2)]
             lv.append(nn.Sequential(*mods))

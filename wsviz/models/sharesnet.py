@@ -142,7 +142,7 @@ class PreActResNet(nn.Module):
                 stride = 2 if (i > 1 and j == 0) else 1
                 blocks.append(block(inplanes, planes, stride, i, j, conv))
                 inplanes = planes * block.expansion
-            blocks.append(Tap("level", f"stage {i}"))
+            blocks.append(Tap("level", f"stage {i} (pre-activation sum)"))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         self.bn = nn.BatchNorm2d(inplanes)

@@ -176,7 +176,7 @@ class MultiRateConv2d(nn.Module):
         else:
             self.weights = nn.ParameterList([nn.Parameter(torch.empty(shape)) for _ in rates])
             self.biases = nn.ParameterList([new_bias() for _ in rates]) if bias else None
-        self.taps = nn.ModuleList(Tap("rate", f"rate {r}") for r in rates)
+        self.taps = nn.ModuleList(Tap("rate", f"rate {r} (conv, pre-BN)") for r in rates)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
