@@ -286,7 +286,7 @@ POINTS = ("post-ReLU", "pre-BN", "pre-activation", "pre-ReLU")
     ("sharesnet_wrn_digits", {}), ("msws_resnet_digits", {"sharing": "shared"}),
     ("shardnet_vgg", {"kind": "E", "width": 16}), ("shardnet_vgg", {"kind": "S", "width": 16}),
     ("shardnet_vgg", {"kind": "SL", "width": 16}), ("sl_resnet34", {"width": 8}),
-    ("sl_resnet50", {"width": 8}),
+    ("sl_resnet50", {"width": 8}), ("resnet_digits", {}),
 ])
 def test_tap_labels_say_where_the_output_is_taken_and_the_outputs_agree(name, cfg):
     """One label ("stage 1", "iteration 3") meant a post-ReLU map in one family and a pre-activation sum or a raw

@@ -177,7 +177,7 @@ class ResNetTrunk(nn.Module):
                         sc = PadShortcut(s, out - inplanes)
                 blocks.append(block(inplanes, planes, s, i, j, conv, sc))
                 inplanes = out
-            blocks.append(Tap("level", f"stage {i}"))
+            blocks.append(Tap("level", f"stage {i} (post-ReLU)"))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         self.out_channels = inplanes
