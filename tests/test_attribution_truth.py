@@ -313,3 +313,29 @@ def test_tap_labels_say_where_the_output_is_taken_and_the_outputs_agree(name, cf
             assert maps[t.name].min() >= 0, (t.name, t.label)
         else:
             assert maps[t.name].min() < 0, (t.name, t.label)
+
+
+def test_grad_cam_refuses_a_layer_that_runs_more_than_once():
+    """In a weight-sharing model the shared conv is the layer a user most wants to explain, and it runs
+    once per use: Grad-CAM explained its last run only (correlation 1.0 with the 2nd use, 0.04 with the 1st),
+    unsaid. It is refused, naming the runs and what to pick instead; a layer run once still works."""
+    from wsviz.errors import WsvizError
+
+    class SharedTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.shared = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.shared(torch.relu(self.stem(x))))
+            h = torch.relu(self.shared(h))
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = wsviz.adopt(SharedTwice(), (1, 12, 12), taps=[])
+    x = torch.rand(1, 1, 12, 12)
+    with pytest.raises(WsvizError, match=r"'shared' runs 2 times in one forward pass"):
+        attribute(net, x, "grad_cam", layer="shared")
+    assert attribute(net, x, "grad_cam", layer="stem").maps.shape[-2:] == (12, 12)

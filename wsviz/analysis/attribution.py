@@ -156,10 +156,31 @@ def _resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]
     if layer is None:
         layer = default_cam_layer(model)
     try:
-        return layer, model.get_submodule(layer)
+        module = model.get_submodule(layer)
     except AttributeError:
         options = ", ".join(n for n, _, _ in cam_candidates(model)) or "none"
         raise WsvizError(f"Model has no layer {layer!r}. Grad-CAM layers to choose from: {options}.") from None
+    runs = _runs_per_forward(model, module)
+    if runs > 1:  # captum's layer hook keeps the last run's output and gradient: one use of a shared layer
+        options = ", ".join(n for n, _, _ in cam_candidates(model)) or "a module that runs once"
+        raise WsvizError(f"Layer {layer!r} runs {runs} times in one forward pass (a shared layer): Grad-CAM would "
+                         f"explain its last run only. Choose a layer that runs once: {options}.")
+    return layer, module
+
+
+def _runs_per_forward(model: nn.Module, module: nn.Module) -> int:
+    """How many times ``module`` runs in one forward pass of a blank image."""
+    from wsviz.models import input_shape
+
+    calls = []
+    handle = module.register_forward_hook(this_thread(lambda m, a, o: calls.append(1)))
+    try:
+        c, s, _ = input_shape(model)
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, c, s, s, device=model_device(model)))
+    finally:
+        handle.remove()
+    return len(calls)
 
 
 def _targets(model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None, batch_size: int,
