@@ -132,8 +132,8 @@ if method == "grad_cam":
                "Each panel's title gives its layer's grid (e.g. 7x7): the map is that many numbers, upsampled to "
                "the input.")
 if method == "integrated_gradients":
-    st.caption(f"Integrated Gradients from a black image: exactly integrated, each map adds up to the change of the "
-               f"explained logit, f(x) − f(black). Each panel's title says how far its sum is off (the numerical "
+    st.caption(f"Integrated Gradients from a black image: integrated exactly, each map would add up to the change of "
+               f"the explained logit, f(x) − f(black); integrated numerically, it comes close. Each panel's title says how far its sum is off (the numerical "
                f"integration's error) and with how many steps: each image is refined from {IG_START_STEPS} steps "
                f"until under {IG_TOLERANCE:.0%}, at most {IG_MAX_STEPS}.")
 maps, own_inputs, notes = {}, {}, {}  # each map is drawn over the input its model was given, not the first variant's
