@@ -142,6 +142,40 @@ def test_overwrite_starts_a_fresh_tensorboard_log(tmp_path):
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1
 
 
+def test_an_overwrite_that_fails_on_its_first_step_keeps_the_killed_runs_state_and_curves(tmp_path):
+    """--overwrite dropped the killed run's training state and TensorBoard events once the data was ready,
+    before the first step: a new run that then failed (CUDA out of memory on the first batch) left the
+    killed run unresumable and its curves gone. They go only when the new run finishes its first epoch."""
+    from wsviz.training.run import run_training
+
+    out, tb = tmp_path / "ck", tmp_path / "ck.tensorboard"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(m):
+        if m.epoch == 2:
+            raise Killed
+
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, max_batches=2)
+    with pytest.raises(Killed):
+        run_training(MODEL, DATA, out, cfg, overrides=SMALL, device="cpu", tensorboard=tb, on_epoch=kill_at_2)
+    spath = state_path(out)
+    saved = spath.read_bytes()
+    events = sorted(tb.glob("events.out.tfevents.*"))
+
+    def out_of_memory(epoch, step, loss):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_training(MODEL, DATA, out, cfg, overrides=SMALL, device="cpu", tensorboard=tb, overwrite=True,
+                     on_step=out_of_memory)
+    assert spath.read_bytes() == saved  # the killed run can still be resumed
+    assert all(e.is_file() for e in events)  # and so can its curves
+    card = run_training(MODEL, DATA, out, cfg, overrides=SMALL, device="cpu", tensorboard=tb, resume=True)
+    assert card["epochs_done"] == 3 and not spath.exists()
+
+
 # --------------------------------------------------------------------------- 3. run folder deleted while training
 @pytest.mark.parametrize("background", [False, True])
 def test_the_run_folder_deleted_while_training_is_said_in_one_line(tmp_path, monkeypatch, capsys, background):

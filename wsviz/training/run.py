@@ -291,8 +291,15 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                   "flops": s.flops, "sign_mask_params": s.mask_params,
                   "float_params": s.float_params, "mask_bits": s.mask_bits}
     train_data, test_data = _data(dataset, cfg, model, data_root, data_seed, download)
-    if not resume:
-        _drop_stale_state(spath, rank, tensorboard if stale else None)
+    # an overwritten run's state and curves go when this run has finished an epoch to replace them with,
+    # not before: a start that fails (out of memory on the first batch) leaves the killed run resumable
+    old_events = _event_files(tensorboard) if stale and rank == 0 else []
+    dropped = [not stale]
+
+    def drop_stale_once() -> None:
+        if not dropped[0]:
+            dropped[0] = True
+            _drop_stale_state(spath, rank, old_events)
     accounting["effective_batch_size"] = _effective_batch(train_data, cfg, world_size, rank)
     command = reproduce_command(model_name, dataset, cfg, overrides, str(out), data_seed, init_from, tie, world_size)
     if tie is not None:  # what tying alone cost, before any fine-tuning
@@ -332,6 +339,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                 on_step(epoch, global_step[0], loss)
 
         def epoch_done(m: EpochMetrics) -> None:
+            drop_stale_once()
             result.epochs.append(m)
             result.seconds = time.perf_counter() - t0 + resumed_seconds
             if rank == 0:
@@ -350,6 +358,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                 on_epoch(m)
 
         def state_done(snapshot: dict[str, Any]) -> None:
+            drop_stale_once()
             if save_state and snapshot["epoch"] < cfg.epochs:
                 _check_folders(watched)
                 write_state(spath, {**snapshot, "run": identity, "global_step": global_step[0],
@@ -385,8 +394,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
 def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> bool:
     """A fresh start into ``out``: refuse to wipe a checkpoint or a killed run's training state
     there unless ``overwrite``; returns whether a run is there (to be overwritten). The stale state
-    and TensorBoard events are removed only once this run's model and data are ready
-    (:func:`_drop_stale_state`): an overwrite that cannot start loses nothing."""
+    and TensorBoard events are removed only once this run has finished its first epoch
+    (:func:`_drop_stale_state`): an overwrite that fails before that loses nothing."""
     from wsviz.training.cards import CARD
 
     held = [str(p) for p in (out / CARD, spath) if p.is_file()]
@@ -399,17 +408,22 @@ def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> bool:
     return True
 
 
-def _drop_stale_state(spath: Path, rank: int, tensorboard: str | Path | None = None) -> None:
-    """A fresh start with --overwrite, about to train: the killed run's state goes (a later --resume
-    must not take it for this run's), and so do the old run's TensorBoard event files in
-    ``tensorboard`` (TensorBoard would show both runs' curves as one)."""
+def _event_files(tensorboard: str | Path | None) -> list[Path]:
+    """The TensorBoard event files in ``tensorboard`` now (an overwritten run's, before this run writes its own)."""
+    if tensorboard is None or not Path(tensorboard).is_dir():
+        return []
+    return [p for p in Path(tensorboard).glob("events.out.tfevents.*") if p.is_file()]
+
+
+def _drop_stale_state(spath: Path, rank: int, events: list[Path]) -> None:
+    """A fresh start with --overwrite that has finished its first epoch: the killed run's state goes (a
+    later --resume must not take it for this run's), and so do the old run's TensorBoard ``events``
+    (TensorBoard would show both runs' curves as one)."""
     if rank != 0:
         return
     spath.unlink(missing_ok=True)
-    if tensorboard is not None and Path(tensorboard).is_dir():
-        for events in Path(tensorboard).glob("events.out.tfevents.*"):
-            if events.is_file():
-                events.unlink(missing_ok=True)
+    for f in events:
+        f.unlink(missing_ok=True)
 
 
 def _finished_run(out: Path, identity: dict[str, Any], cfg: TrainConfig) -> dict[str, Any] | None:
