@@ -117,3 +117,36 @@ def test_a_run_that_used_its_wall_time_is_not_requeued_by_resume(tmp_path, monke
     assert [a["action"] for a in store.audit_trail(run.id)] == ["launched"]
     save_state(state_path(tmp_path / "runs" / run.id / "checkpoint"), {"epoch": 2, "wall_seconds": 20.0})
     assert jobs.resume(store, run.id, actor=ALICE).status == "queued"  # time left: resumed
+
+
+def test_the_write_lock_is_held_for_the_run_count_only_not_for_measuring_disk_use(tmp_path, monkeypatch):
+    """The quota check inside the transaction summed every run folder's size while holding the store's write
+    lock (live-loss logging, claim_slot and finish waited; past 30 s they fail). Disk use is measured before."""
+    store = RunStore(tmp_path / "runs")
+    monkeypatch.setattr(jobs, "_start", lambda store, run, *a, **kw: run)
+    in_lock = []
+    real_create = RunStore.create
+
+    def create(self, *a, admit=None, **kw):
+        def spy():
+            in_lock.append(True)
+            return admit()
+        return real_create(self, *a, admit=spy if admit else None, **kw)
+
+    sizes = []
+    real_bytes = quotas_mod.folder_bytes
+    monkeypatch.setattr(RunStore, "create", create)
+    monkeypatch.setattr(quotas_mod, "folder_bytes", lambda f: sizes.append(bool(in_lock)) or real_bytes(f))
+    store.create("resnet_digits", "mnist5k", SPEC, user="alice", role="trainer")
+    jobs.launch(store, "resnet_digits", "mnist5k", CFG, actor=ALICE, quotas=Quotas(max_active=5, max_disk_gb=1.0))
+    assert in_lock and sizes and not any(sizes)  # measured, but never while the lock was held
+
+
+def test_a_cluster_launch_does_not_check_the_web_servers_disk_for_the_data(tmp_path, monkeypatch):
+    """The cluster's nodes read their own data roots: the server's copy (or its absence) says nothing."""
+    monkeypatch.setattr(jobs, "_start", lambda store, run, *a, **kw: run)
+    monkeypatch.setattr(jobs, "_backend", lambda b: "slurm")
+    store = RunStore(tmp_path / "runs")
+    run = jobs.launch(store, "resnet_digits", "cifar10", CFG, actor=ALICE, data_root=str(tmp_path / "empty"),
+                      backend="slurm")
+    assert run.status == "queued"

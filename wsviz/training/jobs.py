@@ -33,7 +33,7 @@ from typing import Any
 from wsviz.auth import Actor, require_trainer
 from wsviz.errors import WsvizError
 from wsviz.training.loop import TrainConfig
-from wsviz.training.quotas import Quotas, check_launch
+from wsviz.training.quotas import Quotas, check_active, check_launch
 from wsviz.training.runstore import Run, RunStore
 
 DEFAULT_MAX_RUNNING = int(os.environ.get("WSVIZ_MAX_RUNNING", "1"))
@@ -72,7 +72,6 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     get_spec(model)
     dataset_info(dataset, data_root)
     check_trainable(model, dataset, overrides, data_root)
-    _check_data_here(dataset, data_root)
     if tie is not None and init_from is None:
         raise WsvizError("Tying needs a trained model to start from: give the checkpoint to tie (init_from).")
     if init_from is not None:
@@ -85,7 +84,9 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
     if max_running < 1:
         raise WsvizError(f"max_running must be at least 1, got {max_running}.")
     backend = _backend(backend)
-    check_launch(store, actor.name, cfg.epochs, quotas)  # a quick refusal before anything is built
+    if backend == "process":  # a cluster's nodes read their own data roots, not this server's
+        _check_data_here(dataset, data_root)
+    check_launch(store, actor.name, cfg.epochs, quotas)  # every limit, disk use included, before the lock
     overrides = dict(overrides or {})
     spec = {"model": model, "dataset": dataset, "train_config": cfg.to_dict(), "overrides": overrides,
             "data_root": data_root, "device": device, "data_seed": data_seed, "max_seconds": quotas.max_seconds}
@@ -95,7 +96,7 @@ def launch(store: RunStore, model: str, dataset: str, cfg: TrainConfig, *, overr
         spec["tie"] = tie.to_dict()
     # counted again inside the transaction that records the run: launches arriving together cannot all pass
     run = store.create(model, dataset, spec, name, user=actor.name, role=actor.role,
-                       admit=lambda: check_launch(store, actor.name, cfg.epochs, quotas))
+                       admit=lambda: check_active(store, actor.name, quotas))
     return _start(store, run, max_running, backend, resume=False)
 
 
@@ -145,7 +146,7 @@ def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNI
     quotas = Quotas.from_env() if quotas is None else quotas
     epochs = int(run.spec.get("train_config", {}).get("epochs", 0))
     check_launch(store, actor.name, epochs, quotas)
-    store.requeue(run_id, keep_epochs=epoch, admit=lambda: check_launch(store, actor.name, epochs, quotas))
+    store.requeue(run_id, keep_epochs=epoch, admit=lambda: check_active(store, actor.name, quotas))
     store.audit(run_id, "resumed", actor.name, actor.role)
     return _start(store, store.get(run_id), max_running, _backend(backend), resume=True)
 

@@ -85,15 +85,25 @@ def rows(quotas: Quotas, use: Usage) -> list[tuple[str, str, str]]:
             ("wall time per run (h)", "-", lim(quotas.max_hours))]
 
 
+def check_active(store: RunStore, user: str, quotas: Quotas) -> None:
+    """The runs limit alone (queued + running), for the write transaction that records a run: it reads
+    the store only, so the lock is held for no longer than that (disk use is measured before, by
+    :func:`check_launch`)."""
+    if quotas.max_active is None:
+        return
+    active = sum(r.active for r in store.list() if r.user == user)
+    if active >= quotas.max_active:
+        raise WsvizError(f"User {user!r} has {active} queued or running run(s), the limit is {quotas.max_active} "
+                         "(WSVIZ_QUOTA_RUNS): wait for one to end or cancel one.")
+
+
 def check_launch(store: RunStore, user: str, epochs: int, quotas: Quotas) -> Usage:
     """The user's usage, or a WsvizError naming the limit a launch (or a resume) would pass and the usage."""
     if quotas.max_epochs is not None and epochs > quotas.max_epochs:
         raise WsvizError(f"{epochs} epochs is over the limit of {quotas.max_epochs} epochs per run "
                          "(WSVIZ_QUOTA_EPOCHS): choose fewer.")
+    check_active(store, user, quotas)
     use = usage(store, user)
-    if quotas.max_active is not None and use.active >= quotas.max_active:
-        raise WsvizError(f"User {user!r} has {use.active} queued or running run(s), the limit is {quotas.max_active} "
-                         "(WSVIZ_QUOTA_RUNS): wait for one to end or cancel one.")
     if quotas.max_disk_gb is not None and use.disk_bytes >= quotas.max_disk_gb * GB:
         raise WsvizError(f"User {user!r}'s runs take {use.disk_bytes / GB:.2f} GB of disk, the limit is "
                          f"{quotas.max_disk_gb:g} GB (WSVIZ_QUOTA_DISK_GB): delete old run folders first.")
