@@ -253,3 +253,22 @@ def test_the_command_line_refuses_a_huge_seed(tmp_path, capsys, option):
     err = capsys.readouterr().err
     assert code == 2 and "seed must be a whole number from 0 to 2**63 - 1" in err and "Overflow" not in err, err
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_full_disk_elsewhere_is_not_said_to_be_the_checkpoint(tmp_path):
+    """'No space left on device' from a DataLoader worker's shared memory or from a dataset download was
+    reported as 'the disk is full ... while saving the checkpoint; ... resume the run'."""
+    import errno as err
+
+    from wsviz.train import failure_reason
+
+    out = tmp_path / "run" / "checkpoint"
+    out.mkdir(parents=True)
+    save_state(state_path(out), {"epoch": 1})
+    shm = failure_reason(RuntimeError("unable to write to file </torch_1234_5678_0>: No space left on device (28)"),
+                         str(out))
+    assert "shared memory" in shm and "checkpoint" not in shm and "--workers 0" in shm
+    download = failure_reason(OSError(err.ENOSPC, "No space left on device", "/data/cifar-10-python.tar.gz"), str(out))
+    assert "/data/cifar-10-python.tar.gz" in download and "saving the checkpoint" not in download
+    own = failure_reason(OSError(err.ENOSPC, "No space left on device", str(out / "weights.safetensors")), str(out))
+    assert "saving the checkpoint" in own and "resume" in own

@@ -311,6 +311,15 @@ def failure_reason(exc: BaseException, out: str | None = None) -> str:
         name = os.fsdecode(exc.filename) if isinstance(getattr(exc, "filename", None), (str, bytes)) else None
         where = f" writing {name}" if name else ""
         what = (exc.strerror if isinstance(exc, OSError) else None) or text.splitlines()[0][:200]
+        if "</torch_" in text or "/dev/shm" in text:  # a DataLoader worker's tensors, not a file of the run's
+            return (f"shared memory (/dev/shm) is full ({what}): train with fewer DataLoader workers (--workers 0 "
+                    "reads in the training process) or give the machine a larger /dev/shm")
+        from pathlib import Path
+
+        run_folder = Path(out).resolve().parent if out is not None else None
+        if name is not None and run_folder is not None and run_folder not in Path(name).resolve().parents:
+            return (f"the disk holding {name} is full ({what}), outside the run's folder: free some space there, "
+                    "then start the run again (or resume it, if it finished an epoch)")
         saving = ("the training state" if name and name.endswith(".state.safetensors") else
                   "the TensorBoard log" if name and "tfevents" in os.path.basename(name) else "the checkpoint")
         # Every file is written under a temporary name and renamed once whole: a failed write leaves the
