@@ -369,14 +369,10 @@ def _wait_for_slot(store, args: argparse.Namespace, argv: list[str]) -> None:
 def _check_allowance_left(store, args: argparse.Namespace) -> None:
     """Refuse to resume a recorded run that has used its whole wall-time allowance in earlier attempts
     (the training state records the seconds used so far)."""
-    if not args.resume:
-        return
-    limit = store.get(args.run_id).spec.get("max_seconds")
-    used = _used_before(args)
-    if limit and used >= limit:
-        raise WsvizError(f"this run has used its {limit / 3600:g} h allowance (WSVIZ_QUOTA_HOURS per run, counted over "
-                         f"all its attempts: {used / 3600:.3g} h); its finished epochs are kept in {args.out}: use that "
-                         "checkpoint as it is, or train it further as a new run (a fine-tune from it)")
+    from wsviz.training.run import check_allowance
+
+    if args.resume:
+        check_allowance(store.get(args.run_id).spec.get("max_seconds"), _used_before(args), args.out)
 
 
 def _used_before(args: argparse.Namespace) -> float:

@@ -125,7 +125,7 @@ def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNI
     The run keeps its id, folder and the metrics of its finished epochs; it queues again like a
     new run. A run that never finished an epoch has nothing to resume (launch it again).
     """
-    from wsviz.training.run import state_seconds
+    from wsviz.training.run import check_allowance, state_seconds
     from wsviz.training.state import load_state, state_path
 
     actor = require_trainer(actor, "resume a run")
@@ -138,11 +138,8 @@ def resume(store: RunStore, run_id: str, *, max_running: int = DEFAULT_MAX_RUNNI
         raise WsvizError(f"Run {run.name} finished no epoch, so there is nothing to resume: launch it again.")
     state = load_state(path)
     epoch = int(state["epoch"])
-    limit, used = run.spec.get("max_seconds"), state_seconds(state)
-    if limit and used >= limit:  # as the worker would refuse it, before the run is queued again
-        raise WsvizError(f"Run {run.name} has used its {limit / 3600:g} h allowance (WSVIZ_QUOTA_HOURS per run, counted "
-                         f"over all its attempts: {used / 3600:.3g} h); its finished epochs are kept in {run.out_dir}: "
-                         "use that checkpoint as it is, or train it further as a new run (a fine-tune from it).")
+    # as the worker would refuse it, before the run is queued again
+    check_allowance(run.spec.get("max_seconds"), state_seconds(state), run.out_dir, f"Run {run.name}")
     quotas = Quotas.from_env() if quotas is None else quotas
     epochs = int(run.spec.get("train_config", {}).get("epochs", 0))
     check_launch(store, actor.name, epochs, quotas)

@@ -573,6 +573,15 @@ def state_seconds(state: dict[str, Any]) -> float:
     return float(state.get("wall_seconds", state.get("seconds", 0.0)))
 
 
+def check_allowance(limit: float | None, used: float, out: str | Path, who: str = "this run") -> None:
+    """Refuse to continue a run that has used its whole wall-time allowance (``limit`` seconds, None: no
+    limit) over its attempts (``used`` seconds); its finished epochs in ``out`` are kept."""
+    if limit and used >= limit:
+        raise WsvizError(f"{who} has used its {limit / 3600:g} h allowance (WSVIZ_QUOTA_HOURS per run, counted over "
+                         f"all its attempts: {used / 3600:.3g} h); its finished epochs are kept in {out}: use that "
+                         "checkpoint as it is, or train it further as a new run (a fine-tune from it)")
+
+
 def recorded_seconds(spath: str | Path) -> float | None:
     """:func:`state_seconds` of the training state at ``spath``, read from its header alone (no
     tensors are loaded), or None when there is no readable state there."""
