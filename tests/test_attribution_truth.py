@@ -132,12 +132,21 @@ def _titles(spec: dict) -> list[str]:
     return [a["text"] for a in spec["layout"]["annotations"]]
 
 
-def test_compare_page_titles_grad_cam_with_its_grid_and_warns_at_2x2():
-    pair = needs("rot-cnn", "scale-resnet20")
+def _attribution_chart(at, prefix: str) -> dict:
+    """The page's attribution figure (its title starts with the method's words)."""
+    return next(s for s in _charts(at) if (s["layout"].get("title") or {}).get("text", "").startswith(prefix))
+
+
+def _compare_page_with(pair, method: str):
     at = open_app("pages/compare.py", pair)
-    next(s for s in at.selectbox if s.label == "Method").set_value("grad_cam").run()
+    next(s for s in at.selectbox if s.label == "Method").set_value(method).run()
     assert not at.exception
-    spec = next(s for s in _charts(at) if (s["layout"].get("title") or {}).get("text", "").startswith("grad cam"))
+    return at
+
+
+def test_compare_page_titles_grad_cam_with_its_grid_and_warns_at_2x2():
+    at = _compare_page_with(needs("rot-cnn", "scale-resnet20"), "grad_cam")
+    spec = _attribution_chart(at, "grad cam")
     titles = [t.split("<br>")[0] for t in _titles(spec)]
     assert any(t.startswith("rot-cnn → ") and t.endswith("@ features.25 (2x2)") for t in titles), titles
     assert any(t.startswith("scale-resnet20 → ") and t.endswith("(7x7)") for t in titles), titles
@@ -147,17 +156,14 @@ def test_compare_page_titles_grad_cam_with_its_grid_and_warns_at_2x2():
     # the user's choice stands: a finer layer, no warning
     next(s for s in at.selectbox if s.label == "Grad-CAM layer of rot-cnn").set_value("features.12").run()
     assert not at.exception
-    spec = next(s for s in _charts(at) if (s["layout"].get("title") or {}).get("text", "").startswith("grad cam"))
+    spec = _attribution_chart(at, "grad cam")
     assert any(t.split("<br>")[0].endswith("@ features.12 (12x12)") for t in _titles(spec))
     assert not [w.value for w in at.warning if "2x2" in w.value]
 
 
 def test_compare_page_titles_integrated_gradients_with_their_completeness_error():
-    pair = needs("scale-msws-shared", "scale-resnet20")
-    at = open_app("pages/compare.py", pair)
-    next(s for s in at.selectbox if s.label == "Method").set_value("integrated_gradients").run()
-    assert not at.exception
-    spec = next(s for s in _charts(at) if (s["layout"].get("title") or {}).get("text", "").startswith("integrated"))
+    at = _compare_page_with(needs("scale-msws-shared", "scale-resnet20"), "integrated_gradients")
+    spec = _attribution_chart(at, "integrated")
     maps = [t for t in _titles(spec) if " → " in t]
     assert len(maps) == 2
     for t in maps:
