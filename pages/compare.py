@@ -165,8 +165,7 @@ for i, (label, x) in enumerate(inputs.items()):
         coarse.append(f"{label} at {res.layer}" + (f" (finer: {finer[-1][0]}, {finer[-1][1][0]}x{finer[-1][1][1]})"
                                                    if finer else ""))
     if res.relative_delta is not None:
-        n_steps = int(res.ig_steps[0])
-        notes[panel] = f"sum off f(x) − f(black) by {float(res.relative_delta[0]):.1%} ({n_steps} steps)"
+        notes[panel] = res.completeness_note(0)
         if res.capped is not None and bool(res.capped[0]):
             capped.append(f"{label} ({float(res.relative_delta[0]):.1%})")
 if coarse:

@@ -427,7 +427,7 @@ def _attribution(args: argparse.Namespace) -> int:
         maps[panel], inputs[panel] = res.maps[0].numpy(), x[0].mean(0).numpy()
         rel = res.relative_delta
         if rel is not None:
-            notes[panel] = f"sum off f(x) − f(black) by {float(rel[0]):.1%} ({int(res.ig_steps[0])} steps)"
+            notes[panel] = res.completeness_note(0)
             if res.capped is not None and res.capped.any():
                 warnings.append(f"{name}: Integrated Gradients of {int(res.capped.sum())} image(s) still off by more "
                                 f"than {attribution.IG_TOLERANCE:.0%} at {attribution.IG_MAX_STEPS} steps (see "

@@ -83,6 +83,13 @@ class AttributionResult:
             return None
         return self.convergence_delta.abs() / self.logit_change.abs().clamp_min(torch.finfo(torch.float32).tiny)
 
+    def completeness_note(self, i: int = 0) -> str | None:
+        """IG: image ``i``'s completeness error and steps, as a panel's title says them (None otherwise)."""
+        rel = self.relative_delta
+        if rel is None:
+            return None
+        return f"sum off f(x) − f(black) by {float(rel[i]):.1%} ({int(self.ig_steps[i])} steps)"
+
     @property
     def capped(self) -> torch.Tensor | None:
         """IG with a tolerance: the images still over it at :data:`IG_MAX_STEPS` (their error is reported)."""
