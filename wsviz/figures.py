@@ -195,6 +195,15 @@ def feature_map_range(*map_lists) -> tuple[float, float]:
             float(max((float(m.max()) for m in means), default=1.0)))
 
 
+def _tap_title(label: str, name: str | None) -> str:
+    """A tap's panel title: its label's head ("rate 1") on the first line, where it is taken ("(conv,
+    pre-BN)") and its module path in small type below, so six panels side by side do not overrun."""
+    head, sep, where = label.partition(" (")
+    small = [f"({where}" if sep else "", name or ""]
+    small = [t for t in small if t]
+    return head + "".join(f"<br><sup>{t}</sup>" for t in small)
+
+
 def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool = True,
                         zrange: tuple[float, float] | None = None) -> go.Figure:
     """Channel-mean activation of each tap, one small heatmap per tap, titled by its layer (module
@@ -213,7 +222,7 @@ def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool 
     if signed:
         lo, hi = -max(-lo, hi), max(-lo, hi)
     colours = dict(colorscale=DIVERGING, zmid=0) if signed else dict(colorscale="Viridis")
-    titles = [f"{f.label}<br><sup>{f.name}</sup>" if layer_names else f.label for f in maps]
+    titles = [_tap_title(f.label, f.name if layer_names else None) for f in maps]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
                         vertical_spacing=0.12)
     for i, (f, z) in enumerate(zip(maps, means)):
