@@ -79,3 +79,84 @@ def test_submitit_backend_runs_a_job_through_submitits_local_executor(store):
     card = json.loads((Path(run.out_dir) / "checkpoint" / "card.json").read_text())
     assert card["complete"] and card["test_accuracy"] == run.test_accuracy
     assert list((Path(run.out_dir) / "submitit").glob("*_log.out"))  # submitit's own job files
+
+
+# ------------------------------------------------------------------ SLURM, through submitit, on a fake cluster
+# sbatch, sacct and scancel are stand-ins written here: submitit itself runs unchanged and calls them, so
+# these tests exercise the real submission, state query and cancellation path. The job's state is a file.
+FAKE = {
+    "srun": "exit 0",
+    "sbatch": 'if [ -f "$FAKE_SLURM/refuse" ]; then cat "$FAKE_SLURM/refuse" >&2; exit 1; fi\n'
+              'echo "Submitted batch job $(cat "$FAKE_SLURM/id")"',
+    "sacct": 'echo "JobID|State|NodeList"\necho "$(cat "$FAKE_SLURM/id")|$(cat "$FAKE_SLURM/state")|node7"',
+    "scancel": 'echo "$@" >> "$FAKE_SLURM/scancel.log"\necho "CANCELLED by 1000" > "$FAKE_SLURM/state"',
+}
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """A fake SLURM cluster on PATH; returns its folder (``id``: the next job's id, ``state``: its state)."""
+    import os
+    import uuid
+
+    home = tmp_path / "slurm"
+    (home / "bin").mkdir(parents=True)
+    for name, body in FAKE.items():
+        exe = home / "bin" / name
+        exe.write_text("#!/bin/sh\n" + body + "\n")
+        exe.chmod(0o755)
+    # submitit's state watcher is shared by the whole process: a fresh id per test, never one it cached
+    (home / "id").write_text(str(uuid.uuid4().int % 10**9))
+    (home / "state").write_text("PENDING")
+    monkeypatch.setenv("FAKE_SLURM", str(home))
+    monkeypatch.setenv("PATH", f"{home / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return home
+
+
+def _slurm_launch(store, slurm):
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_batches=3)
+    run = launch(store, "resnet_digits", "mnist5k", cfg, overrides=SMALL, backend="slurm")
+    assert run.host == f"slurm:{(slurm / 'id').read_text()}" and run.status == "queued"
+    return run
+
+
+def test_cancelling_a_slurm_job_still_pending_cancels_it_on_the_cluster_and_frees_the_users_slot(store, slurm):
+    """A pending job never runs the worker that would read the cancel request: scancel it, then settle it."""
+    from wsviz.training.jobs import cancel
+
+    run = _slurm_launch(store, slurm)
+    store.reconcile()
+    assert store.get(run.id).status == "queued"  # sacct says PENDING: it may still start
+    run = cancel(store, run.id)
+    assert (slurm / "scancel.log").read_text().split() == [(slurm / "id").read_text()]
+    assert run.status == "cancelled" and not run.active
+
+
+def test_a_slurm_job_that_ended_without_its_run_saying_so_is_marked_failed_naming_the_job(store, slurm):
+    run = _slurm_launch(store, slurm)
+    (slurm / "state").write_text("NODE_FAIL")
+    assert store.reconcile() == [run.id]
+    run = store.get(run.id)
+    job = (slurm / "id").read_text()
+    assert run.status == "failed"
+    assert f"SLURM job {job}" in run.reason and "NODE_FAIL" in run.reason and "submitit" in run.reason
+
+
+def test_a_slurm_job_whose_state_cannot_be_read_is_left_as_it_is(store, slurm):
+    """No sacct answer (a login node without accounting): nothing is known, so nothing is settled."""
+    run = _slurm_launch(store, slurm)
+    (slurm / "bin" / "sacct").write_text("#!/bin/sh\necho 'sacct: error: accounting storage is disabled' >&2\nexit 1\n")
+    (slurm / "state").write_text("FAILED")
+    assert store.reconcile() == []
+    assert store.get(run.id).status == "queued"
+
+
+def test_a_refused_slurm_submission_says_why_and_holds_no_slot(store, slurm):
+    from wsviz.errors import WsvizError
+
+    (slurm / "refuse").write_text("sbatch: error: invalid partition specified: gpu")
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_batches=3)
+    with pytest.raises(WsvizError, match="invalid partition specified"):
+        launch(store, "resnet_digits", "mnist5k", cfg, overrides=SMALL, backend="slurm")
+    (run,) = store.list()
+    assert run.status == "failed" and "invalid partition" in run.reason

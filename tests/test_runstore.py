@@ -873,13 +873,20 @@ def test_what_reads_before_it_writes_takes_the_write_lock_first(tmp_path, statem
     store = RunStore(tmp_path / "runs")
     a = store.create("m", "d", {})
     store.finish(a.id, "failed", "killed")
-    for call in (store.reconcile, store.rebuild, lambda: store.requeue(a.id, 0)):
+    for call in (store.rebuild, lambda: store.requeue(a.id, 0)):
         statements.clear()
         call()
         assert _begins(statements)[0] == "BEGIN IMMEDIATE"
+    # reconcile first reads, without the lock, which runs a cluster runs (their scheduler is asked outside
+    # it: sacct may take seconds); what it decides and writes is read again under the lock
+    statements.clear()
+    store.reconcile()
+    assert _begins(statements) == ["BEGIN", "BEGIN IMMEDIATE"]
+    first = statements[statements.index("BEGIN") + 1:statements.index("COMMIT")]
+    assert first and all(q.startswith("SELECT") for q in first)
     statements.clear()
     store.claim_slot(a.id, 1, os.getpid(), "cpu")
-    assert _begins(statements) == ["BEGIN IMMEDIATE", "BEGIN IMMEDIATE"]  # its reconcile, then its claim
+    assert _begins(statements) == ["BEGIN", "BEGIN IMMEDIATE", "BEGIN IMMEDIATE"]  # its reconcile, then its claim
     statements.clear()
     store.get(a.id)
     store.list()

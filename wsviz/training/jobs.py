@@ -215,8 +215,20 @@ def _start(store: RunStore, run: Run, max_running: int, backend: str, *, resume:
     out = Path(run.out_dir)
     env, cwd = child_environment()
     if backend != "process":  # the cluster's nodes have their own GPUs: SLURM gives each job its own
+        from wsviz.training.cluster import record_job
+
         cmd = train_command(store, run, CLUSTER_SLOTS, resume=resume, gpus=[])
-        job = _submit(backend, out, cmd, env, cwd)
+        try:
+            job = _submit(backend, out, cmd, env, cwd)
+        except WsvizError as exc:
+            store.finish(run.id, "failed", reason=str(exc))
+            raise
+        except Exception as exc:  # sbatch refused it (a bad partition, a limit): nothing is queued anywhere
+            reason = f"{backend} refused the job: {str(exc).strip() or type(exc).__name__}"
+            store.finish(run.id, "failed", reason=reason)
+            raise WsvizError(f"Run {run.name}: {reason}. Fix WSVIZ_SLURM (submitit's SLURM parameters) and "
+                             "launch again.") from exc
+        record_job(out, backend, job.job_id)
         store.set_pid(run.id, None, host=f"{backend}:{job.job_id}")
         return store.get(run.id)
     cmd = train_command(store, run, max_running, resume=resume, gpus=gpu_slots())
@@ -283,7 +295,12 @@ def cancel(store: RunStore, run_id: str, *, actor: Actor | None = None) -> Run:
         raise WsvizError(f"Run {run.name} is {run.status}: only a queued or running run can be cancelled.")
     run = store.request_cancel(run_id)
     store.audit(run_id, "cancelled", actor.name, actor.role)  # a job on another machine sees the request within a second
-    if run.active and run.pid and run.host in (None, HOST):
+    if run.active and run.host not in (None, HOST):  # a cluster's job: a pending one never reads the request
+        from wsviz.training.cluster import cancel_job
+
+        cancel_job(run.out_dir)
+        store.reconcile(force=True)  # scancelled while pending: settle it now (cancelled, as requested)
+    elif run.active and run.pid:
         if pid_alive(run.pid, run.pid_start):  # never a process that was given a dead run's pid
             try:
                 os.kill(run.pid, signal.SIGTERM)

@@ -3,8 +3,9 @@
 Writers are the training processes, readers the app and the CLI; SQLite's WAL mode lets the
 app read while a run writes. A run whose process died without saying so (SIGKILL, out of
 memory, power loss) is found by :meth:`RunStore.reconcile`, which marks it failed. Liveness
-is asked of psutil (any OS), and only of runs on this host: a run that a cluster runs
-elsewhere (SLURM through submitit) reports its own end.
+is asked of psutil (any OS) for runs on this host; a run that a cluster runs elsewhere (SLURM
+through submitit) reports its own end, and its scheduler is asked whether its job has ended
+without saying so (:mod:`wsviz.training.cluster`).
 
 The database is an index, not the only record: every run folder holds ``run.json`` (its id,
 name and launch spec) and, once an epoch has finished, its checkpoint's ``card.json`` (config,
@@ -515,24 +516,37 @@ class RunStore:
             con.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
         return self.get(run_id)
 
-    def reconcile(self) -> list[str]:
-        """Mark runs whose process is gone as failed; returns their ids."""
+    def reconcile(self, *, force: bool = False) -> list[str]:
+        """Mark runs whose process is gone as failed (cancelled if that was asked); returns their ids.
+
+        A run on this host is asked of psutil. A run elsewhere (a cluster's job, queued or on a node)
+        is asked of its scheduler (:func:`wsviz.training.cluster.job_end`, from submitit's cache unless
+        ``force``), outside the write lock: sacct may take seconds.
+        """
+        from wsviz.training.cluster import job_end
+
+        with self._connect() as con:
+            away = con.execute("SELECT id, out_dir FROM runs WHERE status IN ('queued', 'running') "
+                               "AND host IS NOT NULL AND host != ?", (HOST,)).fetchall()
+        ended = {run_id: why for run_id, out in away if (why := job_end(out, force=force))}
         dead = []
         with self._connect(immediate=True) as con:
             rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created, host FROM runs "
                                "WHERE status IN ('queued', 'running')").fetchall()
             for run_id, status, pid, start, cancel, created, host in rows:
-                if (host is not None and host != HOST) or pid_alive(pid, start):
-                    continue  # elsewhere (a cluster node): that process reports its own end
-                if status == "queued" and pid is None and time.time() - created < 60:
+                elsewhere = host is not None and host != HOST
+                if (elsewhere and run_id not in ended) or (not elsewhere and pid_alive(pid, start)):
+                    continue
+                if not elsewhere and status == "queued" and pid is None and time.time() - created < 60:
                     continue  # its worker is still starting
                 if cancel:
                     con.execute("UPDATE runs SET status='cancelled', reason='cancelled', finished=? WHERE id=?",
                                 (time.time(), run_id))
                 else:
+                    why = ended.get(run_id) or ("the training process died without finishing (killed, out of "
+                                                "memory, or crashed)")
                     con.execute("UPDATE runs SET status='failed', reason=?, finished=? WHERE id=?",
-                                ("the training process died without finishing (killed, out of memory, or "
-                                 "crashed); the last epoch's checkpoint, if any, is kept", time.time(), run_id))
+                                (f"{why}; the last epoch's checkpoint, if any, is kept", time.time(), run_id))
                 dead.append(run_id)
         for run_id in dead:
             self._remove_partial_files(run_id)
