@@ -209,6 +209,44 @@ def test_the_run_folder_deleted_while_training_is_said_in_one_line(tmp_path, mon
     assert not folder.exists()  # not made again by a later save
 
 
+def test_only_the_tensorboard_folder_deleted_costs_its_curves_not_the_run(tmp_path, monkeypatch, capsys, caplog):
+    """Clearing TensorBoard's folder mid-run (to tidy the curves) is not deleting the run: the training
+    goes on to the end, the warning says the earlier curves are gone, and later epochs log afresh."""
+    import wsviz.training.run as run_mod
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wsviz.train import main
+
+    real, saves = run_mod.save_checkpoint, []
+    out = tmp_path / "ck"
+    tb = tmp_path / "ck.tensorboard"
+
+    def save_then_clear_tensorboard(*a, **k):
+        done = real(*a, **k)
+        saves.append(1)
+        if len(saves) == 1:
+            shutil.rmtree(tb)  # right after epoch 1 is saved
+        return done
+
+    monkeypatch.setattr(run_mod, "save_checkpoint", save_then_clear_tensorboard)
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    code = main(argv(out))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert f"the TensorBoard folder {tb} was deleted while training: the curves logged before are gone" in caplog.text
+    assert not thread_errors, [(e.exc_type, e.exc_value) for e in thread_errors]
+    assert (out / "card.json").is_file() and not state_path(out).exists()  # the run finished
+    (events,) = tb.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    # one step per epoch; the folder went after epoch 1 was saved: step 1's loss was logged before (gone),
+    # epoch 1's accuracies after it (kept), then everything of epochs 2 and 3
+    assert [e.step for e in acc.Scalars("train/loss_step")] == [2, 3]
+    assert [e.step for e in acc.Scalars("test/accuracy")] == [1, 2, 3]
+
+
 # --------------------------------------------------------------------------- 4. full disk
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_a_full_disk_names_the_file_and_says_to_resume_when_a_state_is_kept(tmp_path, monkeypatch, capsys, fail_at):

@@ -326,9 +326,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     watched = [p for p in (out.parent, out) if p.is_dir()]  # folders whose deletion ends the run
     # A save or TensorBoard write into a run folder deleted meanwhile: RunFolderDeleted, in one line.
     with _deleted_folder_said(watched):
-        writer = _tensorboard(tensorboard, state) if rank == 0 and tensorboard else None
-        if writer is not None:
-            watched.append(Path(writer.log_dir))
+        writer = _TensorBoardLog(tensorboard, state) if rank == 0 and tensorboard else None
         global_step = [int(state["global_step"]) if state is not None else 0]  # TensorBoard's x axis: optimiser steps
 
         def step_done(epoch: int, step: int, loss: float) -> None:
@@ -483,6 +481,60 @@ def _divergence(result: TrainResult, num_classes: int | None) -> str | None:
     return (f"the final train loss {loss:.4g} is over {DIVERGED_FACTOR:g}x chance's ln({num_classes}) = {chance:.3g}: "
             f"the learning rate ({result.epochs[-1].lr:g} in the last epoch) is probably far too high; "
             "train again with a lower --lr")
+
+
+class _TensorBoardLog:
+    """The run's TensorBoard writer. Its folder deleted while the run trains (someone tidying their
+    curves) costs the curves logged so far, not the run: the warning says so, and later events go to
+    a new event file in that folder, made again. A folder gone with its parent (the run folder
+    deleted) is :class:`RunFolderDeleted`: nothing is made again there."""
+
+    def __init__(self, folder: str | Path, state: dict[str, Any] | None) -> None:
+        self.folder = Path(folder)
+        self._writer = _tensorboard(folder, state)
+        self.log_dir = self._writer.log_dir
+
+    def _live(self):
+        gone = _deleted(self.folder)
+        if gone is None:
+            return self._writer
+        if gone != self.folder:
+            raise RunFolderDeleted(gone)
+        log.warning("the TensorBoard folder %s was deleted while training: the curves logged before are gone; "
+                    "the training goes on and logs its later steps there afresh", self.folder)
+        try:
+            self._writer.close()  # its file is gone: the error it raises says nothing new
+        except OSError:
+            pass
+        finally:
+            self._writer.wsviz_unhush()
+        self._writer = _tensorboard(self.folder, None)
+        return self._writer
+
+    def _call(self, name: str, *args: Any) -> None:
+        try:
+            getattr(self._live(), name)(*args)
+        except OSError as exc:  # the writer's thread found the file gone first: its error comes up here
+            if exc.errno != errno.ENOENT or _deleted(self.folder) is None:
+                raise
+            getattr(self._live(), name)(*args)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or _deleted(self.folder) is None:
+                raise
+            log.warning("the TensorBoard folder %s was deleted while training: its curves are gone", self.folder)
+
+    def wsviz_unhush(self) -> None:
+        self._writer.wsviz_unhush()
 
 
 def _tensorboard(folder: str | Path, state: dict[str, Any] | None):
