@@ -212,9 +212,9 @@ def test_the_run_folder_deleted_while_training_is_said_in_one_line(tmp_path, mon
 def test_only_the_tensorboard_folder_deleted_costs_its_curves_not_the_run(tmp_path, monkeypatch, capsys, caplog):
     """Clearing TensorBoard's folder mid-run (to tidy the curves) is not deleting the run: the training
     goes on to the end, the warning says the earlier curves are gone, and later epochs log afresh."""
-    import wsviz.training.run as run_mod
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import wsviz.training.run as run_mod
     from wsviz.train import main
 
     real, saves = run_mod.save_checkpoint, []
