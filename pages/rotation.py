@@ -131,9 +131,9 @@ def comparable(label: str) -> bool:
     except Exception:  # noqa: BLE001 - not loadable: the table above and the button say why
         return True
     why = model_label_mismatch(model, card, "mnist5k")
-    if why:  # an accuracy on digits means nothing for a model of other classes
-        st.warning(f"{plain(label)} is left out of the sweep: the test digits' labels are not comparable with its "
-                   f"classes ({plain(why)}).", icon=":material/warning:")
+    if why:  # other classes, or digits it was trained on: an accuracy on them would mean nothing
+        st.warning(f"{plain(label)} is left out of the sweep: the mnist5k test digits cannot score it "
+                   f"({plain(why)}).", icon=":material/warning:")
     return not why
 
 

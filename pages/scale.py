@@ -122,9 +122,8 @@ if st.button("Run the sweep", type="primary"):  # only the button starts one
 result = background_result("scale-work", key, "scale sweep")
 if result is not None:
     res, inv, skipped, failed, blind = result
-    for m, why in blind.items():  # an accuracy against labels the model never learned would read as 0%
-        st.warning(plain(f"{dataset}: labels not comparable with {m}'s classes: agreement only. "
-                         f"{why[:1].upper()}{why[1:]}."))
+    for m, why in blind.items():  # labels it never learned (0% means nothing), or its own training images
+        st.warning(plain(f"{dataset} cannot score {m}: agreement only. {why[:1].upper()}{why[1:]}."))
     scored = {m: a for m, a in res.accuracy.items() if m not in blind}
     if scored:
         figure(sweep_figure(replace(res, accuracy=scored), "accuracy"), "scale-accuracy")

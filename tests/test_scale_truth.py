@@ -134,7 +134,7 @@ def test_a_folder_of_other_classes_is_swept_for_agreement_only(tmp_path):
     sweep(at, folder=str(folder))
     assert not at.error, [e.value for e in at.error]
     warnings = [unescaped(w.value) for w in at.warning]
-    assert warnings == [f"folder:{folder}: labels not comparable with scale-resnet20's classes: agreement only. "
+    assert warnings == [f"folder:{folder} cannot score scale-resnet20: agreement only. "
                         f"It was trained on mnist5k-scale, whose classes are not those of folder:{folder}."]
     drawn = charts(at)
     assert ACCURACY not in drawn, "an accuracy against labels the model never learned was drawn"
@@ -149,6 +149,23 @@ def test_digits_of_another_protocol_are_the_models_classes():
     sweep(at)
     assert not at.error and not at.warning, [w.value for w in at.warning]
     assert set(charts(at)) >= {ACCURACY, AGREEMENT}
+
+
+def test_a_model_trained_on_all_of_mnist_gets_no_accuracy_on_the_mnist5k_digits_it_trained_on(checkpoints):
+    """mnist5k is 5,000 of MNIST's training digits: a full-MNIST model's accuracy on them is a training
+    accuracy, which the page would draw as if it were a test one."""
+    needs("scale-resnet20")
+    folder = copy_checkpoint("scale-resnet20", checkpoints / "full-mnist")
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "dataset": "mnist-scale"}))
+    at = open_app("pages/scale.py", ["full-mnist"])
+    sweep(at)
+    assert not at.error, [e.value for e in at.error]
+    assert [unescaped(w.value) for w in at.warning] == [
+        "mnist5k cannot score full-mnist: agreement only. It was trained on mnist-scale, whose training images "
+        "include every mnist5k digit (mnist5k is drawn from MNIST's training set): an accuracy here would be on its "
+        "own training images."]
+    assert ACCURACY not in charts(at) and AGREEMENT in charts(at)
 
 
 # ------------------------------------------------------------------------------------- no scale chosen

@@ -264,10 +264,16 @@ def label_space(dataset: str | None) -> str | None:
     return None
 
 
+def _digit_source(dataset: str | None) -> str:
+    """'mnist5k' or 'mnist': which digits a digit set (any protocol) is made of."""
+    return (dataset or "").strip().lower().partition("-")[0]
+
+
 def label_mismatch(dataset: str, trained_on: str | None, classes: int | None) -> str | None:
     """Why the labels of ``dataset`` cannot score a model trained on ``trained_on`` (its card's dataset)
     with ``classes`` outputs, or None when they can: the same label space (:func:`label_space`) and as
-    many classes as the model has. An accuracy against labels the model never learned means nothing."""
+    many classes as the model has. An accuracy against labels the model never learned means nothing; nor
+    does one on images it was trained on (the mnist5k digits, for a model trained on full MNIST)."""
     from wsviz.data.datasets import dataset_info
 
     space, own = label_space(dataset), label_space(trained_on)
@@ -275,6 +281,11 @@ def label_mismatch(dataset: str, trained_on: str | None, classes: int | None) ->
         return f"its card names no training set wsviz knows the classes of ({trained_on or 'none'})"
     if space != own:
         return f"it was trained on {trained_on}, whose classes are not those of {dataset}"
+    if space == "digits" and _digit_source(dataset) == "mnist5k" and _digit_source(trained_on) == "mnist":
+        # mnist5k is 500 per class of MNIST's *training* digits (wsviz.data.digits): full MNIST's training
+        # set, under any protocol, holds every one of them
+        return (f"it was trained on {trained_on}, whose training images include every {dataset} digit (mnist5k "
+                "is drawn from MNIST's training set): an accuracy here would be on its own training images")
     try:
         have = dataset_info(dataset).num_classes
     except (WsvizError, OSError) as exc:
