@@ -3,7 +3,8 @@
 Called by app.py before ``st.navigation``. The rules live in :mod:`wsviz.auth` (no Streamlit);
 here they meet the browser: the token from the address (``?token=...``, removed from it once
 used so shared links never carry it) or from the sign-in form, and the session's user, kept in
-``st.session_state`` so it survives moving between pages.
+``st.session_state`` so it survives moving between pages, with what it signed in with, checked
+again on every run (a revoked token or password, or a changed role, ends the session).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from wsviz import auth
 from wsviz.errors import WsvizError
 
 _KEY = "_wsviz_actor"
+_TICKET = "_wsviz_ticket"  # what signed the session in (auth.session_ticket), checked again on every run
 _ON = "_wsviz_access_on"
 
 
@@ -207,20 +209,30 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
     if cfg.off:
         st.session_state[_KEY] = auth.local_actor()
         return st.session_state[_KEY]
-    actor = st.session_state.get(_KEY)
-    if isinstance(actor, auth.Actor):
-        return actor
-    client = auth.client_key(st.context.ip_address)
     error = None
+    if isinstance(st.session_state.get(_KEY), auth.Actor):
+        # Checked again on every run, so revoking takes effect at the session's next run: the token or
+        # password it signed in with may have been changed or removed, the user's role changed, or
+        # WSVIZ_SESSION_HOURS passed since it signed in.
+        actor = auth.cookie_actor(cfg, st.session_state.get(_TICKET))
+        if actor is not None:
+            return actor
+        del st.session_state[_KEY]
+        st.session_state.pop(_TICKET, None)
+        error = ("Signed out: the token or password this session signed in with is no longer in force (changed or "
+                 "removed, or its user's role changed), or the session is older than WSVIZ_SESSION_HOURS. Sign in "
+                 "again.")
+    client = auth.client_key(st.context.ip_address)
     refusal = st.query_params.get("signin")  # a wrong token link, refused by TokenLinks: say why here
     if refusal is not None:
         del st.query_params["signin"]
         error = auth.take_refusal(refusal)
         if error:
             st.session_state["_signin_error"] = error
-    actor = auth.cookie_actor(cfg, st.context.cookies.get(auth.SESSION_COOKIE))
+    cookie = st.context.cookies.get(auth.SESSION_COOKIE)
+    actor = auth.cookie_actor(cfg, cookie)
     if actor is not None:  # signed in by a token link earlier in this browser (a reload, a new tab)
-        st.session_state[_KEY] = actor
+        st.session_state[_KEY], st.session_state[_TICKET] = actor, cookie
         return actor
     token = st.query_params.get("token")
     if token is not None:
@@ -236,7 +248,7 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
                       + [st.Page(prompt, title="Sign in", url_path=p) for p in dict.fromkeys(paths) if p
                          and p != "sign-in"], position="hidden").run()
         st.stop()
-    st.session_state[_KEY] = actor
+    st.session_state[_KEY], st.session_state[_TICKET] = actor, auth.session_ticket(cfg, actor, token)
     st.session_state.pop("_signin_error", None)
     # Signed in by the address's token: nothing is drawn yet, so the app draws in this very run, on
     # the page the address names (a rerun here could lose it to the address losing its token).
@@ -244,18 +256,18 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
 
 
 def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:
-    actor = None
+    actor, secret, user = None, "", ""
     st.title("wsviz: sign in")
     where = (f" It is printed where wsviz was started, and `python -m wsviz.auth url` prints it again "
              f"(it is kept in {cfg.token_file})." if cfg.mode == "generated" else "")
     st.caption("This server is protected. Open the address with the token (…/?token=…), or enter the token, "
                f"or a user name and password, below.{where}")
     with st.form("sign-in"):
-        user = st.text_input("User (leave empty for a token)", key="_signin_user")
+        user = st.text_input("User (leave empty for a token)", key="_signin_user").strip()
         secret = st.text_input("Token or password", type="password", key="_signin_secret")
         if st.form_submit_button("Sign in", type="primary"):
             try:
-                actor = auth.attempt(cfg, secret, client, user=user.strip())
+                actor = auth.attempt(cfg, secret, client, user=user)
             except WsvizError as exc:
                 error = st.session_state["_signin_error"] = str(exc)
     if actor is None:
@@ -263,5 +275,5 @@ def _sign_in(cfg: auth.AuthConfig, client: str, error: str | None) -> None:
         if error:
             st.error(error, icon=":material/lock:")
         return
-    st.session_state[_KEY] = actor
+    st.session_state[_KEY], st.session_state[_TICKET] = actor, auth.session_ticket(cfg, actor, secret, user)
     st.rerun()  # draw the app without the form

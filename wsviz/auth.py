@@ -330,6 +330,9 @@ def attempt(cfg: AuthConfig, secret: str, client: str, user: str = "", throttle:
 # reload or a new tab stays signed in. The cookie is HttpOnly (page scripts cannot read it), names who
 # and which token, and is refused once the token is no longer in force, after WSVIZ_SESSION_HOURS
 # (default 24), or after a server restart (the key below lives in the server process only).
+# A signed-in session keeps the same signed value (its ticket: for a password, it names the user's
+# password hash) and the gate checks it again on every run, so a session, too, ends when what
+# signed it in is changed or removed, when its user's role changes, or after WSVIZ_SESSION_HOURS.
 SESSION_COOKIE = "wsviz_session"
 _COOKIE_KEY = _secrets.token_bytes(32)
 _REFUSALS: dict[str, str] = {}  # one-use keys -> a refusal for the sign-in prompt to show
@@ -365,10 +368,23 @@ def session_cookie(actor: Actor, token: str, now: float | None = None, key: byte
     return f"{data}.{hmac.new(key, data.encode(), hashlib.sha256).hexdigest()}"
 
 
+def _user_credential(name: str, password_hash: str) -> str:
+    """What stands for a user's password in a session's ticket: it changes with the password's hash.
+    (No token can equal it: an environment variable holds no NUL.)"""
+    return f"\0user\0{name}\0{password_hash}"
+
+
+def session_ticket(cfg: AuthConfig, actor: Actor, secret: str, user: str = "") -> str:
+    """What a session keeps once ``actor`` signed in with ``secret`` (``user``'s password, or a token): a
+    value :func:`cookie_actor` checks again on every run, never the secret itself."""
+    return session_cookie(actor, _user_credential(user, cfg.users[user][0]) if user else secret)
+
+
 def cookie_actor(cfg: AuthConfig, value: str | None, now: float | None = None, key: bytes | None = None,
                  hours: float | None = None) -> Actor | None:
-    """Who a session cookie signs in, or None: not signed by this server, expired, or its token no
-    longer in force (changed, removed) or no longer signing in the same user and role."""
+    """Who a session cookie (or a session's ticket) signs in, or None: not signed by this server,
+    expired, or its token or password no longer in force (changed, removed) or no longer signing in
+    the same user and role."""
     if cfg.off or not value or not value.isascii() or value.count(".") != 1:  # a planted odd cookie: nobody
         return None
     key = key or _COOKIE_KEY
@@ -383,7 +399,8 @@ def cookie_actor(cfg: AuthConfig, value: str | None, now: float | None = None, k
     if not 0 <= age <= 3600 * (session_hours() if hours is None else hours):
         return None
     found = None
-    for token, actor in cfg.tokens.items():  # every token compared, constant-time
+    users = {_user_credential(n, stored): Actor(n, r) for n, (stored, r) in cfg.users.items()}
+    for token, actor in (cfg.tokens | users).items():  # every one compared, constant-time
         if hmac.compare_digest(_mark(token, key).encode(), str(mark).encode()) and actor == Actor(str(name), str(role)):
             found = actor
     return found
