@@ -10,6 +10,7 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from wsviz import auth
+from wsviz.errors import WsvizError
 
 TRAINER, VIEWER = "t" * 8 + "-trainer-token-0123", "v" * 8 + "-viewer-token-0123"
 
@@ -81,3 +82,31 @@ def test_a_password_change_or_a_new_role_takes_effect_on_the_next_run(monkeypatc
     at.secrets["wsviz"] = {"users": {"bob": alice}}  # removed
     at.run()
     assert _who(at) == "wsviz: sign in", _who(at)
+
+
+# ------------------------------------------------------------------ finding 2: the total of wrong tries is a window
+def _try(cfg, secret, client, throttle) -> str:
+    try:
+        return auth.attempt(cfg, secret, client, throttle=throttle).role
+    except WsvizError as exc:
+        return str(exc)
+
+
+def test_a_trickle_of_wrong_tries_never_locks_the_owner_out_and_a_flood_only_while_it_lasts():
+    cfg = auth.load_config({"WSVIZ_TOKEN": TRAINER})
+    now = [0.0]
+    throttle = auth.Throttle(clock=lambda: now[0])
+    for i in range(21):  # 21 wrong tries from 21 addresses (each within its 3 free ones), at once: a flood
+        _try(cfg, "x" * 20, f"10.0.0.{i}", throttle)
+    assert _try(cfg, TRAINER, "unknown", throttle).startswith("Too many wrong tries")  # everyone waits...
+    assert throttle.wait_left("unknown") <= throttle.window
+    now[0] += throttle.window  # ...only until the flood has left the window
+    assert _try(cfg, TRAINER, "unknown", throttle) == "trainer"
+    for minute in range(10):  # then one wrong try every 30 s, from ever new addresses: never a lockout
+        now[0] += 30
+        _try(cfg, "x" * 20, f"10.0.1.{minute}", throttle)
+        now[0] += 1
+        assert _try(cfg, TRAINER, "unknown", throttle) == "trainer", now[0]
+    for _ in range(6):  # one address is still slowed on its own, whatever the total
+        _try(cfg, "x" * 20, "10.0.2.1", throttle)
+    assert throttle.wait_left("10.0.2.1") > 0 and throttle.wait_left("10.0.2.2") == 0

@@ -16,7 +16,8 @@ Where the credentials come from, first match wins:
   (``?token=...``) and ``python -m wsviz.auth url`` prints it again.
 
 Comparisons are constant-time (:func:`hmac.compare_digest`); after a few wrong tries from one
-address every further try is refused for a delay that doubles, up to 30 s (:class:`Throttle`).
+address every further try is refused for a delay that doubles, up to 30 s, and while more than 20
+wrong tries from all addresses fell in the last minute, every try waits (:class:`Throttle`).
 Viewers use every analysis page; only trainers launch, cancel or resume runs, and that is
 enforced where the action happens (:func:`require_trainer` in :mod:`wsviz.training.jobs`).
 
@@ -38,6 +39,7 @@ import secrets as _secrets
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,34 +267,47 @@ def announce(cfg: AuthConfig, base: str, out: Callable[[str], None] | None = Non
 
 # ------------------------------------------------------------------------ slowed wrong tries
 class Throttle:
-    """Wrong sign-in tries per client (its address) and in all: after ``free`` wrong tries, every
-    try is refused for a delay that doubles with each further wrong try, up to ``cap`` seconds.
+    """Wrong sign-in tries per client (its address) and in all. Per client: after ``free`` wrong tries,
+    every try is refused for a delay that doubles with each further wrong try, up to ``cap`` seconds.
+    In all: while more than ``total_free`` wrong tries (from any clients) fell in the last ``window``
+    seconds, every try is refused until enough of them have left the window; a trickle below that
+    rate never refuses anyone, and a flood only while it lasts (and ``window`` seconds after).
 
     Clients behind one address (an SSH tunnel: every tunnelled user is 127.0.0.1) share it; the
     cap keeps that from locking the owner out for long.
     """
 
     def __init__(self, free: int = 3, base: float = 1.0, cap: float = 30.0, total_free: int = 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.free, self.base, self.cap, self.total_free, self.clock = free, base, cap, total_free, clock
+                 window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base, self.cap, self.total_free, self.window = free, base, cap, total_free, window
+        self.clock = clock
         self._fails: dict[str, tuple[int, float]] = {}  # client -> (wrong tries, refused until)
+        self._recent: deque[float] = deque()  # when the wrong tries of all clients in the last window were
         self._lock = threading.Lock()
+
+    def _wait(self, client: str, now: float) -> float:
+        while self._recent and self._recent[0] <= now - self.window:
+            self._recent.popleft()
+        until = self._fails.get(client, (0, 0.0))[1]
+        if len(self._recent) > self.total_free:  # until the window holds total_free of them again
+            until = max(until, self._recent[-self.total_free - 1] + self.window)
+        return max(0.0, until - now)
 
     def wait_left(self, client: str) -> float:
         """Seconds before ``client`` may try again (0: now)."""
         now = self.clock()
         with self._lock:
-            return max(0.0, max(self._fails.get(k, (0, 0.0))[1] for k in (client, "*")) - now)
+            return self._wait(client, now)
 
     def failed(self, client: str) -> float:
         """Record a wrong try; returns the seconds the client must now wait."""
         now = self.clock()
         with self._lock:
-            for key, free in ((client, self.free), ("*", self.total_free)):
-                n = self._fails.get(key, (0, 0.0))[0] + 1
-                until = now + min(self.cap, self.base * 2 ** (n - free - 1)) if n > free else 0.0
-                self._fails[key] = (n, until)
-        return self.wait_left(client)
+            n = self._fails.get(client, (0, 0.0))[0] + 1
+            self._fails[client] = (n, now + min(self.cap, self.base * 2 ** (n - self.free - 1)) if n > self.free
+                                   else 0.0)
+            self._recent.append(now)
+            return self._wait(client, now)
 
     def succeeded(self, client: str) -> None:
         with self._lock:
