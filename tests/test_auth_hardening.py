@@ -110,3 +110,38 @@ def test_a_trickle_of_wrong_tries_never_locks_the_owner_out_and_a_flood_only_whi
     for _ in range(6):  # one address is still slowed on its own, whatever the total
         _try(cfg, "x" * 20, "10.0.2.1", throttle)
     assert throttle.wait_left("10.0.2.1") > 0 and throttle.wait_left("10.0.2.2") == 0
+
+
+# ------------------------------------------------------------------ finding 4: a try is counted before it is checked
+def test_tries_at_the_same_time_from_one_address_get_no_more_checks_than_tries_one_by_one(monkeypatch):
+    import threading
+    import time
+
+    cfg = auth.load_config({"WSVIZ_TOKEN": TRAINER})
+    checked = []
+
+    def slow_verify(cfg, secret, user=""):  # a password check takes ~0.3 s (PBKDF2): every try overlaps
+        checked.append(secret)
+        time.sleep(0.3)
+        return auth.Actor("root", "trainer") if secret == TRAINER else None
+
+    monkeypatch.setattr(auth, "verify", slow_verify)
+    throttle = auth.Throttle()
+    start = threading.Barrier(24)
+    results = []
+
+    def guess(i):
+        start.wait()
+        results.append(_try(cfg, f"guess-{i:02d}-0123456789", "10.1.2.3", throttle))
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(24)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(checked) == 4, len(checked)  # as one by one: 3 free tries and the one that starts the delay
+    assert sum(r.startswith("Too many wrong tries") for r in results) == 20
+    # a right try takes its reservation back: right sign-ins, however many, never slow anyone
+    monkeypatch.setattr(auth, "verify", lambda cfg, secret, user="": auth.Actor("root", "trainer"))
+    throttle = auth.Throttle()
+    for i in range(50):
+        assert _try(cfg, TRAINER, f"10.0.3.{i % 3}", throttle) == "trainer"
+    assert throttle.wait_left("10.0.3.9") == 0

@@ -299,19 +299,35 @@ class Throttle:
         with self._lock:
             return self._wait(client, now)
 
+    def _record(self, client: str, now: float) -> None:
+        n = self._fails.get(client, (0, 0.0))[0] + 1
+        self._fails[client] = (n, now + min(self.cap, self.base * 2 ** (n - self.free - 1)) if n > self.free else 0.0)
+        self._recent.append(now)
+
     def failed(self, client: str) -> float:
         """Record a wrong try; returns the seconds the client must now wait."""
         now = self.clock()
         with self._lock:
-            n = self._fails.get(client, (0, 0.0))[0] + 1
-            self._fails[client] = (n, now + min(self.cap, self.base * 2 ** (n - self.free - 1)) if n > self.free
-                                   else 0.0)
-            self._recent.append(now)
+            self._record(client, now)
             return self._wait(client, now)
 
-    def succeeded(self, client: str) -> None:
+    def reserve(self, client: str) -> tuple[float, float]:
+        """Before a try is checked: (0, when) with the try already counted as wrong, so tries checked at the
+        same time see it (:meth:`succeeded` takes it back), or (seconds left to wait, 0) and nothing counted."""
+        now = self.clock()
+        with self._lock:
+            left = self._wait(client, now)
+            if left > 0:
+                return left, 0.0
+            self._record(client, now)
+            return 0.0, now
+
+    def succeeded(self, client: str, reserved: float | None = None) -> None:
+        """A right try: the client's wrong tries are forgotten, and its reservation (:meth:`reserve`) taken back."""
         with self._lock:
             self._fails.pop(client, None)
+            if reserved is not None and reserved in self._recent:
+                self._recent.remove(reserved)
 
 
 def _delay() -> float:
@@ -328,15 +344,15 @@ THROTTLE = Throttle(base=_delay(), cap=max(30.0, _delay()))
 def attempt(cfg: AuthConfig, secret: str, client: str, user: str = "", throttle: Throttle = THROTTLE) -> Actor:
     """Sign in with ``secret`` (and ``user`` for a password) from ``client``: the Actor, or a WsvizError
     (wrong, or too many wrong tries: the message says how long to wait)."""
-    left = throttle.wait_left(client)
+    left, reserved = throttle.reserve(client)  # counted as wrong until it proves right: no check runs unseen
     if left > 0:
         raise WsvizError(f"Too many wrong tries: wait {left:.0f} s before trying again.")
     actor = verify(cfg, secret, user)
     if actor is None:
-        left = throttle.failed(client)
+        left = throttle.wait_left(client)
         raise WsvizError("Wrong token or password." + (f" Too many wrong tries: wait {left:.0f} s before trying again."
                                                         if left > 0 else ""))
-    throttle.succeeded(client)
+    throttle.succeeded(client, reserved)
     return actor
 
 
