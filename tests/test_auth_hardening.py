@@ -7,6 +7,8 @@ The rest of the access control is tested in test_auth.py (rules) and test_auth_e
 
 from __future__ import annotations
 
+import os
+
 from streamlit.testing.v1 import AppTest
 
 from wsviz import auth
@@ -145,3 +147,19 @@ def test_tries_at_the_same_time_from_one_address_get_no_more_checks_than_tries_o
     for i in range(50):
         assert _try(cfg, TRAINER, f"10.0.3.{i % 3}", throttle) == "trainer"
     assert throttle.wait_left("10.0.3.9") == 0
+
+
+# ------------------------------------------------------------------ finding 3: no secret goes to a training
+def test_a_training_job_gets_no_access_secret_in_its_environment(monkeypatch):
+    """submitit pickles a job's environment into runs/<id>/submitit/ (readable by every account): the
+    tokens must not be in it. The worker never signs anyone in."""
+    from wsviz.training.jobs import child_environment
+
+    monkeypatch.setenv("WSVIZ_TOKEN", TRAINER)
+    monkeypatch.setenv("WSVIZ_VIEWER_TOKEN", VIEWER)
+    monkeypatch.setenv("WSVIZ_QUOTA_RUNS", "2")  # anything else is kept
+    env, _ = child_environment()
+    assert {"WSVIZ_TOKEN", "WSVIZ_VIEWER_TOKEN"} <= set(auth.SECRET_ENV)
+    assert not set(auth.SECRET_ENV) & set(env), sorted(set(auth.SECRET_ENV) & set(env))
+    assert TRAINER not in repr(env) and VIEWER not in repr(env)
+    assert env["WSVIZ_QUOTA_RUNS"] == "2" and env["PATH"] == os.environ["PATH"]

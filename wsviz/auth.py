@@ -51,6 +51,7 @@ ROLES = ("viewer", "trainer")
 HASH_SCHEME = "pbkdf2_sha256"
 HASH_ITERATIONS = 600_000  # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
 TOKEN_BYTES = 24
+SECRET_ENV = ("WSVIZ_TOKEN", "WSVIZ_VIEWER_TOKEN")  # the secrets wsviz reads from the environment
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def load_config(env: Mapping[str, str] | None = None, secrets: Mapping[str, Any]
         raise WsvizError(f"WSVIZ_AUTH must be 'on' or 'off', got {switch!r}.")
     owner = local_actor().name
     tokens: dict[str, Actor] = {}
-    for var, actor in (("WSVIZ_TOKEN", Actor(owner, "trainer")), ("WSVIZ_VIEWER_TOKEN", Actor("viewer", "viewer"))):
+    for var, actor in zip(SECRET_ENV, (Actor(owner, "trainer"), Actor("viewer", "viewer")), strict=True):
         value = env.get(var, "").strip()
         if value:
             if len(value) < 16:

@@ -264,10 +264,15 @@ def child_environment() -> tuple[dict[str, str], str | None]:
     ``PYTHONPATH``), the child needs nothing and inherits the working folder. Run from a source
     checkout that is not installed, it runs in the checkout's root (``python -m`` puts the
     working folder first on the import path) with the root also put on ``PYTHONPATH``.
+
+    The access tokens are left out: the job never signs anyone in, and submitit keeps a job's
+    environment in the run folder (``submitit/*_submitted.pkl``), which other accounts may read.
     """
     import site
 
-    env = dict(os.environ)
+    from wsviz.auth import SECRET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     root = Path(__file__).resolve().parents[2]  # the folder that holds the wsviz package
     on_path = [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(),
                                  *env.get("PYTHONPATH", "").split(os.pathsep)) if p]
