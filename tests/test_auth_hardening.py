@@ -163,3 +163,18 @@ def test_a_training_job_gets_no_access_secret_in_its_environment(monkeypatch):
     assert not set(auth.SECRET_ENV) & set(env), sorted(set(auth.SECRET_ENV) & set(env))
     assert TRAINER not in repr(env) and VIEWER not in repr(env)
     assert env["WSVIZ_QUOTA_RUNS"] == "2" and env["PATH"] == os.environ["PATH"]
+
+
+# ------------------------------------------------------------------ finding 5: no user name told by the time taken
+def test_an_unknown_user_costs_the_same_password_hashing_as_a_known_one(monkeypatch):
+    import hashlib
+
+    cfg = auth.load_config({}, {"wsviz": {"users": {"alice": {"password_hash": auth.hash_password("s3cret-pw"),
+                                                              "role": "trainer"}}}})
+    rounds = []
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", lambda *a: rounds.append(a[3]) or real(*a))
+    assert auth.verify(cfg, "guess", "alice") is None
+    known, rounds[:] = list(rounds), []
+    assert auth.verify(cfg, "guess", "mallory") is None
+    assert known == rounds == [auth.HASH_ITERATIONS], (known, rounds)
