@@ -19,7 +19,7 @@ from pages._shared import (
 )
 from wsviz.analysis.embeddings import align, embedded_layer, penultimate_features, project
 from wsviz.concurrency import heavy_slot
-from wsviz.data.datasets import dataset_names
+from wsviz.data.datasets import dataset_info, dataset_names
 from wsviz.errors import WsvizError
 from wsviz.figures import embedding_figure
 from wsviz.training.cards import evaluation_seed
@@ -38,9 +38,28 @@ for label in shown:
         trained_on[label] = get_variant(label)[1].get("dataset")
     except Exception:  # noqa: BLE001 - embed() below says why this variant cannot be used
         pass
+unreadable = {}  # {image folder a shown variant trained on: why it cannot be read here}
+
+
+def readable(name: str) -> bool:
+    """A set this page can embed: a known dataset, or an image folder (``folder:PATH``) that is there, under a
+    data root, with its class sub-folders (eval_data reads it at the model's size)."""
+    if not name.startswith("folder:"):
+        return name in dataset_names()
+    try:
+        dataset_info(name)
+    except WsvizError as exc:
+        unreadable[name] = str(exc)
+        return False
+    return True
+
+
 # the shown variants' own training sets first (the first one's is the default), then the shipped digit sets
-options = list(dict.fromkeys([d for d in trained_on.values() if d and d in dataset_names()]
+options = list(dict.fromkeys([d for d in trained_on.values() if d and readable(d)]
                              + ["mnist5k-rot", "mnist5k-scale", "mnist5k"]))
+for name, why in unreadable.items():
+    st.warning(plain(f"{', '.join(v for v, d in trained_on.items() if d == name)} was trained on {name}, which "
+                     f"cannot be read here: {why}"))
 c1, c2, c3 = st.columns(3)
 dataset = c1.selectbox("Data", options, help="Test images of this set. It opens on the data the first variant was "
                                             "trained on: features of images from another distribution say less "

@@ -288,3 +288,39 @@ def test_a_missing_umap_package_is_said_once_not_blamed_on_each_variant(monkeypa
     next(s for s in at.selectbox if s.label == "Projection").set_value("umap").run()
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and "umap-learn" in errors[0] and "cannot be used" not in errors[0], errors
+
+
+def test_embeddings_offer_the_image_folder_a_variant_was_trained_on(checkpoints, tmp_path):
+    """A variant trained on an image folder opens on that folder's test split (not on a digit set it never saw,
+    with a warning that the data is not its own): the folder is offered, chosen first and embedded."""
+    import json
+
+    from PIL import Image
+
+    from wsviz.data.datasets import load_split
+
+    needs("scale-resnet20")
+    images = tmp_path / "digits-folder"
+    te = load_split("mnist5k", "test")
+    for c in range(10):
+        (images / f"c{c}").mkdir(parents=True)
+        for j, i in enumerate((te.labels == c).nonzero()[:10, 0].tolist()):
+            Image.fromarray((te.images[i, 0].numpy() * 255).astype(np.uint8)).save(images / f"c{c}" / f"{j}.png")
+    folder = copy_checkpoint("scale-resnet20", checkpoints / "on-a-folder")
+    card = json.loads((folder / "card.json").read_text())
+    card["dataset"] = f"folder:{images}"
+    (folder / "card.json").write_text(json.dumps(card))
+    at = open_app("pages/embeddings.py", ["on-a-folder"])
+    data = next(s for s in at.selectbox if s.label == "Data")
+    assert data.value == f"folder:{images}", data.options
+    assert not at.warning, [unescaped(w.value) for w in at.warning]
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) == 1
+    data.set_value("mnist5k").run()  # the digit sets stay on offer, with the warning
+    warned = [unescaped(w.value) for w in at.warning]
+    assert len(warned) == 1 and f"trained on folder:{images}" in warned[0], warned
+    shutil.rmtree(images)  # a folder that is gone is not offered: the page says why and opens on a digit set
+    at = open_app("pages/embeddings.py", ["on-a-folder"])
+    assert next(s for s in at.selectbox if s.label == "Data").value == "mnist5k-rot"
+    warned = [unescaped(w.value) for w in at.warning]
+    assert any(w.startswith(f"on-a-folder was trained on folder:{images}, which cannot be read here: ") for w in warned)
