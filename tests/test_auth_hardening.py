@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from wsviz import auth
@@ -178,3 +179,40 @@ def test_an_unknown_user_costs_the_same_password_hashing_as_a_known_one(monkeypa
     known, rounds[:] = list(rounds), []
     assert auth.verify(cfg, "guess", "mallory") is None
     assert known == rounds == [auth.HASH_ITERATIONS], (known, rounds)
+
+
+# ------------------------------------------------------------------ finding 6: the token file checked is the one read
+def test_a_token_file_swapped_for_a_link_after_its_checks_is_never_read_through_the_link(tmp_path, monkeypatch):
+    folder = tmp_path / "home"
+    token = folder / "token"
+    real = auth.generated_token(token)
+    evil = tmp_path / "evil"
+    evil.write_text("ATTACKER-CHOSEN-TOKEN-0123456789\n")
+    evil.chmod(0o600)
+    getuid = os.getuid
+
+    def swap_then_getuid():  # the race, planted: the file is swapped for a link while its owner is checked
+        if not token.is_symlink():
+            token.rename(folder / "real")
+            token.symlink_to(evil)
+        return getuid()
+
+    monkeypatch.setattr(os, "getuid", swap_then_getuid)
+    assert auth.generated_token(token) == real  # what was checked is what is read
+    monkeypatch.setattr(os, "getuid", getuid)
+    with pytest.raises(WsvizError, match="is not a plain file: remove it"):  # a link already there: refused
+        auth.generated_token(token)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_token_file_in_a_folder_others_can_write_is_refused(tmp_path, mode):
+    folder = tmp_path / "shared"
+    auth.generated_token(folder / "token")
+    folder.chmod(mode)
+    with pytest.raises(WsvizError) as info:
+        auth.generated_token(folder / "token")
+    msg = str(info.value)
+    assert "\n" not in msg and f"chmod go-w {folder}" in msg and "WSVIZ_TOKEN_FILE" in msg, msg
+    with pytest.raises(WsvizError, match="chmod go-w"):  # nor is a token made there
+        auth.generated_token(folder / "other")
+    assert not (folder / "other").exists()

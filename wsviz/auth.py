@@ -28,6 +28,7 @@ and the server address.
 from __future__ import annotations
 
 import base64
+import errno
 import getpass
 import hashlib
 import hmac
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import secrets as _secrets
+import stat
 import sys
 import threading
 import time
@@ -138,28 +140,50 @@ def token_file_path(env: Mapping[str, str] | None = None) -> Path:
 def generated_token(path: Path) -> str:
     """The token in ``path``, made (random, mode 0600, its folder 0700) if there is none yet.
 
-    A file that others can read or write is refused: anyone who can read it can sign in.
+    A file that others can read or write is refused: anyone who can read it can sign in; so is a
+    file in a folder others can write (they could put their own token in its place). The file is
+    opened without following a link and checked through the open file, so what is checked is what
+    is read.
     """
+    cannot = (f"The access token file {path} cannot be created ({{}}): set WSVIZ_TOKEN, or WSVIZ_TOKEN_FILE to a "
+              "file in a folder you can write.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        folder = path.parent.stat().st_mode
+    except OSError as exc:
+        raise WsvizError(cannot.format(exc.strerror or exc)) from exc
+    if folder & 0o022:
+        raise WsvizError(f"The access token file {path} is in a folder other users can write (mode {folder & 0o7777:o}), "
+                         f"so they could replace it: run `chmod go-w {path.parent}` or set WSVIZ_TOKEN_FILE to a file "
+                         "in a private folder.")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise WsvizError(f"The access token file {path} cannot be created ({exc.strerror or exc}): set WSVIZ_TOKEN, "
-                         "or WSVIZ_TOKEN_FILE to a file in a folder you can write.") from exc
+        raise WsvizError(cannot.format(exc.strerror or exc)) from exc
     else:
         with os.fdopen(fd, "w") as fh:
             fh.write(_secrets.token_urlsafe(TOKEN_BYTES) + "\n")
-    st = path.lstat()
-    if path.is_symlink() or not path.is_file():
-        raise WsvizError(f"The access token file {path} is not a plain file: remove it (a new token is made).")
-    if st.st_mode & 0o077:
-        raise WsvizError(f"The access token file {path} can be read or written by other users (mode "
-                         f"{st.st_mode & 0o777:o}): run `chmod 600 {path}` or remove it (a new token is made).")
-    if st.st_uid != os.getuid():
-        raise WsvizError(f"The access token file {path} belongs to another user: remove it or set WSVIZ_TOKEN_FILE.")
-    token = path.read_text().strip()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link: refused, never followed
+            raise WsvizError(f"The access token file {path} is not a plain file: remove it (a new token is made).") \
+                from exc
+        raise WsvizError(f"The access token file {path} cannot be read ({exc.strerror or exc}): remove it (a new token "
+                         "is made) or set WSVIZ_TOKEN_FILE.") from exc
+    with os.fdopen(fd, "rb") as fh:  # every check on the open file: nothing can be swapped in before the read
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise WsvizError(f"The access token file {path} is not a plain file: remove it (a new token is made).")
+        if st.st_mode & 0o077:
+            raise WsvizError(f"The access token file {path} can be read or written by other users (mode "
+                             f"{st.st_mode & 0o777:o}): run `chmod 600 {path}` or remove it (a new token is made).")
+        if st.st_uid != os.getuid():
+            raise WsvizError(f"The access token file {path} belongs to another user: remove it or set "
+                             "WSVIZ_TOKEN_FILE.")
+        token = fh.read(4096).decode(errors="replace").strip()
     if len(token) < 16:
         raise WsvizError(f"The access token in {path} is shorter than 16 characters: remove the file (a new token "
                          "is made) or write a longer one.")
