@@ -24,9 +24,10 @@ from pages._shared import (
 from wsviz.analysis.sweeps import invariance_per_model, model_label_mismatch, scale_sweep
 from wsviz.concurrency import heavy_slot
 from wsviz.data.resample import rescale
+from wsviz.data.stream import split_fingerprint
 from wsviz.errors import WsvizError
 from wsviz.figures import invariance_figure, sweep_figure
-from wsviz.training.cards import evaluation_seed
+from wsviz.training.cards import evaluation_seed, shared_evaluation_transform
 
 st.title("Scale")
 variants = chosen_variants()
@@ -53,20 +54,23 @@ if images:
 
 
 def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float, ...], blind: dict[str, str],
-              seed: int = 0):
+              seed: int = 0, augment: str = "none"):
     """The sweep and the per-layer invariance, in a worker thread (``progress(fraction, text)``).
 
     The test data are read in batches (an image folder is decoded image by image, never whole);
     predictions known from an earlier sweep or comparison come from the prediction cache. ``blind``:
     {model: why the data's labels are not its classes}; those models get no accuracy (NaN), only agreement.
-    ``seed``: the data seed of the test split (the one the models trained on ``dataset`` held out)."""
+    ``seed``: the data seed of the test split (the one the models trained on ``dataset`` held out);
+    ``augment``: the preset whose evaluation transform their training tested them with (an image folder
+    trained with ``imagenet`` is resized to 8/7 and centre-cropped, not letterboxed: scale 1 is its own)."""
     import numpy as np
 
     from wsviz.analysis.cache import default_cache
     from wsviz.data.stream import eval_data, take
     from wsviz.models import input_shape
 
-    data = eval_data(dataset, "test", size=max(input_shape(m)[1] for m in models.values()), limit=n, seed=seed)
+    data = eval_data(dataset, "test", size=max(input_shape(m)[1] for m in models.values()), limit=n, seed=seed,
+                     augment=augment)
     with heavy_slot(lambda s: progress(0.0, f"waiting for another session's analysis ({s:.0f} s)")):
         res = scale_sweep(models, data, scales=scales, cache=default_cache(),
                           progress=lambda done, total, text: progress(0.9 * done / max(total, 1), text))
@@ -78,7 +82,7 @@ def run_sweep(progress, models: dict, dataset: str, n: int, scales: tuple[float,
         inv, skipped, failed = invariance_per_model(
             models, x, 0.5, progress=lambda i, total, label: progress(
                 0.9 + 0.1 * i / max(total, 1), f"per-layer invariance at 0.5{': ' + label if label else ''}"))
-    return res, inv, skipped, failed, blind
+    return res, inv, skipped, failed, blind, len(x)
 
 
 def invariance_sample(n: int, k: int = 64) -> list[int]:
@@ -108,20 +112,39 @@ labels = tuple(v for v in variants if v in chosen)
 if not scales:  # a sweep over no scale would be the identity alone: 100% agreement by definition
     st.info("Choose at least one scale.")
     st.stop()
-# the checkpoints' content stamps: a checkpoint retrained or overwritten in place is a new sweep
-key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v in labels))
+
+
+def split_seed(labels) -> int:
+    """The test split the variants trained on this data held out (a folder's other seeds overlap training):
+    a WsvizError when they were trained with different seeds."""
+    return evaluation_seed({v: get_variant(v)[1] for v in labels}, dataset)
+
+
+try:
+    seed = split_seed(labels)
+except WsvizError as exc:
+    st.error(str(exc))
+    st.stop()
+# the checkpoints' content stamps (a checkpoint retrained or overwritten in place is a new sweep), and an
+# image folder's files (images replaced or added since are a new sweep too)
+key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v in labels),
+       split_fingerprint(dataset, "test", seed))
 if st.button("Run the sweep", type="primary"):  # only the button starts one
     loaded = {v: get_variant(v) for v in labels}
     blind = {v: why for v, (m, card) in loaded.items() if (why := model_label_mismatch(m, card, dataset))}
-    try:  # the test split the variants trained on this data held out (a folder's other seeds overlap training)
-        seed = evaluation_seed({v: card for v, (_, card) in loaded.items()}, dataset)
-    except WsvizError as exc:
-        st.error(str(exc))
-        st.stop()
-    run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind, seed)
+    augment, mixed = shared_evaluation_transform({v: card for v, (_, card) in loaded.items()}, dataset)
+    run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind, seed,
+                      augment)
+    st.session_state["scale-transform-note"] = (key, mixed)
 result = background_result("scale-work", key, "scale sweep")
 if result is not None:
-    res, inv, skipped, failed, blind = result
+    res, inv, skipped, failed, blind, n_inv = result
+    note_key, mixed = st.session_state.get("scale-transform-note", (None, None))
+    if mixed and note_key == key:
+        st.warning(plain(mixed[:1].upper() + mixed[1:]))
+    st.caption(f"{res.samples:,} test images of {dataset}"
+               + (f" (its test split has no more than that; {n:,} were asked for)" if res.samples < n else "")
+               + (f", the split of data seed {seed}" if seed else "") + ".")
     for m, why in blind.items():  # labels it never learned (0% means nothing), or its own training images
         st.warning(plain(f"{dataset} cannot score {m}: agreement only. {why[:1].upper()}{why[1:]}."))
     scored = {m: a for m, a in res.accuracy.items() if m not in blind}
@@ -130,7 +153,7 @@ if result is not None:
     figure(sweep_figure(res, "agreement", "Agreement with each model's own prediction at scale 1"), "scale-agreement")
     download_table(res.rows(), "scale_sweep")
     if inv:
-        st.caption("Per-layer invariance on 64 of the images spread over the set: each level's features for the "
+        st.caption(f"Per-layer invariance on {n_inv} of the images spread over the set: each level's features for the "
                    "image rescaled by 0.5, against its features rescaled by 0.5, both less the level's answer to a "
                    "blank image (the border a shrunk image leaves is blank, and a network answers it with its "
                    "biases, not with 0). 0 = the level commutes with rescaling.")

@@ -94,3 +94,18 @@ def test_cli_opportunities_calibrate_on_the_training_split_of_the_cards_seed(mon
           str(tmp_path / "out")])
     seen = [(split, k.get("seed")) for split, k in calls]
     assert ("train", 1) in seen and ("test", 1) in seen and all(s == 1 for _, s in seen), seen
+
+
+def test_one_evaluation_transform_for_a_sweep_or_a_note_naming_who_differs():
+    from wsviz.training.cards import shared_evaluation_transform
+
+    d = "folder:/data/pets"
+    net = {"dataset": d, "train_config": {"augment": "imagenet"}}
+    small = {"dataset": d, "train_config": {"augment": "cifar"}}  # cifar's evaluation is a letterbox, as none's
+    assert shared_evaluation_transform({"a": net, "b": dict(net)}, d) == ("imagenet", None)
+    assert shared_evaluation_transform({"a": small, "b": {"dataset": d}}, d) == ("none", None)
+    assert shared_evaluation_transform({"a": net}, "folder:/data/other") == ("none", None)  # not its own data
+    preset, note = shared_evaluation_transform({"a": net, "b": small}, d)
+    assert preset == "none"
+    assert note.startswith(f"these models were tested on {d} under different transforms (a: resize to 8/7 and "
+                           "centre crop (imagenet); b: letterbox (none))")

@@ -168,6 +168,59 @@ def test_a_model_trained_on_all_of_mnist_gets_no_accuracy_on_the_mnist5k_digits_
     assert ACCURACY not in charts(at) and AGREEMENT in charts(at)
 
 
+def _digit_folder(root: Path, per_class: int = 3) -> Path:
+    """An image folder of the ten digit classes (0/ ... 9/), real mnist5k test digits as PNGs."""
+    from PIL import Image
+
+    from wsviz.data.digits import load_mnist5k_arrays, split_indices
+
+    images, labels = load_mnist5k_arrays()
+    test = split_indices(labels)["test"]
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for j, i in enumerate(test[labels[test] == c][:per_class]):
+            Image.fromarray(images[i]).save(root / str(c) / f"{j}.png")
+    return root
+
+
+def test_a_folder_model_is_swept_from_the_input_its_training_tested_it_on(checkpoints, tmp_path, monkeypatch):
+    """Trained with the imagenet preset, a folder model was tested on images resized to 8/7 and centre-cropped:
+    letterboxed instead, the sweep's 'scale 1' would be another scale (0.66x for a 4:3 photo)."""
+    from test_data_seed_views import _spy_on_eval_data
+
+    needs("scale-resnet20")
+    data = _digit_folder(tmp_path / "digits")
+    folder = copy_checkpoint("scale-resnet20", checkpoints / "folder-model")
+    card = json.loads((folder / "card.json").read_text())
+    card["dataset"] = f"folder:{data}"
+    card["train_config"] = {**card.get("train_config", {}), "augment": "imagenet"}
+    (folder / "card.json").write_text(json.dumps(card))
+    seen = _spy_on_eval_data(monkeypatch)
+    at = open_app("pages/scale.py", ["folder-model"])
+    sweep(at, folder=str(data))
+    assert not at.error and not at.warning, [w.value for w in [*at.error, *at.warning]]
+    assert [k.get("augment") for split, k in seen if split == "test"] == ["imagenet"], seen
+    # and the page says how many images it swept: 3 per class, split 80/20 per class, leave 10, not 100
+    assert any(c.value.startswith(f"10 test images of folder:{data} (its test split has no more than that; 100 were "
+                                  "asked for)") for c in at.caption), [c.value for c in at.caption]
+
+
+def test_the_sweep_of_an_image_folder_is_stale_once_its_images_change(tmp_path):
+    from PIL import Image
+
+    needs("scale-resnet20")
+    data = _digit_folder(tmp_path / "digits")
+    at = open_app("pages/scale.py", ["scale-resnet20"])
+    sweep(at, folder=str(data))
+    assert AGREEMENT in charts(at)
+    for png in data.glob("*/*.png"):  # every image replaced by a blank one
+        Image.new("L", (28, 28)).save(png)
+    at.run()
+    assert not at.exception, at.exception
+    assert charts(at) == {}, "the curves of the images replaced were still drawn"
+    assert any(c.value.startswith("The settings changed since the last scale sweep") for c in at.caption)
+
+
 # ------------------------------------------------------------------------------------- no scale chosen
 def test_no_scale_chosen_offers_no_sweep():
     needs("scale-resnet20")
@@ -235,7 +288,7 @@ def test_the_sweep_checks_cancel_during_the_invariance_too(monkeypatch):
     def progress(fraction, text):
         texts.append((fraction, text))
 
-    res, inv, skipped, failed, blind = run_sweep(progress, models, "mnist5k", 100, (0.5, 1.0), {})
+    res, inv, skipped, failed, blind, _ = run_sweep(progress, models, "mnist5k", 100, (0.5, 1.0), {})
     assert list(inv) == ["a", "b"] and skipped == [] and failed == {} and blind == {}
     assert [t for _, t in texts if t.startswith("per-layer")] == [
         "per-layer invariance at 0.5: a", "per-layer invariance at 0.5: b", "per-layer invariance at 0.5"]
@@ -249,7 +302,7 @@ def test_the_sweep_checks_cancel_during_the_invariance_too(monkeypatch):
         run_sweep(cancel_at_b, models, "mnist5k", 100, (0.5, 1.0), {})
     assert measured == [models["a"]]
 
-    res, *_, blind = run_sweep(progress, models, "mnist5k", 100, (0.5,), {"b": "not its classes"})
+    res, *_, blind, _ = run_sweep(progress, models, "mnist5k", 100, (0.5,), {"b": "not its classes"})
     assert np.isnan(res.accuracy["b"]).all() and not np.isnan(res.accuracy["a"]).any()
     assert blind == {"b": "not its classes"}
 

@@ -123,6 +123,18 @@ def _folder_digest(ds: Dataset) -> str:
     return h.hexdigest()[:20]
 
 
+def split_fingerprint(name: str, split: str = "test", seed: int = 0) -> str | None:
+    """What identifies the content of an image folder's split now (its files' paths, sizes and modification
+    times), so that a result computed on it is known stale once a file changes; None for the built-in
+    sets (their name says it) and for a folder that cannot be read (using it says why)."""
+    if not name.startswith("folder:"):
+        return None
+    try:
+        return _folder_digest(folder_dataset(name[len("folder:"):], split, seed))
+    except (WsvizError, OSError):
+        return None
+
+
 def eval_data(name: str, split: str = "test", *, size: int | None = None, augment: str = "none", seed: int = 0,
               limit: int | None = None, data_root: str | Path | None = None, download: bool = False) -> EvalData:
     """Dataset ``name``'s ``split`` as :class:`EvalData`, with ``limit`` images spread over it (all: None).

@@ -173,3 +173,18 @@ def evaluation_transform(card: dict[str, Any], dataset: str | None = None) -> st
     if dataset is not None and dataset != card.get("dataset"):
         return "none"
     return str((card.get("train_config") or {}).get("augment", "none"))
+
+
+def shared_evaluation_transform(cards: dict[str, dict[str, Any]], dataset: str) -> tuple[str, str | None]:
+    """(preset, note): the one evaluation transform under which every card's model sees ``dataset`` as its
+    training tested it (:func:`evaluation_transform`; only ``imagenet`` differs from ``none`` at evaluation:
+    resize to 8/7 and centre crop instead of letterboxing), and None. When the models were tested under
+    different ones, no single input is each one's own scale 1: ``none``, and a sentence naming who used what."""
+    kinds = {name: ("imagenet" if evaluation_transform(c, dataset) == "imagenet" else "none")
+             for name, c in cards.items()}
+    if len(set(kinds.values())) <= 1:
+        return next(iter(kinds.values()), "none"), None
+    listed = "; ".join(f"{n}: {'resize to 8/7 and centre crop (imagenet)' if k == 'imagenet' else 'letterbox (none)'}"
+                       for n, k in kinds.items())
+    return "none", (f"these models were tested on {dataset} under different transforms ({listed}): the images are "
+                    "letterboxed for all, so scale 1 is not each one's training scale. Compare them apart.")
