@@ -216,3 +216,27 @@ def test_a_token_file_in_a_folder_others_can_write_is_refused(tmp_path, mode):
     with pytest.raises(WsvizError, match="chmod go-w"):  # nor is a token made there
         auth.generated_token(folder / "other")
     assert not (folder / "other").exists()
+
+
+# ------------------------------------------------------------------ finding 7: a refusal names no link's target
+def test_a_refused_folder_does_not_tell_where_its_links_lead(tmp_path, monkeypatch):
+    """Any signed-in user (a viewer too) can type a folder; the refusal must not map the server's files."""
+    from PIL import Image
+
+    from wsviz.data.datasets import check_in_roots, folder_path
+
+    root, secret = tmp_path / "data", tmp_path / "private-lab-notes"
+    (secret / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(secret / "a" / "0.png")
+    (root / "set" / "a").mkdir(parents=True)
+    monkeypatch.setenv("WSVIZ_DATA_ROOTS", str(root))
+    (root / "sneaky").symlink_to(secret)
+    (root / "set" / "a" / "1.png").symlink_to(secret / "a" / "0.png")
+    with pytest.raises(WsvizError) as folder:
+        folder_path(root / "sneaky")
+    with pytest.raises(WsvizError) as image:
+        check_in_roots(root / "set" / "a" / "1.png")
+    for info in (folder, image):
+        msg = str(info.value)
+        assert "private-lab-notes" not in msg, msg
+        assert f"(WSVIZ_DATA_ROOTS): {root}" in msg and ("remove that link" in msg or "Move the dataset" in msg), msg

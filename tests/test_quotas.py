@@ -72,7 +72,7 @@ def test_folder_datasets_only_under_the_data_roots(tmp_path, monkeypatch):
             dataset_info(name)
     link = tmp_path / "roots" / "data" / "sneaky"
     link.symlink_to(outside)  # a symlink inside a root that leads out of it
-    with pytest.raises(WsvizError, match=f"not under a data root \\(it leads to {outside}\\)"):
+    with pytest.raises(WsvizError, match="not under a data root \\(a link or '..' on its way leads out of them\\)"):
         load_split(f"folder:{link}", "train")
     with pytest.raises(WsvizError, match="not under a data root"):
         folder_dataset(link, "train", 0)

@@ -226,7 +226,8 @@ def folder_path(root: str | Path) -> Path:
                          "Set WSVIZ_DATA_ROOTS to the folder(s) that hold your datasets (separated by ':'), e.g. "
                          "WSVIZ_DATA_ROOTS=/data.")
     if not _under(resolved, roots):
-        via = f" (it leads to {resolved})" if resolved != raw else ""
+        # Where a link leads is not said: the refusal is shown to any signed-in user, viewers too.
+        via = " (a link or '..' on its way leads out of them)" if resolved != raw else ""
         raise WsvizError(f"folder:{root} is refused: it is not under a data root{via}. Data roots "
                          f"(WSVIZ_DATA_ROOTS): {', '.join(map(str, roots))}. Move the dataset under one, or add its "
                          "folder to WSVIZ_DATA_ROOTS.")
@@ -235,10 +236,11 @@ def folder_path(root: str | Path) -> Path:
 
 def check_in_roots(file: str | Path) -> Path:
     """A file of an image folder, resolved, if it stays under a data root (a symlinked image out of it is refused)."""
-    resolved = Path(file).resolve()
-    if not _under(resolved, data_roots()):
-        raise WsvizError(f"{file} leads out of the data roots (to {resolved}): remove that link, or add its target's "
-                         "folder to WSVIZ_DATA_ROOTS.")
+    resolved, roots = Path(file).resolve(), data_roots()
+    if not _under(resolved, roots):
+        raise WsvizError(f"{file} leads out of the data roots (WSVIZ_DATA_ROOTS): {', '.join(map(str, roots))}"
+                         " (a link on its way leads elsewhere): remove that link, or add its target's folder to "
+                         "WSVIZ_DATA_ROOTS.")
     return resolved
 
 
