@@ -69,10 +69,15 @@ def _secrets_file() -> dict:
     return {"wsviz": found} if found else {}
 
 
+def serves_tls() -> bool:
+    """Whether Streamlit itself serves https (``server.sslCertFile``)."""
+    return bool(st.get_option("server.sslCertFile"))
+
+
 def server_address() -> tuple[str | None, str]:
     """(the address the server binds to, the base URL a browser on this machine opens)."""
     address = st.get_option("server.address")
-    return address, f"http://{address or 'localhost'}:{st.get_option('server.port')}"
+    return address, f"{'https' if serves_tls() else 'http'}://{address or 'localhost'}:{st.get_option('server.port')}"
 
 
 def check_server_start() -> auth.AuthConfig:
@@ -82,7 +87,7 @@ def check_server_start() -> auth.AuthConfig:
     cfg = auth.load_config(secrets=_secrets_file())
     auth.check_bind(address, cfg)
     auth.session_hours()  # WSVIZ_SESSION_HOURS: a finite, positive number, or the server does not start
-    auth.announce(cfg, base)
+    auth.announce(cfg, base, address=address, tls=serves_tls())
     return cfg
 
 
@@ -204,7 +209,7 @@ def require_access(paths: list[str] | tuple[str, ...] = ()) -> auth.Actor:
         auth.session_hours()  # a bad WSVIZ_SESSION_HOURS is said here, not as a crash at the first cookie
     except WsvizError as exc:
         _stop_server(str(exc))
-    auth.announce(cfg, base)
+    auth.announce(cfg, base, address=address, tls=serves_tls())
     st.session_state[_ON] = not cfg.off
     if cfg.off:
         st.session_state[_KEY] = auth.local_actor()

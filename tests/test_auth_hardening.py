@@ -240,3 +240,34 @@ def test_a_refused_folder_does_not_tell_where_its_links_lead(tmp_path, monkeypat
         msg = str(info.value)
         assert "private-lab-notes" not in msg, msg
         assert f"(WSVIZ_DATA_ROOTS): {root}" in msg and ("remove that link" in msg or "Move the dataset" in msg), msg
+
+
+# ------------------------------------------------------------------ finding 8: plain http off this machine is said
+@pytest.mark.parametrize("address, ssl, warned", [("0.0.0.0", False, True), ("lab-server.example.org", False, True),
+                                                  ("0.0.0.0", True, False), ("127.0.0.1", False, False)])
+def test_serving_tokens_over_plain_http_off_loopback_warns_at_start(monkeypatch, capsys, tmp_path, address, ssl,
+                                                                    warned):
+    import threading
+
+    from streamlit import config
+
+    import pages._access as access
+
+    monkeypatch.setenv("WSVIZ_AUTH", "on")
+    monkeypatch.setenv("WSVIZ_TOKEN", TRAINER)
+    monkeypatch.setattr(auth, "_ANNOUNCED", threading.Event())  # a fresh process: its first announcement
+    options = {"server.address": address, "server.sslCertFile": str(tmp_path / "c.pem") if ssl else None,
+               "server.sslKeyFile": str(tmp_path / "k.pem") if ssl else None}
+    old = {k: config.get_option(k) for k in options}
+    try:
+        for k, v in options.items():
+            config.set_option(k, v)
+        access.check_server_start()  # the server starts anyway: a warning, not a refusal
+    finally:
+        for k, v in old.items():
+            config.set_option(k, v)
+    err = capsys.readouterr().err
+    line = next((x for x in err.splitlines() if "unencrypted" in x), None)
+    assert (line is not None) == warned, err
+    if warned:
+        assert line.startswith("WARNING:") and "TLS" in line and "reverse proxy" in line and "token" in line, line

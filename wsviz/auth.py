@@ -279,8 +279,21 @@ def sign_in_url(cfg: AuthConfig, base: str = "http://localhost:8501") -> str | N
 _ANNOUNCED = threading.Event()
 
 
-def announce(cfg: AuthConfig, base: str, out: Callable[[str], None] | None = None) -> None:
-    """Once per process: the sign-in address, or the warning that access control is off."""
+def plain_http_warning(address: str | None, cfg: AuthConfig, tls: bool) -> str | None:
+    """The warning for tokens or passwords sent over plain http to an address other machines reach (None
+    when there is nothing to warn of). Only a warning, as Jupyter's: TLS may be done in front of wsviz."""
+    if cfg.off or tls or is_loopback(address):
+        return None
+    return (f"WARNING: wsviz serves plain http on {address or 'every interface'!r}: its traffic, the token or "
+            "password included (the sign-in address, the form, the session cookie), crosses the network unencrypted. "
+            "Put it behind TLS (a reverse proxy serving https, e.g. nginx or Caddy, or Streamlit's server.sslCertFile "
+            "and server.sslKeyFile), or bind to localhost and reach it through an SSH tunnel.")
+
+
+def announce(cfg: AuthConfig, base: str, out: Callable[[str], None] | None = None, *, address: str | None = "localhost",
+             tls: bool = False) -> None:
+    """Once per process: the sign-in address, or the warning that access control is off; and the warning
+    that the server speaks plain http to other machines (:func:`plain_http_warning`)."""
     if _ANNOUNCED.is_set():
         return
     _ANNOUNCED.set()
@@ -293,6 +306,9 @@ def announce(cfg: AuthConfig, base: str, out: Callable[[str], None] | None = Non
     else:
         out("wsviz: access control from WSVIZ_TOKEN / WSVIZ_VIEWER_TOKEN / the secrets file; "
             f"{len(cfg.tokens)} token(s), {len(cfg.users)} user(s).")
+    warning = plain_http_warning(address, cfg, tls)
+    if warning:
+        out(warning)
 
 
 # ------------------------------------------------------------------------ slowed wrong tries
