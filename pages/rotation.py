@@ -159,8 +159,13 @@ res = background_result("rot-work", key, "rotation sweep")
 if res is not None:
     figure(sweep_figure(res, "accuracy", "Accuracy vs rotation of the upright test digits"), "rot-accuracy")
     summary = rotation_summary(res)
-    st.caption(f"Over the {summary[0].angles} distinct angles (360° is 0°: drawn to close the curve, counted "
-               "once). Agreement: the share of digits predicted as at 0°, averaged over the other angles.")
+    st.caption(f"{res.samples:,} mnist5k test digits, the same at every angle; each variant's own weights (for the "
+               "zoo, seed 0: checkpoints/REPORT.md gives the mean over 3 seeds). Bars: each point's 95% Wilson "
+               "interval over the digits; the points share their digits, so they are not independent, and two "
+               "angles whose intervals overlap are not told apart. "
+               f"Table: over the {summary[0].angles} distinct angles (360° is 0°: drawn to close the curve, counted "
+               "once); 'worst angle' is the first of 'angles tied at the worst'. Agreement: the share of digits "
+               "predicted as at 0°, averaged over the other angles.")
     st.dataframe(percent_style([s.row() for s in summary], ["mean accuracy", "accuracy at the worst angle",
                                                             "agreement with 0° (mean over the other angles)"]),
                  hide_index=True, column_config={"worst angle": st.column_config.NumberColumn(format="%.1f°")})

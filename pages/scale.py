@@ -144,7 +144,9 @@ if result is not None:
         st.warning(plain(mixed[:1].upper() + mixed[1:]))
     st.caption(f"{res.samples:,} test images of {dataset}"
                + (f" (its test split has no more than that; {n:,} were asked for)" if res.samples < n else "")
-               + (f", the split of data seed {seed}" if seed else "") + ".")
+               + (f", the split of data seed {seed}" if seed else "") + ", the same at every scale. Bars: each "
+               "accuracy's 95% Wilson interval over the images; the points share their images, so they are not "
+               "independent.")
     for m, why in blind.items():  # labels it never learned (0% means nothing), or its own training images
         st.warning(plain(f"{dataset} cannot score {m}: agreement only. {why[:1].upper()}{why[1:]}."))
     scored = {m: a for m, a in res.accuracy.items() if m not in blind}

@@ -666,3 +666,29 @@ def test_single_image_and_per_layer_sweeps_transform_at_the_images_size_then_pad
     net[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
     sw.layer_scale_invariance(net, x28[None], 0.5, centre=False)
     assert torch.allclose(inputs[-1], fit_to(rescale(x28[None], 0.5), 1, 29), atol=1e-6)
+
+
+# -------------------------------------------------------------------------- uncertainty drawn, ties said
+def test_an_accuracy_curve_carries_each_points_wilson_interval_over_the_images_swept():
+    from wsviz.analysis.stats import wilson_ci
+    from wsviz.figures import sweep_figure
+
+    res = SweepResult("angle", np.array([0.0, 90.0]), accuracy={"m": np.array([0.9, 0.5])},
+                      agreement={"m": np.array([1.0, 0.6])}, samples=300)
+    (trace,) = sweep_figure(res, "accuracy").data
+    for i, a in enumerate((0.9, 0.5)):
+        acc, lo, hi = wilson_ci(np.arange(300) < round(a * 300))
+        assert trace.error_y.array[i] == pytest.approx(100 * (hi - acc))
+        assert trace.error_y.arrayminus[i] == pytest.approx(100 * (acc - lo))
+    assert sweep_figure(res, "agreement").data[0].error_y.array is None  # 100% at 0 by definition: no bars there
+
+
+def test_the_worst_angle_says_how_many_angles_tie_at_its_accuracy():
+    from wsviz.analysis.rotation import rotation_summary
+
+    res = SweepResult("angle", np.array([0.0, 90.0, 180.0, 270.0, 360.0]),
+                      accuracy={"m": np.array([0.96, 0.95, 0.95, 0.97, 0.96])},
+                      agreement={"m": np.ones(5)}, samples=300)
+    (s,) = rotation_summary(res)
+    assert (s.worst_angle, s.worst_accuracy, s.worst_ties) == (90.0, 0.95, 2)
+    assert s.row()["angles tied at the worst"] == 2

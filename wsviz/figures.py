@@ -160,12 +160,27 @@ def sweep_figure(result, metric: str = "accuracy", title: str | None = None) -> 
     """Accuracy (or agreement) vs scale/angle, one line per model."""
     data = getattr(result, metric)
     fig = go.Figure()
+    n = int(getattr(result, "samples", 0) or 0)
     for name, ys in data.items():
-        fig.add_trace(go.Scatter(x=result.values, y=100 * np.asarray(ys), mode="lines+markers", name=name))
+        ys = np.asarray(ys, dtype=float)
+        bars = None
+        if metric == "accuracy" and n > 0 and np.isfinite(ys).all():
+            lo, hi = wilson_bounds(ys, n)  # each point's 95% interval over the n images (the same at every value)
+            bars = dict(type="data", symmetric=False, array=100 * (hi - ys), arrayminus=100 * (ys - lo), thickness=1)
+        fig.add_trace(go.Scatter(x=result.values, y=100 * ys, mode="lines+markers", name=name, error_y=bars))
     unit = " (degrees)" if result.parameter == "angle" else " (factor)"
     fig.update_layout(xaxis_title=result.parameter + unit, yaxis_title=f"{metric} (%)", height=400,
                       title=title or f"{metric.capitalize()} vs {result.parameter}", legend_title="model")
     return fig
+
+
+def wilson_bounds(accuracy, n: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of each accuracy's Wilson score interval over ``n`` images (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    acc = np.asarray(accuracy, dtype=float)
+    cis = [binomtest(int(round(a * n)), n).proportion_ci(confidence_level=1 - alpha, method="wilson") for a in acc]
+    return np.array([c.low for c in cis]), np.array([c.high for c in cis])
 
 
 def invariance_figure(per_model: dict[str, object]) -> go.Figure:

@@ -43,9 +43,11 @@ class RotationSummary:
     worst_angle: float  # in [0, 360)
     worst_accuracy: float
     mean_agreement: float  # with the 0-degree prediction, over the distinct angles other than 0 (NaN if none)
+    worst_ties: int = 1  # distinct angles at exactly the worst accuracy (the first of them is worst_angle)
 
     def row(self) -> dict:
         return {"model": self.model, "mean accuracy": self.mean_accuracy, "worst angle": self.worst_angle,
+                "angles tied at the worst": self.worst_ties,
                 "accuracy at the worst angle": self.worst_accuracy,
                 "agreement with 0° (mean over the other angles)": self.mean_agreement,
                 "distinct angles": self.angles}
@@ -65,8 +67,9 @@ def rotation_summary(res: SweepResult) -> list[RotationSummary]:
         a = np.asarray(acc, dtype=float)[keep]
         agree = np.asarray(res.agreement[m], dtype=float)[keep][others]
         worst = int(np.nanargmin(a)) if np.isfinite(a).any() else 0
+        ties = int(np.sum(a == a[worst])) if np.isfinite(a[worst]) else 0  # the first is named: say how many more
         out.append(RotationSummary(m, len(keep), float(np.mean(a)), float(angles[worst]), float(a[worst]),
-                                   float(np.mean(agree)) if len(agree) else float("nan")))
+                                   float(np.mean(agree)) if len(agree) else float("nan"), ties))
     return sorted(out, key=lambda s: -s.mean_accuracy if np.isfinite(s.mean_accuracy) else np.inf)
 
 
