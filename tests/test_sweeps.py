@@ -692,3 +692,16 @@ def test_the_worst_angle_says_how_many_angles_tie_at_its_accuracy():
     (s,) = rotation_summary(res)
     assert (s.worst_angle, s.worst_accuracy, s.worst_ties) == (90.0, 0.95, 2)
     assert s.row()["angles tied at the worst"] == 2
+
+
+def test_an_embedding_of_a_hundred_classes_draws_each_class_differently():
+    """Ten colours for CIFAR-100 would draw classes 0, 10, 20, ... alike: colour and marker shape together."""
+    from wsviz.figures import embedding_figure
+
+    labels = np.repeat(np.arange(100), 3)
+    fig = embedding_figure(np.random.default_rng(0).normal(size=(300, 2)), labels, "class", "CIFAR-100")
+    looks = [(t.marker.color, t.marker.symbol or "circle") for t in fig.data]
+    assert len(fig.data) == 100 and len(set(looks)) == 100
+    assert fig.layout.title.text == "CIFAR-100 (100 classes: each a colour and a marker shape)"
+    ten = embedding_figure(np.zeros((10, 2)), np.arange(10), "class", "digits")
+    assert len({t.marker.color for t in ten.data}) == 10 and ten.layout.title.text == "digits"

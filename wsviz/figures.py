@@ -349,6 +349,8 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
 
 CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
                  "#999999", "#882255")  # Okabe-Ito's eight, then grey and wine: colour-blind safe for 10 classes
+CLASS_SYMBOLS = ("circle", "square", "diamond", "cross", "x", "triangle-up", "triangle-down", "star", "pentagon",
+                 "hexagon")  # with the ten colours: 100 classes (CIFAR-100) each drawn differently
 CYCLIC = ("angle",)
 
 
@@ -362,6 +364,12 @@ def embedding_figure(coords: np.ndarray, color: Sequence, color_name: str = "cla
         fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=[str(c) for c in color],
                          category_orders={"color": order}, color_discrete_sequence=list(CLASS_COLOURS),
                          labels={"x": "dim 1", "y": "dim 2", "color": color_name}, title=title)
+        if len(order) > len(CLASS_COLOURS):  # colours alone would repeat: every class its own colour and shape
+            for i, trace in enumerate(fig.data):  # one trace per class, in ``order``, coloured i mod 10
+                trace.marker.symbol = CLASS_SYMBOLS[(i // len(CLASS_COLOURS)) % len(CLASS_SYMBOLS)]
+            pairs = len(CLASS_COLOURS) * len(CLASS_SYMBOLS)
+            fig.update_layout(title=f"{title} ({len(order)} classes: each a colour and a marker shape"
+                                    + (f"; they repeat after {pairs})" if len(order) > pairs else ")"))
     else:
         cyclic = color_name in CYCLIC
         fig = px.scatter(x=coords[:, 0], y=coords[:, 1], color=color,
