@@ -22,14 +22,16 @@ from wsviz.analysis.kernels import (
     blending_weights,
     default_layers,
     kernel_set_comparisons,
+    skeleton_groups,
     top_k_kernels,
 )
 from wsviz.figures import blending_figure, pruning_figure, top_kernels_figure
 
 st.title("Kernels")
 st.write("The 2-D kernels with the largest aggregate magnitude (sum of |w|) of a chosen layer, as in "
-         "Aich et al. Fig. 3/4, for each chosen variant side by side. By default every variant shows the same "
-         "place in the network, preferring a shared layer. The similarity score matches the two sets one-to-one "
+         "Aich et al. Fig. 3/4, for each chosen variant side by side. By default variants built on one skeleton "
+         "(the same kernel layers in the same order) show the same place in it, and a variant of another skeleton, "
+         "which has no same place, its own deepest layer; both prefer a shared layer. The similarity score matches the two sets one-to-one "
          "(Hungarian) and averages |cosine|, so sign and order do not matter; it is tested against the scores of "
          f"{NULL_DRAWS} pairs of random kernel sets of the same size and shape.")
 
@@ -89,10 +91,29 @@ for col, (label, (_model, card)) in zip(cols, loaded.items()):
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 if panels:
-    if len(set(chosen.values())) > 1:
-        st.warning("The panels show different places in the network: "
-                   + "; ".join(f"{v}: `{n}`" for v, n in chosen.items())
-                   + ". Matching defaults pick the same place where the variants share a skeleton.")
+    position = {v: [layer.name for layer in layers[v]].index(n) for v, n in chosen.items()}
+
+    def where(v: str) -> str:
+        layer = next(x for x in layers[v] if x.name == chosen[v])
+        return (f"{v}: `{chosen[v]}` (kernel layer {position[v] + 1} of {len(layers[v])}, "
+                f"{layer.depth} convolution{'s' if layer.depth != 1 else ''} deep)")
+
+    groups = skeleton_groups({v: layers[v] for v in chosen})
+    if len(groups) > 1:
+        st.warning("These variants are built on different skeletons (their kernel layers differ in number, order, "
+                   "module paths or kernel sizes): " + " | ".join(", ".join(g) for g in groups) + ". A layer of one "
+                   "is not the same place as any layer of another: the panels do not compare like for like. By "
+                   "default each shows its deepest layer (the most convolutions on the path from the input) among "
+                   "its shared layers of 3x3 or more, or among all of 3x3 or more when none is shared. Shown: "
+                   + "; ".join(where(v) for v in chosen) + ".")
+    for g in (g for g in groups if len(g) > 1):
+        if len({position[v] for v in g}) > 1:
+            st.warning(f"{', '.join(g)} share a skeleton, but their panels show different places in it: "
+                       + "; ".join(where(v) for v in g) + ".")
+        else:
+            renamed = " (under different module paths)" if len({chosen[v] for v in g}) > 1 else ""
+            st.caption(f"{', '.join(g)} share a skeleton (the same kernel layers in the same order): their panels "
+                       f"show the same place{renamed}, kernel layer {position[g[0]] + 1} of {len(layers[g[0]])}.")
     figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} {'different kernels' if distinct else 'kernels'}",
                               scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
     download_table(rows, "top_kernels")

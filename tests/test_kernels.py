@@ -150,21 +150,23 @@ def test_kernel_layers_of_a_network_written_out():
     m = Net()
     got = {k.name: k for k in kernel_layers(m)}
     assert list(got) == ["early", "late", "borrow", "wide", "rates", "pair", "chain"]  # forward order, no 1x1
+    # depth: convolutions on the longest path from the input (late runs twice: its deeper application counts)
     assert got["early"] == KernelLayer("early", (4, 2, 3, 3), False, 1, ("early.weight",), "direct", 1.0,
-                                       ("early",), ())
+                                       ("early",), (), 1)
     assert got["late"] == KernelLayer("late", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
-                                      ("late", "borrow"), ())
+                                      ("late", "borrow"), (), 3)
     assert got["borrow"] == KernelLayer("borrow", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
-                                        ("late", "borrow"), ())
+                                        ("late", "borrow"), (), 4)
     assert got["wide"].shape == (3, 4, 3, 5) and got["wide"].kernel == (3, 5) and got["wide"].uses == 1
     assert got["wide"].menu_label() == "wide · 3x4 3x5"
     assert got["rates"] == KernelLayer("rates", (3, 3, 3, 3), False, 2, ("rates.weight",), "direct", 2.0, ("rates",),
-                                       ("padding=1 dilation=1", "padding=2 dilation=2"))
+                                       ("padding=1 dilation=1", "padding=2 dilation=2"), 7)  # after point (1x1): 5
     # two weights at one place: their kernels stacked, uses the most of either, factor pooled over both
     assert got["pair"] == KernelLayer("pair", (5, 3, 3, 3), False, 2, ("pair.a", "pair.b"), "direct",
                                       (54 + 2 * 81) / (54 + 81), ("pair",),
-                                      ("padding=1 dilation=1", "padding=2 dilation=2"))
+                                      ("padding=1 dilation=1", "padding=2 dilation=2"), 8)
     assert got["chain"].shape == (4, 5, 3, 3) and got["chain"].params == ("chain.a", "chain.b")
+    assert got["chain"].depth == 10 and got["wide"].depth == 6  # chain's two convs in a row
     assert [k.name for k in kernel_layers(m, min_size=1)] == ["early", "late", "borrow", "point", "wide", "rates",
                                                               "pair", "chain"]
     assert [k.name for k in kernel_layers(m, min_size=4)] == []  # the 3x5 kernel's smaller side is 3
@@ -174,7 +176,8 @@ def test_kernel_layers_of_odd_places():
     m = Odd()
     got = {k.name: k for k in kernel_layers(m)}
     assert list(got) == ["small", "flip"]  # 2x2 kernels count by default; buffers are no stored weights
-    assert got["flip"] == KernelLayer("flip", (2, 2, 3, 3), True, 1, ("flip.weight",), "derived", 1.0, ("flip",), ())
+    assert got["flip"] == KernelLayer("flip", (2, 2, 3, 3), True, 1, ("flip.weight",), "derived", 1.0, ("flip",), (),
+                                      3)
     assert got["flip"].menu_label() == "flip · 2x2 3x3"
     one = kernel_layers(m, min_size=1)[0]
     assert (one.name, one.shape, one.factor, one.shared) == ("one", (1, 1, 1, 1), 1.0, False)
@@ -273,20 +276,23 @@ def test_default_layers_like_for_like():
     c = [L("c1", (5, 5)), L("c2", (5, 5), shared=True), L("c3", (5, 5))]
     d = [L("d1")]
     e = [L("e1", (1, 1), shared=True), L("e2", (1, 1))]
-    f = [L("a2"), L("a9")]  # a twin: the same path
-    # anchor a2: the second 3x3 layer from the end of a; b shows its second 3x3 from the end, c (no 3x3)
-    # its own preferred layer, d the one it has, e (no kernel of 3 or more) its last shared one
-    got = default_layers({"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": []})
-    assert got == {"a": "a2", "b": "b3", "c": "c2", "d": "d1", "e": "e1", "f": "a2"}
+    f = [L("a1"), L("a2"), L("a3"), L("a4", (1, 1))]  # a's twin: the same skeleton
+    g = [L("a2"), L("a9")]  # a path of a, but another skeleton: no same place
+    # a and its twin f show a's shared a2; every other model (another skeleton) its own deepest layer,
+    # preferring a shared one of 3x3 or more: b its last 3x3, c its shared 5x5, d the one it has, e (no kernel
+    # of 3 or more) its shared 1x1, g its last
+    got = default_layers({"a": a, "b": b, "c": c, "d": d, "e": e, "f": f, "g": g, "h": []})
+    assert got == {"a": "a2", "b": "b4", "c": "c2", "d": "d1", "e": "e1", "f": "a2", "g": "a9"}
 
 
-def test_default_layers_anchor_is_the_first_model_with_a_shared_big_layer():
+def test_default_layers_prefer_a_shared_big_layer_within_each_skeleton():
     plain = [L("p1"), L("p2"), L("p3")]
     shared = [L("s1", shared=True), L("s2"), L("s3")]
-    assert default_layers({"plain": plain, "shared": shared}) == {"plain": "p1", "shared": "s1"}
-    only_small = [L("q1", (1, 1), shared=True), L("q2")]  # its shared layer is 1x1: not an anchor
+    twin = [L("s1"), L("s2"), L("s3")]  # shared's skeleton: it shows the place shared is shared at
+    assert default_layers({"plain": plain, "shared": shared}) == {"plain": "p3", "shared": "s1"}
+    assert default_layers({"twin": twin, "shared": shared}) == {"twin": "s1", "shared": "s1"}
+    only_small = [L("q1", (1, 1), shared=True), L("q2")]  # its shared layer is 1x1: not preferred
     assert default_layers({"small": only_small, "shared": shared}) == {"small": "q2", "shared": "s1"}
-    # no model has a shared big layer: the first model's deepest big layer anchors
     assert default_layers({"plain": plain, "again": [L("x1"), L("x2")]}) == {"plain": "p3", "again": "x2"}
     deep_shared = [L("s1", shared=True), L("s2", shared=True), L("s3")]
     assert default_layers({"m": deep_shared}) == {"m": "s2"}  # the deepest shared one
@@ -545,8 +551,8 @@ def test_blending_pruning_curve_leaves_the_weights_alone_on_error():
 
 @pytest.mark.parametrize("name", ["scale-sharesnet", "scale-wsms-1x1", "scale-msws-shared", "scale-repeatnet-linear"])
 def test_the_layer_menu_is_in_forward_order(name):
-    """The Kernels page's menu says "places in forward order", and default_layers counts depth from its
-    end: the order must be the order the forward pass reaches each place (pre-hooks record it), not
+    """The Kernels page's menu says "places in forward order", and default_layers takes the later of two
+    equally deep places: the order must be the order the forward pass reaches each place (pre-hooks record it), not
     the order the parameters were registered in (which put ShaResNet's conv2 before conv1)."""
     from wsviz.models import input_shape
     from wsviz.training.checkpoint import load_checkpoint

@@ -2,20 +2,25 @@
 are, and ShaRDNet's blending layers (Fig. 4) with their pruning curve (Fig. 5).
 
 A "kernel layer" is a place in the network (a module path) where 2-D kernels are applied,
-with what it stores and how often its stored weights are applied in one forward pass (the
-model package's reuse accounting): twins built from one skeleton share their module paths,
-so :func:`default_layers` can put the same place side by side.
+with what it stores, how often its stored weights are applied in one forward pass (the
+model package's reuse accounting) and how deep it lies (convolutions on the longest path from
+the input). Twins built from one skeleton have the same kernel layers in the same order
+(:func:`skeleton`), so :func:`default_layers` can put the same place side by side; variants of
+different skeletons have no same place, and each shows its own deepest layer.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from wsviz.errors import WsvizError
 
@@ -38,6 +43,7 @@ class KernelLayer:
     factor: float = 1.0  # weights applied per weight stored, over the whole forward pass
     sites: tuple[str, ...] = ()  # every place its stored weights are applied
     variations: tuple[str, ...] = ()  # how its applications here differ, e.g. ("dilation=1", "dilation=2")
+    depth: int = 0  # convolutions on the longest path from the input to its deepest output, itself included
 
     @property
     def shared(self) -> bool:
@@ -80,6 +86,7 @@ def kernel_layers(model: nn.Module, min_size: int = 2) -> list[KernelLayer]:
     from wsviz.models.accounting import _reuse, sharing_report
 
     traced, _, _ = sharing_report(model)  # the uses in the order the forward pass made them
+    depths = _conv_depths(model)
     reuse = _reuse(traced, {n: tuple(p.shape) for n, p in model.named_parameters()})
     by_site: dict[str, list] = {}
     for r in reuse.values():
@@ -104,8 +111,80 @@ def kernel_layers(model: nn.Module, min_size: int = 2) -> list[KernelLayer]:
         n_uses = max(sum(1 for u in reuse[p].uses if u.applied) for p in params)
         sites = tuple(dict.fromkeys(s for p in params for s in reuse[p].sites))
         out.append(KernelLayer(site, (rows, i, kh, kw), kind != "direct", n_uses, params, kind,
-                               applied / max(stored, 1), sites, _variations([u.detail for u in uses])))
+                               applied / max(stored, 1), sites, _variations([u.detail for u in uses]),
+                               depths.get(site, 0)))
     return out
+
+
+_CONV_OPS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d})
+_DEPTH = "_wsviz_conv_depth"
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+class _DepthTracer(TorchFunctionMode):
+    """Carries with every tensor of a forward pass the number of convolutions on the longest path from the
+    input to it (a tensor's is the largest of the tensors it was computed from, one more out of a
+    convolution), and keeps for each place (the innermost module running) its deepest convolution."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.depth: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        d = max((getattr(t, _DEPTH, 0) for t in _tensors((args, kwargs))), default=0)
+        if func in _CONV_OPS:
+            d += 1
+            site = self.stack[-1] if self.stack else ""
+            self.depth[site] = max(self.depth.get(site, 0), d)
+        for t in _tensors(out):
+            if d > getattr(t, _DEPTH, 0):  # an in-place op returns its input: it keeps the deeper count
+                try:
+                    setattr(t, _DEPTH, d)
+                except (AttributeError, RuntimeError):  # a tensor that takes no attribute starts a new count
+                    pass
+        return out
+
+
+def _conv_depths(model: nn.Module) -> dict[str, int]:
+    """{place: convolutions on the longest path from the input to its deepest output, itself included}, from
+    one forward pass of two random images through a private copy (training mode, as the use trace runs)."""
+    from wsviz.models import input_shape
+    from wsviz.models.hooks import private_copy
+    from wsviz.models.modes import set_mode
+
+    work = private_copy(model)
+    stack: list[str] = []
+    handles = []
+
+    def leave(module, args, output) -> None:  # returns nothing: a forward hook's value would replace the output
+        stack.pop()
+
+    for name, mod in work.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+        handles.append(mod.register_forward_hook(leave, always_call=True))
+    param = next(iter(work.parameters()), None)
+    tracer = _DepthTracer(stack)
+    try:
+        x = torch.randn(2, *input_shape(work), device=param.device if param is not None else "cpu")
+        with set_mode(work, True), torch.no_grad(), tracer:
+            work(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return tracer.depth
 
 
 def _variations(details: list[str]) -> tuple[str, ...]:
@@ -140,48 +219,49 @@ def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
                      + (" ..." if len(names) > 12 else ""))
 
 
-def _rank_from_end(layers: list[KernelLayer], name: str) -> tuple[tuple[int, ...], int]:
-    me = next(k for k in layers if k.name == name)
-    same = [k.name for k in layers if k.kernel == me.kernel]
-    return me.kernel, len(same) - 1 - same.index(name)
+def skeleton(layers: list[KernelLayer]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What twins have in common: their kernel layers in forward order, each as its module path with the
+    numbers in it left out and its kernel size. The vanilla, unshared and shared variants of one family
+    have the same paths; ShaRDNet SL's blending layers (1x1, not kernel layers) renumber E's and S's
+    ``features.<i>.conv`` without adding or moving a kernel layer. Models of different depth or layout
+    (13 convs against 17, branches against a chain) differ here, even where some paths coincide."""
+    return tuple((re.sub(r"\d+", "#", k.name), k.kernel) for k in layers)
+
+
+def skeleton_groups(layers: dict[str, list[KernelLayer]]) -> list[list[str]]:
+    """The models (keys of ``layers``) grouped by :func:`skeleton`, groups and members in the given order;
+    models without kernel layers are left out. Only within a group is a layer "the same place" (the
+    same position) in every model."""
+    groups: dict[tuple, list[str]] = {}
+    for m, ls in layers.items():
+        if ls:
+            groups.setdefault(skeleton(ls), []).append(m)
+    return list(groups.values())
 
 
 def default_layers(models: dict[str, nn.Module] | dict[str, list[KernelLayer]]) -> dict[str, str]:
-    """Like-for-like default layers for side-by-side kernel views.
+    """Default layers for side-by-side kernel views: the same place in twins, the deepest in each otherwise.
 
-    The anchor is the deepest *shared* layer with kernels of 3x3 or more of the first model that
-    has one (else the deepest such layer of the first model). Every model then shows the same
-    place: the layer with the same module path when it has one (twins built from one skeleton),
-    else the layer at the same depth among layers of the same kernel size, counted from the
-    output (e.g. ShaRDNet SL's blending layers shift the paths, not the depth).
+    Models are grouped by :func:`skeleton`. Each group shows one position: the deepest (by
+    :attr:`KernelLayer.depth`, the convolutions on the longest path from the input; of places equally
+    deep, the later in forward order, as in a chain) among the positions with kernels of 3x3 or more where at least one member's
+    layer is shared, else among all positions with kernels of 3x3 or more (else among all). Twins thus
+    show the same place, whatever their order; a model of another skeleton has no same place and
+    shows its own deepest layer by the same rule (beside a ResNet-20's last conv, 19 convolutions deep,
+    WSMS-Net shows its deepest shared conv, 13 deep in its first two branches, not the last conv
+    of its third branch, 7 deep, which merely runs last).
     """
     layers = {k: (v if isinstance(v, list) else kernel_layers(v)) for k, v in models.items()}
-
-    def preferred(ls: list[KernelLayer]) -> KernelLayer | None:
-        big = [k for k in ls if min(k.kernel) >= 3] or ls
-        shared = [k for k in big if k.shared]
-        return (shared or big)[-1] if big else None
-
-    anchor_model = next((m for m, ls in layers.items() if any(k.shared and min(k.kernel) >= 3 for k in ls)),
-                        next(iter(layers), None))
-    if anchor_model is None:
-        return {}
-    anchor = preferred(layers[anchor_model])
-    if anchor is None:
-        return {}
-    kernel, rank = _rank_from_end(layers[anchor_model], anchor.name)
     out = {}
-    for m, ls in layers.items():
-        names = [k.name for k in ls]
-        if anchor.name in names:
-            out[m] = anchor.name
-            continue
-        same = [k.name for k in ls if k.kernel == kernel]
-        if same:
-            out[m] = same[max(0, len(same) - 1 - rank)]
-        elif ls:
-            out[m] = preferred(ls).name
-    return out
+    for group in skeleton_groups(layers):
+        first = layers[group[0]]
+        positions = range(len(first))
+        big = [j for j in positions if min(first[j].kernel) >= 3] or list(positions)
+        shared = [j for j in big if any(layers[m][j].shared for m in group)]
+        j = max(shared or big, key=lambda j: (max(layers[m][j].depth for m in group), j))
+        for m in group:
+            out[m] = layers[m][j].name
+    return {m: out[m] for m in layers if m in out}
 
 
 @dataclass
