@@ -47,9 +47,10 @@ scale = st.radio("Colour scale", ["one scale for all panels (weight values)", "e
                       "magnitude); the second stretches every kernel to ±1 to show its pattern only.")
 distinct = st.checkbox("Each kernel once", True, key="kernel-distinct",
                        help="A tiled layer (RepeatNet) applies each stored kernel at several (out, in) positions, so "
-                            "its strongest positions repeat the same kernel. On: the k strongest different kernels, "
-                            "the table saying at how many positions each is applied. Off: the k strongest positions, "
-                            "copies included.")
+                            "its strongest positions repeat the same kernel; an msws layer shared over rates applies "
+                            "each at output channel o and o + out. On: the k strongest different kernels, the table "
+                            "saying at how many positions each is applied. Off: the k strongest positions, copies "
+                            "included.")
 layers, loaded = {}, {}
 for label in variants:
     try:
@@ -70,7 +71,7 @@ for col, (label, (_model, card)) in zip(cols, loaded.items()):
                              help="Places in forward order. 'shared ×n': its kernels are applied n times per "
                                   "forward pass; 'tiled'/'basis': realised from fewer stored weights.")
         layer = by_name[name]
-        top = top_k_kernels(variant_layer_weight(label, name), k, distinct=distinct)
+        top = top_k_kernels(variant_layer_weight(label, name), k, distinct=distinct, applied=layer.applications())
         panels[label] = top.kernels
         chosen[label] = name
         rows += [{"variant": label, "layer": name, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(m),

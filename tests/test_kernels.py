@@ -152,19 +152,19 @@ def test_kernel_layers_of_a_network_written_out():
     assert list(got) == ["early", "late", "borrow", "wide", "rates", "pair", "chain"]  # forward order, no 1x1
     # depth: convolutions on the longest path from the input (late runs twice: its deeper application counts)
     assert got["early"] == KernelLayer("early", (4, 2, 3, 3), False, 1, ("early.weight",), "direct", 1.0,
-                                       ("early",), (), 1)
+                                       ("early",), (), 1, ((4, 1),))
     assert got["late"] == KernelLayer("late", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
-                                      ("late", "borrow"), (), 3)
+                                      ("late", "borrow"), (), 3, ((4, 2),))  # twice here
     assert got["borrow"] == KernelLayer("borrow", (4, 4, 3, 3), False, 3, ("late.weight",), "direct", 3.0,
-                                        ("late", "borrow"), (), 4)
+                                        ("late", "borrow"), (), 4, ((4, 1),))
     assert got["wide"].shape == (3, 4, 3, 5) and got["wide"].kernel == (3, 5) and got["wide"].uses == 1
     assert got["wide"].menu_label() == "wide · 3x4 3x5"
     assert got["rates"] == KernelLayer("rates", (3, 3, 3, 3), False, 2, ("rates.weight",), "direct", 2.0, ("rates",),
-                                       ("padding=1 dilation=1", "padding=2 dilation=2"), 7)  # after point (1x1): 5
+                                       ("padding=1 dilation=1", "padding=2 dilation=2"), 7, ((3, 2),))  # point (1x1): 5
     # two weights at one place: their kernels stacked, uses the most of either, factor pooled over both
     assert got["pair"] == KernelLayer("pair", (5, 3, 3, 3), False, 2, ("pair.a", "pair.b"), "direct",
                                       (54 + 2 * 81) / (54 + 81), ("pair",),
-                                      ("padding=1 dilation=1", "padding=2 dilation=2"), 8)
+                                      ("padding=1 dilation=1", "padding=2 dilation=2"), 8, ((2, 1), (3, 2)))
     assert got["chain"].shape == (4, 5, 3, 3) and got["chain"].params == ("chain.a", "chain.b")
     assert got["chain"].depth == 10 and got["wide"].depth == 6  # chain's two convs in a row
     assert [k.name for k in kernel_layers(m, min_size=1)] == ["early", "late", "borrow", "point", "wide", "rates",
@@ -177,7 +177,7 @@ def test_kernel_layers_of_odd_places():
     got = {k.name: k for k in kernel_layers(m)}
     assert list(got) == ["small", "flip"]  # 2x2 kernels count by default; buffers are no stored weights
     assert got["flip"] == KernelLayer("flip", (2, 2, 3, 3), True, 1, ("flip.weight",), "derived", 1.0, ("flip",), (),
-                                      3)
+                                      3, ((2, 1),))
     assert got["flip"].menu_label() == "flip · 2x2 3x3"
     one = kernel_layers(m, min_size=1)[0]
     assert (one.name, one.shape, one.factor, one.shared) == ("one", (1, 1, 1, 1), 1.0, False)
@@ -577,3 +577,53 @@ def test_default_layers_pick_the_last_shared_conv_of_each_variant():
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints"
     models = {k: load_checkpoint(ckpt / k)[0] for k in ("scale-sharesnet", "scale-msws-shared")}
     assert default_layers(models) == {"scale-sharesnet": "stages.2.2.conv2", "scale-msws-shared": "trunk.stages.2.1.conv2"}
+
+
+# ------------------------------------------------------------------- positions: every application
+def _positions_applied(model: nn.Module, site: str) -> dict[tuple, int]:
+    """Brute force: every (out, in) kernel of every weight one forward pass applies at ``site``, counted."""
+    from collections import Counter
+
+    from wsviz.models import applied_weights
+
+    kernels = torch.cat([w.reshape(-1, *w.shape[2:]) for w, _ in applied_weights(model, site) if w.ndim == 4])
+    return Counter(tuple((kk.float() + 0.0).flatten().tolist()) for kk in kernels)
+
+
+def _check_positions(model: nn.Module, site: str) -> set[int]:
+    layer = next(x for x in kernel_layers(model) if x.name == site)
+    top = top_k_kernels(layer_weight(model, site), 10_000, distinct=True, applied=layer.applications())
+    want = _positions_applied(model, site)
+    assert len(top.kernels) == len(want)  # every different kernel applied here, once
+    assert [want[tuple((kk + 0.0).flatten().tolist())] for kk in top.kernels] == top.copies.tolist()
+    return set(top.copies.tolist())
+
+
+def test_positions_count_every_application_of_a_kernel_at_its_place():
+    """Rates applies its one stored set at two dilations: each kernel at 2 (out, in) positions, though stored
+    once; pair stacks a (once) over b (at two dilations); early runs once; late runs twice at its place."""
+    m = Net()
+    layers = {x.name: x for x in kernel_layers(m)}
+    assert layers["rates"].blocks == ((3, 2),) and layers["rates"].applications().tolist() == [2, 2, 2]
+    assert layers["pair"].blocks == ((2, 1), (3, 2)) and layers["pair"].applications().tolist() == [1, 1, 2, 2, 2]
+    assert _check_positions(m, "rates") == {2}
+    assert _check_positions(m, "pair") == {1, 2}
+    assert _check_positions(m, "early") == {1}
+    assert _check_positions(m, "late") == {2}
+    assert L("hand-made").applications() is None
+    with pytest.raises(WsvizError, match="applied gives 2 rows"):
+        top_k_kernels(torch.zeros(3, 1, 3, 3), 4, distinct=True, applied=np.array([1, 2]))
+
+
+@pytest.mark.parametrize(("name", "site", "want"), [
+    ("scale-msws-shared", "trunk.stages.2.1.conv2", {2}),  # one stored set at rates 1 and 2: channels o and o + 32
+    ("scale-msws-unshared", "trunk.stages.2.1.conv2", {1}),  # each rate its own set
+    ("scale-repeatnet-linear", "trunk.stages.3.1.conv2", {4}),  # a stored block tiled 4 times
+])
+def test_positions_of_the_shipped_rate_shared_and_tiled_layers(name, site, want):
+    from wsviz.training.checkpoint import load_checkpoint
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / name
+    if not (folder / "card.json").is_file():
+        pytest.skip(f"needs the shipped {name}")
+    assert _check_positions(load_checkpoint(folder)[0], site) == want

@@ -263,3 +263,16 @@ def test_fair_comparison_of_a_checkpoint_retrained_in_place_is_not_shown_as_curr
     now = _fair_table(at)
     assert now is not None and now["accuracy"].iloc[0] < 0.5 < first["accuracy"].iloc[0]
     assert "changed since the last evaluation" not in _texts(at)
+
+
+# ----------------------------------------------------------------------------- kernels page: positions
+def test_kernels_page_counts_both_rates_of_an_msws_shared_kernel():
+    """msws-shared stores one set of kernels per layer and applies it at rates 1 and 2 (output channels o and
+    o + 32): each kernel shown is applied at 2 (out, in) positions, and the page says so."""
+    if not (CKPT / "scale-msws-shared" / "card.json").is_file():
+        pytest.skip("needs the shipped scale-msws-shared")
+    at = open_app("pages/kernels.py", ["scale-msws-shared"])
+    assert not at.exception and not at.error
+    said = [str(c.value) for c in at.caption]
+    assert "Each of these 64 kernels is applied at 2 (out, in) positions: the layer repeats its stored kernels " \
+           "('positions' in the table)." in said, said

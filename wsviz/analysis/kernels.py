@@ -44,6 +44,7 @@ class KernelLayer:
     sites: tuple[str, ...] = ()  # every place its stored weights are applied
     variations: tuple[str, ...] = ()  # how its applications here differ, e.g. ("dilation=1", "dilation=2")
     depth: int = 0  # convolutions on the longest path from the input to its deepest output, itself included
+    blocks: tuple[tuple[int, int], ...] = ()  # (kernel rows, times applied here) per stored set, in layer_weight's order
 
     @property
     def shared(self) -> bool:
@@ -53,6 +54,15 @@ class KernelLayer:
     @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.shape[2:])
+
+    def applications(self) -> np.ndarray | None:
+        """Per output row of the kernels :func:`layer_weight` gives for this place: how many times that row
+        is applied here in one forward pass (2 for every kernel of an msws layer whose one stored set
+        serves both rates, making output channels o and o + out; 1 for each rate's own set when unshared).
+        None when unknown (a layer list made by hand)."""
+        if not self.blocks:
+            return None
+        return np.repeat([n for _, n in self.blocks], [r for r, _ in self.blocks])
 
     def describe(self) -> str:
         """How this layer reuses its weights, in words the Kernels page shows."""
@@ -110,9 +120,12 @@ def kernel_layers(model: nn.Module, min_size: int = 2) -> list[KernelLayer]:
         kind = next((k for k in ("tiled", "expanded", "derived") if k in kinds), "direct")
         n_uses = max(sum(1 for u in reuse[p].uses if u.applied) for p in params)
         sites = tuple(dict.fromkeys(s for p in params for s in reuse[p].sites))
+        here = [u for u in traced if u.site == site and u.param in params and u.op == "conv2d" and u.applied]
+        blocks = tuple((first[p].applied_shape[0], sum(1 for u in here if u.param == p))
+                       for p in dict.fromkeys(u.param for u in here))  # in the order layer_weight stacks them
         out.append(KernelLayer(site, (rows, i, kh, kw), kind != "direct", n_uses, params, kind,
                                applied / max(stored, 1), sites, _variations([u.detail for u in uses]),
-                               depths.get(site, 0)))
+                               depths.get(site, 0), blocks))
     return out
 
 
@@ -272,7 +285,7 @@ class TopKernels:
     out_index: np.ndarray  # (k,) output channel of each kernel (its first position when ``distinct``)
     in_index: np.ndarray  # (k,) input channel of each kernel
     magnitude: np.ndarray  # (k,) sum of |w| over the kernel
-    copies: np.ndarray | None = None  # (k,) (out, in) positions holding exactly this kernel (1 = unique)
+    copies: np.ndarray | None = None  # (k,) (out, in) positions this kernel is applied at here, every application
 
     @property
     def repeated(self) -> int:
@@ -280,7 +293,8 @@ class TopKernels:
         return int(len(self.kernels) - len(np.unique(self.kernels.reshape(len(self.kernels), -1), axis=0)))
 
 
-def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False) -> TopKernels:
+def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False,
+                  applied: np.ndarray | None = None) -> TopKernels:
     """Aich et al. Fig. 3/4: the ``k`` kernels (of out x in) with the highest sum of |w|.
 
     ``distinct``: every kernel once. A tiled layer (RepeatNet) applies each stored kernel at
@@ -288,17 +302,27 @@ def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False) ->
     ``scale-repeatnet-linear`` only 16 of the top 64 positions hold different kernels. With
     ``distinct`` the k strongest *different* kernels are shown, each at its first position,
     with ``copies`` saying at how many positions it is applied (exact copies; 1 = unique).
+
+    ``applied``: per output row of ``weight``, how many times it is applied at its place
+    (:meth:`KernelLayer.applications`); ``copies`` then counts the (out, in) positions of every
+    application: msws's one stored set applied at rates 1 and 2 puts each kernel at output channel o
+    and o + out, 2 positions, though it is stored once.
     """
     if weight.ndim != 4:
         raise WsvizError(f"Expected a (out, in, kh, kw) conv weight, got shape {tuple(weight.shape)}.")
     o, i, kh, kw = weight.shape
     flat = weight.reshape(o * i, kh, kw).float()
     mag = flat.abs().sum((1, 2))
+    if applied is not None and len(applied) != o:
+        raise WsvizError(f"applied gives {len(applied)} rows' application counts for a weight of {o} output rows.")
     if distinct:
         _, inverse, counts = torch.unique(flat.reshape(o * i, -1) + 0.0, dim=0, return_inverse=True,
                                           return_counts=True)  # + 0.0: -0.0 and 0.0 are one value
         first = torch.full((len(counts),), o * i, dtype=torch.long).scatter_reduce(
             0, inverse, torch.arange(o * i), reduce="amin")
+        if applied is not None:  # each position counted once per application of its row
+            per_position = torch.as_tensor(np.asarray(applied), dtype=torch.long).repeat_interleave(i)
+            counts = torch.zeros(len(counts), dtype=torch.long).scatter_add(0, inverse, per_position)
         candidates, copies = first, counts
     else:
         candidates, copies = torch.arange(o * i), torch.ones(o * i, dtype=torch.long)
