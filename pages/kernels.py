@@ -117,6 +117,14 @@ if panels:
                        f"show the same place{renamed}, kernel layer {position[g[0]] + 1} of {len(layers[g[0]])}.")
     figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} {'different kernels' if distinct else 'kernels'}",
                               scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
+    with st.expander("The kernels shown, as a table (rank, (out, in) position, magnitude, positions)"):
+        st.dataframe(rows, hide_index=True, column_config={
+            "out": st.column_config.NumberColumn(help="Output channel of the kernel (its first position with "
+                                                      "'Each kernel once')."),
+            "positions": st.column_config.NumberColumn(
+                help="(out, in) positions at which this kernel is applied at this place in one forward pass, every "
+                     "application counted (RepeatNet's tiles, both rates of a shared msws layer); 1 = once. Its "
+                     "uses at other places are in the layer's line above the figure.")})
     download_table(rows, "top_kernels")
     with st.spinner(f"Scoring {NULL_DRAWS} pairs of random kernel sets (once per size)…"):
         sims = kernel_set_comparisons(panels)

@@ -336,7 +336,7 @@ def test_top_k_distinct_kernels_of_a_tiled_layer():
     stored = torch.randn(3, 2, 3, 3, generator=g)
     w = tiled(stored, (2, 3))  # 6 x 6 positions, 6 different kernels, each at 6 positions
     plain = top_k_kernels(w, 12)
-    assert plain.repeated == 10 and plain.copies.tolist() == [1] * 12  # 12 positions, 2 different kernels
+    assert plain.repeated == 10 and plain.copies.tolist() == [6] * 12  # 12 positions, 2 different kernels, 6 each
     top = top_k_kernels(w, 12, distinct=True)
     assert len(top.kernels) == 6 and top.repeated == 0 and top.copies.tolist() == [6] * 6
     mags = sorted(((float(stored[o, i].abs().sum()), o, i) for o in range(3) for i in range(2)), reverse=True)
@@ -627,3 +627,22 @@ def test_positions_of_the_shipped_rate_shared_and_tiled_layers(name, site, want)
     if not (folder / "card.json").is_file():
         pytest.skip(f"needs the shipped {name}")
     assert _check_positions(load_checkpoint(folder)[0], site) == want
+
+
+def test_positions_are_true_with_each_kernel_once_off():
+    """The k strongest positions, copies included: each row's 'positions' is still how many (out, in) positions
+    apply that kernel here (not 1 for a kernel the layer repeats), the same as in the distinct view."""
+    g = torch.Generator().manual_seed(3)
+    w = tiled(torch.randn(3, 2, 3, 3, generator=g), (2, 3))  # every kernel at 6 positions
+    assert top_k_kernels(w, 12).copies.tolist() == [6] * 12
+    assert top_k_kernels(w, 12, applied=np.full(6, 2)).copies.tolist() == [12] * 12  # each row applied twice
+    w = torch.randn(4, 3, 2, 2, generator=g)
+    w[3, 2] = w[0, 1]  # one kernel at two positions, the others once
+    top = top_k_kernels(w, 12)
+    by_position = {(int(o), int(i)): int(n) for o, i, n in zip(top.out_index, top.in_index, top.copies)}
+    assert by_position[(0, 1)] == by_position[(3, 2)] == 2 and sum(by_position.values()) == 12 + 2
+    m = Net()
+    layer = next(x for x in kernel_layers(m) if x.name == "pair")
+    plain = top_k_kernels(layer_weight(m, "pair"), 100, applied=layer.applications())
+    want = _positions_applied(m, "pair")
+    assert plain.copies.tolist() == [want[tuple((kk + 0.0).flatten().tolist())] for kk in plain.kernels]

@@ -276,3 +276,25 @@ def test_kernels_page_counts_both_rates_of_an_msws_shared_kernel():
     said = [str(c.value) for c in at.caption]
     assert "Each of these 64 kernels is applied at 2 (out, in) positions: the layer repeats its stored kernels " \
            "('positions' in the table)." in said, said
+
+
+def _kernel_table(at):
+    tables = [d.value for d in at.dataframe if {"rank", "positions"} <= set(d.value.columns)]
+    return tables[0] if tables else None
+
+
+def test_kernels_page_shows_the_table_its_captions_point_to_with_true_positions():
+    """The captions say "see 'positions' in the table": the page draws that table, and with 'Each kernel once'
+    off its positions are still how many (out, in) positions apply each kernel (4 in a tiled RepeatNet layer)."""
+    if not (CKPT / "scale-repeatnet-linear" / "card.json").is_file():
+        pytest.skip("needs the shipped scale-repeatnet-linear")
+    at = open_app("pages/kernels.py", ["scale-repeatnet-linear"])
+    assert not at.exception and not at.error
+    assert any("'positions' in the table" in str(c.value) for c in at.caption)
+    table = _kernel_table(at)
+    assert table is not None and len(table) == 64 and set(table["positions"]) == {4}
+    at.checkbox(key="kernel-distinct").uncheck().run()
+    assert not at.exception
+    table = _kernel_table(at)
+    assert table is not None and len(table) == 64 and set(table["positions"]) == {4}, set(table["positions"])
+    assert len(table.groupby(["out", "in"])) == 64  # 64 positions, repeating 16 kernels

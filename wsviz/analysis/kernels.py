@@ -286,6 +286,7 @@ class TopKernels:
     in_index: np.ndarray  # (k,) input channel of each kernel
     magnitude: np.ndarray  # (k,) sum of |w| over the kernel
     copies: np.ndarray | None = None  # (k,) (out, in) positions this kernel is applied at here, every application
+    # counted (1 = once), with or without ``distinct``
 
     @property
     def repeated(self) -> int:
@@ -301,7 +302,8 @@ def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False,
     several (out, in) positions, so its top-k by position repeats the same kernel: on
     ``scale-repeatnet-linear`` only 16 of the top 64 positions hold different kernels. With
     ``distinct`` the k strongest *different* kernels are shown, each at its first position,
-    with ``copies`` saying at how many positions it is applied (exact copies; 1 = unique).
+    with ``copies`` saying at how many positions it is applied (exact copies; 1 = unique). Without
+    ``distinct`` every position shown has the same count as its kernel would in the distinct view.
 
     ``applied``: per output row of ``weight``, how many times it is applied at its place
     (:meth:`KernelLayer.applications`); ``copies`` then counts the (out, in) positions of every
@@ -315,17 +317,17 @@ def top_k_kernels(weight: torch.Tensor, k: int = 256, distinct: bool = False,
     mag = flat.abs().sum((1, 2))
     if applied is not None and len(applied) != o:
         raise WsvizError(f"applied gives {len(applied)} rows' application counts for a weight of {o} output rows.")
+    _, inverse, counts = torch.unique(flat.reshape(o * i, -1) + 0.0, dim=0, return_inverse=True,
+                                      return_counts=True)  # + 0.0: -0.0 and 0.0 are one value
+    if applied is not None:  # each position counted once per application of its row
+        per_position = torch.as_tensor(np.asarray(applied), dtype=torch.long).repeat_interleave(i)
+        counts = torch.zeros(len(counts), dtype=torch.long).scatter_add(0, inverse, per_position)
     if distinct:
-        _, inverse, counts = torch.unique(flat.reshape(o * i, -1) + 0.0, dim=0, return_inverse=True,
-                                          return_counts=True)  # + 0.0: -0.0 and 0.0 are one value
         first = torch.full((len(counts),), o * i, dtype=torch.long).scatter_reduce(
             0, inverse, torch.arange(o * i), reduce="amin")
-        if applied is not None:  # each position counted once per application of its row
-            per_position = torch.as_tensor(np.asarray(applied), dtype=torch.long).repeat_interleave(i)
-            counts = torch.zeros(len(counts), dtype=torch.long).scatter_add(0, inverse, per_position)
         candidates, copies = first, counts
-    else:
-        candidates, copies = torch.arange(o * i), torch.ones(o * i, dtype=torch.long)
+    else:  # every position, each with the positions of its kernel (the same number as in the distinct view)
+        candidates, copies = torch.arange(o * i), counts[inverse]
     k = min(k, len(candidates))
     pick = torch.topk(mag[candidates], k).indices
     top = candidates[pick]
