@@ -160,3 +160,15 @@ def test_a_refused_slurm_submission_says_why_and_holds_no_slot(store, slurm):
         launch(store, "resnet_digits", "mnist5k", cfg, overrides=SMALL, backend="slurm")
     (run,) = store.list()
     assert run.status == "failed" and "invalid partition" in run.reason
+
+
+def test_a_slurm_job_script_drops_the_access_tokens_sbatch_would_hand_it(store, slurm, monkeypatch):
+    """sbatch exports the server's environment to the job: its script unsets the tokens before srun."""
+    monkeypatch.setenv("WSVIZ_TOKEN", "secret-trainer-token")
+    monkeypatch.setenv("WSVIZ_SLURM", '{"slurm_setup": ["module load cuda"]}')
+    run = _slurm_launch(store, slurm)
+    (script,) = (Path(run.out_dir) / "submitit").glob("*_submission.sh")
+    lines = script.read_text().splitlines()
+    unset = lines.index("unset WSVIZ_TOKEN WSVIZ_VIEWER_TOKEN")
+    assert unset < lines.index("module load cuda") < next(i for i, x in enumerate(lines) if x.startswith("srun"))
+    assert "secret-trainer-token" not in script.read_text()

@@ -250,6 +250,11 @@ def _submit(backend: str, out: Path, cmd: list[str], env: dict[str, str], cwd: s
         except json.JSONDecodeError as exc:
             raise WsvizError(f"WSVIZ_SLURM must be JSON with submitit's SLURM parameters ({exc}).") from exc
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        from wsviz.auth import SECRET_ENV
+
+        # sbatch hands the job the submitting shell's whole environment (--export=ALL): the job script
+        # drops the access tokens before it starts anything
+        params = {**params, "slurm_setup": [f"unset {' '.join(SECRET_ENV)}", *params.get("slurm_setup", [])]}
     else:
         params = {}
         executor = submitit.LocalExecutor(folder=folder)
