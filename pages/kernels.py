@@ -78,17 +78,19 @@ for col, (label, (_model, card)) in zip(cols, loaded.items()):
                   "positions": int(n)}
                  for i, (o, c, m, n) in enumerate(zip(top.out_index, top.in_index, top.magnitude, top.copies))]
         col.caption(f"{card['model']} · {layer.describe()}")
-        if distinct and len(top.kernels) < k:
-            col.caption(f"{len(top.kernels)} different kernels in this layer, fewer than k = {k}.")
-        elif distinct and top.copies.min() > 1 and top.copies.min() == top.copies.max():
-            col.caption(f"Each of these {len(top.kernels)} kernels is applied at {int(top.copies[0])} (out, in) "
-                        "positions: the layer repeats its stored kernels ('positions' in the table).")
-        elif distinct and top.copies.max() > 1:
-            col.caption(f"{int((top.copies > 1).sum())} of these {len(top.kernels)} kernels are applied at several "
-                        f"positions (up to {int(top.copies.max())}): see 'positions' in the table.")
-        elif not distinct and top.repeated:
+        if len(top.kernels) < k:  # the slider asked for more than the layer has
+            col.caption(f"{len(top.kernels)} different kernels in this layer, fewer than k = {k}: all are shown."
+                        if distinct else
+                        f"This layer has {len(top.kernels)} (out, in) positions, fewer than k = {k}: all are shown.")
+        if not distinct and top.repeated:
             col.caption(f"{top.repeated} of these {len(top.kernels)} positions repeat a kernel shown at another: "
                         "tick 'Each kernel once' to see different kernels only.")
+        elif top.copies.min() > 1 and top.copies.min() == top.copies.max():
+            col.caption(f"Each of these {len(top.kernels)} kernels is applied at {int(top.copies[0])} (out, in) "
+                        "positions: the layer repeats its stored kernels ('positions' in the table).")
+        elif top.copies.max() > 1:
+            col.caption(f"{int((top.copies > 1).sum())} of these {len(top.kernels)} kernels are applied at several "
+                        f"positions (up to {int(top.copies.max())}): see 'positions' in the table.")
     except Exception as exc:  # noqa: BLE001 - show it, keep the page alive
         show_error(exc)
 if panels:
@@ -115,7 +117,13 @@ if panels:
             renamed = " (under different module paths)" if len({chosen[v] for v in g}) > 1 else ""
             st.caption(f"{', '.join(g)} share a skeleton (the same kernel layers in the same order): their panels "
                        f"show the same place{renamed}, kernel layer {position[g[0]] + 1} of {len(layers[g[0]])}.")
-    figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=f"Top-{k} {'different kernels' if distinct else 'kernels'}",
+    what = "different kernels" if distinct else "kernels"
+    if all(len(p) == k for p in panels.values()):
+        title = f"Top-{k} {what}"
+    else:  # a layer with fewer than k shows all it has: the title says how many each panel holds
+        title = f"Top {what} by magnitude, k = {k}: " + ", ".join(
+            f"{v} {len(p)}" + (" (all it has)" if len(p) < k else "") for v, p in panels.items())
+    figure(top_kernels_figure({f"{v} · {chosen[v]}": p for v, p in panels.items()}, title=title,
                               scale="shared" if scale.startswith("one") else "per_kernel"), "top_kernels")
     with st.expander("The kernels shown, as a table (rank, (out, in) position, magnitude, positions)"):
         st.dataframe(rows, hide_index=True, column_config={

@@ -298,3 +298,30 @@ def test_kernels_page_shows_the_table_its_captions_point_to_with_true_positions(
     table = _kernel_table(at)
     assert table is not None and len(table) == 64 and set(table["positions"]) == {4}, set(table["positions"])
     assert len(table.groupby(["out", "in"])) == 64  # 64 positions, repeating 16 kernels
+
+
+def _figure_title(at) -> str:
+    import json
+
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    return spec["layout"]["title"]["text"]
+
+
+def test_kernels_page_says_how_many_kernels_a_small_layer_shows_in_both_modes():
+    """rot-cnn's first layer has 5 kernels (5 outputs x 1 input): the figure must not be titled 'Top-64', and
+    the page says all 5 are shown, with 'Each kernel once' on or off."""
+    if not all((CKPT / n / "card.json").is_file() for n in ("rot-cnn", "rot-repeat-linear-c4")):
+        pytest.skip("needs the shipped rot-cnn and rot-repeat-linear-c4")
+    at = open_app("pages/kernels.py", ["rot-cnn", "rot-repeat-linear-c4"])
+    assert _figure_title(at) == "Top-64 different kernels"  # both default layers have 64 or more
+    at.selectbox(key="layer-rot-cnn").set_value("features.0").run()
+    assert not at.exception and not at.error
+    for distinct in (True, False):
+        title = _figure_title(at)
+        assert "Top-64" not in title and "rot-cnn 5 (all it has)" in title and "rot-repeat-linear-c4 64" in title, title
+        said = [str(c.value) for c in at.caption]
+        want = ("5 different kernels in this layer, fewer than k = 64: all are shown." if distinct else
+                "This layer has 5 (out, in) positions, fewer than k = 64: all are shown.")
+        assert want in said, said
+        at.checkbox(key="kernel-distinct").uncheck().run()
+        assert not at.exception
