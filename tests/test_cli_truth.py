@@ -303,3 +303,19 @@ def test_tie_refuses_a_limit_it_cannot_apply_to_a_fine_tune(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--limit" in err and "--finetune-epochs" in err
     assert not out.exists()  # refused before anything ran or was written
+
+
+def test_kernels_csv_counts_both_rates_of_a_rate_shared_kernel_and_says_when_skeletons_differ(tmp_path, capsys):
+    """The CLI's 'positions' is the page's: msws-shared applies each stored kernel at rates 1 and 2; and two
+    models of different skeletons have no 'same place', which the CLI says instead of implying one."""
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    for n in ("scale-msws-shared", "scale-repeatnet-linear"):
+        if not (root / n / "card.json").is_file():
+            pytest.skip(f"needs the shipped {n}")
+    out = tmp_path / "o"
+    assert main(["kernels", "--checkpoint", str(root / "scale-msws-shared"), str(root / "scale-repeatnet-linear"),
+                 "--k", "300", "--out", str(out)]) == 0
+    rows = _rows(out / "top_kernels.csv")
+    assert {r["positions"] for r in rows if r["model"] == "scale-msws-shared"} == {"2"}
+    err = capsys.readouterr().err
+    assert "different skeletons" in err and "not the same place" in err, err

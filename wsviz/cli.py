@@ -274,6 +274,7 @@ def _kernels(args: argparse.Namespace) -> int:
         kernel_layers,
         kernel_set_comparisons,
         layer_weight,
+        skeleton_groups,
         top_k_kernels,
     )
     from wsviz.figures import top_kernels_figure
@@ -281,11 +282,19 @@ def _kernels(args: argparse.Namespace) -> int:
     models = _load(args.checkpoint)
     out = _out(args)
     layers = {name: kernel_layers(m) for name, m in models.items()}
-    defaults = default_layers(layers)  # the same place in every model, preferring a shared layer
+    defaults = default_layers(layers)  # twins: the same place; other skeletons: each its deepest layer
+    groups = skeleton_groups(layers)
+    if len(groups) > 1 and not args.layer:
+        print("note: these models are built on different skeletons (" + " | ".join(", ".join(g) for g in groups)
+              + "): a layer of one is not the same place as any layer of another. Each shows its deepest layer "
+              "(most convolutions from the input) among its shared layers of 3x3 or more: "
+              + "; ".join(f"{n}: {defaults[n]}" for n in layers if n in defaults) + ".", file=sys.stderr)
     panels, rows = {}, []
     for name, m in models.items():
         layer = args.layer or defaults[name]
-        top = top_k_kernels(layer_weight(m, layer), args.k, distinct=args.distinct)
+        place = next((k for k in layers[name] if k.name == layer), None)  # None: a 4-D parameter named directly
+        top = top_k_kernels(layer_weight(m, layer), args.k, distinct=args.distinct,
+                            applied=place.applications() if place is not None else None)
         panels[f"{name} · {layer}"] = top.kernels
         rows += [{"model": name, "layer": layer, "rank": i + 1, "out": int(o), "in": int(c), "magnitude": float(g),
                   "positions": int(n)}
@@ -295,8 +304,11 @@ def _kernels(args: argparse.Namespace) -> int:
     if sims:
         _write_csv(out / "kernel_similarity.csv", sims)
     what = "different kernels" if args.distinct else "kernels"
-    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=f"Top-{args.k} {what} by magnitude",
-                                                            scale=args.scale))
+    title = f"Top-{args.k} {what} by magnitude"
+    if any(len(p) < args.k for p in panels.values()):  # a layer with fewer shows all it has: say how many each
+        title = f"Top {what} by magnitude, k = {args.k}: " + ", ".join(
+            f"{n.split(' · ')[0]} {len(p)}" + (" (all it has)" if len(p) < args.k else "") for n, p in panels.items())
+    _write_fig(out / "top_kernels.html", top_kernels_figure(panels, title=title, scale=args.scale))
     return 0
 
 
