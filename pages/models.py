@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -79,6 +81,7 @@ if variants:
     from wsviz.training.cards import card_float_params, read_card
 
     vrows = []
+    seeded = sum((Path(path) / "seeds").is_dir() for path in variants.values())
     for label, path in variants.items():
         c = read_card(path)
         fp = card_float_params(c)
@@ -93,8 +96,10 @@ if variants:
                       "epochs": c.get("epochs_done")})
     st.dataframe(percent_style(vrows, ["test accuracy (this checkpoint)"]), hide_index=True, column_config={
         "test accuracy (this checkpoint)": st.column_config.NumberColumn(
-            help="this checkpoint's last epoch on its test split (for the zoo: seed 0); "
-                                   "checkpoints/REPORT.md gives the mean over 3 seeds"),
+            help="this checkpoint's last epoch on its test split (for the zoo: seed 0). "
+                 + (f"{seeded} of these {len(variants)} variants ship more training seeds (seeds/): "
+                    "checkpoints/REPORT.md gives the mean over them for the zoo's" if seeded else
+                    "None of these variants ships more training seeds: one run each, no mean over seeds")),
         "params": st.column_config.NumberColumn(format="localized", help="real-valued, shared counted once"),
         "sign-mask bits": st.column_config.NumberColumn(format="localized"),
         "effective params": st.column_config.NumberColumn(format="localized"),
@@ -292,9 +297,14 @@ def show_fair(result: dict) -> None:
 
 
 def checkpoint_stamps(chosen: list[str]) -> tuple:
-    """The chosen variants' checkpoint files as they are now (modification times and sizes of card and
-    weights; None for one that is gone): a result evaluated from other files is not theirs."""
-    return tuple(_stamp(variants[v]) if v in variants else None for v in chosen)
+    """The chosen variants' files as they are now (modification times and sizes of card and weights, and of
+    every seed's predictions the test over seeds reads: ``predictions.npz`` and ``seeds/*/``; None for one
+    that is gone): a result evaluated from other files is not theirs."""
+    def evidence(folder: str) -> tuple:
+        files = [Path(folder) / "predictions.npz", *sorted(Path(folder).glob("seeds/*/predictions.npz"))]
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+
+    return tuple((_stamp(variants[v]), evidence(variants[v])) if v in variants else None for v in chosen)
 
 
 # The result stays on the page (session state) until the chosen variants change or one of their

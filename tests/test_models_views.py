@@ -7,6 +7,9 @@ import json
 import math
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("WSVIZ_RUNS", tempfile.mkdtemp(prefix="wsviz-models-views-runs-"))
 
@@ -39,6 +42,57 @@ def test_a_card_missing_its_counts_shows_blanks_not_a_made_up_compression(checkp
     assert _blank(rows["no-unique"]["params"]) and _blank(rows["no-unique"]["compression"])  # was 172218.0
     assert _blank(rows["no-effective"]["compression"]) and _blank(rows["no-effective"]["MFLOPs"])  # were 0.0
     assert _blank(rows["no-effective"]["effective params"])
+
+
+def test_compression_is_over_the_real_valued_parameters_not_the_stored_entries():
+    """f-RepeatNet stores sign masks as bits: over its real-valued parameters it compresses 12.53x; over every
+    stored entry (masks counted as parameters) it would read 0.95x. A shared model with no masks cannot tell."""
+    needs("rot-repeat-bireal-c8")
+    at = open_app("pages/models.py", [])
+    rows = {r["variant"]: r for r in _variants_table(at).to_dict("records")}
+    card = json.loads((Path(__file__).resolve().parents[1] / "checkpoints" / "rot-repeat-bireal-c8" / "card.json")
+                      .read_text())
+    real = card["unique_params"] - card["sign_mask_params"]  # the card's parts (it predates float_params)
+    assert rows["rot-repeat-bireal-c8"]["compression"] == round(card["effective_params"] / real, 2)
+    assert rows["rot-repeat-bireal-c8"]["compression"] > 10
+
+
+@pytest.mark.parametrize("field,value", [("float_params", None), ("sign_mask_params", "none")])
+def test_a_card_with_a_malformed_count_is_refused_alone_not_the_whole_page(checkpoints, field, value):
+    needs("scale-msws-shared")
+    copy_checkpoint("scale-msws-shared", checkpoints / "good")
+    folder = copy_checkpoint("scale-msws-shared", checkpoints / "bad-count")
+    card = json.loads((folder / "card.json").read_text())
+    card[field] = value
+    (folder / "card.json").write_text(json.dumps(card))
+    at = open_app("pages/models.py", [])
+    assert not at.exception, at.exception
+    rows = {r["variant"] for r in _variants_table(at).to_dict("records")}
+    assert rows == {"good"}
+
+
+def test_the_test_over_seeds_is_stale_once_a_seeds_predictions_change(checkpoints):
+    """Seeds 1 and 2 retrained in place rewrite only seeds/seed<k>/predictions.npz: the comparison read
+    from them must not stay on screen."""
+    import shutil
+
+    import numpy as np
+
+    pair = needs("scale-msws-shared", "scale-msws-vanilla")
+    for n in pair:
+        shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / n, checkpoints / f"copy-{n}")
+    chosen = [f"copy-{n}" for n in pair]
+    at = open_app("pages/models.py", chosen)
+    next(b for b in at.button if b.label == "Evaluate the chosen variants").click().run()
+    assert not at.exception, at.exception
+    assert any("(n = 3)" in m.value for m in at.markdown)
+    seed1 = checkpoints / chosen[0] / "seeds" / "seed1" / "predictions.npz"
+    z = dict(np.load(seed1))
+    z["test"] = (z["test"] + 1) % 10  # another run's answers
+    np.savez_compressed(seed1, **z)
+    at.run()
+    assert not any("(n = 3)" in m.value for m in at.markdown), "the old test over seeds was still shown"
+    assert any("changed since the last evaluation" in c.value for c in at.caption)
 
 
 def test_sharing_map_columns_run_in_the_order_the_network_applies_them():

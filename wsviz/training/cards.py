@@ -22,6 +22,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "test_accuracy": ((*_NUMBER, type(None)), "a number or null"),
     "unique_params": (_NUMBER, "a number"),
     "effective_params": (_NUMBER, "a number"),
+    "float_params": (_NUMBER, "a number"),
+    "sign_mask_params": (_NUMBER, "a number"),
     "flops": (_NUMBER, "a number"),
     "epochs_done": ((int, type(None)), "an integer or null"),
     "data_seed": ((int,), "an integer"),
