@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,21 @@ def test_kernels_csv_counts_both_rates_of_a_rate_shared_kernel_and_says_when_ske
     assert {r["positions"] for r in rows if r["model"] == "scale-msws-shared"} == {"2"}
     err = capsys.readouterr().err
     assert "different skeletons" in err and "not the same place" in err, err
+
+
+def test_opportunities_csv_holds_every_score_its_predicted_cost_is_made_of(tmp_path):
+    """The predicted cost is a weighted mean of ranks of the measured drop and the KL from the untied
+    predictions: the file must let a reader recompute it (it had no KL column)."""
+    import csv
+
+    from wsviz.analysis.opportunities import predicted_costs
+
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "scale-sharesnet-unshared"
+    if not (ck / "card.json").is_file():
+        pytest.skip("needs the shipped ShaResNet twin")
+    assert main(["opportunities", "--checkpoint", str(ck), "--out", str(tmp_path), "--calibration", "32",
+                 "--limit", "64"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "opportunities.csv")))
+    rebuilt = [types.SimpleNamespace(measured_drop=float(r["measured_drop_pts"]), measured_kl=float(r["measured_kl"]))
+               for r in rows]
+    assert predicted_costs(rebuilt) == pytest.approx([float(r["predicted_cost"]) for r in rows])

@@ -561,7 +561,8 @@ def _opportunities(args: argparse.Namespace) -> int:
                                             "weight_similarity": r.weight_similarity, "output_cka": r.output_cka,
                                             "gradient_conflict": r.gradient_conflict,
                                             "measured_drop_pts": r.measured_drop,
-                                            "measured_loss_rise": r.measured_loss} for r in rows])
+                                            "measured_loss_rise": r.measured_loss,
+                                            "measured_kl": r.measured_kl} for r in rows])
     for r in rows[:10]:
         print(f"cost {r.predicted_cost:.2f}  {r.measured_drop:+6.2f} pts now  saves {r.params_saved:>9,}  "
               f"{' + '.join(r.group)}")
