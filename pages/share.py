@@ -234,8 +234,9 @@ with st.form("share-launch"):
     init = c1.selectbox("Init", ["lstsq", "lstsq-bn", "mean", "medoid"],
                         help="the shared kernel's start: least squares (reproduces every member's outputs best); "
                              "lstsq-bn, the same with each member's input channels rescaled by its own preceding "
-                             "BatchNorm (more accuracy right after tying, level after fine-tuning on the Fashion "
-                             "twin); the members' mean; or their medoid")
+                             "BatchNorm (more accuracy right after tying; after fine-tuning level with lstsq on the "
+                             "Fashion twin, measured with the fine-tuning recipe before the current one and not "
+                             "measured since); the members' mean; or their medoid")
     epochs = c2.number_input("Fine-tuning epochs", 1, 100, 1)
     lr = c3.number_input("Learning rate", 1e-5, 1.0, 0.01, format="%.4f")
     c4, c5 = st.columns(2)
