@@ -124,7 +124,7 @@ def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
         if place is None:
             continue
         stage, block, role = place
-        key = (stage, role, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups)
+        key = (stage, role, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.padding_mode, m.groups)
         lanes.setdefault(key, []).append((block, name))
     for members in lanes.values():
         members.sort()
@@ -133,7 +133,8 @@ def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
 
 def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tuple[str, ...]]:
     """Contiguous runs (two or more) of blocks within a stage whose conv of the same role has the same
-    weight shape, stride and padding; convolutions already shared are left out."""
+    weight shape and geometry (stride, padding, dilation, padding mode) and groups; convolutions already
+    shared are left out."""
     convs = _convs(model)
     out = []
     for members in _lanes(convs).values():

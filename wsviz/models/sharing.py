@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 TAP_KINDS = ("rate", "stage", "iteration", "level", "embedding")
 
@@ -52,28 +53,58 @@ def _hold(module: nn.Module, name: str, target: nn.Module) -> None:
     module.__dict__[name] = target
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def explicit_padding(kernel_size: Sequence[int], padding: str | Sequence[int], dilation: Sequence[int]
+                     ) -> tuple[int, int, int, int]:
+    """The padding a 2-d convolution applies, as :func:`torch.nn.functional.pad` takes it (left, right,
+    top, bottom): ``padding`` a pair (height, width), ``"valid"`` (none) or ``"same"`` (total
+    ``dilation * (kernel - 1)`` per side pair, the odd one on the right/bottom, as ``nn.Conv2d`` does)."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        (th, tw) = (d * (k - 1) for d, k in zip(dilation, kernel_size))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
+
+
 class SharedConv2d(nn.Module):
     """A use site of a convolution whose weight (and bias) live in ``source``.
 
-    ``stride``, ``padding`` and ``dilation`` default to the source's but may differ per
-    use (e.g. a stride-1 shared conv reused at another resolution).
+    ``stride``, ``padding``, ``dilation`` and ``padding_mode`` default to the source's but may
+    differ per use (e.g. a stride-1 shared conv reused at another resolution); each takes what
+    ``nn.Conv2d`` takes (an int, a (height, width) pair, ``"same"``/``"valid"`` padding), so a use
+    site computes exactly what an ``nn.Conv2d`` of that geometry with the source's weight would.
     """
 
     def __init__(
         self,
         source: nn.Conv2d,
         *,
-        stride: int | None = None,
-        padding: int | None = None,
-        dilation: int | None = None,
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] | str | None = None,
+        dilation: int | tuple[int, int] | None = None,
+        padding_mode: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(source, nn.Conv2d):
             raise TypeError(f"SharedConv2d shares an nn.Conv2d, got {type(source).__name__}")
         _hold(self, "source", source)
-        self.stride = source.stride if stride is None else (stride, stride)
-        self.padding = source.padding if padding is None else (padding, padding)
-        self.dilation = source.dilation if dilation is None else (dilation, dilation)
+        self.stride = source.stride if stride is None else _pair(stride)
+        if padding is None:
+            padding = source.padding
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = source.dilation if dilation is None else _pair(dilation)
+        self.padding_mode = source.padding_mode if padding_mode is None else padding_mode
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
+        if isinstance(self.padding, str):
+            if self.padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {self.padding!r}")
+            if self.padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
         self.in_channels = source.in_channels
         self.out_channels = source.out_channels
         self.kernel_size = source.kernel_size
@@ -88,12 +119,16 @@ class SharedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.source
+        if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then convolve unpadded
+            x = F.pad(x, explicit_padding(self.kernel_size, self.padding, self.dilation), mode=self.padding_mode)
+            return F.conv2d(x, src.weight, src.bias, self.stride, 0, self.dilation, src.groups)
         return F.conv2d(x, src.weight, src.bias, self.stride, self.padding, self.dilation, src.groups)
 
     def extra_repr(self) -> str:
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (
             f"shares {self.in_channels}->{self.out_channels} {self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{mode}"
         )
 
 

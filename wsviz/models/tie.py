@@ -2,8 +2,9 @@
 
 This is a sharing *mechanism*, the same one the papers' shared models are built from: the
 first member of a group keeps an ``nn.Conv2d`` that owns the tied weight, every other member
-becomes a :class:`~wsviz.models.sharing.SharedConv2d` use site of it (with its own stride,
-padding and dilation). So the accounting, the sharing map, the kernel views and every page
+becomes a :class:`~wsviz.models.sharing.SharedConv2d` use site of it with its own geometry (stride,
+padding, dilation and padding mode, exactly as the member had them: with identical kernels the tied
+model computes what the untied one did). So the accounting, the sharing map, the kernel views and every page
 see a tied model exactly as they see ShaResNet. Everything else — BatchNorm above all — stays
 per block; :func:`reestimate_batchnorm` refreshes its statistics for the tied weights.
 
@@ -43,7 +44,7 @@ from torch import nn
 from wsviz.errors import WsvizError
 from wsviz.models.adopt import carry_adoption
 from wsviz.models.hooks import this_thread
-from wsviz.models.sharing import SharedConv2d, set_submodule
+from wsviz.models.sharing import SharedConv2d, explicit_padding, set_submodule
 
 INITS = ("mean", "medoid", "lstsq", "lstsq-bn")
 ALS_STEPS = 20  # alternating steps of lstsq-bn (on the Fashion twin its loss fell 2.5x by 20; 5 gave 2/3 of that)
@@ -138,11 +139,22 @@ def _input_covariance_hook(covs: dict, key, chunk: int = 8):
     def hook(mod, args):
         x = args[0].detach()
         for start in range(0, len(x), chunk):
-            cols = F.unfold(x[start:start + chunk], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            cols = unfold_inputs(mod, x[start:start + chunk])
             cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).float().cpu()
             c = (cols.T @ cols).double()
             covs[key] = covs[key] + c if key in covs else c
     return hook
+
+
+def unfold_inputs(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The columns ``conv`` multiplies its weight with on input ``x``, (n, in*kh*kw, positions): padded
+    as the conv pads (its ``padding_mode``, and ``"same"``/``"valid"`` as well as pairs), so that
+    ``weight.flatten(1) @ columns`` is its output without bias."""
+    pad = explicit_padding(conv.kernel_size, conv.padding, conv.dilation)
+    mode = getattr(conv, "padding_mode", "zeros")
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    return F.unfold(x, conv.kernel_size, conv.dilation, 0, conv.stride)
 
 
 def calibration_batches(images, batch_size: int = 64):
@@ -310,8 +322,8 @@ def apply_ties(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
     for group, convs in zip(groups, member_groups):
         owner = convs[0]
         for path, conv in zip(list(group)[1:], convs[1:]):
-            set_submodule(model, path, SharedConv2d(owner, stride=conv.stride[0], padding=conv.padding[0],
-                                                    dilation=conv.dilation[0]))
+            set_submodule(model, path, SharedConv2d(owner, stride=conv.stride, padding=conv.padding,
+                                                    dilation=conv.dilation, padding_mode=conv.padding_mode))
     record = dict(getattr(model, "wsviz_tie", None) or {})
     record["groups"] = [list(g) for g in record.get("groups", [])] + [list(g) for g in groups]
     model.wsviz_tie = record
