@@ -518,3 +518,43 @@ def test_the_most_a_choice_can_save_counts_every_layer_once(twin):
                                                               ("stages.1.1.conv1", "stages.1.2.conv1")))
     assert selection_saving([a, c]) == (a.params_saved + c.params_saved, [])
     assert selection_saving([a, b, c]) == (c.params_saved, ["stages.0.1.conv2"])
+
+
+class _BiasBlock(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class _BiasNet(nn.Module):
+    """Three blocks whose convs match in shape but not in bias (True, True, False)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.Sequential(_BiasBlock(True), _BiasBlock(True), _BiasBlock(False))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def test_every_default_candidate_can_be_tied():
+    """Candidates are grouped by everything tying needs to match (shape, groups, bias): blocks with and
+    without a bias are not offered together, so the valid pair is scored instead of the whole run
+    aborting on the first invalid group; a user's invalid group still gets its one-line error."""
+    from wsviz.analysis.opportunities import find_opportunities
+    from wsviz.models.tie import tie
+
+    net = _BiasNet().eval()
+    assert candidate_groups(net) == [("blocks.0.conv", "blocks.1.conv")]
+    x, y = torch.randn(8, 4, 8, 8), torch.arange(8) % 3
+    rows = find_opportunities(net, x, y, held_out=(x, y)).rows
+    assert [r.group for r in rows] == [("blocks.0.conv", "blocks.1.conv")]
+    for g in candidate_groups(net):
+        tie(net, [g], "mean")
+    with pytest.raises(WsvizError, match=r"^Group \['blocks.1.conv', 'blocks.2.conv'\]: .*bias[^\n]*$"):
+        find_opportunities(net, x, y, groups=[("blocks.1.conv", "blocks.2.conv")])

@@ -117,14 +117,18 @@ def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
 
 
 def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
-    """Same-role, same-shape convolutions of one stage: {(stage, role, shape, ...): [(block, path), ...]}."""
+    """Same-role convolutions of one stage that can be tied together as they are: {(stage, role, what tying
+    needs to match (:func:`~wsviz.models.tie.tie_signature`: shape, groups, bias), geometry): [(block,
+    path), ...]}. So every run of a lane is a group :func:`~wsviz.models.tie.tie` accepts."""
+    from wsviz.models.tie import tie_signature
+
     lanes: dict[tuple, list[tuple[int, str]]] = {}
     for name, m in convs.items():
         place = _place(name)
         if place is None:
             continue
         stage, block, role = place
-        key = (stage, role, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.padding_mode, m.groups)
+        key = (stage, role, *tie_signature(m), m.stride, m.padding, m.dilation, m.padding_mode)
         lanes.setdefault(key, []).append((block, name))
     for members in lanes.values():
         members.sort()
@@ -133,8 +137,8 @@ def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
 
 def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tuple[str, ...]]:
     """Contiguous runs (two or more) of blocks within a stage whose conv of the same role has the same
-    weight shape and geometry (stride, padding, dilation, padding mode) and groups; convolutions already
-    shared are left out."""
+    weight shape, groups, bias (or none) and geometry (stride, padding, dilation, padding mode), so that
+    each can be tied as it is; convolutions already shared are left out."""
     convs = _convs(model)
     out = []
     for members in _lanes(convs).values():

@@ -77,6 +77,13 @@ def _lenders(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def tie_signature(conv: nn.Conv2d) -> tuple:
+    """What the members of a group must have in common for one stored weight (and bias) to serve them
+    all: weight shape, groups, and whether they have a bias. (Geometry may differ: each use site keeps
+    its own.)"""
+    return tuple(conv.weight.shape), conv.groups, conv.bias is not None
+
+
 def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list[nn.Conv2d]]:
     """The member convolutions of every group, or a one-line error naming the group and why."""
     if not groups:
@@ -98,7 +105,7 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
         if len(shapes) > 1:
             raise WsvizError(f"Group {group}: the layers' weights differ in shape ({', '.join(map(str, sorted(shapes)))}); "
                              "only same-shape convolutions can share one weight.")
-        if len({c.groups for c in convs}) > 1 or len({c.bias is None for c in convs}) > 1:
+        if len({tie_signature(c) for c in convs}) > 1:
             raise WsvizError(f"Group {group}: the layers differ in groups or bias, so one weight cannot serve them all.")
         out.append(convs)
     return out
