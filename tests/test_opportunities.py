@@ -558,3 +558,48 @@ def test_every_default_candidate_can_be_tied():
         tie(net, [g], "mean")
     with pytest.raises(WsvizError, match=r"^Group \['blocks.1.conv', 'blocks.2.conv'\]: .*bias[^\n]*$"):
         find_opportunities(net, x, y, groups=[("blocks.1.conv", "blocks.2.conv")])
+
+
+class _AliasBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + x
+
+
+@pytest.mark.parametrize("alias", ["weight", "module"])
+def test_convolutions_that_already_share_a_tensor_are_refused_and_not_offered(alias):
+    """An own model may tie weights by aliasing (blocks[1].conv.weight = blocks[0].conv.weight, or one conv
+    module at two places): those layers are already shared, like SharedConv2d's, so they are no
+    candidates and a group naming one gets a one-line error; every saving shown is what the
+    accounting says the tie saves."""
+    from wsviz.analysis.opportunities import group_saving
+    from wsviz.models import summarize
+    from wsviz.models.adopt import adopt
+    from wsviz.models.tie import tie
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.blocks = nn.Sequential(*[_AliasBlock() for _ in range(4)])
+            self.fc = nn.Linear(8, 10)
+            if alias == "weight":
+                self.blocks[1].conv.weight = self.blocks[0].conv.weight
+            else:
+                self.blocks[1].conv = self.blocks[0].conv
+
+        def forward(self, x):
+            return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+    net = adopt(Net().eval(), input_shape=(1, 8, 8))
+    assert candidate_groups(net) == [("blocks.2.conv", "blocks.3.conv")]
+    base = summarize(net).unique_params
+    for g in candidate_groups(net):
+        assert group_saving(net, g) == base - summarize(tie(net, [g], "mean")).unique_params
+    for g in (["blocks.0.conv", "blocks.1.conv"], ["blocks.1.conv", "blocks.2.conv"]):
+        with pytest.raises(WsvizError, match=r"^Group \[.*already shares its weight[^\n]*$"):
+            tie(net, [g], "mean")

@@ -107,10 +107,15 @@ def _place(name: str) -> tuple[str, int, str] | None:
 
 
 def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Convolutions larger than 1x1 that neither use nor lend a shared weight."""
+    """Convolutions larger than 1x1 that neither use nor lend a shared weight: neither through
+    :class:`SharedConv2d` nor by holding a parameter another module holds too
+    (:func:`~wsviz.models.tie.aliased_convs`)."""
+    from wsviz.models.tie import aliased_convs
+
     lent = {id(m.source) for m in model.modules() if isinstance(m, SharedConv2d)}
+    aliased = aliased_convs(model)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, SharedConv2d)
-             and min(m.kernel_size) > 1 and id(m) not in lent}
+             and min(m.kernel_size) > 1 and id(m) not in lent and n not in aliased}
     if not convs:
         raise WsvizError("This model has no (unshared) convolutions with kernels larger than 1x1 to share.")
     return convs

@@ -50,7 +50,8 @@ INITS = ("mean", "medoid", "lstsq", "lstsq-bn")
 ALS_STEPS = 20  # alternating steps of lstsq-bn (on the Fashion twin its loss fell 2.5x by 20; 5 gave 2/3 of that)
 
 
-def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, list[str]] | None = None) -> nn.Conv2d:
+def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, list[str]] | None = None,
+          aliased: dict[str, tuple[str, list[str]]] | None = None) -> nn.Conv2d:
     try:
         mod = model.get_submodule(path)
     except AttributeError:
@@ -65,6 +66,10 @@ def _conv(model: nn.Module, path: str, group: Sequence[str], lenders: dict[int, 
     if users:
         raise WsvizError(f"Group {list(group)}: {path!r} already lends its weight to {', '.join(users[:3])}; a layer "
                          "shares one weight at most, so leave it out.")
+    if path in (aliased or {}):
+        what, others = aliased[path]
+        raise WsvizError(f"Group {list(group)}: {path!r} already shares its {what} with {', '.join(map(repr, others[:3]))} "
+                         "(one tensor held by both); a layer shares one weight at most, so leave it out.")
     return mod
 
 
@@ -84,12 +89,40 @@ def tie_signature(conv: nn.Conv2d) -> tuple:
     return tuple(conv.weight.shape), conv.groups, conv.bias is not None
 
 
+def aliased_convs(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
+    """Convolutions already sharing a parameter without :class:`SharedConv2d`: a conv whose weight or
+    bias ``nn.Parameter`` is also another module's (``b.conv.weight = a.conv.weight``), or one module
+    reachable at two paths. {path: (what it shares: "weight", "bias" or "weight and bias", the other
+    paths holding it)}, for every such path. Tying one of them would not stop storing what it shares,
+    so what a tie saves would not be what it claims: they are refused, as shared layers are."""
+    holders: dict[int, list[str]] = {}
+    modules = list(model.named_modules(remove_duplicate=False))
+    for name, m in modules:
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    out: dict[str, tuple[str, list[str]]] = {}
+    for name, m in modules:
+        if not isinstance(m, nn.Conv2d):
+            continue
+        shared = {}
+        for what in ("weight", "bias"):
+            p = getattr(m, what, None)
+            others = [h for h in holders.get(id(p), []) if h != name] if isinstance(p, nn.Parameter) else []
+            if others:
+                shared[what] = others
+        if shared:
+            others = list(dict.fromkeys(h for hs in shared.values() for h in hs))
+            out[name] = (" and ".join(shared), others)
+    return out
+
+
 def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list[nn.Conv2d]]:
     """The member convolutions of every group, or a one-line error naming the group and why."""
     if not groups:
         raise WsvizError("No groups to tie: give lists of two or more conv layer paths with the same weight shape.")
     seen: dict[str, int] = {}
     lenders = _lenders(model)
+    aliased = aliased_convs(model)
     out = []
     for g, group in enumerate(groups):
         group = list(group)
@@ -100,7 +133,7 @@ def check_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[list
                 where = "twice in this group" if seen[path] == g else f"already in group {seen[path] + 1}"
                 raise WsvizError(f"Group {group}: {path!r} is {where}; a layer shares one weight at most.")
             seen[path] = g
-        convs = [_conv(model, p, group, lenders) for p in group]
+        convs = [_conv(model, p, group, lenders, aliased) for p in group]
         shapes = {tuple(c.weight.shape) for c in convs}
         if len(shapes) > 1:
             raise WsvizError(f"Group {group}: the layers' weights differ in shape ({', '.join(map(str, sorted(shapes)))}); "
