@@ -603,3 +603,105 @@ def test_convolutions_that_already_share_a_tensor_are_refused_and_not_offered(al
     for g in (["blocks.0.conv", "blocks.1.conv"], ["blocks.1.conv", "blocks.2.conv"]):
         with pytest.raises(WsvizError, match=r"^Group \[.*already shares its weight[^\n]*$"):
             tie(net, [g], "mean")
+
+
+def test_a_plain_cnn_offers_its_runs_of_same_shape_convolutions():
+    """A flat Sequential (VGG) has no numbered blocks: its convolutions are the blocks, and a stage ends
+    where the resolution changes (a pooling layer) or another convolution comes between. vgg11's three
+    (512, 512, 3, 3) convs are features.13 | pool | features.16, features.18: one candidate."""
+    import torchvision
+
+    from wsviz.analysis.opportunities import find_opportunities, stage_similarity
+    from wsviz.models import summarize
+    from wsviz.models.adopt import adopt
+    from wsviz.models.tie import tie
+
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg11()
+    assert candidate_groups(vgg) == [("features.16", "features.18")]
+    net = adopt(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                              nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval(), input_shape=(1, 8, 8))
+    assert candidate_groups(net) == [("2", "4"), ("11", "12")]
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 3
+    found = find_opportunities(net, x, y, held_out=(x, y))
+    base = summarize(net).unique_params
+    assert {r.group: r.params_saved for r in found.rows} == {
+        g: base - summarize(tie(net, [g], "mean")).unique_params for g in (("2", "4"), ("11", "12"))}
+    assert [s.layers for s in found.stages] == [s.layers for s in stage_similarity(net, x)]
+    assert ("2", "4", "8", "11", "12") in [s.layers for s in found.stages]
+
+
+def test_no_candidates_is_said_truly():
+    from wsviz.analysis.opportunities import find_opportunities, stage_similarity
+
+    apart = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
+                          nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(4, 1, 16, 16)
+    apart(x)
+    assert candidate_groups(apart) == []
+    with pytest.raises(WsvizError, match=r"^No candidate groups: no two convolutions [^\n]*pooling[^\n]*$"):
+        find_opportunities(apart, x, torch.zeros(4, dtype=torch.long))
+    assert [s.layers for s in stage_similarity(apart, x)] == [("1", "3")]  # apart, yet comparable
+    with pytest.raises(WsvizError, match=r"^No stage has two convolutions [^\n]*$"):
+        stage_similarity(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 3)), x)
+
+
+# Candidates of every registry model and option (the rest have none), as they were before plain CNNs got
+# candidates too: the flat rule must add nothing where every convolution sits in a numbered block.
+REGISTRY_CANDIDATES = {
+    "msws_resnet101 sharing=vanilla": 238, "msws_resnet152 sharing=vanilla": 620, "msws_resnet18 sharing=shared": 1,
+    "msws_resnet18 sharing=unshared": 1, "msws_resnet18 sharing=vanilla": 5, "msws_resnet34 sharing=shared": 17,
+    "msws_resnet34 sharing=unshared": 17, "msws_resnet34 sharing=vanilla": 44, "msws_resnet50 sharing=vanilla": 17,
+    "msws_resnet_digits sharing=shared": 1, "msws_resnet_digits sharing=unshared": 1,
+    "msws_resnet_digits sharing=vanilla": 4, "resnet110": 884, "resnet_digits": 14, "shardnet_vgg kind=E": 10,
+    "sharesnet101 shared=False": 238, "sharesnet152 shared=False": 620, "sharesnet34 shared=False": 44,
+    "sharesnet34 shared=True": 17, "sharesnet50 shared=False": 17, "sharesnet_resnet164 shared=False": 425,
+    "sharesnet_wrn28_10 shared=False": 27, "sharesnet_wrn28_10 shared=True": 9, "sharesnet_wrn40_4 shared=False": 75,
+    "sharesnet_wrn40_4 shared=True": 30, "sharesnet_wrn_digits shared=False": 14,
+    "sharesnet_wrn_digits shared=True": 5, "wsms_resnet101 integration=1x1 shared=False": 481,
+    "wsms_resnet101 integration=1x1 shared=True": 1, "wsms_resnet101 integration=3x3 shared=False": 481,
+    "wsms_resnet101 integration=3x3 shared=True": 1, "wsms_resnet101 integration=none shared=False": 481,
+    "wsms_resnet101 integration=none shared=True": 1, "wsms_resnet110 integration=1x1 shared=False": 1785,
+    "wsms_resnet110 integration=1x1 shared=True": 289, "wsms_resnet110 integration=3x3 shared=False": 1785,
+    "wsms_resnet110 integration=3x3 shared=True": 289, "wsms_resnet110 integration=none shared=False": 1785,
+    "wsms_resnet110 integration=none shared=True": 289, "wsms_resnet152 integration=1x1 shared=False": 1263,
+    "wsms_resnet152 integration=1x1 shared=True": 1, "wsms_resnet152 integration=3x3 shared=False": 1263,
+    "wsms_resnet152 integration=3x3 shared=True": 1, "wsms_resnet152 integration=none shared=False": 1263,
+    "wsms_resnet152 integration=none shared=True": 1, "wsms_resnet50 integration=1x1 shared=False": 39,
+    "wsms_resnet50 integration=1x1 shared=True": 1, "wsms_resnet50 integration=3x3 shared=False": 39,
+    "wsms_resnet50 integration=3x3 shared=True": 1, "wsms_resnet50 integration=none shared=False": 39,
+    "wsms_resnet50 integration=none shared=True": 1, "wsms_resnet_digits integration=1x1 shared=False": 30,
+    "wsms_resnet_digits integration=1x1 shared=True": 4, "wsms_resnet_digits integration=3x3 shared=False": 30,
+    "wsms_resnet_digits integration=3x3 shared=True": 4, "wsms_resnet_digits integration=none shared=False": 30,
+    "wsms_resnet_digits integration=none shared=True": 4,
+}
+
+
+def test_registry_models_keep_their_candidates():
+    import itertools
+
+    from wsviz.analysis.opportunities import _place
+    from wsviz.models import get_spec, list_models
+
+    seen = {}
+    for name in list_models():
+        spec = get_spec(name)
+        for values in itertools.product(*spec.choices.values()):
+            options = dict(zip(spec.choices, values))
+            label = name + "".join(f" {k}={v}" for k, v in options.items())
+            try:
+                with torch.device("meta"):  # shapes only: fast
+                    model = create_model(name, **options)
+            except (RuntimeError, NotImplementedError):  # e2cnn's bases need real tensors
+                model = create_model(name, **options)
+            try:
+                groups = candidate_groups(model)
+            except WsvizError:  # no unshared convolutions at all
+                groups = []
+            assert all(_place(n) is not None for g in groups for n in g), label
+            seen[label] = len(groups)
+    assert {k: v for k, v in seen.items() if v} == REGISTRY_CANDIDATES
+    assert len(seen) == 116

@@ -1,7 +1,9 @@
 """Where could a trained network share weights, and what would each sharing cost?
 
 For every candidate group of same-shape convolutions (by default contiguous runs of blocks in one
-stage, the same conv role in each: ShaResNet's pattern generalised), four scores:
+stage, the same conv role in each: ShaResNet's pattern generalised; in a plain CNN, whose
+convolutions are in no numbered block, runs of consecutive convolutions between two pooling layers:
+:func:`candidate_groups`), four scores:
 
 * ``weight_similarity``: mean pairwise cosine of the members' trained kernels (flattened);
 * ``output_cka``: mean pairwise linear CKA of the members' outputs on a calibration batch (Nguyen,
@@ -121,15 +123,58 @@ def _convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return convs
 
 
-def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
+def _ends_a_run(module: nn.Module) -> bool:
+    """Whether a layer between two convolutions of one container keeps them from being one run: it is
+    or holds a convolution of its own (of any kind) or a layer that changes the resolution (pooling,
+    upsampling, pixel shuffles, flattening)."""
+    for m in module.modules():
+        kind = type(m).__name__
+        if "Conv" in kind or "Pool" in kind or isinstance(m, (SharedConv2d, nn.Upsample, nn.PixelShuffle,
+                                                              nn.PixelUnshuffle, nn.Flatten)):
+            return True
+    return False
+
+
+def _flat_places(model: nn.Module, convs: dict[str, nn.Conv2d]) -> dict[str, tuple[str, int, str]]:
+    """(container, position, "") of every conv of ``convs`` that is not inside a numbered block (a plain
+    CNN's ``features.16``, a root-level ``conv2``): such a conv is a block of its own, in the stage that
+    its container's children form between two changes of resolution. Positions count the container's
+    children in order, so that two convs are consecutive when nothing but resolution-keeping layers
+    without convolutions (activations, normalisation, dropout) comes between them: another convolution
+    (of any shape, 1x1 or shared included) or a pooling layer ends a run. Pooling done inside
+    ``forward`` (F.max_pool2d) is not a child and cannot be seen: such runs may cross it."""
+    parents: dict[str, set[str]] = {}
+    for name in convs:
+        if _place(name) is None:
+            parent = name.rpartition(".")[0]
+            parents.setdefault(parent, set()).add(name)
+    out: dict[str, tuple[str, int, str]] = {}
+    for parent, names in parents.items():
+        container = model.get_submodule(parent) if parent else model
+        position = 0
+        for child_name, child in container.named_children():
+            path = f"{parent}.{child_name}" if parent else child_name
+            if path in names:
+                position += 1
+                out[path] = (parent, position, "")
+            elif _ends_a_run(child):
+                position += 1  # a gap: the convs on either side are not consecutive
+    return out
+
+
+def _lanes(convs: dict[str, nn.Conv2d], model: nn.Module | None = None) -> dict[tuple, list[tuple[int, str]]]:
     """Same-role convolutions of one stage that can be tied together as they are: {(stage, role, what tying
     needs to match (:func:`~wsviz.models.tie.tie_signature`: shape, groups, bias), geometry): [(block,
-    path), ...]}. So every run of a lane is a group :func:`~wsviz.models.tie.tie` accepts."""
+    path), ...]}. So every run of a lane is a group :func:`~wsviz.models.tie.tie` accepts.
+
+    Blocks are numbered (:func:`_place`); with ``model``, the convs outside numbered blocks are placed
+    too, each a block of its own in its container (:func:`_flat_places`)."""
     from wsviz.models.tie import tie_signature
 
+    flat = _flat_places(model, convs) if model is not None else {}
     lanes: dict[tuple, list[tuple[int, str]]] = {}
     for name, m in convs.items():
-        place = _place(name)
+        place = _place(name) or flat.get(name)
         if place is None:
             continue
         stage, block, role = place
@@ -143,10 +188,16 @@ def _lanes(convs: dict[str, nn.Conv2d]) -> dict[tuple, list[tuple[int, str]]]:
 def candidate_groups(model: nn.Module, max_size: int | None = None) -> list[tuple[str, ...]]:
     """Contiguous runs (two or more) of blocks within a stage whose conv of the same role has the same
     weight shape, groups, bias (or none) and geometry (stride, padding, dilation, padding mode), so that
-    each can be tied as it is; convolutions already shared are left out."""
+    each can be tied as it is; convolutions already shared are left out.
+
+    A block is a numbered module holding convolutions (``layer3.1`` of a ResNet: its ``conv2`` is the
+    role). A convolution that is in no numbered block (a plain CNN's flat ``features`` Sequential, a
+    model's ``conv1``, ``conv2`` attributes) is a block of its own: a run is then consecutive
+    same-kind convolutions of one container with no other convolution and no pooling between them,
+    so a run stays within one resolution, as a ResNet stage does (:func:`_flat_places`)."""
     convs = _convs(model)
     out = []
-    for members in _lanes(convs).values():
+    for members in _lanes(convs, model).values():
         runs, run = [], [members[0]]
         for b, n in members[1:]:
             if b == run[-1][0] + 1:
@@ -348,7 +399,9 @@ def find_opportunities(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
     groups = [tuple(g) for g in (groups if groups is not None else candidate_groups(model))]
     if not groups:
-        raise WsvizError("No candidate groups: no stage has two blocks with same-shape convolutions.")
+        raise WsvizError("No candidate groups: no two convolutions (larger than 1x1, not already shared) that one "
+                         "weight could serve follow each other, neither in consecutive blocks of a stage nor in one "
+                         "container with no other convolution or pooling between them; pass groups to score others.")
     for g in groups:  # each on its own: candidates overlap (a run of three holds two runs of two)
         check_groups(model, [g])
     lanes = _similarity_lanes(model, required=False)
@@ -402,9 +455,13 @@ class StageSimilarity:
 
 
 def _similarity_lanes(model: nn.Module, required: bool = True) -> list[tuple[tuple, list[str]]]:
-    lanes = [(key, [n for _, n in members]) for key, members in _lanes(_convs(model)).items() if len(members) > 1]
+    """Every lane of two or more convolutions that could share one weight, consecutive or not (a plain
+    CNN's container counts as one stage here, its pooling layers and all)."""
+    lanes = [(key, [n for _, n in members]) for key, members in _lanes(_convs(model), model).items()
+             if len(members) > 1]
     if required and not lanes:
-        raise WsvizError("No stage has two blocks with same-shape convolutions to compare.")
+        raise WsvizError("No stage has two convolutions (larger than 1x1, not already shared) of one role, shape, "
+                         "bias and geometry to compare.")
     return lanes
 
 
