@@ -705,3 +705,33 @@ def test_registry_models_keep_their_candidates():
             seen[label] = len(groups)
     assert {k: v for k, v in seen.items() if v} == REGISTRY_CANDIDATES
     assert len(seen) == 116
+
+
+def test_the_most_a_choice_saves_is_true_for_any_groups():
+    """Groups a user passes need not be runs: a chain of overlapping groups (a+b, b+c) is not itself a
+    group, so tying it whole is no choice. most_saved is the best disjoint choice (brute force), and the
+    budget's refusal says it."""
+    import itertools
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from wsviz.analysis.opportunities import choose_groups, most_saved
+
+    rows = _rows([(("a", "b"), 36_864), (("b", "c"), 36_864)])
+    assert most_saved(rows) == 36_864
+    with pytest.raises(WsvizError, match=r"^No disjoint candidate groups save 73,728 parameters: the most any choice "
+                                         r"of disjoint groups saves is 36,864;[^\n]*$"):
+        choose_groups(None, rows, 73_728, None, None, verify=0, by="measured_drop")
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.sets(st.sampled_from("abcdefg"), min_size=2, max_size=4), min_size=1, max_size=7),
+           st.integers(1, 5))
+    def check(groups, size):
+        rows = _rows([(sorted(g), (len(g) - 1) * size) for g in groups])
+        best = max(sum(r.params_saved for r in combo) for k in range(len(rows) + 1)
+                   for combo in itertools.combinations(rows, k)
+                   if all(not set(a.group) & set(b.group) for a, b in itertools.combinations(combo, 2)))
+        assert most_saved(rows) == best
+
+    check()

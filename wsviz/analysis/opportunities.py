@@ -514,11 +514,27 @@ def group_saving(model: nn.Module, group: Sequence[str]) -> int:
     return (len(group) - 1) * per_layer
 
 
+SEARCH_NODES = 1_000_000  # sets of groups the budget search looks at before it stops and says it was cut short
+SEARCH_KEPT = 200_000  # minimal sets it keeps when asked for all of them
+
+
 def most_saved(rows: Sequence[Opportunity]) -> int:
-    """The most that any disjoint choice of ``rows``' groups can save. Groups that share a layer join
-    one chain of layers (of one shape, so one per-layer size); disjoint groups inside a chain of ``n``
-    layers save at most ``n - 1`` layers' parameters, which tying the whole chain attains. (Adding up
-    the rows would count a layer once for every group it is in.)"""
+    """The most that any choice of ``rows``' groups no two of which share a layer saves (adding up the
+    rows would count a layer once for every group it is in). Exact (:func:`best_disjoint_saving`);
+    only where that search is cut short, an upper bound: the chains of overlapping groups tied whole."""
+    return best_disjoint_saving(rows)[0]
+
+
+def best_disjoint_saving(rows: Sequence[Opportunity], max_nodes: int = SEARCH_NODES) -> tuple[int, bool]:
+    """(the most any choice of disjoint groups of ``rows`` saves, exact). Groups that share a layer join
+    one chain (of one conv shape: one saving per layer); each chain is searched on its own, depth first
+    over its groups, largest saving first: a branch is left once even every free layer at the best
+    saving per layer of any group holding it cannot beat the best choice so far. For candidate runs the
+    first choice, the whole chain, is the best and ends the search at once; groups a user passes need not
+    form runs (a+b and b+c: the chain a, b, c is no group, so it saves one layer, not two).
+
+    After ``max_nodes`` branches in all it stops, ``exact`` False, and returns an upper bound instead: a
+    chain of ``n`` layers saves at most ``n - 1`` layers' parameters."""
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:
@@ -527,16 +543,48 @@ def most_saved(rows: Sequence[Opportunity]) -> int:
             x = parent[x]
         return x
 
-    per_layer: dict[str, int] = {}
     for r in rows:
         for n in r.group[1:]:
             parent[root(n)] = root(r.group[0])
-        per_layer[r.group[0]] = r.params_saved // max(len(r.group) - 1, 1)
-    chains: dict[str, set[str]] = {}
+    chains: dict[str, list[Opportunity]] = {}
     for r in rows:
-        chains.setdefault(root(r.group[0]), set()).update(r.group)
-    size = {root(n): k for n, k in per_layer.items()}
-    return sum((len(layers) - 1) * size[c] for c, layers in chains.items())
+        chains.setdefault(root(r.group[0]), []).append(r)
+    nodes, total, exact = 0, 0, True
+    for members in chains.values():
+        members = sorted(members, key=lambda r: -r.params_saved)
+        layers = [frozenset(r.group) for r in members]
+        saved = [r.params_saved for r in members]
+        rate: dict[str, float] = {}
+        for r in members:
+            for n in r.group:
+                rate[n] = max(rate.get(n, 0.0), r.params_saved / len(r.group))
+        every = frozenset(rate)
+        per_layer = max(r.params_saved // max(len(r.group) - 1, 1) for r in members)
+        bound = (len(every) - 1) * per_layer
+        best = 0
+        stopped = False
+
+        def walk(start: int, used: frozenset, now: int) -> None:
+            """Every choice that adds one more group, from position ``start`` on, to the groups ``used``."""
+            nonlocal best, nodes, stopped
+            best = max(best, now)
+            if best >= bound or now + sum(rate[n] for n in every - used) <= best + 1e-9:
+                return  # the whole chain is reached, or the free layers cannot beat the best so far
+            for p in range(start, len(members)):
+                if stopped or best >= bound:
+                    return
+                if layers[p] & used:
+                    continue
+                nodes += 1
+                if nodes > max_nodes:
+                    stopped = True
+                    return
+                walk(p + 1, used | layers[p], now + saved[p])
+
+        walk(0, frozenset(), 0)
+        exact = exact and not stopped
+        total += bound if stopped else best
+    return total, exact
 
 
 def selection_saving(rows: Sequence[Opportunity]) -> tuple[int, list[str]]:
@@ -548,10 +596,6 @@ def selection_saving(rows: Sequence[Opportunity]) -> tuple[int, list[str]]:
             seen[n] = seen.get(n, 0) + 1
     twice = [n for n, k in seen.items() if k > 1]
     return sum(r.params_saved for r in rows if not set(r.group) & set(twice)), twice
-
-
-SEARCH_NODES = 1_000_000  # sets of groups the budget search looks at before it stops and says it was cut short
-SEARCH_KEPT = 200_000  # minimal sets it keeps when asked for all of them
 
 
 def _disjoint_sets(rows: Sequence[Opportunity], budget: int, costs: Sequence[float] | None = None,
@@ -696,13 +740,18 @@ def choose_groups(model: nn.Module, rows: Sequence[Opportunity], budget: int, im
     best, complete = _disjoint_sets(rows, budget, [getattr(r, by) for r in rows], max(verify, 1),
                                     max_nodes=max_nodes, progress=progress)
     if not best:
-        most = most_saved(rows)
+        most, exact = best_disjoint_saving(rows)
+        if exact and (complete or most < budget):
+            raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters: the most any choice of disjoint "
+                             f"groups saves is {most:,}; lower the budget or pass larger groups.")
         if complete:
-            raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (all of them together save "
-                             f"at most {most:,}); lower the budget or pass larger groups.")
+            raise WsvizError(f"No disjoint candidate groups save {budget:,} parameters (every choice of them was looked "
+                             "at); lower the budget or pass larger groups.")
+        exist = f"such sets exist (the most any choice of disjoint groups saves is {most:,})" if exact else \
+            f"such sets may exist (no choice of disjoint groups saves more than {most:,})"
         raise WsvizError(f"The search for disjoint groups saving {budget:,} parameters was cut short after "
-                         f"looking at {max_nodes:,} sets of groups without finding one; such sets may exist (all "
-                         f"the groups together save at most {most:,}): pass fewer or larger groups.")
+                         f"looking at {max_nodes:,} sets of groups without finding one; {exist}: pass fewer or "
+                         "larger groups.")
 
     def predicted(s):
         return sum(getattr(rows[i], by) for i in s), sum(rows[i].params_saved for i in s)
