@@ -436,9 +436,10 @@ def reestimate_batchnorm(model: nn.Module, images, batch_size: int = 128) -> nn.
 
     A tensor is batched in a fixed shuffled order: the average of per-batch variances is only the
     variance training saw when every batch mixes the classes, and calibration sets are often sorted
-    by class (batches of one class underestimate it: the shipped ShaResNet twin lost 2.6 points
-    re-estimated on its class-sorted training split, none shuffled). An iterable's batches are
-    taken as they come, so shuffle them (a DataLoader with ``shuffle=True``)."""
+    by class (batches of one class underestimate it: the shipped ShaResNet twin, scale-sharesnet-unshared
+    at 96.4% on its 1,000 test images, kept 94.4% re-estimated on its class-sorted 4,000-image training
+    split in batches of 128, 2.0 points lost, and 96.0% on the same images shuffled, 0.4 points lost).
+    An iterable's batches are taken as they come, so shuffle them (a DataLoader with ``shuffle=True``)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
