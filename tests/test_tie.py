@@ -256,3 +256,20 @@ def test_lstsq_bn_is_lstsq_where_no_batchnorm_can_absorb_a_scale(calib):
         tie(net, [["2", "4"]], init="lstsq-bn")
     with pytest.raises(WsvizError, match="needs the whole model.*tie"):  # it cannot rescale BNs from here
         iw([net[2], net[4]], "lstsq-bn", net, x)
+
+
+def test_the_init_docstring_says_which_recipe_its_fine_tunes_ran_with():
+    """The module docstring quotes lstsq-bn vs lstsq after fine-tuning from benchmarks/results/tie-init-*.md;
+    where those runs say they ran with a recipe a later commit replaced, the docstring must say so."""
+    import re
+
+    import wsviz.models.tie as tie_module
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = {m.group(1) for p in results.glob("tie-init-*.md")
+              for m in re.finditer(r"ran before commit (\w+)[^.]*were not repeated", " ".join(p.read_text().split()))}
+    if not before:
+        pytest.skip("no tie-init result says its fine-tunes are out of date")
+    doc = " ".join(tie_module.__doc__.split())
+    for commit in before:
+        assert re.search(rf"before commit {commit}\b[^.]*not repeated", doc), commit

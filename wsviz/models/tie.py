@@ -26,10 +26,13 @@ The tied weight starts from the trained members' weights (``init``):
   matching activations and checked by rescaling: the network's outputs must not change) keeps
   scale 1; with none, this is ``lstsq``. Tied by ShaResNet's rule (3 seeds), it keeps more right
   after tying: 89.7% on val against lstsq's 88.4% on the Fashion-MNIST twin, 95.1% against 92.1%
-  on the mnist5k twin; after wsviz's 10% fine-tune no difference is shown (+0.03 points, 95%
+  on the mnist5k twin; after fine-tuning no difference was shown (+0.03 points, 95%
   interval [-0.24, +0.31], on the Fashion twin's val half; -0.00 [-0.19, +0.18] on all 10,000 test
   images of a second Fashion twin, a check planned before it ran), so the fine-tuning recipe keeps ``lstsq``
-  (``benchmarks/bench_tie_init.py``, ``benchmarks/results/tie-init-*.md``).
+  (``benchmarks/bench_tie_init.py``, ``benchmarks/results/tie-init-*.md``). Those fine-tunes ran
+  before commit 8f162bf changed wsviz's fine-tuning recipe and were not repeated after it: they used
+  the recipe of then (the untied model's predictions alone as the loss, no labels, no feature
+  distillation), so what lstsq-bn changes after today's fine-tune is not measured.
 """
 
 from __future__ import annotations
