@@ -185,16 +185,19 @@ def suggest(progress, model, rows, images, held_out, budget: int):
 
 
 with st.expander("Suggest groups for a parameter budget"):
-    from wsviz.analysis.opportunities import SEARCH_NODES, most_saved, selection_saving
+    from wsviz.analysis.opportunities import SEARCH_NODES, best_disjoint_saving, selection_saving
 
     st.caption("Disjoint groups that save at least this many parameters, ranked by what tying each costs now "
                "(the KL divergence from the untied model's held-out predictions: the measured cost that best "
                "predicted the accuracy lost after fine-tuning in checkpoints/REPORT.md), added up; the 4 best sets "
                "are then tied together, measured on the held-out images, and listed by that KL, lowest first.")
     b1, b2 = st.columns([2, 1])
-    most = most_saved(rows)
+    most, exact = best_disjoint_saving(rows)
     budget = b1.number_input("Parameters to save", 1, max(most, 1), min(r.params_saved for r in rows), step=1000,
-                             help=f"at most {most:,}: what tying every chain of overlapping groups whole would save")
+                             help=f"at most {most:,}: " + ("the most any choice of groups that share no layer saves"
+                                                          if exact else "an upper bound on what any choice of "
+                                                          "groups that share no layer saves (the search was cut "
+                                                          "short)"))
     if b2.button("Suggest groups"):
         run_in_background("share-suggest", (key, int(budget)), suggest, model, rows, cal_x, held_out, int(budget))
     suggestion = background_result("share-suggest", (key, int(budget)), "measuring of the best sets")

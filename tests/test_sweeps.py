@@ -705,3 +705,19 @@ def test_an_embedding_of_a_hundred_classes_draws_each_class_differently():
     assert fig.layout.title.text == "CIFAR-100 (100 classes: each a colour and a marker shape)"
     ten = embedding_figure(np.zeros((10, 2)), np.arange(10), "class", "digits")
     assert len({t.marker.color for t in ten.data}) == 10 and ten.layout.title.text == "digits"
+
+
+def test_similarity_heatmaps_of_a_flat_container_label_each_layer_by_its_index():
+    """vgg's features.16 and features.18 are two candidates of one container: labelled 16 and 18, not both
+    'features'; a stage's title has no empty role after it."""
+    from types import SimpleNamespace
+
+    from wsviz.figures import stage_similarity_figure
+
+    flat = SimpleNamespace(stage="features", role="", layers=("features.16", "features.18"),
+                           output_cka=np.eye(2), weight_similarity=np.eye(2))
+    nested = SimpleNamespace(stage="stages.2", role="conv2", layers=tuple(f"stages.2.{b}.conv2" for b in range(3)),
+                             output_cka=np.eye(3), weight_similarity=np.eye(3))
+    fig = stage_similarity_figure([flat, nested])
+    assert [list(t.x) for t in fig.data] == [["16", "18"], ["0", "1", "2"]]
+    assert [a.text for a in fig.layout.annotations] == ["features", "stages.2 · conv2"]

@@ -432,11 +432,13 @@ def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
     is of the convolutions' own outputs (what their hooks see), before any BatchNorm."""
     cols = min(3, len(sims)) or 1
     rows = -(-len(sims) // cols) or 1
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{s.stage} · {s.role}" for s in sims],
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{s.stage} · {s.role}" if s.role else s.stage
+                                                              for s in sims],
                         horizontal_spacing=0.12, vertical_spacing=0.18)
     lo = 0.0 if kind == "output_cka" else -1.0
     for i, s in enumerate(sims):
-        labels = [n.split(".")[-2] if n.count(".") else n for n in s.layers]  # the block index
+        # the block index: the path's last number ("stages.2.1.conv2" -> "1"; a flat "features.16" -> "16")
+        labels = [next((p for p in reversed(n.split(".")) if p.isdigit()), n) for n in s.layers]
         fig.add_trace(go.Heatmap(z=getattr(s, kind), x=labels, y=labels, zmin=lo, zmax=1, colorscale="Viridis",
                                  coloraxis="coloraxis", customdata=[[f"{a} vs {b}" for b in s.layers] for a in s.layers],
                                  hovertemplate="%{customdata}: %{z:.3f}<extra></extra>"),
@@ -445,7 +447,9 @@ def stage_similarity_figure(sims, kind: str = "output_cka") -> go.Figure:
     fig.update_yaxes(type="category")
     title = ("Linear CKA of the convolutions' outputs (before BatchNorm) between blocks" if kind == "output_cka"
              else "Kernel cosine similarity between blocks")
-    fig.update_layout(title=title + " (axes: block index)", height=260 * rows + 80,
+    flat = any(not s.role for s in sims)
+    fig.update_layout(title=title + (" (axes: block index, or the layer's index in its container)" if flat
+                                     else " (axes: block index)"), height=260 * rows + 80,
                       coloraxis=dict(colorscale="Viridis", cmin=lo, cmax=1, colorbar=dict(title=kind)))
     return fig
 
