@@ -721,3 +721,20 @@ def test_similarity_heatmaps_of_a_flat_container_label_each_layer_by_its_index()
     fig = stage_similarity_figure([flat, nested])
     assert [list(t.x) for t in fig.data] == [["16", "18"], ["0", "1", "2"]]
     assert [a.text for a in fig.layout.annotations] == ["features", "stages.2 · conv2"]
+
+
+def test_attribution_titles_fit_narrow_panels():
+    """Four panels on an 800 px page are ~110 px each: a 45-character note on one line ran into the next
+    panel's (seen in a screenshot), so notes wrap at 24 characters and the titles are set smaller."""
+    import re
+
+    from wsviz.figures import attribution_figure
+
+    note = "sum off f(x) − f(black) by 0.8% (128 steps)"
+    maps = {f"model-{i} → 0": np.random.default_rng(i).normal(size=(8, 8)) for i in range(3)}
+    fig = attribution_figure(np.zeros((8, 8)), maps, "ig", signed=True, notes={n: note for n in maps})
+    for a in fig.layout.annotations[1:]:
+        lines = [re.sub(r"<[^>]+>", "", x) for x in a.text.split("<br>")[2:]]
+        assert " ".join(lines) == note and max(map(len, lines)) <= 24, a.text
+        assert a.font.size == 10
+    assert attribution_figure(np.zeros((8, 8)), {"m → 0": np.ones((8, 8))}).layout.annotations[1].font.size == 13

@@ -318,7 +318,8 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
         for n in names:
             panels.append((n, img))
             note = (notes or {}).get(n)
-            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>" + (f"<br><sup>{note}</sup>" if note else ""))
+            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>"
+                          + "".join(f"<br><sup>{line}</sup>" for line in _wrap(note or "", 24)))
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
     colours = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
                                         [1, "#7a0403"]]
@@ -342,9 +343,24 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
         fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{j if j > 1 else ''}",
                          row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
-    fig.update_layout(title=title + (" (each map on its own scale)" if per_panel and len(maps) > 1 else ""),
-                      height=380 if notes else 360, margin=dict(l=10, r=10, t=110 if notes else 90, b=10))
+    # a narrow page (800 px with the sidebar open) gives four panels ~110 px each: smaller titles, the
+    # scale note on a line of its own, so neighbours' names and notes do not run into each other
+    fig.update_annotations(font_size=10 if len(titles) > 3 else 13)
+    fig.update_layout(title=title + ("<br><sup>each map on its own scale</sup>" if per_panel and len(maps) > 1
+                                     else ""),
+                      height=400 if notes else 370, margin=dict(l=10, r=10, t=130 if notes else 100, b=10))
     return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
