@@ -112,19 +112,14 @@ labels = tuple(v for v in variants if v in chosen)
 if not scales:  # a sweep over no scale would be the identity alone: 100% agreement by definition
     st.info("Choose at least one scale.")
     st.stop()
-
-
-def split_seed(labels) -> int:
-    """The test split the variants trained on this data held out (a folder's other seeds overlap training):
-    a WsvizError when they were trained with different seeds."""
-    return evaluation_seed({v: get_variant(v)[1] for v in labels}, dataset)
-
-
-try:
-    seed = split_seed(labels)
+cards = {v: get_variant(v)[1] for v in labels}
+try:  # the test split the variants trained on this data held out (a folder's other seeds overlap training)
+    seed = evaluation_seed(cards, dataset)
 except WsvizError as exc:
     st.error(str(exc))
     st.stop()
+# the input each variant's training was tested on (its key: the cards, stamped below, and the dataset)
+augment, mixed = shared_evaluation_transform(cards, dataset)
 # the checkpoints' content stamps (a checkpoint retrained or overwritten in place is a new sweep), and an
 # image folder's files (images replaced or added since are a new sweep too)
 key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v in labels),
@@ -132,15 +127,12 @@ key = (labels, dataset, n, tuple(sorted(scales)), tuple(_stamp(chosen[v]) for v 
 if st.button("Run the sweep", type="primary"):  # only the button starts one
     loaded = {v: get_variant(v) for v in labels}
     blind = {v: why for v, (m, card) in loaded.items() if (why := model_label_mismatch(m, card, dataset))}
-    augment, mixed = shared_evaluation_transform({v: card for v, (_, card) in loaded.items()}, dataset)
     run_in_background("scale-work", key, run_sweep, {v: m for v, (m, _) in loaded.items()}, *key[1:4], blind, seed,
                       augment)
-    st.session_state["scale-transform-note"] = (key, mixed)
 result = background_result("scale-work", key, "scale sweep")
 if result is not None:
     res, inv, skipped, failed, blind, n_inv = result
-    note_key, mixed = st.session_state.get("scale-transform-note", (None, None))
-    if mixed and note_key == key:
+    if mixed:
         st.warning(plain(mixed[:1].upper() + mixed[1:]))
     st.caption(f"{res.samples:,} test images of {dataset}"
                + (f" (its test split has no more than that; {n:,} were asked for)" if res.samples < n else "")

@@ -205,6 +205,23 @@ def test_a_folder_model_is_swept_from_the_input_its_training_tested_it_on(checkp
                                   "asked for)") for c in at.caption), [c.value for c in at.caption]
 
 
+def test_variants_tested_under_different_transforms_are_swept_letterboxed_and_the_page_says_so(checkpoints, tmp_path):
+    needs("scale-resnet20")
+    data = _digit_folder(tmp_path / "digits")
+    for name, preset in (("net", "imagenet"), ("box", "none")):
+        folder = copy_checkpoint("scale-resnet20", checkpoints / name)
+        card = json.loads((folder / "card.json").read_text())
+        card["dataset"] = f"folder:{data}"
+        card["train_config"] = {**card.get("train_config", {}), "augment": preset}
+        (folder / "card.json").write_text(json.dumps(card))
+    at = open_app("pages/scale.py", ["net", "box"])
+    sweep(at, folder=str(data))
+    assert [unescaped(w.value) for w in at.warning] == [
+        f"These models were tested on folder:{data} under different transforms (net: resize to 8/7 and centre crop "
+        "(imagenet); box: letterbox (none)): the images are letterboxed for all, so scale 1 is not each one's "
+        "training scale. Compare them apart."]
+
+
 def test_the_sweep_of_an_image_folder_is_stale_once_its_images_change(tmp_path):
     from PIL import Image
 

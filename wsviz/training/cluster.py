@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,13 @@ log = logging.getLogger(__name__)
 
 def record_job(out_dir: str | Path, backend: str, job_id: str) -> None:
     """Write which job runs the run in ``out_dir`` (replacing the record of an earlier submission)."""
-    from wsviz.training.runstore import process_start_time
+    from wsviz.training.runstore import _write_json, process_start_time
 
     out = Path(out_dir)
     rec: dict[str, Any] = {"backend": backend, "job_id": str(job_id), "folder": str(out / "submitit")}
     if backend == "submitit-local":  # the job id is the local process's pid
         rec["pid_start"] = process_start_time(int(job_id))
-    tmp = out / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, out / JOB_FILE)
+    _write_json(out / JOB_FILE, rec)
 
 
 def read_job(out_dir: str | Path) -> dict[str, Any] | None:
