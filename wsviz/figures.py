@@ -175,12 +175,11 @@ def sweep_figure(result, metric: str = "accuracy", title: str | None = None) -> 
 
 
 def wilson_bounds(accuracy, n: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) of each accuracy's Wilson score interval over ``n`` images (scipy's binomtest)."""
-    from scipy.stats import binomtest
+    """(lo, hi) of each accuracy's Wilson score interval over ``n`` images (:func:`wsviz.analysis.stats.wilson_ci`)."""
+    from wsviz.analysis.stats import wilson_ci
 
-    acc = np.asarray(accuracy, dtype=float)
-    cis = [binomtest(int(round(a * n)), n).proportion_ci(confidence_level=1 - alpha, method="wilson") for a in acc]
-    return np.array([c.low for c in cis]), np.array([c.high for c in cis])
+    cis = [wilson_ci(np.arange(n) < round(a * n), alpha) for a in np.asarray(accuracy, dtype=float)]
+    return np.array([c[1] for c in cis]), np.array([c[2] for c in cis])
 
 
 def invariance_figure(per_model: dict[str, object]) -> go.Figure:

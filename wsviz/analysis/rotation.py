@@ -67,7 +67,7 @@ def rotation_summary(res: SweepResult) -> list[RotationSummary]:
         a = np.asarray(acc, dtype=float)[keep]
         agree = np.asarray(res.agreement[m], dtype=float)[keep][others]
         worst = int(np.nanargmin(a)) if np.isfinite(a).any() else 0
-        ties = int(np.sum(a == a[worst])) if np.isfinite(a[worst]) else 0  # the first is named: say how many more
+        ties = int(np.sum(a == a[worst])) if np.isfinite(a[worst]) else 0  # all angles at it, the named one included
         out.append(RotationSummary(m, len(keep), float(np.mean(a)), float(angles[worst]), float(a[worst]),
                                    float(np.mean(agree)) if len(agree) else float("nan"), ties))
     return sorted(out, key=lambda s: -s.mean_accuracy if np.isfinite(s.mean_accuracy) else np.inf)
