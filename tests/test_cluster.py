@@ -130,6 +130,9 @@ def test_cancelling_a_slurm_job_still_pending_cancels_it_on_the_cluster_and_free
     run = cancel(store, run.id)
     assert (slurm / "scancel.log").read_text().split() == [(slurm / "id").read_text()]
     assert run.status == "cancelled" and not run.active
+    from wsviz.training.quotas import Quotas, check_active
+
+    check_active(store, run.user, Quotas(max_active=1))  # the user's one run slot is free again: no refusal
 
 
 def test_a_slurm_job_that_ended_without_its_run_saying_so_is_marked_failed_naming_the_job(store, slurm):
