@@ -26,6 +26,7 @@ from wsviz.analysis.attribution import IG_MAX_STEPS, IG_TOLERANCE, attribute  # 
 from wsviz.analysis.embeddings import model_inputs  # noqa: E402
 from wsviz.analysis.features import feature_maps  # noqa: E402
 from wsviz.data.datasets import load_split  # noqa: E402
+from wsviz.figures import title_parts  # noqa: E402
 from wsviz.training.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -148,7 +149,7 @@ def _compare_page_with(pair, method: str):
 def test_compare_page_titles_grad_cam_with_its_grid_and_warns_at_2x2():
     at = _compare_page_with(needs("rot-cnn", "scale-resnet20"), "grad_cam")
     spec = _attribution_chart(at, "grad cam")
-    titles = [t.split("<br>")[0] for t in _titles(spec)]
+    titles = [title_parts(t)[0] for t in _titles(spec)]
     assert any(t.startswith("rot-cnn → ") and t.endswith("@ features.25 (2x2)") for t in titles), titles
     assert any(t.startswith("scale-resnet20 → ") and t.endswith("(7x7)") for t in titles), titles
     warned = [w.value for w in at.warning if "2x2" in w.value]
@@ -158,14 +159,14 @@ def test_compare_page_titles_grad_cam_with_its_grid_and_warns_at_2x2():
     next(s for s in at.selectbox if s.label == "Grad-CAM layer of rot-cnn").set_value("features.12").run()
     assert not at.exception
     spec = _attribution_chart(at, "grad cam")
-    assert any(t.split("<br>")[0].endswith("@ features.12 (12x12)") for t in _titles(spec))
+    assert any(title_parts(t)[0].endswith("@ features.12 (12x12)") for t in _titles(spec))
     assert not [w.value for w in at.warning if "2x2" in w.value]
 
 
 def test_compare_page_titles_integrated_gradients_with_their_completeness_error():
     at = _compare_page_with(needs("scale-msws-shared", "scale-resnet20"), "integrated_gradients")
     spec = _attribution_chart(at, "integrated")
-    maps = [t for t in _titles(spec) if " → " in t]
+    maps = [t for t in _titles(spec) if " → " in title_parts(t)[0]]
     assert len(maps) == 2
     for t in maps:  # the note is wrapped over short lines (narrow panels): read as text
         text = " ".join(re.sub(r"<[^>]+>", " ", t).split())
@@ -228,7 +229,7 @@ def test_cli_attribution_draws_each_model_over_its_own_input(digit_and_fashion, 
     own = {"digits": load_upload(data, "d.png", 1, 28, dataset="mnist5k-scale")[0].numpy(),
            "fashion": load_upload(data, "d.png", 1, 28, dataset="fashion-mnist")[0].numpy()}
     assert not np.allclose(own["digits"], own["fashion"])
-    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    titles = [title_parts(a["text"])[0] for a in spec["layout"]["annotations"]]
     assert sorted(t for t in titles if t.startswith("input")) == ["input of digits", "input of fashion"]
     for j, t in enumerate(titles, start=1):
         if t.startswith("input of "):

@@ -21,7 +21,7 @@ from conftest import needs, open_app  # noqa: E402
 
 from wsviz.analysis.features import FeatureMap  # noqa: E402
 from wsviz.data.classes import FASHION  # noqa: E402
-from wsviz.figures import attribution_figure, feature_map_range, feature_maps_figure  # noqa: E402
+from wsviz.figures import attribution_figure, feature_map_range, feature_maps_figure, title_parts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,8 +176,8 @@ def test_attribution_class_names_come_from_each_variants_own_dataset(fashion_var
     assert menu.options == ["the predicted class"]  # no class shared by a digit model and a clothes model
     assert any("different classes" in c.value for c in at.caption)
     spec = next(s for s in charts(at) if title(s).startswith("saliency") or title(s).startswith("integrated"))
-    titles = [a["text"].split("<br>")[0] for a in spec["layout"]["annotations"]]
-    shown = dict(t.split(" → ") for t in titles if " → " in t)  # the maps' panels, not their inputs
+    titles = [title_parts(a["text"])[0] for a in spec["layout"]["annotations"]]
+    shown = dict(t.split(" → ") for t in titles if " → " in t)  # the maps' panels (names wrapped), not inputs
     assert shown["digits"] in [str(i) for i in range(10)]
     assert shown["fashion"] in FASHION  # its own card's names, not the first variant's digits
 
@@ -190,7 +190,7 @@ def test_attribution_class_menu_lists_the_shared_classes():
     menu.set_value("7").run()
     assert not at.exception
     spec = next(s for s in charts(at) if "for class 7" in title(s))
-    assert [a["text"].split("<br>")[0].split(" → ")[1] for a in spec["layout"]["annotations"][1:]] == ["7", "7"]
+    assert [title_parts(a["text"])[0].split(" → ")[1] for a in spec["layout"]["annotations"][1:]] == ["7", "7"]
 
 
 def _digit_png(label: int, paper: float | None) -> tuple[str, bytes]:
@@ -259,8 +259,8 @@ def test_scale_and_rotation_pages_say_how_an_upload_became_the_models_input(page
 
 # ------------------------------------------------------------------ each attribution over its own input
 def _panels(spec: dict) -> list[tuple[str, np.ndarray | None, np.ndarray | None]]:
-    """(subplot title, grey input drawn there or None, map drawn there or None) per subplot, in order."""
-    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    """(subplot title's main text, grey input drawn there or None, map drawn there or None) per subplot, in order."""
+    titles = [title_parts(a["text"])[0] for a in spec["layout"]["annotations"]]
     out = []
     for j, t in enumerate(titles, start=1):
         axis = "x" if j == 1 else f"x{j}"
@@ -276,14 +276,14 @@ def test_attribution_figure_draws_each_map_over_its_own_input():
     maps = {"A → 3": np.ones((4, 4)), "B → 3": 2 * np.ones((4, 4)), "C → 1": 3 * np.ones((4, 4))}
     spec = attribution_figure({"A → 3": a, "B → 3": b, "C → 1": a.copy()}, maps, opacity=0.5).to_plotly_json()
     panels = _panels(spec)
-    assert [t.split("<br>")[0] for t, _, _ in panels] == ["input of A, C", "A → 3", "C → 1", "input of B", "B → 3"]
+    assert [title_parts(t)[0] for t, _, _ in panels] == ["input of A, C", "A → 3", "C → 1", "input of B", "B → 3"]
     want = {"A": a, "B": b, "C": a}
     for t, grey, heat in panels:
         assert grey is not None
         if heat is not None:  # a map, drawn over its own model's input
             assert np.array_equal(grey, want[t[0]])
     one = _panels(attribution_figure(a, {"A → 3": maps["A → 3"], "B → 3": maps["B → 3"]}).to_plotly_json())
-    assert [t.split("<br>")[0] for t, _, _ in one] == ["input", "A → 3", "B → 3"]  # one input: drawn once
+    assert [title_parts(t)[0] for t, _, _ in one] == ["input", "A → 3", "B → 3"]  # one input: drawn once
 
 
 def test_compare_page_draws_each_variants_attribution_over_its_own_input(fashion_variant):

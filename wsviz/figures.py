@@ -7,6 +7,7 @@ Every function takes a result from :mod:`wsviz.analysis` and returns a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,77 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 DIVERGING = "RdBu_r"
+
+
+NARROW_PLOT_PX = 340  # a figure's panels' width (colour bar and margins off) on an 800 px page with the sidebar
+# open, the narrowest the app lays out: panel titles are fitted to it
+
+
+def _fit_chars(panels: int, font_px: float) -> int:
+    """How many characters of a ``font_px`` font fit over one of ``panels`` panels side by side on a narrow page
+    (a character is about 0.55 of the font size wide)."""
+    return max(6, int(NARROW_PLOT_PX / max(1, panels) / (0.55 * font_px)))
+
+
+def _wrap_path(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces; a word longer than a line (a
+    module path) is broken after its dots, slashes, underscores or hyphens (a longer part stays whole)."""
+    pieces: list[str] = []
+    for word in text.split():
+        if len(word) <= width:
+            pieces.append(word + " ")
+        else:
+            pieces += re.findall(r"[^./_\-]*[./_\-]|[^./_\-]+", word)
+            pieces[-1] += " "
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and len((lines[-1] + piece).rstrip()) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return [line.strip() for line in lines if line.strip()]
+
+
+def panel_title(head: str, small: Sequence[str] = (), panels: int = 1, font_px: float = 12) -> str:
+    """A subplot title that fits over its panel when ``panels`` panels share a narrow page: ``head`` on its own
+    line(s), each of ``small`` in small type below, every line wrapped at spaces or module-path dots."""
+    lines = _wrap_path(head, _fit_chars(panels, font_px))
+    tiny = [line for t in small if t for line in _wrap_path(t, _fit_chars(panels, 0.7 * font_px))]
+    return "<br>".join(lines) + "".join(f"<br><sup>{t}</sup>" for t in tiny)
+
+
+def title_parts(title: str) -> tuple[str, str]:
+    """A subplot title's main text and its small type, each unwrapped to one line: the inverse of
+    :func:`panel_title` (lines broken inside a module path join without a space), for reading titles back."""
+    head: list[str] = []
+    small: list[str] = []
+    for line in title.split("<br>"):
+        into = small if line.startswith("<sup>") else head
+        text = re.sub(r"</?sup>", "", line)
+        if into and not into[-1].endswith((".", "/", "_", "-")):
+            text = " " + text
+        into.append(text)
+    return "".join(head), "".join(small)
+
+
+def title_lines(title: str) -> int:
+    """How many lines a subplot title made by :func:`panel_title` has."""
+    return title.count("<br>") + 1
+
+
+def _title_on_top(fig: go.Figure, title: str, panel_title_px: int, height: int) -> go.Figure:
+    """Give ``fig`` the figure ``title`` pinned to the top, above its panels' titles (which grow upwards from
+    their panels by ``panel_title_px``), with a top margin that holds both, and the figure ``height``."""
+    title_px = _top_margin(title, 0) - 14
+    fig.update_layout(title=dict(text=title, yref="container", y=1 - (6 + title_px / 2) / height,
+                                 yanchor="middle"), height=height,
+                      margin=dict(l=10, r=10, t=_top_margin(title, panel_title_px), b=10))
+    return fig
+
+
+def _top_margin(title: str, panel_title_px: int) -> int:
+    """The top margin that holds a figure's ``title`` and, below it, its panels' titles."""
+    return (28 if title else 0) + 14 * title.count("<br>") + panel_title_px + 14
 
 
 KERNEL_SCALES = ("shared", "per_kernel")
@@ -45,7 +117,9 @@ def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, t
     all panels, with a colour bar in weight units — magnitudes compare across kernels and
     models. ``scale="per_kernel"``: each kernel stretched to its own max |w| (patterns only).
     Mosaics are near-square (``cols`` defaults to ceil(sqrt(k))) and the figure's height follows
-    their aspect ratio at a page ``width`` in pixels, so the kernels fill their panels.
+    their aspect ratio at a page ``width`` in pixels, so the kernels fill their panels. A panel
+    named "variant · layer" is titled with the variant and, in small type below, the layer, both
+    wrapped to fit over the panel on a narrow page.
     """
     if scale not in KERNEL_SCALES:
         raise ValueError(f"scale must be one of {KERNEL_SCALES}, got {scale!r}")
@@ -54,7 +128,10 @@ def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, t
     k, h, w = next(iter(panels.values())).shape
     cols = cols or math.ceil(math.sqrt(k))
     vmax = 1.0 if per_kernel else float(max(np.abs(p).max() for p in panels.values()) or 1.0)
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
+    font = 13 if len(names) <= 2 else 11
+    titles = [panel_title(n.partition(" · ")[0], [n.partition(" · ")[2]], len(names), font) for n in names]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, horizontal_spacing=0.03)
+    fig.update_annotations(font_size=font)
     aspect = 1.0
     bar = dict(title="w / max|w| of its kernel" if per_kernel else "weight", thickness=12)
     for j, name in enumerate(names, start=1):
@@ -67,8 +144,9 @@ def top_kernels_figure(panels: dict[str, np.ndarray], cols: int | None = None, t
                          showticklabels=False, showgrid=False, zeroline=False, row=1, col=j)
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", row=1, col=j)
     panel = (width - 120) / len(names)
-    fig.update_layout(title=title, height=int(min(900, max(220, panel * aspect + 90))),
-                      margin=dict(l=10, r=10, t=70, b=10), plot_bgcolor="rgba(0,0,0,0)")
+    top = 15 * max(title_lines(t) for t in titles)  # the panels' titles, wrapped
+    fig.update_layout(plot_bgcolor="rgba(0,0,0,0)")
+    _title_on_top(fig, title, top, int(min(900, max(220, panel * aspect + top + 60))))
     return fig
 
 
@@ -209,13 +287,12 @@ def feature_map_range(*map_lists) -> tuple[float, float]:
             float(max((float(m.max()) for m in means), default=1.0)))
 
 
-def _tap_title(label: str, name: str | None) -> str:
+def _tap_title(label: str, name: str | None, panels: int = 1, font_px: float = 11) -> str:
     """A tap's panel title: its label's head ("rate 1") on the first line, where it is taken ("(conv,
-    pre-BN)") and its module path in small type below, so six panels side by side do not overrun."""
+    pre-BN)") and its module path in small type below, wrapped to fit over one of ``panels`` panels
+    side by side on a narrow page."""
     head, sep, where = label.partition(" (")
-    small = [f"({where}" if sep else "", name or ""]
-    small = [t for t in small if t]
-    return head + "".join(f"<br><sup>{t}</sup>" for t in small)
+    return panel_title(head, [f"({where}" if sep else "", name or ""], panels, font_px)
 
 
 def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool = True,
@@ -236,9 +313,26 @@ def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool 
     if signed:
         lo, hi = -max(-lo, hi), max(-lo, hi)
     colours = dict(colorscale=DIVERGING, zmid=0) if signed else dict(colorscale="Viridis")
-    titles = [_tap_title(f.label, f.name if layer_names else None) for f in maps]
+    # what every panel has in common is said once, under the figure's title: where the taps are taken
+    # ("conv, pre-BN)") and the start of their module paths, so the panels' titles stay short
+    wheres = {f.label.partition(" (")[2] for f in maps}
+    where = next(iter(wheres)) if n > 1 and len(wheres) == 1 else ""
+    paths = [f.name.split(".") for f in maps] if layer_names else []
+    common = 0
+    while (n > 1 and paths and all(len(p) > common + 1 for p in paths)
+           and len({p[common] for p in paths}) == 1):
+        common += 1
+    prefix = ".".join(paths[0][:common]) + "." if common else ""
+    said = ([f"every panel ({where}"] if where else []) + ([f"module paths under {prefix[:-1]}"] if prefix else [])
+    if said:
+        title = (title + "<br>" if title else "") + f"<sup>{'; '.join(said)}</sup>"
+    titles = [_tap_title(f.label.partition(" (")[0] if where else f.label,
+                         f.name[len(prefix):] if layer_names else None, cols) for f in maps]
+    title_px = 8 + 12 * max((title_lines(t) for t in titles), default=1)  # a row's titles, wrapped
+    height = max(280, (170 + title_px) * rows + 60)
+    plot_px = height - _top_margin(title, title_px) - 10
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
-                        vertical_spacing=0.12)
+                        vertical_spacing=min(0.3, title_px / plot_px) if rows > 1 else 0.1)
     for i, (f, z) in enumerate(zip(maps, means)):
         r, c = divmod(i, cols)
         fig.add_trace(go.Heatmap(z=z, **colours, zmin=lo, zmax=hi, showscale=i == 0,
@@ -248,7 +342,7 @@ def feature_maps_figure(maps, cols: int = 6, title: str = "", layer_names: bool 
                          row=r + 1, col=c + 1)
         fig.update_xaxes(showticklabels=False, row=r + 1, col=c + 1)
     fig.update_annotations(font_size=11)
-    fig.update_layout(title=title, height=max(280, 230 * rows), margin=dict(l=10, r=10, t=80, b=10))
+    _title_on_top(fig, title, title_px, height)
     return fig
 
 
@@ -313,12 +407,13 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
     for img, names in groups:
         panels.append((None, img))
         titles.append("input" if len(groups) == 1 else
-                      "input of " + ", ".join(dict.fromkeys(_panel_short(n) for n in names)))
+                      ("input of " + ", ".join(dict.fromkeys(_panel_short(n) for n in names)), []))
         for n in names:
             panels.append((n, img))
             note = (notes or {}).get(n)
-            titles.append(f"{n}<br><sup>{mark} {peaks[n]:.3g}</sup>"
-                          + "".join(f"<br><sup>{line}</sup>" for line in _wrap(note or "", 24)))
+            titles.append((n, [f"{mark} {peaks[n]:.3g}", note or ""]))
+    font = 10 if len(titles) > 3 else 13
+    titles = [t if isinstance(t, str) else panel_title(t[0], t[1], len(titles), font) for t in titles]
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.02)
     colours = DIVERGING if signed else [[0, "rgba(255,255,255,0)"], [0.25, "#fde0c5"], [0.6, "#f07b52"],
                                         [1, "#7a0403"]]
@@ -342,24 +437,13 @@ def attribution_figure(image: np.ndarray | dict[str, np.ndarray], maps: dict[str
         fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor=f"x{j if j > 1 else ''}",
                          row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
-    # a narrow page (800 px with the sidebar open) gives four panels ~110 px each: smaller titles, the
-    # scale note on a line of its own, so neighbours' names and notes do not run into each other
-    fig.update_annotations(font_size=10 if len(titles) > 3 else 13)
-    fig.update_layout(title=title + ("<br><sup>each map on its own scale</sup>" if per_panel and len(maps) > 1
-                                     else ""),
-                      height=400 if notes else 370, margin=dict(l=10, r=10, t=130 if notes else 100, b=10))
+    # a narrow page (800 px with the sidebar open) gives four panels ~100 px each: smaller titles, wrapped to
+    # fit, the scale note on a line of its own, so neighbours' names and notes do not run into each other
+    fig.update_annotations(font_size=font)
+    top = 6 + 12 * max(title_lines(t) for t in titles)
+    _title_on_top(fig, title + ("<br><sup>each map on its own scale</sup>" if per_panel and len(maps) > 1 else ""),
+                  top, 330 + top)
     return fig
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    """``text`` in lines of at most ``width`` characters, broken at spaces (a longer word stays whole)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and len(lines[-1]) + 1 + len(word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines
 
 
 CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
