@@ -45,11 +45,23 @@ def test_one_epoch_on_rot_digits_writes_a_checkpoint_whose_card_matches_reevalua
 
 
 def test_reproduce_command_reproduces_the_run(tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_batches=3)
-    card = run_training("resnet_digits", "mnist5k", tmp_path / "a", cfg, overrides=SMALL)
+    # Options away from their defaults, so a command that drops one trains another run. The test accuracy
+    # cannot tell (at 3 batches it is chance's 0.1 for any lr or seed): the weights trained again must be
+    # the very same, bit for bit, and the card must record the same options.
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(epochs=1, batch_size=48, lr=0.05, momentum=0.8, weight_decay=5e-4, seed=3, max_batches=3)
+    card = run_training("resnet_digits", "mnist5k", tmp_path / "a", cfg, overrides=SMALL, data_seed=2)
     cmd = card["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
     subprocess.run(cmd, shell=True, check=True, cwd=ROOT, capture_output=True)
-    assert read_card(tmp_path / "b")["test_accuracy"] == card["test_accuracy"]
+    again = read_card(tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "weights.safetensors"), load_file(tmp_path / "b" / "weights.safetensors")
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} weight tensors differ, e.g. {differ[:3]}"
+    assert again["train_config"] == card["train_config"] and again["config"] == card["config"]
+    assert again["data_seed"] == card["data_seed"] == 2
+    assert again["test_accuracy"] == card["test_accuracy"]
 
 
 def test_training_learns_something():
