@@ -48,8 +48,13 @@ else:
         default = [v for v in ("scale-msws-vanilla", "scale-msws-shared", "scale-msws-unshared") if v in variants]
         if "variants" not in st.session_state:
             # A link can carry the choice: ?variants=scale-msws-vanilla,scale-msws-shared
-            linked = [v for v in st.query_params.get("variants", "").split(",") if v in variants]
+            asked = [v for v in st.query_params.get("variants", "").split(",") if v]
+            linked = [v for v in asked if v in variants]
             st.session_state["variants"] = linked or default
+            # a mistyped or removed variant in the link is said, not dropped silently
+            unknown = [v for v in asked if v not in variants]
+            if unknown:
+                st.session_state["variants-unknown"] = (unknown, bool(linked), list(st.session_state["variants"]))
         st.multiselect("Variants to compare", list(variants), key="variants",
                        help="Shipped checkpoints (checkpoints/) and finished training runs. The choice is kept in "
                             "the page's address (?variants=...), so a reload or a shared link shows the same.")
@@ -60,6 +65,12 @@ else:
                 st.query_params["variants"] = chosen
             else:
                 del st.query_params["variants"]
+        unknown, some, shown = st.session_state.get("variants-unknown") or ([], False, [])
+        if unknown and st.session_state["variants"] == shown:  # until the user picks
+            st.warning(f"The link asked for {', '.join(plain(v) for v in unknown)}: no such variant here (a "
+                       "checkpoint in checkpoints/ or a finished run). "
+                       + ("Showing the others it named." if some else "Showing the default variants.")
+                       + " Pick from the list above.", icon=":material/link_off:")
         if not variants:
             st.warning("No checkpoints found. Train one on the Train page, or run `python -m wsviz.zoo retrain`.")
         refused = refused_checkpoints()

@@ -315,12 +315,31 @@ def pick_images(key: str, multiple: bool = True) -> list[tuple[str, bytes]]:
                           help=f"Up to {MAX_UPLOAD_BYTES // 2**20} MB each.")
     files = [up] if (up is not None and not multiple) else list(up or [])
     if files:
-        return [(f.name, f.getvalue()) for f in files]
+        return _distinct_names([(f.name, f.getvalue()) for f in files])
     samples = sample_images()
     names = list(samples)
     pick = st.multiselect("…or pick samples", names, default=names[:1], key=f"sample-{key}") if multiple else \
         [st.selectbox("…or pick a sample", names, key=f"sample-{key}")]
     return [(n, samples[n]) for n in pick]
+
+
+def _distinct_names(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``files`` with every name told apart: a second "image.png" becomes "image (2).png" (two phone photos
+    are often both image.jpg; the page picks an image and keys its results by name)."""
+    seen: dict[str, int] = {}
+    taken = {n for n, _ in files}
+    out = []
+    for name, data in files:
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
+            k = seen[name]
+            while (renamed := f"{stem} ({k}){dot}{ext}") in taken:
+                k += 1
+            taken.add(renamed)
+            name = renamed
+        out.append((name, data))
+    return out
 
 
 def prepared(name: str, data: bytes, model, quiet: bool = False, dataset: str | None = None):
@@ -370,13 +389,17 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
     return inputs
 
 
+BLANK_INPUT = "blank input (one colour)"
+
+
 def show_predictions(name: str, data: bytes, variants: list[str], transform=None, top: int = 3) -> list[dict]:
     """One column per variant with its predicted class (by name) and the next ``top - 1`` classes with
     their probabilities, then the model input(s).
 
     ``transform(batch) -> batch`` is applied to the prepared (1, C, H, W) input (rescale, rotate).
     Each distinct input is shown once (variants trained on the same data see the same input).
-    Returns the rows shown.
+    Returns the rows shown; a row whose input is one colour (nothing found in the image) has "input":
+    BLANK_INPUT, and its column says the prediction is about nothing.
     """
     from wsviz.analysis.sweeps import predict
     from wsviz.data.classes import class_names
@@ -394,13 +417,17 @@ def show_predictions(name: str, data: bytes, variants: list[str], transform=None
         rows.append({"image": name, "variant": label, "predicted": p, "class": names[p],
                      "confidence": float(prob[0, p]),
                      "next": ", ".join(f"{names[k]} {100 * float(prob[0, k]):.1f}%" for k in order[1:])})
+        if float(xb.max() - xb.min()) == 0:  # one colour (no digit found, a transparent or black image)
+            rows[-1]["input"] = BLANK_INPUT
         users.setdefault(tuple(xb.shape[1:3]), (xb, []))[1].append(label)
     per_row = 3 if len(rows) > 3 else max(len(rows), 1)  # wraps instead of truncating on narrow pages
     for start in range(0, len(rows), per_row):
         for col, row in zip(st.columns(per_row), rows[start:start + per_row]):
             col.metric(row["variant"], row["class"], f"{100 * row['confidence']:.1f}%", delta_color="off",
                        delta_arrow="off", help=f"class index {row['predicted']}")
-            if row["next"]:
+            if row.get("input") == BLANK_INPUT:
+                col.caption(f"on a {BLANK_INPUT}: what the model says about nothing, not about this image")
+            elif row["next"]:
                 col.caption("then " + row["next"])
     # Drawn last, so a redrawn input means every prediction above it is already up to date.
     for col, (shape, (xb, labels)) in zip(st.columns(max(len(users), 6)), users.items()):
