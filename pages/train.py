@@ -21,7 +21,7 @@ from wsviz.errors import WsvizError
 from wsviz.models import list_models
 from wsviz.training.jobs import DEFAULT_MAX_RUNNING, cancel, gpu_slots, launch, list_runs, resumable, resume
 from wsviz.training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
-from wsviz.training.runstore import LIVE_LOSS, LIVE_LOSS_IN_EPOCH
+from wsviz.training.runstore import DIVERGED, DIVERGED_MARK, LIVE_LOSS, LIVE_LOSS_IN_EPOCH
 from wsviz.training.watch import loss_figure, overlay_figure, progress, tensorboard_hint
 
 st.title("Train")
@@ -101,7 +101,8 @@ def runs_panel() -> None:
         last = store.metrics(r.id).get("test_acc")
         return last[-1][2] if last else None
 
-    df = pd.DataFrame([{"name": r.name, "status": r.status, "model": r.model, "dataset": r.dataset,
+    df = pd.DataFrame([{"name": r.name, "status": "done, diverged" if r.diverged else r.status, "model": r.model,
+                        "dataset": r.dataset,
                         "test accuracy": accuracy(r), "device": r.device, "id": r.id, "reason": r.reason or ""}
                        for r in runs])
     st.dataframe(percent_style(df, ["test accuracy"]), hide_index=True)
@@ -145,7 +146,12 @@ def runs_panel() -> None:
         fig = overlay_figure([by_id[rid] for rid in overlay],
                              {rid: store.metrics(rid).get("test_acc", []) for rid in overlay})
         st.plotly_chart(fig, key="overlay")
-    st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
+    if run.diverged:  # trained all its epochs, but its weights are not a trained model's
+        st.warning(f"**{run.name}** — done, but its training diverged: {run.reason.removeprefix(DIVERGED)}. Its "
+                   f"checkpoint is kept and listed among the variants as `{run.name}{DIVERGED_MARK}`; its weights are "
+                   "not worth comparing.")
+    else:
+        st.write(f"**{run.name}** — {run.status}" + (f": {run.reason}" if run.reason else ""))
     if run.active and st.button("Cancel this run", key=f"cancel-{watch}"):
         try:
             cancel(store, watch, actor=actor)

@@ -265,7 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # talking to a peer that has gone can abort in gloo's C++ threads (SIGABRT at exit).
             dist.barrier()
             dist.destroy_process_group()
-        finish("done", test_accuracy=card["test_accuracy"])
+        from wsviz.training.runstore import DIVERGED
+
+        # a diverged run trained all its epochs (done), and says it diverged wherever it is listed
+        finish("done", DIVERGED + card["diverged_reason"] if card.get("diverged") else None,
+               test_accuracy=card["test_accuracy"])
         if rank == 0:
             if card.get("diverged"):
                 print(f"warning: training diverged: {card['diverged_reason']}", file=sys.stderr)

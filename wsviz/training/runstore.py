@@ -38,6 +38,15 @@ from wsviz.errors import WsvizError
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+# A run that trained all its epochs but diverged (its card's ``diverged``: the final train loss far above
+# chance's) ends done, with this prefix to its reason: its checkpoint is kept, listed marked as diverged.
+DIVERGED = "diverged: "
+DIVERGED_MARK = " [diverged]"  # after the run's name wherever runs are listed as variants
+
+
+def is_diverged(status: str, reason: str | None) -> bool:
+    """Whether a run with this status and reason finished but diverged (see :data:`DIVERGED`)."""
+    return status == "done" and (reason or "").startswith(DIVERGED)
 # The live training loss (at most once a second): its step is the optimiser step counted from the
 # run's start (continued across a resume, as TensorBoard's x axis). Runs recorded before it was kept
 # under LIVE_LOSS_IN_EPOCH, whose step is the batch within its epoch (1, 2, ... again every epoch).
@@ -139,6 +148,11 @@ class Run:
     def active(self) -> bool:
         return self.status in ACTIVE
 
+    @property
+    def diverged(self) -> bool:
+        """Done, but its training diverged (the reason says why)."""
+        return is_diverged(self.status, self.reason)
+
 
 @dataclass
 class FolderRun:
@@ -158,6 +172,10 @@ class FolderRun:
     device: str | None
     metrics: list[tuple[int, str, float]] = field(default_factory=list)  # (epoch, key, value)
     user: str | None = None  # who launched it, as run.json says
+
+    @property
+    def diverged(self) -> bool:
+        return is_diverged(self.status, self.reason)
 
 
 @dataclass
@@ -584,8 +602,8 @@ class RunStore:
                 if fr.id in known:
                     status, reason = known[fr.id]
                     if status == "failed" and (reason or "").startswith(RESTORED) and fr.status == "done":
-                        con.execute("UPDATE runs SET status='done', reason=NULL, finished=?, test_accuracy=?, device=? "
-                                    "WHERE id=?", (fr.finished, fr.test_accuracy, fr.device, fr.id))
+                        con.execute("UPDATE runs SET status='done', reason=?, finished=?, test_accuracy=?, device=? "
+                                    "WHERE id=?", (fr.reason, fr.finished, fr.test_accuracy, fr.device, fr.id))
                         con.execute("DELETE FROM metrics WHERE run_id=?", (fr.id,))
                         self._insert_metrics(con, fr)
                         report.updated.append(fr.id)
@@ -722,6 +740,8 @@ def read_run_folder(folder: str | Path) -> FolderRun:
                             if k not in ("epoch", "seconds") and _number(v) is not None]
         if card.get("complete") is True:
             status = "done"
+            if card.get("diverged"):
+                reason = DIVERGED + str(card.get("diverged_reason") or "its final train loss is far above chance's")
         else:
             reason = (f"{RESTORED}; its checkpoint holds {card.get('epochs_done')} of {card.get('epochs')} epochs "
                       "(it was stopped, or its training was still running and is no longer tracked)")
@@ -766,6 +786,7 @@ class StoreView:
     problem: str | None
     usable: bool  # whether the store itself could be opened (training needs it)
     cancelled: frozenset[str] = frozenset()  # ids among ``done`` of cancelled runs with a finished epoch
+    diverged: frozenset[str] = frozenset()  # ids among ``done`` of runs that diverged (named with DIVERGED_MARK)
 
 
 def _usable(run) -> bool:
@@ -789,12 +810,20 @@ def finished_runs(root: str | Path) -> StoreView:
         runs = [r for r in store.list() if _usable(r)]
     except RunStoreError as exc:
         done = [r for r in scan_run_folders(root)[0] if _usable(r)]  # a folder says done or failed, never cancelled
-        return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc), False)
+        return StoreView([(_variant_name(r), r.id, Path(r.out_dir) / "checkpoint") for r in reversed(done)], str(exc),
+                         False, diverged=frozenset(r.id for r in done if r.diverged))
     problem = store.recovery.message() if store.recovery else None
     copies = damaged_copies(root)
     if problem is None and copies:
         problem = (f"A damaged run store was moved aside to {copies[-1]} and the run list rebuilt from the run folders"
                    f" ({len(copies)} damaged cop{'y' if len(copies) == 1 else 'ies'} in {store.root}). Nothing is "
                    "missing that a folder holds; delete the damaged copies once you no longer need them.")
-    return StoreView([(r.name, r.id, Path(r.out_dir) / "checkpoint") for r in runs], problem, True,
-                     frozenset(r.id for r in runs if r.status == "cancelled"))
+    return StoreView([(_variant_name(r), r.id, Path(r.out_dir) / "checkpoint") for r in runs], problem, True,
+                     frozenset(r.id for r in runs if r.status == "cancelled"),
+                     frozenset(r.id for r in runs if r.diverged))
+
+
+def _variant_name(run) -> str:
+    """The run's name as the variant list shows it: marked when its training diverged, so nobody compares
+    it as a trained model unawares."""
+    return run.name + (DIVERGED_MARK if run.diverged else "")

@@ -1,0 +1,79 @@
+"""Fixes to training: a diverged run says so wherever it is listed, the Train page's run picker, one
+training per --out at a time, and the messages of a stopped or refused run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import kill_active_runs
+from streamlit.testing.v1 import AppTest
+
+from wsviz.errors import WsvizError
+from wsviz.training.loop import TrainConfig
+from wsviz.training.runstore import RunStore, finished_runs, read_run_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"base_width": 4, "depth": 8}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _wait(store: RunStore, run_id: str, timeout: float = 300) -> None:
+    t0 = time.time()
+    while store.get(run_id).active and time.time() - t0 < timeout:
+        time.sleep(0.5)
+    assert not store.get(run_id).active, f"run {run_id} still {store.get(run_id).status} after {timeout} s"
+
+
+def _app(runs: Path, monkeypatch) -> AppTest:
+    import pages._shared as shared
+
+    monkeypatch.setattr(shared, "RUNS", runs)
+    shared.scan_checkpoints.clear()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.switch_page("pages/train.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+# ------------------------------------------------------------------ 1. a diverged run
+def test_a_diverged_background_run_says_so_in_the_store_the_variant_list_and_the_train_page(tmp_path, monkeypatch):
+    import pages._shared as shared
+    from wsviz.training.jobs import launch
+
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    try:
+        run = launch(store, "resnet_digits", "mnist5k", TrainConfig(epochs=2, lr=10, batch_size=64, max_batches=8),
+                     name="too-hot")
+        _wait(store, run.id)
+    finally:
+        kill_active_runs(runs)
+    card = json.loads((Path(run.out_dir) / "checkpoint" / "card.json").read_text())
+    assert card["diverged"] is True  # the loss rose far above chance's
+    run = store.get(run.id)
+    assert run.status == "done"
+    assert run.reason.startswith("diverged: ") and card["diverged_reason"] in run.reason
+    # the variant list names it as diverged, from the store and from its folder alike
+    view = finished_runs(runs)
+    assert [(name, rid) for name, rid, _ in view.done] == [("too-hot [diverged]", run.id)]
+    assert view.diverged == {run.id}
+    assert read_run_folder(run.out_dir).reason == run.reason
+    at = _app(runs, monkeypatch)
+    try:
+        assert any("[diverged]" in label and run.id[-6:] in label for label in shared.available_variants())
+        table = next(d.value for d in at.dataframe if "status" in d.value.columns)
+        assert list(table["status"]) == ["done, diverged"]
+        assert card["diverged_reason"] in table["reason"][0]
+        warned = [w.value for w in at.warning if "too-hot" in w.value]
+        assert len(warned) == 1 and "diverged" in warned[0] and card["diverged_reason"] in warned[0], warned
+    finally:
+        shared.scan_checkpoints.clear()
