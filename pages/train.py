@@ -110,8 +110,9 @@ def runs_panel() -> None:
     ids = [r.id for r in runs]  # newest first: the newest run is watched unless another is chosen
     if st.session_state.get("watch-select") not in by_id:
         st.session_state.pop("watch-select", None)
-    watch = st.selectbox("Watch run", ids, key="watch-select",
-                         format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {i[-6:]}")
+    # No status in the option's label: the browser keeps showing the label the selected option had when it was
+    # chosen (a run picked while queued read "queued" while it ran); the line below says its status now.
+    watch = st.selectbox("Watch run", ids, key="watch-select", format_func=lambda i: f"{by_id[i].name} · {i[-6:]}")
     run = store.get(watch)
     m = store.metrics(watch)
     shown = progress(run, store.metric_times(watch, "test_acc"), time.time())

@@ -77,3 +77,25 @@ def test_a_diverged_background_run_says_so_in_the_store_the_variant_list_and_the
         assert len(warned) == 1 and "diverged" in warned[0] and card["diverged_reason"] in warned[0], warned
     finally:
         shared.scan_checkpoints.clear()
+
+
+# ------------------------------------------------------------------ 2. the run picker
+def test_the_watch_run_picker_names_runs_without_a_status_that_goes_stale(tmp_path, monkeypatch):
+    """A browser keeps showing the label the chosen option had when it was picked: a status in that label read
+    'running' after the run had failed. The label is the run's name and id; the line below says its status."""
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    run = store.create("resnet_digits", "mnist5k", {"train_config": {"epochs": 5}}, "watched")
+    store.claim_slot(run.id, 10, os.getpid(), "cpu")  # this test's process stands in for its job
+    try:
+        at = _app(runs, monkeypatch)
+        picker = at.selectbox(key="watch-select")
+        assert picker.options == [f"watched · {run.id[-6:]}"]
+        assert any(m.value == "**watched** — running" for m in at.markdown)
+        store.finish(run.id, "failed", "boom")
+        at.run()
+        assert not at.exception, at.exception
+        assert at.selectbox(key="watch-select").options == [f"watched · {run.id[-6:]}"]
+        assert any(m.value == "**watched** — failed: boom" for m in at.markdown)
+    finally:
+        store.finish(run.id, "cancelled", "test over")
