@@ -99,3 +99,46 @@ def test_the_watch_run_picker_names_runs_without_a_status_that_goes_stale(tmp_pa
         assert any(m.value == "**watched** — failed: boom" for m in at.markdown)
     finally:
         store.finish(run.id, "cancelled", "test over")
+
+
+# ------------------------------------------------------------------ 3. one training per --out
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "wsviz.train", "--model", "resnet_digits", "--dataset", "mnist5k", "--batch-size",
+            "64", "--max-batches", "2", "--quiet", "--out", str(out), *(f"--set={k}={v}" for k, v in SMALL.items()),
+            *extra]
+
+
+def test_a_second_training_into_the_same_out_is_refused_and_a_killed_one_resumes(tmp_path):
+    from wsviz.training.state import load_state, state_path
+
+    out = tmp_path / "ck"
+    first = subprocess.Popen(_train_cmd(out, "--epochs", "500", "--seed", "1"), cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while not state_path(out).is_file() and first.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.2)
+        assert state_path(out).is_file(), first.communicate()[0][-2000:]  # the first is training: epoch 1 is saved
+        # a second one, at once, even one told to overwrite: refused, saying who writes there and what to do
+        second = subprocess.run(_train_cmd(out, "--epochs", "2", "--seed", "2", "--overwrite"), cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert (f"another training is writing to {out} (pid {first.pid}); wait for it to end, or choose another "
+                "--out") in second.stderr
+        assert first.poll() is None  # the first trains on, alone
+        assert len(list((tmp_path / "ck.tensorboard").glob("events.out.tfevents.*"))) == 1
+        first.send_signal(signal.SIGKILL)  # killed: the OS lets go of its lock
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    card = json.loads((out / "card.json").read_text())
+    assert card["train_config"]["seed"] == 1  # the second wrote nothing
+    done = int(load_state(state_path(out))["epoch"])
+    again = subprocess.run(_train_cmd(out, "--epochs", str(done + 1), "--seed", "1", "--resume"), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # no stale lock stands in its way
+    card = json.loads((out / "card.json").read_text())
+    assert card["complete"] and card["epochs_done"] == done + 1 and card["train_config"]["seed"] == 1
+    assert not (tmp_path / "ck.lock").exists()  # let go of, and removed, once the run ended

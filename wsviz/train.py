@@ -14,6 +14,7 @@ Explicit options override the recipe's. The training state is saved beside --out
 epoch (OUT.state.safetensors) so --resume continues a killed run (and does nothing, successfully,
 when the run there is already complete); a fresh start into a folder holding a run is refused
 unless --overwrite. TensorBoard event files go beside it too (OUT.tensorboard, or --tensorboard DIR).
+One training at a time writes to an --out: while one runs (it holds OUT.lock), a second is refused.
 
 With ``--run-id`` the process is a background job of the run store in ``--runs-dir``: it waits
 for a free slot (at most ``--max-running`` jobs run at once), reports status and metrics, and
@@ -404,6 +405,9 @@ def _record_used(out: str, used: float) -> None:
         traceback.print_exc()
 
 
+# A job resumed at once may find its previous attempt still exiting (closing its TensorBoard log): it waits
+# this long for the checkpoint folder's lock; on the command line a second training is refused at once.
+LOCK_WAIT_S = 30.0
 LIVE_LOSS_EVERY_S = 1.0  # a background job records its live loss (and checks for a cancel) at most this often
 
 
@@ -467,7 +471,8 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                             on_step=on_step, rank=rank, world_size=world, wrap=wrap, resume=args.resume,
                             tensorboard=None if tensorboard.lower() == "none" else tensorboard,
                             init_from=args.init_from, tie=tie, overwrite=args.overwrite,
-                            used_seconds=used_seconds if store is not None else None)
+                            used_seconds=used_seconds if store is not None else None,
+                            lock_wait=LOCK_WAIT_S if store is not None else 0.0)
     finally:
         if bar is not None:
             bar.close()

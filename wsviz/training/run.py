@@ -7,7 +7,9 @@ import copy
 import datetime as _dt
 import errno
 import logging
+import os
 import shlex
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -225,8 +227,13 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                  resume: bool = False, tensorboard: str | Path | None = None,
                  save_state: bool = True, init_from: str | Path | None = None,
                  tie: TieSpec | None = None, overwrite: bool = True,
-                 used_seconds: Callable[[], float] | None = None) -> dict[str, Any]:
+                 used_seconds: Callable[[], float] | None = None, lock_wait: float = 0.0) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
+
+    One training at a time writes to ``out``: rank 0 holds :func:`out_lock` for the run's life, and a
+    second training into the same folder is refused (:class:`OutInUse`) rather than mixing its
+    epochs, card and TensorBoard events with the first's; ``lock_wait`` seconds it waits for the
+    folder first (a resumed job whose previous attempt is still exiting).
 
     After every epoch the full training state is also written beside the checkpoint
     (:func:`wsviz.training.state.state_path`); it is removed once the run is complete.
@@ -248,6 +255,22 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     the resumed state's plus this call's. A save or TensorBoard write that fails because the run's
     folder was deleted meanwhile raises :class:`RunFolderDeleted`.
     """
+    with out_lock(out, lock_wait) if rank == 0 else contextlib.nullcontext():
+        return _run_training(model_name, dataset, out, cfg, overrides=overrides, data_root=data_root,
+                             data_seed=data_seed, download=download, device=device, on_epoch=on_epoch,
+                             on_step=on_step, rank=rank, world_size=world_size, wrap=wrap, resume=resume,
+                             tensorboard=tensorboard, save_state=save_state, init_from=init_from, tie=tie,
+                             overwrite=overwrite, used_seconds=used_seconds)
+
+
+def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfig, *,
+                  overrides: dict[str, Any] | None, data_root: str | None, data_seed: int, download: bool,
+                  device: str | None, on_epoch: Callable[[EpochMetrics], None] | None,
+                  on_step: Callable[[int, int, float], None] | None, rank: int, world_size: int,
+                  wrap: Callable[[nn.Module], nn.Module] | None, resume: bool, tensorboard: str | Path | None,
+                  save_state: bool, init_from: str | Path | None, tie: TieSpec | None, overwrite: bool,
+                  used_seconds: Callable[[], float] | None) -> dict[str, Any]:
+    """:func:`run_training`, with ``out`` held."""
     from wsviz.training.cards import CARD
     from wsviz.training.state import load_state, state_path
     from wsviz.training.state import save_state as write_state
@@ -388,6 +411,80 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
             log.info("trained %s on %s: test accuracy %.4f", model_name, dataset, card["test_accuracy"])
         return card
 
+
+
+class OutInUse(WsvizError):
+    """Another training (another process) is writing to the same checkpoint folder."""
+
+    def __init__(self, out: str | Path, holder: str | None) -> None:
+        who = f" ({holder})" if holder else ""
+        super().__init__(f"another training is writing to {out}{who}; wait for it to end, or choose another --out")
+        self.out, self.holder = out, holder
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of checkpoint folder ``out``: beside it (``OUT.lock``), like its training state."""
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}.lock"
+
+
+def _lock_holder(fd: int) -> str | None:
+    """Who holds the lock, as its holder wrote it ("pid N" or "pid N on HOST"), or None if unknown yet."""
+    try:
+        pid, _, host = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+    except OSError:
+        return None
+    if not pid.isdigit():
+        return None
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+@contextlib.contextmanager
+def out_lock(out: str | Path, wait: float = 0.0):
+    """Hold the exclusive lock of checkpoint folder ``out`` (``fcntl.flock`` on :func:`lock_path`) while the
+    block runs; :class:`OutInUse` if another process holds it for longer than ``wait`` seconds. The OS
+    releases it when the process ends, however it ends: a killed run's folder is free for --resume at once.
+    The file records the holder's pid and host (for the refusal) and is removed when the lock is given up."""
+    import fcntl
+
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise OutInUse(out, holder) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed that file as it let go: lock the one there now
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        try:
+            if _same_file(fd, path):
+                path.unlink()  # while still held: a process that opened it meanwhile locks a file no longer there
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 def _check_fresh(out: Path, spath: Path, overwrite: bool, rank: int) -> bool:
     """A fresh start into ``out``: refuse to wipe a checkpoint or a killed run's training state
