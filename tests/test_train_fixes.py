@@ -142,3 +142,38 @@ def test_a_second_training_into_the_same_out_is_refused_and_a_killed_one_resumes
     card = json.loads((out / "card.json").read_text())
     assert card["complete"] and card["epochs_done"] == done + 1 and card["train_config"]["seed"] == 1
     assert not (tmp_path / "ck.lock").exists()  # let go of, and removed, once the run ended
+
+
+# ------------------------------------------------------------------ 5. README's folder: commands
+def _shell_blocks() -> list[tuple[str, str]]:
+    """(where, text) of every shell block of the README, and of `python -m wsviz.train --help`'s examples."""
+    import re
+
+    import wsviz.train
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = [(f"README block {i}", b) for i, b in enumerate(re.findall(r"```(?:bash|sh|console)\n(.*?)```", readme,
+                                                                         re.S))]
+    return [*blocks, ("wsviz.train's --help", wsviz.train.__doc__)]
+
+
+@pytest.mark.parametrize("where,block", _shell_blocks(), ids=lambda v: v if v.startswith(("README", "wsviz")) else "")
+def test_every_folder_dataset_command_in_the_docs_sets_a_data_root_that_holds_it(where, block, monkeypatch):
+    """A `--dataset folder:PATH` command is refused unless WSVIZ_DATA_ROOTS names a folder above PATH: every one
+    the docs show runs as written (an `export` earlier in its block, or the variable set on its line)."""
+    import re
+
+    from wsviz.data.datasets import folder_path
+
+    root = None
+    for line in block.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\s#.*", "", line)
+        exported = re.match(r"\s*export WSVIZ_DATA_ROOTS=(\S+)", line)
+        if exported:
+            root = exported[1]
+        for path in re.findall(r"folder:(/\S+)", line):
+            own = re.search(r"(?:^|\s)WSVIZ_DATA_ROOTS=(\S+)\s", line)
+            given = own[1] if own else root
+            assert given, f"{where}: `{line.strip()}` is refused as written: no WSVIZ_DATA_ROOTS is set before it"
+            monkeypatch.setenv("WSVIZ_DATA_ROOTS", given)
+            folder_path(path)  # the refusal the command would meet, if any

@@ -5,7 +5,8 @@ Examples::
     python -m wsviz.train --model msws_resnet_digits --dataset mnist5k-scale --epochs 5 --out checkpoints/x
     python -m wsviz.train --recipe wsms-cifar --data-root ~/data --out runs/wsms110   # a paper's protocol
     python -m wsviz.train --recipe wsms-cifar --data-root ~/data --out runs/wsms110 --resume
-    torchrun --nproc_per_node=4 -m wsviz.train --recipe aich-imagenet --dataset folder:/data/imagenet --workers 8 --out runs/msws50
+    WSVIZ_DATA_ROOTS=/data torchrun --nproc_per_node=4 -m wsviz.train --recipe aich-imagenet \
+        --dataset folder:/data/imagenet --workers 8 --out runs/msws50   # folder: data only under WSVIZ_DATA_ROOTS
     python -m wsviz.train --list-recipes
     python -m wsviz.train --init-from checkpoints/scale-sharesnet-unshared --tie stages.2.1.conv2,stages.2.2.conv2 \
         --epochs 1 --lr 0.01 --out runs/tied   # tie two convolutions of a trained model, then fine-tune
