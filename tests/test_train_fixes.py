@@ -177,3 +177,46 @@ def test_every_folder_dataset_command_in_the_docs_sets_a_data_root_that_holds_it
             assert given, f"{where}: `{line.strip()}` is refused as written: no WSVIZ_DATA_ROOTS is set before it"
             monkeypatch.setenv("WSVIZ_DATA_ROOTS", given)
             folder_path(path)  # the refusal the command would meet, if any
+
+
+# ------------------------------------------------------------------ 6. messages
+class Stop(Exception):
+    """Stands for a kill in the second epoch (the first's checkpoint and training state are saved by then)."""
+
+
+TWIN = ROOT / "checkpoints" / "scale-sharesnet-unshared"
+GROUP = "stages.2.1.conv2,stages.2.2.conv2"
+
+
+def test_the_same_tie_again_after_its_fine_tune_was_killed_says_how_to_resume_it(tmp_path, capsys, monkeypatch):
+    import re
+
+    import wsviz.training.run as wrun
+    from wsviz.cli import main
+
+    if not (TWIN / "card.json").is_file():
+        pytest.skip("needs the shipped checkpoint scale-sharesnet-unshared")
+    out = tmp_path / "tied"
+    args = ["tie", "--checkpoint", str(TWIN), "--out", str(out), "--group", GROUP, "--calibration", "32",
+            "--finetune-epochs", "2", "--max-batches", "1"]
+    real = wrun.run_training
+
+    def killed_after_epoch_1(*a, **kw):
+        def on_step(epoch, step, loss):
+            if epoch == 2:
+                raise Stop()
+        return real(*a, on_step=on_step, **kw)
+
+    monkeypatch.setattr(wrun, "run_training", killed_after_epoch_1)
+    with pytest.raises(Stop):
+        main(args)
+    monkeypatch.setattr(wrun, "run_training", real)
+    capsys.readouterr()
+    assert main(args) == 2  # the very same command again
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1 of 2" in err and "--resume" in err and "already holds a checkpoint" not in err, err
+    command = re.search(r"`([^`]+ --resume)`", err)[1]
+    done = subprocess.run(command, shell=True, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr  # what it says to run resumes the fine-tune
+    card = json.loads((out / "card.json").read_text())
+    assert card["complete"] and card["epochs_done"] == 2 and card["tied"]["groups"] == [GROUP.split(",")]

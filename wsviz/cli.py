@@ -150,10 +150,32 @@ def _fresh_out(out: str, source: str | None = None) -> None:
     if source is not None and folder.resolve() == Path(source).resolve():
         raise WsvizError(f"--out {out} is the source checkpoint itself; give a new folder for the result "
                          "(e.g. --out checkpoints/NAME-tied).")
+    stopped = _stopped_run(folder)
+    if stopped is not None:
+        raise WsvizError(f"--out {out} holds a fine-tune that stopped after epoch {stopped.get('epochs_done')} of "
+                         f"{stopped.get('epochs')} (killed or cancelled; its training state is kept beside it): "
+                         f"continue it with its card's command and --resume: `{stopped['command']} --resume`; "
+                         "or give a new folder for a new tie.")
     for f in (CARD, WEIGHTS):
         if (folder / f).exists():
             raise WsvizError(f"--out {out} already holds a checkpoint ({f}); give a new folder, or remove that one "
                              "first.")
+
+
+def _stopped_run(folder: Path) -> dict | None:
+    """The card of an unfinished training in ``folder`` that its training state can continue (a tie's
+    fine-tune that was killed), or None."""
+    from wsviz.training.cards import read_card
+    from wsviz.training.state import state_path
+
+    if not state_path(folder).is_file():
+        return None
+    try:
+        card = read_card(folder)
+    except WsvizError:
+        return None
+    command = card.get("command")
+    return card if not card.get("complete") and isinstance(command, str) and "wsviz.train" in command else None
 
 
 def _out(args: argparse.Namespace) -> Path:
