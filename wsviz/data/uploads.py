@@ -18,7 +18,8 @@ exactly black background, contrast stretched, the digit in a 20x20 box of the 28
 with its centre of mass at the centre (measured on the training data: see ``DIGIT_BOX``).
 People photograph dark ink on off-white paper and crop tightly; without this, the paper
 arrives as a grey haze and the digit 1.4x the training scale, and the predictions are
-mostly wrong.
+mostly wrong. Uneven lighting and the flat corners of a rotated scan are told apart from the
+digit; ``explain_upload`` says, for the page, what was done.
 """
 
 from __future__ import annotations
@@ -322,6 +323,25 @@ _WORK = 8  # the digit layout works on the upload shrunk to at most 8x the input
 # digits, while paper noise and lone specks stay out.
 _INK = 0.1
 _BLANK = 4 / 255  # nothing on the image: no pixel this much brighter than the background
+# Uneven lighting (a photo darker on one side, a lamp's vignette): the background is measured as a smooth
+# surface (a quadratic in x and y, fit robustly to the medians of a grid of at most _GRID x _GRID cells, so
+# the ink's cells are left out) and subtracted, instead of one level for the whole image. When that surface
+# varies by no more than _EVEN x the ink threshold, or by less than _TREND x the scatter of the cells it was fit
+# to, or when no more of the image lies that near it than near the one level, the one level (the border's
+# median) is used as before: the paper then stays out of the digit's box anyway, and an evenly lit upload
+# gives exactly the input it did.
+_GRID = 16
+_EVEN = 0.5
+_TREND = 10
+# A rotated scan or photo leaves flat corners: a triangle of one colour (black, or white where it was
+# transparent) in each corner of the canvas. Such a corner (values within _FLAT of 0 or 1, the staircase of a
+# straight edge) is set apart from the picture, neither paper nor ink, when under _FILL_SHARE of the rest of
+# the image has its colour and it is one of four at a rotation's angles, or would be taken for ink (see
+# _fill_matters; else it is the paper itself, e.g. beside a tightly cropped slanted '1').
+_FLAT = 16 / 255  # JPEG leaves a black corner ragged by a few levels along its edge
+_FILL_SHARE = 0.15
+_FILL_MARGIN = 3  # work pixels beyond a flat corner's edge also left out: the blend of its edge with the paper
+_WHOLE = 0.9  # a digit's box covering this share of the upload is "(nearly) the whole image"
 
 
 def is_digit_dataset(dataset: str | None) -> bool:
@@ -348,6 +368,13 @@ class Preparation:
     contrast: float | None = None  # digit layout: how much brighter than the background the strongest ink was
     box: tuple[int, int] | None = None  # digit layout: the digit's bounding box (width, height), upload pixels
     blank: bool = False  # digit layout: nothing brighter than the background
+    # digit layout, uneven lighting: the darkest and brightest level of the background surface subtracted
+    # (0..1, as in the upload); None when one level (``background``) was used for the whole image
+    background_range: tuple[float, float] | None = None
+    fill: float = 0.0  # digit layout: share of the upload in flat corners (a rotated canvas) taken as background
+    fill_value: float | None = None  # their brightness, 0 (black) or 1 (white, e.g. transparent)
+    edges: tuple[str, ...] = ()  # digit layout: the sides of the upload the digit's box reaches
+    cover: float | None = None  # digit layout: the share of the upload's area the digit's box covers
 
     def text(self) -> str:
         s = self.size
@@ -356,15 +383,45 @@ class Preparation:
                     + (", and inverted." if self.inverted else "."))
         box = max(1, round(DIGIT_BOX * s))
         flip = " (dark on light, so inverted: MNIST digits are white on black)" if self.inverted else ""
+        if self.background_range is not None:
+            lo, hi = self.background_range
+            level = f"brightness {lo:.2f} to {hi:.2f}: uneven, so measured across the image"
+        else:
+            level = f"brightness {self.background:.2f}"
+        corners = ""
+        if self.fill > 0.0:
+            colour = "white" if (self.fill_value or 0.0) > 0.5 else "black"
+            corners = (f" The flat {colour} corners ({_pct(self.fill)} of the image, as a rotated scan or photo "
+                       "leaves them) were taken as background.")
         if self.blank:
-            return (f"No digit found{flip}: nothing on the image stands out from its background (brightness "
-                    f"{self.background:.2f}), so the model sees a black {s}×{s} input.")
+            return (f"No digit found{flip}: nothing on the image stands out from its background ({level}), "
+                    f"so the model sees a black {s}×{s} input.{corners}")
         w, h = self.box
         return (f"Prepared like the training digits{flip}: the {'paper' if self.inverted else 'background'} "
-                f"(brightness {self.background:.2f}) was set to black and the contrast stretched so the "
-                f"strongest stroke is white; the digit ({w}×{h} pixels in the upload) was scaled to fit a "
-                f"{box}×{box} box and moved so its centre of mass is at the centre of the {s}×{s} input, as "
-                "in MNIST.")
+                f"({level}) was set to black and the contrast stretched so the strongest stroke is white; the "
+                f"digit ({w}×{h} pixels in the upload) was scaled to fit a {box}×{box} box and moved so its "
+                f"centre of mass is at the centre of the {s}×{s} input, as in MNIST.{corners}{self._reach()}")
+
+    def _reach(self) -> str:
+        """What the digit's box reaching the upload's edges, or filling it, may mean."""
+        sides = _and(self.edges)
+        plural = "s" if len(self.edges) > 1 else ""
+        if self.cover is not None and self.cover >= _WHOLE:
+            whole = "the whole image" if self.cover >= 0.995 else f"nearly the whole image ({_pct(self.cover)} of it)"
+            return (f" The digit's box is {whole}: either the digit fills the frame, or its background was not "
+                    "told apart from it (then crop the photo to the digit with some paper around it).")
+        if self.edges:
+            return (f" The digit's box reaches the {sides} edge{plural} of the image, so the digit may be cut off "
+                    "there.")
+        return ""
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.0f}%" if share >= 0.01 else "under 1%"
+
+
+def _and(words: tuple[str, ...]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1] if words else ""
 
 
 def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | str = "auto",
@@ -383,7 +440,10 @@ def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | 
     (the darkest spot is further below the border's median than the brightest is above it, so
     grey paper counts too); the background (the border's median) becomes 0, exactly as in
     MNIST, and the contrast is stretched so the brightest pixel is 1 (ink on off-white paper
-    otherwise arrives as a grey haze); the digit is scaled so the long side of its bounding box
+    otherwise arrives as a grey haze). Where the lighting is uneven (a photo darker on one
+    side), a smooth surface fit to the paper across the image is subtracted instead of one level
+    (see ``_GRID``), and the flat corners a rotated canvas leaves count as background (see
+    ``_FLAT``): either would otherwise be measured as part of the digit. The digit is scaled so the long side of its bounding box
     is ``DIGIT_BOX`` of the input and shifted (whole pixels) so its centre of mass lies at
     ``DIGIT_CENTRE``, like MNIST's 20x20 box in 28x28 (a tightly cropped digit otherwise
     arrives 1.4x the training scale). An MNIST digit comes back as it was (where its brightest
@@ -441,21 +501,64 @@ def _digit_layout(img: Image.Image, size: int, invert: bool | str) -> tuple[np.n
                          reducing_gap=3.0)
     a = np.asarray(img, dtype=np.float32) / 255.0
     smooth = _box3(a)  # a lone noisy pixel neither decides the inversion nor widens the digit's box
-    paper = float(np.median(_ring(a)))
-    inverted = (paper - float(smooth.min()) > float(smooth.max()) - paper) if invert == "auto" else bool(invert)
+    fill, out, fill_value, rotated = _corner_fill(a)  # a rotated canvas's flat corners: neither paper nor ink
+    if fill is not None and not _fill_matters(a, smooth, fill_value, rotated, invert):
+        fill = out = None  # they are background as measured with them: the paper of a tight crop, say
+    keep = None
+    if fill is not None:
+        keep = ~out
+        if not keep.any():
+            fill = out = keep = None
+    if keep is None:
+        ring = _ring(a)
+    else:  # the border without the corners; where they are most of it, the rest of the image
+        ring_keep = _ring(keep)
+        ring = _ring(a)[ring_keep] if ring_keep.sum() >= max(8, 0.1 * ring_keep.size) else a[keep]
+    paper = float(np.median(ring))
+    s_in = smooth if keep is None else smooth[keep]
+    inverted = (paper - float(s_in.min()) > float(s_in.max()) - paper) if invert == "auto" else bool(invert)
     if inverted:
-        a, smooth = 1.0 - a, 1.0 - smooth
-    background = float(np.median(_ring(a)))
-    v = np.clip(a - background, 0.0, None)
-    sv = smooth - background
+        a, smooth, ring = 1.0 - a, 1.0 - smooth, 1.0 - ring
+    background = float(np.median(ring))
+    fit = _background_surface(a, keep)
+    bg: float | np.ndarray = background
+    level_range = None
+    if fit is not None:
+        surface, scatter = fit
+        s_keep = surface if keep is None else surface[keep]
+        spread = float(s_keep.max() - s_keep.min())
+        s_peak = float((smooth - surface if keep is None else (smooth - surface)[keep]).max())
+        near = _EVEN * _INK * max(s_peak, _BLANK)
+        a_keep = a if keep is None else a[keep]
+        # uneven: the surface varies more than the ink threshold allows, far more than its cells scatter about
+        # it, and more of the image lies near it than near the one level (else it is no trend, but bent by the
+        # ink's cells it was fit to: a tightly cropped digit's)
+        if (spread > near and spread >= _TREND * scatter
+                and np.count_nonzero(np.abs(a_keep - s_keep) <= near)
+                > 1.1 * np.count_nonzero(np.abs(a_keep - background) <= near)):
+            bg = surface
+            lo, hi = float(s_keep.min()), float(s_keep.max())
+            level_range = (1.0 - hi, 1.0 - lo) if inverted else (lo, hi)
+    v = np.clip(a - bg, 0.0, None)
+    sv = smooth - bg
+    if out is not None:
+        v[out] = 0.0
+        sv[out] = 0.0
     peak = float(sv.max())
-    how = dict(layout="digit", channels=1, size=size, inverted=inverted, background=paper)
+    how = dict(layout="digit", channels=1, size=size, inverted=inverted, background=paper,
+               background_range=level_range)
+    if fill is not None:
+        how.update(fill=float(fill.mean()), fill_value=fill_value)
     canvas = np.zeros((size, size), dtype=np.float32)
     if peak < _BLANK:
         return canvas, Preparation(**how, contrast=max(peak, 0.0), blank=True)
 
     ys, xs = np.nonzero((v > _INK * peak) & (sv > _INK * peak))
     top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    hh, ww = a.shape
+    edges = tuple(side for side, at in (("top", top == 0), ("bottom", bottom == hh), ("left", left == 0),
+                                        ("right", right == ww)) if at)
+    how.update(edges=edges, cover=(bottom - top) * (right - left) / (hh * ww))
     box = max(1, round(DIGIT_BOX * size))
     f = box / max(bottom - top, right - left)
     # everything that can land on the canvas: the bounding box and a canvas-wide margin around it
@@ -483,6 +586,157 @@ def _digit_layout(img: Image.Image, size: int, invert: bool | str) -> tuple[np.n
         canvas = np.clip(canvas / top_value, 0.0, 1.0)
     box_wh = (round((right - left) / shrink), round((bottom - top) / shrink))
     return canvas, Preparation(**how, contrast=peak, box=box_wh, blank=top_value <= 0.0)
+
+
+def _background_surface(a: np.ndarray, keep: np.ndarray | None) -> tuple[np.ndarray, float] | None:
+    """The background under the bright ink of ``a`` (ink already bright) as a smooth surface of a's shape:
+    a quadratic in x and y fit to the medians of a grid of cells (cells mostly outside ``keep`` are left
+    out), first to the darker half of them, then to those near the last fit (not the ink's) until they no
+    longer change; and the scatter of those cells about it (a standard deviation, from their median absolute
+    deviation). None when too few cells are left to fit it (tiny images, or ink in most of the cells)."""
+    h, w = a.shape
+    cell = math.ceil(max(h, w) / _GRID)
+    ny, nx = math.ceil(h / cell), math.ceil(w / cell)
+    if cell < 4 or ny * nx < 12:  # a cell's median says little below 4x4 pixels (an MNIST-sized upload)
+        return None
+    vals, cy, cx = [], [], []
+    for i in range(ny):
+        for j in range(nx):
+            block = a[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
+            if keep is not None:
+                k = keep[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
+                if k.mean() < 0.5:
+                    continue
+                block = block[k]
+            vals.append(float(np.median(block)))
+            cy.append((i * cell + min((i + 1) * cell, h)) / 2.0)  # the cell's centre (a last cell may be cut)
+            cx.append((j * cell + min((j + 1) * cell, w)) / 2.0)
+    if len(vals) < 12:
+        return None
+    b = np.asarray(vals)
+    half = max(h, w) / 2.0
+
+    y, x = (np.asarray(cy) - h / 2.0) / half, (np.asarray(cx) - w / 2.0) / half
+    A = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+    sel = b <= np.median(b)  # start from the darker half of the cells: the ink (bright) is not in it
+    for _ in range(20):
+        coef = np.linalg.lstsq(A[sel], b[sel], rcond=None)[0]
+        r = b - A @ coef
+        spread = 1.4826 * float(np.median(np.abs(r[sel])))
+        new = np.abs(r) <= max(3.0 * spread, 2 / 255)
+        if new.sum() < max(6, 0.3 * len(b)):
+            return None
+        if np.array_equal(new, sel):
+            break
+        sel = new
+    y = ((np.arange(h, dtype=np.float64) + 0.5 - h / 2.0) / half)[:, None]  # pixel centres, as the cells'
+    x = (np.arange(w, dtype=np.float64) + 0.5 - w / 2.0) / half
+    c0, cx_, cy_, cxx, cxy, cyy = coef
+    surface = (c0 + cx_ * x + cy_ * y + cxx * x * x + cxy * x * y + cyy * y * y).astype(np.float32)
+    # not far beyond the levels of the cells it was fit to: a quadratic bends away outside them (the half
+    # cell between the outermost cells' centres and the image's edge is extrapolated)
+    lo, hi = float(b[sel].min()), float(b[sel].max())
+    margin = 0.25 * (hi - lo) + 1 / 255
+    return np.clip(surface, lo - margin, hi + margin), spread
+
+
+def _corner_fill(a: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, float | None, bool]:
+    """The flat corners a rotated canvas leaves (see ``_FLAT``): (mask, mask grown over the blend of their
+    edge with the picture, value 0 or 1, whether they are in all four corners at the angles a rotation
+    leaves: one angle at the top left and bottom right, 90 degrees less it at the other two), or
+    (None, None, None, False). A corner counts when its pixel is within _FLAT of 0 or 1 and the pixels of
+    that value connected to it form a triangle on the corner (a staircase down a straight edge, reaching
+    neither far side), and under _FILL_SHARE of the rest of the image has that value (else it is the paper,
+    or the ink, itself: a tightly cropped digit's corner)."""
+    from scipy import ndimage
+
+    h, w = a.shape
+    if h < 8 or w < 8:
+        return None, None, None, False
+    found: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+    labels: dict[float, np.ndarray] = {}
+    for fy in (1, -1):
+        for fx in (1, -1):
+            c = float(a[::fy, ::fx][0, 0])
+            if _FLAT < c < 1.0 - _FLAT:
+                continue
+            value = 0.0 if c <= _FLAT else 1.0
+            if value not in labels:
+                labels[value] = ndimage.label(np.abs(a - value) <= _FLAT)[0]
+            lab = labels[value][::fy, ::fx]
+            comp = ndimage.binary_fill_holes(lab == lab[0, 0])  # holes: specks of JPEG noise
+            legs = _wedge_legs(comp)
+            if legs is None:
+                continue
+            # the triangle grown by _FILL_MARGIN pixels across its long edge, which the resampling blends
+            # with the picture over a band that, along a shallow edge, is many pixels long
+            lx, ly = legs
+            y, x = (np.arange(h) + 0.5)[:, None], np.arange(w) + 0.5  # pixel centres, this corner at (0, 0)
+            reach = (x / lx + y / ly - 1.0) / math.hypot(1.0 / lx, 1.0 / ly)
+            grown = (reach <= _FILL_MARGIN) | _grow(comp, 1)
+            found.append((comp[::fy, ::fx], grown[::fy, ::fx], value, math.degrees(math.atan2(ly, lx))))
+    if not found:
+        return None, None, None, False
+    everything = np.zeros(a.shape, dtype=bool)
+    for _, grown, _, _ in found:
+        everything |= grown
+    rest = a[~everything]
+    fill, out = np.zeros(a.shape, dtype=bool), np.zeros(a.shape, dtype=bool)
+    values, angles = [], []
+    for comp, grown, value, angle in found:
+        if rest.size and float(np.mean(np.abs(rest - value) <= _FLAT)) < _FILL_SHARE:
+            fill |= comp
+            out |= grown
+            values.append(value)
+            angles.append(angle)
+    if not fill.any():
+        return None, None, None, False
+    rotated = len(angles) == 4 and len(set(values)) == 1 and max(  # top left, top right, bottom left, bottom right
+        abs(angles[0] - angles[3]), abs(angles[1] - angles[2]), abs(angles[0] + angles[1] - 90.0)) <= 5.0
+    return fill, out, max(values, key=values.count), rotated
+
+
+def _fill_matters(a: np.ndarray, smooth: np.ndarray, value: float, rotated: bool, invert: bool | str) -> bool:
+    """Whether flat corners of ``value`` must be set apart from the picture: they are a rotated canvas's four
+    corners (see ``_corner_fill``), or, measured as part of the picture, they would be taken for ink: on the
+    ink's side of the border's median (below it when the image is inverted, above it otherwise). Else they
+    may be the paper of a tightly cropped digit, beside a slanted '1' say, and are measured as before."""
+    if rotated:
+        return True
+    paper = float(np.median(_ring(a)))
+    inverted = (paper - float(smooth.min()) > float(smooth.max()) - paper) if invert == "auto" else bool(invert)
+    return value < paper - _FLAT if inverted else value > paper + _FLAT
+
+
+def _wedge_legs(comp: np.ndarray) -> tuple[float, float] | None:
+    """The legs (along the top, down the left side) of the corner triangle ``comp`` (a mask holding its
+    top-left pixel), or None when it is no such triangle: each row a run from the left edge, the runs
+    shrinking down a straight edge, reaching neither the right nor the bottom side."""
+    h, w = comp.shape
+    rows = np.flatnonzero(comp.any(axis=1))
+    height = int(rows.max()) + 1
+    runs = np.where(comp.all(axis=1), w, np.argmin(comp, axis=1))[:height].astype(np.float64)
+    if height >= h or runs[0] >= w:
+        return None
+    if comp.sum() > 1.03 * runs.sum() + 2:  # parts not in a run from the left edge: not a staircase
+        return None
+    if np.any(runs > np.minimum.accumulate(runs) + 2.0 + 0.03 * runs[0]):  # a run longer than one above it
+        return None
+    if height < 3 or runs[0] <= 3 and height <= 3:  # too few rows to see the edge's course
+        return float(runs[0]) + 0.5, float(height) + 0.5
+    # a straight edge: the runs fall along a line from (row 0, runs[0]) to (row height, 0)
+    y = np.arange(height) + 0.5
+    slope, at0 = np.polyfit(y, runs, 1)
+    if slope >= 0 or np.max(np.abs(runs - (at0 + slope * y))) > 2.0 + 0.1 * runs[0]:
+        return None
+    return max(float(at0), 1.0), max(-float(at0) / float(slope), 1.0)
+
+
+def _grow(mask: np.ndarray, by: int) -> np.ndarray:
+    """``mask`` grown by ``by`` pixels (a square neighbourhood)."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool), iterations=by)
 
 
 def _ring(arr: np.ndarray) -> np.ndarray:
