@@ -208,3 +208,39 @@ def test_shipped_models_read_the_unevenly_lit_and_rotated_photos_as_on_even_pape
     with torch.no_grad():
         reads = [int(model(load_upload(png(p), "7.png", 1, 28).unsqueeze(0)).argmax()) for p in photos]
     assert reads == [7] * len(photos), reads
+
+
+# ---------------------------------------------------------------------------------------
+# input_note: the warning said before a prediction
+
+
+def test_input_note_does_not_warn_about_the_size_of_a_digit_photo():
+    """The digit layout scales the digit's own box to 20x20 whatever the photo's size, as MNIST's digits were
+    scaled from their scans: a 640x480 photo read at 99.9% was said to have been 'shrunk from 640×480 to 28×28
+    pixels', its prediction 'says little about the model'."""
+    from wsviz.data.inputs import input_note
+
+    photo = png(digit().resize((640, 480), Image.Resampling.BILINEAR))
+    for dataset in ("mnist5k-scale", "mnist", None):
+        assert input_note(photo, 1, 28, dataset) is None, dataset
+
+
+def test_input_note_warns_when_a_big_image_is_shrunk_whole():
+    """The fit layout shrinks the whole image: a photo four times the input's size loses its detail."""
+    from wsviz.data.inputs import input_note
+
+    photo = png(digit().resize((640, 480), Image.Resampling.BILINEAR))
+    note = input_note(photo, 1, 28, "fashion-mnist")
+    assert note is not None and "it was shrunk from 640×480 to 28×28 pixels" in note and "fashion-mnist" in note
+    note = input_note(png(digit().resize((640, 480)).convert("RGB")), 3, 32, "cifar10")
+    assert note is not None and "shrunk from 640×480 to 32×32" in note and "colour" in note
+    assert input_note(png(digit().resize((100, 75))), 1, 28, "fashion-mnist") is None  # short side 75 <= 4 x 28
+
+
+def test_input_note_still_says_a_colour_photo_was_turned_grey_for_a_digit_model():
+    from wsviz.data.inputs import input_note
+
+    red = Image.merge("RGB", [digit().resize((640, 480))] + [Image.new("L", (640, 480), 30)] * 2)
+    note = input_note(png(red), 1, 28, "mnist5k-scale")
+    assert note is not None and "it is a colour image and was turned grey" in note and "shrunk" not in note, note
+    assert input_note(b"not an image", 1, 28, "mnist") is None  # the decoder proper says what is wrong

@@ -13,10 +13,16 @@ from wsviz.errors import WsvizError
 def input_note(data: bytes, channels: int, size: int, dataset: str | None) -> str | None:
     """A plain warning when the image is far from the model's training data, else None.
 
-    Far means: a colourful image fed to a model of grey images, or an image whose short side is
-    more than four times the model's input size (its detail is averaged away when it is shrunk).
-    The page shows the model's actual input beside it.
+    Far means: a colourful image fed to a model of grey images, or, where the model's input is the
+    whole image fit in its square (the ``"fit"`` layout of :func:`wsviz.data.uploads.default_layout`),
+    an image whose short side is more than four times the model's input size (its detail is averaged
+    away when it is shrunk). A digit model's input is laid out from the digit's own bounding box,
+    scaled to MNIST's 20x20 box whatever the photo's size (as MNIST's digits were scaled from their
+    scans), so the photo's size says nothing about it there. The page shows the model's actual input
+    beside it.
     """
+    from wsviz.data.uploads import default_layout
+
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
@@ -28,7 +34,7 @@ def input_note(data: bytes, channels: int, size: int, dataset: str | None) -> st
     reasons = []
     if channels == 1 and colourful:
         reasons.append("it is a colour image and was turned grey")
-    if min(w, h) > 4 * size:
+    if min(w, h) > 4 * size and default_layout(channels, dataset) == "fit":
         reasons.append(f"it was shrunk from {w}×{h} to {size}×{size} pixels")
     if not reasons:
         return None
