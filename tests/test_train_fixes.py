@@ -15,7 +15,6 @@ import pytest
 from conftest import kill_active_runs
 from streamlit.testing.v1 import AppTest
 
-from wsviz.errors import WsvizError
 from wsviz.training.loop import TrainConfig
 from wsviz.training.runstore import RunStore, finished_runs, read_run_folder
 
@@ -220,3 +219,59 @@ def test_the_same_tie_again_after_its_fine_tune_was_killed_says_how_to_resume_it
     assert done.returncode == 0, done.stderr  # what it says to run resumes the fine-tune
     card = json.loads((out / "card.json").read_text())
     assert card["complete"] and card["epochs_done"] == 2 and card["tied"]["groups"] == [GROUP.split(",")]
+
+
+def _killed_in_epoch_2(out: Path) -> None:
+    """A run of 2 epochs killed in its second: epoch 1's checkpoint and training state are kept."""
+    from wsviz.training.run import run_training
+    from wsviz.training.state import state_path
+
+    def on_step(epoch, step, loss):
+        if epoch == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run_training("resnet_digits", "mnist5k", out, TrainConfig(epochs=2, batch_size=64, max_batches=2),
+                     overrides=SMALL, on_step=on_step, tensorboard=None)
+    assert state_path(out).is_file()
+
+
+def test_a_damaged_training_state_on_resume_names_the_way_to_start_again(tmp_path, capsys):
+    from wsviz.train import main
+    from wsviz.training.state import state_path
+
+    out = tmp_path / "ck"
+    _killed_in_epoch_2(out)
+    state_path(out).write_bytes(b"\0" * 100)  # damaged: cut short, overwritten
+    args = ["--model", "resnet_digits", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "64", "--max-batches",
+            "2", "--quiet", "--tensorboard", "none", "--out", str(out), *(f"--set={k}={v}" for k, v in SMALL.items())]
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "--overwrite instead of --resume" in err, err
+    assert "without --resume" not in err
+    assert main(args) == 2  # what it said before, "start the run again without --resume", is refused: a run is there
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0  # the way out it names
+    assert json.loads((out / "card.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("how", ["other options", "other tensors"])
+def test_a_training_state_of_another_run_names_the_way_to_start_again(tmp_path, capsys, how):
+    from wsviz.train import main
+    from wsviz.training.state import load_state, save_state, state_path
+
+    out = tmp_path / "ck"
+    _killed_in_epoch_2(out)
+    args = ["--model", "resnet_digits", "--dataset", "mnist5k", "--epochs", "2", "--batch-size", "64", "--max-batches",
+            "2", "--quiet", "--tensorboard", "none", "--out", str(out), *(f"--set={k}={v}" for k, v in SMALL.items())]
+    if how == "other options":
+        args += ["--lr", "0.05"]
+        said = "belongs to another run"
+    else:  # the same options, but a state whose model tensors are not this model's
+        state = load_state(state_path(out))
+        state["model"].pop(next(iter(state["model"])))
+        save_state(state_path(out), state)
+        said = "does not fit this run's model"
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "--overwrite instead of --resume" in err and "without --resume" not in err, err

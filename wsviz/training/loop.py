@@ -360,7 +360,9 @@ def _restore(state: dict[str, Any], model, opt, sched, scaler, gen, result: Trai
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise WsvizError(f"The training state does not fit this run's model or optimiser ({exc}); resume with the "
-                         "options the run started with, or start again without --resume.") from exc
+                         "options the run started with; or start the run again from its first epoch with --overwrite "
+                         "instead of --resume (what is there is replaced only once the new run has finished an "
+                         "epoch), or choose another --out.") from exc
     set_rng_states(state["rng"])
     gen.set_state(state["data_generator"])
     result.epochs = [EpochMetrics(**m) for m in state["metrics"]]

@@ -203,9 +203,28 @@ def _check_resumable(state: dict[str, Any], model_name: str, config: dict[str, A
     if diff:
         raise WsvizError(f"The training state {path} belongs to another run (its {', '.join(diff)} differ: "
                          f"{ {k: run.get(k) for k in diff} } vs { {k: now[k] for k in diff} }). Resume with the "
-                         "same options, or start again without --resume.")
+                         f"same options; or {START_AGAIN}.")
     if int(state["epoch"]) > cfg.epochs:
         raise WsvizError(f"The training state {path} is at epoch {state['epoch']}, beyond --epochs {cfg.epochs}.")
+
+
+# What to do with a training state that cannot be resumed: without --resume a run there is refused, so
+# the way to start again is --overwrite (which keeps the old checkpoint until the new run has an epoch).
+START_AGAIN = ("start the run again from its first epoch with --overwrite instead of --resume (what is there is "
+               "replaced only once the new run has finished an epoch), or choose another --out")
+
+
+def _load_state_to_resume(spath: Path) -> dict[str, Any]:
+    """The training state at ``spath``; one that cannot be read is refused saying how to start again."""
+    import re
+
+    from wsviz.training.state import load_state
+
+    try:
+        return load_state(spath)
+    except WsvizError as exc:
+        what = re.sub(r"[;.]?\s*start the run again without --resume\.?$", "", str(exc))
+        raise WsvizError(f"{what}: the run cannot be resumed from it. To train it, {START_AGAIN}.") from exc
 
 
 _FREE_ON_RESUME = ("epochs", "max_batches", "workers", "loader", "amp")  # may change when a run is continued
@@ -272,8 +291,8 @@ def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConf
                   used_seconds: Callable[[], float] | None) -> dict[str, Any]:
     """:func:`run_training`, with ``out`` held."""
     from wsviz.training.cards import CARD
-    from wsviz.training.state import load_state, state_path
     from wsviz.training.state import save_state as write_state
+    from wsviz.training.state import state_path
 
     cfg.validate()
     check_seed(data_seed, "data seed")
@@ -332,7 +351,7 @@ def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConf
             model, *_eval_batches(test_data, cfg, model.wsviz_config["input_size"], torch.device("cpu")))[1]
     state = None
     if resume and spath.is_file():
-        state = load_state(spath)
+        state = _load_state_to_resume(spath)
         _check_resumable(state, model_name, model.wsviz_config, dataset, cfg, data_seed, spath,
                          {k: identity[k] for k in ("init_from", "tie") if k in identity})
         log.info("resuming %s from epoch %d (%s)", model_name, state["epoch"], spath)
