@@ -244,3 +244,46 @@ def test_input_note_still_says_a_colour_photo_was_turned_grey_for_a_digit_model(
     note = input_note(png(red), 1, 28, "mnist5k-scale")
     assert note is not None and "it is a colour image and was turned grey" in note and "shrunk" not in note, note
     assert input_note(b"not an image", 1, 28, "mnist") is None  # the decoder proper says what is wrong
+
+
+# ---------------------------------------------------------------------------------------
+# animations: only the first frame is used, and the page says so
+
+
+def animation(fmt: str, frames: list[Image.Image], **kw) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kw)
+    return buf.getvalue()
+
+
+def fade_in(n: int) -> list[Image.Image]:
+    """A '7' fading in from black: the first frame is all black."""
+    seven = digit(size=(1200, 900)).resize((240, 180))
+    return [Image.eval(seven, lambda v, k=k: v * k // (n - 1)) for k in range(n)]
+
+
+@pytest.mark.parametrize(("fmt", "kw"), [("GIF", {}), ("WEBP", {"lossless": True}), ("PNG", {})])
+def test_an_animation_fading_in_from_black_says_only_its_first_frame_was_used(fmt, kw):
+    """Before, an animation fading in from black said only 'No digit found', and nothing about its frames."""
+    data = animation(fmt, fade_in(3), **kw)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.n_frames == 3
+    assert float(load_upload(data, "anim", 1, 28).abs().max()) == 0.0  # the first frame: black
+    text = explain_upload(data, "anim", 1, 28)
+    assert "only its first frame is used (first of 3 frames)" in text and "No digit found" in text, text
+    fit = explain_upload(data, "anim", 3, 32)
+    assert "(first of 3 frames)" in fit and "fit inside 32×32" in fit, fit
+
+
+def test_a_multi_page_tiff_says_only_its_first_page_was_used():
+    data = animation("TIFF", [digit().resize((240, 180)), Image.new("L", (240, 180), 0)])
+    text = explain_upload(data, "scan.tif", 1, 28)
+    assert "(first of 2 pages)" in text and text.count("first of") == 1 and "No digit found" not in text, text
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF"])
+def test_a_single_frame_upload_says_nothing_about_frames(fmt):
+    buf = io.BytesIO()
+    digit().resize((240, 180)).save(buf, fmt)
+    text = explain_upload(buf.getvalue(), "still", 1, 28)
+    assert "first of" not in text and "frame" not in text, text

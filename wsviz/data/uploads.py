@@ -24,6 +24,7 @@ digit; ``explain_upload`` says, for the page, what was done.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -139,8 +140,9 @@ def decode_image(
     """Decode uploaded bytes into an upright 8-bit image, mode ``"L"`` or ``"RGB"``.
 
     Grayscale sources (``"1"``, ``"L"``, ``"LA"``, 16-bit, 32-bit int, float) give ``"L"``,
-    everything else ``"RGB"``. Transparency is composited over white; an animated GIF/WebP
-    gives its first frame; the EXIF orientation is applied. Any problem with the data
+    everything else ``"RGB"``. Transparency is composited over white; an animated GIF/WebP/PNG
+    gives its first frame, a multi-page TIFF its first page (``frame_count`` says how many there
+    are, ``explain_upload`` says so); the EXIF orientation is applied. Any problem with the data
     raises ``WsvizError`` naming ``filename`` (when given) and saying what to do.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -375,8 +377,24 @@ class Preparation:
     fill_value: float | None = None  # their brightness, 0 (black) or 1 (white, e.g. transparent)
     edges: tuple[str, ...] = ()  # digit layout: the sides of the upload the digit's box reaches
     cover: float | None = None  # digit layout: the share of the upload's area the digit's box covers
+    # how many frames (pages, images) the uploaded file holds, of which only the first is used; what they are
+    # called ("frames" of an animation, "pages" of a TIFF, "images" of a phone's multi-picture JPEG)
+    frames: int = 1
+    frame_unit: str = "frames"
 
     def text(self) -> str:
+        return self._first() + self._made()
+
+    def _first(self) -> str:
+        """That only the first of several frames was used, or nothing."""
+        if self.frames <= 1:
+            return ""
+        n, unit = self.frames, self.frame_unit
+        if unit == "frames":
+            return f"The upload is an animation: only its first frame is used (first of {n} frames). "
+        return f"The upload holds several {unit}: only the first is used (first of {n} {unit}). "
+
+    def _made(self) -> str:
         s = self.size
         if self.layout == "fit":
             return (f"The image was fit inside {s}×{s} pixels keeping its aspect ratio, padded with black"
@@ -775,6 +793,28 @@ def explain_upload(
     data: bytes, filename: str | None, channels: int, size: int, invert: bool | str = "auto", *,
     dataset: str | None = None, layout: str | None = None,
 ) -> str:
-    """What ``load_upload`` with the same arguments does to this upload, in a sentence for the page."""
+    """What ``load_upload`` with the same arguments does to this upload, in a sentence for the page (and
+    that only its first frame is used, when it holds several)."""
     img = decode_image(data, filename)
-    return _prepare(img, channels, size, invert, layout or default_layout(channels, dataset))[1].text()
+    how = _prepare(img, channels, size, invert, layout or default_layout(channels, dataset))[1]
+    frames, unit = frame_count(data)
+    if frames > 1:
+        how = dataclasses.replace(how, frames=frames, frame_unit=unit)
+    return how.text()
+
+
+def frame_count(data: bytes) -> tuple[int, str]:
+    """(how many frames, what they are called) in an upload ``decode_image`` has read: an animated GIF, WebP
+    or PNG has "frames", a TIFF "pages", a phone's multi-picture JPEG "images"; decode_image uses the first.
+    (1, "frames") for a still image, or when the count cannot be read (a damaged later frame): then the page
+    says nothing it does not know."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. an invalid APNG's, said when it was decoded
+            with Image.open(io.BytesIO(data), formats=_available_formats()) as img:
+                n = int(getattr(img, "n_frames", 1))  # headers only: no frame is decoded
+                fmt = img.format
+    except Exception:  # noqa: BLE001 - an upload's later frames may be damaged; the first decoded fine
+        return 1, "frames"
+    return max(n, 1), {"TIFF": "pages", "MPO": "images"}.get(fmt, "frames")
