@@ -163,4 +163,5 @@ def test_a_terminated_training_says_cancelled_with_143(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
-    assert one_line(err) == "cancelled"
+    said = one_line(err)  # what is kept, and how to go on
+    assert said.startswith(f"cancelled: {tmp_path / 'ck'} keeps the checkpoint of epoch "), said

@@ -275,3 +275,29 @@ def test_a_training_state_of_another_run_names_the_way_to_start_again(tmp_path, 
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert said in err and "--overwrite instead of --resume" in err and "without --resume" not in err, err
+
+
+def test_sigterm_on_the_command_line_says_which_epoch_is_kept_and_that_resume_continues(tmp_path):
+    from wsviz.training.cards import read_card
+    from wsviz.training.run import recorded_epoch
+    from wsviz.training.state import state_path
+
+    out = tmp_path / "ck"
+    proc = subprocess.Popen(_train_cmd(out, "--epochs", "500"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not state_path(out).is_file() and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    done, kept = read_card(out)["epochs_done"], recorded_epoch(state_path(out))
+    assert kept is not None and done >= kept >= 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"cancelled: {out} keeps the checkpoint of epoch {done} of 500 and the training state of ")
+    assert last.endswith(f"run the same command with --resume to continue after epoch {kept}"), last

@@ -287,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Cancelled as exc:
         finish("cancelled", "cancelled by the user")
-        print("cancelled", file=sys.stderr)
+        if rank == 0:
+            print(cancelled_text(getattr(args, "out", None), bool(args.resume or getattr(args, "epochs_finished", 0))),
+                  file=sys.stderr)
         return exc.args[0] if exc.args else 130
     except WsvizError as exc:
         finish("failed", str(exc))
@@ -304,6 +306,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         finish("failed", reason)
         return 3 if reason.startswith(("out of memory", "the disk is full")) else 1
+
+
+def cancelled_text(out: str | None, started_here: bool) -> str:
+    """What a cancelled training leaves in ``out`` and how to go on from it, in a line. ``started_here``:
+    whether the run in ``out`` is this one (it finished an epoch, or it was resumed), not one it was to replace."""
+    from pathlib import Path
+
+    from wsviz.training.cards import CARD, read_card
+    from wsviz.training.run import recorded_epoch
+    from wsviz.training.state import state_path
+
+    if out is None:
+        return "cancelled"
+    if not started_here:
+        return (f"cancelled before its first epoch finished: nothing of it was saved ({out} is as it was); run the "
+                "command again to start over")
+    try:
+        card = read_card(out) if (Path(out) / CARD).is_file() else None
+    except WsvizError:
+        card = None
+    if card is None:
+        return f"cancelled: {out} holds no checkpoint of it; run the command again to start over"
+    if card.get("complete"):
+        return f"cancelled after the run had completed: {out} holds it whole"
+    kept = f"cancelled: {out} keeps the checkpoint of epoch {card.get('epochs_done')} of {card.get('epochs')}"
+    resumable = recorded_epoch(state_path(out))
+    if resumable is None:
+        return f"{kept}, with no training state to resume from"
+    same = resumable == card.get("epochs_done")
+    return (f"{kept} and the training state of {'it' if same else f'epoch {resumable}'}; run the same command with "
+            f"--resume to continue after epoch {resumable}")
 
 
 def failure_reason(exc: BaseException, out: str | None = None) -> str:
@@ -426,6 +459,7 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
 
     def on_epoch(m):
         nonlocal bar
+        args.epochs_finished = m.epoch  # a cancel then says which epoch is kept
         if show and bar is None:  # made once training runs: an error before that stays one line on stderr
             from tqdm import tqdm
 

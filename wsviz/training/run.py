@@ -750,9 +750,9 @@ def check_allowance(limit: float | None, used: float, out: str | Path, who: str 
                          "checkpoint as it is, or train it further as a new run (a fine-tune from it)")
 
 
-def recorded_seconds(spath: str | Path) -> float | None:
-    """:func:`state_seconds` of the training state at ``spath``, read from its header alone (no
-    tensors are loaded), or None when there is no readable state there."""
+def _state_numbers(spath: str | Path) -> dict[str, float] | None:
+    """The top-level numbers of the training state at ``spath`` (epoch, seconds...), read from its header
+    alone (no tensors are loaded), or None when there is no readable state there."""
     import json
 
     from safetensors import SafetensorError, safe_open
@@ -761,10 +761,24 @@ def recorded_seconds(spath: str | Path) -> float | None:
         with safe_open(str(spath), framework="pt") as fh:
             meta = fh.metadata() or {}
         pairs = json.loads(meta["state"])["__dict__"]
+        return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, (int, float))
+                and not isinstance(v, bool)}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError):
         return None
-    top = {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return state_seconds(top)
+
+
+def recorded_seconds(spath: str | Path) -> float | None:
+    """:func:`state_seconds` of the training state at ``spath``, read from its header alone (no
+    tensors are loaded), or None when there is no readable state there."""
+    top = _state_numbers(spath)
+    return None if top is None else state_seconds(top)
+
+
+def recorded_epoch(spath: str | Path) -> int | None:
+    """The last finished epoch the training state at ``spath`` holds (a resume continues after it), read
+    from its header alone, or None when there is no readable state there."""
+    epoch = (_state_numbers(spath) or {}).get("epoch")
+    return int(epoch) if epoch is not None else None
 
 
 def record_seconds(spath: str | Path, seconds: float) -> None:
