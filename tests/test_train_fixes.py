@@ -301,3 +301,31 @@ def test_sigterm_on_the_command_line_says_which_epoch_is_kept_and_that_resume_co
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"cancelled: {out} keeps the checkpoint of epoch {done} of 500 and the training state of ")
     assert last.endswith(f"run the same command with --resume to continue after epoch {kept}"), last
+
+
+@pytest.mark.parametrize("what", ["random bytes", "text", "a pickle cut short"])
+def test_import_of_a_garbage_pt_says_it_is_not_a_readable_checkpoint(tmp_path, what):
+    import pickle
+    import random
+
+    bad = tmp_path / "weights.pt"
+    whole = pickle.dumps({"conv1.weight": [0.0] * 64})
+    bad.write_bytes({"random bytes": random.Random(0).randbytes(4096), "text": b"<html>404 Not Found</html>\n",
+                     "a pickle cut short": whole[: len(whole) // 2]}[what])
+    p = subprocess.run([sys.executable, "-m", "wsviz", "import", "--model", "resnet_digits", "--weights", str(bad),
+                        "--out", str(tmp_path / "ck")], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert f"{bad} is not a readable checkpoint" in p.stderr and "other than tensors" not in p.stderr, p.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_import_of_a_whole_pickle_of_other_objects_still_says_so(tmp_path):
+    import collections
+    import pickle
+
+    from wsviz.models.convert import read_state_dict
+
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(pickle.dumps({"conv1.weight": collections.OrderedDict(a=collections.Counter("ab"))}))
+    with pytest.raises(Exception, match="holds Python objects other than tensors"):
+        read_state_dict(bad)

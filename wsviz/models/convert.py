@@ -88,6 +88,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: all mean "refused"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        unreadable = _unreadable_pickle(path)
+        if unreadable is not None:  # torch's weights-only loader calls any such file one of other objects
+            raise WsvizError(
+                f"{path} is not a readable checkpoint: not a file torch.save (or safetensors) wrote, or one cut short "
+                f"or damaged ({unreadable}). Check the file (a complete download or copy), or save the state dict "
+                "again: torch.save(model.state_dict(), 'weights.pt').") from exc
         if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
             raise WsvizError(
                 f"{path} holds Python objects other than tensors, so it was refused without running them "
@@ -96,6 +102,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WsvizError(f"{path} is not a file torch.save wrote, or it is damaged ({type(exc).__name__}: "
                          f"{first[:300]}).") from exc
     return _state_of(obj, path)
+
+
+def _unreadable_pickle(path: Path) -> str | None:
+    """Why ``path`` is neither torch.save's zip archive nor one whole pickle (read as opcodes, never run), or
+    None when it may be either."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":  # torch.save's archive: torch's own error says what is wrong
+                return None
+            fh.seek(0)
+            for _ in pickletools.genops(fh):  # reads to the pickle's STOP; runs nothing
+                pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except Exception as exc:  # noqa: BLE001 - ValueError (unknown opcode, cut short) and the like
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
 
 
 def _is_state(obj: object) -> bool:
