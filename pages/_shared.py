@@ -342,16 +342,17 @@ def _distinct_names(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     return out
 
 
-def prepared(name: str, data: bytes, model, quiet: bool = False, dataset: str | None = None):
-    """The image as this model's input (laid out as its training set ``dataset``, the card's, was:
-    :func:`wsviz.data.uploads.default_layout`), or None after showing why it cannot be used (unless
+def prepared(name: str, data: bytes, model, quiet: bool = False, card: dict | None = None):
+    """The image as this model's input (laid out as its ``card``'s training read its data:
+    :func:`wsviz.training.cards.upload_layout`), or None after showing why it cannot be used (unless
     ``quiet``: the page has said so already)."""
     from wsviz.data.uploads import load_upload
     from wsviz.models import input_shape
+    from wsviz.training.cards import upload_layout
 
     c, s, _ = input_shape(model)
     try:
-        return load_upload(data, name, c, s, dataset=dataset)
+        return load_upload(data, name, c, s, dataset=(card or {}).get("dataset"), layout=upload_layout(c, card or {}))
     except WsvizError as exc:
         if not quiet:
             st.error(str(exc))
@@ -364,8 +365,8 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
     shape, and an error about it (or a note that it is far from the training data) said once —
     not at all with ``quiet``, for a page that has shown the same image's predictions already."""
     from wsviz.data.inputs import input_note
-    from wsviz.data.uploads import default_layout
     from wsviz.models import input_shape
+    from wsviz.training.cards import upload_layout
 
     inputs, by_shape, noted = {}, {}, set()
     for label in variants:
@@ -376,9 +377,9 @@ def model_inputs_for(name: str, data: bytes, variants: list[str], transform=None
                 show_variant_error(label, exc)
             continue
         c, size, _ = input_shape(model)
-        shape = (c, size, default_layout(c, card.get("dataset")))  # a digit model and a Fashion one differ
+        shape = (c, size, upload_layout(c, card))  # a digit model, a Fashion one, an imagenet-preset one differ
         if shape not in by_shape:
-            x = prepared(name, data, model, quiet, card.get("dataset"))
+            x = prepared(name, data, model, quiet, card)
             by_shape[shape] = None if x is None else (x.unsqueeze(0) if transform is None
                                                       else transform(x.unsqueeze(0)))
         note = input_note(data, c, size, card.get("dataset")) if by_shape[shape] is not None else None
@@ -442,18 +443,19 @@ def explain_inputs(name: str, data: bytes, variants: list[str]) -> None:
     predictions beside it: digit models get the MNIST layout, other models the image fit in a square)."""
     from wsviz.data.uploads import explain_upload
     from wsviz.models import input_shape
+    from wsviz.training.cards import upload_layout
 
-    shapes: dict[tuple[int, int, str | None], list[str]] = {}
+    shapes: dict[tuple[int, int, str | None, str], list[str]] = {}
     for label in variants:
         try:
             model, card = get_variant(label)
             c, size, _ = input_shape(model)
         except Exception:  # noqa: BLE001 - show_predictions has said why this variant is unavailable
             continue
-        shapes.setdefault((c, size, card.get("dataset")), []).append(label)
-    for (c, size, dataset), labels in shapes.items():
+        shapes.setdefault((c, size, card.get("dataset"), upload_layout(c, card)), []).append(label)
+    for (c, size, dataset, layout), labels in shapes.items():
         try:
-            text = explain_upload(data, name, c, size, dataset=dataset)
+            text = explain_upload(data, name, c, size, dataset=dataset, layout=layout)
         except WsvizError:  # said above, with the predictions
             continue
         st.caption(f"Input for {', '.join(labels)}: {text}" if len(shapes) > 1 else text)

@@ -190,7 +190,7 @@ if images:
     label = st.selectbox("Stability over all angles for", chosen)
     try:
         model, card = get_variant(label)
-        x = prepared(name, data, model, dataset=card.get("dataset"))
+        x = prepared(name, data, model, card=card)
         if x is not None:
             figure(stability_figure(single_image_stability(model, x, list(range(0, 360, 10)), "angle")),
                    "rot-stability")

@@ -81,3 +81,60 @@ def test_a_link_naming_an_unknown_variant_says_so():
     assert len(said) == 1 and "no-such-model" in said[0] and "default variants" in said[0]
     at = open_app(url_variants=shipped)
     assert not [w for w in at.sidebar.warning if "no such variant" in w.value]
+
+
+def _folder_model(checkpoints, name: str, augment: str):
+    import json
+
+    from conftest import copy_checkpoint
+
+    folder = copy_checkpoint(needs("scale-resnet20")[0], checkpoints / name)
+    card = json.loads((folder / "card.json").read_text())
+    card["dataset"] = "folder:/data/photos"
+    card["train_config"] = {**card.get("train_config", {}), "augment": augment}
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_an_upload_reaches_an_imagenet_preset_model_as_its_training_evaluated_images(checkpoints):
+    """A model trained on an image folder with the imagenet preset was tested on images resized to 8/7 of its
+    input and centre-cropped: a letterboxed upload (black bars, the whole photo smaller) is another input."""
+    from PIL import Image
+
+    from wsviz.data.loaders import transforms_for
+    from wsviz.training.checkpoint import load_checkpoint
+
+    _folder_model(checkpoints, "crop-net", "imagenet")
+    _folder_model(checkpoints, "box-net", "none")
+    wide = np.zeros((60, 160), np.uint8)
+    wide[10:50, 20:60], wide[5:55, 90:140] = 255, 128  # a wide photo: letterboxing and cropping differ
+    data = _png(wide)
+    model, _ = load_checkpoint(checkpoints / "crop-net")
+    own = transforms_for("imagenet", 28, train=False, from_pil=True)(Image.open(io.BytesIO(data)).convert("L"))
+    x = own.float().unsqueeze(0) / 255.0
+    import torch
+
+    with torch.no_grad():
+        want = torch.softmax(model(x), 1)[0]
+    at = open_app("pages/compare.py", ["crop-net", "box-net"])
+    at.file_uploader[0].set_value([("wide.png", data, "image/png")]).run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    row = table[table["variant"] == "crop-net"].iloc[0]
+    assert row["predicted"] == int(want.argmax()) and abs(row["confidence"] - float(want.max())) < 1e-5
+    said = [c.value for c in at.caption if c.value.startswith("Input for")]
+    assert any("crop-net" in c and "centre 28×28 cropped" in c for c in said), said
+    assert any("box-net" in c and "fit inside 28×28" in c for c in said), said
+
+
+def test_upload_layout_follows_the_cards_data_and_evaluation_transform():
+    from wsviz.training.cards import upload_layout
+
+    folder = {"dataset": "folder:/data/photos"}
+    assert upload_layout(1, {"dataset": "mnist5k-scale"}) == "digit"
+    assert upload_layout(1, {}) == "digit"  # no dataset said: every shipped one-channel model is a digit model
+    assert upload_layout(1, {"dataset": "fashion-mnist"}) == "fit"
+    assert upload_layout(3, {**folder, "train_config": {"augment": "imagenet"}}) == "crop"
+    assert upload_layout(3, {**folder, "train_config": {"augment": "none"}}) == "fit"
+    assert upload_layout(3, {**folder, "train_config": {"augment": "cifar"}}) == "fit"  # cifar evaluates unchanged
+    assert upload_layout(1, {"dataset": "mnist", "train_config": {"augment": "imagenet"}}) == "digit"

@@ -1008,7 +1008,7 @@ def test_default_layout_is_the_digit_layout_only_for_digit_models(channels, data
                        prepare_image(ink_on_paper(size=(40, 70)).convert("RGB"), channels, 28, layout=layout))
 
 
-@pytest.mark.parametrize(("channels", "layout"), [(3, "digit"), (1, "crop"), (1, None)])
+@pytest.mark.parametrize(("channels", "layout"), [(3, "digit"), (1, "centre"), (1, None)])
 def test_prepare_validates_the_layout(channels, layout):
-    with pytest.raises(WsvizError, match="layout must be one of fit, digit"):
+    with pytest.raises(WsvizError, match="layout must be one of fit, digit, crop"):
         prepare_image(Image.new("L", (4, 4)), channels, 8, layout=layout)

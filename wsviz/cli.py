@@ -431,6 +431,7 @@ def _attribution(args: argparse.Namespace) -> int:
     from wsviz.data.uploads import load_upload
     from wsviz.figures import attribution_figure
     from wsviz.models import input_shape
+    from wsviz.training.cards import upload_layout
 
     cards: dict = {}
     models = _load(args.checkpoint, cards=cards)
@@ -450,8 +451,8 @@ def _attribution(args: argparse.Namespace) -> int:
     for name, m in models.items():
         if data is not None:  # each model's own input: its size, and its training set's layout of the file
             c, s, _ = input_shape(m)
-            x = load_upload(data, Path(args.image).name, c, s,
-                            dataset=(cards.get(name) or {}).get("dataset")).unsqueeze(0)
+            x = load_upload(data, Path(args.image).name, c, s, dataset=(cards.get(name) or {}).get("dataset"),
+                            layout=upload_layout(c, cards.get(name) or {})).unsqueeze(0)
         else:
             x = model_inputs(m, images)
         res = attribution.attribute(m, x, args.method, layer=args.layer, batch_size=args.batch_size)

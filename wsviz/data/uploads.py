@@ -307,7 +307,7 @@ def _scale_deep(img: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------
 # model input
 
-LAYOUTS = ("fit", "digit")
+LAYOUTS = ("fit", "digit", "crop")
 
 # Measured on the training images of the shipped digit models (mnist5k train, 4,000 digits at 28x28;
 # tests/test_uploads.py re-measures it): the unrotated, unscaled digits mnist5k-rot and mnist5k-scale are
@@ -352,10 +352,15 @@ def is_digit_dataset(dataset: str | None) -> bool:
     return bool(dataset) and dataset.partition("-")[0] in DIGIT_DATASETS
 
 
-def default_layout(channels: int, dataset: str | None = None) -> str:
+def default_layout(channels: int, dataset: str | None = None, evaluation: str = "none") -> str:
     """``"digit"`` for a one-channel model trained on digits, or one whose dataset is not given (every
-    shipped one-channel checkpoint is a digit model); ``"fit"`` otherwise (RGB, Fashion-MNIST)."""
-    return "digit" if channels == 1 and (dataset is None or is_digit_dataset(dataset)) else "fit"
+    shipped one-channel checkpoint is a digit model); otherwise ``"crop"`` for a model whose training
+    evaluated its images with the ``imagenet`` preset (``evaluation``, the card's
+    :func:`wsviz.training.cards.evaluation_transform`: resize to 8/7 of the input, centre crop), else
+    ``"fit"`` (RGB, Fashion-MNIST: the whole image in the square, as image folders are read without a preset)."""
+    if channels == 1 and (dataset is None or is_digit_dataset(dataset)):
+        return "digit"
+    return "crop" if evaluation == "imagenet" else "fit"
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,10 @@ class Preparation:
         s = self.size
         if self.layout == "fit":
             return (f"The image was fit inside {s}×{s} pixels keeping its aspect ratio, padded with black"
+                    + (", and inverted." if self.inverted else "."))
+        if self.layout == "crop":
+            return (f"The image was resized so its short side is {round(s * 8 / 7)} pixels and its centre "
+                    f"{s}×{s} cropped, as this model's training evaluated its images (imagenet preset)"
                     + (", and inverted." if self.inverted else "."))
         box = max(1, round(DIGIT_BOX * s))
         flip = " (dark on light, so inverted: MNIST digits are white on black)" if self.inverted else ""
@@ -466,6 +475,10 @@ def prepare_image(img: Image.Image, channels: int, size: int, *, invert: bool | 
     ``DIGIT_CENTRE``, like MNIST's 20x20 box in 28x28 (a tightly cropped digit otherwise
     arrives 1.4x the training scale). An MNIST digit comes back as it was (where its brightest
     pixel is 254, stretched to 255).
+
+    ``layout="crop"``: the ``imagenet`` preset's evaluation transform itself
+    (:func:`wsviz.data.loaders.transforms_for`: the short side resized to 8/7 of ``size``, the
+    centre ``size`` x ``size`` cropped), for a model whose training tested it that way.
     """
     return _prepare(img, channels, size, invert, layout)[0]
 
@@ -486,6 +499,14 @@ def _prepare(img: Image.Image, channels: int, size: int, invert: bool | str,
     if layout == "digit":
         canvas, how = _digit_layout(img, size, invert)
         return torch.from_numpy(canvas).unsqueeze(0), how
+    if layout == "crop":  # the imagenet preset's evaluation transform itself, as training tested the model
+        from wsviz.data.loaders import transforms_for
+
+        pixels = transforms_for("imagenet", size, train=False, from_pil=True)(img).float()  # (C, size, size) 0..255
+        do_invert = (channels == 1 and _border_mean(pixels[0].numpy()) > 127.5) if invert == "auto" else bool(invert)
+        if do_invert:
+            pixels = 255.0 - pixels
+        return (pixels / 255.0).contiguous(), Preparation("crop", channels, size, do_invert)
     w, h = img.size
     scale = size / max(w, h)
     new_w, new_h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))

@@ -177,6 +177,15 @@ def evaluation_transform(card: dict[str, Any], dataset: str | None = None) -> st
     return str((card.get("train_config") or {}).get("augment", "none"))
 
 
+def upload_layout(channels: int, card: dict[str, Any]) -> str:
+    """How an uploaded image becomes this card's model's input (:func:`wsviz.data.uploads.default_layout`): the
+    digit layout for a digit model, the evaluation transform its training used for an image-folder model
+    (``crop`` for the imagenet preset), else the image fit in the square."""
+    from wsviz.data.uploads import default_layout
+
+    return default_layout(channels, card.get("dataset"), evaluation_transform(card))
+
+
 def shared_evaluation_transform(cards: dict[str, dict[str, Any]], dataset: str) -> tuple[str, str | None]:
     """(preset, note): the one evaluation transform under which every card's model sees ``dataset`` as its
     training tested it (:func:`evaluation_transform`; only ``imagenet`` differs from ``none`` at evaluation:
