@@ -329,3 +329,30 @@ def test_import_of_a_whole_pickle_of_other_objects_still_says_so(tmp_path):
     bad.write_bytes(pickle.dumps({"conv1.weight": collections.OrderedDict(a=collections.Counter("ab"))}))
     with pytest.raises(Exception, match="holds Python objects other than tensors"):
         read_state_dict(bad)
+
+
+def test_a_killed_background_run_points_at_its_log_on_the_train_page(tmp_path, monkeypatch):
+    from wsviz.training.jobs import launch, list_runs
+
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    try:
+        run = launch(store, "resnet_digits", "mnist5k", TrainConfig(epochs=500, batch_size=64, max_batches=2),
+                     overrides=SMALL, name="killed")
+        card = Path(run.out_dir) / "checkpoint" / "card.json"
+        t0 = time.time()
+        while not card.is_file() and store.get(run.id).active and time.time() - t0 < 120:
+            time.sleep(0.2)
+        os.kill(store.get(run.id).pid, signal.SIGKILL)  # killed without a word (the OOM killer, kill -9)
+        t0 = time.time()
+        while store.get(run.id).active and time.time() - t0 < 30:
+            list_runs(store)
+            time.sleep(0.2)
+    finally:
+        kill_active_runs(runs)
+    log_file = Path(run.out_dir) / "log.txt"
+    run = store.get(run.id)
+    assert run.status == "failed" and f"its log is {log_file}" in run.reason, run.reason
+    at = _app(runs, monkeypatch)
+    assert any(m.value.startswith("**killed** — failed: ") and str(log_file) in m.value for m in at.markdown), \
+        [m.value for m in at.markdown]

@@ -549,9 +549,9 @@ class RunStore:
         ended = {run_id: why for run_id, out in away if (why := job_end(out, force=force))}
         dead = []
         with self._connect(immediate=True) as con:
-            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created, host FROM runs "
+            rows = con.execute("SELECT id, status, pid, pid_start, cancel_requested, created, host, out_dir FROM runs "
                                "WHERE status IN ('queued', 'running')").fetchall()
-            for run_id, status, pid, start, cancel, created, host in rows:
+            for run_id, status, pid, start, cancel, created, host, out_dir in rows:
                 elsewhere = host is not None and host != HOST
                 if (elsewhere and run_id not in ended) or (not elsewhere and pid_alive(pid, start)):
                     continue
@@ -562,7 +562,7 @@ class RunStore:
                                 (time.time(), run_id))
                 else:
                     why = ended.get(run_id) or ("the training process died without finishing (killed, out of "
-                                                "memory, or crashed)")
+                                                "memory, or crashed)" + _log_said(out_dir))
                     con.execute("UPDATE runs SET status='failed', reason=?, finished=? WHERE id=?",
                                 (f"{why}; the last epoch's checkpoint, if any, is kept", time.time(), run_id))
                 dead.append(run_id)
@@ -661,6 +661,12 @@ class RunStore:
         for key, epoch, step, value in rows:
             out.setdefault(key, []).append((epoch, step, value))
         return out
+
+
+def _log_said(out_dir: str | None) -> str:
+    """Where a local job's output went (its traceback, if it crashed), for the reason of a run that died."""
+    log_file = Path(out_dir) / "log.txt" if out_dir else None
+    return f": its log is {log_file}" if log_file is not None and log_file.is_file() else ""
 
 
 def default_root() -> Path:
