@@ -356,3 +356,37 @@ def test_a_killed_background_run_points_at_its_log_on_the_train_page(tmp_path, m
     at = _app(runs, monkeypatch)
     assert any(m.value.startswith("**killed** — failed: ") and str(log_file) in m.value for m in at.markdown), \
         [m.value for m in at.markdown]
+
+
+# ------------------------------------------------------------------ 7. the progress bar
+def test_the_progress_bar_starts_with_the_first_epoch_and_a_resumed_run_where_it_is(tmp_path, monkeypatch):
+    import tqdm
+
+    from wsviz.train import main
+
+    out = tmp_path / "ck"
+    made, folder = [], [out]
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            card = folder[0] / "card.json"
+            made.append({"bar": self, "epochs saved": json.loads(card.read_text())["epochs_done"]
+                         if card.is_file() else 0, "started": self.n})
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    args = ["--model", "resnet_digits", "--dataset", "mnist5k", "--batch-size", "64", "--max-batches", "2",
+            "--tensorboard", "none", "--out", str(out), *(f"--set={k}={v}" for k, v in SMALL.items())]
+    _killed_in_epoch_2(out)  # a run of 2 epochs with epoch 1 kept
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    # made before epoch 2 (the first this process trains) had finished, counting from epoch 1 kept
+    assert [(m["epochs saved"], m["started"]) for m in made] == [(1, 1)]
+    assert made[0]["bar"].n == 3 and made[0]["bar"].total == 3
+    made.clear()
+    folder[0] = tmp_path / "fresh"
+    assert main([*args, "--epochs", "2", "--out", str(folder[0])]) == 0
+    assert [(m["epochs saved"], m["started"]) for m in made] == [(0, 0)] and made[0]["bar"].n == 2
+    bar = made[0]["bar"]
+    # its elapsed time covers both epochs: the rate is about 2 epochs over the time both took
+    card = json.loads((tmp_path / "fresh" / "card.json").read_text())
+    assert bar.format_dict["elapsed"] >= sum(m["seconds"] for m in card["metrics"]) * 0.9

@@ -457,13 +457,15 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
     bar = None
     show = rank == 0 and not args.quiet and store is None
 
-    def on_epoch(m):
+    def on_start(first: int) -> None:
         nonlocal bar
-        args.epochs_finished = m.epoch  # a cancel then says which epoch is kept
-        if show and bar is None:  # made once training runs: an error before that stays one line on stderr
-            from tqdm import tqdm
+        if show:  # made as the first epoch starts (an error before that stays one line on stderr), so its
+            from tqdm import tqdm  # rate and elapsed time count that epoch; a resumed run's bar starts where it is
 
-            bar = tqdm(total=cfg.epochs, unit="epoch", desc=args.model)
+            bar = tqdm(total=cfg.epochs, initial=first - 1, unit="epoch", desc=args.model)
+
+    def on_epoch(m):
+        args.epochs_finished = m.epoch  # a cancel then says which epoch is kept
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{m.train_loss:.3f}", test_acc=f"{m.test_acc:.4f}")
@@ -507,7 +509,7 @@ def _train(args, cfg, overrides, store, rank, world, wrap, device):
                             tensorboard=None if tensorboard.lower() == "none" else tensorboard,
                             init_from=args.init_from, tie=tie, overwrite=args.overwrite,
                             used_seconds=used_seconds if store is not None else None,
-                            lock_wait=LOCK_WAIT_S if store is not None else 0.0)
+                            lock_wait=LOCK_WAIT_S if store is not None else 0.0, on_start=on_start)
     finally:
         if bar is not None:
             bar.close()

@@ -418,9 +418,12 @@ def train(
     on_state: Callable[[dict[str, Any]], None] | None = None,
     teacher: nn.Module | None = None,
     aux_loss: Callable[[], torch.Tensor] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` and evaluate on ``test_data`` after every epoch.
 
+    ``on_start(first)`` runs once, right before the first epoch to train (``first``: 1, or the epoch
+    a resumed run continues with): a progress bar made there counts every epoch's time;
     ``on_epoch(metrics)`` runs after each evaluation (checkpointing, run store);
     ``on_step(epoch, step, loss)`` after each optimiser step (progress bars, live loss);
     ``on_state(state)`` after ``on_epoch`` with the full training state (model, optimiser,
@@ -473,6 +476,8 @@ def train(
         result = TrainResult()
         first = _restore(resume, model, opt, sched, scaler, gen, result, cfg, batches.steps) if resume is not None else 1
         start = time.perf_counter() - result.seconds
+        if on_start is not None:
+            on_start(first)
         for epoch in range(first, cfg.epochs + 1):
             model.train()
             t0 = time.perf_counter()

@@ -246,7 +246,8 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                  resume: bool = False, tensorboard: str | Path | None = None,
                  save_state: bool = True, init_from: str | Path | None = None,
                  tie: TieSpec | None = None, overwrite: bool = True,
-                 used_seconds: Callable[[], float] | None = None, lock_wait: float = 0.0) -> dict[str, Any]:
+                 used_seconds: Callable[[], float] | None = None, lock_wait: float = 0.0,
+                 on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train and write a checkpoint to ``out`` after every epoch (the card says how far it got).
 
     One training at a time writes to ``out``: rank 0 holds :func:`out_lock` for the run's life, and a
@@ -269,6 +270,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
     ``init_from``: a checkpoint folder to start from instead of fresh weights (a fine-tune; its
     card names the same model); ``tie``: conv groups of it to tie first (see
     :mod:`wsviz.training.tying`); the card then records the ties and the accuracy right after tying.
+    ``on_start(first)``: once, right before the first epoch it trains (1, or the epoch a resume continues with).
     ``used_seconds()``: the wall-clock seconds the run has used so far over all its attempts (a
     wall-time quota counts them), recorded in every training state as ``wall_seconds``; by default
     the resumed state's plus this call's. A save or TensorBoard write that fails because the run's
@@ -279,7 +281,7 @@ def run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfi
                              data_seed=data_seed, download=download, device=device, on_epoch=on_epoch,
                              on_step=on_step, rank=rank, world_size=world_size, wrap=wrap, resume=resume,
                              tensorboard=tensorboard, save_state=save_state, init_from=init_from, tie=tie,
-                             overwrite=overwrite, used_seconds=used_seconds)
+                             overwrite=overwrite, used_seconds=used_seconds, on_start=on_start)
 
 
 def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConfig, *,
@@ -288,7 +290,8 @@ def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConf
                   on_step: Callable[[int, int, float], None] | None, rank: int, world_size: int,
                   wrap: Callable[[nn.Module], nn.Module] | None, resume: bool, tensorboard: str | Path | None,
                   save_state: bool, init_from: str | Path | None, tie: TieSpec | None, overwrite: bool,
-                  used_seconds: Callable[[], float] | None) -> dict[str, Any]:
+                  used_seconds: Callable[[], float] | None,
+                  on_start: Callable[[int], None] | None) -> dict[str, Any]:
     """:func:`run_training`, with ``out`` held."""
     from wsviz.training.cards import CARD
     from wsviz.training.state import save_state as write_state
@@ -411,7 +414,8 @@ def _run_training(model_name: str, dataset: str, out: str | Path, cfg: TrainConf
         trained = False
         try:
             res = train(net, train_data, test_data, cfg, device=dev, on_epoch=epoch_done, on_step=step_done, rank=rank,
-                        world_size=world_size, resume=state, on_state=state_done if rank == 0 else None, teacher=teacher)
+                        world_size=world_size, resume=state, on_state=state_done if rank == 0 else None, teacher=teacher,
+                        on_start=on_start)
             trained = True
         finally:
             if writer is not None:
