@@ -57,7 +57,9 @@ def test_reproduce_command_reproduces_the_run(tmp_path):
     again = read_card(tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "weights.safetensors"), load_file(tmp_path / "b" / "weights.safetensors")
     assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    # the same up to float reduction order: this process's torch thread count (set by earlier tests in a full
+    # run) may differ from the subprocess's; a dropped --seed or --lr changes weights by 1e-2 and more
+    differ = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4)]
     assert not differ, f"{len(differ)} of {len(a)} weight tensors differ, e.g. {differ[:3]}"
     assert again["train_config"] == card["train_config"] and again["config"] == card["config"]
     assert again["data_seed"] == card["data_seed"] == 2
