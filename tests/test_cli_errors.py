@@ -147,21 +147,3 @@ def test_interrupted_and_terminated(sig, code, word, tmp_path):
     assert one_line(err) == word
 
 
-def test_a_terminated_training_says_cancelled_with_143(tmp_path):
-    argv = _with(TRAIN, epochs="1000", out=str(tmp_path / "ck"))
-    argv[argv.index("--max-batches") + 1] = "50"
-    proc = subprocess.Popen([sys.executable, "-m", "wsviz.train", *argv, "--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "ck" / "card.json").exists():  # an epoch has finished: it is training
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
-    said = one_line(err)  # what is kept, and how to go on
-    assert said.startswith(f"cancelled: {tmp_path / 'ck'} keeps the checkpoint of epoch "), said
